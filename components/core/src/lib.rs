@@ -1,0 +1,8 @@
+//! Spark-Ops business logic as plain types and functions. No Spin or WASI dependency: this
+//! crate builds and tests natively (`cargo test -p sparkops-core`).
+//!
+//! Errors: handlers return [`error::ApiError`], which maps to one RFC 9457 problem
+//! document; database code returns [`db::DbError`], which converts into it.
+
+pub mod db;
+pub mod error;

@@ -1,0 +1,415 @@
+//! Loading a Spin app (manifest, runtime config, compiled components) and serving its HTTP
+//! trigger: a fresh instance per request, the response sent as soon as the guest sets it,
+//! and the guest left running after it, as Spin does.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Body;
+use tokio::net::TcpListener;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+use crate::bindings::Platform;
+use crate::key_value::Backend;
+use crate::manifest::{Manifest, RouteSpec};
+use crate::outbound::{AllowedHosts, BlockedNetworks};
+use crate::router::{Route, Router};
+use crate::runtime_config::RuntimeConfig;
+use crate::state::{AppShared, ComponentRuntime, InstanceState};
+use crate::variables::{self, AppVariables};
+
+/// How to start an app.
+#[derive(Debug, Clone)]
+pub struct AppOptions {
+    pub manifest: PathBuf,
+    pub runtime_config: Option<PathBuf>,
+    pub listen: SocketAddr,
+    /// Holds the embedded key-value store and the compiled-code cache.
+    pub state_dir: PathBuf,
+    /// Where `SPIN_VARIABLE_*` values come from; the process environment by default.
+    pub env: HashMap<String, String>,
+}
+
+/// Instances that may exist at once (requests in flight plus guests running on after
+/// their response).
+const MAX_CONCURRENT_INSTANCES: u32 = 512;
+const MAX_INSTANCE_MEMORY: usize = 256 << 20;
+
+struct Loaded {
+    runtime: Arc<ComponentRuntime>,
+    http: Option<ProxyPre<InstanceState>>,
+}
+
+pub struct AppInner {
+    engine: Engine,
+    components: HashMap<String, Loaded>,
+    router: Router,
+    shared: Arc<AppShared>,
+    network: Arc<BlockedNetworks>,
+    local_addr: OnceLock<SocketAddr>,
+}
+
+/// A running app; dropping it (or calling [`RunningApp::shutdown`]) stops accepting requests.
+pub struct RunningApp {
+    pub addr: SocketAddr,
+    pub inner: Arc<AppInner>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+fn new_engine(state_dir: &Path) -> Result<Engine> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(MAX_CONCURRENT_INSTANCES)
+        .total_core_instances(MAX_CONCURRENT_INSTANCES * 4)
+        .total_memories(MAX_CONCURRENT_INSTANCES * 2)
+        .total_tables(MAX_CONCURRENT_INSTANCES * 2)
+        .total_stacks(MAX_CONCURRENT_INSTANCES)
+        .max_memory_size(MAX_INSTANCE_MEMORY);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    let mut cache = wasmtime::CacheConfig::new();
+    cache.with_directory(state_dir.join("compiled"));
+    config.cache(Some(wasmtime::Cache::new(cache)?));
+    Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot start wasmtime: {e}"))
+}
+
+fn empty(status: StatusCode) -> Response<HyperOutgoingBody> {
+    let body = Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync();
+    let mut res = Response::new(body);
+    *res.status_mut() = status;
+    res
+}
+
+impl AppInner {
+    /// Builds the app: every start-up problem is one error with one clear line.
+    pub async fn load(options: &AppOptions) -> Result<Arc<Self>> {
+        let (manifest, base) = Manifest::load(&options.manifest)?;
+        let runtime_config = match &options.runtime_config {
+            Some(p) => RuntimeConfig::load(p)?,
+            None => RuntimeConfig::default(),
+        };
+        let app_vars = AppVariables::resolve(&manifest, |k| options.env.get(k).cloned())?;
+        std::fs::create_dir_all(&options.state_dir).with_context(|| {
+            format!("cannot create state folder {}", options.state_dir.display())
+        })?;
+        let engine = new_engine(&options.state_dir)?;
+
+        let mut linker: Linker<InstanceState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        Platform::add_to_linker::<_, wasmtime::component::HasSelf<InstanceState>>(&mut linker, |s| s)?;
+
+        let http_components: BTreeSet<&str> =
+            manifest.trigger.http.iter().map(|t| t.component.as_str()).collect();
+        let mut labels = BTreeSet::new();
+        let mut components = HashMap::new();
+        for (id, c) in &manifest.component {
+            let variables = app_vars.component_values(id, &c.variables)?;
+            let rules = c
+                .allowed_outbound_hosts
+                .iter()
+                .map(|t| {
+                    variables::render(t, |v| {
+                        variables.get(v).cloned().with_context(|| {
+                            format!("allowed_outbound_hosts of `{id}` uses `{v}`, which is not a variable of the component")
+                        })
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let allowed_hosts = AllowedHosts::parse(&rules)
+                .with_context(|| format!("component `{id}`"))?;
+            labels.extend(c.key_value_stores.iter().cloned());
+            let source = base.join(&c.source);
+            let bytes = std::fs::read(&source).with_context(|| {
+                format!("component `{id}`: cannot read {} (build the components first)", source.display())
+            })?;
+            let component = Component::new(&engine, &bytes)
+                .map_err(|e| anyhow::anyhow!("component `{id}`: {} is not a valid component: {e}", source.display()))?;
+            let pre = linker
+                .instantiate_pre(&component)
+                .map_err(|e| anyhow::anyhow!("component `{id}` cannot be linked: {e}"))?;
+            let http = if http_components.contains(id.as_str()) {
+                Some(ProxyPre::new(pre).map_err(|e| {
+                    anyhow::anyhow!("component `{id}` has an HTTP trigger but does not export wasi:http/incoming-handler: {e}")
+                })?)
+            } else {
+                None
+            };
+            let runtime = Arc::new(ComponentRuntime {
+                id: id.clone(),
+                variables,
+                environment: c.environment.clone(),
+                allowed_hosts,
+                key_value_stores: c.key_value_stores.iter().cloned().collect(),
+                source,
+            });
+            components.insert(id.clone(), Loaded { runtime, http });
+        }
+
+        let mut key_value = HashMap::new();
+        for label in labels {
+            let config = runtime_config.store_for(&label)?;
+            key_value.insert(label.clone(), Backend::open(&label, &config, &options.state_dir).await?);
+        }
+
+        let mut routes = Vec::new();
+        for t in &manifest.trigger.http {
+            match &t.route {
+                RouteSpec::Path(p) => routes.push(
+                    Route::parse(p, &t.component).with_context(|| format!("bad manifest: component `{}`", t.component))?,
+                ),
+                RouteSpec::Private { private: true } => {}
+                RouteSpec::Private { private: false } => {
+                    bail!("bad manifest: component `{}`: route = {{ private = false }} is not a route", t.component)
+                }
+            }
+        }
+        let router = Router::new(routes).context("bad manifest")?;
+        let network = Arc::new(BlockedNetworks::parse(&runtime_config.outbound_networking.block_networks)?);
+        let shared = Arc::new(AppShared {
+            key_value,
+            postgres: Default::default(),
+            redis: Default::default(),
+            app: OnceLock::new(),
+        });
+        let app = Arc::new(Self { engine, components, router, shared, network, local_addr: OnceLock::new() });
+        app.shared.app.set(Arc::downgrade(&app)).ok();
+        Ok(app)
+    }
+
+    /// Serves the HTTP trigger on `listen` until the returned app is shut down.
+    pub async fn serve(self: Arc<Self>, listen: SocketAddr) -> Result<RunningApp> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        self.local_addr.set(addr).ok();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let app = self.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let (stream, client) = tokio::select! {
+                    _ = &mut stopped => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            eprintln!("accept failed: {e}");
+                            continue;
+                        }
+                    },
+                };
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let app = app.clone();
+                        async move { Ok::<_, std::convert::Infallible>(app.handle_external(req, client).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(RunningApp { addr, inner: self, stop: Some(stop), server })
+    }
+
+    async fn handle_external<B>(&self, req: Request<B>, client: SocketAddr) -> Response<HyperOutgoingBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| self.local_addr.get().map(|a| a.to_string()))
+            .unwrap_or_else(|| "localhost".into());
+        self.route(req, &host, client).await
+    }
+
+    /// Routes by path (`self` requests and external ones); unmatched paths are `404` with
+    /// an empty body and no component is called.
+    async fn route<B>(&self, req: Request<B>, host: &str, client: SocketAddr) -> Response<HyperOutgoingBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let path = req.uri().path().to_string();
+        let Some(m) = self.router.route(&path) else {
+            return empty(StatusCode::NOT_FOUND);
+        };
+        let mut headers = vec![
+            ("spin-matched-route", m.raw_route.to_string()),
+            ("spin-raw-component-route", m.raw_route.to_string()),
+            ("spin-component-route", m.component_route.clone()),
+            ("spin-path-info", m.path_info.clone()),
+        ];
+        let params: Vec<(String, String)> =
+            m.params.iter().map(|(k, v)| (format!("spin-path-match-{k}"), v.clone())).collect();
+        let component = m.component.to_string();
+        headers.push(("spin-base-path", "/".into()));
+        headers.push(("spin-client-addr", client.to_string()));
+        self.invoke(&component, req, host, headers, params).await
+    }
+
+    /// Local service chaining: `http://<id>.spin.internal/...` reaches component `id`
+    /// directly, private routes included.
+    pub async fn chain(
+        &self,
+        id: &str,
+        req: Request<wasmtime_wasi_http::WasiBody>,
+    ) -> Result<Response<HyperOutgoingBody>, wasmtime_wasi_http::Error> {
+        if !self.components.get(id).is_some_and(|c| c.http.is_some()) {
+            return Err(wasmtime_wasi_http::Error::DestinationNotFound);
+        }
+        let path = req.uri().path().to_string();
+        let host = format!("{id}.spin.internal");
+        let headers = vec![
+            ("spin-matched-route", "/...".to_string()),
+            ("spin-raw-component-route", "/...".to_string()),
+            ("spin-component-route", String::new()),
+            ("spin-path-info", path),
+            ("spin-base-path", "/".into()),
+            ("spin-client-addr", "127.0.0.1:0".into()),
+        ];
+        Ok(self.invoke(id, req, &host, headers, vec![]).await)
+    }
+
+    /// `http://self/...`: the app's own routes, without leaving the process.
+    pub async fn route_internal(&self, req: Request<wasmtime_wasi_http::WasiBody>) -> Response<HyperOutgoingBody> {
+        let host = self.local_addr.get().map(|a| a.to_string()).unwrap_or_else(|| "self".into());
+        self.route(req, &host, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    async fn invoke<B>(
+        &self,
+        id: &str,
+        req: Request<B>,
+        host: &str,
+        spin_headers: Vec<(&'static str, String)>,
+        params: Vec<(String, String)>,
+    ) -> Response<HyperOutgoingBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let Some(Loaded { runtime, http: Some(pre) }) = self.components.get(id) else {
+            return empty(StatusCode::NOT_FOUND);
+        };
+        let (mut parts, body) = req.into_parts();
+        let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        let full_url = format!("http://{host}{path_and_query}");
+        parts.uri = match full_url.parse() {
+            Ok(u) => u,
+            Err(_) => return empty(StatusCode::BAD_REQUEST),
+        };
+        // Spin hands components no `Host` header: they read `spin-full-url`.
+        parts.headers.remove(http::header::HOST);
+        let extra = spin_headers
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .chain(std::iter::once(("spin-full-url".to_string(), full_url)))
+            .chain(params);
+        for (k, v) in extra {
+            if let (Ok(name), Ok(value)) = (http::HeaderName::try_from(k), HeaderValue::try_from(v)) {
+                parts.headers.insert(name, value);
+            }
+        }
+        let req = Request::from_parts(parts, body);
+
+        let mut store = Store::new(
+            &self.engine,
+            InstanceState::new(runtime.clone(), self.shared.clone(), self.network.clone()),
+        );
+        store.limiter(|s| s.limiter());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let prepared = store
+            .data_mut()
+            .http()
+            .new_incoming_request(Scheme::Http, req)
+            .and_then(|req| Ok((req, store.data_mut().http().new_response_outparam(tx)?)));
+        let (req, out) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("component `{id}`: cannot prepare request: {e}");
+                return empty(StatusCode::INTERNAL_SERVER_ERROR);
+            }
+        };
+        let pre = pre.clone();
+        let component = id.to_string();
+        // The guest runs in its own task so it can go on after it has set the response.
+        let task = tokio::spawn(async move {
+            let proxy = pre.instantiate_async(&mut store).await?;
+            proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
+        });
+        match rx.await {
+            Ok(Ok(res)) => {
+                let component = component.clone();
+                tokio::spawn(async move {
+                    if let Ok(Err(e)) = task.await {
+                        eprintln!("component `{component}` failed after responding: {e:?}");
+                    }
+                });
+                res
+            }
+            Ok(Err(code)) => {
+                eprintln!("component `{component}` answered with an error: {code:?}");
+                empty(StatusCode::INTERNAL_SERVER_ERROR)
+            }
+            Err(_) => {
+                match task.await {
+                    Ok(Ok(())) => eprintln!("component `{component}` returned without setting a response"),
+                    Ok(Err(e)) => eprintln!("component `{component}` trapped: {e:?}"),
+                    Err(e) => eprintln!("component `{component}` task failed: {e}"),
+                }
+                empty(StatusCode::INTERNAL_SERVER_ERROR)
+            }
+        }
+    }
+
+    /// A component's resolved settings (for tests and start-up messages).
+    pub fn component(&self, id: &str) -> Option<&ComponentRuntime> {
+        self.components.get(id).map(|c| c.runtime.as_ref())
+    }
+}
+
+impl RunningApp {
+    /// Starts an app: load, then serve.
+    pub async fn start(options: &AppOptions) -> Result<Self> {
+        AppInner::load(options).await?.serve(options.listen).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Stops accepting connections and waits for the accept loop to end.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.server).await;
+    }
+}
+
+impl Drop for RunningApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! A Spin-compatible host on wasmtime, faithful to Spin 3.x for the interfaces the app
+//! uses: it reads the real `spin.toml` and Spin's runtime-config format and runs the compiled
+//! components, so the project can run and be tested where the `spin` CLI cannot be installed.
+
+pub mod app;
+pub mod key_value;
+pub mod manifest;
+pub mod migrate;
+pub mod outbound;
+pub mod outbound_http;
+pub mod postgres;
+pub mod redis_client;
+pub mod router;
+pub mod runtime_config;
+pub mod state;
+pub mod variables;
+
+/// Host bindings of the WIT that ships in the `spin-sdk` crate (see `build.rs`).
+#[allow(clippy::all)]
+pub mod bindings {
+    include!(concat!(env!("OUT_DIR"), "/spin_bindings.rs"));
+}
+
+pub use app::{AppInner, AppOptions, RunningApp};

@@ -1,0 +1,274 @@
+//! Outbound networking rules: a component's `allowed_outbound_hosts` and the runtime
+//! config's `[outbound_networking] block_networks`, as Spin applies them.
+
+use std::net::IpAddr;
+
+use anyhow::{Context, Result, bail};
+use ipnet::IpNet;
+
+/// One entry of `allowed_outbound_hosts`, e.g. `https://*.example.com:8000..8010`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllowedHost {
+    scheme: Option<String>,
+    host: HostPattern,
+    port: PortPattern,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum HostPattern {
+    Any,
+    /// `*.example.com`: any subdomain, not the bare domain.
+    Subdomains(String),
+    Exact(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum PortPattern {
+    Any,
+    Range(u16, u16),
+}
+
+/// The rules of one component.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedHosts {
+    allow_all: bool,
+    entries: Vec<AllowedHost>,
+}
+
+/// The port a scheme implies when a URL or rule leaves it out.
+pub fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" => Some(80),
+        "https" => Some(443),
+        "postgres" => Some(5432),
+        "redis" => Some(6379),
+        "mysql" => Some(3306),
+        _ => None,
+    }
+}
+
+impl AllowedHost {
+    /// Parses one rule; `{{ variable }}` templates must already be rendered.
+    pub fn parse(rule: &str) -> Result<Self> {
+        let (scheme, rest) = rule
+            .split_once("://")
+            .with_context(|| format!("allowed outbound host `{rule}` needs a scheme, as in `https://{rule}`"))?;
+        if rest.contains('/') {
+            bail!("allowed outbound host `{rule}` must not have a path");
+        }
+        let scheme = match scheme {
+            "*" => None,
+            s if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '+') => {
+                Some(s.to_string())
+            }
+            _ => bail!("allowed outbound host `{rule}` has an invalid scheme"),
+        };
+        let (host, port) = split_host_port(rest);
+        let host = match host {
+            "" => bail!("allowed outbound host `{rule}` has no host"),
+            "*" => HostPattern::Any,
+            h if h.starts_with("*.") => HostPattern::Subdomains(h[2..].to_ascii_lowercase()),
+            h if h.contains('*') => bail!("allowed outbound host `{rule}`: `*` must be the whole host or its first label"),
+            h => HostPattern::Exact(h.trim_matches(['[', ']']).to_ascii_lowercase()),
+        };
+        let port = match port {
+            Some("*") => PortPattern::Any,
+            Some(p) => match p.split_once("..") {
+                Some((lo, hi)) => {
+                    let lo: u16 = lo.parse().with_context(|| format!("bad port range in `{rule}`"))?;
+                    let hi: u16 = hi.parse().with_context(|| format!("bad port range in `{rule}`"))?;
+                    if lo >= hi {
+                        bail!("bad port range in `{rule}`: the start must be below the end");
+                    }
+                    // Spin's ranges are half-open, like Rust's `a..b`.
+                    PortPattern::Range(lo, hi - 1)
+                }
+                None => {
+                    let p: u16 = p.parse().with_context(|| format!("bad port in `{rule}`"))?;
+                    PortPattern::Range(p, p)
+                }
+            },
+            None => {
+                let Some(p) = scheme.as_deref().and_then(default_port) else {
+                    bail!("allowed outbound host `{rule}` needs a port: its scheme has no default");
+                };
+                PortPattern::Range(p, p)
+            }
+        };
+        Ok(Self { scheme, host, port })
+    }
+
+    fn allows(&self, scheme: &str, host: &str, port: u16) -> bool {
+        let scheme_ok = self.scheme.as_deref().is_none_or(|s| s == scheme);
+        let host_ok = match &self.host {
+            HostPattern::Any => true,
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Subdomains(d) => host
+                .strip_suffix(d.as_str())
+                .is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('.')),
+        };
+        let port_ok = match self.port {
+            PortPattern::Any => true,
+            PortPattern::Range(lo, hi) => (lo..=hi).contains(&port),
+        };
+        scheme_ok && host_ok && port_ok
+    }
+}
+
+/// Splits `host:port` (with IPv6 literals in brackets) into host and optional port.
+fn split_host_port(s: &str) -> (&str, Option<&str>) {
+    if let Some(end) = s.strip_prefix('[').and_then(|r| r.find(']')) {
+        let host = &s[..end + 2];
+        let port = s[end + 2..].strip_prefix(':');
+        return (host, port);
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    }
+}
+
+impl AllowedHosts {
+    /// Builds the rules from already-rendered entries; `insecure:allow-all` allows anything.
+    pub fn parse(rules: &[String]) -> Result<Self> {
+        let mut out = Self::default();
+        for rule in rules {
+            if rule == "insecure:allow-all" {
+                out.allow_all = true;
+            } else {
+                out.entries.push(AllowedHost::parse(rule)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether a connection to `scheme://host:port` is allowed (`port` defaulted by scheme).
+    pub fn allows(&self, scheme: &str, host: &str, port: Option<u16>) -> bool {
+        if self.allow_all {
+            return true;
+        }
+        let Some(port) = port.or_else(|| default_port(scheme)) else {
+            return false;
+        };
+        let host = host.trim_matches(['[', ']']).to_ascii_lowercase();
+        self.entries.iter().any(|e| e.allows(scheme, &host, port))
+    }
+
+    /// Whether a URL such as `postgres://user@host:5433/db` is allowed.
+    pub fn allows_url(&self, url: &str) -> bool {
+        match url::Url::parse(url) {
+            Ok(u) => match u.host_str() {
+                Some(host) => self.allows(u.scheme(), host, u.port()),
+                None => false,
+            },
+            Err(_) => false,
+        }
+    }
+}
+
+/// The runtime config's `block_networks`: CIDRs, and `private` for every non-public range.
+#[derive(Debug, Clone, Default)]
+pub struct BlockedNetworks {
+    nets: Vec<IpNet>,
+    private: bool,
+}
+
+impl BlockedNetworks {
+    pub fn parse(entries: &[String]) -> Result<Self> {
+        let mut out = Self::default();
+        for entry in entries {
+            if entry == "private" {
+                out.private = true;
+            } else {
+                let net = entry
+                    .parse::<IpNet>()
+                    .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+                    .with_context(|| format!("block_networks: `{entry}` is not a CIDR or `private`"))?;
+                out.nets.push(net);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nets.is_empty() && !self.private
+    }
+
+    pub fn blocks(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.nets.iter().any(|n| n.contains(&ip)) || (self.private && is_private(ip))
+    }
+}
+
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64 // 100.64/10, CGNAT
+        }
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (v6.segments()[0] & 0xfe00) == 0xfc00 // unique local
+                || (v6.segments()[0] & 0xffc0) == 0xfe80 // link local
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(r: &[&str]) -> AllowedHosts {
+        AllowedHosts::parse(&r.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn a_rule_without_a_port_takes_the_scheme_default() {
+        let r = rules(&["https://api.example.com"]);
+        assert!(r.allows("https", "api.example.com", None));
+        assert!(r.allows("https", "api.example.com", Some(443)));
+        assert!(!r.allows("https", "api.example.com", Some(8443)));
+        assert!(!r.allows("http", "api.example.com", None));
+    }
+
+    #[test]
+    fn wildcards_cover_scheme_subdomains_and_ports() {
+        let r = rules(&["*://*.example.com:*"]);
+        assert!(r.allows("http", "a.example.com", Some(1)));
+        assert!(r.allows("https", "a.b.example.com", None));
+        assert!(!r.allows("https", "example.com", None));
+        assert!(!r.allows("https", "badexample.com", None));
+    }
+
+    #[test]
+    fn port_ranges_are_half_open() {
+        let r = rules(&["http://localhost:8000..8002"]);
+        assert!(r.allows("http", "localhost", Some(8000)));
+        assert!(r.allows("http", "localhost", Some(8001)));
+        assert!(!r.allows("http", "localhost", Some(8002)));
+    }
+
+    #[test]
+    fn malformed_rules_are_rejected() {
+        for bad in ["example.com", "https://ex*ample.com", "https://a.com/path", "foo://a.com", "http://a:9..3"] {
+            assert!(AllowedHosts::parse(&[bad.to_string()]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn private_blocks_loopback_and_rfc1918_but_not_public() {
+        let b = BlockedNetworks::parse(&["private".into()]).unwrap();
+        assert!(b.blocks("127.0.0.1".parse().unwrap()));
+        assert!(b.blocks("10.1.2.3".parse().unwrap()));
+        assert!(b.blocks("::ffff:192.168.0.1".parse().unwrap()));
+        assert!(!b.blocks("93.184.216.34".parse().unwrap()));
+    }
+}

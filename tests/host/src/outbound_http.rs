@@ -1,0 +1,122 @@
+//! Outgoing HTTP from a component: denied with `HttpRequestDenied` unless its
+//! `allowed_outbound_hosts` allows the URL; `http://<component>.spin.internal` chains to
+//! another component in-process (Spin's local service chaining), `http://self` to the app's
+//! own router; other hosts pass the runtime config's `block_networks` check first.
+
+use std::sync::Arc;
+
+use http_body_util::BodyExt;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+use crate::outbound::BlockedNetworks;
+use crate::state::{AppShared, ComponentRuntime};
+
+const INTERNAL_SUFFIX: &str = ".spin.internal";
+
+pub struct OutboundHttp {
+    component: Arc<ComponentRuntime>,
+    app: Arc<AppShared>,
+    network: Arc<BlockedNetworks>,
+}
+
+type ResponseFuture = Box<
+    dyn Future<
+            Output = Result<(
+                http::Response<WasiBody>,
+                Box<dyn Future<Output = Result<(), Error>> + Send>,
+            ), Error>,
+        > + Send,
+>;
+
+/// Where an allowed request goes.
+enum Target {
+    Component(String),
+    SelfApp,
+    Network,
+}
+
+impl OutboundHttp {
+    pub fn new(component: Arc<ComponentRuntime>, app: Arc<AppShared>, network: Arc<BlockedNetworks>) -> Self {
+        Self { component, app, network }
+    }
+
+    fn target(&self, uri: &http::Uri) -> Result<Target, Error> {
+        let scheme = uri.scheme_str().unwrap_or("http");
+        let host = uri.host().unwrap_or_default().to_ascii_lowercase();
+        if !self.component.allowed_hosts.allows(scheme, &host, uri.port_u16()) {
+            eprintln!(
+                "component `{}` tried to make an HTTP request to non-allowed host `{host}`",
+                self.component.id
+            );
+            return Err(Error::HttpRequestDenied);
+        }
+        if let Some(id) = host.strip_suffix(INTERNAL_SUFFIX) {
+            return Ok(Target::Component(id.to_string()));
+        }
+        if host == "self" || host == "self.alt" {
+            return Ok(Target::SelfApp);
+        }
+        Ok(Target::Network)
+    }
+}
+
+async fn check_blocked(network: &BlockedNetworks, uri: &http::Uri) -> Result<(), Error> {
+    if network.is_empty() {
+        return Ok(());
+    }
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|_| Error::DestinationNotFound)?
+        .collect();
+    if addrs.iter().any(|a| network.blocks(a.ip())) {
+        return Err(Error::DestinationIpProhibited);
+    }
+    Ok(())
+}
+
+fn done() -> Box<dyn Future<Output = Result<(), Error>> + Send> {
+    Box::new(async { Ok(()) })
+}
+
+impl WasiHttpHooks for OutboundHttp {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> ResponseFuture {
+        drop(fut);
+        let target = self.target(request.uri());
+        let app = self.app.clone();
+        let network = self.network.clone();
+        Box::new(async move {
+            let local = match target? {
+                Target::Network => {
+                    check_blocked(&network, request.uri()).await?;
+                    let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+                    return Ok((res.map(BodyExt::boxed_unsync), Box::new(io) as Box<dyn Future<Output = _> + Send>));
+                }
+                Target::Component(id) => Some(id),
+                Target::SelfApp => None,
+            };
+            let app = app
+                .app
+                .get()
+                .and_then(std::sync::Weak::upgrade)
+                .ok_or(Error::DestinationUnavailable)?;
+            let response = match local {
+                Some(id) => app.chain(&id, request).await?,
+                None => app.route_internal(request).await,
+            };
+            let response = response.map(|body| {
+                body.map_err(|code| Error::InternalError(Some(format!("{code:?}"))))
+                    .boxed_unsync()
+            });
+            Ok((response, done()))
+        })
+    }
+}

@@ -1,0 +1,103 @@
+//! Per-instance store data and the per-component and per-app state it points at.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, Weak};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::app::AppInner;
+use crate::key_value::Backend;
+use crate::outbound::AllowedHosts;
+use crate::outbound_http::OutboundHttp;
+
+/// What the host knows about one component, fixed at start-up.
+pub struct ComponentRuntime {
+    pub id: String,
+    pub variables: BTreeMap<String, String>,
+    pub environment: BTreeMap<String, String>,
+    pub allowed_hosts: AllowedHosts,
+    pub key_value_stores: BTreeSet<String>,
+    pub source: PathBuf,
+}
+
+/// Shared by every instance of the app.
+pub struct AppShared {
+    pub key_value: HashMap<String, Backend>,
+    pub postgres: crate::postgres::Pools,
+    pub redis: tokio::sync::Mutex<HashMap<String, redis::aio::MultiplexedConnection>>,
+    /// Set once the app is built, so outbound calls can chain to other components.
+    pub app: OnceLock<Weak<AppInner>>,
+}
+
+impl AppShared {
+    pub async fn redis_connection(
+        &self,
+        address: &str,
+    ) -> Result<redis::aio::MultiplexedConnection, crate::bindings::fermyon::spin2_0_0::redis::Error> {
+        use crate::bindings::fermyon::spin2_0_0::redis::Error;
+        let mut conns = self.redis.lock().await;
+        if let Some(c) = conns.get(address) {
+            return Ok(c.clone());
+        }
+        let client = redis::Client::open(address).map_err(|_| Error::InvalidAddress)?;
+        let conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| Error::Other(e.to_string()))?;
+        conns.insert(address.to_string(), conn.clone());
+        Ok(conn)
+    }
+}
+
+/// The `T` of every `Store<T>`: one per invocation.
+pub struct InstanceState {
+    pub component: Arc<ComponentRuntime>,
+    pub app: Arc<AppShared>,
+    pub table: ResourceTable,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    hooks: OutboundHttp,
+    limits: StoreLimits,
+}
+
+/// Memory one instance may grow to.
+const MAX_INSTANCE_MEMORY: usize = 256 << 20;
+
+impl InstanceState {
+    pub fn new(component: Arc<ComponentRuntime>, app: Arc<AppShared>, network: Arc<crate::outbound::BlockedNetworks>) -> Self {
+        let mut wasi = WasiCtx::builder();
+        wasi.inherit_stdout().inherit_stderr();
+        for (k, v) in &component.environment {
+            wasi.env(k, v);
+        }
+        Self {
+            hooks: OutboundHttp::new(component.clone(), app.clone(), network),
+            component,
+            app,
+            table: ResourceTable::new(),
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            limits: StoreLimitsBuilder::new().memory_size(MAX_INSTANCE_MEMORY).instances(16).build(),
+        }
+    }
+
+    pub fn limiter(&mut self) -> &mut dyn ResourceLimiter {
+        &mut self.limits
+    }
+}
+
+impl WasiView for InstanceState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for InstanceState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+    }
+}
