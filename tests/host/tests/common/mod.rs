@@ -1,0 +1,169 @@
+//! The test harness: a fresh database per test, the app started in-process through the
+//! real host, and a small HTTP client. Needs `SPARKOPS_TEST_DATABASE_URL` and
+//! `SPARKOPS_TEST_REDIS_URL` (`infra/dev test` sets both).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+use sparkops_host::{AppOptions, RunningApp};
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests with `infra/dev test`"))
+}
+
+/// A database of its own for one test, migrated, plus the shared Redis.
+pub struct TestEnv {
+    pub database_url: String,
+    pub database_name: String,
+    pub redis_url: String,
+    admin_url: String,
+}
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        let admin_url = required_env("SPARKOPS_TEST_DATABASE_URL");
+        let redis_url = required_env("SPARKOPS_TEST_REDIS_URL");
+        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+        let admin = connect(&admin_url).await;
+        admin.batch_execute(&format!("create database {name}")).await.unwrap();
+        let mut url = url::Url::parse(&admin_url).unwrap();
+        url.set_path(&name);
+        let env = Self { database_url: url.to_string(), database_name: name, redis_url, admin_url };
+        sparkops_host::migrate::run(&env.database_url, &workspace().join("migrations")).await.unwrap();
+        env
+    }
+
+    /// `host:port` of a URL, for `allowed_outbound_hosts` templates.
+    pub fn host_port(url: &str) -> String {
+        let u = url::Url::parse(url).unwrap();
+        format!("{}:{}", u.host_str().unwrap(), u.port().unwrap())
+    }
+
+    /// The `SPIN_VARIABLE_*` values an app needs to reach this test's services.
+    pub fn variables(&self) -> HashMap<String, String> {
+        HashMap::from([
+            ("SPIN_VARIABLE_DATABASE_URL".into(), self.database_url.clone()),
+            ("SPIN_VARIABLE_DATABASE_HOST".into(), Self::host_port(&self.database_url)),
+            ("SPIN_VARIABLE_REDIS_URL".into(), self.redis_url.clone()),
+            ("SPIN_VARIABLE_REDIS_HOST".into(), Self::host_port(&self.redis_url)),
+        ])
+    }
+
+    pub async fn db(&self) -> tokio_postgres::Client {
+        connect(&self.database_url).await
+    }
+
+    /// Sessions of this test's database by state, e.g. `idle in transaction`.
+    pub async fn sessions_in_state(&self, state: &str) -> i64 {
+        let admin = connect(&self.admin_url).await;
+        admin
+            .query_one(
+                "select count(*) from pg_stat_activity where datname = $1 and state = $2",
+                &[&self.database_name, &state],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Options for an app from `manifest` (relative to the workspace) with a private state
+    /// folder; `runtime_config` is written beside it when given.
+    pub fn options(&self, manifest: &str, runtime_config: Option<&str>) -> AppOptions {
+        let state_dir = std::env::temp_dir().join(format!("sparkops-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&state_dir).unwrap();
+        let runtime_config = runtime_config.map(|text| {
+            let path = state_dir.join("runtime-config.toml");
+            std::fs::write(&path, text).unwrap();
+            path
+        });
+        AppOptions {
+            manifest: workspace().join(manifest),
+            runtime_config,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir,
+            env: self.variables(),
+        }
+    }
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends one request over a new connection (with a 30 s bound).
+pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<Value>) -> Reply {
+    let uri: http::Uri = url.parse().unwrap();
+    let authority = uri.authority().unwrap().to_string();
+    let fut = async {
+        let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut builder = http::Request::builder()
+            .method(method)
+            .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+            .header("host", &authority);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        if !body.is_empty() {
+            builder = builder.header("content-type", "application/json");
+        }
+        let res = sender.send_request(builder.body(Full::new(body)).unwrap()).await.unwrap();
+        let (parts, body) = res.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Reply { status: parts.status.as_u16(), headers: parts.headers, body }
+    };
+    tokio::time::timeout(Duration::from_secs(30), fut).await.expect("request timed out")
+}
+
+pub async fn get(app: &RunningApp, path: &str) -> Reply {
+    request("GET", &app.url(path), &[], None).await
+}
+
+pub async fn post(app: &RunningApp, path: &str, body: Value) -> Reply {
+    request("POST", &app.url(path), &[], Some(body)).await
+}
+
+/// Polls `check` every 20 ms for at most 10 s; behaviour is asserted, never timing.
+pub async fn eventually<T>(mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    for _ in 0..500 {
+        if let Some(v) = check().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("condition not reached within 10 s");
+}
