@@ -1,7 +1,7 @@
 //! `fermyon:spin/redis@2.0.0`: outbound Redis, only to `redis://` hosts the component's
 //! `allowed_outbound_hosts` allows. Connections are shared per address, as in Spin.
 
-use ::redis::{RedisError, ToRedisArgs, Value, aio::MultiplexedConnection};
+use ::redis::{RedisError, ToRedisArgs, Value, aio::ConnectionManager};
 use wasmtime::component::Resource;
 
 use crate::bindings::fermyon::spin2_0_0::redis::{self, Error, RedisParameter, RedisResult};
@@ -9,7 +9,7 @@ use crate::state::InstanceState;
 
 /// The guest's open connection handle.
 pub struct Connection {
-    conn: MultiplexedConnection,
+    conn: ConnectionManager,
 }
 
 fn other(e: impl std::fmt::Display) -> Error {
@@ -25,7 +25,7 @@ fn type_error(e: RedisError) -> Error {
 }
 
 impl InstanceState {
-    fn redis(&self, c: &Resource<Connection>) -> Result<MultiplexedConnection, Error> {
+    fn redis(&self, c: &Resource<Connection>) -> Result<ConnectionManager, Error> {
         Ok(self.table.get(c).map_err(other)?.conn.clone())
     }
 }

@@ -28,7 +28,8 @@ pub struct ComponentRuntime {
 pub struct AppShared {
     pub key_value: HashMap<String, Backend>,
     pub postgres: crate::postgres::Pools,
-    pub redis: tokio::sync::Mutex<HashMap<String, redis::aio::MultiplexedConnection>>,
+    /// Outbound Redis connections by address; they reconnect by themselves after a failure.
+    pub redis: tokio::sync::Mutex<HashMap<String, redis::aio::ConnectionManager>>,
     /// Set once the app is built, so outbound calls can chain to other components.
     pub app: OnceLock<Weak<AppInner>>,
 }
@@ -37,15 +38,14 @@ impl AppShared {
     pub async fn redis_connection(
         &self,
         address: &str,
-    ) -> Result<redis::aio::MultiplexedConnection, crate::bindings::fermyon::spin2_0_0::redis::Error> {
+    ) -> Result<redis::aio::ConnectionManager, crate::bindings::fermyon::spin2_0_0::redis::Error> {
         use crate::bindings::fermyon::spin2_0_0::redis::Error;
         let mut conns = self.redis.lock().await;
         if let Some(c) = conns.get(address) {
             return Ok(c.clone());
         }
         let client = redis::Client::open(address).map_err(|_| Error::InvalidAddress)?;
-        let conn = client
-            .get_multiplexed_async_connection()
+        let conn = redis::aio::ConnectionManager::new(client)
             .await
             .map_err(|e| Error::Other(e.to_string()))?;
         conns.insert(address.to_string(), conn.clone());

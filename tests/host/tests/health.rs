@@ -1,0 +1,122 @@
+//! The `health` component end to end: the real spin.toml, real Postgres and Redis.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+
+use common::{TestEnv, eventually, get, request};
+use serde_json::json;
+use sparkops_host::RunningApp;
+
+/// A Redis server of the test's own on a free loopback port, stopped on drop.
+struct OwnRedis {
+    child: Child,
+    url: String,
+}
+
+impl OwnRedis {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Self::start_on(port).await
+    }
+
+    async fn start_on(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (infra/dev installs it)");
+        let url = format!("redis://127.0.0.1:{port}");
+        let client = redis::Client::open(url.as_str()).unwrap();
+        eventually(async || client.get_multiplexed_async_connection().await.ok()).await;
+        Self { child, url }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start(env: &TestEnv, redis_url: &str) -> RunningApp {
+    let config = format!("[key_value_store.default]\ntype = \"redis\"\nurl = \"{redis_url}\"\n");
+    let mut options = env.options("spin.toml", Some(&config));
+    options.env.insert("SPIN_VARIABLE_REDIS_URL".into(), redis_url.into());
+    options.env.insert("SPIN_VARIABLE_REDIS_HOST".into(), TestEnv::host_port(redis_url));
+    RunningApp::start(&options).await.expect("the app starts")
+}
+
+#[tokio::test]
+async fn healthz_is_ok_with_a_request_id() {
+    let env = TestEnv::new().await;
+    let app = start(&env, &env.redis_url).await;
+    let res = get(&app, "/healthz").await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.json(), json!({"status": "ok"}));
+    assert_eq!(res.header("x-request-id").map(str::len), Some(32));
+
+    let echoed = request("GET", &app.url("/healthz"), &[("x-request-id", "trace-42")], None).await;
+    assert_eq!(echoed.header("x-request-id"), Some("trace-42"));
+    let insane = request("GET", &app.url("/healthz"), &[("x-request-id", "a b\tc")], None).await;
+    assert_ne!(insane.header("x-request-id"), Some("a b\tc"));
+}
+
+#[tokio::test]
+async fn readyz_is_ready_when_every_dependency_is_up() {
+    let env = TestEnv::new().await;
+    let app = start(&env, &env.redis_url).await;
+    let res = get(&app, "/readyz").await;
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    assert_eq!(
+        res.json(),
+        json!({"status": "ready", "checks": {"postgres": "up", "key_value": "up", "redis": "up"}})
+    );
+}
+
+#[tokio::test]
+async fn readyz_is_a_503_problem_naming_redis_while_redis_is_stopped() {
+    let env = TestEnv::new().await;
+    let redis = OwnRedis::start().await;
+    let app = start(&env, &redis.url).await;
+    assert_eq!(get(&app, "/readyz").await.status, 200);
+
+    let url = redis.url.clone();
+    drop(redis);
+    let res = get(&app, "/readyz").await;
+    assert_eq!(res.status, 503);
+    assert_eq!(res.header("content-type"), Some("application/problem+json"));
+    let body = res.json();
+    assert_eq!(body["type"], "https://sparkops.dev/problems/unavailable");
+    assert_eq!(body["status"], 503);
+    assert_eq!(body["detail"], "not ready: key_value, redis down");
+    assert_eq!(body["checks"], json!({"postgres": "up", "key_value": "down", "redis": "down"}));
+    assert_eq!(body["instance"], "/readyz");
+    assert!(!body.to_string().contains(&url), "the problem does not leak addresses");
+
+    // Back up on the same address: readiness recovers without a restart of the app.
+    let port = url::Url::parse(&url).unwrap().port().unwrap();
+    let _redis = OwnRedis::start_on(port).await;
+    eventually(async || (get(&app, "/readyz").await.status == 200).then_some(())).await;
+}
+
+#[tokio::test]
+async fn readyz_names_postgres_when_the_database_is_not_migrated() {
+    let env = TestEnv::new().await;
+    env.db().await.batch_execute("drop table service_probe").await.unwrap();
+    let app = start(&env, &env.redis_url).await;
+    let res = get(&app, "/readyz").await;
+    assert_eq!(res.status, 503);
+    assert_eq!(res.json()["detail"], "not ready: postgres down");
+}
+
+#[tokio::test]
+async fn other_methods_are_405_with_allow() {
+    let env = TestEnv::new().await;
+    let app = start(&env, &env.redis_url).await;
+    let res = request("POST", &app.url("/healthz"), &[], Some(json!({}))).await;
+    assert_eq!(res.status, 405);
+    assert_eq!(res.header("allow"), Some("GET, HEAD"));
+    assert_eq!(res.json()["type"], "https://sparkops.dev/problems/method-not-allowed");
+}
