@@ -35,8 +35,10 @@ pub struct AppOptions {
     pub manifest: PathBuf,
     pub runtime_config: Option<PathBuf>,
     pub listen: SocketAddr,
-    /// Holds the embedded key-value store and the compiled-code cache.
+    /// Holds the embedded key-value store (`.spin` under `spin up`).
     pub state_dir: PathBuf,
+    /// Compiled components, reused across starts; `<state_dir>/compiled` when `None`.
+    pub cache_dir: Option<PathBuf>,
     /// Where `SPIN_VARIABLE_*` values come from; the process environment by default.
     pub env: HashMap<String, String>,
 }
@@ -68,7 +70,7 @@ pub struct RunningApp {
     server: tokio::task::JoinHandle<()>,
 }
 
-fn new_engine(state_dir: &Path) -> Result<Engine> {
+fn new_engine(cache_dir: &Path) -> Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true);
     let mut pool = PoolingAllocationConfig::default();
@@ -80,7 +82,7 @@ fn new_engine(state_dir: &Path) -> Result<Engine> {
         .max_memory_size(MAX_INSTANCE_MEMORY);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     let mut cache = wasmtime::CacheConfig::new();
-    cache.with_directory(state_dir.join("compiled"));
+    cache.with_directory(cache_dir);
     config.cache(Some(wasmtime::Cache::new(cache)?));
     Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot start wasmtime: {e}"))
 }
@@ -104,7 +106,8 @@ impl AppInner {
         std::fs::create_dir_all(&options.state_dir).with_context(|| {
             format!("cannot create state folder {}", options.state_dir.display())
         })?;
-        let engine = new_engine(&options.state_dir)?;
+        let cache_dir = options.cache_dir.clone().unwrap_or_else(|| options.state_dir.join("compiled"));
+        let engine = new_engine(&cache_dir)?;
 
         let mut linker: Linker<InstanceState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;

@@ -72,6 +72,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 runtime_config: runtime_config_file,
                 listen,
                 state_dir,
+                cache_dir: None,
                 env: std::env::vars().collect(),
             };
             let app = RunningApp::start(&options).await?;

@@ -549,8 +549,7 @@ async fn redis_is_refused_for_a_host_not_allowed() {
 #[tokio::test]
 async fn start_up_errors_are_one_clear_line() {
     let env = TestEnv::new().await;
-    let dir = std::env::temp_dir().join(format!("sparkops-bad-{}", env.database_name));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = env.options(MANIFEST, None).state_dir;
     let cases: HashMap<&str, (&str, &str)> = HashMap::from([
         ("bad-version", ("spin_manifest_version = 1\n[application]\nname = \"x\"\n", "spin_manifest_version must be 2")),
         ("unknown-field", ("spin_manifest_version = 2\nbogus = 1\n[application]\nname = \"x\"\n", "unknown field `bogus`")),

@@ -26,6 +26,14 @@ pub struct TestEnv {
     pub database_name: String,
     pub redis_url: String,
     admin_url: String,
+    /// Removed when the test ends.
+    state_dir: PathBuf,
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
 }
 
 impl TestEnv {
@@ -37,7 +45,9 @@ impl TestEnv {
         admin.batch_execute(&format!("create database {name}")).await.unwrap();
         let mut url = url::Url::parse(&admin_url).unwrap();
         url.set_path(&name);
-        let env = Self { database_url: url.to_string(), database_name: name, redis_url, admin_url };
+        let state_dir = std::env::temp_dir().join(format!("sparkops-{name}"));
+        std::fs::create_dir_all(&state_dir).unwrap();
+        let env = Self { database_url: url.to_string(), database_name: name, redis_url, admin_url, state_dir };
         sparkops_host::migrate::run(&env.database_url, &workspace().join("migrations")).await.unwrap();
         env
     }
@@ -78,7 +88,7 @@ impl TestEnv {
     /// Options for an app from `manifest` (relative to the workspace) with a private state
     /// folder; `runtime_config` is written beside it when given.
     pub fn options(&self, manifest: &str, runtime_config: Option<&str>) -> AppOptions {
-        let state_dir = std::env::temp_dir().join(format!("sparkops-{}", uuid::Uuid::new_v4().simple()));
+        let state_dir = self.state_dir.join(uuid::Uuid::new_v4().simple().to_string());
         std::fs::create_dir_all(&state_dir).unwrap();
         let runtime_config = runtime_config.map(|text| {
             let path = state_dir.join("runtime-config.toml");
@@ -90,6 +100,8 @@ impl TestEnv {
             runtime_config,
             listen: "127.0.0.1:0".parse().unwrap(),
             state_dir,
+            // Compiled code is shared by every test: compiling once is the slow part.
+            cache_dir: Some(workspace().join("target/host-test-cache")),
             env: self.variables(),
         }
     }
