@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
-    let workspace = manifest_dir.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let workspace = manifest_dir
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf();
     let lock_path = workspace.join("Cargo.lock");
     println!("cargo:rerun-if-changed={}", lock_path.display());
     println!("cargo:rerun-if-changed=build.rs");
@@ -65,7 +69,11 @@ fn spin_sdk_version(lock: &str) -> Option<String> {
         .filter(|pkg| pkg.contains("name = \"spin-sdk\""))
         .filter_map(|pkg| {
             let line = pkg.lines().find(|l| l.starts_with("version = "))?;
-            Some(line.trim_start_matches("version = ").trim_matches('"').to_string())
+            Some(
+                line.trim_start_matches("version = ")
+                    .trim_matches('"')
+                    .to_string(),
+            )
         })
         .filter(|v| v.starts_with("5."));
     let first = versions.next()?;

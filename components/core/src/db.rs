@@ -42,7 +42,11 @@ pub struct DbError {
 
 impl DbError {
     pub fn new(code: &str, message: impl Into<String>) -> Self {
-        Self { code: code.to_string(), message: message.into(), constraint: None }
+        Self {
+            code: code.to_string(),
+            message: message.into(),
+            constraint: None,
+        }
     }
 
     /// True for a unique-constraint violation on `constraint`.
@@ -75,7 +79,10 @@ impl Row {
     }
 
     fn mismatch(&self, i: usize, want: &str) -> DbError {
-        DbError::new("", format!("column {i}: expected {want}, found {:?}", self.0.get(i)))
+        DbError::new(
+            "",
+            format!("column {i}: expected {want}, found {:?}", self.0.get(i)),
+        )
     }
 
     pub fn text(&self, i: usize) -> Result<String, DbError> {
@@ -196,7 +203,10 @@ mod tests {
 
     #[test]
     fn an_error_inside_rolls_back_and_is_returned() {
-        let db = Fake { fail_on: Some("insert 2"), ..Fake::default() };
+        let db = Fake {
+            fail_on: Some("insert 2"),
+            ..Fake::default()
+        };
         let out: Result<(), DbError> = transaction(&db, |tx| {
             tx.execute("insert 1", &[])?;
             tx.execute("insert 2", &[])?;
@@ -204,7 +214,10 @@ mod tests {
             Ok(())
         });
         assert_eq!(out.unwrap_err().code, "40001");
-        assert_eq!(*db.log.borrow(), ["begin", "insert 1", "insert 2", "rollback"]);
+        assert_eq!(
+            *db.log.borrow(),
+            ["begin", "insert 1", "insert 2", "rollback"]
+        );
     }
 
     #[test]
@@ -230,7 +243,10 @@ mod tests {
 
     #[test]
     fn a_failed_commit_is_rolled_back() {
-        let db = Fake { fail_on: Some("commit"), ..Fake::default() };
+        let db = Fake {
+            fail_on: Some("commit"),
+            ..Fake::default()
+        };
         let out: Result<(), DbError> = transaction(&db, |_| Ok(()));
         assert!(out.is_err());
         assert_eq!(*db.log.borrow(), ["begin", "commit", "rollback"]);
@@ -240,6 +256,9 @@ mod tests {
     fn time_columns_are_read_and_written_as_utc() {
         assert_eq!(utc("created_at"), "(created_at at time zone 'UTC')");
         let sql = format!("insert into t (at) values ($1{AS_TIMESTAMPTZ})");
-        assert_eq!(sql, "insert into t (at) values ($1::timestamp at time zone 'UTC')");
+        assert_eq!(
+            sql,
+            "insert into t (at) values ($1::timestamp at time zone 'UTC')"
+        );
     }
 }

@@ -19,15 +19,24 @@ pub struct FieldError {
 /// Every error a handler can answer with.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
-    Validation { detail: String, errors: Vec<FieldError> },
+    Validation {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
     Unauthenticated(String),
     Forbidden(String),
     NotFound(String),
-    MethodNotAllowed { allow: Vec<&'static str> },
+    MethodNotAllowed {
+        allow: Vec<&'static str>,
+    },
     Conflict(String),
     PreconditionFailed(String),
-    PayloadTooLarge { limit: usize },
-    RateLimited { retry_after_secs: u64 },
+    PayloadTooLarge {
+        limit: usize,
+    },
+    RateLimited {
+        retry_after_secs: u64,
+    },
     PolicyViolation(String),
     /// A dependency is down; `detail` names which (never how).
     Unavailable(String),
@@ -81,13 +90,20 @@ impl ApiError {
             ApiError::Unauthenticated(_) => ("unauthenticated", "Authentication is required."),
             ApiError::Forbidden(_) => ("forbidden", "Your role does not allow this action."),
             ApiError::NotFound(_) => ("not-found", "The resource was not found."),
-            ApiError::MethodNotAllowed { .. } => ("method-not-allowed", "The method is not allowed here."),
+            ApiError::MethodNotAllowed { .. } => {
+                ("method-not-allowed", "The method is not allowed here.")
+            }
             ApiError::Conflict(_) => ("conflict", "The request conflicts with the current state."),
             ApiError::PreconditionFailed(_) => ("precondition-failed", "The resource has changed."),
-            ApiError::PayloadTooLarge { .. } => ("payload-too-large", "The request body is too large."),
+            ApiError::PayloadTooLarge { .. } => {
+                ("payload-too-large", "The request body is too large.")
+            }
             ApiError::RateLimited { .. } => ("rate-limited", "Too many requests."),
             ApiError::PolicyViolation(_) => ("policy-violation", "A policy forbids this action."),
-            ApiError::Unavailable(_) => ("unavailable", "A service the app depends on is unavailable."),
+            ApiError::Unavailable(_) => (
+                "unavailable",
+                "A service the app depends on is unavailable.",
+            ),
             ApiError::Internal => ("internal", "Something went wrong on our side."),
         }
     }
@@ -102,9 +118,13 @@ impl ApiError {
             | ApiError::PreconditionFailed(detail)
             | ApiError::PolicyViolation(detail)
             | ApiError::Unavailable(detail) => detail.clone(),
-            ApiError::MethodNotAllowed { allow } => format!("allowed methods: {}", allow.join(", ")),
+            ApiError::MethodNotAllowed { allow } => {
+                format!("allowed methods: {}", allow.join(", "))
+            }
             ApiError::PayloadTooLarge { limit } => format!("the limit is {limit} bytes"),
-            ApiError::RateLimited { retry_after_secs } => format!("retry after {retry_after_secs} s"),
+            ApiError::RateLimited { retry_after_secs } => {
+                format!("retry after {retry_after_secs} s")
+            }
             ApiError::Internal => "the error has been logged".into(),
         }
     }
@@ -130,7 +150,9 @@ impl ApiError {
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
             ApiError::MethodNotAllowed { allow } => vec![("allow", allow.join(", "))],
-            ApiError::RateLimited { retry_after_secs } => vec![("retry-after", retry_after_secs.to_string())],
+            ApiError::RateLimited { retry_after_secs } => {
+                vec![("retry-after", retry_after_secs.to_string())]
+            }
             ApiError::Unauthenticated(_) => vec![("www-authenticate", "Bearer".into())],
             _ => Vec::new(),
         }
@@ -149,7 +171,8 @@ mod tests {
 
     #[test]
     fn a_field_error_is_a_422_problem_naming_the_field() {
-        let p = ApiError::field("steps[2].depends_on", "unknown step 'fetch'").problem("/api/v1/workflows", "req-1");
+        let p = ApiError::field("steps[2].depends_on", "unknown step 'fetch'")
+            .problem("/api/v1/workflows", "req-1");
         let json = serde_json::to_value(&p).unwrap();
         assert_eq!(
             json,
@@ -167,17 +190,32 @@ mod tests {
 
     #[test]
     fn an_internal_error_says_nothing_about_its_cause() {
-        let p = ApiError::from(crate::db::DbError::new("42P01", "relation \"secrets\" does not exist"))
-            .problem("/x", "r");
-        assert_eq!((p.status, p.detail.as_str()), (500, "the error has been logged"));
+        let p = ApiError::from(crate::db::DbError::new(
+            "42P01",
+            "relation \"secrets\" does not exist",
+        ))
+        .problem("/x", "r");
+        assert_eq!(
+            (p.status, p.detail.as_str()),
+            (500, "the error has been logged")
+        );
         assert!(!serde_json::to_string(&p).unwrap().contains("secrets"));
     }
 
     #[test]
     fn statuses_carry_their_headers() {
-        assert_eq!(ApiError::RateLimited { retry_after_secs: 3 }.headers(), vec![("retry-after", "3".to_string())]);
         assert_eq!(
-            ApiError::MethodNotAllowed { allow: vec!["GET", "HEAD"] }.headers(),
+            ApiError::RateLimited {
+                retry_after_secs: 3
+            }
+            .headers(),
+            vec![("retry-after", "3".to_string())]
+        );
+        assert_eq!(
+            ApiError::MethodNotAllowed {
+                allow: vec!["GET", "HEAD"]
+            }
+            .headers(),
             vec![("allow", "GET, HEAD".to_string())]
         );
     }

@@ -16,7 +16,11 @@ impl Readiness {
     }
 
     fn down(&self) -> Vec<&'static str> {
-        self.checks.iter().filter(|(_, up)| !up).map(|(n, _)| *n).collect()
+        self.checks
+            .iter()
+            .filter(|(_, up)| !up)
+            .map(|(n, _)| *n)
+            .collect()
     }
 
     /// `{"postgres": "up", ...}` for the response body.
@@ -35,7 +39,10 @@ impl Readiness {
         if down.is_empty() {
             Ok(json!({"status": "ready", "checks": self.checks_json()}))
         } else {
-            Err(ApiError::Unavailable(format!("not ready: {} down", down.join(", "))))
+            Err(ApiError::Unavailable(format!(
+                "not ready: {} down",
+                down.join(", ")
+            )))
         }
     }
 }
@@ -63,6 +70,9 @@ mod tests {
         r.record("redis", false);
         let err = r.outcome().unwrap_err();
         assert_eq!(err.status(), 503);
-        assert_eq!(err, ApiError::Unavailable("not ready: key_value, redis down".into()));
+        assert_eq!(
+            err,
+            ApiError::Unavailable("not ready: key_value, redis down".into())
+        );
     }
 }

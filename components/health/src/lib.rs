@@ -19,9 +19,13 @@ fn handle(req: Request) -> Response {
     match (readable, path) {
         (true, "/healthz") => json(200, &serde_json::json!({"status": "ok"}), &id),
         (true, "/readyz") => readiness(path, &id),
-        (false, "/healthz" | "/readyz") => {
-            problem(&ApiError::MethodNotAllowed { allow: vec!["GET", "HEAD"] }, path, &id)
-        }
+        (false, "/healthz" | "/readyz") => problem(
+            &ApiError::MethodNotAllowed {
+                allow: vec!["GET", "HEAD"],
+            },
+            path,
+            &id,
+        ),
         _ => problem(&ApiError::NotFound(format!("no route {path}")), path, &id),
     }
 }
@@ -35,7 +39,8 @@ fn readiness(path: &str, id: &str) -> Response {
         Ok(body) => json(200, &body, id),
         Err(err) => {
             let mut res = problem(&err, path, id);
-            let mut body: serde_json::Value = serde_json::from_slice(res.body()).unwrap_or_default();
+            let mut body: serde_json::Value =
+                serde_json::from_slice(res.body()).unwrap_or_default();
             body["checks"] = ready.checks_json();
             *res.body_mut() = body.to_string().into_bytes();
             res
@@ -46,10 +51,18 @@ fn readiness(path: &str, id: &str) -> Response {
 fn postgres_up() -> bool {
     // Reading the probe row checks the database is reachable and migrated.
     let up = Db::open_default()
-        .and_then(|db| db.query("select service_probe_id from service_probe where service_probe_id = 1", &[]))
+        .and_then(|db| {
+            db.query(
+                "select service_probe_id from service_probe where service_probe_id = 1",
+                &[],
+            )
+        })
         .and_then(|rows| match rows.len() {
             1 => Ok(()),
-            _ => Err(DbError::new("", "the service_probe row is missing: run the migrations")),
+            _ => Err(DbError::new(
+                "",
+                "the service_probe row is missing: run the migrations",
+            )),
         });
     log_down("postgres", up.as_ref().err())
 }
@@ -70,7 +83,10 @@ fn redis_up() -> bool {
 /// Logs why a dependency is down (the response only names it) and says whether it is up.
 fn log_down(name: &str, err: Option<&impl std::fmt::Display>) -> bool {
     if let Some(e) = err {
-        eprintln!("{{\"level\":\"warn\",\"msg\":\"readiness check failed\",\"check\":\"{name}\",\"error\":{:?}}}", e.to_string());
+        eprintln!(
+            "{{\"level\":\"warn\",\"msg\":\"readiness check failed\",\"check\":\"{name}\",\"error\":{:?}}}",
+            e.to_string()
+        );
     }
     err.is_none()
 }

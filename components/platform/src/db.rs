@@ -38,7 +38,12 @@ impl Connection for Db {
         let set = self.conn.query(sql, &params).map_err(pg_error)?;
         set.rows
             .into_iter()
-            .map(|row| row.into_iter().map(from_db).collect::<Result<Vec<_>, _>>().map(Row))
+            .map(|row| {
+                row.into_iter()
+                    .map(from_db)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Row)
+            })
             .collect()
     }
 }
@@ -91,10 +96,20 @@ fn from_db(v: DbValue) -> Result<Value, DbError> {
             let time = NaiveTime::from_hms_nano_opt(h.into(), mi.into(), s.into(), ns);
             match (date, time) {
                 (Some(date), Some(time)) => Value::Timestamp(from_naive_utc(date.and_time(time))),
-                _ => return Err(DbError::new("", "the database returned an invalid date-time")),
+                _ => {
+                    return Err(DbError::new(
+                        "",
+                        "the database returned an invalid date-time",
+                    ));
+                }
             }
         }
-        other => return Err(DbError::new("", format!("unsupported column value {other:?}"))),
+        other => {
+            return Err(DbError::new(
+                "",
+                format!("unsupported column value {other:?}"),
+            ));
+        }
     })
 }
 
@@ -103,7 +118,11 @@ fn pg_error(e: pg4::PgError) -> DbError {
         pg4::PgError::QueryFailed(pg4::QueryError::DbError(db)) => DbError {
             code: db.code,
             message: db.message,
-            constraint: db.extras.into_iter().find(|(k, _)| k == "constraint").map(|(_, v)| v),
+            constraint: db
+                .extras
+                .into_iter()
+                .find(|(k, _)| k == "constraint")
+                .map(|(_, v)| v),
         },
         other => DbError::new("", other.to_string()),
     }

@@ -11,7 +11,9 @@ pub fn request_id(req: &Request) -> String {
         .and_then(|v| v.as_str())
         .filter(|id| {
             (1..=64).contains(&id.len())
-                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         })
         .map(str::to_string)
         .unwrap_or_else(new_request_id)

@@ -88,7 +88,9 @@ fn new_engine(cache_dir: &Path) -> Result<Engine> {
 }
 
 fn empty(status: StatusCode) -> Response<HyperOutgoingBody> {
-    let body = Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync();
+    let body = Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync();
     let mut res = Response::new(body);
     *res.status_mut() = status;
     res
@@ -106,16 +108,26 @@ impl AppInner {
         std::fs::create_dir_all(&options.state_dir).with_context(|| {
             format!("cannot create state folder {}", options.state_dir.display())
         })?;
-        let cache_dir = options.cache_dir.clone().unwrap_or_else(|| options.state_dir.join("compiled"));
+        let cache_dir = options
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| options.state_dir.join("compiled"));
         let engine = new_engine(&cache_dir)?;
 
         let mut linker: Linker<InstanceState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-        Platform::add_to_linker::<_, wasmtime::component::HasSelf<InstanceState>>(&mut linker, |s| s)?;
+        Platform::add_to_linker::<_, wasmtime::component::HasSelf<InstanceState>>(
+            &mut linker,
+            |s| s,
+        )?;
 
-        let http_components: BTreeSet<&str> =
-            manifest.trigger.http.iter().map(|t| t.component.as_str()).collect();
+        let http_components: BTreeSet<&str> = manifest
+            .trigger
+            .http
+            .iter()
+            .map(|t| t.component.as_str())
+            .collect();
         let mut labels = BTreeSet::new();
         let mut components = HashMap::new();
         for (id, c) in &manifest.component {
@@ -131,15 +143,22 @@ impl AppInner {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let allowed_hosts = AllowedHosts::parse(&rules)
-                .with_context(|| format!("component `{id}`"))?;
+            let allowed_hosts =
+                AllowedHosts::parse(&rules).with_context(|| format!("component `{id}`"))?;
             labels.extend(c.key_value_stores.iter().cloned());
             let source = base.join(&c.source);
             let bytes = std::fs::read(&source).with_context(|| {
-                format!("component `{id}`: cannot read {} (build the components first)", source.display())
+                format!(
+                    "component `{id}`: cannot read {} (build the components first)",
+                    source.display()
+                )
             })?;
-            let component = Component::new(&engine, &bytes)
-                .map_err(|e| anyhow::anyhow!("component `{id}`: {} is not a valid component: {e}", source.display()))?;
+            let component = Component::new(&engine, &bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "component `{id}`: {} is not a valid component: {e}",
+                    source.display()
+                )
+            })?;
             let pre = linker
                 .instantiate_pre(&component)
                 .map_err(|e| anyhow::anyhow!("component `{id}` cannot be linked: {e}"))?;
@@ -164,30 +183,46 @@ impl AppInner {
         let mut key_value = HashMap::new();
         for label in labels {
             let config = runtime_config.store_for(&label)?;
-            key_value.insert(label.clone(), Backend::open(&label, &config, &options.state_dir).await?);
+            key_value.insert(
+                label.clone(),
+                Backend::open(&label, &config, &options.state_dir).await?,
+            );
         }
 
         let mut routes = Vec::new();
         for t in &manifest.trigger.http {
             match &t.route {
                 RouteSpec::Path(p) => routes.push(
-                    Route::parse(p, &t.component).with_context(|| format!("bad manifest: component `{}`", t.component))?,
+                    Route::parse(p, &t.component)
+                        .with_context(|| format!("bad manifest: component `{}`", t.component))?,
                 ),
                 RouteSpec::Private { private: true } => {}
                 RouteSpec::Private { private: false } => {
-                    bail!("bad manifest: component `{}`: route = {{ private = false }} is not a route", t.component)
+                    bail!(
+                        "bad manifest: component `{}`: route = {{ private = false }} is not a route",
+                        t.component
+                    )
                 }
             }
         }
         let router = Router::new(routes).context("bad manifest")?;
-        let network = Arc::new(BlockedNetworks::parse(&runtime_config.outbound_networking.block_networks)?);
+        let network = Arc::new(BlockedNetworks::parse(
+            &runtime_config.outbound_networking.block_networks,
+        )?);
         let shared = Arc::new(AppShared {
             key_value,
             postgres: Default::default(),
             redis: Default::default(),
             app: OnceLock::new(),
         });
-        let app = Arc::new(Self { engine, components, router, shared, network, local_addr: OnceLock::new() });
+        let app = Arc::new(Self {
+            engine,
+            components,
+            router,
+            shared,
+            network,
+            local_addr: OnceLock::new(),
+        });
         app.shared.app.set(Arc::downgrade(&app)).ok();
         Ok(app)
     }
@@ -217,7 +252,11 @@ impl AppInner {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let app = app.clone();
-                        async move { Ok::<_, std::convert::Infallible>(app.handle_external(req, client).await) }
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                app.handle_external(req, client).await,
+                            )
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .keep_alive(true)
@@ -226,10 +265,19 @@ impl AppInner {
                 });
             }
         });
-        Ok(RunningApp { addr, inner: self, stop: Some(stop), server })
+        Ok(RunningApp {
+            addr,
+            inner: self,
+            stop: Some(stop),
+            server,
+        })
     }
 
-    async fn handle_external<B>(&self, req: Request<B>, client: SocketAddr) -> Response<HyperOutgoingBody>
+    async fn handle_external<B>(
+        &self,
+        req: Request<B>,
+        client: SocketAddr,
+    ) -> Response<HyperOutgoingBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
@@ -246,7 +294,12 @@ impl AppInner {
 
     /// Routes by path (`self` requests and external ones); unmatched paths are `404` with
     /// an empty body and no component is called.
-    async fn route<B>(&self, req: Request<B>, host: &str, client: SocketAddr) -> Response<HyperOutgoingBody>
+    async fn route<B>(
+        &self,
+        req: Request<B>,
+        host: &str,
+        client: SocketAddr,
+    ) -> Response<HyperOutgoingBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
@@ -261,8 +314,11 @@ impl AppInner {
             ("spin-component-route", m.component_route.clone()),
             ("spin-path-info", m.path_info.clone()),
         ];
-        let params: Vec<(String, String)> =
-            m.params.iter().map(|(k, v)| (format!("spin-path-match-{k}"), v.clone())).collect();
+        let params: Vec<(String, String)> = m
+            .params
+            .iter()
+            .map(|(k, v)| (format!("spin-path-match-{k}"), v.clone()))
+            .collect();
         let component = m.component.to_string();
         headers.push(("spin-base-path", "/".into()));
         headers.push(("spin-client-addr", client.to_string()));
@@ -276,7 +332,7 @@ impl AppInner {
         id: &str,
         req: Request<wasmtime_wasi_http::WasiBody>,
     ) -> Result<Response<HyperOutgoingBody>, wasmtime_wasi_http::Error> {
-        if !self.components.get(id).is_some_and(|c| c.http.is_some()) {
+        if self.components.get(id).is_none_or(|c| c.http.is_none()) {
             return Err(wasmtime_wasi_http::Error::DestinationNotFound);
         }
         let path = req.uri().path().to_string();
@@ -293,9 +349,17 @@ impl AppInner {
     }
 
     /// `http://self/...`: the app's own routes, without leaving the process.
-    pub async fn route_internal(&self, req: Request<wasmtime_wasi_http::WasiBody>) -> Response<HyperOutgoingBody> {
-        let host = self.local_addr.get().map(|a| a.to_string()).unwrap_or_else(|| "self".into());
-        self.route(req, &host, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    pub async fn route_internal(
+        &self,
+        req: Request<wasmtime_wasi_http::WasiBody>,
+    ) -> Response<HyperOutgoingBody> {
+        let host = self
+            .local_addr
+            .get()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "self".into());
+        self.route(req, &host, SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
     }
 
     async fn invoke<B>(
@@ -310,11 +374,20 @@ impl AppInner {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let Some(Loaded { runtime, http: Some(pre) }) = self.components.get(id) else {
+        let Some(Loaded {
+            runtime,
+            http: Some(pre),
+        }) = self.components.get(id)
+        else {
             return empty(StatusCode::NOT_FOUND);
         };
         let (mut parts, body) = req.into_parts();
-        let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
         let full_url = format!("http://{host}{path_and_query}");
         parts.uri = match full_url.parse() {
             Ok(u) => u,
@@ -328,7 +401,8 @@ impl AppInner {
             .chain(std::iter::once(("spin-full-url".to_string(), full_url)))
             .chain(params);
         for (k, v) in extra {
-            if let (Ok(name), Ok(value)) = (http::HeaderName::try_from(k), HeaderValue::try_from(v)) {
+            if let (Ok(name), Ok(value)) = (http::HeaderName::try_from(k), HeaderValue::try_from(v))
+            {
                 parts.headers.insert(name, value);
             }
         }
@@ -357,7 +431,10 @@ impl AppInner {
         // The guest runs in its own task so it can go on after it has set the response.
         let task = tokio::spawn(async move {
             let proxy = pre.instantiate_async(&mut store).await?;
-            proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, req, out)
+                .await
         });
         match rx.await {
             Ok(Ok(res)) => {
@@ -375,7 +452,9 @@ impl AppInner {
             }
             Err(_) => {
                 match task.await {
-                    Ok(Ok(())) => eprintln!("component `{component}` returned without setting a response"),
+                    Ok(Ok(())) => {
+                        eprintln!("component `{component}` returned without setting a response")
+                    }
                     Ok(Err(e)) => eprintln!("component `{component}` trapped: {e:?}"),
                     Err(e) => eprintln!("component `{component}` task failed: {e}"),
                 }

@@ -112,8 +112,8 @@ impl Store {
     async fn set(&self, key: String, value: Vec<u8>) -> Result<(), Error> {
         match &self.backend {
             Backend::Redis(c) => c.clone().set(key, value).await.map_err(other),
-            Backend::Embedded(e) => e
-                .run(move |c, store| {
+            Backend::Embedded(e) => {
+                e.run(move |c, store| {
                     c.execute(
                         "insert into spin_key_value (store, key, value) values (?1, ?2, ?3)
                          on conflict (store, key) do update set value = excluded.value",
@@ -121,22 +121,24 @@ impl Store {
                     )
                     .map(drop)
                 })
-                .await,
+                .await
+            }
         }
     }
 
     async fn delete(&self, key: String) -> Result<(), Error> {
         match &self.backend {
             Backend::Redis(c) => c.clone().del(key).await.map_err(other),
-            Backend::Embedded(e) => e
-                .run(move |c, store| {
+            Backend::Embedded(e) => {
+                e.run(move |c, store| {
                     c.execute(
                         "delete from spin_key_value where store = ?1 and key = ?2",
                         (store, &key),
                     )
                     .map(drop)
                 })
-                .await,
+                .await
+            }
         }
     }
 
@@ -150,12 +152,13 @@ impl Store {
     async fn get_keys(&self) -> Result<Vec<String>, Error> {
         match &self.backend {
             Backend::Redis(c) => c.clone().keys("*").await.map_err(other),
-            Backend::Embedded(e) => e
-                .run(|c, store| {
+            Backend::Embedded(e) => {
+                e.run(|c, store| {
                     let mut stmt = c.prepare("select key from spin_key_value where store = ?1")?;
                     stmt.query_map([store], |r| r.get(0))?.collect()
                 })
-                .await,
+                .await
+            }
         }
     }
 }
@@ -180,7 +183,12 @@ impl key_value::HostStore for InstanceState {
         self.table.get(&store).map_err(other)?.get(key).await
     }
 
-    async fn set(&mut self, store: Resource<Store>, key: String, value: Vec<u8>) -> Result<(), Error> {
+    async fn set(
+        &mut self,
+        store: Resource<Store>,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<(), Error> {
         self.table.get(&store).map_err(other)?.set(key, value).await
     }
 

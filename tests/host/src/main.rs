@@ -8,7 +8,10 @@ use clap::{Parser, Subcommand};
 use sparkops_host::{AppOptions, RunningApp, migrate};
 
 #[derive(Parser)]
-#[command(name = "sparkops", about = "Spark-Ops control plane: local host and tools")]
+#[command(
+    name = "sparkops",
+    about = "Spark-Ops control plane: local host and tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -56,14 +59,25 @@ async fn migrate_and_report(database_url: &str, dir: &std::path::Path) -> anyhow
     for name in &report.applied {
         println!("applied migration {name}");
     }
-    println!("migrations: {} applied now, {} already applied", report.applied.len(), report.already);
+    println!(
+        "migrations: {} applied now, {} already applied",
+        report.applied.len(),
+        report.already
+    );
     Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate { database_url, dir } => migrate_and_report(&database_url, &dir).await,
-        Command::Up { manifest, runtime_config_file, listen, state_dir, database_url, migrations } => {
+        Command::Up {
+            manifest,
+            runtime_config_file,
+            listen,
+            state_dir,
+            database_url,
+            migrations,
+        } => {
             if let Some(url) = &database_url {
                 migrate_and_report(url, &migrations).await?;
             }

@@ -182,7 +182,9 @@ impl Manifest {
             .chain(self.trigger.cron.iter().map(|t| &t.component));
         for component in triggers {
             if !self.component.contains_key(component) {
-                bail!("bad manifest: a trigger names component `{component}`, which is not defined");
+                bail!(
+                    "bad manifest: a trigger names component `{component}`, which is not defined"
+                );
             }
         }
         Ok(())

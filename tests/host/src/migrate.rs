@@ -26,8 +26,12 @@ pub fn read_dir(dir: &Path) -> Result<Vec<Migration>> {
         .with_context(|| format!("cannot read migrations folder {}", dir.display()))?;
     for entry in entries {
         let path: PathBuf = entry?.path();
-        let Some(file) = path.file_name().and_then(|f| f.to_str()) else { continue };
-        let Some(stem) = file.strip_suffix(".sql") else { continue };
+        let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
+            continue;
+        };
+        let Some(stem) = file.strip_suffix(".sql") else {
+            continue;
+        };
         let (number, name) = stem
             .split_once('_')
             .with_context(|| format!("migration {file}: name it NNNN_<name>.sql"))?;
@@ -36,11 +40,21 @@ pub fn read_dir(dir: &Path) -> Result<Vec<Migration>> {
             .with_context(|| format!("migration {file}: name it NNNN_<name>.sql"))?;
         let sql = std::fs::read_to_string(&path)?;
         let checksum = hex(&Sha256::digest(sql.as_bytes()));
-        out.push(Migration { version, name: name.to_string(), sql, checksum });
+        out.push(Migration {
+            version,
+            name: name.to_string(),
+            sql,
+            checksum,
+        });
     }
     out.sort_by_key(|m| m.version);
     if let Some(w) = out.windows(2).find(|w| w[0].version == w[1].version) {
-        bail!("two migrations share number {:04}: {} and {}", w[0].version, w[0].name, w[1].name);
+        bail!(
+            "two migrations share number {:04}: {} and {}",
+            w[0].version,
+            w[0].name,
+            w[1].name
+        );
     }
     Ok(out)
 }
@@ -61,7 +75,9 @@ pub async fn run(database_url: &str, dir: &Path) -> Result<Report> {
     let migrations = read_dir(dir)?;
     let (mut client, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to Postgres ({}): {e}", redact(database_url)))?;
+        .map_err(|e| {
+            anyhow::anyhow!("cannot connect to Postgres ({}): {e}", redact(database_url))
+        })?;
     let conn_task = tokio::spawn(connection);
     let result = apply(&mut client, &migrations).await;
     drop(client);
@@ -81,13 +97,20 @@ pub fn redact(url: &str) -> String {
 }
 
 async fn apply(client: &mut tokio_postgres::Client, migrations: &[Migration]) -> Result<Report> {
-    client.execute("select pg_advisory_lock($1)", &[&LOCK_KEY]).await?;
+    client
+        .execute("select pg_advisory_lock($1)", &[&LOCK_KEY])
+        .await?;
     let result = apply_locked(client, migrations).await;
-    client.execute("select pg_advisory_unlock($1)", &[&LOCK_KEY]).await?;
+    client
+        .execute("select pg_advisory_unlock($1)", &[&LOCK_KEY])
+        .await?;
     result
 }
 
-async fn apply_locked(client: &mut tokio_postgres::Client, migrations: &[Migration]) -> Result<Report> {
+async fn apply_locked(
+    client: &mut tokio_postgres::Client,
+    migrations: &[Migration],
+) -> Result<Report> {
     client
         .batch_execute(
             "create table if not exists schema_migrations (
@@ -98,7 +121,10 @@ async fn apply_locked(client: &mut tokio_postgres::Client, migrations: &[Migrati
         )
         .await?;
     let rows = client
-        .query("select version, name, checksum from schema_migrations order by version", &[])
+        .query(
+            "select version, name, checksum from schema_migrations order by version",
+            &[],
+        )
         .await?;
     let applied: std::collections::HashMap<i32, (String, String)> = rows
         .iter()
@@ -111,16 +137,23 @@ async fn apply_locked(client: &mut tokio_postgres::Client, migrations: &[Migrati
                 bail!(
                     "migration {:04}_{}.sql was changed after it was applied (applied as {:04}_{name}.sql); \
                      applied migrations are never edited: add a new one",
-                    m.version, m.name, m.version
+                    m.version,
+                    m.name,
+                    m.version
                 );
             }
             report.already += 1;
             continue;
         }
         let tx = client.transaction().await?;
-        tx.batch_execute(&m.sql)
-            .await
-            .map_err(|e| anyhow::anyhow!("migration {:04}_{}.sql failed: {}", m.version, m.name, db_message(&e)))?;
+        tx.batch_execute(&m.sql).await.map_err(|e| {
+            anyhow::anyhow!(
+                "migration {:04}_{}.sql failed: {}",
+                m.version,
+                m.name,
+                db_message(&e)
+            )
+        })?;
         tx.execute(
             "insert into schema_migrations (version, name, checksum) values ($1, $2, $3)",
             &[&m.version, &m.name, &m.checksum],

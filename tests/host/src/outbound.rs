@@ -50,9 +50,9 @@ pub fn default_port(scheme: &str) -> Option<u16> {
 impl AllowedHost {
     /// Parses one rule; `{{ variable }}` templates must already be rendered.
     pub fn parse(rule: &str) -> Result<Self> {
-        let (scheme, rest) = rule
-            .split_once("://")
-            .with_context(|| format!("allowed outbound host `{rule}` needs a scheme, as in `https://{rule}`"))?;
+        let (scheme, rest) = rule.split_once("://").with_context(|| {
+            format!("allowed outbound host `{rule}` needs a scheme, as in `https://{rule}`")
+        })?;
         if rest.contains('/') {
             bail!("allowed outbound host `{rule}` must not have a path");
         }
@@ -68,15 +68,21 @@ impl AllowedHost {
             "" => bail!("allowed outbound host `{rule}` has no host"),
             "*" => HostPattern::Any,
             h if h.starts_with("*.") => HostPattern::Subdomains(h[2..].to_ascii_lowercase()),
-            h if h.contains('*') => bail!("allowed outbound host `{rule}`: `*` must be the whole host or its first label"),
+            h if h.contains('*') => bail!(
+                "allowed outbound host `{rule}`: `*` must be the whole host or its first label"
+            ),
             h => HostPattern::Exact(h.trim_matches(['[', ']']).to_ascii_lowercase()),
         };
         let port = match port {
             Some("*") => PortPattern::Any,
             Some(p) => match p.split_once("..") {
                 Some((lo, hi)) => {
-                    let lo: u16 = lo.parse().with_context(|| format!("bad port range in `{rule}`"))?;
-                    let hi: u16 = hi.parse().with_context(|| format!("bad port range in `{rule}`"))?;
+                    let lo: u16 = lo
+                        .parse()
+                        .with_context(|| format!("bad port range in `{rule}`"))?;
+                    let hi: u16 = hi
+                        .parse()
+                        .with_context(|| format!("bad port range in `{rule}`"))?;
                     if lo >= hi {
                         bail!("bad port range in `{rule}`: the start must be below the end");
                     }
@@ -183,7 +189,9 @@ impl BlockedNetworks {
                 let net = entry
                     .parse::<IpNet>()
                     .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
-                    .with_context(|| format!("block_networks: `{entry}` is not a CIDR or `private`"))?;
+                    .with_context(|| {
+                        format!("block_networks: `{entry}` is not a CIDR or `private`")
+                    })?;
                 out.nets.push(net);
             }
         }
@@ -258,7 +266,13 @@ mod tests {
 
     #[test]
     fn malformed_rules_are_rejected() {
-        for bad in ["example.com", "https://ex*ample.com", "https://a.com/path", "foo://a.com", "http://a:9..3"] {
+        for bad in [
+            "example.com",
+            "https://ex*ample.com",
+            "https://a.com/path",
+            "foo://a.com",
+            "http://a:9..3",
+        ] {
             assert!(AllowedHosts::parse(&[bad.to_string()]).is_err(), "{bad}");
         }
     }

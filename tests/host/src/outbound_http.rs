@@ -21,10 +21,13 @@ pub struct OutboundHttp {
 
 type ResponseFuture = Box<
     dyn Future<
-            Output = Result<(
-                http::Response<WasiBody>,
-                Box<dyn Future<Output = Result<(), Error>> + Send>,
-            ), Error>,
+            Output = Result<
+                (
+                    http::Response<WasiBody>,
+                    Box<dyn Future<Output = Result<(), Error>> + Send>,
+                ),
+                Error,
+            >,
         > + Send,
 >;
 
@@ -36,14 +39,26 @@ enum Target {
 }
 
 impl OutboundHttp {
-    pub fn new(component: Arc<ComponentRuntime>, app: Arc<AppShared>, network: Arc<BlockedNetworks>) -> Self {
-        Self { component, app, network }
+    pub fn new(
+        component: Arc<ComponentRuntime>,
+        app: Arc<AppShared>,
+        network: Arc<BlockedNetworks>,
+    ) -> Self {
+        Self {
+            component,
+            app,
+            network,
+        }
     }
 
     fn target(&self, uri: &http::Uri) -> Result<Target, Error> {
         let scheme = uri.scheme_str().unwrap_or("http");
         let host = uri.host().unwrap_or_default().to_ascii_lowercase();
-        if !self.component.allowed_hosts.allows(scheme, &host, uri.port_u16()) {
+        if !self
+            .component
+            .allowed_hosts
+            .allows(scheme, &host, uri.port_u16())
+        {
             eprintln!(
                 "component `{}` tried to make an HTTP request to non-allowed host `{host}`",
                 self.component.id
@@ -67,7 +82,11 @@ async fn check_blocked(network: &BlockedNetworks, uri: &http::Uri) -> Result<(),
     let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
     let port = uri
         .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
     let addrs: Vec<_> = tokio::net::lookup_host((host, port))
         .await
         .map_err(|_| Error::DestinationNotFound)?
@@ -97,8 +116,12 @@ impl WasiHttpHooks for OutboundHttp {
             let local = match target? {
                 Target::Network => {
                     check_blocked(&network, request.uri()).await?;
-                    let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-                    return Ok((res.map(BodyExt::boxed_unsync), Box::new(io) as Box<dyn Future<Output = _> + Send>));
+                    let (res, io) =
+                        wasmtime_wasi_http::default_send_request(request, options).await?;
+                    return Ok((
+                        res.map(BodyExt::boxed_unsync),
+                        Box::new(io) as Box<dyn Future<Output = _> + Send>,
+                    ));
                 }
                 Target::Component(id) => Some(id),
                 Target::SelfApp => None,

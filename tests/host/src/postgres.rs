@@ -44,7 +44,8 @@ impl Pools {
             match pools.get(address) {
                 Some(p) => p.clone(),
                 None => {
-                    let p = new_pool(address).map_err(|e| Error::ConnectionFailed(format!("{e:?}")))?;
+                    let p =
+                        new_pool(address).map_err(|e| Error::ConnectionFailed(format!("{e:?}")))?;
                     pools.insert(address.to_string(), p.clone());
                     p
                 }
@@ -67,7 +68,9 @@ fn new_pool(address: &str) -> anyhow::Result<deadpool_postgres::Pool> {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         },
     );
-    Ok(deadpool_postgres::Pool::builder(manager).max_size(POOL_SIZE).build()?)
+    Ok(deadpool_postgres::Pool::builder(manager)
+        .max_size(POOL_SIZE)
+        .build()?)
 }
 
 /// The guest's open connection: one pooled client for the resource's life.
@@ -100,17 +103,30 @@ impl pg::HostConnection for InstanceState {
         statement: String,
         params: Vec<ParameterValue>,
     ) -> Result<RowSet, Error> {
-        let conn = self.table.get(&c).map_err(|e| Error::Other(e.to_string()))?;
+        let conn = self
+            .table
+            .get(&c)
+            .map_err(|e| Error::Other(e.to_string()))?;
         let params = to_sql_all(&params).map_err(Error::BadParameter)?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
-        let rows = conn.client.query(&statement, &refs).await.map_err(query_failed)?;
+        let rows = conn
+            .client
+            .query(&statement, &refs)
+            .await
+            .map_err(query_failed)?;
         let Some(first) = rows.first() else {
-            return Ok(RowSet { columns: vec![], rows: vec![] });
+            return Ok(RowSet {
+                columns: vec![],
+                rows: vec![],
+            });
         };
         let columns = first
             .columns()
             .iter()
-            .map(|c| Column { name: c.name().to_string(), data_type: data_type(c.type_()) })
+            .map(|c| Column {
+                name: c.name().to_string(),
+                data_type: data_type(c.type_()),
+            })
             .collect();
         let rows = rows
             .iter()
@@ -126,10 +142,16 @@ impl pg::HostConnection for InstanceState {
         statement: String,
         params: Vec<ParameterValue>,
     ) -> Result<u64, Error> {
-        let conn = self.table.get(&c).map_err(|e| Error::Other(e.to_string()))?;
+        let conn = self
+            .table
+            .get(&c)
+            .map_err(|e| Error::Other(e.to_string()))?;
         let params = to_sql_all(&params).map_err(Error::ValueConversionFailed)?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
-        conn.client.execute(&statement, &refs).await.map_err(query_failed)
+        conn.client
+            .execute(&statement, &refs)
+            .await
+            .map_err(query_failed)
     }
 
     async fn drop(&mut self, c: Resource<Connection>) -> wasmtime::Result<()> {
@@ -200,7 +222,9 @@ fn data_type(t: &Type) -> DbDataType {
 }
 
 fn convert_row(row: &Row) -> Result<Vec<DbValue>, String> {
-    (0..row.len()).map(|i| convert_value(row, i).map_err(|e| format!("{e:?}"))).collect()
+    (0..row.len())
+        .map(|i| convert_value(row, i).map_err(|e| format!("{e:?}")))
+        .collect()
 }
 
 /// Reads column `i` as `T`, mapping SQL `NULL` to `db-null`.
@@ -236,17 +260,28 @@ fn convert_value(row: &Row, i: usize) -> Result<DbValue, tokio_postgres::Error> 
                 v.nanosecond(),
             ))
         }),
-        Type::DATE => get(row, i, |v: NaiveDate| DbValue::Date((v.year(), v.month() as u8, v.day() as u8))),
+        Type::DATE => get(row, i, |v: NaiveDate| {
+            DbValue::Date((v.year(), v.month() as u8, v.day() as u8))
+        }),
         Type::TIME => get(row, i, |v: NaiveTime| {
-            DbValue::Time((v.hour() as u8, v.minute() as u8, v.second() as u8, v.nanosecond()))
+            DbValue::Time((
+                v.hour() as u8,
+                v.minute() as u8,
+                v.second() as u8,
+                v.nanosecond(),
+            ))
         }),
         Type::UUID => get(row, i, |v: uuid::Uuid| DbValue::Uuid(v.to_string())),
         Type::JSONB => get(row, i, |v: serde_json::Value| {
             DbValue::Jsonb(serde_json::to_vec(&v).unwrap_or_default())
         }),
         Type::NUMERIC => get(row, i, |v: Decimal| DbValue::Decimal(v.to_string())),
-        Type::INT4_RANGE => get(row, i, |v: Range<i32>| DbValue::RangeInt32(range_to_wit(&v, |x| *x))),
-        Type::INT8_RANGE => get(row, i, |v: Range<i64>| DbValue::RangeInt64(range_to_wit(&v, |x| *x))),
+        Type::INT4_RANGE => get(row, i, |v: Range<i32>| {
+            DbValue::RangeInt32(range_to_wit(&v, |x| *x))
+        }),
+        Type::INT8_RANGE => get(row, i, |v: Range<i64>| {
+            DbValue::RangeInt64(range_to_wit(&v, |x| *x))
+        }),
         Type::NUM_RANGE => get(row, i, |v: Range<RangeDecimal>| {
             DbValue::RangeDecimal(range_to_wit(&v, |x| x.0.to_string()))
         }),
@@ -255,7 +290,9 @@ fn convert_value(row: &Row, i: usize) -> Result<DbValue, tokio_postgres::Error> 
         Type::NUMERIC_ARRAY => get(row, i, |v: Vec<Option<Decimal>>| {
             DbValue::ArrayDecimal(v.into_iter().map(|d| d.map(|d| d.to_string())).collect())
         }),
-        Type::TEXT_ARRAY | Type::VARCHAR_ARRAY | Type::BPCHAR_ARRAY => get(row, i, DbValue::ArrayStr),
+        Type::TEXT_ARRAY | Type::VARCHAR_ARRAY | Type::BPCHAR_ARRAY => {
+            get(row, i, DbValue::ArrayStr)
+        }
         Type::INTERVAL => get(row, i, |v: Interval| DbValue::Interval(v.0)),
         _ => get(row, i, |v: Raw| DbValue::Unsupported(v.0)),
     }

@@ -70,44 +70,109 @@ impl redis::HostConnection for InstanceState {
         self.table.push(Connection { conn }).map_err(other)
     }
 
-    async fn publish(&mut self, c: Resource<Connection>, channel: String, payload: Vec<u8>) -> Result<(), Error> {
+    async fn publish(
+        &mut self,
+        c: Resource<Connection>,
+        channel: String,
+        payload: Vec<u8>,
+    ) -> Result<(), Error> {
         let mut conn = self.redis(&c)?;
-        ::redis::cmd("PUBLISH").arg(channel).arg(payload).query_async::<i64>(&mut conn).await.map(drop).map_err(other)
+        ::redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(other)
     }
 
-    async fn get(&mut self, c: Resource<Connection>, key: String) -> Result<Option<Vec<u8>>, Error> {
+    async fn get(
+        &mut self,
+        c: Resource<Connection>,
+        key: String,
+    ) -> Result<Option<Vec<u8>>, Error> {
         let mut conn = self.redis(&c)?;
-        ::redis::cmd("GET").arg(key).query_async(&mut conn).await.map_err(type_error)
+        ::redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .map_err(type_error)
     }
 
-    async fn set(&mut self, c: Resource<Connection>, key: String, value: Vec<u8>) -> Result<(), Error> {
+    async fn set(
+        &mut self,
+        c: Resource<Connection>,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<(), Error> {
         let mut conn = self.redis(&c)?;
-        ::redis::cmd("SET").arg(key).arg(value).query_async::<()>(&mut conn).await.map_err(other)
+        ::redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(other)
     }
 
     async fn incr(&mut self, c: Resource<Connection>, key: String) -> Result<i64, Error> {
         let mut conn = self.redis(&c)?;
-        ::redis::cmd("INCR").arg(key).query_async(&mut conn).await.map_err(type_error)
+        ::redis::cmd("INCR")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .map_err(type_error)
     }
 
     async fn del(&mut self, c: Resource<Connection>, keys: Vec<String>) -> Result<u32, Error> {
         let mut conn = self.redis(&c)?;
-        ::redis::cmd("DEL").arg(keys).query_async(&mut conn).await.map_err(type_error)
+        ::redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(type_error)
     }
 
-    async fn sadd(&mut self, c: Resource<Connection>, key: String, values: Vec<String>) -> Result<u32, Error> {
+    async fn sadd(
+        &mut self,
+        c: Resource<Connection>,
+        key: String,
+        values: Vec<String>,
+    ) -> Result<u32, Error> {
         let mut conn = self.redis(&c)?;
-        ::redis::cmd("SADD").arg(key).arg(values).query_async(&mut conn).await.map_err(type_error)
+        ::redis::cmd("SADD")
+            .arg(key)
+            .arg(values)
+            .query_async(&mut conn)
+            .await
+            .map_err(type_error)
     }
 
-    async fn smembers(&mut self, c: Resource<Connection>, key: String) -> Result<Vec<String>, Error> {
+    async fn smembers(
+        &mut self,
+        c: Resource<Connection>,
+        key: String,
+    ) -> Result<Vec<String>, Error> {
         let mut conn = self.redis(&c)?;
-        ::redis::cmd("SMEMBERS").arg(key).query_async(&mut conn).await.map_err(type_error)
+        ::redis::cmd("SMEMBERS")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .map_err(type_error)
     }
 
-    async fn srem(&mut self, c: Resource<Connection>, key: String, values: Vec<String>) -> Result<u32, Error> {
+    async fn srem(
+        &mut self,
+        c: Resource<Connection>,
+        key: String,
+        values: Vec<String>,
+    ) -> Result<u32, Error> {
         let mut conn = self.redis(&c)?;
-        ::redis::cmd("SREM").arg(key).arg(values).query_async(&mut conn).await.map_err(type_error)
+        ::redis::cmd("SREM")
+            .arg(key)
+            .arg(values)
+            .query_async(&mut conn)
+            .await
+            .map_err(type_error)
     }
 
     async fn execute(

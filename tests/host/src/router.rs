@@ -52,11 +52,20 @@ impl Route {
                 None => Segment::Literal(s.to_string()),
             });
         }
-        Ok(Self { raw: raw.to_string(), component: component.to_string(), segments, wildcard })
+        Ok(Self {
+            raw: raw.to_string(),
+            component: component.to_string(),
+            segments,
+            wildcard,
+        })
     }
 
     fn rank(&self) -> (usize, bool, usize) {
-        let literals = self.segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count();
+        let literals = self
+            .segments
+            .iter()
+            .filter(|s| matches!(s, Segment::Literal(_)))
+            .count();
         (self.segments.len(), !self.wildcard, literals)
     }
 
@@ -74,7 +83,9 @@ impl Route {
 
     fn matches(&self, path: &str) -> Option<Match<'_>> {
         let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        if parts.len() < self.segments.len() || (!self.wildcard && parts.len() != self.segments.len()) {
+        if parts.len() < self.segments.len()
+            || (!self.wildcard && parts.len() != self.segments.len())
+        {
             return None;
         }
         let mut params = Vec::new();
@@ -95,7 +106,11 @@ impl Route {
         } else {
             String::new()
         };
-        let component_route = self.raw.strip_suffix("/...").unwrap_or(&self.raw).to_string();
+        let component_route = self
+            .raw
+            .strip_suffix("/...")
+            .unwrap_or(&self.raw)
+            .to_string();
         Some(Match {
             component: &self.component,
             raw_route: &self.raw,
@@ -118,7 +133,10 @@ impl Router {
             if let Some(b) = routes[i + 1..].iter().find(|b| b.shape() == a.shape()) {
                 bail!(
                     "duplicate routes: `{}` (component `{}`) and `{}` (component `{}`)",
-                    a.raw, a.component, b.raw, b.component
+                    a.raw,
+                    a.component,
+                    b.raw,
+                    b.component
                 );
             }
         }
@@ -135,7 +153,13 @@ mod tests {
     use super::*;
 
     fn router(routes: &[(&str, &str)]) -> Router {
-        Router::new(routes.iter().map(|(r, c)| Route::parse(r, c).unwrap()).collect()).unwrap()
+        Router::new(
+            routes
+                .iter()
+                .map(|(r, c)| Route::parse(r, c).unwrap())
+                .collect(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -149,10 +173,17 @@ mod tests {
 
     #[test]
     fn exact_beats_wildcard_and_literal_beats_parameter() {
-        let r = router(&[("/users/...", "wild"), ("/users/:id", "param"), ("/users/me", "me")]);
+        let r = router(&[
+            ("/users/...", "wild"),
+            ("/users/:id", "param"),
+            ("/users/me", "me"),
+        ]);
         assert_eq!(r.route("/users/me").unwrap().component, "me");
         let m = r.route("/users/42").unwrap();
-        assert_eq!((m.component, m.params.clone()), ("param", vec![("id".into(), "42".into())]));
+        assert_eq!(
+            (m.component, m.params.clone()),
+            ("param", vec![("id".into(), "42".into())])
+        );
         assert_eq!(r.route("/users/42/keys").unwrap().component, "wild");
         assert_eq!(r.route("/users").unwrap().component, "wild");
     }
@@ -167,7 +198,10 @@ mod tests {
 
     #[test]
     fn duplicate_routes_are_refused() {
-        let routes = vec![Route::parse("/a/:x", "one").unwrap(), Route::parse("/a/:y", "two").unwrap()];
+        let routes = vec![
+            Route::parse("/a/:x", "one").unwrap(),
+            Route::parse("/a/:y", "two").unwrap(),
+        ];
         assert!(Router::new(routes).is_err());
     }
 }

@@ -46,10 +46,10 @@ impl RuntimeConfig {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for store in config.key_value_store.values_mut() {
-            if let KeyValueStoreConfig::Spin { path: Some(p) } = store {
-                if p.is_relative() {
-                    *p = base.join(&*p);
-                }
+            if let KeyValueStoreConfig::Spin { path: Some(p) } = store
+                && p.is_relative()
+            {
+                *p = base.join(&*p);
             }
         }
         Ok(config)
@@ -60,7 +60,9 @@ impl RuntimeConfig {
         match self.key_value_store.get(label) {
             Some(c) => Ok(c.clone()),
             None if label == "default" => Ok(KeyValueStoreConfig::Spin { path: None }),
-            None => bail!("key-value store `{label}` is used by a component but not defined in the runtime config"),
+            None => bail!(
+                "key-value store `{label}` is used by a component but not defined in the runtime config"
+            ),
         }
     }
 }

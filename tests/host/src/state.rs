@@ -38,7 +38,8 @@ impl AppShared {
     pub async fn redis_connection(
         &self,
         address: &str,
-    ) -> Result<redis::aio::ConnectionManager, crate::bindings::fermyon::spin2_0_0::redis::Error> {
+    ) -> Result<redis::aio::ConnectionManager, crate::bindings::fermyon::spin2_0_0::redis::Error>
+    {
         use crate::bindings::fermyon::spin2_0_0::redis::Error;
         let mut conns = self.redis.lock().await;
         if let Some(c) = conns.get(address) {
@@ -68,7 +69,11 @@ pub struct InstanceState {
 const MAX_INSTANCE_MEMORY: usize = 256 << 20;
 
 impl InstanceState {
-    pub fn new(component: Arc<ComponentRuntime>, app: Arc<AppShared>, network: Arc<crate::outbound::BlockedNetworks>) -> Self {
+    pub fn new(
+        component: Arc<ComponentRuntime>,
+        app: Arc<AppShared>,
+        network: Arc<crate::outbound::BlockedNetworks>,
+    ) -> Self {
         let mut wasi = WasiCtx::builder();
         wasi.inherit_stdout().inherit_stderr();
         for (k, v) in &component.environment {
@@ -81,7 +86,10 @@ impl InstanceState {
             table: ResourceTable::new(),
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
-            limits: StoreLimitsBuilder::new().memory_size(MAX_INSTANCE_MEMORY).instances(16).build(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(MAX_INSTANCE_MEMORY)
+                .instances(16)
+                .build(),
         }
     }
 
@@ -92,12 +100,19 @@ impl InstanceState {
 
 impl WasiView for InstanceState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 impl WasiHttpView for InstanceState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
     }
 }

@@ -20,7 +20,9 @@ pub fn check_name(name: &str) -> Result<()> {
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
     {
-        bail!("invalid variable name `{name}`: use lowercase letters, digits and `_`, starting with a letter");
+        bail!(
+            "invalid variable name `{name}`: use lowercase letters, digits and `_`, starting with a letter"
+        );
     }
     Ok(())
 }
@@ -132,7 +134,11 @@ mod tests {
 
     #[test]
     fn a_template_mixes_literals_and_variables() {
-        let out = render("postgres://{{ host }}:{{port}}/db", |v| Ok(v.to_uppercase())).unwrap();
+        let out = render(
+            "postgres://{{ host }}:{{port}}/db",
+            |v| Ok(v.to_uppercase()),
+        )
+        .unwrap();
         assert_eq!(out, "postgres://HOST:PORT/db");
     }
 

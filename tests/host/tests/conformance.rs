@@ -15,11 +15,15 @@ const MANIFEST: &str = "tests/fixtures/conformance/spin.toml";
 /// store, plus `runtime_config`.
 async fn start(env: &TestEnv, extra: &[(&str, &str)], runtime_config: &str) -> RunningApp {
     let mut options = env.options(MANIFEST, Some(&format!("{STORES}{runtime_config}")));
-    options.env.insert("SPIN_VARIABLE_API_TOKEN".into(), "s3cret".into());
+    options
+        .env
+        .insert("SPIN_VARIABLE_API_TOKEN".into(), "s3cret".into());
     for (k, v) in extra {
         options.env.insert(k.to_string(), v.to_string());
     }
-    RunningApp::start(&options).await.expect("the conformance app starts")
+    RunningApp::start(&options)
+        .await
+        .expect("the conformance app starts")
 }
 
 async fn app() -> (TestEnv, RunningApp) {
@@ -46,14 +50,25 @@ async fn a_wildcard_route_gets_spin_headers_and_no_host_header() {
     let echo = res.json();
     let h = &echo["headers"];
     assert_eq!(echo["component"], "main");
-    assert!(h.get("host").is_none(), "components never see a Host header: {h}");
-    assert_eq!(h["spin-full-url"], format!("http://{}/main/echo/a/b?x=1", app.addr));
+    assert!(
+        h.get("host").is_none(),
+        "components never see a Host header: {h}"
+    );
+    assert_eq!(
+        h["spin-full-url"],
+        format!("http://{}/main/echo/a/b?x=1", app.addr)
+    );
     assert_eq!(h["spin-path-info"], "/echo/a/b");
     assert_eq!(h["spin-matched-route"], "/main/...");
     assert_eq!(h["spin-component-route"], "/main");
     assert_eq!(h["spin-raw-component-route"], "/main/...");
     assert_eq!(h["spin-base-path"], "/");
-    assert!(h["spin-client-addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(
+        h["spin-client-addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
 }
 
 #[tokio::test]
@@ -101,9 +116,9 @@ async fn requests_run_concurrently() {
     }
 }
 
-async fn futures_join<F: Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = futs.map(tokio::spawn).collect();
@@ -121,10 +136,18 @@ async fn the_response_is_sent_when_set_and_the_guest_keeps_working() {
     let res = post(&app, "/main/after", json!({"id": id})).await;
     assert_eq!(res.status, 202);
     // The guest is still running, waiting for this release: the response came first.
-    let put = request("PUT", &app.url(&format!("/main/kv/default/release:{id}")), &[], Some(json!("go"))).await;
+    let put = request(
+        "PUT",
+        &app.url(&format!("/main/kv/default/release:{id}")),
+        &[],
+        Some(json!("go")),
+    )
+    .await;
     assert_eq!(put.status, 200);
     let done = eventually(async || {
-        let v = get(&app, &format!("/main/kv/default/done:{id}")).await.json();
+        let v = get(&app, &format!("/main/kv/default/done:{id}"))
+            .await
+            .json();
         v["value"].as_str().map(str::to_string)
     })
     .await;
@@ -141,7 +164,13 @@ async fn a_private_route_is_not_reachable_from_outside() {
 #[tokio::test]
 async fn a_private_component_is_reached_by_service_chaining() {
     let (_env, app) = app().await;
-    let res = post(&app, "/main/http", json!({"url": "http://internal.spin.internal/echo/chained"})).await.json();
+    let res = post(
+        &app,
+        "/main/http",
+        json!({"url": "http://internal.spin.internal/echo/chained"}),
+    )
+    .await
+    .json();
     assert_eq!(res["status"], 200, "{res}");
     let echo: Value = serde_json::from_str(res["body"].as_str().unwrap()).unwrap();
     assert_eq!(echo["component"], "internal");
@@ -151,8 +180,17 @@ async fn a_private_component_is_reached_by_service_chaining() {
 #[tokio::test]
 async fn chaining_to_a_component_not_in_allowed_hosts_is_denied() {
     let (_env, app) = app().await;
-    let res = post(&app, "/other/http", json!({"url": "http://internal.spin.internal/echo/x"})).await.json();
-    assert!(res["error"].as_str().unwrap().contains("HttpRequestDenied"), "{res}");
+    let res = post(
+        &app,
+        "/other/http",
+        json!({"url": "http://internal.spin.internal/echo/x"}),
+    )
+    .await
+    .json();
+    assert!(
+        res["error"].as_str().unwrap().contains("HttpRequestDenied"),
+        "{res}"
+    );
 }
 
 // ---- Variables ----------------------------------------------------------------------------
@@ -160,7 +198,10 @@ async fn chaining_to_a_component_not_in_allowed_hosts_is_denied() {
 #[tokio::test]
 async fn component_variables_render_application_variables() {
     let (_env, app) = app().await;
-    assert_eq!(get(&app, "/main/var/greeting").await.json()["value"], "hello, world");
+    assert_eq!(
+        get(&app, "/main/var/greeting").await.json()["value"],
+        "hello, world"
+    );
     assert_eq!(get(&app, "/main/var/token").await.json()["value"], "s3cret");
 }
 
@@ -168,7 +209,10 @@ async fn component_variables_render_application_variables() {
 async fn the_environment_overrides_a_default() {
     let env = TestEnv::new().await;
     let app = start(&env, &[("SPIN_VARIABLE_GREETING", "hi")], "").await;
-    assert_eq!(get(&app, "/main/var/greeting").await.json()["value"], "hi, world");
+    assert_eq!(
+        get(&app, "/main/var/greeting").await.json()["value"],
+        "hi, world"
+    );
 }
 
 #[tokio::test]
@@ -176,21 +220,43 @@ async fn unknown_and_invalid_variable_names_are_errors() {
     let (_env, app) = app().await;
     let unknown = get(&app, "/main/var/nope").await;
     assert_eq!(unknown.status, 404);
-    assert!(unknown.json()["error"].as_str().unwrap().starts_with("Error::Undefined"));
+    assert!(
+        unknown.json()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("Error::Undefined")
+    );
     // A component sees only its own variables, not the application's.
     let app_only = get(&app, "/main/var/api_token").await.json();
-    assert!(app_only["error"].as_str().unwrap().starts_with("Error::Undefined"));
+    assert!(
+        app_only["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("Error::Undefined")
+    );
     let invalid = get(&app, "/main/var/Bad-Name").await.json();
-    assert!(invalid["error"].as_str().unwrap().starts_with("Error::InvalidName"), "{invalid}");
+    assert!(
+        invalid["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("Error::InvalidName"),
+        "{invalid}"
+    );
 }
 
 #[tokio::test]
 async fn a_missing_required_variable_stops_start_up_with_a_clear_message() {
     let env = TestEnv::new().await;
     let options = env.options(MANIFEST, None); // no SPIN_VARIABLE_API_TOKEN
-    let err = RunningApp::start(&options).await.err().expect("start-up fails");
+    let err = RunningApp::start(&options)
+        .await
+        .err()
+        .expect("start-up fails");
     let msg = format!("{err:#}");
-    assert!(msg.contains("`api_token` is required") && msg.contains("SPIN_VARIABLE_API_TOKEN"), "{msg}");
+    assert!(
+        msg.contains("`api_token` is required") && msg.contains("SPIN_VARIABLE_API_TOKEN"),
+        "{msg}"
+    );
 }
 
 // ---- Outbound HTTP ------------------------------------------------------------------------
@@ -201,12 +267,14 @@ async fn fake_server() -> std::net::SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from_static(b"pong"),
-                    )))
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"pong")),
+                    ))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -222,16 +290,51 @@ async fn outbound_http_reaches_an_allowed_host_only() {
     let env = TestEnv::new().await;
     let fake = fake_server().await;
     let other = fake_server().await;
-    let app = start(&env, &[("SPIN_VARIABLE_OUTBOUND_HOST", &fake.to_string())], "").await;
+    let app = start(
+        &env,
+        &[("SPIN_VARIABLE_OUTBOUND_HOST", &fake.to_string())],
+        "",
+    )
+    .await;
 
-    let ok = post(&app, "/main/http", json!({"url": format!("http://{fake}/ping")})).await.json();
+    let ok = post(
+        &app,
+        "/main/http",
+        json!({"url": format!("http://{fake}/ping")}),
+    )
+    .await
+    .json();
     assert_eq!(ok, json!({"status": 200, "body": "pong"}));
 
-    let denied = post(&app, "/main/http", json!({"url": format!("http://{other}/ping")})).await.json();
-    assert!(denied["error"].as_str().unwrap().contains("HttpRequestDenied"), "{denied}");
+    let denied = post(
+        &app,
+        "/main/http",
+        json!({"url": format!("http://{other}/ping")}),
+    )
+    .await
+    .json();
+    assert!(
+        denied["error"]
+            .as_str()
+            .unwrap()
+            .contains("HttpRequestDenied"),
+        "{denied}"
+    );
 
-    let no_rules = post(&app, "/other/http", json!({"url": format!("http://{fake}/ping")})).await.json();
-    assert!(no_rules["error"].as_str().unwrap().contains("HttpRequestDenied"), "{no_rules}");
+    let no_rules = post(
+        &app,
+        "/other/http",
+        json!({"url": format!("http://{fake}/ping")}),
+    )
+    .await
+    .json();
+    assert!(
+        no_rules["error"]
+            .as_str()
+            .unwrap()
+            .contains("HttpRequestDenied"),
+        "{no_rules}"
+    );
 }
 
 #[tokio::test]
@@ -239,9 +342,26 @@ async fn block_networks_refuses_an_allowed_host_in_a_blocked_range() {
     let env = TestEnv::new().await;
     let fake = fake_server().await;
     let config = "[outbound_networking]\nblock_networks = [\"127.0.0.0/8\"]\n";
-    let app = start(&env, &[("SPIN_VARIABLE_OUTBOUND_HOST", &fake.to_string())], config).await;
-    let res = post(&app, "/main/http", json!({"url": format!("http://{fake}/ping")})).await.json();
-    assert!(res["error"].as_str().unwrap().contains("DestinationIpProhibited"), "{res}");
+    let app = start(
+        &env,
+        &[("SPIN_VARIABLE_OUTBOUND_HOST", &fake.to_string())],
+        config,
+    )
+    .await;
+    let res = post(
+        &app,
+        "/main/http",
+        json!({"url": format!("http://{fake}/ping")}),
+    )
+    .await
+    .json();
+    assert!(
+        res["error"]
+            .as_str()
+            .unwrap()
+            .contains("DestinationIpProhibited"),
+        "{res}"
+    );
 }
 
 // ---- Key-value -----------------------------------------------------------------------------
@@ -253,30 +373,76 @@ async fn key_value_persists_across_requests_and_stores_are_isolated() {
     let env = TestEnv::new().await;
     let app = start(&env, &[], "").await;
     let key = format!("k-{}", env.database_name);
-    let put = request("PUT", &app.url(&format!("/main/kv/default/{key}")), &[], Some(json!("v1"))).await;
+    let put = request(
+        "PUT",
+        &app.url(&format!("/main/kv/default/{key}")),
+        &[],
+        Some(json!("v1")),
+    )
+    .await;
     assert_eq!(put.status, 200);
-    assert_eq!(get(&app, &format!("/main/kv/default/{key}")).await.json()["value"], "\"v1\"");
+    assert_eq!(
+        get(&app, &format!("/main/kv/default/{key}")).await.json()["value"],
+        "\"v1\""
+    );
     // The same key in the other store (embedded SQLite) is unset.
-    assert_eq!(get(&app, &format!("/main/kv/other/{key}")).await.json()["value"], Value::Null);
-    let put = request("PUT", &app.url(&format!("/main/kv/other/{key}")), &[], Some(json!("v2"))).await;
+    assert_eq!(
+        get(&app, &format!("/main/kv/other/{key}")).await.json()["value"],
+        Value::Null
+    );
+    let put = request(
+        "PUT",
+        &app.url(&format!("/main/kv/other/{key}")),
+        &[],
+        Some(json!("v2")),
+    )
+    .await;
     assert_eq!(put.status, 200);
-    assert_eq!(get(&app, "/main/kv/other").await.json()["keys"], json!([key]));
-    let del = request("DELETE", &app.url(&format!("/main/kv/default/{key}")), &[], None).await;
+    assert_eq!(
+        get(&app, "/main/kv/other").await.json()["keys"],
+        json!([key])
+    );
+    let del = request(
+        "DELETE",
+        &app.url(&format!("/main/kv/default/{key}")),
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(del.status, 200);
-    assert_eq!(get(&app, &format!("/main/kv/default/{key}")).await.json()["value"], Value::Null);
-    assert_eq!(get(&app, &format!("/main/kv/other/{key}")).await.json()["value"], "\"v2\"");
+    assert_eq!(
+        get(&app, &format!("/main/kv/default/{key}")).await.json()["value"],
+        Value::Null
+    );
+    assert_eq!(
+        get(&app, &format!("/main/kv/other/{key}")).await.json()["value"],
+        "\"v2\""
+    );
 }
 
 #[tokio::test]
 async fn the_default_store_is_redis_when_the_runtime_config_says_so() {
     let env = TestEnv::new().await;
-    let config = format!("[key_value_store.default]\ntype = \"redis\"\nurl = \"{}\"\n", env.redis_url);
+    let config = format!(
+        "[key_value_store.default]\ntype = \"redis\"\nurl = \"{}\"\n",
+        env.redis_url
+    );
     let app = start(&env, &[], &config).await;
     let key = format!("kv-redis-{}", env.database_name);
-    request("PUT", &app.url(&format!("/main/kv/default/{key}")), &[], Some(json!("in-redis"))).await;
+    request(
+        "PUT",
+        &app.url(&format!("/main/kv/default/{key}")),
+        &[],
+        Some(json!("in-redis")),
+    )
+    .await;
     let client = redis::Client::open(env.redis_url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let stored: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+    let stored: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(stored.as_deref(), Some("\"in-redis\""));
 }
 
@@ -299,7 +465,9 @@ async fn pg(app: &RunningApp, statements: Value) -> Vec<Value> {
 
 async fn select_one(app: &RunningApp, sql: &str, param: Value) -> Value {
     let r = pg(app, json!([{"sql": sql, "params": [param]}])).await;
-    r[0].get("rows").map(|rows| rows[0][0].clone()).unwrap_or_else(|| r[0].clone())
+    r[0].get("rows")
+        .map(|rows| rows[0][0].clone())
+        .unwrap_or_else(|| r[0].clone())
 }
 
 #[tokio::test]
@@ -317,18 +485,45 @@ async fn every_pg4_value_type_round_trips() {
         ("select $1::bytea", json!({"binary": [0, 1, 255]})),
         ("select $1::date", json!({"date": [2024, 2, 29]})),
         ("select $1::time", json!({"time": [23, 59, 58, 123456000]})),
-        ("select $1::timestamp", json!({"datetime": [2024, 3, 31, 1, 30, 0, 500000000]})),
-        ("select $1::uuid", json!({"uuid": "0191e7a2-1f6e-7c3a-8d2b-5e4f3a2b1c0d"})),
-        ("select $1::jsonb", json!({"jsonb": {"a": [1, 2], "b": null}})),
+        (
+            "select $1::timestamp",
+            json!({"datetime": [2024, 3, 31, 1, 30, 0, 500000000]}),
+        ),
+        (
+            "select $1::uuid",
+            json!({"uuid": "0191e7a2-1f6e-7c3a-8d2b-5e4f3a2b1c0d"}),
+        ),
+        (
+            "select $1::jsonb",
+            json!({"jsonb": {"a": [1, 2], "b": null}}),
+        ),
         ("select $1::numeric", json!({"decimal": "0.004210"})),
-        ("select $1::int4range", json!({"range_int32": [[1, "inclusive"], [10, "exclusive"]]})),
-        ("select $1::int8range", json!({"range_int64": [[-5, "inclusive"], null]})),
-        ("select $1::numrange", json!({"range_decimal": [["1.5", "exclusive"], ["2.25", "inclusive"]]})),
+        (
+            "select $1::int4range",
+            json!({"range_int32": [[1, "inclusive"], [10, "exclusive"]]}),
+        ),
+        (
+            "select $1::int8range",
+            json!({"range_int64": [[-5, "inclusive"], null]}),
+        ),
+        (
+            "select $1::numrange",
+            json!({"range_decimal": [["1.5", "exclusive"], ["2.25", "inclusive"]]}),
+        ),
         ("select $1::int4[]", json!({"array_int32": [1, null, 3]})),
-        ("select $1::int8[]", json!({"array_int64": [9007199254740993_i64]})),
-        ("select $1::numeric[]", json!({"array_decimal": ["1.10", null]})),
+        (
+            "select $1::int8[]",
+            json!({"array_int64": [9007199254740993_i64]}),
+        ),
+        (
+            "select $1::numeric[]",
+            json!({"array_decimal": ["1.10", null]}),
+        ),
         ("select $1::text[]", json!({"array_str": ["a", null, "c"]})),
-        ("select $1::interval", json!({"interval": {"micros": 3_600_000_001_i64, "days": 2, "months": 14}})),
+        (
+            "select $1::interval",
+            json!({"interval": {"micros": 3_600_000_001_i64, "days": 2, "months": 14}}),
+        ),
         ("select $1::int4", json!({"null": null})),
     ];
     for (sql, value) in cases {
@@ -339,7 +534,12 @@ async fn every_pg4_value_type_round_trips() {
 #[tokio::test]
 async fn a_timestamp_parameter_binds_to_timestamptz_and_reads_back_through_utc() {
     let (_env, app) = app().await;
-    let v = select_one(&app, "select ($1::timestamptz at time zone 'UTC')", json!({"timestamp": 86_400})).await;
+    let v = select_one(
+        &app,
+        "select ($1::timestamptz at time zone 'UTC')",
+        json!({"timestamp": 86_400}),
+    )
+    .await;
     assert_eq!(v, json!({"datetime": [1970, 1, 2, 0, 0, 0, 0]}));
 }
 
@@ -359,24 +559,39 @@ async fn column_types_are_reported() {
 }
 
 fn error_of(v: &Value) -> &Value {
-    v.get("error").unwrap_or_else(|| panic!("expected an error, got {v}"))
+    v.get("error")
+        .unwrap_or_else(|| panic!("expected an error, got {v}"))
 }
 
 #[tokio::test]
 async fn a_timestamptz_value_fails_the_whole_query() {
     let (_env, app) = app().await;
-    let r = pg(&app, json!([{"sql": "select 1 as ok, now() as at", "params": []}])).await;
+    let r = pg(
+        &app,
+        json!([{"sql": "select 1 as ok, now() as at", "params": []}]),
+    )
+    .await;
     let e = error_of(&r[0]);
     assert_eq!(e["kind"], "query-failed");
     let message = e["message"].as_str().unwrap();
-    assert!(message.contains("WrongType") && message.contains("Timestamptz"), "{e}");
+    assert!(
+        message.contains("WrongType") && message.contains("Timestamptz"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
 async fn a_datetime_parameter_is_rejected_for_timestamptz() {
     let (_env, app) = app().await;
     let r = pg(&app, json!([{"sql": "select ($1::timestamptz at time zone 'UTC')", "params": [{"datetime": [2024, 1, 1, 0, 0, 0, 0]}]}])).await;
-    assert!(error_of(&r[0])["message"].as_str().unwrap().contains("WrongType"), "{}", r[0]);
+    assert!(
+        error_of(&r[0])["message"]
+            .as_str()
+            .unwrap()
+            .contains("WrongType"),
+        "{}",
+        r[0]
+    );
 }
 
 #[tokio::test]
@@ -384,13 +599,26 @@ async fn parameter_types_are_strict() {
     let (_env, app) = app().await;
     let cases = [
         ("select $1::int4", json!({"int64": 1})),
-        ("select $1::uuid", json!({"str": "0191e7a2-1f6e-7c3a-8d2b-5e4f3a2b1c0d"})),
+        (
+            "select $1::uuid",
+            json!({"str": "0191e7a2-1f6e-7c3a-8d2b-5e4f3a2b1c0d"}),
+        ),
         ("select $1::jsonb", json!({"str": "{}"})),
-        ("select $1::text", json!({"uuid": "0191e7a2-1f6e-7c3a-8d2b-5e4f3a2b1c0d"})),
+        (
+            "select $1::text",
+            json!({"uuid": "0191e7a2-1f6e-7c3a-8d2b-5e4f3a2b1c0d"}),
+        ),
     ];
     for (sql, param) in cases {
         let r = pg(&app, json!([{"sql": sql, "params": [param]}])).await;
-        assert!(error_of(&r[0])["message"].as_str().unwrap().contains("WrongType"), "{sql}: {}", r[0]);
+        assert!(
+            error_of(&r[0])["message"]
+                .as_str()
+                .unwrap()
+                .contains("WrongType"),
+            "{sql}: {}",
+            r[0]
+        );
     }
 }
 
@@ -404,8 +632,14 @@ async fn several_statements_in_one_execute_fail_with_42601() {
 #[tokio::test]
 async fn numeric_reads_as_decimal_and_nan_or_too_many_digits_fail() {
     let (_env, app) = app().await;
-    assert_eq!(select_one(&app, "select $1::numeric * 2", json!({"decimal": "1.25"})).await, json!({"decimal": "2.50"}));
-    for sql in ["select 'NaN'::numeric", "select 1234567890123456789012345678901234.5::numeric"] {
+    assert_eq!(
+        select_one(&app, "select $1::numeric * 2", json!({"decimal": "1.25"})).await,
+        json!({"decimal": "2.50"})
+    );
+    for sql in [
+        "select 'NaN'::numeric",
+        "select 1234567890123456789012345678901234.5::numeric",
+    ] {
         let r = pg(&app, json!([{"sql": sql, "params": []}])).await;
         assert_eq!(error_of(&r[0])["kind"], "query-failed", "{sql}");
     }
@@ -414,8 +648,15 @@ async fn numeric_reads_as_decimal_and_nan_or_too_many_digits_fail() {
 #[tokio::test]
 async fn plain_json_reads_as_unsupported() {
     let (_env, app) = app().await;
-    let r = pg(&app, json!([{"sql": "select '{\"a\":1}'::json", "params": []}])).await;
-    assert_eq!(r[0]["rows"][0][0], json!({"unsupported": b"{\"a\":1}".to_vec()}));
+    let r = pg(
+        &app,
+        json!([{"sql": "select '{\"a\":1}'::json", "params": []}]),
+    )
+    .await;
+    assert_eq!(
+        r[0]["rows"][0][0],
+        json!({"unsupported": b"{\"a\":1}".to_vec()})
+    );
 }
 
 #[tokio::test]
@@ -423,13 +664,17 @@ async fn a_transaction_on_one_connection_is_invisible_until_commit() {
     let (env, app) = app().await;
     let db = env.db().await;
     db.batch_execute("create table t (v text)").await.unwrap();
-    let r = pg(&app, json!([
-        {"sql": "begin", "params": [], "execute": true},
-        {"sql": "insert into t (v) values ('a')", "params": [], "execute": true},
-        {"sql": "select count(*)::int4 from t", "params": []},
-        {"sql": "rollback", "params": [], "execute": true},
-        {"sql": "select count(*)::int4 from t", "params": []},
-    ])).await;
+    let r = pg(
+        &app,
+        json!([
+            {"sql": "begin", "params": [], "execute": true},
+            {"sql": "insert into t (v) values ('a')", "params": [], "execute": true},
+            {"sql": "select count(*)::int4 from t", "params": []},
+            {"sql": "rollback", "params": [], "execute": true},
+            {"sql": "select count(*)::int4 from t", "params": []},
+        ]),
+    )
+    .await;
     assert_eq!(r[2]["rows"][0][0], json!({"int32": 1}));
     assert_eq!(r[4]["rows"][0][0], json!({"int32": 0}));
 }
@@ -437,13 +682,17 @@ async fn a_transaction_on_one_connection_is_invisible_until_commit() {
 #[tokio::test]
 async fn after_an_error_in_a_transaction_statements_fail_with_25p02_until_rollback() {
     let (_env, app) = app().await;
-    let r = pg(&app, json!([
-        {"sql": "begin", "params": [], "execute": true},
-        {"sql": "select * from no_such_table", "params": []},
-        {"sql": "select 1::int4", "params": []},
-        {"sql": "rollback", "params": [], "execute": true},
-        {"sql": "select 1::int4", "params": []},
-    ])).await;
+    let r = pg(
+        &app,
+        json!([
+            {"sql": "begin", "params": [], "execute": true},
+            {"sql": "select * from no_such_table", "params": []},
+            {"sql": "select 1::int4", "params": []},
+            {"sql": "rollback", "params": [], "execute": true},
+            {"sql": "select 1::int4", "params": []},
+        ]),
+    )
+    .await;
     assert_eq!(error_of(&r[1])["code"], "42P01");
     assert_eq!(error_of(&r[2])["code"], "25P02");
     assert_eq!(r[4]["rows"][0][0], json!({"int32": 1}));
@@ -454,22 +703,40 @@ async fn a_transaction_left_open_goes_back_to_the_pool_still_open() {
     let (env, app) = app().await;
     let db = env.db().await;
     db.batch_execute("create table t (v text)").await.unwrap();
-    pg(&app, json!([
-        {"sql": "begin", "params": [], "execute": true},
-        {"sql": "insert into t (v) values ('uncommitted')", "params": [], "execute": true},
-    ])).await;
+    pg(
+        &app,
+        json!([
+            {"sql": "begin", "params": [], "execute": true},
+            {"sql": "insert into t (v) values ('uncommitted')", "params": [], "execute": true},
+        ]),
+    )
+    .await;
     assert_eq!(env.sessions_in_state("idle in transaction").await, 1);
-    let count: i64 = db.query_one("select count(*) from t", &[]).await.unwrap().get(0);
+    let count: i64 = db
+        .query_one("select count(*) from t", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(count, 0, "the leaked transaction's row is not committed");
     // The next request on that pooled client is still inside the old transaction.
-    let r = pg(&app, json!([{"sql": "select count(*)::int4 from t", "params": []}])).await;
+    let r = pg(
+        &app,
+        json!([{"sql": "select count(*)::int4 from t", "params": []}]),
+    )
+    .await;
     assert_eq!(r[0]["rows"][0][0], json!({"int32": 1}));
 }
 
 #[tokio::test]
 async fn postgres_is_refused_for_a_host_not_allowed() {
     let (env, app) = app().await;
-    let res = post(&app, "/other/pg", json!({"address": env.database_url, "statements": []})).await.json();
+    let res = post(
+        &app,
+        "/other/pg",
+        json!({"address": env.database_url, "statements": []}),
+    )
+    .await
+    .json();
     assert_eq!(res["open"]["kind"], "connection-failed", "{res}");
 }
 
@@ -479,14 +746,30 @@ async fn postgres_is_refused_for_a_host_not_allowed() {
 async fn the_transaction_helper_commits_or_rolls_back_and_never_leaves_a_transaction_open() {
     let (env, app) = app().await;
     let db = env.db().await;
-    db.batch_execute("create table helper_rows (v text)").await.unwrap();
+    db.batch_execute("create table helper_rows (v text)")
+        .await
+        .unwrap();
 
-    let ok = post(&app, "/main/pg/helper", json!({"values": ["a", "b"]})).await.json();
+    let ok = post(&app, "/main/pg/helper", json!({"values": ["a", "b"]}))
+        .await
+        .json();
     assert_eq!(ok, json!({"committed": 2}));
-    let failed = post(&app, "/main/pg/helper", json!({"values": ["c", "d"], "fail_at": 1})).await.json();
+    let failed = post(
+        &app,
+        "/main/pg/helper",
+        json!({"values": ["c", "d"], "fail_at": 1}),
+    )
+    .await
+    .json();
     assert_eq!(failed, json!({"rolled_back": "42P01"}));
 
-    let rows: Vec<String> = db.query("select v from helper_rows order by v", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    let rows: Vec<String> = db
+        .query("select v from helper_rows order by v", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert_eq!(rows, ["a", "b"]);
     assert_eq!(env.sessions_in_state("idle in transaction").await, 0);
 }
@@ -495,16 +778,26 @@ async fn the_transaction_helper_commits_or_rolls_back_and_never_leaves_a_transac
 async fn a_guest_that_traps_mid_transaction_leaves_nothing_behind_for_the_helper() {
     let (env, app) = app().await;
     let db = env.db().await;
-    db.batch_execute("create table helper_rows (v text)").await.unwrap();
+    db.batch_execute("create table helper_rows (v text)")
+        .await
+        .unwrap();
     let trapped = post(&app, "/main/pg/trap-in-transaction", json!({})).await;
     assert_eq!(trapped.status, 500);
     // As under Spin, the pooled client went back still inside the dead guest's transaction.
     assert_eq!(env.sessions_in_state("idle in transaction").await, 1);
 
     // The helper's connection starts with a reset, so it neither sees nor commits that work.
-    let ok = post(&app, "/main/pg/helper", json!({"values": ["after"]})).await.json();
+    let ok = post(&app, "/main/pg/helper", json!({"values": ["after"]}))
+        .await
+        .json();
     assert_eq!(ok, json!({"committed": 1}));
-    let rows: Vec<String> = db.query("select v from helper_rows", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    let rows: Vec<String> = db
+        .query("select v from helper_rows", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert_eq!(rows, ["after"]);
     assert_eq!(env.sessions_in_state("idle in transaction").await, 0);
 }
@@ -516,21 +809,27 @@ async fn redis_commands_work_against_an_allowed_host() {
     let (env, app) = app().await;
     let k = format!("r-{}", env.database_name);
     let set = format!("s-{}", env.database_name);
-    let res = post(&app, "/main/redis", json!({"commands": [
-        ["set", k, "v"],
-        ["get", k],
-        ["del", k],
-        ["get", k],
-        ["incr", format!("{k}-n")],
-        ["incr", format!("{k}-n")],
-        ["sadd", set, "m"],
-        ["smembers", set],
-        ["srem", set, "m"],
-        ["publish", "sparkops-test", "hi"],
-        ["execute", "EXPIRE", [format!("{k}-n"), 60]],
-        ["execute", "PING", []],
-        ["execute", "MGET", [format!("{k}-n"), "missing"]],
-    ]})).await.json();
+    let res = post(
+        &app,
+        "/main/redis",
+        json!({"commands": [
+            ["set", k, "v"],
+            ["get", k],
+            ["del", k],
+            ["get", k],
+            ["incr", format!("{k}-n")],
+            ["incr", format!("{k}-n")],
+            ["sadd", set, "m"],
+            ["smembers", set],
+            ["srem", set, "m"],
+            ["publish", "sparkops-test", "hi"],
+            ["execute", "EXPIRE", [format!("{k}-n"), 60]],
+            ["execute", "PING", []],
+            ["execute", "MGET", [format!("{k}-n"), "missing"]],
+        ]}),
+    )
+    .await
+    .json();
     assert_eq!(
         res["results"],
         json!(["ok", "v", 1, null, 1, 2, 1, ["m"], 1, "ok", [1], [{"status": "PONG"}], ["2", null]])
@@ -540,7 +839,13 @@ async fn redis_commands_work_against_an_allowed_host() {
 #[tokio::test]
 async fn redis_is_refused_for_a_host_not_allowed() {
     let (env, app) = app().await;
-    let res = post(&app, "/other/redis", json!({"address": env.redis_url, "commands": []})).await.json();
+    let res = post(
+        &app,
+        "/other/redis",
+        json!({"address": env.redis_url, "commands": []}),
+    )
+    .await
+    .json();
     assert_eq!(res["open"], "Error::InvalidAddress");
 }
 
@@ -551,15 +856,33 @@ async fn start_up_errors_are_one_clear_line() {
     let env = TestEnv::new().await;
     let dir = env.options(MANIFEST, None).state_dir;
     let cases: HashMap<&str, (&str, &str)> = HashMap::from([
-        ("bad-version", ("spin_manifest_version = 1\n[application]\nname = \"x\"\n", "spin_manifest_version must be 2")),
-        ("unknown-field", ("spin_manifest_version = 2\nbogus = 1\n[application]\nname = \"x\"\n", "unknown field `bogus`")),
+        (
+            "bad-version",
+            (
+                "spin_manifest_version = 1\n[application]\nname = \"x\"\n",
+                "spin_manifest_version must be 2",
+            ),
+        ),
+        (
+            "unknown-field",
+            (
+                "spin_manifest_version = 2\nbogus = 1\n[application]\nname = \"x\"\n",
+                "unknown field `bogus`",
+            ),
+        ),
         (
             "missing-wasm",
-            ("spin_manifest_version = 2\n[application]\nname = \"x\"\n[[trigger.http]]\nroute = \"/\"\ncomponent = \"c\"\n[component.c]\nsource = \"nope.wasm\"\n", "cannot read"),
+            (
+                "spin_manifest_version = 2\n[application]\nname = \"x\"\n[[trigger.http]]\nroute = \"/\"\ncomponent = \"c\"\n[component.c]\nsource = \"nope.wasm\"\n",
+                "cannot read",
+            ),
         ),
         (
             "unknown-component",
-            ("spin_manifest_version = 2\n[application]\nname = \"x\"\n[[trigger.http]]\nroute = \"/\"\ncomponent = \"ghost\"\n", "component `ghost`, which is not defined"),
+            (
+                "spin_manifest_version = 2\n[application]\nname = \"x\"\n[[trigger.http]]\nroute = \"/\"\ncomponent = \"ghost\"\n",
+                "component `ghost`, which is not defined",
+            ),
         ),
     ]);
     for (name, (manifest, expected)) in cases {
@@ -567,7 +890,10 @@ async fn start_up_errors_are_one_clear_line() {
         std::fs::write(&path, manifest).unwrap();
         let mut options = env.options(MANIFEST, None);
         options.manifest = path;
-        let err = RunningApp::start(&options).await.err().unwrap_or_else(|| panic!("{name} should fail"));
+        let err = RunningApp::start(&options)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{name} should fail"));
         let msg = format!("{err:#}");
         assert!(msg.contains(expected), "{name}: {msg}");
         assert!(!msg.contains('\n'), "{name}: one line: {msg}");

@@ -16,13 +16,26 @@ struct OwnRedis {
 
 impl OwnRedis {
     async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         Self::start_on(port).await
     }
 
     async fn start_on(port: u16) -> Self {
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is installed (infra/dev installs it)");
@@ -43,8 +56,13 @@ impl Drop for OwnRedis {
 async fn start(env: &TestEnv, redis_url: &str) -> RunningApp {
     let config = format!("[key_value_store.default]\ntype = \"redis\"\nurl = \"{redis_url}\"\n");
     let mut options = env.options("spin.toml", Some(&config));
-    options.env.insert("SPIN_VARIABLE_REDIS_URL".into(), redis_url.into());
-    options.env.insert("SPIN_VARIABLE_REDIS_HOST".into(), TestEnv::host_port(redis_url));
+    options
+        .env
+        .insert("SPIN_VARIABLE_REDIS_URL".into(), redis_url.into());
+    options.env.insert(
+        "SPIN_VARIABLE_REDIS_HOST".into(),
+        TestEnv::host_port(redis_url),
+    );
     RunningApp::start(&options).await.expect("the app starts")
 }
 
@@ -57,9 +75,21 @@ async fn healthz_is_ok_with_a_request_id() {
     assert_eq!(res.json(), json!({"status": "ok"}));
     assert_eq!(res.header("x-request-id").map(str::len), Some(32));
 
-    let echoed = request("GET", &app.url("/healthz"), &[("x-request-id", "trace-42")], None).await;
+    let echoed = request(
+        "GET",
+        &app.url("/healthz"),
+        &[("x-request-id", "trace-42")],
+        None,
+    )
+    .await;
     assert_eq!(echoed.header("x-request-id"), Some("trace-42"));
-    let insane = request("GET", &app.url("/healthz"), &[("x-request-id", "a b\tc")], None).await;
+    let insane = request(
+        "GET",
+        &app.url("/healthz"),
+        &[("x-request-id", "a b\tc")],
+        None,
+    )
+    .await;
     assert_ne!(insane.header("x-request-id"), Some("a b\tc"));
 }
 
@@ -91,9 +121,15 @@ async fn readyz_is_a_503_problem_naming_redis_while_redis_is_stopped() {
     assert_eq!(body["type"], "https://sparkops.dev/problems/unavailable");
     assert_eq!(body["status"], 503);
     assert_eq!(body["detail"], "not ready: key_value, redis down");
-    assert_eq!(body["checks"], json!({"postgres": "up", "key_value": "down", "redis": "down"}));
+    assert_eq!(
+        body["checks"],
+        json!({"postgres": "up", "key_value": "down", "redis": "down"})
+    );
     assert_eq!(body["instance"], "/readyz");
-    assert!(!body.to_string().contains(&url), "the problem does not leak addresses");
+    assert!(
+        !body.to_string().contains(&url),
+        "the problem does not leak addresses"
+    );
 
     // Back up on the same address: readiness recovers without a restart of the app.
     let port = url::Url::parse(&url).unwrap().port().unwrap();
@@ -104,7 +140,11 @@ async fn readyz_is_a_503_problem_naming_redis_while_redis_is_stopped() {
 #[tokio::test]
 async fn readyz_names_postgres_when_the_database_is_not_migrated() {
     let env = TestEnv::new().await;
-    env.db().await.batch_execute("drop table service_probe").await.unwrap();
+    env.db()
+        .await
+        .batch_execute("drop table service_probe")
+        .await
+        .unwrap();
     let app = start(&env, &env.redis_url).await;
     let res = get(&app, "/readyz").await;
     assert_eq!(res.status, 503);
@@ -118,5 +158,8 @@ async fn other_methods_are_405_with_allow() {
     let res = request("POST", &app.url("/healthz"), &[], Some(json!({}))).await;
     assert_eq!(res.status, 405);
     assert_eq!(res.header("allow"), Some("GET, HEAD"));
-    assert_eq!(res.json()["type"], "https://sparkops.dev/problems/method-not-allowed");
+    assert_eq!(
+        res.json()["type"],
+        "https://sparkops.dev/problems/method-not-allowed"
+    );
 }

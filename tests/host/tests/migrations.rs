@@ -17,7 +17,8 @@ mod tempdir {
     pub struct Dir(std::path::PathBuf);
     impl Dir {
         pub fn new() -> Self {
-            let p = std::env::temp_dir().join(format!("sparkops-mig-{}", uuid::Uuid::new_v4().simple()));
+            let p = std::env::temp_dir()
+                .join(format!("sparkops-mig-{}", uuid::Uuid::new_v4().simple()));
             std::fs::create_dir_all(&p).unwrap();
             Self(p)
         }
@@ -36,7 +37,11 @@ async fn empty_database() -> (TestEnv, String) {
     // TestEnv migrates its database; make a second, empty one beside it.
     let env = TestEnv::new().await;
     let name = format!("{}_empty", env.database_name);
-    env.db().await.batch_execute(&format!("create database {name}")).await.unwrap();
+    env.db()
+        .await
+        .batch_execute(&format!("create database {name}"))
+        .await
+        .unwrap();
     let mut url = url::Url::parse(&env.database_url).unwrap();
     url.set_path(&name);
     (env, url.to_string())
@@ -45,7 +50,10 @@ async fn empty_database() -> (TestEnv, String) {
 async fn versions(url: &str) -> Vec<i32> {
     connect(url)
         .await
-        .query("select version from schema_migrations order by version", &[])
+        .query(
+            "select version from schema_migrations order by version",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -57,7 +65,10 @@ async fn versions(url: &str) -> Vec<i32> {
 async fn migrations_apply_in_order_once() {
     let (_env, url) = empty_database().await;
     let dir = dir_with(&[
-        ("0002_b.sql", "create table b (a_id int references a (a_id));"),
+        (
+            "0002_b.sql",
+            "create table b (a_id int references a (a_id));",
+        ),
         ("0001_a.sql", "create table a (a_id int primary key);"),
     ]);
     let first = migrate::run(&url, dir.path()).await.unwrap();
@@ -73,8 +84,14 @@ async fn a_changed_applied_migration_is_refused() {
     let dir = dir_with(&[("0001_a.sql", "create table a (x int);")]);
     migrate::run(&url, dir.path()).await.unwrap();
     std::fs::write(dir.path().join("0001_a.sql"), "create table a (x bigint);").unwrap();
-    let err = migrate::run(&url, dir.path()).await.unwrap_err().to_string();
-    assert!(err.contains("0001_a.sql was changed after it was applied"), "{err}");
+    let err = migrate::run(&url, dir.path())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("0001_a.sql was changed after it was applied"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -82,15 +99,27 @@ async fn a_failing_migration_changes_nothing_and_stops_the_run() {
     let (_env, url) = empty_database().await;
     let dir = dir_with(&[
         ("0001_a.sql", "create table a (x int);"),
-        ("0002_bad.sql", "create table half (x int); insert into nowhere values (1);"),
+        (
+            "0002_bad.sql",
+            "create table half (x int); insert into nowhere values (1);",
+        ),
         ("0003_c.sql", "create table c (x int);"),
     ]);
-    let err = migrate::run(&url, dir.path()).await.unwrap_err().to_string();
-    assert!(err.contains("0002_bad.sql failed") && err.contains("42P01"), "{err}");
+    let err = migrate::run(&url, dir.path())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("0002_bad.sql failed") && err.contains("42P01"),
+        "{err}"
+    );
     assert_eq!(versions(&url).await, [1]);
     let half: i64 = connect(&url)
         .await
-        .query_one("select count(*) from information_schema.tables where table_name in ('half', 'c')", &[])
+        .query_one(
+            "select count(*) from information_schema.tables where table_name in ('half', 'c')",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -125,12 +154,19 @@ async fn badly_named_files_are_refused() {
     let err = migrate::read_dir(dir.path()).unwrap_err().to_string();
     assert!(err.contains("NNNN_<name>.sql"), "{err}");
     let dup = dir_with(&[("0001_a.sql", ""), ("0001_b.sql", "")]);
-    assert!(migrate::read_dir(dup.path()).unwrap_err().to_string().contains("share number 0001"));
+    assert!(
+        migrate::read_dir(dup.path())
+            .unwrap_err()
+            .to_string()
+            .contains("share number 0001")
+    );
 }
 
 #[tokio::test]
 async fn the_projects_migrations_apply_cleanly() {
     let (_env, url) = empty_database().await;
-    let report = migrate::run(&url, &common::workspace().join("migrations")).await.unwrap();
+    let report = migrate::run(&url, &common::workspace().join("migrations"))
+        .await
+        .unwrap();
     assert!(!report.applied.is_empty());
 }

@@ -13,11 +13,15 @@ use serde_json::Value;
 use sparkops_host::{AppOptions, RunningApp};
 
 pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn required_env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests with `infra/dev test`"))
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: run the tests with `infra/dev test`"))
 }
 
 /// A database of its own for one test, migrated, plus the shared Redis.
@@ -42,13 +46,24 @@ impl TestEnv {
         let redis_url = required_env("SPARKOPS_TEST_REDIS_URL");
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
         let admin = connect(&admin_url).await;
-        admin.batch_execute(&format!("create database {name}")).await.unwrap();
+        admin
+            .batch_execute(&format!("create database {name}"))
+            .await
+            .unwrap();
         let mut url = url::Url::parse(&admin_url).unwrap();
         url.set_path(&name);
         let state_dir = std::env::temp_dir().join(format!("sparkops-{name}"));
         std::fs::create_dir_all(&state_dir).unwrap();
-        let env = Self { database_url: url.to_string(), database_name: name, redis_url, admin_url, state_dir };
-        sparkops_host::migrate::run(&env.database_url, &workspace().join("migrations")).await.unwrap();
+        let env = Self {
+            database_url: url.to_string(),
+            database_name: name,
+            redis_url,
+            admin_url,
+            state_dir,
+        };
+        sparkops_host::migrate::run(&env.database_url, &workspace().join("migrations"))
+            .await
+            .unwrap();
         env
     }
 
@@ -61,10 +76,19 @@ impl TestEnv {
     /// The `SPIN_VARIABLE_*` values an app needs to reach this test's services.
     pub fn variables(&self) -> HashMap<String, String> {
         HashMap::from([
-            ("SPIN_VARIABLE_DATABASE_URL".into(), self.database_url.clone()),
-            ("SPIN_VARIABLE_DATABASE_HOST".into(), Self::host_port(&self.database_url)),
+            (
+                "SPIN_VARIABLE_DATABASE_URL".into(),
+                self.database_url.clone(),
+            ),
+            (
+                "SPIN_VARIABLE_DATABASE_HOST".into(),
+                Self::host_port(&self.database_url),
+            ),
             ("SPIN_VARIABLE_REDIS_URL".into(), self.redis_url.clone()),
-            ("SPIN_VARIABLE_REDIS_HOST".into(), Self::host_port(&self.redis_url)),
+            (
+                "SPIN_VARIABLE_REDIS_HOST".into(),
+                Self::host_port(&self.redis_url),
+            ),
         ])
     }
 
@@ -88,7 +112,9 @@ impl TestEnv {
     /// Options for an app from `manifest` (relative to the workspace) with a private state
     /// folder; `runtime_config` is written beside it when given.
     pub fn options(&self, manifest: &str, runtime_config: Option<&str>) -> AppOptions {
-        let state_dir = self.state_dir.join(uuid::Uuid::new_v4().simple().to_string());
+        let state_dir = self
+            .state_dir
+            .join(uuid::Uuid::new_v4().simple().to_string());
         std::fs::create_dir_all(&state_dir).unwrap();
         let runtime_config = runtime_config.map(|text| {
             let path = state_dir.join("runtime-config.toml");
@@ -108,7 +134,9 @@ impl TestEnv {
 }
 
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
     client
 }
@@ -133,14 +161,20 @@ impl Reply {
 }
 
 /// Sends one request over a new connection (with a 30 s bound).
-pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<Value>) -> Reply {
+pub async fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> Reply {
     let uri: http::Uri = url.parse().unwrap();
     let authority = uri.authority().unwrap().to_string();
     let fut = async {
         let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
         tokio::spawn(conn);
         let mut builder = http::Request::builder()
             .method(method)
@@ -153,12 +187,21 @@ pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Op
         if !body.is_empty() {
             builder = builder.header("content-type", "application/json");
         }
-        let res = sender.send_request(builder.body(Full::new(body)).unwrap()).await.unwrap();
+        let res = sender
+            .send_request(builder.body(Full::new(body)).unwrap())
+            .await
+            .unwrap();
         let (parts, body) = res.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
-        Reply { status: parts.status.as_u16(), headers: parts.headers, body }
+        Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        }
     };
-    tokio::time::timeout(Duration::from_secs(30), fut).await.expect("request timed out")
+    tokio::time::timeout(Duration::from_secs(30), fut)
+        .await
+        .expect("request timed out")
 }
 
 pub async fn get(app: &RunningApp, path: &str) -> Reply {
