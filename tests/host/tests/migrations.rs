@@ -170,3 +170,18 @@ async fn the_projects_migrations_apply_cleanly() {
         .unwrap();
     assert!(!report.applied.is_empty());
 }
+
+#[tokio::test]
+async fn an_unreachable_database_is_one_clear_line_without_the_password() {
+    let dir = dir_with(&[("0001_a.sql", "select 1;")]);
+    // Port 9 (discard) on loopback: nothing listens there.
+    let err = migrate::run("postgres://u:hunter2@127.0.0.1:9/db", dir.path())
+        .await
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.starts_with("cannot connect to Postgres (postgres://u:***@127.0.0.1:9/db)"),
+        "{msg}"
+    );
+    assert!(!msg.contains("hunter2") && !msg.contains('\n'), "{msg}");
+}
