@@ -40,6 +40,8 @@ pub enum ApiError {
     PolicyViolation(String),
     /// A dependency is down; `detail` names which (never how).
     Unavailable(String),
+    /// The caller sent something the route cannot take (a bad `Content-Type`, say).
+    BadRequest(String),
     /// Something broke on our side; the cause is logged, the body says nothing more.
     Internal,
 }
@@ -80,6 +82,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => 413,
             ApiError::RateLimited { .. } => 429,
             ApiError::Unavailable(_) => 503,
+            ApiError::BadRequest(_) => 400,
             ApiError::Internal => 500,
         }
     }
@@ -104,6 +107,7 @@ impl ApiError {
                 "unavailable",
                 "A service the app depends on is unavailable.",
             ),
+            ApiError::BadRequest(_) => ("bad-request", "The request cannot be processed."),
             ApiError::Internal => ("internal", "Something went wrong on our side."),
         }
     }
@@ -117,7 +121,8 @@ impl ApiError {
             | ApiError::Conflict(detail)
             | ApiError::PreconditionFailed(detail)
             | ApiError::PolicyViolation(detail)
-            | ApiError::Unavailable(detail) => detail.clone(),
+            | ApiError::Unavailable(detail)
+            | ApiError::BadRequest(detail) => detail.clone(),
             ApiError::MethodNotAllowed { allow } => {
                 format!("allowed methods: {}", allow.join(", "))
             }

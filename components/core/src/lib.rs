@@ -4,6 +4,12 @@
 //! Errors: handlers return [`error::ApiError`], which maps to one RFC 9457 problem
 //! document; database code returns [`db::DbError`], which converts into it.
 
+pub mod auth;
 pub mod db;
 pub mod error;
 pub mod health;
+pub mod ids;
+pub mod input;
+pub mod page;
+pub mod ratelimit;
+pub mod roles;

@@ -1,0 +1,301 @@
+//! Request bodies: JSON objects read field by field, unknown fields denied, every problem
+//! reported with its field path; and the domain values that can only exist valid.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Map, Value};
+
+use crate::error::{ApiError, FieldError};
+use crate::roles::Role;
+
+/// A JSON object body being read. Each accessor records an error instead of failing, so a
+/// caller sees every problem at once; [`Body::finish`] reports them with unknown fields.
+pub struct Body {
+    map: Map<String, Value>,
+    seen: BTreeSet<String>,
+    errors: Vec<FieldError>,
+}
+
+impl Body {
+    /// Parses a JSON object; anything else is a `422` on `body`.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::field("body", format!("not valid JSON: {e}")))?;
+        Self::from_value(value)
+    }
+
+    pub fn from_value(value: Value) -> Result<Self, ApiError> {
+        match value {
+            Value::Object(map) => Ok(Self { map, seen: BTreeSet::new(), errors: Vec::new() }),
+            _ => Err(ApiError::field("body", "must be a JSON object")),
+        }
+    }
+
+    /// A body of `application/x-www-form-urlencoded` pairs, read as string fields.
+    pub fn from_form(bytes: &[u8]) -> Result<Self, ApiError> {
+        let text = std::str::from_utf8(bytes).map_err(|_| ApiError::field("body", "not UTF-8"))?;
+        let mut map = Map::new();
+        for pair in text.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            map.insert(percent_decode(k)?, Value::String(percent_decode(v)?));
+        }
+        Ok(Self { map, seen: BTreeSet::new(), errors: Vec::new() })
+    }
+
+    pub fn error(&mut self, field: &str, message: impl Into<String>) {
+        self.errors.push(FieldError { field: field.to_string(), message: message.into() });
+    }
+
+    fn take(&mut self, field: &str) -> Option<Value> {
+        self.seen.insert(field.to_string());
+        self.map.get(field).cloned()
+    }
+
+    /// Whether the field was sent at all (`null` included), for merge patches.
+    pub fn has(&self, field: &str) -> bool {
+        self.map.contains_key(field)
+    }
+
+    /// A string of 1..=`max` characters, or `None` (absent or `null`).
+    pub fn opt_str(&mut self, field: &str, max: usize) -> Option<String> {
+        match self.take(field) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.chars().count() > max => {
+                self.error(field, format!("must be at most {max} characters"));
+                None
+            }
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                self.error(field, "must not be empty");
+                None
+            }
+            Some(Value::String(s)) => Some(s),
+            Some(_) => {
+                self.error(field, "must be a string");
+                None
+            }
+        }
+    }
+
+    /// A required string of 1..=`max` characters.
+    pub fn str(&mut self, field: &str, max: usize) -> Option<String> {
+        let present = self.map.get(field).is_some_and(|v| !v.is_null());
+        let value = self.opt_str(field, max);
+        if !present {
+            self.error(field, "is required");
+        }
+        value
+    }
+
+    /// A required [`Email`].
+    pub fn email(&mut self, field: &str) -> Option<Email> {
+        let raw = self.str(field, 254)?;
+        match Email::parse(&raw) {
+            Ok(e) => Some(e),
+            Err(msg) => {
+                self.error(field, msg);
+                None
+            }
+        }
+    }
+
+    /// A required [`Role`].
+    pub fn role(&mut self, field: &str) -> Option<Role> {
+        let raw = self.str(field, 16)?;
+        let role = Role::parse(&raw);
+        if role.is_none() {
+            self.error(field, "must be one of owner, admin, member, viewer");
+        }
+        role
+    }
+
+    /// Ends the read: unknown fields and every recorded error make one `422`.
+    pub fn finish(mut self) -> Result<(), ApiError> {
+        let unknown: Vec<String> = self.map.keys().filter(|k| !self.seen.contains(*k)).cloned().collect();
+        for field in unknown {
+            self.error(&field, "unknown field");
+        }
+        if self.errors.is_empty() {
+            return Ok(());
+        }
+        let detail = self
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(ApiError::Validation { detail, errors: self.errors })
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, ApiError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
+                out.push(byte.ok_or_else(|| ApiError::field("body", "bad percent-encoding"))?);
+                i += 2;
+            }
+            b'%' => return Err(ApiError::field("body", "bad percent-encoding")),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| ApiError::field("body", "not UTF-8"))
+}
+
+/// An email address, lowercased: one `@`, a non-empty local part, a dotted domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Email(String);
+
+impl Email {
+    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+        let s = raw.trim().to_lowercase();
+        let Some((local, domain)) = s.split_once('@') else {
+            return Err("must be an email address");
+        };
+        let domain_ok = domain.contains('.')
+            && !domain.starts_with('.')
+            && !domain.ends_with('.')
+            && !domain.contains("..")
+            && domain.chars().all(|c| c.is_alphanumeric() || c == '.' || c == '-');
+        let local_ok = !local.is_empty() && local.len() <= 64 && !local.chars().any(|c| c.is_whitespace() || c == '@');
+        if local_ok && domain_ok && s.len() <= 254 {
+            Ok(Self(s))
+        } else {
+            Err("must be an email address")
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A password of 8..=128 characters.
+pub fn check_password(p: &str) -> Result<(), &'static str> {
+    match p.chars().count() {
+        0..8 => Err("must be at least 8 characters"),
+        8..=128 => Ok(()),
+        _ => Err("must be at most 128 characters"),
+    }
+}
+
+/// A project slug: 3..=64 of `a-z`, `0-9` and `-`, not starting or ending with `-`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slug(String);
+
+impl Slug {
+    pub fn parse(s: &str) -> Result<Self, &'static str> {
+        let ok = (3..=64).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-');
+        if ok {
+            Ok(Self(s.to_string()))
+        } else {
+            Err("must be 3 to 64 of a-z, 0-9 and '-', not starting or ending with '-'")
+        }
+    }
+
+    /// A slug made from a display name (`"My Agents!"` -> `"my-agents"`), padded to 3.
+    pub fn from_name(name: &str) -> Self {
+        let mut s = String::new();
+        for c in name.to_lowercase().chars() {
+            if c.is_ascii_alphanumeric() {
+                s.push(c);
+            } else if !s.ends_with('-') && !s.is_empty() {
+                s.push('-');
+            }
+        }
+        let mut s: String = s.trim_end_matches('-').chars().take(64).collect();
+        s = s.trim_end_matches('-').to_string();
+        while s.len() < 3 {
+            s.push('x');
+        }
+        Self(s)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let mut b = Body::from_value(json!({"email": 5, "name": "", "extra": true})).unwrap();
+        let _ = b.email("email");
+        let _ = b.str("name", 10);
+        let _ = b.str("password", 10);
+        let ApiError::Validation { errors, .. } = b.finish().unwrap_err() else { panic!() };
+        let fields: Vec<(&str, &str)> = errors.iter().map(|e| (e.field.as_str(), e.message.as_str())).collect();
+        assert_eq!(
+            fields,
+            [
+                ("email", "must be a string"),
+                ("name", "must not be empty"),
+                ("password", "is required"),
+                ("extra", "unknown field"),
+            ]
+        );
+    }
+
+    #[test]
+    fn overlong_strings_are_rejected() {
+        let mut b = Body::from_value(json!({"name": "x".repeat(11)})).unwrap();
+        assert_eq!(b.str("name", 10), None);
+        assert!(b.finish().is_err());
+    }
+
+    #[test]
+    fn malformed_json_and_non_objects_are_422_on_body() {
+        for bad in [&b"{"[..], b"[]", b"\"x\""] {
+            let Err(ApiError::Validation { errors, .. }) = Body::parse(bad) else { panic!() };
+            assert_eq!(errors[0].field, "body");
+        }
+    }
+
+    #[test]
+    fn a_form_body_decodes_percent_and_plus() {
+        let mut b = Body::from_form(b"username=a%40b.co&password=p+w%21&grant_type=password").unwrap();
+        assert_eq!(b.str("username", 100).as_deref(), Some("a@b.co"));
+        assert_eq!(b.str("password", 100).as_deref(), Some("p w!"));
+        assert!(Body::from_form(b"a=%zz").is_err());
+        assert!(Body::from_form(b"a=%4").is_err());
+    }
+
+    #[test]
+    fn emails_are_lowercased_and_checked() {
+        assert_eq!(Email::parse(" Ada@Example.COM ").unwrap().as_str(), "ada@example.com");
+        for bad in ["", "ada", "ada@", "@example.com", "ada@example", "a b@example.com", "ada@ex..com", "a@b@c.com"] {
+            assert!(Email::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_8_to_128_characters() {
+        assert!(check_password("1234567").is_err());
+        assert!(check_password("12345678").is_ok());
+        assert!(check_password(&"é".repeat(128)).is_ok());
+        assert!(check_password(&"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn slugs_are_checked_and_made_from_names() {
+        assert!(Slug::parse("my-project-1").is_ok());
+        for bad in ["ab", "-abc", "abc-", "ABC", "a_b_c", &"a".repeat(65)] {
+            assert!(Slug::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Slug::from_name("My  Agents!").as_str(), "my-agents");
+        assert_eq!(Slug::from_name("!").as_str(), "xxx");
+    }
+}
