@@ -62,7 +62,9 @@ impl TokenKey {
         claims.issued_at = Some(UnixTimeStamp::from_secs(now));
         claims.invalid_before = Some(UnixTimeStamp::from_secs(now));
         claims.expires_at = Some(UnixTimeStamp::from_secs(now + ACCESS_TTL_SECS));
-        self.0.authenticate(claims).expect("HS256 signing cannot fail")
+        self.0
+            .authenticate(claims)
+            .expect("HS256 signing cannot fail")
     }
 
     /// Checks signature, algorithm (HS256 only: `none` and others are refused), issuer,
@@ -114,12 +116,14 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
 
 /// A hash that matches no password, verified when an email is unknown so that a login for
 /// a missing account costs the same as one for an existing account.
-pub const DUMMY_PASSWORD_HASH: &str =
-    "$argon2id$v=19$m=19456,t=2,p=1$c3BhcmtvcHNkdW1teXNhbHQ$Y5rvx0nLBB3mw0vkJEJ0CvwTWtkvKh8SywqZ8QC4n8w";
+pub const DUMMY_PASSWORD_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c3BhcmtvcHNkdW1teXNhbHQ$Y5rvx0nLBB3mw0vkJEJ0CvwTWtkvKh8SywqZ8QC4n8w";
 
 /// SHA-256 of a token, hex: how refresh tokens and API keys are stored.
 pub fn token_hash(token: &str) -> String {
-    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// An opaque refresh token from 32 random bytes.
@@ -145,12 +149,17 @@ pub fn api_key(random: &[u8; 32]) -> NewApiKey {
 
 /// The stored prefix of something that looks like an API key.
 pub fn api_key_prefix(secret: &str) -> Option<&str> {
-    (secret.starts_with("sk_") && secret.len() == 46 && secret.is_ascii()).then(|| &secret[..API_KEY_PREFIX_LEN])
+    (secret.starts_with("sk_") && secret.len() == 46 && secret.is_ascii())
+        .then(|| &secret[..API_KEY_PREFIX_LEN])
 }
 
 /// Compares two hashes in time independent of where they differ.
 pub fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 #[cfg(test)]
@@ -168,15 +177,27 @@ mod tests {
     fn a_fresh_token_verifies_to_its_user() {
         let token = key().issue("user-1", "jti-1", NOW);
         let claims = key().verify(&token, NOW + 10).unwrap();
-        assert_eq!(claims, AccessClaims { user_id: "user-1".into(), token_id: "jti-1".into() });
+        assert_eq!(
+            claims,
+            AccessClaims {
+                user_id: "user-1".into(),
+                token_id: "jti-1".into()
+            }
+        );
     }
 
     #[test]
     fn an_expired_or_not_yet_valid_token_is_rejected() {
         let token = key().issue("u", "j", NOW);
         assert!(key().verify(&token, NOW + ACCESS_TTL_SECS - 1).is_ok());
-        assert_eq!(key().verify(&token, NOW + ACCESS_TTL_SECS + LEEWAY_SECS + 1), Err(TokenError::Invalid));
-        assert_eq!(key().verify(&token, NOW - LEEWAY_SECS - 1), Err(TokenError::Invalid));
+        assert_eq!(
+            key().verify(&token, NOW + ACCESS_TTL_SECS + LEEWAY_SECS + 1),
+            Err(TokenError::Invalid)
+        );
+        assert_eq!(
+            key().verify(&token, NOW - LEEWAY_SECS - 1),
+            Err(TokenError::Invalid)
+        );
     }
 
     #[test]
@@ -203,24 +224,39 @@ mod tests {
 
     #[test]
     fn alg_none_and_other_algorithms_are_rejected() {
-        assert_eq!(key().verify(&forged(r#"{"alg":"none","typ":"JWT"}"#, ""), NOW), Err(TokenError::Invalid));
+        assert_eq!(
+            key().verify(&forged(r#"{"alg":"none","typ":"JWT"}"#, ""), NOW),
+            Err(TokenError::Invalid)
+        );
         let token = key().issue("u", "j", NOW);
         let real_sig = token.rsplit('.').next().unwrap();
         for alg in ["HS384", "HS512", "EdDSA", "RS256", "ES256"] {
             let header = format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#);
-            assert_eq!(key().verify(&forged(&header, real_sig), NOW), Err(TokenError::Invalid), "{alg}");
+            assert_eq!(
+                key().verify(&forged(&header, real_sig), NOW),
+                Err(TokenError::Invalid),
+                "{alg}"
+            );
         }
     }
 
     #[test]
     fn a_token_for_another_audience_or_issuer_is_rejected() {
-        let mut claims = Claims::create(Duration::from_secs(60)).with_subject("u").with_jwt_id("j");
+        let mut claims = Claims::create(Duration::from_secs(60))
+            .with_subject("u")
+            .with_jwt_id("j");
         claims.issued_at = Some(UnixTimeStamp::from_secs(NOW));
         claims.expires_at = Some(UnixTimeStamp::from_secs(NOW + 60));
         let raw = HS256Key::from_bytes(&[7u8; 32]);
-        let other_aud = raw.authenticate(claims.clone().with_issuer(ISSUER).with_audience("billing")).unwrap();
-        let other_iss = raw.authenticate(claims.clone().with_issuer("evil").with_audience(AUDIENCE)).unwrap();
-        let right = raw.authenticate(claims.with_issuer(ISSUER).with_audience(AUDIENCE)).unwrap();
+        let other_aud = raw
+            .authenticate(claims.clone().with_issuer(ISSUER).with_audience("billing"))
+            .unwrap();
+        let other_iss = raw
+            .authenticate(claims.clone().with_issuer("evil").with_audience(AUDIENCE))
+            .unwrap();
+        let right = raw
+            .authenticate(claims.with_issuer(ISSUER).with_audience(AUDIENCE))
+            .unwrap();
         assert_eq!(key().verify(&other_aud, NOW), Err(TokenError::Invalid));
         assert_eq!(key().verify(&other_iss, NOW), Err(TokenError::Invalid));
         assert!(key().verify(&right, NOW).is_ok());
@@ -259,7 +295,10 @@ mod tests {
 
     #[test]
     fn token_hashes_are_sha256_hex() {
-        assert_eq!(token_hash("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            token_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert!(constant_time_eq("abc", "abc"));
         assert!(!constant_time_eq("abc", "abd"));
         assert!(!constant_time_eq("abc", "ab"));

@@ -44,6 +44,8 @@ pub enum ApiError {
     BadRequest(String),
     /// Something broke on our side; the cause is logged, the body says nothing more.
     Internal,
+    /// As [`ApiError::Internal`], carrying the cause for the log line.
+    Server(String),
 }
 
 /// The JSON body of a problem response.
@@ -83,7 +85,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => 429,
             ApiError::Unavailable(_) => 503,
             ApiError::BadRequest(_) => 400,
-            ApiError::Internal => 500,
+            ApiError::Internal | ApiError::Server(_) => 500,
         }
     }
 
@@ -108,7 +110,9 @@ impl ApiError {
                 "A service the app depends on is unavailable.",
             ),
             ApiError::BadRequest(_) => ("bad-request", "The request cannot be processed."),
-            ApiError::Internal => ("internal", "Something went wrong on our side."),
+            ApiError::Internal | ApiError::Server(_) => {
+                ("internal", "Something went wrong on our side.")
+            }
         }
     }
 
@@ -130,7 +134,7 @@ impl ApiError {
             ApiError::RateLimited { retry_after_secs } => {
                 format!("retry after {retry_after_secs} s")
             }
-            ApiError::Internal => "the error has been logged".into(),
+            ApiError::Internal | ApiError::Server(_) => "the error has been logged".into(),
         }
     }
 
@@ -164,9 +168,19 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The server-side cause to log, for `500`s that carry one.
+    pub fn cause(&self) -> Option<&str> {
+        match self {
+            ApiError::Server(cause) => Some(cause),
+            _ => None,
+        }
+    }
+}
+
 impl From<crate::db::DbError> for ApiError {
-    fn from(_: crate::db::DbError) -> Self {
-        ApiError::Internal
+    fn from(e: crate::db::DbError) -> Self {
+        ApiError::Server(e.to_string())
     }
 }
 

@@ -10,7 +10,14 @@ pub fn uuid_v7(unix_ms: u64, random: [u8; 10]) -> String {
     b[6] = 0x70 | (b[6] & 0x0f); // version 7
     b[8] = 0x80 | (b[8] & 0x3f); // variant 10
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 /// Checks a UUID path or body value, normalised to lowercase; `what` names it in errors.
@@ -45,8 +52,16 @@ mod tests {
     #[test]
     fn malformed_ids_are_not_found() {
         assert!(parse_uuid("0191E7A2-1F6E-7FFF-BFFF-FFFFFFFFFFFF", "project").is_ok());
-        for bad in ["", "x", "0191e7a2-1f6e-7fff-bfff-fffffffffff", "0191e7a2x1f6e-7fff-bfff-ffffffffffff"] {
-            assert!(matches!(parse_uuid(bad, "project"), Err(ApiError::NotFound(_))), "{bad}");
+        for bad in [
+            "",
+            "x",
+            "0191e7a2-1f6e-7fff-bfff-fffffffffff",
+            "0191e7a2x1f6e-7fff-bfff-ffffffffffff",
+        ] {
+            assert!(
+                matches!(parse_uuid(bad, "project"), Err(ApiError::NotFound(_))),
+                "{bad}"
+            );
         }
     }
 }

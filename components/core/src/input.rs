@@ -26,7 +26,11 @@ impl Body {
 
     pub fn from_value(value: Value) -> Result<Self, ApiError> {
         match value {
-            Value::Object(map) => Ok(Self { map, seen: BTreeSet::new(), errors: Vec::new() }),
+            Value::Object(map) => Ok(Self {
+                map,
+                seen: BTreeSet::new(),
+                errors: Vec::new(),
+            }),
             _ => Err(ApiError::field("body", "must be a JSON object")),
         }
     }
@@ -39,11 +43,18 @@ impl Body {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             map.insert(percent_decode(k)?, Value::String(percent_decode(v)?));
         }
-        Ok(Self { map, seen: BTreeSet::new(), errors: Vec::new() })
+        Ok(Self {
+            map,
+            seen: BTreeSet::new(),
+            errors: Vec::new(),
+        })
     }
 
     pub fn error(&mut self, field: &str, message: impl Into<String>) {
-        self.errors.push(FieldError { field: field.to_string(), message: message.into() });
+        self.errors.push(FieldError {
+            field: field.to_string(),
+            message: message.into(),
+        });
     }
 
     fn take(&mut self, field: &str) -> Option<Value> {
@@ -98,6 +109,16 @@ impl Body {
         }
     }
 
+    /// An optional RFC 3339 time.
+    pub fn opt_time(&mut self, field: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        let raw = self.opt_str(field, 64)?;
+        let t = crate::time::parse_rfc3339(&raw);
+        if t.is_none() {
+            self.error(field, "must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z");
+        }
+        t
+    }
+
     /// A required [`Role`].
     pub fn role(&mut self, field: &str) -> Option<Role> {
         let raw = self.str(field, 16)?;
@@ -110,7 +131,12 @@ impl Body {
 
     /// Ends the read: unknown fields and every recorded error make one `422`.
     pub fn finish(mut self) -> Result<(), ApiError> {
-        let unknown: Vec<String> = self.map.keys().filter(|k| !self.seen.contains(*k)).cloned().collect();
+        let unknown: Vec<String> = self
+            .map
+            .keys()
+            .filter(|k| !self.seen.contains(*k))
+            .cloned()
+            .collect();
         for field in unknown {
             self.error(&field, "unknown field");
         }
@@ -123,7 +149,10 @@ impl Body {
             .map(|e| format!("{}: {}", e.field, e.message))
             .collect::<Vec<_>>()
             .join("; ");
-        Err(ApiError::Validation { detail, errors: self.errors })
+        Err(ApiError::Validation {
+            detail,
+            errors: self.errors,
+        })
     }
 }
 
@@ -162,8 +191,12 @@ impl Email {
             && !domain.starts_with('.')
             && !domain.ends_with('.')
             && !domain.contains("..")
-            && domain.chars().all(|c| c.is_alphanumeric() || c == '.' || c == '-');
-        let local_ok = !local.is_empty() && local.len() <= 64 && !local.chars().any(|c| c.is_whitespace() || c == '@');
+            && domain
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '.' || c == '-');
+        let local_ok = !local.is_empty()
+            && local.len() <= 64
+            && !local.chars().any(|c| c.is_whitespace() || c == '@');
         if local_ok && domain_ok && s.len() <= 254 {
             Ok(Self(s))
         } else {
@@ -192,7 +225,8 @@ pub struct Slug(String);
 impl Slug {
     pub fn parse(s: &str) -> Result<Self, &'static str> {
         let ok = (3..=64).contains(&s.len())
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !s.starts_with('-')
             && !s.ends_with('-');
         if ok {
@@ -236,8 +270,13 @@ mod tests {
         let _ = b.email("email");
         let _ = b.str("name", 10);
         let _ = b.str("password", 10);
-        let ApiError::Validation { errors, .. } = b.finish().unwrap_err() else { panic!() };
-        let fields: Vec<(&str, &str)> = errors.iter().map(|e| (e.field.as_str(), e.message.as_str())).collect();
+        let ApiError::Validation { errors, .. } = b.finish().unwrap_err() else {
+            panic!()
+        };
+        let fields: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|e| (e.field.as_str(), e.message.as_str()))
+            .collect();
         assert_eq!(
             fields,
             [
@@ -259,14 +298,17 @@ mod tests {
     #[test]
     fn malformed_json_and_non_objects_are_422_on_body() {
         for bad in [&b"{"[..], b"[]", b"\"x\""] {
-            let Err(ApiError::Validation { errors, .. }) = Body::parse(bad) else { panic!() };
+            let Err(ApiError::Validation { errors, .. }) = Body::parse(bad) else {
+                panic!()
+            };
             assert_eq!(errors[0].field, "body");
         }
     }
 
     #[test]
     fn a_form_body_decodes_percent_and_plus() {
-        let mut b = Body::from_form(b"username=a%40b.co&password=p+w%21&grant_type=password").unwrap();
+        let mut b =
+            Body::from_form(b"username=a%40b.co&password=p+w%21&grant_type=password").unwrap();
         assert_eq!(b.str("username", 100).as_deref(), Some("a@b.co"));
         assert_eq!(b.str("password", 100).as_deref(), Some("p w!"));
         assert!(Body::from_form(b"a=%zz").is_err());
@@ -275,8 +317,20 @@ mod tests {
 
     #[test]
     fn emails_are_lowercased_and_checked() {
-        assert_eq!(Email::parse(" Ada@Example.COM ").unwrap().as_str(), "ada@example.com");
-        for bad in ["", "ada", "ada@", "@example.com", "ada@example", "a b@example.com", "ada@ex..com", "a@b@c.com"] {
+        assert_eq!(
+            Email::parse(" Ada@Example.COM ").unwrap().as_str(),
+            "ada@example.com"
+        );
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "a b@example.com",
+            "ada@ex..com",
+            "a@b@c.com",
+        ] {
             assert!(Email::parse(bad).is_err(), "{bad}");
         }
     }

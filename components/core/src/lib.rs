@@ -13,3 +13,4 @@ pub mod input;
 pub mod page;
 pub mod ratelimit;
 pub mod roles;
+pub mod time;

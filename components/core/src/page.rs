@@ -24,12 +24,20 @@ impl PageRequest {
             None => DEFAULT_LIMIT,
             Some(l) => match l.parse::<i64>() {
                 Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-                _ => return Err(ApiError::field("limit", format!("must be an integer from 1 to {MAX_LIMIT}"))),
+                _ => {
+                    return Err(ApiError::field(
+                        "limit",
+                        format!("must be an integer from 1 to {MAX_LIMIT}"),
+                    ));
+                }
             },
         };
         let before = match cursor {
             None | Some("") => None,
-            Some(c) => Some(decode_cursor(c).ok_or_else(|| ApiError::field("cursor", "is not a cursor from this list"))?),
+            Some(c) => Some(
+                decode_cursor(c)
+                    .ok_or_else(|| ApiError::field("cursor", "is not a cursor from this list"))?,
+            ),
         };
         Ok(Self { limit, before })
     }
@@ -79,7 +87,10 @@ mod tests {
 
     #[test]
     fn a_full_page_points_at_its_last_item() {
-        let p = PageRequest { limit: 2, before: None };
+        let p = PageRequest {
+            limit: 2,
+            before: None,
+        };
         let ids: Vec<String> = ["c", "b", "a"].iter().map(|s| s.to_string()).collect();
         assert_eq!(p.finish(&ids), (2, Some(encode_cursor("b"))));
         assert_eq!(p.finish(&ids[..2]), (2, None));

@@ -23,7 +23,11 @@ pub struct Decision {
 impl Limit {
     /// Decides from the window's count after this request and the counter's time to live.
     pub fn decide(self, count: u64, ttl_secs: i64) -> Decision {
-        let reset_secs = if ttl_secs > 0 { ttl_secs as u64 } else { self.window_secs };
+        let reset_secs = if ttl_secs > 0 {
+            ttl_secs as u64
+        } else {
+            self.window_secs
+        };
         Decision {
             allowed: count <= self.limit,
             limit: self.limit,
@@ -48,7 +52,9 @@ impl Decision {
         if self.allowed {
             Ok(())
         } else {
-            Err(ApiError::RateLimited { retry_after_secs: self.reset_secs.max(1) })
+            Err(ApiError::RateLimited {
+                retry_after_secs: self.reset_secs.max(1),
+            })
         }
     }
 
@@ -69,21 +75,48 @@ mod tests {
 
     #[test]
     fn the_request_past_the_limit_is_refused_with_retry_after() {
-        let l = Limit { limit: 2, window_secs: 60 };
+        let l = Limit {
+            limit: 2,
+            window_secs: 60,
+        };
         assert!(l.decide(2, 40).allowed);
         let d = l.decide(3, 40);
-        assert_eq!(d, Decision { allowed: false, limit: 2, remaining: 0, reset_secs: 40 });
-        assert_eq!(d.check(), Err(ApiError::RateLimited { retry_after_secs: 40 }));
+        assert_eq!(
+            d,
+            Decision {
+                allowed: false,
+                limit: 2,
+                remaining: 0,
+                reset_secs: 40
+            }
+        );
+        assert_eq!(
+            d.check(),
+            Err(ApiError::RateLimited {
+                retry_after_secs: 40
+            })
+        );
     }
 
     #[test]
     fn a_counter_without_ttl_resets_after_a_full_window() {
-        assert_eq!(Limit { limit: 5, window_secs: 60 }.decide(1, -1).reset_secs, 60);
+        assert_eq!(
+            Limit {
+                limit: 5,
+                window_secs: 60
+            }
+            .decide(1, -1)
+            .reset_secs,
+            60
+        );
     }
 
     #[test]
     fn the_tighter_decision_wins() {
-        let l = Limit { limit: 10, window_secs: 60 };
+        let l = Limit {
+            limit: 10,
+            window_secs: 60,
+        };
         assert_eq!(l.decide(3, 5).tighter(l.decide(8, 5)).remaining, 2);
         assert!(!l.decide(3, 5).tighter(l.decide(11, 5)).allowed);
     }

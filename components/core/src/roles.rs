@@ -56,7 +56,9 @@ impl Role {
         if self.can(action) {
             Ok(())
         } else {
-            Err(ApiError::Forbidden(format!("the {self} role cannot do this")))
+            Err(ApiError::Forbidden(format!(
+                "the {self} role cannot do this"
+            )))
         }
     }
 }

@@ -13,7 +13,7 @@ use spin_sdk::{key_value, redis};
 
 #[http_component]
 fn handle(req: Request) -> Response {
-    let id = request_id(&req);
+    let id = request_id(req.header("x-request-id").and_then(|v| v.as_str()));
     let path = req.path();
     let readable = matches!(req.method(), Method::Get | Method::Head);
     match (readable, path) {

@@ -1,11 +1,30 @@
 //! The thin layer between Spark-Ops components and Spin: Postgres through pg4 behind the
-//! shared library's [`sparkops_core::db::Connection`], and the HTTP edge (request ids,
-//! JSON and problem responses). Business logic stays in `sparkops-core`.
+//! shared library's [`sparkops_core::db::Connection`], the HTTP edge, and the request
+//! pipeline every API component runs. Business logic stays in `sparkops-core`.
 
 pub mod db;
 pub mod http;
+pub mod pipeline;
+pub mod ratelimit;
 
 /// Reads a component variable, naming it in the error when it is missing.
 pub fn variable(name: &str) -> Result<String, String> {
     spin_sdk::variables::get(name).map_err(|e| format!("variable `{name}`: {e}"))
+}
+
+/// `n` random bytes from the host (`wasi:random`).
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    wasi::random::random::get_random_bytes(n as u64)
+}
+
+/// `n` random bytes as lowercase hex.
+pub fn random_hex(n: usize) -> String {
+    random_bytes(n).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `N` random bytes as an array.
+pub fn random_array<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(&random_bytes(N));
+    out
 }

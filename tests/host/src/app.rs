@@ -41,6 +41,8 @@ pub struct AppOptions {
     pub cache_dir: Option<PathBuf>,
     /// Where `SPIN_VARIABLE_*` values come from; the process environment by default.
     pub env: HashMap<String, String>,
+    /// Pass the guests' stdout and stderr through (their log lines); off keeps tests quiet.
+    pub guest_output: bool,
 }
 
 /// Instances that may exist at once (requests in flight plus guests running on after
@@ -60,6 +62,7 @@ pub struct AppInner {
     shared: Arc<AppShared>,
     network: Arc<BlockedNetworks>,
     local_addr: OnceLock<SocketAddr>,
+    guest_output: bool,
 }
 
 /// A running app; dropping it (or calling [`RunningApp::shutdown`]) stops accepting requests.
@@ -222,6 +225,7 @@ impl AppInner {
             shared,
             network,
             local_addr: OnceLock::new(),
+            guest_output: options.guest_output,
         });
         app.shared.app.set(Arc::downgrade(&app)).ok();
         Ok(app)
@@ -410,7 +414,12 @@ impl AppInner {
 
         let mut store = Store::new(
             &self.engine,
-            InstanceState::new(runtime.clone(), self.shared.clone(), self.network.clone()),
+            InstanceState::new(
+                runtime.clone(),
+                self.shared.clone(),
+                self.network.clone(),
+                self.guest_output,
+            ),
         );
         store.limiter(|s| s.limiter());
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -88,6 +88,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 state_dir,
                 cache_dir: None,
                 env: std::env::vars().collect(),
+                guest_output: true,
             };
             let app = RunningApp::start(&options).await?;
             println!("serving on http://{}", app.addr);

@@ -73,9 +73,12 @@ impl InstanceState {
         component: Arc<ComponentRuntime>,
         app: Arc<AppShared>,
         network: Arc<crate::outbound::BlockedNetworks>,
+        guest_output: bool,
     ) -> Self {
         let mut wasi = WasiCtx::builder();
-        wasi.inherit_stdout().inherit_stderr();
+        if guest_output {
+            wasi.inherit_stdout().inherit_stderr();
+        }
         for (k, v) in &component.environment {
             wasi.env(k, v);
         }

@@ -24,6 +24,9 @@ fn required_env(name: &str) -> String {
         .unwrap_or_else(|_| panic!("{name} is not set: run the tests with `infra/dev test`"))
 }
 
+/// The access-token key of test apps (the tests forge tokens with it).
+pub const TEST_JWT_SECRET: &str = "test-secret-0123456789abcdef0123456789abcdef";
+
 /// A database of its own for one test, migrated, plus the shared Redis.
 pub struct TestEnv {
     pub database_url: String,
@@ -75,21 +78,20 @@ impl TestEnv {
 
     /// The `SPIN_VARIABLE_*` values an app needs to reach this test's services.
     pub fn variables(&self) -> HashMap<String, String> {
-        HashMap::from([
-            (
-                "SPIN_VARIABLE_DATABASE_URL".into(),
-                self.database_url.clone(),
-            ),
-            (
-                "SPIN_VARIABLE_DATABASE_HOST".into(),
-                Self::host_port(&self.database_url),
-            ),
-            ("SPIN_VARIABLE_REDIS_URL".into(), self.redis_url.clone()),
-            (
-                "SPIN_VARIABLE_REDIS_HOST".into(),
-                Self::host_port(&self.redis_url),
-            ),
-        ])
+        let vars = [
+            ("DATABASE_URL", self.database_url.clone()),
+            ("DATABASE_HOST", Self::host_port(&self.database_url)),
+            ("REDIS_URL", self.redis_url.clone()),
+            ("REDIS_HOST", Self::host_port(&self.redis_url)),
+            ("JWT_SECRET", TEST_JWT_SECRET.to_string()),
+            // Every test calls from 127.0.0.1: per-IP limits are raised here and tested
+            // on their own.
+            ("RATE_LIMIT_IP_PER_MINUTE", "1000000".to_string()),
+            ("LOGIN_FAILURES_PER_IP", "1000000".to_string()),
+        ];
+        vars.into_iter()
+            .map(|(k, v)| (format!("SPIN_VARIABLE_{k}"), v))
+            .collect()
     }
 
     pub async fn db(&self) -> tokio_postgres::Client {
@@ -129,6 +131,8 @@ impl TestEnv {
             // Compiled code is shared by every test: compiling once is the slow part.
             cache_dir: Some(workspace().join("target/host-test-cache")),
             env: self.variables(),
+            // Guests' log lines only when asked for.
+            guest_output: std::env::var_os("TEST_LOG").is_some(),
         }
     }
 }
@@ -221,4 +225,87 @@ pub async fn eventually<T>(mut check: impl AsyncFnMut() -> Option<T>) -> T {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("condition not reached within 10 s");
+}
+
+/// The real app (spin.toml) for one test, with helpers that speak its API.
+pub struct Api {
+    pub env: TestEnv,
+    pub app: RunningApp,
+}
+
+/// A registered user's credentials.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: String,
+    pub email: String,
+    pub password: String,
+    pub access: String,
+    pub refresh: String,
+}
+
+impl Api {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts with extra `SPIN_VARIABLE_*` settings.
+    pub async fn start_with(vars: &[(&str, &str)]) -> Self {
+        let env = TestEnv::new().await;
+        let config = format!(
+            "[key_value_store.default]\ntype = \"redis\"\nurl = \"{}\"\n",
+            env.redis_url
+        );
+        let mut options = env.options("spin.toml", Some(&config));
+        for (k, v) in vars {
+            options.env.insert(k.to_string(), v.to_string());
+        }
+        let app = RunningApp::start(&options).await.expect("the app starts");
+        Self { env, app }
+    }
+
+    /// Sends a request with an optional bearer token.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Reply {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        request(method, &self.app.url(path), &headers, body).await
+    }
+
+    pub async fn register(&self, name: &str) -> User {
+        let email = format!("{name}-{}@example.com", uuid::Uuid::new_v4().simple());
+        let password = format!("pw-{name}-correct-horse");
+        let res = self
+            .call(
+                "POST",
+                "/api/v1/auth/register",
+                None,
+                Some(serde_json::json!({"email": email, "password": password, "name": name})),
+            )
+            .await;
+        assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
+        let body = res.json();
+        User {
+            id: body["user"]["id"].as_str().unwrap().to_string(),
+            email,
+            password,
+            access: body["access_token"].as_str().unwrap().to_string(),
+            refresh: body["refresh_token"].as_str().unwrap().to_string(),
+        }
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        self.env
+            .db()
+            .await
+            .query_one(&format!("select count(*) from {table}"), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
 }

@@ -1,0 +1,502 @@
+//! The request pipeline every API component runs: request id, CORS, body limit, per-IP rate
+//! limit, then the component's router with a [`Ctx`] that authenticates (access JWT or API
+//! key, with a per-principal rate limit), loads a project through the caller's membership,
+//! and makes creating requests idempotent. Errors become problems; every request is logged
+//! as one JSON line (no bodies, no credentials).
+
+use std::time::Instant;
+
+use serde_json::{Value, json};
+use sparkops_core::auth::{self, TokenKey};
+use sparkops_core::db::{self as core_db, Connection as _, Value as V};
+use sparkops_core::error::ApiError;
+use sparkops_core::ratelimit::{Decision, Limit};
+use sparkops_core::roles::{Action, Role};
+use spin_sdk::http::{IncomingRequest, Method, Response};
+
+use crate::db::Db;
+use crate::http::{HttpRequest, Reply, problem, request_id};
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Principal {
+    pub user_id: String,
+    /// Set when the caller used an API key: it reaches only this project, with this role.
+    pub api_key: Option<ApiKeyGrant>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKeyGrant {
+    pub api_key_id: String,
+    pub project_id: String,
+    pub role: Role,
+}
+
+impl Principal {
+    /// A stable name for rate limits and idempotency scopes.
+    pub fn key(&self) -> String {
+        match &self.api_key {
+            Some(k) => format!("key:{}", k.api_key_id),
+            None => format!("user:{}", self.user_id),
+        }
+    }
+}
+
+/// A project the caller may see, and the caller's role in it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectAccess {
+    pub project_id: String,
+    pub role: Role,
+}
+
+/// Per-request state and services for handlers.
+pub struct Ctx {
+    pub request_id: String,
+    pub now: chrono::DateTime<chrono::Utc>,
+    db: Option<Db>,
+    /// Headers added to whatever the handler answers (rate-limit state).
+    headers: Vec<(String, String)>,
+}
+
+impl Ctx {
+    fn new(request_id: String) -> Self {
+        Self {
+            request_id,
+            now: chrono::Utc::now(),
+            db: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// The request's database connection, opened on first use.
+    pub fn db(&mut self) -> Result<&Db, ApiError> {
+        if self.db.is_none() {
+            self.db = Some(Db::open_default().map_err(internal("opening the database"))?);
+        }
+        Ok(self.db.as_ref().expect("just opened"))
+    }
+
+    /// Authenticates `Authorization: Bearer <JWT | sk_...>` or `X-API-Key: sk_...`, then
+    /// counts the request against the principal's rate limit.
+    pub fn authenticate(&mut self, req: &HttpRequest) -> Result<Principal, ApiError> {
+        let bearer = req
+            .header("authorization")
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        let credential = bearer.or_else(|| req.header("x-api-key").map(str::trim));
+        let Some(credential) = credential.filter(|c| !c.is_empty()) else {
+            return Err(ApiError::Unauthenticated(
+                "a bearer token or API key is required".into(),
+            ));
+        };
+        let principal = if credential.starts_with("sk_") {
+            self.api_key_principal(credential)?
+        } else {
+            let key = token_key()?;
+            let claims = key
+                .verify(credential, self.now.timestamp() as u64)
+                .map_err(|_| {
+                    ApiError::Unauthenticated("the access token is invalid or expired".into())
+                })?;
+            Principal {
+                user_id: claims.user_id,
+                api_key: None,
+            }
+        };
+        let limit = Limit {
+            limit: var_u64("rate_limit_per_minute", 600),
+            window_secs: 60,
+        };
+        self.rate_limit(&format!("p:{}", principal.key()), limit)?;
+        Ok(principal)
+    }
+
+    fn api_key_principal(&mut self, secret: &str) -> Result<Principal, ApiError> {
+        let invalid =
+            || ApiError::Unauthenticated("the API key is invalid, revoked or expired".into());
+        let prefix = auth::api_key_prefix(secret).ok_or_else(invalid)?;
+        let now = V::Timestamp(self.now);
+        let rows = self
+            .db()?
+            .query(
+                &format!(
+                    "select k.api_key_id::text, k.project_id::text, k.key_hash, k.role, k.created_by::text
+                     from api_keys k
+                     join projects p on p.project_id = k.project_id and p.deleted_at is null
+                     where k.prefix = $1 and k.revoked_at is null
+                       and (k.expires_at is null or k.expires_at > $2{})",
+                    core_db::AS_TIMESTAMPTZ
+                ),
+                &[V::Text(prefix.to_string()), now],
+            )
+            .map_err(internal("looking up an API key"))?;
+        let row = rows.first().ok_or_else(invalid)?;
+        let hash = row.text(2).map_err(internal("reading an API key"))?;
+        if !auth::constant_time_eq(&hash, &auth::token_hash(secret)) {
+            return Err(invalid());
+        }
+        let role = Role::parse(&row.text(3).map_err(internal("reading an API key"))?)
+            .ok_or(ApiError::Internal)?;
+        Ok(Principal {
+            user_id: row.text(4).map_err(internal("reading an API key"))?,
+            api_key: Some(ApiKeyGrant {
+                api_key_id: row.text(0).map_err(internal("reading an API key"))?,
+                project_id: row.text(1).map_err(internal("reading an API key"))?,
+                role,
+            }),
+        })
+    }
+
+    /// Loads `project_id` through the caller's membership: `404` when the caller cannot see
+    /// it (never `403`, so existence does not leak), `403` when the role lacks `action`.
+    pub fn project(
+        &mut self,
+        who: &Principal,
+        project_id: &str,
+        action: Action,
+    ) -> Result<ProjectAccess, ApiError> {
+        let not_found = || ApiError::NotFound(format!("no project {project_id}"));
+        let project_id = sparkops_core::ids::parse_uuid(project_id, "project")?;
+        if let Some(key) = &who.api_key
+            && key.project_id != project_id
+        {
+            return Err(not_found());
+        }
+        let rows = self
+            .db()?
+            .query(
+                "select m.role from memberships m
+                 join projects p on p.project_id = m.project_id and p.deleted_at is null
+                 where m.project_id = $1 and m.user_id = $2",
+                &[V::Uuid(project_id.clone()), V::Uuid(who.user_id.clone())],
+            )
+            .map_err(internal("loading a membership"))?;
+        let member_role = rows
+            .first()
+            .and_then(|r| r.text(0).ok())
+            .and_then(|r| Role::parse(&r))
+            .ok_or_else(not_found)?;
+        // A key acts with at most its creator's current role.
+        let role = match &who.api_key {
+            Some(key) => key.role.min(member_role),
+            None => member_role,
+        };
+        role.require(action)?;
+        Ok(ProjectAccess { project_id, role })
+    }
+
+    /// Counts one request under `key`; over the limit is `429`. The tighter of the limits
+    /// seen so far goes out in the `RateLimit-*` headers. Redis being down lets requests
+    /// through (logged): an outage of the limiter must not become an outage of the API.
+    pub fn rate_limit(&mut self, key: &str, limit: Limit) -> Result<(), ApiError> {
+        let decision = match crate::ratelimit::count(key, limit.window_secs) {
+            Ok((count, ttl)) => limit.decide(count, ttl),
+            Err(e) => {
+                log_warn("rate limiter unavailable", &e);
+                return Ok(());
+            }
+        };
+        let current = self.rate_state();
+        let shown = match current {
+            Some(c) => c.tighter(decision.clone()),
+            None => decision.clone(),
+        };
+        self.headers.retain(|(k, _)| !k.starts_with("ratelimit-"));
+        self.headers
+            .extend(shown.headers().into_iter().map(|(k, v)| (k.to_string(), v)));
+        decision.check()
+    }
+
+    fn rate_state(&self) -> Option<Decision> {
+        let get = |name: &str| {
+            self.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| v.parse::<u64>().ok())
+        };
+        Some(Decision {
+            allowed: true,
+            limit: get("ratelimit-limit")?,
+            remaining: get("ratelimit-remaining")?,
+            reset_secs: get("ratelimit-reset")?,
+        })
+    }
+
+    /// A new UUIDv7.
+    pub fn new_id(&self) -> String {
+        let mut random = [0u8; 10];
+        random.copy_from_slice(&crate::random_bytes(10));
+        sparkops_core::ids::uuid_v7(self.now.timestamp_millis() as u64, random)
+    }
+
+    /// Runs `f` in one transaction on the request's connection (see
+    /// [`sparkops_core::db::transaction`]), with the context at hand for ids and time.
+    pub fn transaction<T>(
+        &mut self,
+        f: impl FnOnce(&core_db::Tx<'_, Db>, &Ctx) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        self.db()?;
+        let db = self.db.take().expect("opened above");
+        let result = core_db::transaction(&db, |tx| f(tx, self));
+        self.db = Some(db);
+        result
+    }
+
+    /// Runs a creating request once per `Idempotency-Key` (24 h): `create` runs in the
+    /// transaction that stores its reply, so a retry with the same key and body gets the
+    /// first reply back and the write happens once; the same key with another body is `422`.
+    /// Without the header it is a plain transaction.
+    pub fn create_once(
+        &mut self,
+        req: &HttpRequest,
+        who: &Principal,
+        create: impl FnOnce(&core_db::Tx<'_, Db>, &Ctx) -> Result<Reply, ApiError>,
+    ) -> Result<Reply, ApiError> {
+        let key = req.header("idempotency-key").map(str::to_string);
+        if let Some(k) = &key
+            && !(1..=255).contains(&k.len())
+        {
+            return Err(ApiError::field(
+                "Idempotency-Key",
+                "must be 1 to 255 characters",
+            ));
+        }
+        let request_hash = auth::token_hash(&format!(
+            "{}\n{}",
+            req.path,
+            String::from_utf8_lossy(&req.body)
+        ));
+        let scope = (who.key(), req.path.clone());
+        self.transaction(|tx, ctx| {
+            let Some(key) = &key else {
+                return create(tx, ctx);
+            };
+            tx.execute(
+                "delete from idempotency_keys
+                 where principal = $1 and route = $2 and key = $3 and created_at < now() - interval '24 hours'",
+                &[V::Text(scope.0.clone()), V::Text(scope.1.clone()), V::Text(key.clone())],
+            )?;
+            let inserted = tx.execute(
+                "insert into idempotency_keys (principal, route, key, request_hash)
+                 values ($1, $2, $3, $4) on conflict do nothing",
+                &[V::Text(scope.0.clone()), V::Text(scope.1.clone()), V::Text(key.clone()), V::Text(request_hash.clone())],
+            )?;
+            if inserted == 0 {
+                return replay(tx, &scope, key, &request_hash);
+            }
+            let reply = create(tx, ctx)?;
+            let location = reply.headers.iter().find(|(k, _)| k == "location").map(|(_, v)| v.clone());
+            tx.execute(
+                "update idempotency_keys set status = $4, response = $5, location = $6
+                 where principal = $1 and route = $2 and key = $3",
+                &[
+                    V::Text(scope.0.clone()),
+                    V::Text(scope.1.clone()),
+                    V::Text(key.clone()),
+                    V::Int32(reply.status.into()),
+                    reply.body.clone().map(V::Json).unwrap_or(V::Null),
+                    location.map(V::Text).unwrap_or(V::Null),
+                ],
+            )?;
+            Ok(reply)
+        })
+    }
+}
+
+fn replay(
+    tx: &core_db::Tx<'_, Db>,
+    (principal, route): &(String, String),
+    key: &str,
+    request_hash: &str,
+) -> Result<Reply, ApiError> {
+    let rows = tx.query(
+        "select request_hash, status, response, location from idempotency_keys
+         where principal = $1 and route = $2 and key = $3",
+        &[
+            V::Text(principal.clone()),
+            V::Text(route.clone()),
+            V::Text(key.to_string()),
+        ],
+    )?;
+    let row = rows.first().ok_or(ApiError::Internal)?;
+    if row.text(0)? != request_hash {
+        return Err(ApiError::field(
+            "Idempotency-Key",
+            "was already used with another request body",
+        ));
+    }
+    let status = row.int(1).map_err(|_| ApiError::Internal)? as u16;
+    let body = match &row.0[2] {
+        V::Json(v) => Some(v.clone()),
+        _ => None,
+    };
+    let mut reply = Reply {
+        status,
+        body,
+        headers: vec![("idempotent-replayed".into(), "true".into())],
+    };
+    if let Ok(location) = row.text(3) {
+        reply.headers.push(("location".into(), location));
+    }
+    Ok(reply)
+}
+
+/// The access-token key from the `jwt_secret` variable.
+pub fn token_key() -> Result<TokenKey, ApiError> {
+    let secret = crate::variable("jwt_secret").map_err(|e| {
+        log_warn("jwt_secret is not set", &e);
+        ApiError::Internal
+    })?;
+    TokenKey::new(secret.as_bytes()).map_err(|_| {
+        log_warn("jwt_secret is too short", &"it must be at least 32 bytes");
+        ApiError::Internal
+    })
+}
+
+/// A numeric variable, or `default` when unset or unreadable.
+pub fn var_u64(name: &str, default: u64) -> u64 {
+    crate::variable(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Maps a failure to `500`, logging what was being done and why it failed.
+pub fn internal<E: std::fmt::Display>(doing: &'static str) -> impl Fn(E) -> ApiError {
+    move |e| {
+        log_warn(doing, &e);
+        ApiError::Internal
+    }
+}
+
+fn log_warn(msg: &str, err: &dyn std::fmt::Display) {
+    eprintln!(
+        "{}",
+        json!({"level": "warn", "msg": msg, "error": err.to_string()})
+    );
+}
+
+/// CORS headers for an allowed `Origin` (the `cors_allowed_origins` variable, comma
+/// separated, `*` for any).
+fn cors_headers(req: &HttpRequest) -> Vec<(String, String)> {
+    let Some(origin) = req.header("origin") else {
+        return Vec::new();
+    };
+    let allowed = crate::variable("cors_allowed_origins").unwrap_or_default();
+    let ok = allowed
+        .split(',')
+        .map(str::trim)
+        .any(|a| a == "*" || a == origin);
+    if !ok {
+        return Vec::new();
+    }
+    vec![
+        ("access-control-allow-origin".into(), origin.to_string()),
+        ("vary".into(), "Origin".into()),
+        (
+            "access-control-expose-headers".into(),
+            "x-request-id, location, retry-after, ratelimit-limit, ratelimit-remaining, ratelimit-reset".into(),
+        ),
+    ]
+}
+
+fn is_preflight(req: &HttpRequest) -> bool {
+    req.method == Method::Options && req.header("access-control-request-method").is_some()
+}
+
+/// Runs the pipeline around `route`, the component's router.
+pub async fn serve(
+    incoming: IncomingRequest,
+    route: fn(&mut Ctx, &HttpRequest) -> Result<Reply, ApiError>,
+) -> Response {
+    let started = Instant::now();
+    let id = request_id(
+        incoming
+            .headers()
+            .get(&"x-request-id".to_string())
+            .first()
+            .and_then(|v| std::str::from_utf8(v).ok()),
+    );
+    let path = incoming.path_with_query().unwrap_or_default();
+    let path = path.split('?').next().unwrap_or_default().to_string();
+    let method = incoming.method();
+    let mut ctx = Ctx::new(id.clone());
+    let outcome = match HttpRequest::read(incoming).await {
+        Err(e) => Err((e, Vec::new())),
+        Ok(req) => {
+            let cors = cors_headers(&req);
+            if is_preflight(&req) {
+                Ok((preflight(&cors), cors))
+            } else {
+                let ip_limit = Limit {
+                    limit: var_u64("rate_limit_ip_per_minute", 1200),
+                    window_secs: 60,
+                };
+                let result = ctx
+                    .rate_limit(&format!("ip:{}", req.client_ip()), ip_limit)
+                    .and_then(|()| route(&mut ctx, &req));
+                match result {
+                    Ok(reply) => Ok((reply, cors)),
+                    Err(e) => Err((e, cors)),
+                }
+            }
+        }
+    };
+    let extra: Vec<(String, String)> = ctx.headers.clone();
+    let response = match outcome {
+        Ok((mut reply, cors)) => {
+            reply.headers.extend(extra);
+            reply.headers.extend(cors);
+            reply.into_response(&id)
+        }
+        Err((err, cors)) => {
+            if let Some(cause) = err.cause() {
+                log_warn("request failed", &cause);
+            }
+            let mut res = problem(&err, &path, &id);
+            for (k, v) in extra.into_iter().chain(cors) {
+                res.set_header(k, v);
+            }
+            res
+        }
+    };
+    let status = *response.status();
+    eprintln!(
+        "{}",
+        json!({
+            "level": "info",
+            "msg": "request",
+            "request_id": id,
+            "method": format!("{method:?}"),
+            "path": path,
+            "status": status,
+            "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
+        })
+    );
+    response
+}
+
+fn preflight(cors: &[(String, String)]) -> Reply {
+    let mut reply = Reply::no_content();
+    if !cors.is_empty() {
+        reply = reply
+            .header(
+                "access-control-allow-methods",
+                "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+            )
+            .header(
+                "access-control-allow-headers",
+                "authorization, content-type, x-api-key, idempotency-key, if-match, x-request-id",
+            )
+            .header("access-control-max-age", "600");
+    }
+    reply
+}
+
+/// A JSON value's string field, for building replies.
+pub fn str_field(v: &Value, name: &str) -> String {
+    v[name].as_str().unwrap_or_default().to_string()
+}

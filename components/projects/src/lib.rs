@@ -1,0 +1,445 @@
+//! Projects (soft-deleted) and their members; the last owner can neither leave nor be
+//! demoted.
+// `#[http_component]` expands to the ABI export glue, which is `unsafe` by nature.
+#![allow(unsafe_code)]
+
+use serde_json::{Value, json};
+use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Row, Tx, Value as V, utc};
+use sparkops_core::error::ApiError;
+use sparkops_core::ids::parse_uuid;
+use sparkops_core::input::{Body, Email, Slug};
+use sparkops_core::page::PageRequest;
+use sparkops_core::roles::{Action, Role};
+use sparkops_core::time::rfc3339;
+use sparkops_platform::db::Db;
+use sparkops_platform::http::{HttpRequest, Reply};
+use sparkops_platform::pipeline::{self, Ctx, Principal, ProjectAccess};
+use spin_sdk::http::{IncomingRequest, Method, Response};
+use spin_sdk::http_component;
+
+#[http_component]
+async fn handle(req: IncomingRequest) -> Response {
+    pipeline::serve(req, route).await
+}
+
+fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
+    let segments = req.segments("/api/v1/projects").unwrap_or_default();
+    let who = ctx.authenticate(req)?;
+    match (&req.method, segments.as_slice()) {
+        (Method::Get, []) => list(ctx, req, &who),
+        (Method::Post, []) => create(ctx, req, &who),
+        (Method::Get, [id]) => get(ctx, &who, id),
+        (Method::Patch, [id]) => update(ctx, req, &who, id),
+        (Method::Delete, [id]) => delete(ctx, &who, id),
+        (Method::Get, [id, "members"]) => list_members(ctx, &who, id),
+        (Method::Post, [id, "members"]) => add_member(ctx, req, &who, id),
+        (Method::Patch, [id, "members", user]) => change_role(ctx, req, &who, id, user),
+        (Method::Delete, [id, "members", user]) => remove_member(ctx, &who, id, user),
+        (_, []) => Err(ApiError::MethodNotAllowed {
+            allow: vec!["GET", "POST"],
+        }),
+        (_, [_]) => Err(ApiError::MethodNotAllowed {
+            allow: vec!["GET", "PATCH", "DELETE"],
+        }),
+        (_, [_, "members"]) => Err(ApiError::MethodNotAllowed {
+            allow: vec!["GET", "POST"],
+        }),
+        (_, [_, "members", _]) => Err(ApiError::MethodNotAllowed {
+            allow: vec!["PATCH", "DELETE"],
+        }),
+        _ => Err(ApiError::NotFound(format!("no route {}", req.path))),
+    }
+}
+
+const PROJECT_COLUMNS: &str = "p.project_id::text, p.name, p.slug, p.description, p.version, \
+     (p.created_at at time zone 'UTC'), (p.updated_at at time zone 'UTC')";
+
+fn project_json(row: &Row, role: Option<&str>) -> Result<Value, ApiError> {
+    let mut v = json!({
+        "id": row.text(0)?,
+        "name": row.text(1)?,
+        "slug": row.text(2)?,
+        "description": row.text(3).ok(),
+        "version": row.int(4)?,
+        "created_at": rfc3339(row.timestamp(5)?),
+        "updated_at": rfc3339(row.timestamp(6)?),
+    });
+    if let Some(role) = role {
+        v["role"] = json!(role);
+    }
+    Ok(v)
+}
+
+fn list(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiError> {
+    let page = PageRequest::parse(
+        req.query_param("limit").as_deref(),
+        req.query_param("cursor").as_deref(),
+    )?;
+    let only = who
+        .api_key
+        .as_ref()
+        .map(|k| V::Uuid(k.project_id.clone()))
+        .unwrap_or(V::Null);
+    let rows = ctx.db()?.query(
+        &format!(
+            "select {PROJECT_COLUMNS}, m.role from projects p
+             join memberships m on m.project_id = p.project_id and m.user_id = $1
+             where p.deleted_at is null
+               and ($2::uuid is null or p.project_id < $2::uuid)
+               and ($3::uuid is null or p.project_id = $3::uuid)
+             order by p.project_id desc limit $4"
+        ),
+        &[
+            V::Uuid(who.user_id.clone()),
+            page.before.clone().map(V::Uuid).unwrap_or(V::Null),
+            only,
+            V::Int64(page.limit + 1),
+        ],
+    )?;
+    let ids: Vec<String> = rows.iter().map(|r| r.text(0)).collect::<Result<_, _>>()?;
+    let (n, next_cursor) = page.finish(&ids);
+    let items = rows[..n]
+        .iter()
+        .map(|r| project_json(r, r.text(7).ok().as_deref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Reply::ok(
+        json!({"items": items, "next_cursor": next_cursor}),
+    ))
+}
+
+/// Reads `name`, `slug` and `description` for a create (`required`) or a merge patch.
+struct ProjectFields {
+    name: Option<String>,
+    slug: Option<Slug>,
+    /// `Some(None)` clears it.
+    description: Option<Option<String>>,
+}
+
+fn read_fields(body: &mut Body, required: bool) -> ProjectFields {
+    let name = if required {
+        body.str("name", 200)
+    } else {
+        body.opt_str("name", 200)
+    };
+    let slug = body
+        .opt_str("slug", 64)
+        .and_then(|s| match Slug::parse(&s) {
+            Ok(slug) => Some(slug),
+            Err(msg) => {
+                body.error("slug", msg);
+                None
+            }
+        });
+    let had_description = body.has("description");
+    let description = body.opt_str("description", 2000);
+    let description = if had_description {
+        Some(description)
+    } else {
+        None
+    };
+    ProjectFields {
+        name,
+        slug,
+        description,
+    }
+}
+
+fn slug_taken(e: sparkops_core::db::DbError) -> ApiError {
+    if e.is_unique_violation("projects_owner_slug_key") {
+        ApiError::Conflict("you already have a project with this slug".into())
+    } else {
+        e.into()
+    }
+}
+
+fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiError> {
+    if who.api_key.is_some() {
+        return Err(ApiError::Forbidden(
+            "API keys cannot create projects".into(),
+        ));
+    }
+    let mut body = Body::parse(&req.body)?;
+    let fields = read_fields(&mut body, true);
+    body.finish()?;
+    let name = fields.name.ok_or(ApiError::Internal)?;
+    let slug = fields.slug.unwrap_or_else(|| Slug::from_name(&name));
+    ctx.create_once(req, who, |tx, ctx| {
+        let id = ctx.new_id();
+        let rows = tx
+            .query(
+                &format!(
+                    "insert into projects (project_id, owner_id, name, slug, description, created_at, updated_at)
+                     values ($1, $2, $3, $4, $5, $6{AS_TIMESTAMPTZ}, $6{AS_TIMESTAMPTZ})
+                     returning project_id::text, name, slug, description, version, {}, {}",
+                    utc("created_at"),
+                    utc("updated_at")
+                ),
+                &[
+                    V::Uuid(id.clone()),
+                    V::Uuid(who.user_id.clone()),
+                    V::Text(name),
+                    V::Text(slug.as_str().to_string()),
+                    fields.description.flatten().map(V::Text).unwrap_or(V::Null),
+                    V::Timestamp(ctx.now),
+                ],
+            )
+            .map_err(slug_taken)?;
+        tx.execute(
+            "insert into memberships (project_id, user_id, role) values ($1, $2, 'owner')",
+            &[V::Uuid(id.clone()), V::Uuid(who.user_id.clone())],
+        )?;
+        Ok(Reply::created(project_json(&rows[0], Some("owner"))?, format!("/api/v1/projects/{id}")))
+    })
+}
+
+fn load(ctx: &mut Ctx, access: &ProjectAccess) -> Result<Row, ApiError> {
+    let rows = ctx.db()?.query(
+        &format!("select {PROJECT_COLUMNS} from projects p where p.project_id = $1 and p.deleted_at is null"),
+        &[V::Uuid(access.project_id.clone())],
+    )?;
+    rows.into_iter()
+        .next()
+        .ok_or_else(|| ApiError::NotFound(format!("no project {}", access.project_id)))
+}
+
+fn get(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
+    let access = ctx.project(who, id, Action::Read)?;
+    let row = load(ctx, &access)?;
+    Ok(Reply::ok(project_json(&row, Some(access.role.as_str()))?))
+}
+
+fn update(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<Reply, ApiError> {
+    let access = ctx.project(who, id, Action::Administer)?;
+    let mut body = Body::parse(&req.body)?;
+    let fields = read_fields(&mut body, false);
+    body.finish()?;
+    let expected = if_match(req)?;
+    let row = ctx.transaction(|tx, ctx| {
+        let rows = tx
+            .query(
+                &format!(
+                    "update projects set
+                        name = coalesce($2, name),
+                        slug = coalesce($3, slug),
+                        description = case when $4 then $5 else description end,
+                        version = version + 1,
+                        updated_at = $6{AS_TIMESTAMPTZ}
+                     where project_id = $1 and deleted_at is null and ($7::int4 is null or version = $7::int4)
+                     returning project_id::text, name, slug, description, version, {}, {}",
+                    utc("created_at"),
+                    utc("updated_at")
+                ),
+                &[
+                    V::Uuid(access.project_id.clone()),
+                    fields.name.clone().map(V::Text).unwrap_or(V::Null),
+                    fields.slug.as_ref().map(|s| V::Text(s.as_str().into())).unwrap_or(V::Null),
+                    V::Bool(fields.description.is_some()),
+                    fields.description.clone().flatten().map(V::Text).unwrap_or(V::Null),
+                    V::Timestamp(ctx.now),
+                    expected.map(V::Int32).unwrap_or(V::Null),
+                ],
+            )
+            .map_err(slug_taken)?;
+        rows.into_iter().next().ok_or_else(|| {
+            ApiError::PreconditionFailed(format!("the project is no longer at version {}", expected.unwrap_or_default()))
+        })
+    })?;
+    let version = row.int(4)?;
+    Ok(Reply::ok(project_json(&row, Some(access.role.as_str()))?)
+        .header("etag", format!("\"{version}\"")))
+}
+
+/// `If-Match: "<version>"`, when sent.
+fn if_match(req: &HttpRequest) -> Result<Option<i32>, ApiError> {
+    req.header("if-match")
+        .map(|v| {
+            v.trim()
+                .trim_start_matches("W/")
+                .trim_matches('"')
+                .parse::<i32>()
+                .map_err(|_| ApiError::field("If-Match", "must be a version, e.g. \"3\""))
+        })
+        .transpose()
+}
+
+fn delete(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
+    let access = ctx.project(who, id, Action::DeleteProject)?;
+    // Runs arrive with the run engine; cancelling them joins this transaction then.
+    ctx.db()?.execute(
+        "update projects set deleted_at = now(), updated_at = now() where project_id = $1 and deleted_at is null",
+        &[V::Uuid(access.project_id)],
+    )?;
+    Ok(Reply::no_content())
+}
+
+// ---- Members -------------------------------------------------------------------------------
+
+fn member_json(row: &Row) -> Result<Value, ApiError> {
+    Ok(json!({
+        "user_id": row.text(0)?,
+        "email": row.text(1)?,
+        "name": row.text(2)?,
+        "role": row.text(3)?,
+        "created_at": rfc3339(row.timestamp(4)?),
+    }))
+}
+
+const MEMBER_SELECT: &str = "select u.user_id::text, u.email, u.name, m.role, (m.created_at at time zone 'UTC') \
+     from memberships m join users u on u.user_id = m.user_id";
+
+fn list_members(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
+    let access = ctx.project(who, id, Action::Read)?;
+    let rows = ctx.db()?.query(
+        &format!("{MEMBER_SELECT} where m.project_id = $1 order by m.created_at, u.user_id"),
+        &[V::Uuid(access.project_id)],
+    )?;
+    let items = rows
+        .iter()
+        .map(member_json)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Reply::ok(json!({"items": items, "next_cursor": null})))
+}
+
+/// Only an owner may grant, change or take away the owner role.
+fn check_grant(access: &ProjectAccess, role: Role) -> Result<(), ApiError> {
+    if role == Role::Owner && access.role != Role::Owner {
+        return Err(ApiError::Forbidden(
+            "only an owner can make or unmake owners".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Locks the project row so membership changes of one project happen one at a time (the
+/// last-owner rule holds under concurrent requests), then counts its owners.
+fn lock_and_count_owners(tx: &Tx<'_, Db>, project_id: &str) -> Result<i64, ApiError> {
+    tx.query(
+        "select project_id from projects where project_id = $1 for update",
+        &[V::Uuid(project_id.into())],
+    )?;
+    let rows = tx.query(
+        "select count(*) from memberships where project_id = $1 and role = 'owner'",
+        &[V::Uuid(project_id.into())],
+    )?;
+    Ok(rows[0].int(0)?)
+}
+
+fn member_role(tx: &Tx<'_, Db>, project_id: &str, user_id: &str) -> Result<Option<Role>, ApiError> {
+    let rows = tx.query(
+        "select role from memberships where project_id = $1 and user_id = $2",
+        &[V::Uuid(project_id.into()), V::Uuid(user_id.into())],
+    )?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.text(0).ok())
+        .and_then(|r| Role::parse(&r)))
+}
+
+fn add_member(
+    ctx: &mut Ctx,
+    req: &HttpRequest,
+    who: &Principal,
+    id: &str,
+) -> Result<Reply, ApiError> {
+    let access = ctx.project(who, id, Action::Administer)?;
+    let mut body = Body::parse(&req.body)?;
+    let email: Option<Email> = body.email("email");
+    let role = body.role("role");
+    body.finish()?;
+    let (Some(email), Some(role)) = (email, role) else {
+        return Err(ApiError::Internal);
+    };
+    check_grant(&access, role)?;
+    ctx.create_once(req, who, |tx, _| {
+        let users = tx.query("select user_id::text from users where lower(email) = $1", &[V::Text(email.as_str().into())])?;
+        let user_id = users
+            .first()
+            .map(|r| r.text(0))
+            .transpose()?
+            .ok_or_else(|| ApiError::field("email", "no account has this email; ask them to register first"))?;
+        let inserted = tx.execute(
+            "insert into memberships (project_id, user_id, role) values ($1, $2, $3) on conflict do nothing",
+            &[V::Uuid(access.project_id.clone()), V::Uuid(user_id.clone()), V::Text(role.as_str().into())],
+        )?;
+        if inserted == 0 {
+            return Err(ApiError::Conflict("this user is already a member".into()));
+        }
+        let rows = tx.query(
+            &format!("{MEMBER_SELECT} where m.project_id = $1 and m.user_id = $2"),
+            &[V::Uuid(access.project_id.clone()), V::Uuid(user_id.clone())],
+        )?;
+        Ok(Reply::created(
+            member_json(&rows[0])?,
+            format!("/api/v1/projects/{}/members/{user_id}", access.project_id),
+        ))
+    })
+}
+
+fn change_role(
+    ctx: &mut Ctx,
+    req: &HttpRequest,
+    who: &Principal,
+    id: &str,
+    user: &str,
+) -> Result<Reply, ApiError> {
+    let access = ctx.project(who, id, Action::Administer)?;
+    let user = parse_uuid(user, "member")?;
+    let mut body = Body::parse(&req.body)?;
+    let role = body.role("role");
+    body.finish()?;
+    let role = role.ok_or(ApiError::Internal)?;
+    check_grant(&access, role)?;
+    let row = ctx.transaction(|tx, _| {
+        let owners = lock_and_count_owners(tx, &access.project_id)?;
+        let current = member_role(tx, &access.project_id, &user)?
+            .ok_or_else(|| ApiError::NotFound(format!("no member {user}")))?;
+        check_grant(&access, current)?;
+        if current == Role::Owner && role != Role::Owner && owners <= 1 {
+            return Err(ApiError::Conflict("the last owner cannot be demoted; make another owner first".into()));
+        }
+        tx.execute(
+            "update memberships set role = $3, updated_at = now() where project_id = $1 and user_id = $2",
+            &[V::Uuid(access.project_id.clone()), V::Uuid(user.clone()), V::Text(role.as_str().into())],
+        )?;
+        let rows = tx.query(
+            &format!("{MEMBER_SELECT} where m.project_id = $1 and m.user_id = $2"),
+            &[V::Uuid(access.project_id.clone()), V::Uuid(user.clone())],
+        )?;
+        rows.into_iter().next().ok_or(ApiError::Internal)
+    })?;
+    Ok(Reply::ok(member_json(&row)?))
+}
+
+fn remove_member(ctx: &mut Ctx, who: &Principal, id: &str, user: &str) -> Result<Reply, ApiError> {
+    let user = parse_uuid(user, "member")?;
+    // Anyone may leave; removing someone else takes an admin.
+    let leaving = who.api_key.is_none() && who.user_id == user;
+    let access = ctx.project(
+        who,
+        id,
+        if leaving {
+            Action::Read
+        } else {
+            Action::Administer
+        },
+    )?;
+    ctx.transaction(|tx, _| {
+        let owners = lock_and_count_owners(tx, &access.project_id)?;
+        let current = member_role(tx, &access.project_id, &user)?
+            .ok_or_else(|| ApiError::NotFound(format!("no member {user}")))?;
+        if !leaving {
+            check_grant(&access, current)?;
+        }
+        if current == Role::Owner && owners <= 1 {
+            return Err(ApiError::Conflict(
+                "the last owner cannot leave; make another owner first".into(),
+            ));
+        }
+        tx.execute(
+            "delete from memberships where project_id = $1 and user_id = $2",
+            &[V::Uuid(access.project_id.clone()), V::Uuid(user.clone())],
+        )?;
+        Ok(())
+    })?;
+    Ok(Reply::no_content())
+}
