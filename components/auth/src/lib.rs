@@ -388,11 +388,6 @@ fn list_keys(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
 
 fn create_key(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
     let who = ctx.authenticate(req)?;
-    if who.api_key.is_some() {
-        return Err(ApiError::Forbidden(
-            "API keys cannot create API keys".into(),
-        ));
-    }
     let mut body = Body::parse(&req.body)?;
     let name = body.str("name", 200);
     let project_id = body.str("project_id", 64);
@@ -406,6 +401,11 @@ fn create_key(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
         return Err(ApiError::Internal);
     };
     let project = ctx.project(&who, &project_id, Action::Administer)?;
+    if who.api_key.is_some() {
+        return Err(ApiError::Forbidden(
+            "API keys cannot create API keys".into(),
+        ));
+    }
     if role > project.role {
         return Err(ApiError::Forbidden(format!(
             "a {} cannot create a key with the {role} role",
