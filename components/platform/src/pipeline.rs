@@ -416,7 +416,7 @@ pub async fn serve(
     let id = request_id(
         incoming
             .headers()
-            .get(&"x-request-id".to_string())
+            .get("x-request-id")
             .first()
             .and_then(|v| std::str::from_utf8(v).ok()),
     );

@@ -34,12 +34,33 @@ enum Command {
         #[arg(long, default_value = "migrations")]
         migrations: PathBuf,
     },
+    /// Administration: `admin create-user` makes an account (and a project it owns).
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Apply pending migrations.
     Migrate {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
         #[arg(long, default_value = "migrations")]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create an account; the password comes from SPARKOPS_ADMIN_PASSWORD (kept out of shell history).
+    CreateUser {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, env = "SPARKOPS_ADMIN_PASSWORD", hide_env_values = true)]
+        password: String,
+        /// Also create a project with this name, owned by the new account.
+        #[arg(long)]
+        project: Option<String>,
     },
 }
 
@@ -70,6 +91,27 @@ async fn migrate_and_report(database_url: &str, dir: &std::path::Path) -> anyhow
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate { database_url, dir } => migrate_and_report(&database_url, &dir).await,
+        Command::Admin(AdminCommand::CreateUser {
+            database_url,
+            email,
+            name,
+            password,
+            project,
+        }) => {
+            let created = sparkops_host::admin::create_user(
+                &database_url,
+                &email,
+                &name,
+                &password,
+                project.as_deref(),
+            )
+            .await?;
+            println!("created user {}", created.user_id);
+            if let Some(p) = created.project_id {
+                println!("created project {p}, owned by the user");
+            }
+            Ok(())
+        }
         Command::Up {
             manifest,
             runtime_config_file,

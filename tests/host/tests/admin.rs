@@ -1,0 +1,75 @@
+//! The `admin create-user` command, checked through the API it prepares for.
+
+mod common;
+
+use common::Api;
+use serde_json::json;
+use sparkops_host::admin;
+
+#[tokio::test]
+async fn a_created_user_logs_in_and_owns_its_project() {
+    let api = Api::start().await;
+    let created = admin::create_user(
+        &api.env.database_url,
+        "Root@Example.com",
+        "Root",
+        "a-long-password",
+        Some("First Project"),
+    )
+    .await
+    .unwrap();
+    let login = api
+        .call(
+            "POST",
+            "/api/v1/auth/login",
+            None,
+            Some(json!({"email": "root@example.com", "password": "a-long-password"})),
+        )
+        .await;
+    assert_eq!(login.status, 200);
+    let token = login.json()["access_token"].as_str().unwrap().to_string();
+    let me = api
+        .call("GET", "/api/v1/auth/me", Some(&token), None)
+        .await
+        .json();
+    assert_eq!(me["id"], created.user_id.as_str());
+    assert_eq!(
+        me["memberships"],
+        json!([{"project_id": created.project_id.unwrap(), "role": "owner"}])
+    );
+    let projects = api
+        .call("GET", "/api/v1/projects", Some(&token), None)
+        .await
+        .json();
+    assert_eq!(projects["items"][0]["slug"], "first-project");
+}
+
+#[tokio::test]
+async fn bad_input_and_duplicates_are_refused_and_write_nothing() {
+    let api = Api::start().await;
+    let url = &api.env.database_url;
+    assert!(
+        admin::create_user(url, "not-an-email", "A", "a-long-password", None)
+            .await
+            .is_err()
+    );
+    assert!(
+        admin::create_user(url, "a@example.com", "A", "short", None)
+            .await
+            .is_err()
+    );
+    assert!(
+        admin::create_user(url, "a@example.com", "", "a-long-password", None)
+            .await
+            .is_err()
+    );
+    admin::create_user(url, "a@example.com", "A", "a-long-password", None)
+        .await
+        .unwrap();
+    let dup = admin::create_user(url, "A@example.com", "A", "a-long-password", Some("P"))
+        .await
+        .unwrap_err();
+    assert!(dup.to_string().contains("already exists"), "{dup}");
+    assert_eq!(api.count("users").await, 1);
+    assert_eq!(api.count("projects").await, 0);
+}
