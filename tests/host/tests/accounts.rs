@@ -81,30 +81,15 @@ async fn login_works_with_json_and_the_oauth2_form() {
 }
 
 async fn form_post(api: &Api, path: &str, form: &str) -> common::Reply {
-    // The helper sends JSON; a form body is sent raw here.
-    let uri = api.app.url(path);
-    let stream = tokio::net::TcpStream::connect(api.app.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::post(uri.parse::<http::Uri>().unwrap().path())
-        .header("host", api.app.addr.to_string())
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            form.to_string(),
-        )))
-        .unwrap();
-    let res = sender.send_request(req).await.unwrap();
-    let (parts, body) = res.into_parts();
-    use http_body_util::BodyExt;
-    let body = body.collect().await.unwrap().to_bytes();
-    common::Reply {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body,
-    }
+    let headers = [("content-type", "application/x-www-form-urlencoded")];
+    common::request_raw(
+        "POST",
+        &api.app.url(path),
+        &headers,
+        form.as_bytes().to_vec(),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -495,29 +480,12 @@ async fn bad_registrations_are_typed_422s_and_write_nothing() {
 async fn malformed_json_and_oversized_bodies_are_refused() {
     let api = Api::start().await;
     let url = api.app.url("/api/v1/auth/register");
-    let raw = |body: Vec<u8>| {
-        let url = url.clone();
-        async move {
-            let uri: http::Uri = url.parse().unwrap();
-            let stream = tokio::net::TcpStream::connect(uri.authority().unwrap().as_str())
-                .await
-                .unwrap();
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
-            let req = http::Request::post(uri.path())
-                .header("host", uri.authority().unwrap().as_str())
-                .header("content-type", "application/json")
-                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                .unwrap();
-            sender
-                .send_request(req)
-                .await
-                .map(|r| r.status().as_u16())
-                .unwrap_or(413)
-        }
+    let raw = async |body: Vec<u8>| {
+        let headers = [("content-type", "application/json")];
+        common::request_raw("POST", &url, &headers, body)
+            .await
+            .map(|r| r.status)
+            .unwrap()
     };
     assert_eq!(raw(b"{\"email\": ".to_vec()).await, 422);
     let mut big = b"{\"name\": \"".to_vec();
@@ -631,15 +599,7 @@ async fn an_expired_api_key_is_refused() {
     let api = Api::start().await;
     let ada = api.register("ada").await;
     let project = project_of(&api, &ada).await;
-    let key = api
-        .call(
-            "POST",
-            "/api/v1/api-keys",
-            Some(&ada.access),
-            Some(json!({"name": "ci", "project_id": project, "role": "viewer"})),
-        )
-        .await
-        .json();
+    let key = api.create_key(&ada, &project, "viewer").await;
     let secret = key["secret"].as_str().unwrap();
     assert_eq!(
         api.call("GET", "/api/v1/auth/me", Some(secret), None)
@@ -678,15 +638,7 @@ async fn keys_cannot_outrank_their_creator_or_mint_keys() {
         )
         .await;
     assert_eq!(past.status, 422);
-    let key = api
-        .call(
-            "POST",
-            "/api/v1/api-keys",
-            Some(&ada.access),
-            Some(json!({"name": "x", "project_id": project, "role": "admin"})),
-        )
-        .await
-        .json();
+    let key = api.create_key(&ada, &project, "admin").await;
     let secret = key["secret"].as_str().unwrap();
     let minted = api
         .call(

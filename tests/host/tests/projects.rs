@@ -356,15 +356,7 @@ async fn another_tenant_gets_404_on_every_project_route() {
         .unwrap()
         .to_string();
     add_member(&api, &ada, &p, &bob, "member").await;
-    let key = api
-        .call(
-            "POST",
-            "/api/v1/api-keys",
-            Some(&ada.access),
-            Some(json!({"name": "k", "project_id": p, "role": "viewer"})),
-        )
-        .await
-        .json();
+    let key = api.create_key(&ada, &p, "viewer").await;
     let k = key["id"].as_str().unwrap();
     for (method, path, body) in routes(&p, k, &bob, &newcomer) {
         let res = api.call(method, &path, Some(&mallory.access), body).await;
@@ -380,15 +372,7 @@ async fn another_tenant_gets_404_on_every_project_route() {
         .as_str()
         .unwrap()
         .to_string();
-    let mkey = api
-        .call(
-            "POST",
-            "/api/v1/api-keys",
-            Some(&mallory.access),
-            Some(json!({"name": "m", "project_id": own, "role": "admin"})),
-        )
-        .await
-        .json();
+    let mkey = api.create_key(&mallory, &own, "admin").await;
     let secret = mkey["secret"].as_str().unwrap();
     for (method, path, body) in routes(&p, k, &bob, &newcomer) {
         let res = api.call(method, &path, Some(secret), body).await;
@@ -420,15 +404,7 @@ async fn each_role_gets_exactly_the_actions_of_api_md() {
             .to_string();
         add_member(&api, &ada, &p, &caller, role).await;
         add_member(&api, &ada, &p, &target, "member").await;
-        let key = api
-            .call(
-                "POST",
-                "/api/v1/api-keys",
-                Some(&ada.access),
-                Some(json!({"name": "k", "project_id": p, "role": "viewer"})),
-            )
-            .await
-            .json();
+        let key = api.create_key(&ada, &p, "viewer").await;
         let k = key["id"].as_str().unwrap();
         for ((method, path, body), want) in
             routes(&p, k, &target, &newcomer).into_iter().zip(statuses)
@@ -452,15 +428,7 @@ async fn the_owner_deletes_the_project_and_an_api_key_acts_with_its_role() {
         .as_str()
         .unwrap()
         .to_string();
-    let viewer_key = api
-        .call(
-            "POST",
-            "/api/v1/api-keys",
-            Some(&ada.access),
-            Some(json!({"name": "k", "project_id": p, "role": "viewer"})),
-        )
-        .await
-        .json();
+    let viewer_key = api.create_key(&ada, &p, "viewer").await;
     let secret = viewer_key["secret"].as_str().unwrap();
     assert_eq!(
         api.call("GET", &format!("/api/v1/projects/{p}"), Some(secret), None)

@@ -164,13 +164,31 @@ impl Reply {
     }
 }
 
-/// Sends one request over a new connection (with a 30 s bound).
+/// Sends one request with a JSON body (if any) over a new connection.
 pub async fn request(
     method: &str,
     url: &str,
     headers: &[(&str, &str)],
     body: Option<Value>,
 ) -> Reply {
+    let mut headers = headers.to_vec();
+    let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    if !body.is_empty() {
+        headers.push(("content-type", "application/json"));
+    }
+    request_raw(method, url, &headers, body)
+        .await
+        .expect("the server answers")
+}
+
+/// Sends one request with a raw body over a new connection (with a 30 s bound); `Err` when
+/// the connection failed before a response arrived.
+pub async fn request_raw(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<Reply, hyper::Error> {
     let uri: http::Uri = url.parse().unwrap();
     let authority = uri.authority().unwrap().to_string();
     let fut = async {
@@ -187,21 +205,16 @@ pub async fn request(
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
-        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        if !body.is_empty() {
-            builder = builder.header("content-type", "application/json");
-        }
         let res = sender
-            .send_request(builder.body(Full::new(body)).unwrap())
-            .await
-            .unwrap();
+            .send_request(builder.body(Full::new(Bytes::from(body))).unwrap())
+            .await?;
         let (parts, body) = res.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        Reply {
+        let body = body.collect().await?.to_bytes();
+        Ok(Reply {
             status: parts.status.as_u16(),
             headers: parts.headers,
             body,
-        }
+        })
     };
     tokio::time::timeout(Duration::from_secs(30), fut)
         .await
@@ -297,6 +310,16 @@ impl Api {
             access: body["access_token"].as_str().unwrap().to_string(),
             refresh: body["refresh_token"].as_str().unwrap().to_string(),
         }
+    }
+
+    /// Creates an API key as `who`; the reply's JSON (with its one-time `secret`).
+    pub async fn create_key(&self, who: &User, project_id: &str, role: &str) -> Value {
+        let body = serde_json::json!({"name": "key", "project_id": project_id, "role": role});
+        let res = self
+            .call("POST", "/api/v1/api-keys", Some(&who.access), Some(body))
+            .await;
+        assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
+        res.json()
     }
 
     pub async fn count(&self, table: &str) -> i64 {
