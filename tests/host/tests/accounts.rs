@@ -680,3 +680,57 @@ async fn an_idempotent_key_creation_returns_the_first_response() {
     assert_eq!(other.status, 422);
     assert_eq!(api.count("api_keys").await, 1);
 }
+
+// ---- CORS ------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn cors_preflight_and_responses_name_only_allowed_origins() {
+    let api = Api::start_with(&[(
+        "SPIN_VARIABLE_CORS_ALLOWED_ORIGINS",
+        "https://app.example.com, https://other.example",
+    )])
+    .await;
+    let url = api.app.url("/api/v1/auth/me");
+    let preflight = request(
+        "OPTIONS",
+        &url,
+        &[
+            ("origin", "https://app.example.com"),
+            ("access-control-request-method", "GET"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(preflight.status, 204);
+    assert_eq!(
+        preflight.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert!(
+        preflight
+            .header("access-control-allow-headers")
+            .unwrap()
+            .contains("authorization")
+    );
+
+    let stranger = request(
+        "OPTIONS",
+        &url,
+        &[
+            ("origin", "https://evil.example"),
+            ("access-control-request-method", "GET"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(stranger.header("access-control-allow-origin"), None);
+    assert_eq!(stranger.header("access-control-allow-methods"), None);
+
+    let actual = request("GET", &url, &[("origin", "https://other.example")], None).await;
+    assert_eq!(actual.status, 401);
+    assert_eq!(
+        actual.header("access-control-allow-origin"),
+        Some("https://other.example")
+    );
+    assert_eq!(actual.header("vary"), Some("Origin"));
+}
