@@ -13,4 +13,6 @@ pub mod input;
 pub mod page;
 pub mod ratelimit;
 pub mod roles;
+pub mod template;
 pub mod time;
+pub mod workflow;
