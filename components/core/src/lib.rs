@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod db;
 pub mod error;
+pub mod expr;
 pub mod health;
 pub mod ids;
 pub mod input;

@@ -485,6 +485,31 @@ pub fn validate(definition: &Value, catalog: &Catalog) -> Result<Definition, Vec
     }
     let ancestors = ancestors(&graph);
     for (i, s) in &steps {
+        let reads = |k: &str| ancestors.get(s.key.as_str()).is_some_and(|a| a.contains(k));
+        let why = |k: &str| {
+            if index.contains_key(k) {
+                "is not an ancestor of this step"
+            } else {
+                "does not exist"
+            }
+        };
+        if let Some(when) = &s.when {
+            match crate::expr::parse(when) {
+                Ok(e) => {
+                    for r in e.references() {
+                        if let Source::Step(k) = &r.source
+                            && !reads(k)
+                        {
+                            errors.add(
+                                format!("steps[{i}].when"),
+                                format!("reads step '{k}', which {}", why(k)),
+                            );
+                        }
+                    }
+                }
+                Err(m) => errors.add(format!("steps[{i}].when"), m),
+            }
+        }
         match template::references(&s.input) {
             Ok(refs) => {
                 for (path, r) in refs {
@@ -658,6 +683,19 @@ mod tests {
                     "steps[1].input.x[0]",
                     "reads step 'a', which is not an ancestor of this step",
                 )],
+            ),
+            (
+                json!({"steps": [
+                    {"key": "a", "kind": "condition"},
+                    {"key": "b", "kind": "condition", "when": "steps.a.output.ok == true"},
+                    {"key": "c", "kind": "condition", "when": "input.n >"}]}),
+                vec![
+                    (
+                        "steps[1].when",
+                        "reads step 'a', which is not an ancestor of this step",
+                    ),
+                    ("steps[2].when", "the expression ends too early"),
+                ],
             ),
             (
                 json!({"steps": [{"key": "a", "kind": "condition", "input": "{{ steps.zz.output }}"}]}),
