@@ -5,6 +5,7 @@
 //! document; database code returns [`db::DbError`], which converts into it.
 
 pub mod auth;
+pub mod cron;
 pub mod db;
 pub mod error;
 pub mod expr;
