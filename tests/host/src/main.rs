@@ -62,6 +62,13 @@ enum AdminCommand {
         #[arg(long)]
         project: Option<String>,
     },
+    /// Give an account a "Demo" project with an agent, a tool, a workflow and a schedule.
+    SeedDemo {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        #[arg(long)]
+        email: String,
+    },
 }
 
 #[tokio::main]
@@ -110,6 +117,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(p) = created.project_id {
                 println!("created project {p}, owned by the user");
             }
+            Ok(())
+        }
+        Command::Admin(AdminCommand::SeedDemo {
+            database_url,
+            email,
+        }) => {
+            let demo = sparkops_host::admin::seed_demo(&database_url, &email).await?;
+            let what = if demo.created {
+                "created"
+            } else {
+                "already there:"
+            };
+            println!("{what} demo project {}", demo.project_id);
             Ok(())
         }
         Command::Up {

@@ -73,3 +73,38 @@ async fn bad_input_and_duplicates_are_refused_and_write_nothing() {
     assert_eq!(api.count("users").await, 1);
     assert_eq!(api.count("projects").await, 0);
 }
+
+#[tokio::test]
+async fn the_demo_is_seeded_once_and_its_owner_sees_it() {
+    let api = Api::start().await;
+    let ada = api.register("ada").await;
+    let first = admin::seed_demo(&api.env.database_url, &ada.email.to_uppercase())
+        .await
+        .unwrap();
+    let again = admin::seed_demo(&api.env.database_url, &ada.email)
+        .await
+        .unwrap();
+    assert!(first.created && !again.created);
+    assert_eq!(first.project_id, again.project_id);
+    for table in [
+        "projects",
+        "agents",
+        "tools",
+        "agent_tools",
+        "workflows",
+        "workflow_versions",
+        "schedules",
+    ] {
+        assert_eq!(api.count(table).await, 1, "{table}");
+    }
+    let projects = api
+        .call("GET", "/api/v1/projects", Some(&ada.access), None)
+        .await
+        .json();
+    assert_eq!(projects["items"][0]["slug"], "demo");
+    assert_eq!(projects["items"][0]["role"], "owner");
+    let missing = admin::seed_demo(&api.env.database_url, "nobody@example.com")
+        .await
+        .unwrap_err();
+    assert!(missing.to_string().contains("no account"), "{missing}");
+}
