@@ -26,15 +26,7 @@ pub async fn create_user(
     }
     let salt: [u8; 16] = *uuid::Uuid::new_v4().as_bytes();
     let hash = auth::hash_password(password, &salt);
-    let (mut client, conn) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to Postgres ({}): {e}",
-                crate::migrate::redact(database_url)
-            )
-        })?;
-    tokio::spawn(conn);
+    let mut client = crate::migrate::connect(database_url).await?;
     let tx = client.transaction().await?;
     let user_id = uuid::Uuid::now_v7();
     let inserted = tx
@@ -93,15 +85,7 @@ fn demo_definition(tool_id: &str, agent_id: &str) -> serde_json::Value {
 /// (disabled) schedule, so a newcomer sees something on first start. Running it again
 /// changes nothing.
 pub async fn seed_demo(database_url: &str, email: &str) -> Result<Demo> {
-    let (mut client, conn) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to Postgres ({}): {e}",
-                crate::migrate::redact(database_url)
-            )
-        })?;
-    tokio::spawn(conn);
+    let mut client = crate::migrate::connect(database_url).await?;
     let tx = client.transaction().await?;
     let user = tx
         .query_opt(

@@ -73,16 +73,20 @@ pub struct Report {
 /// Connects to `database_url` and applies what is pending.
 pub async fn run(database_url: &str, dir: &Path) -> Result<Report> {
     let migrations = read_dir(dir)?;
-    let (mut client, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
+    let mut client = connect(database_url).await?;
+    apply(&mut client, &migrations).await
+}
+
+/// A client for `database_url` (its connection driven by a task); an unreachable database
+/// is one line that names the URL without its password.
+pub async fn connect(database_url: &str) -> Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
         .await
         .map_err(|e| {
             anyhow::anyhow!("cannot connect to Postgres ({}): {e}", redact(database_url))
         })?;
-    let conn_task = tokio::spawn(connection);
-    let result = apply(&mut client, &migrations).await;
-    drop(client);
-    let _ = conn_task.await;
-    result
+    tokio::spawn(connection);
+    Ok(client)
 }
 
 /// The URL without its password, for messages.

@@ -152,14 +152,7 @@ async fn repeated_login_failures_lock_the_account_for_a_while() {
 async fn refresh_rotates_and_reuse_revokes_the_whole_family() {
     let api = Api::start().await;
     let ada = api.register("ada").await;
-    let refresh = |t: &str| {
-        api.call(
-            "POST",
-            "/api/v1/auth/refresh",
-            None,
-            Some(json!({"refresh_token": t})),
-        )
-    };
+    let refresh = async |t: &str| api.refresh(t).await;
 
     let first = refresh(&ada.refresh).await;
     assert_eq!(first.status, 200);
@@ -228,23 +221,9 @@ async fn concurrent_refreshes_of_one_token_rotate_it_once() {
 async fn logout_ends_the_session() {
     let api = Api::start().await;
     let ada = api.register("ada").await;
-    let res = api
-        .call(
-            "POST",
-            "/api/v1/auth/logout",
-            Some(&ada.access),
-            Some(json!({"refresh_token": ada.refresh})),
-        )
-        .await;
+    let res = api.logout(&ada, &ada.refresh).await;
     assert_eq!(res.status, 204);
-    let again = api
-        .call(
-            "POST",
-            "/api/v1/auth/refresh",
-            None,
-            Some(json!({"refresh_token": ada.refresh})),
-        )
-        .await;
+    let again = api.refresh(&ada.refresh).await;
     assert_eq!(again.status, 401);
 }
 
@@ -253,23 +232,9 @@ async fn logout_cannot_end_someone_elses_session() {
     let api = Api::start().await;
     let ada = api.register("ada").await;
     let bob = api.register("bob").await;
-    let res = api
-        .call(
-            "POST",
-            "/api/v1/auth/logout",
-            Some(&bob.access),
-            Some(json!({"refresh_token": ada.refresh})),
-        )
-        .await;
+    let res = api.logout(&bob, &ada.refresh).await;
     assert_eq!(res.status, 204);
-    let still = api
-        .call(
-            "POST",
-            "/api/v1/auth/refresh",
-            None,
-            Some(json!({"refresh_token": ada.refresh})),
-        )
-        .await;
+    let still = api.refresh(&ada.refresh).await;
     assert_eq!(still.status, 200);
 }
 

@@ -312,6 +312,20 @@ impl Api {
         }
     }
 
+    /// `POST /auth/refresh` with `token`.
+    pub async fn refresh(&self, token: &str) -> Reply {
+        let body = serde_json::json!({"refresh_token": token});
+        self.call("POST", "/api/v1/auth/refresh", None, Some(body))
+            .await
+    }
+
+    /// `POST /auth/logout` of `token` as `who`.
+    pub async fn logout(&self, who: &User, token: &str) -> Reply {
+        let body = serde_json::json!({"refresh_token": token});
+        self.call("POST", "/api/v1/auth/logout", Some(&who.access), Some(body))
+            .await
+    }
+
     /// Creates an API key as `who`; the reply's JSON (with its one-time `secret`).
     pub async fn create_key(&self, who: &User, project_id: &str, role: &str) -> Value {
         let body = serde_json::json!({"name": "key", "project_id": project_id, "role": role});
