@@ -278,15 +278,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    struct S(Value, Value);
-    impl Scope for S {
-        fn input(&self) -> &Value {
-            &self.0
-        }
-        fn output(&self, step: &str) -> Option<&Value> {
-            self.1.get(step)
-        }
-    }
+    use crate::template::testing::TestScope as S;
 
     fn eval(src: &str) -> bool {
         let scope = S(

@@ -225,13 +225,14 @@ pub fn render(template: &Value, scope: &impl Scope) -> Result<Value, String> {
     })
 }
 
+/// A scope of plain values for unit tests: the input, and outputs by step key.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-    use serde_json::json;
 
-    struct S(Value, Value);
-    impl Scope for S {
+    pub(crate) struct TestScope(pub Value, pub Value);
+
+    impl Scope for TestScope {
         fn input(&self) -> &Value {
             &self.0
         }
@@ -239,6 +240,14 @@ mod tests {
             self.1.get(step)
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    use super::testing::TestScope as S;
 
     #[test]
     fn references_parse_sources_and_paths() {
