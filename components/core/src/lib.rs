@@ -16,6 +16,7 @@ pub mod netcheck;
 pub mod page;
 pub mod ratelimit;
 pub mod roles;
+pub mod secrets;
 pub mod template;
 pub mod time;
 pub mod workflow;
