@@ -169,6 +169,12 @@ impl Schedule {
         }
     }
 
+    /// `t` as a local time of the schedule's zone, with its offset (RFC 3339).
+    pub fn local(&self, t: DateTime<Utc>) -> String {
+        t.with_timezone(&self.tz)
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, false)
+    }
+
     /// The first fire time strictly after `after`.
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         // A gap can move a local time up to a few hours later, so start a day early.

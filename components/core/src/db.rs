@@ -100,6 +100,30 @@ impl Row {
         }
     }
 
+    /// A `jsonb` column; SQL `null` reads as JSON `null`.
+    pub fn json(&self, i: usize) -> Result<serde_json::Value, DbError> {
+        match self.at(i)? {
+            Value::Json(v) => Ok(v.clone()),
+            Value::Null => Ok(serde_json::Value::Null),
+            _ => Err(self.mismatch(i, "jsonb")),
+        }
+    }
+
+    pub fn bool(&self, i: usize) -> Result<bool, DbError> {
+        match self.at(i)? {
+            Value::Bool(b) => Ok(*b),
+            _ => Err(self.mismatch(i, "a boolean")),
+        }
+    }
+
+    /// A nullable text-like column.
+    pub fn opt_text(&self, i: usize) -> Result<Option<String>, DbError> {
+        match self.at(i)? {
+            Value::Null => Ok(None),
+            _ => self.text(i).map(Some),
+        }
+    }
+
     pub fn timestamp(&self, i: usize) -> Result<DateTime<Utc>, DbError> {
         match self.at(i)? {
             Value::Timestamp(t) => Ok(*t),

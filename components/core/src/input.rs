@@ -109,6 +109,138 @@ impl Body {
         }
     }
 
+    /// An optional integer in `range`.
+    pub fn opt_int(&mut self, field: &str, range: std::ops::RangeInclusive<i64>) -> Option<i64> {
+        match self.take(field) {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_i64().filter(|n| range.contains(n)) {
+                Some(n) => Some(n),
+                None => {
+                    self.error(
+                        field,
+                        format!(
+                            "must be an integer from {} to {}",
+                            range.start(),
+                            range.end()
+                        ),
+                    );
+                    None
+                }
+            },
+        }
+    }
+
+    /// An optional boolean, `default` when absent.
+    pub fn bool_or(&mut self, field: &str, default: bool) -> bool {
+        match self.take(field) {
+            None | Some(Value::Null) => default,
+            Some(Value::Bool(b)) => b,
+            Some(_) => {
+                self.error(field, "must be true or false");
+                default
+            }
+        }
+    }
+
+    /// An optional string that must be one of `choices`; `default` when absent.
+    pub fn one_of(
+        &mut self,
+        field: &str,
+        choices: &[&'static str],
+        default: &'static str,
+    ) -> &'static str {
+        match self.take(field) {
+            None | Some(Value::Null) => default,
+            Some(Value::String(s)) if choices.contains(&s.as_str()) => choices
+                .iter()
+                .find(|c| **c == s)
+                .copied()
+                .unwrap_or(default),
+            Some(_) => {
+                self.error(field, format!("must be one of {}", choices.join(", ")));
+                default
+            }
+        }
+    }
+
+    /// Any JSON value but `null`, unchecked.
+    pub fn opt_value(&mut self, field: &str) -> Option<Value> {
+        self.take(field).filter(|v| !v.is_null())
+    }
+
+    /// An optional JSON object.
+    pub fn opt_object(&mut self, field: &str) -> Option<Map<String, Value>> {
+        match self.take(field) {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(m)) => Some(m),
+            Some(_) => {
+                self.error(field, "must be an object");
+                None
+            }
+        }
+    }
+
+    /// An optional JSON Schema, checked against its meta-schema; `object` demands an object
+    /// schema (tool inputs).
+    pub fn opt_schema(&mut self, field: &str, object: bool) -> Option<Value> {
+        let schema = self.opt_value(field)?;
+        let checked = if object {
+            crate::schema::check_object(&schema)
+        } else {
+            crate::schema::check(&schema)
+        };
+        match checked {
+            Ok(()) => Some(schema),
+            Err(m) => {
+                self.error(field, m);
+                None
+            }
+        }
+    }
+
+    /// An optional list of distinct UUIDs (lowercased), at most `max`.
+    pub fn opt_uuids(&mut self, field: &str, max: usize) -> Option<Vec<String>> {
+        let items = match self.take(field) {
+            None | Some(Value::Null) => return None,
+            Some(Value::Array(items)) if items.len() <= max => items,
+            Some(_) => {
+                self.error(field, format!("must be a list of at most {max} ids"));
+                return None;
+            }
+        };
+        let mut out: Vec<String> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match item
+                .as_str()
+                .and_then(|s| crate::ids::parse_uuid(s, field).ok())
+            {
+                Some(id) if out.contains(&id) => {
+                    self.error(&format!("{field}[{i}]"), "is listed twice")
+                }
+                Some(id) => out.push(id),
+                None => self.error(&format!("{field}[{i}]"), "must be an id"),
+            }
+        }
+        Some(out)
+    }
+
+    /// An optional UUID (lowercased).
+    pub fn opt_uuid(&mut self, field: &str) -> Option<String> {
+        let raw = self.opt_str(field, 64)?;
+        match crate::ids::parse_uuid(&raw, field) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                self.error(field, "must be an id");
+                None
+            }
+        }
+    }
+
+    /// True when no error has been recorded so far.
+    pub fn is_clean(&self) -> bool {
+        self.errors.is_empty()
+    }
+
     /// An optional RFC 3339 time.
     pub fn opt_time(&mut self, field: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         let raw = self.opt_str(field, 64)?;

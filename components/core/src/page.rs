@@ -57,6 +57,21 @@ pub fn encode_cursor(id: &str) -> String {
     URL_SAFE_NO_PAD.encode(id.as_bytes())
 }
 
+/// A cursor over an integer key (versions), opaque like the id cursors.
+pub fn encode_int_cursor(n: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("n{n}"))
+}
+
+/// The integer an [`encode_int_cursor`] cursor holds.
+pub fn decode_int_cursor(c: &str) -> Option<i64> {
+    let bytes = URL_SAFE_NO_PAD.decode(c).ok()?;
+    std::str::from_utf8(&bytes)
+        .ok()?
+        .strip_prefix('n')?
+        .parse()
+        .ok()
+}
+
 fn decode_cursor(c: &str) -> Option<String> {
     let bytes = URL_SAFE_NO_PAD.decode(c).ok()?;
     parse_uuid(std::str::from_utf8(&bytes).ok()?, "cursor").ok()
@@ -83,6 +98,8 @@ mod tests {
         assert_eq!(p.before.as_deref(), Some(ID));
         assert!(PageRequest::parse(None, Some("!!")).is_err());
         assert!(PageRequest::parse(None, Some(&encode_cursor("not-an-id"))).is_err());
+        assert_eq!(decode_int_cursor(&encode_int_cursor(42)), Some(42));
+        assert_eq!(decode_int_cursor(&encode_cursor(ID)), None);
     }
 
     #[test]

@@ -280,7 +280,11 @@ fn parse_step(i: usize, v: &Value, catalog: &Catalog, errors: &mut Errors) -> Op
                 {
                     Some(id) if known.contains(&id) => Some(id),
                     _ => {
-                        errors.add(at(field), format!("no {what} {v} in this project"));
+                        let shown = v
+                            .as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string());
+                        errors.add(at(field), format!("no {what} {shown} in this project"));
                         None
                     }
                 },
@@ -620,7 +624,7 @@ mod tests {
     #[test]
     fn bad_definitions_report_each_error_with_its_exact_path() {
         let kinds = format!("must be one of {}", ERROR_KINDS.join(", "));
-        let not_a_tool = format!("no tool \"{AGENT}\" in this project");
+        let not_a_tool = format!("no tool {AGENT} in this project");
         let table: Vec<(Value, Vec<(&str, &str)>)> = vec![
             (
                 json!({}),

@@ -4,7 +4,7 @@
 use futures::StreamExt;
 use serde_json::Value;
 use sparkops_core::error::ApiError;
-use spin_sdk::http::{IncomingRequest, Method, Request, Response};
+use spin_sdk::http::{IncomingRequest, Method, Response};
 
 const REQUEST_ID: &str = "x-request-id";
 
@@ -69,25 +69,6 @@ impl HttpRequest {
             headers,
             body,
         })
-    }
-
-    /// A request built in memory (for tests and internal calls).
-    pub fn from_parts(req: &Request) -> Self {
-        Self {
-            method: req.method().clone(),
-            path: req.path().to_string(),
-            query: req.query().to_string(),
-            headers: req
-                .headers()
-                .map(|(k, v)| {
-                    (
-                        k.to_ascii_lowercase(),
-                        v.as_str().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect(),
-            body: req.body().to_vec(),
-        }
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {

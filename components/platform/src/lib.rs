@@ -6,6 +6,7 @@ pub mod db;
 pub mod http;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod resource;
 
 /// Reads a component variable, naming it in the error when it is missing.
 pub fn variable(name: &str) -> Result<String, String> {

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use sparkops_core::auth::{self, TokenKey};
 use sparkops_core::db::{self as core_db, Connection as _, Value as V};
 use sparkops_core::error::ApiError;
@@ -54,8 +54,8 @@ pub struct Ctx {
     pub request_id: String,
     pub now: chrono::DateTime<chrono::Utc>,
     db: Option<Db>,
-    /// Headers added to whatever the handler answers (rate-limit state).
-    headers: Vec<(String, String)>,
+    /// The tightest rate-limit decision so far, sent as `RateLimit-*` headers.
+    rate: Option<Decision>,
 }
 
 impl Ctx {
@@ -64,7 +64,7 @@ impl Ctx {
             request_id,
             now: chrono::Utc::now(),
             db: None,
-            headers: Vec::new(),
+            rate: None,
         }
     }
 
@@ -199,30 +199,11 @@ impl Ctx {
                 return Ok(());
             }
         };
-        let current = self.rate_state();
-        let shown = match current {
-            Some(c) => c.tighter(decision.clone()),
+        self.rate = Some(match self.rate.take() {
+            Some(seen) => seen.tighter(decision.clone()),
             None => decision.clone(),
-        };
-        self.headers.retain(|(k, _)| !k.starts_with("ratelimit-"));
-        self.headers
-            .extend(shown.headers().into_iter().map(|(k, v)| (k.to_string(), v)));
+        });
         decision.check()
-    }
-
-    fn rate_state(&self) -> Option<Decision> {
-        let get = |name: &str| {
-            self.headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .and_then(|(_, v)| v.parse::<u64>().ok())
-        };
-        Some(Decision {
-            allowed: true,
-            limit: get("ratelimit-limit")?,
-            remaining: get("ratelimit-remaining")?,
-            reset_secs: get("ratelimit-reset")?,
-        })
     }
 
     /// A new UUIDv7.
@@ -356,6 +337,19 @@ pub fn token_key() -> Result<TokenKey, ApiError> {
     })
 }
 
+/// The secrets master keys from the `secrets_master_key` variable (`id:base64key`, newest
+/// first, comma separated).
+pub fn master_keys() -> Result<sparkops_core::secrets::MasterKeys, ApiError> {
+    let spec = crate::variable("secrets_master_key").map_err(|e| {
+        log_warn("secrets_master_key is not set", &e);
+        ApiError::Internal
+    })?;
+    sparkops_core::secrets::MasterKeys::parse(&spec).map_err(|e| {
+        log_warn("secrets_master_key is malformed", &format!("{e:?}"));
+        ApiError::Internal
+    })
+}
+
 /// A numeric variable, or `default` when unset or unreadable.
 pub fn var_u64(name: &str, default: u64) -> u64 {
     crate::variable(name)
@@ -445,7 +439,16 @@ pub async fn serve(
             }
         }
     };
-    let extra: Vec<(String, String)> = ctx.headers.clone();
+    let extra: Vec<(String, String)> = ctx
+        .rate
+        .as_ref()
+        .map(|d| {
+            d.headers()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect()
+        })
+        .unwrap_or_default();
     let response = match outcome {
         Ok((mut reply, cors)) => {
             reply.headers.extend(extra);
@@ -494,9 +497,4 @@ fn preflight(cors: &[(String, String)]) -> Reply {
             .header("access-control-max-age", "600");
     }
     reply
-}
-
-/// A JSON value's string field, for building replies.
-pub fn str_field(v: &Value, name: &str) -> String {
-    v[name].as_str().unwrap_or_default().to_string()
 }

@@ -11,9 +11,11 @@ use sparkops_core::input::{Body, Email, Slug};
 use sparkops_core::page::PageRequest;
 use sparkops_core::roles::{Action, Role};
 use sparkops_core::time::rfc3339;
+use sparkops_core::tool::check_secret_name;
 use sparkops_platform::db::Db;
 use sparkops_platform::http::{HttpRequest, Reply};
 use sparkops_platform::pipeline::{self, Ctx, Principal, ProjectAccess};
+use sparkops_platform::random_array;
 use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
 
@@ -35,6 +37,9 @@ fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
         (Method::Post, [id, "members"]) => add_member(ctx, req, &who, id),
         (Method::Patch, [id, "members", user]) => change_role(ctx, req, &who, id, user),
         (Method::Delete, [id, "members", user]) => remove_member(ctx, &who, id, user),
+        (Method::Get, [id, "secrets"]) => list_secrets(ctx, &who, id),
+        (Method::Put, [id, "secrets", name]) => put_secret(ctx, req, &who, id, name),
+        (Method::Delete, [id, "secrets", name]) => delete_secret(ctx, &who, id, name),
         (_, []) => Err(ApiError::MethodNotAllowed {
             allow: vec!["GET", "POST"],
         }),
@@ -46,6 +51,10 @@ fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
         }),
         (_, [_, "members", _]) => Err(ApiError::MethodNotAllowed {
             allow: vec!["PATCH", "DELETE"],
+        }),
+        (_, [_, "secrets"]) => Err(ApiError::MethodNotAllowed { allow: vec!["GET"] }),
+        (_, [_, "secrets", _]) => Err(ApiError::MethodNotAllowed {
+            allow: vec!["PUT", "DELETE"],
         }),
         _ => Err(ApiError::NotFound(format!("no route {}", req.path))),
     }
@@ -441,5 +450,100 @@ fn remove_member(ctx: &mut Ctx, who: &Principal, id: &str, user: &str) -> Result
         )?;
         Ok(())
     })?;
+    Ok(Reply::no_content())
+}
+
+// ---- Secrets ---------------------------------------------------------------------------------
+
+/// The largest secret value, in bytes.
+const MAX_SECRET_BYTES: usize = 64 * 1024;
+
+/// Names, versions and times: no route ever answers a value. Members see the names, since
+/// they write the tools that reference them.
+fn list_secrets(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
+    let access = ctx.project(who, id, Action::Write)?;
+    let rows = ctx.db()?.query(
+        &format!(
+            "select name, version, {}, {} from project_secrets where project_id = $1 order by name",
+            utc("created_at"),
+            utc("updated_at")
+        ),
+        &[V::Uuid(access.project_id)],
+    )?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            Ok(json!({
+                "name": r.text(0)?,
+                "version": r.int(1)?,
+                "created_at": rfc3339(r.timestamp(2)?),
+                "updated_at": rfc3339(r.timestamp(3)?),
+            }))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(Reply::ok(json!({"items": items, "next_cursor": null})))
+}
+
+/// `PUT /projects/{id}/secrets/{name} {value}`: seals the value (AES-256-GCM, a fresh nonce,
+/// bound to the project and the name) and stores it, replacing any earlier one.
+fn put_secret(
+    ctx: &mut Ctx,
+    req: &HttpRequest,
+    who: &Principal,
+    id: &str,
+    name: &str,
+) -> Result<Reply, ApiError> {
+    let access = ctx.project(who, id, Action::Administer)?;
+    let mut body = Body::parse(&req.body)?;
+    if let Err(m) = check_secret_name(name) {
+        body.error("name", m);
+    }
+    // Not `str`: its messages never echo the value, but its length cap is for names.
+    let value = match body.opt_value("value") {
+        Some(Value::String(v)) if !v.is_empty() && v.len() <= MAX_SECRET_BYTES => Some(v),
+        _ => {
+            body.error(
+                "value",
+                format!("must be a string of 1 to {MAX_SECRET_BYTES} bytes"),
+            );
+            None
+        }
+    };
+    body.finish()?;
+    let value = value.ok_or(ApiError::Internal)?;
+    let keys = pipeline::master_keys()?;
+    let sealed = keys.seal(&access.project_id, name, &value, random_array());
+    ctx.transaction(|tx, ctx| {
+        tx.execute(
+            &format!(
+                "insert into project_secrets (project_id, name, ciphertext, nonce, key_id, created_at, updated_at)
+                 values ($1, $2, $3, $4, $5, $6{AS_TIMESTAMPTZ}, $6{AS_TIMESTAMPTZ})
+                 on conflict (project_id, name) do update set
+                    ciphertext = excluded.ciphertext, nonce = excluded.nonce, key_id = excluded.key_id,
+                    version = project_secrets.version + 1, updated_at = excluded.updated_at"
+            ),
+            &[
+                V::Uuid(access.project_id.clone()),
+                V::Text(name.into()),
+                V::Bytes(sealed.ciphertext.clone()),
+                V::Bytes(sealed.nonce.to_vec()),
+                V::Text(sealed.key_id.clone()),
+                V::Timestamp(ctx.now),
+            ],
+        )?;
+        Ok(())
+    })?;
+    Ok(Reply::no_content())
+}
+
+fn delete_secret(ctx: &mut Ctx, who: &Principal, id: &str, name: &str) -> Result<Reply, ApiError> {
+    let access = ctx.project(who, id, Action::Administer)?;
+    let removed = ctx.db()?.execute(
+        "delete from project_secrets where project_id = $1 and name = $2",
+        &[V::Uuid(access.project_id), V::Text(name.into())],
+    )?;
+    if removed == 0 {
+        return Err(ApiError::NotFound(format!("no secret {name}")));
+    }
     Ok(Reply::no_content())
 }

@@ -274,11 +274,7 @@ fn claims_for(user_id: &str) -> JWTClaims<NoCustomClaims> {
 async fn tampered_tokens_are_401() {
     let api = Api::start().await;
     let ada = api.register("ada").await;
-    let me = async |token: &str| {
-        api.call("GET", "/api/v1/auth/me", Some(token), None)
-            .await
-            .status
-    };
+    let me = async |token: &str| api.me_status(token).await;
 
     // Control: a token we sign the way the app does is accepted.
     assert_eq!(me(&signed(claims_for(&ada.id))).await, 200);
@@ -463,16 +459,8 @@ async fn malformed_json_and_oversized_bodies_are_refused() {
 // ---- API keys --------------------------------------------------------------------------------
 
 async fn project_of(api: &Api, owner: &common::User) -> String {
-    let res = api
-        .call(
-            "POST",
-            "/api/v1/projects",
-            Some(&owner.access),
-            Some(json!({"name": "Agents"})),
-        )
-        .await;
-    assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
-    res.json()["id"].as_str().unwrap().to_string()
+    let project = api.create_project(owner, json!({"name": "Agents"})).await;
+    project["id"].as_str().unwrap().to_string()
 }
 
 #[tokio::test]
@@ -551,12 +539,7 @@ async fn an_api_key_is_shown_once_works_both_ways_and_stops_when_revoked() {
         )
         .await;
     assert_eq!(revoked.status, 204);
-    assert_eq!(
-        api.call("GET", "/api/v1/auth/me", Some(&secret), None)
-            .await
-            .status,
-        401
-    );
+    assert_eq!(api.me_status(&secret).await, 401);
 }
 
 #[tokio::test]
@@ -566,12 +549,7 @@ async fn an_expired_api_key_is_refused() {
     let project = project_of(&api, &ada).await;
     let key = api.create_key(&ada, &project, "viewer").await;
     let secret = key["secret"].as_str().unwrap();
-    assert_eq!(
-        api.call("GET", "/api/v1/auth/me", Some(secret), None)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(api.me_status(secret).await, 200);
     api.env
         .db()
         .await
@@ -581,12 +559,7 @@ async fn an_expired_api_key_is_refused() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        api.call("GET", "/api/v1/auth/me", Some(secret), None)
-            .await
-            .status,
-        401
-    );
+    assert_eq!(api.me_status(secret).await, 401);
 }
 
 #[tokio::test]

@@ -5,41 +5,16 @@ mod common;
 use common::{Api, User};
 use serde_json::{Value, json};
 
-async fn create_project(api: &Api, who: &User, body: Value) -> Value {
-    let res = api
-        .call("POST", "/api/v1/projects", Some(&who.access), Some(body))
-        .await;
-    assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
-    let project = res.json();
-    assert_eq!(
-        res.header("location"),
-        Some(format!("/api/v1/projects/{}", project["id"].as_str().unwrap()).as_str())
-    );
-    project
-}
-
-async fn add_member(api: &Api, owner: &User, project: &str, member: &User, role: &str) {
-    let res = api
-        .call(
-            "POST",
-            &format!("/api/v1/projects/{project}/members"),
-            Some(&owner.access),
-            Some(json!({"email": member.email, "role": role})),
-        )
-        .await;
-    assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
-}
-
 #[tokio::test]
 async fn a_project_is_created_read_updated_and_soft_deleted() {
     let api = Api::start().await;
     let ada = api.register("ada").await;
-    let p = create_project(
-        &api,
-        &ada,
-        json!({"name": "Support Agents!", "description": "tier 1"}),
-    )
-    .await;
+    let p = api
+        .create_project(
+            &ada,
+            json!({"name": "Support Agents!", "description": "tier 1"}),
+        )
+        .await;
     assert_eq!(
         (
             p["slug"].as_str(),
@@ -108,7 +83,8 @@ async fn slugs_are_unique_per_owner_and_validated() {
     let api = Api::start().await;
     let ada = api.register("ada").await;
     let bob = api.register("bob").await;
-    create_project(&api, &ada, json!({"name": "One", "slug": "shared"})).await;
+    api.create_project(&ada, json!({"name": "One", "slug": "shared"}))
+        .await;
     let dup = api
         .call(
             "POST",
@@ -118,7 +94,8 @@ async fn slugs_are_unique_per_owner_and_validated() {
         )
         .await;
     assert_eq!(dup.status, 409);
-    create_project(&api, &bob, json!({"name": "Bob's", "slug": "shared"})).await;
+    api.create_project(&bob, json!({"name": "Bob's", "slug": "shared"}))
+        .await;
     let bad = api
         .call(
             "POST",
@@ -139,7 +116,8 @@ async fn projects_list_newest_first_in_keyset_pages() {
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(
-            create_project(&api, &ada, json!({"name": format!("p{i}")})).await["id"]
+            api.create_project(&ada, json!({"name": format!("p{i}")}))
+                .await["id"]
                 .as_str()
                 .unwrap()
                 .to_string(),
@@ -178,9 +156,9 @@ async fn members_are_added_changed_and_removed_and_the_last_owner_stays() {
     let api = Api::start().await;
     let ada = api.register("ada").await;
     let bob = api.register("bob").await;
-    let p = create_project(&api, &ada, json!({"name": "Team"})).await;
+    let p = api.create_project(&ada, json!({"name": "Team"})).await;
     let id = p["id"].as_str().unwrap();
-    add_member(&api, &ada, id, &bob, "member").await;
+    api.add_member(&ada, id, &bob, "member").await;
     let again = api
         .call(
             "POST",
@@ -277,11 +255,11 @@ async fn only_owners_make_owners() {
     let ada = api.register("ada").await;
     let adm = api.register("adm").await;
     let eve = api.register("eve").await;
-    let id = create_project(&api, &ada, json!({"name": "T"})).await["id"]
+    let id = api.create_project(&ada, json!({"name": "T"})).await["id"]
         .as_str()
         .unwrap()
         .to_string();
-    add_member(&api, &ada, &id, &adm, "admin").await;
+    api.add_member(&ada, &id, &adm, "admin").await;
     let res = api
         .call(
             "POST",
@@ -351,11 +329,11 @@ async fn another_tenant_gets_404_on_every_project_route() {
     let bob = api.register("bob").await;
     let mallory = api.register("mallory").await;
     let newcomer = api.register("new").await;
-    let p = create_project(&api, &ada, json!({"name": "Secret"})).await["id"]
+    let p = api.create_project(&ada, json!({"name": "Secret"})).await["id"]
         .as_str()
         .unwrap()
         .to_string();
-    add_member(&api, &ada, &p, &bob, "member").await;
+    api.add_member(&ada, &p, &bob, "member").await;
     let key = api.create_key(&ada, &p, "viewer").await;
     let k = key["id"].as_str().unwrap();
     for (method, path, body) in routes(&p, k, &bob, &newcomer) {
@@ -368,7 +346,7 @@ async fn another_tenant_gets_404_on_every_project_route() {
         );
     }
     // Mallory's own key for her own project reaches nothing of Ada's either.
-    let own = create_project(&api, &mallory, json!({"name": "Mine"})).await["id"]
+    let own = api.create_project(&mallory, json!({"name": "Mine"})).await["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -398,12 +376,12 @@ async fn each_role_gets_exactly_the_actions_of_api_md() {
         let caller = api.register(role).await;
         let target = api.register("target").await;
         let newcomer = api.register("new").await;
-        let p = create_project(&api, &ada, json!({"name": "R"})).await["id"]
+        let p = api.create_project(&ada, json!({"name": "R"})).await["id"]
             .as_str()
             .unwrap()
             .to_string();
-        add_member(&api, &ada, &p, &caller, role).await;
-        add_member(&api, &ada, &p, &target, "member").await;
+        api.add_member(&ada, &p, &caller, role).await;
+        api.add_member(&ada, &p, &target, "member").await;
         let key = api.create_key(&ada, &p, "viewer").await;
         let k = key["id"].as_str().unwrap();
         for ((method, path, body), want) in
@@ -424,7 +402,7 @@ async fn each_role_gets_exactly_the_actions_of_api_md() {
 async fn the_owner_deletes_the_project_and_an_api_key_acts_with_its_role() {
     let api = Api::start().await;
     let ada = api.register("ada").await;
-    let p = create_project(&api, &ada, json!({"name": "R"})).await["id"]
+    let p = api.create_project(&ada, json!({"name": "R"})).await["id"]
         .as_str()
         .unwrap()
         .to_string();

@@ -27,6 +27,9 @@ fn required_env(name: &str) -> String {
 /// The access-token key of test apps (the tests forge tokens with it).
 pub const TEST_JWT_SECRET: &str = "test-secret-0123456789abcdef0123456789abcdef";
 
+/// The secrets master key of test apps: `id:base64(32 bytes)`.
+pub const TEST_MASTER_KEY: &str = "test1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
 /// A database of its own for one test, migrated, plus the shared Redis.
 pub struct TestEnv {
     pub database_url: String,
@@ -84,6 +87,7 @@ impl TestEnv {
             ("REDIS_URL", self.redis_url.clone()),
             ("REDIS_HOST", Self::host_port(&self.redis_url)),
             ("JWT_SECRET", TEST_JWT_SECRET.to_string()),
+            ("SECRETS_MASTER_KEY", TEST_MASTER_KEY.to_string()),
             // Every test calls from 127.0.0.1: per-IP limits are raised here and tested
             // on their own.
             ("RATE_LIMIT_IP_PER_MINUTE", "1000000".to_string()),
@@ -290,6 +294,50 @@ impl Api {
         request(method, &self.app.url(path), &headers, body).await
     }
 
+    /// Sends a request with a bearer token and extra headers.
+    pub async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        extra: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Reply {
+        let auth = format!("Bearer {token}");
+        let mut headers: Vec<(&str, &str)> = vec![("authorization", auth.as_str())];
+        headers.extend_from_slice(extra);
+        request(method, &self.app.url(path), &headers, body).await
+    }
+
+    /// A digest of every row of the project-resource tables, to show a request changed nothing.
+    pub async fn snapshot(&self) -> Vec<String> {
+        let db = self.env.db().await;
+        let mut digests = Vec::new();
+        for table in [
+            "projects",
+            "memberships",
+            "agents",
+            "agent_tools",
+            "tools",
+            "workflows",
+            "workflow_versions",
+            "policies",
+            "schedules",
+            "model_prices",
+            "project_secrets",
+        ] {
+            let row = db
+                .query_one(
+                    &format!("select md5(coalesce(string_agg(t::text, ',' order by t::text), '')) from {table} t"),
+                    &[],
+                )
+                .await
+                .unwrap();
+            digests.push(format!("{table}:{}", row.get::<_, String>(0)));
+        }
+        digests
+    }
+
     pub async fn register(&self, name: &str) -> User {
         let email = format!("{name}-{}@example.com", uuid::Uuid::new_v4().simple());
         let password = format!("pw-{name}-correct-horse");
@@ -310,6 +358,61 @@ impl Api {
             access: body["access_token"].as_str().unwrap().to_string(),
             refresh: body["refresh_token"].as_str().unwrap().to_string(),
         }
+    }
+
+    /// Creates a project as `who`, checking the `201` and its `Location`.
+    pub async fn create_project(&self, who: &User, body: Value) -> Value {
+        let res = self
+            .call("POST", "/api/v1/projects", Some(&who.access), Some(body))
+            .await;
+        assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
+        let project = res.json();
+        let location = format!("/api/v1/projects/{}", project["id"].as_str().unwrap());
+        assert_eq!(res.header("location"), Some(location.as_str()));
+        project
+    }
+
+    /// Adds `member` to `project` with `role`, as `owner`.
+    pub async fn add_member(&self, owner: &User, project: &str, member: &User, role: &str) {
+        let res = self
+            .call(
+                "POST",
+                &format!("/api/v1/projects/{project}/members"),
+                Some(&owner.access),
+                Some(serde_json::json!({"email": member.email, "role": role})),
+            )
+            .await;
+        assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
+    }
+
+    /// Creates a resource at `path` (e.g. `/api/v1/agents`) as `token`, checking `201`,
+    /// `Location` and `ETag`; the created resource.
+    pub async fn create(&self, token: &str, path: &str, body: Value) -> Value {
+        let res = self.call("POST", path, Some(token), Some(body)).await;
+        assert_eq!(
+            res.status,
+            201,
+            "POST {path}: {}",
+            String::from_utf8_lossy(&res.body)
+        );
+        let created = res.json();
+        let id = created["id"].as_str().unwrap();
+        assert_eq!(
+            res.header("location"),
+            Some(format!("{path}/{id}").as_str())
+        );
+        assert_eq!(
+            res.header("etag"),
+            Some(format!("\"{}\"", created["version"]).as_str())
+        );
+        created
+    }
+
+    /// The status of `GET /auth/me` with `token`.
+    pub async fn me_status(&self, token: &str) -> u16 {
+        self.call("GET", "/api/v1/auth/me", Some(token), None)
+            .await
+            .status
     }
 
     /// `POST /auth/refresh` with `token`.

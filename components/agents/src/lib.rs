@@ -1,0 +1,163 @@
+//! Agents (API.md "Agents"): an OpenAI-compatible model named `provider/model`, a system
+//! prompt, the project's tools it may call, and its limits.
+// `#[http_component]` expands to the ABI export glue, which is `unsafe` by nature.
+#![allow(unsafe_code)]
+
+use serde_json::{Value, json};
+use sparkops_core::db::{AS_TIMESTAMPTZ, Row, Tx, Value as V};
+use sparkops_core::error::ApiError;
+use sparkops_core::input::Body;
+use sparkops_core::policy::check_model_name;
+use sparkops_platform::db::Db;
+use sparkops_platform::http::{HttpRequest, Reply};
+use sparkops_platform::pipeline::{self, Ctx};
+use sparkops_platform::resource::{self, Resource, Write, common_json, live_ids, name_taken};
+use sparkops_platform::resource_columns;
+use spin_sdk::http::{IncomingRequest, Response};
+use spin_sdk::http_component;
+
+#[http_component]
+async fn handle(req: IncomingRequest) -> Response {
+    pipeline::serve(req, route).await
+}
+
+fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
+    let who = ctx.authenticate(req)?;
+    let segments = req.segments(Agent::PATH).unwrap_or_default();
+    resource::serve::<Agent>(ctx, req, &who, &segments)
+        .unwrap_or_else(|| Err(ApiError::NotFound(format!("no route {}", req.path))))
+}
+
+struct Agent;
+
+impl Resource for Agent {
+    const NOUN: &'static str = "agent";
+    const PATH: &'static str = "/api/v1/agents";
+    const TABLE: &'static str = "agents";
+    const ID: &'static str = "agent_id";
+    const FROM: &'static str = "agents r";
+    const COLUMNS: &'static str = resource_columns!(
+        "agent_id",
+        "r.name, r.description, r.model, r.system_prompt, r.max_iterations, r.max_tokens, \
+         r.temperature, r.response_format, r.metadata, \
+         (select coalesce(jsonb_agg(t.tool_id::text order by t.position), '[]'::jsonb) \
+          from agent_tools t where t.agent_id = r.agent_id)"
+    );
+    const FIELDS: &'static [&'static str] = &[
+        "name",
+        "description",
+        "model",
+        "system_prompt",
+        "temperature",
+        "max_tokens",
+        "tool_ids",
+        "max_iterations",
+        "response_format",
+        "metadata",
+    ];
+
+    fn to_json(row: &Row) -> Result<Value, ApiError> {
+        let mut m = common_json(row)?;
+        let temperature = row.opt_text(11)?.and_then(|t| t.parse::<f64>().ok());
+        for (k, v) in [
+            ("name", json!(row.text(5)?)),
+            ("description", json!(row.opt_text(6)?)),
+            ("model", json!(row.text(7)?)),
+            ("system_prompt", json!(row.text(8)?)),
+            ("max_iterations", json!(row.int(9)?)),
+            ("max_tokens", json!(row.int(10)?)),
+            ("temperature", json!(temperature)),
+            ("response_format", row.json(12)?),
+            ("metadata", row.json(13)?),
+            ("tool_ids", row.json(14)?),
+        ] {
+            m.insert(k.into(), v);
+        }
+        Ok(Value::Object(m))
+    }
+
+    fn save(tx: &Tx<'_, Db>, ctx: &Ctx, w: Write<'_>) -> Result<(), ApiError> {
+        let mut b = Body::from_value(w.doc)?;
+        let name = b.str("name", 200);
+        let description = b.opt_str("description", 2000);
+        let model = b.str("model", 200);
+        if let Some(Err(m)) = model.as_deref().map(check_model_name) {
+            b.error("model", m);
+        }
+        let system_prompt = b.str("system_prompt", 100_000);
+        let temperature = b.opt_value("temperature");
+        let temperature = match temperature
+            .as_ref()
+            .map(|t| t.as_f64().filter(|t| (0.0..=2.0).contains(t)))
+        {
+            None => None,
+            Some(Some(t)) => Some(t),
+            Some(None) => {
+                b.error("temperature", "must be a number from 0 to 2");
+                None
+            }
+        };
+        let max_tokens = b.opt_int("max_tokens", 1..=200_000).unwrap_or(1024);
+        let tool_ids = b.opt_uuids("tool_ids", 64).unwrap_or_default();
+        let known = live_ids(tx, "tools", "tool_id", w.project_id, &tool_ids)?;
+        for (i, id) in tool_ids.iter().enumerate() {
+            if !known.contains(id) {
+                b.error(&format!("tool_ids[{i}]"), "is not a tool of this project");
+            }
+        }
+        let max_iterations = b.opt_int("max_iterations", 1..=50).unwrap_or(10);
+        let response_format = b.opt_schema("response_format", false);
+        let metadata = b.opt_object("metadata");
+        b.finish()?;
+        let (Some(name), Some(model), Some(system_prompt)) = (name, model, system_prompt) else {
+            return Err(ApiError::Internal);
+        };
+        tx.execute(
+            &format!(
+                "insert into agents (agent_id, project_id, name, description, model, system_prompt,
+                    max_iterations, max_tokens, temperature, response_format, metadata, created_at, updated_at)
+                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9::numeric, $10, $11, $12{AS_TIMESTAMPTZ}, $12{AS_TIMESTAMPTZ})
+                 on conflict (agent_id) do update set
+                    name = excluded.name, description = excluded.description, model = excluded.model,
+                    system_prompt = excluded.system_prompt, max_iterations = excluded.max_iterations,
+                    max_tokens = excluded.max_tokens, temperature = excluded.temperature,
+                    response_format = excluded.response_format, metadata = excluded.metadata,
+                    version = agents.version + 1, updated_at = excluded.updated_at"
+            ),
+            &[
+                V::Uuid(w.id.into()),
+                V::Uuid(w.project_id.into()),
+                V::Text(name),
+                description.map(V::Text).unwrap_or(V::Null),
+                V::Text(model),
+                V::Text(system_prompt),
+                V::Int32(max_iterations as i32),
+                V::Int32(max_tokens as i32),
+                temperature.map(|t| V::Decimal(t.to_string())).unwrap_or(V::Null),
+                response_format.map(V::Json).unwrap_or(V::Null),
+                metadata.map(|m| V::Json(m.into())).unwrap_or(V::Null),
+                V::Timestamp(ctx.now),
+            ],
+        )
+        .map_err(name_taken("agent", "agents_project_name_key"))?;
+        tx.execute(
+            "delete from agent_tools where agent_id = $1",
+            &[V::Uuid(w.id.into())],
+        )?;
+        for (position, tool_id) in tool_ids.iter().enumerate() {
+            tx.execute(
+                "insert into agent_tools (agent_id, tool_id, position) values ($1, $2, $3)",
+                &[
+                    V::Uuid(w.id.into()),
+                    V::Uuid(tool_id.clone()),
+                    V::Int32(position as i32),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn in_use(tx: &Tx<'_, Db>, id: &str) -> Result<Option<String>, ApiError> {
+        resource::used_by_workflows(tx, "agent_id", id, "agent")
+    }
+}

@@ -1,0 +1,99 @@
+//! JSON Schema for tool inputs and outputs, workflow inputs and agents' structured answers:
+//! schemas are checked against their meta-schema when saved (2020-12 unless they name
+//! another draft with `$schema`), and values are checked against them at run time. No
+//! reference is ever fetched: a `$ref` outside the document makes the schema invalid.
+
+use serde_json::Value;
+
+/// The most problems reported for one value: enough to fix it, bounded in size.
+const MAX_REPORTED: usize = 20;
+
+/// `Ok` when `schema` is a valid JSON Schema whose references all resolve inside it.
+pub fn check(schema: &Value) -> Result<(), String> {
+    if !(schema.is_object() || schema.is_boolean()) {
+        return Err("must be a JSON Schema (an object or a boolean)".into());
+    }
+    if let Err(e) = jsonschema::meta::validate(schema) {
+        return Err(format!("is not a valid JSON Schema: {e}"));
+    }
+    jsonschema::validator_for(schema)
+        .map(|_| ())
+        .map_err(|e| format!("is not a usable JSON Schema: {e}"))
+}
+
+/// Like [`check`], and the schema must describe a JSON object (`"type": "object"`), as
+/// function-calling models and tool inputs require.
+pub fn check_object(schema: &Value) -> Result<(), String> {
+    check(schema)?;
+    if schema.get("type").and_then(Value::as_str) != Some("object") {
+        return Err("must describe an object (\"type\": \"object\")".into());
+    }
+    Ok(())
+}
+
+/// Checks `value` against `schema`: every problem as `(JSON pointer in the value, message)`.
+pub fn validate(schema: &Value, value: &Value) -> Result<(), Vec<(String, String)>> {
+    let validator = jsonschema::validator_for(schema)
+        .map_err(|e| vec![(String::new(), format!("the schema is not usable: {e}"))])?;
+    let problems: Vec<(String, String)> = validator
+        .iter_errors(value)
+        .take(MAX_REPORTED)
+        .map(|e| (e.instance_path().to_string(), e.to_string()))
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn valid_schemas_pass_and_malformed_ones_are_named() {
+        assert!(check(&json!({"type": "object", "properties": {"q": {"type": "string"}}})).is_ok());
+        assert!(check(&json!(true)).is_ok());
+        for bad in [
+            json!({"type": "no-such-type"}),
+            json!({"properties": {"q": {"minLength": -1}}}),
+            json!({"required": "q"}),
+            json!("object"),
+            json!(3),
+        ] {
+            assert!(check(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_remote_reference_is_never_fetched_and_makes_the_schema_invalid() {
+        let schema = json!({"$ref": "https://example.com/schema.json"});
+        assert!(check(&schema).is_err());
+        let local =
+            json!({"$defs": {"q": {"type": "string"}}, "properties": {"q": {"$ref": "#/$defs/q"}}});
+        assert!(check(&local).is_ok());
+    }
+
+    #[test]
+    fn tool_inputs_must_be_objects() {
+        assert!(check_object(&json!({"type": "object"})).is_ok());
+        assert!(check_object(&json!({"type": "string"})).is_err());
+        assert!(check_object(&json!({})).is_err());
+    }
+
+    #[test]
+    fn values_are_checked_with_the_path_of_each_problem() {
+        let schema = json!({
+            "type": "object",
+            "required": ["city"],
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer", "maximum": 7}}
+        });
+        assert!(validate(&schema, &json!({"city": "Oslo", "days": 3})).is_ok());
+        let problems = validate(&schema, &json!({"days": 9})).unwrap_err();
+        let paths: Vec<&str> = problems.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["", "/days"]);
+        assert!(problems[0].1.contains("city"), "{problems:?}");
+    }
+}

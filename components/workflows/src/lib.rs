@@ -1,0 +1,228 @@
+//! Workflows (API.md "Workflows"): DAGs of steps, validated whole against the project's
+//! agents and tools; every save stores a new version, which runs pin.
+// `#[http_component]` expands to the ABI export glue, which is `unsafe` by nature.
+#![allow(unsafe_code)]
+
+use serde_json::{Value, json};
+use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Row, Tx, Value as V, utc};
+use sparkops_core::error::ApiError;
+use sparkops_core::input::Body;
+use sparkops_core::page::{self, PageRequest};
+use sparkops_core::roles::Action;
+use sparkops_core::time::rfc3339;
+use sparkops_core::workflow::{self, Catalog};
+use sparkops_platform::db::Db;
+use sparkops_platform::http::{HttpRequest, Reply};
+use sparkops_platform::pipeline::{self, Ctx, Principal};
+use sparkops_platform::resource::{self, Resource, Write, common_json, name_taken};
+use sparkops_platform::resource_columns;
+use spin_sdk::http::{IncomingRequest, Method, Response};
+use spin_sdk::http_component;
+
+#[http_component]
+async fn handle(req: IncomingRequest) -> Response {
+    pipeline::serve(req, route).await
+}
+
+fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
+    let who = ctx.authenticate(req)?;
+    let segments = req.segments(Workflow::PATH).unwrap_or_default();
+    match (&req.method, segments.as_slice()) {
+        (Method::Post, ["validate"]) => validate(ctx, req, &who),
+        (_, ["validate"]) => Err(ApiError::MethodNotAllowed {
+            allow: vec!["POST"],
+        }),
+        (Method::Get, [id, "versions"]) => versions(ctx, req, &who, id),
+        (_, [_, "versions"]) => Err(ApiError::MethodNotAllowed { allow: vec!["GET"] }),
+        _ => resource::serve::<Workflow>(ctx, req, &who, &segments)
+            .unwrap_or_else(|| Err(ApiError::NotFound(format!("no route {}", req.path)))),
+    }
+}
+
+struct Workflow;
+
+/// The live agents and tools of a project, which steps may use.
+fn catalog(tx: &Tx<'_, Db>, project_id: &str) -> Result<Catalog, ApiError> {
+    let ids = |table: &str, column: &str| -> Result<_, ApiError> {
+        tx.query(
+            &format!(
+                "select {column}::text from {table} where project_id = $1 and deleted_at is null"
+            ),
+            &[V::Uuid(project_id.into())],
+        )?
+        .iter()
+        .map(|r| Ok(r.text(0)?))
+        .collect()
+    };
+    Ok(Catalog {
+        agents: ids("agents", "agent_id")?,
+        tools: ids("tools", "tool_id")?,
+    })
+}
+
+impl Resource for Workflow {
+    const NOUN: &'static str = "workflow";
+    const PATH: &'static str = "/api/v1/workflows";
+    const TABLE: &'static str = "workflows";
+    const ID: &'static str = "workflow_id";
+    const FROM: &'static str = "workflows r join workflow_versions v on v.workflow_id = r.workflow_id and v.version = r.version";
+    const COLUMNS: &'static str = resource_columns!(
+        "workflow_id",
+        "r.name, r.description, r.timeout_s, v.definition, v.input_schema"
+    );
+    const FIELDS: &'static [&'static str] = &[
+        "name",
+        "description",
+        "input_schema",
+        "definition",
+        "timeout_s",
+    ];
+
+    fn to_json(row: &Row) -> Result<Value, ApiError> {
+        let mut m = common_json(row)?;
+        for (k, v) in [
+            ("name", json!(row.text(5)?)),
+            ("description", json!(row.opt_text(6)?)),
+            ("timeout_s", json!(row.int(7).ok())),
+            ("definition", row.json(8)?),
+            ("input_schema", row.json(9)?),
+        ] {
+            m.insert(k.into(), v);
+        }
+        Ok(Value::Object(m))
+    }
+
+    fn save(tx: &Tx<'_, Db>, ctx: &Ctx, w: Write<'_>) -> Result<(), ApiError> {
+        let mut b = Body::from_value(w.doc)?;
+        let name = b.str("name", 200);
+        let description = b.opt_str("description", 2000);
+        let input_schema = b.opt_schema("input_schema", false);
+        let timeout_s = b.opt_int("timeout_s", 1..=2_592_000);
+        let definition = b.opt_value("definition");
+        if definition.is_none() {
+            b.error("definition", "is required");
+        }
+        b.finish()?;
+        let (Some(name), Some(definition)) = (name, definition) else {
+            return Err(ApiError::Internal);
+        };
+        workflow::validate_or_422(&definition, &catalog(tx, w.project_id)?)?;
+        let rows = tx
+            .query(
+                &format!(
+                    "insert into workflows (workflow_id, project_id, name, description, timeout_s, created_at, updated_at)
+                     values ($1, $2, $3, $4, $5, $6{AS_TIMESTAMPTZ}, $6{AS_TIMESTAMPTZ})
+                     on conflict (workflow_id) do update set
+                        name = excluded.name, description = excluded.description, timeout_s = excluded.timeout_s,
+                        version = workflows.version + 1, updated_at = excluded.updated_at
+                     returning version"
+                ),
+                &[
+                    V::Uuid(w.id.into()),
+                    V::Uuid(w.project_id.into()),
+                    V::Text(name),
+                    description.map(V::Text).unwrap_or(V::Null),
+                    timeout_s.map(|t| V::Int32(t as i32)).unwrap_or(V::Null),
+                    V::Timestamp(ctx.now),
+                ],
+            )
+            .map_err(name_taken("workflow", "workflows_project_name_key"))?;
+        let version = rows.first().ok_or(ApiError::Internal)?.int(0)?;
+        tx.execute(
+            &format!(
+                "insert into workflow_versions (workflow_id, version, definition, input_schema, created_by, created_at)
+                 values ($1, $2, $3, $4, $5, $6{AS_TIMESTAMPTZ})"
+            ),
+            &[
+                V::Uuid(w.id.into()),
+                V::Int32(version as i32),
+                V::Json(definition),
+                input_schema.map(V::Json).unwrap_or(V::Null),
+                V::Uuid(w.user_id.into()),
+                V::Timestamp(ctx.now),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn in_use(tx: &Tx<'_, Db>, id: &str) -> Result<Option<String>, ApiError> {
+        let rows = tx.query(
+            "select count(*) from schedules where workflow_id = $1 and deleted_at is null",
+            &[V::Uuid(id.into())],
+        )?;
+        let schedules = rows.first().ok_or(ApiError::Internal)?.int(0)?;
+        Ok((schedules > 0)
+            .then(|| format!("the workflow has {schedules} schedule(s); delete them first")))
+    }
+}
+
+/// `POST /workflows/validate {project_id?, definition}`: the errors a save would report.
+fn validate(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiError> {
+    let mut b = Body::parse(&req.body)?;
+    let project_id = b.opt_str("project_id", 64);
+    let definition = b.opt_value("definition");
+    if definition.is_none() {
+        b.error("definition", "is required");
+    }
+    b.finish()?;
+    let access = resource::project_of_request(ctx, who, project_id, Action::Read)?;
+    let definition = definition.ok_or(ApiError::Internal)?;
+    let catalog = ctx.transaction(|tx, _| catalog(tx, &access.project_id))?;
+    let errors = match workflow::validate(&definition, &catalog) {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors,
+    };
+    Ok(Reply::ok(
+        json!({"valid": errors.is_empty(), "errors": errors}),
+    ))
+}
+
+/// `GET /workflows/{id}/versions`: every saved definition, newest first.
+fn versions(
+    ctx: &mut Ctx,
+    req: &HttpRequest,
+    who: &Principal,
+    id: &str,
+) -> Result<Reply, ApiError> {
+    let (id, _) = resource::access::<Workflow>(ctx, who, id, Action::Read)?;
+    let page = PageRequest::parse(req.query_param("limit").as_deref(), None)?;
+    let before = match req.query_param("cursor").filter(|c| !c.is_empty()) {
+        None => None,
+        Some(c) => Some(
+            page::decode_int_cursor(&c)
+                .ok_or_else(|| ApiError::field("cursor", "is not a cursor from this list"))?,
+        ),
+    };
+    let rows = ctx.db()?.query(
+        &format!(
+            "select version, definition, input_schema, created_by::text, {}
+             from workflow_versions where workflow_id = $1 and ($2::int4 is null or version < $2::int4)
+             order by version desc limit $3",
+            utc("created_at")
+        ),
+        &[
+            V::Uuid(id),
+            before.map(|v| V::Int32(v as i32)).unwrap_or(V::Null),
+            V::Int64(page.limit + 1),
+        ],
+    )?;
+    let n = rows.len().min(page.limit as usize);
+    let next_cursor = (rows.len() > n)
+        .then(|| rows[n - 1].int(0).map(page::encode_int_cursor))
+        .transpose()?;
+    let items = rows[..n]
+        .iter()
+        .map(|r| {
+            Ok(json!({
+                "version": r.int(0)?,
+                "definition": r.json(1)?,
+                "input_schema": r.json(2)?,
+                "created_by": r.opt_text(3)?,
+                "created_at": rfc3339(r.timestamp(4)?),
+            }))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(Reply::ok(
+        json!({"items": items, "next_cursor": next_cursor}),
+    ))
+}
