@@ -498,3 +498,41 @@ fn preflight(cors: &[(String, String)]) -> Reply {
     }
     reply
 }
+
+/// The values of the project's secrets named in `names` (missing ones are absent), opened
+/// with the master keys. Values live only in memory for the call that needs them.
+pub fn project_secrets(
+    ctx: &mut Ctx,
+    project_id: &str,
+    names: &[String],
+) -> Result<std::collections::HashMap<String, String>, ApiError> {
+    if names.is_empty() {
+        return Ok(Default::default());
+    }
+    let keys = master_keys()?;
+    let rows = ctx.db()?.query(
+        "select name, ciphertext, nonce, key_id from project_secrets
+         where project_id = $1 and name = any(string_to_array($2, ','))",
+        &[V::Uuid(project_id.into()), V::Text(names.join(","))],
+    )?;
+    let mut out = std::collections::HashMap::new();
+    for row in rows {
+        let (V::Bytes(ciphertext), V::Bytes(nonce)) = (&row.0[1], &row.0[2]) else {
+            return Err(ApiError::Server("a secret row is malformed".into()));
+        };
+        let name = row.text(0)?;
+        let sealed = sparkops_core::secrets::Sealed {
+            ciphertext: ciphertext.clone(),
+            nonce: nonce
+                .as_slice()
+                .try_into()
+                .map_err(|_| ApiError::Server("a secret nonce is malformed".into()))?,
+            key_id: row.text(3)?,
+        };
+        let value = keys
+            .open(project_id, &name, &sealed)
+            .map_err(|e| ApiError::Server(format!("secret {name} cannot be opened: {e:?}")))?;
+        out.insert(name, value);
+    }
+    Ok(out)
+}

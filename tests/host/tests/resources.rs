@@ -331,6 +331,140 @@ async fn internal_tool_urls_are_allowed_only_by_configuration() {
     assert_eq!(tool["http"]["url"], "http://127.0.0.1:9/hook");
 }
 
+/// An app whose tools may call plain-http loopback fakes.
+async fn api_for_fakes() -> Api {
+    Api::start_with(&[
+        ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
+        ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
+    ])
+    .await
+}
+
+#[tokio::test]
+async fn testing_a_tool_makes_the_real_call_with_its_secret_and_checks() {
+    let api = api_for_fakes().await;
+    let (ada, p) = project(&api).await;
+    let fake =
+        common::FakeServer::start(200, json!({"temp_c": 4.5}), std::time::Duration::ZERO).await;
+    let mut body = weather_tool(&p);
+    body["http"] = json!({"method": "POST", "url": fake.url("/weather?units=metric"),
+        "headers": {"Authorization": "{{ secret.WEATHER_KEY }}", "X-Team": "ops"}});
+    body["output_schema"] = json!({"type": "object", "required": ["temp_c"], "properties": {"temp_c": {"type": "number"}}});
+    let tool = api.create(&ada.access, "/api/v1/tools", body).await;
+    let test = format!("/api/v1/tools/{}/test", tool["id"].as_str().unwrap());
+
+    // The secret is not set yet: refused before any call.
+    let res = api
+        .call(
+            "POST",
+            &test,
+            Some(&ada.access),
+            Some(json!({"input": {"city": "Oslo"}})),
+        )
+        .await;
+    assert_eq!(
+        fields(&res),
+        [
+            "http.headers.Authorization: names the secret WEATHER_KEY, which this project does not have"
+        ]
+    );
+    let res = api
+        .call(
+            "POST",
+            &test,
+            Some(&ada.access),
+            Some(json!({"input": {"city": 7}})),
+        )
+        .await;
+    assert!(fields(&res).iter().any(|f| f.starts_with("input/city:")));
+    assert!(fake.received().is_empty());
+
+    let value = "Bearer wx-SECRET-42";
+    let put = api
+        .call(
+            "PUT",
+            &format!("/api/v1/projects/{p}/secrets/WEATHER_KEY"),
+            Some(&ada.access),
+            Some(json!({"value": value})),
+        )
+        .await;
+    assert_eq!(put.status, 204);
+    let res = api
+        .call(
+            "POST",
+            &test,
+            Some(&ada.access),
+            Some(json!({"input": {"city": "Oslo"}})),
+        )
+        .await;
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    let out = res.json();
+    assert_eq!(
+        (&out["ok"], &out["status"], &out["output"]),
+        (&json!(true), &json!(200), &json!({"temp_c": 4.5}))
+    );
+    assert!(!String::from_utf8_lossy(&res.body).contains("SECRET"));
+    let got = fake.received();
+    assert_eq!(got.len(), 1);
+    let call = &got[0];
+    assert_eq!(
+        (call.method.as_str(), call.uri.as_str()),
+        ("POST", "/weather?units=metric")
+    );
+    assert_eq!(call.headers["authorization"], value);
+    assert_eq!(call.headers["x-team"], "ops");
+    assert!(
+        call.headers["idempotency-key"]
+            .to_str()
+            .unwrap()
+            .starts_with("tool-test-")
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&call.body).unwrap(),
+        json!({"city": "Oslo"})
+    );
+}
+
+#[tokio::test]
+async fn a_tool_test_reports_bad_statuses_bad_outputs_and_timeouts() {
+    let api = api_for_fakes().await;
+    let (ada, p) = project(&api).await;
+    let failing =
+        common::FakeServer::start(503, json!({"error": "down"}), std::time::Duration::ZERO).await;
+    let wrong =
+        common::FakeServer::start(200, json!({"temp": "warm"}), std::time::Duration::ZERO).await;
+    let slow = common::FakeServer::start(200, json!({}), std::time::Duration::from_secs(3)).await;
+    let cases = [
+        ("failing", failing.url("/"), 30_000, "http-status"),
+        ("wrong", wrong.url("/"), 30_000, "validation"),
+        ("slow", slow.url("/"), 200, "timeout"),
+    ];
+    for (name, url, timeout_ms, kind) in cases {
+        let mut body = weather_tool(&p);
+        body["name"] = json!(name);
+        body["http"] = json!({"method": "GET", "url": url, "timeout_ms": timeout_ms});
+        body["output_schema"] = json!({"type": "object", "required": ["temp_c"]});
+        let tool = api.create(&ada.access, "/api/v1/tools", body).await;
+        let res = api
+            .call(
+                "POST",
+                &format!("/api/v1/tools/{}/test", tool["id"].as_str().unwrap()),
+                Some(&ada.access),
+                Some(json!({"input": {"city": "Oslo"}})),
+            )
+            .await;
+        assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+        let out = res.json();
+        assert_eq!(
+            (&out["ok"], &out["error"]["kind"]),
+            (&json!(false), &json!(kind)),
+            "{name}: {out}"
+        );
+    }
+    // GET sends the input as the query.
+    assert_eq!(failing.received()[0].uri, "/?city=Oslo");
+}
+
 async fn agent_and_tool(api: &Api, who: &User, p: &str) -> (String, String) {
     let tool = api
         .create(&who.access, "/api/v1/tools", weather_tool(p))

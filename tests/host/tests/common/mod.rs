@@ -449,3 +449,70 @@ impl Api {
             .get(0)
     }
 }
+
+/// A request a fake third party received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+/// A scripted HTTP third party on loopback (a tool, a provider): answers every request
+/// with `status` and `body` after `delay`, and records what it received.
+pub struct FakeServer {
+    pub addr: std::net::SocketAddr,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
+}
+
+impl FakeServer {
+    pub async fn start(status: u16, body: Value, delay: Duration) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = received.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (log, body) = (log.clone(), body.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (log, body) = (log.clone(), body.clone());
+                            async move {
+                                let (parts, incoming) = req.into_parts();
+                                let bytes = incoming.collect().await?.to_bytes();
+                                log.lock().unwrap().push(Recorded {
+                                    method: parts.method.to_string(),
+                                    uri: parts.uri.to_string(),
+                                    headers: parts.headers,
+                                    body: bytes,
+                                });
+                                tokio::time::sleep(delay).await;
+                                let mut res =
+                                    http::Response::new(Full::new(Bytes::from(body.to_string())));
+                                *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                                res.headers_mut()
+                                    .insert("content-type", "application/json".parse().unwrap());
+                                Ok::<_, hyper::Error>(res)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, received }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Recorded> {
+        self.received.lock().unwrap().clone()
+    }
+}
