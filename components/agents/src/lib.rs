@@ -24,8 +24,7 @@ async fn handle(req: IncomingRequest) -> Response {
 fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
     let who = ctx.authenticate(req)?;
     let segments = req.segments(Agent::PATH).unwrap_or_default();
-    resource::serve::<Agent>(ctx, req, &who, &segments)
-        .unwrap_or_else(|| Err(ApiError::NotFound(format!("no route {}", req.path))))
+    resource::serve_or_404::<Agent>(ctx, req, &who, &segments)
 }
 
 struct Agent;

@@ -8,7 +8,6 @@ use sparkops_core::auth::{self, ACCESS_TTL_SECS, REFRESH_TTL_SECS};
 use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Row, Tx, Value as V, utc};
 use sparkops_core::error::ApiError;
 use sparkops_core::input::{Body, check_password};
-use sparkops_core::page::PageRequest;
 use sparkops_core::ratelimit::Limit;
 use sparkops_core::roles::Action;
 use sparkops_core::time::rfc3339;
@@ -359,10 +358,7 @@ fn list_keys(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
         .query_param("project_id")
         .ok_or_else(|| ApiError::field("project_id", "is required"))?;
     let project = ctx.project(&who, &project_id, Action::Administer)?;
-    let page = PageRequest::parse(
-        req.query_param("limit").as_deref(),
-        req.query_param("cursor").as_deref(),
-    )?;
+    let page = req.page()?;
     let rows = ctx.db()?.query(
         &format!(
             "{} where project_id = $1 and ($2::uuid is null or api_key_id < $2::uuid)
@@ -375,15 +371,7 @@ fn list_keys(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
             V::Int64(page.limit + 1),
         ],
     )?;
-    let ids: Vec<String> = rows.iter().map(|r| r.text(0)).collect::<Result<_, _>>()?;
-    let (n, next_cursor) = page.finish(&ids);
-    let items = rows[..n]
-        .iter()
-        .map(key_json)
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Reply::ok(
-        json!({"items": items, "next_cursor": next_cursor}),
-    ))
+    sparkops_platform::resource::page_reply(&page, &rows, key_json)
 }
 
 fn create_key(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {

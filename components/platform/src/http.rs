@@ -86,6 +86,14 @@ impl HttpRequest {
         })
     }
 
+    /// The keyset page a list asks for (`limit`, `cursor`).
+    pub fn page(&self) -> Result<sparkops_core::page::PageRequest, ApiError> {
+        sparkops_core::page::PageRequest::parse(
+            self.query_param("limit").as_deref(),
+            self.query_param("cursor").as_deref(),
+        )
+    }
+
     /// The path's segments after `prefix` (which must match), e.g. `["projects", "<id>"]`.
     pub fn segments(&self, prefix: &str) -> Option<Vec<&str>> {
         let rest = self.path.strip_prefix(prefix)?;

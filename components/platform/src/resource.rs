@@ -103,6 +103,17 @@ pub fn serve<R: Resource>(
     })
 }
 
+/// [`serve`], with `404` for any other path of the area.
+pub fn serve_or_404<R: Resource>(
+    ctx: &mut Ctx,
+    req: &HttpRequest,
+    who: &Principal,
+    segments: &[&str],
+) -> Result<Reply, ApiError> {
+    serve::<R>(ctx, req, who, segments)
+        .unwrap_or_else(|| Err(ApiError::NotFound(format!("no route {}", req.path))))
+}
+
 fn not_found<R: Resource>(id: &str) -> ApiError {
     ApiError::NotFound(format!("no {} {id}", R::NOUN))
 }
@@ -184,10 +195,7 @@ pub fn page_reply(
 
 fn list<R: Resource>(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiError> {
     let access = project_of_request(ctx, who, req.query_param("project_id"), Action::Read)?;
-    let page = PageRequest::parse(
-        req.query_param("limit").as_deref(),
-        req.query_param("cursor").as_deref(),
-    )?;
+    let page = req.page()?;
     let mut sql = format!(
         "select {} from {} where r.project_id = $1 and r.deleted_at is null
            and ($2::uuid is null or r.{} < $2::uuid)",

@@ -41,8 +41,7 @@ fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
         };
     }
     let segments = req.segments(Policy::PATH).unwrap_or_default();
-    resource::serve::<Policy>(ctx, req, &who, &segments)
-        .unwrap_or_else(|| Err(ApiError::NotFound(format!("no route {}", req.path))))
+    resource::serve_or_404::<Policy>(ctx, req, &who, &segments)
 }
 
 struct Policy;

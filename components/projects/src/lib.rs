@@ -8,7 +8,6 @@ use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Row, Tx, Value as V, ut
 use sparkops_core::error::ApiError;
 use sparkops_core::ids::parse_uuid;
 use sparkops_core::input::{Body, Email, Slug};
-use sparkops_core::page::PageRequest;
 use sparkops_core::roles::{Action, Role};
 use sparkops_core::time::rfc3339;
 use sparkops_core::tool::check_secret_name;
@@ -16,6 +15,7 @@ use sparkops_platform::db::Db;
 use sparkops_platform::http::{HttpRequest, Reply};
 use sparkops_platform::pipeline::{self, Ctx, Principal, ProjectAccess};
 use sparkops_platform::random_array;
+use sparkops_platform::resource;
 use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
 
@@ -80,10 +80,7 @@ fn project_json(row: &Row, role: Option<&str>) -> Result<Value, ApiError> {
 }
 
 fn list(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiError> {
-    let page = PageRequest::parse(
-        req.query_param("limit").as_deref(),
-        req.query_param("cursor").as_deref(),
-    )?;
+    let page = req.page()?;
     let only = who
         .api_key
         .as_ref()
@@ -105,15 +102,7 @@ fn list(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiE
             V::Int64(page.limit + 1),
         ],
     )?;
-    let ids: Vec<String> = rows.iter().map(|r| r.text(0)).collect::<Result<_, _>>()?;
-    let (n, next_cursor) = page.finish(&ids);
-    let items = rows[..n]
-        .iter()
-        .map(|r| project_json(r, r.text(7).ok().as_deref()))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Reply::ok(
-        json!({"items": items, "next_cursor": next_cursor}),
-    ))
+    resource::page_reply(&page, &rows, |r| project_json(r, r.text(7).ok().as_deref()))
 }
 
 /// Reads `name`, `slug` and `description` for a create (`required`) or a merge patch.
@@ -222,7 +211,7 @@ fn update(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result
     let mut body = Body::parse(&req.body)?;
     let fields = read_fields(&mut body, false);
     body.finish()?;
-    let expected = if_match(req)?;
+    let expected = resource::if_match(req)?;
     let row = ctx.transaction(|tx, ctx| {
         let rows = tx
             .query(
@@ -233,7 +222,7 @@ fn update(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result
                         description = case when $4 then $5 else description end,
                         version = version + 1,
                         updated_at = $6{AS_TIMESTAMPTZ}
-                     where project_id = $1 and deleted_at is null and ($7::int4 is null or version = $7::int4)
+                     where project_id = $1 and deleted_at is null and ($7::int8 is null or version = $7::int8)
                      returning project_id::text, name, slug, description, version, {}, {}",
                     utc("created_at"),
                     utc("updated_at")
@@ -245,7 +234,7 @@ fn update(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result
                     V::Bool(fields.description.is_some()),
                     fields.description.clone().flatten().map(V::Text).unwrap_or(V::Null),
                     V::Timestamp(ctx.now),
-                    expected.map(V::Int32).unwrap_or(V::Null),
+                    expected.map(V::Int64).unwrap_or(V::Null),
                 ],
             )
             .map_err(slug_taken)?;
@@ -256,19 +245,6 @@ fn update(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result
     let version = row.int(4)?;
     Ok(Reply::ok(project_json(&row, Some(access.role.as_str()))?)
         .header("etag", format!("\"{version}\"")))
-}
-
-/// `If-Match: "<version>"`, when sent.
-fn if_match(req: &HttpRequest) -> Result<Option<i32>, ApiError> {
-    req.header("if-match")
-        .map(|v| {
-            v.trim()
-                .trim_start_matches("W/")
-                .trim_matches('"')
-                .parse::<i32>()
-                .map_err(|_| ApiError::field("If-Match", "must be a version, e.g. \"3\""))
-        })
-        .transpose()
 }
 
 fn delete(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {

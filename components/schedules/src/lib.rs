@@ -30,8 +30,7 @@ fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
     match (&req.method, segments.as_slice()) {
         (Method::Get, [id, "next"]) => next(ctx, req, &who, id),
         (_, [_, "next"]) => Err(ApiError::MethodNotAllowed { allow: vec!["GET"] }),
-        _ => resource::serve::<Schedule>(ctx, req, &who, &segments)
-            .unwrap_or_else(|| Err(ApiError::NotFound(format!("no route {}", req.path)))),
+        _ => resource::serve_or_404::<Schedule>(ctx, req, &who, &segments),
     }
 }
 

@@ -33,8 +33,7 @@ fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
         (_, [_, "test"]) => Err(ApiError::MethodNotAllowed {
             allow: vec!["POST"],
         }),
-        _ => resource::serve::<Tool>(ctx, req, &who, &segments)
-            .unwrap_or_else(|| Err(ApiError::NotFound(format!("no route {}", req.path)))),
+        _ => resource::serve_or_404::<Tool>(ctx, req, &who, &segments),
     }
 }
 

@@ -34,8 +34,7 @@ fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
         }),
         (Method::Get, [id, "versions"]) => versions(ctx, req, &who, id),
         (_, [_, "versions"]) => Err(ApiError::MethodNotAllowed { allow: vec!["GET"] }),
-        _ => resource::serve::<Workflow>(ctx, req, &who, &segments)
-            .unwrap_or_else(|| Err(ApiError::NotFound(format!("no route {}", req.path)))),
+        _ => resource::serve_or_404::<Workflow>(ctx, req, &who, &segments),
     }
 }
 

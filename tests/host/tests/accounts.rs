@@ -159,14 +159,13 @@ async fn refresh_rotates_and_reuse_revokes_the_whole_family() {
     let rt2 = first.json()["refresh_token"].as_str().unwrap().to_string();
     assert_ne!(rt2, ada.refresh);
     assert_eq!(
-        api.call(
+        api.status(
             "GET",
             "/api/v1/auth/me",
             first.json()["access_token"].as_str(),
             None
         )
-        .await
-        .status,
+        .await,
         200
     );
 
@@ -377,7 +376,7 @@ async fn the_per_ip_limit_applies_before_authentication() {
     // exact count is unknown here; what must hold is that the limit bites, unauthenticated.
     let mut statuses = Vec::new();
     for _ in 0..40 {
-        statuses.push(api.call("GET", "/api/v1/auth/me", None, None).await.status);
+        statuses.push(api.status("GET", "/api/v1/auth/me", None, None).await);
     }
     assert!(statuses.contains(&429), "{statuses:?}");
     assert!(

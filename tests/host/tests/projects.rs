@@ -60,15 +60,10 @@ async fn a_project_is_created_read_updated_and_soft_deleted() {
     assert_eq!(patched["slug"], "support-agents");
 
     assert_eq!(
-        api.call("DELETE", &url, Some(&ada.access), None)
-            .await
-            .status,
+        api.status("DELETE", &url, Some(&ada.access), None).await,
         204
     );
-    assert_eq!(
-        api.call("GET", &url, Some(&ada.access), None).await.status,
-        404
-    );
+    assert_eq!(api.status("GET", &url, Some(&ada.access), None).await, 404);
     let listed = api
         .call("GET", "/api/v1/projects", Some(&ada.access), None)
         .await
@@ -203,9 +198,8 @@ async fn members_are_added_changed_and_removed_and_the_last_owner_stays() {
         .await;
     assert_eq!(demote.status, 409, "the last owner cannot be demoted");
     assert_eq!(
-        api.call("DELETE", &me(&ada), Some(&ada.access), None)
-            .await
-            .status,
+        api.status("DELETE", &me(&ada), Some(&ada.access), None)
+            .await,
         409,
         "nor leave"
     );
@@ -220,21 +214,19 @@ async fn members_are_added_changed_and_removed_and_the_last_owner_stays() {
         .await;
     assert_eq!(promote.json()["role"], "owner");
     assert_eq!(
-        api.call("DELETE", &me(&ada), Some(&ada.access), None)
-            .await
-            .status,
+        api.status("DELETE", &me(&ada), Some(&ada.access), None)
+            .await,
         204,
         "now ada may leave"
     );
     assert_eq!(
-        api.call(
+        api.status(
             "GET",
             &format!("/api/v1/projects/{id}"),
             Some(&ada.access),
             None
         )
-        .await
-        .status,
+        .await,
         404
     );
 
@@ -409,9 +401,8 @@ async fn the_owner_deletes_the_project_and_an_api_key_acts_with_its_role() {
     let viewer_key = api.create_key(&ada, &p, "viewer").await;
     let secret = viewer_key["secret"].as_str().unwrap();
     assert_eq!(
-        api.call("GET", &format!("/api/v1/projects/{p}"), Some(secret), None)
-            .await
-            .status,
+        api.status("GET", &format!("/api/v1/projects/{p}"), Some(secret), None)
+            .await,
         200
     );
     let patch = api
@@ -424,21 +415,19 @@ async fn the_owner_deletes_the_project_and_an_api_key_acts_with_its_role() {
         .await;
     assert_eq!(patch.status, 403);
     assert_eq!(
-        api.call(
+        api.status(
             "DELETE",
             &format!("/api/v1/projects/{p}"),
             Some(&ada.access),
             None
         )
-        .await
-        .status,
+        .await,
         204
     );
     // A deleted project's keys stop working.
     assert_eq!(
-        api.call("GET", &format!("/api/v1/projects/{p}"), Some(secret), None)
-            .await
-            .status,
+        api.status("GET", &format!("/api/v1/projects/{p}"), Some(secret), None)
+            .await,
         401
     );
 }

@@ -134,19 +134,13 @@ async fn an_agent_is_created_read_patched_with_if_match_and_soft_deleted() {
     assert_eq!(busy.status, 409, "{}", String::from_utf8_lossy(&busy.body));
 
     assert_eq!(
-        api.call("DELETE", &path, Some(&ada.access), None)
-            .await
-            .status,
+        api.status("DELETE", &path, Some(&ada.access), None).await,
         204
     );
+    assert_eq!(api.status("GET", &path, Some(&ada.access), None).await, 404);
     assert_eq!(
-        api.call("GET", &path, Some(&ada.access), None).await.status,
-        404
-    );
-    assert_eq!(
-        api.call("DELETE", &tool_path, Some(&ada.access), None)
-            .await
-            .status,
+        api.status("DELETE", &tool_path, Some(&ada.access), None)
+            .await,
         204
     );
     // Soft: the rows stay for the runs that refer to them.
@@ -652,14 +646,13 @@ async fn every_workflow_update_keeps_the_old_definition_as_a_version() {
         String::from_utf8_lossy(&agent_del.body)
     );
     assert_eq!(
-        api.call(
+        api.status(
             "DELETE",
             &format!("/api/v1/tools/{tool}"),
             Some(&ada.access),
             None
         )
-        .await
-        .status,
+        .await,
         204
     );
 }
@@ -817,9 +810,8 @@ async fn schedules_validate_cron_zone_and_input_and_show_next_fire_times() {
     );
     let wf_path = format!("/api/v1/workflows/{}", wf["id"].as_str().unwrap());
     assert_eq!(
-        api.call("DELETE", &wf_path, Some(&ada.access), None)
-            .await
-            .status,
+        api.status("DELETE", &wf_path, Some(&ada.access), None)
+            .await,
         409
     );
     let list = api
@@ -860,9 +852,8 @@ async fn model_prices_have_defaults_and_per_project_overrides() {
     let path = format!("/api/v1/models/prices/openai/gpt-4o-mini?project_id={p}");
     let body = json!({"input_per_mtok_usd": "0.1", "output_per_mtok_usd": "0.4"});
     assert_eq!(
-        api.call("PUT", &path, Some(&mia.access), Some(body.clone()))
-            .await
-            .status,
+        api.status("PUT", &path, Some(&mia.access), Some(body.clone()))
+            .await,
         403
     );
     let set = api.call("PUT", &path, Some(&ada.access), Some(body)).await;
@@ -905,15 +896,11 @@ async fn model_prices_have_defaults_and_per_project_overrides() {
         ]
     );
     assert_eq!(
-        api.call("DELETE", &path, Some(&ada.access), None)
-            .await
-            .status,
+        api.status("DELETE", &path, Some(&ada.access), None).await,
         204
     );
     assert_eq!(
-        api.call("DELETE", &path, Some(&ada.access), None)
-            .await
-            .status,
+        api.status("DELETE", &path, Some(&ada.access), None).await,
         404
     );
 }
@@ -927,14 +914,13 @@ async fn secrets_are_write_only_and_sealed_at_rest() {
     let value = "sk-live-VERY-SECRET-0123456789";
     let path = format!("/api/v1/projects/{p}/secrets/WEATHER_KEY");
     assert_eq!(
-        api.call(
+        api.status(
             "PUT",
             &path,
             Some(&mia.access),
             Some(json!({"value": value}))
         )
-        .await
-        .status,
+        .await,
         403
     );
     let put = api
@@ -947,14 +933,13 @@ async fn secrets_are_write_only_and_sealed_at_rest() {
         .await;
     assert_eq!(put.status, 204, "{}", String::from_utf8_lossy(&put.body));
     assert_eq!(
-        api.call(
+        api.status(
             "PUT",
             &path,
             Some(&ada.access),
             Some(json!({"value": value}))
         )
-        .await
-        .status,
+        .await,
         204
     );
     let list = api
@@ -998,15 +983,11 @@ async fn secrets_are_write_only_and_sealed_at_rest() {
     assert!(!String::from_utf8_lossy(&bad.body).contains(value));
     assert_eq!(bad.status, 422);
     assert_eq!(
-        api.call("DELETE", &path, Some(&ada.access), None)
-            .await
-            .status,
+        api.status("DELETE", &path, Some(&ada.access), None).await,
         204
     );
     assert_eq!(
-        api.call("DELETE", &path, Some(&ada.access), None)
-            .await
-            .status,
+        api.status("DELETE", &path, Some(&ada.access), None).await,
         404
     );
 }

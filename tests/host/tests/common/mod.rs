@@ -294,6 +294,17 @@ impl Api {
         request(method, &self.app.url(path), &headers, body).await
     }
 
+    /// The status of a request with an optional bearer token.
+    pub async fn status(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> u16 {
+        self.call(method, path, token, body).await.status
+    }
+
     /// Sends a request with a bearer token and extra headers.
     pub async fn call_with(
         &self,
@@ -410,9 +421,8 @@ impl Api {
 
     /// The status of `GET /auth/me` with `token`.
     pub async fn me_status(&self, token: &str) -> u16 {
-        self.call("GET", "/api/v1/auth/me", Some(token), None)
+        self.status("GET", "/api/v1/auth/me", Some(token), None)
             .await
-            .status
     }
 
     /// `POST /auth/refresh` with `token`.
