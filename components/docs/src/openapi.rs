@@ -1,0 +1,726 @@
+//! The OpenAPI 3.1 document, built from one route table so every operation gets the same
+//! security, parameters and problem responses. A test checks it against API.md and
+//! against the app (every documented route is served).
+
+use serde_json::{Map, Value, json};
+
+/// One operation.
+struct Op {
+    method: &'static str,
+    path: &'static str,
+    tag: &'static str,
+    summary: &'static str,
+    query: &'static [&'static str],
+    /// The request body's schema.
+    body: Option<&'static str>,
+    status: u16,
+    /// The success body's schema.
+    response: Option<&'static str>,
+}
+
+const fn op(
+    method: &'static str,
+    path: &'static str,
+    tag: &'static str,
+    summary: &'static str,
+) -> Op {
+    Op {
+        method,
+        path,
+        tag,
+        summary,
+        query: &[],
+        body: None,
+        status: 200,
+        response: None,
+    }
+}
+
+impl Op {
+    const fn query(mut self, q: &'static [&'static str]) -> Self {
+        self.query = q;
+        self
+    }
+    const fn body(mut self, schema: &'static str) -> Self {
+        self.body = Some(schema);
+        self
+    }
+    const fn answers(mut self, status: u16, schema: Option<&'static str>) -> Self {
+        self.status = status;
+        self.response = schema;
+        self
+    }
+}
+
+const LIST: &[&str] = &[
+    "project_id",
+    "limit",
+    "cursor",
+    "created_after",
+    "created_before",
+];
+
+/// Operations that need no credential.
+const PUBLIC: [&str; 8] = [
+    "/healthz",
+    "/readyz",
+    "/openapi.json",
+    "/docs",
+    "/redoc",
+    "/api/v1/auth/register",
+    "/api/v1/auth/login",
+    "/api/v1/auth/refresh",
+];
+
+/// The CRUD operations of a project resource.
+macro_rules! crud {
+    ($base:literal, $tag:literal, $schema:literal, $input:literal, $extra:expr) => {
+        [
+            op("GET", $base, $tag, concat!("List ", $tag))
+                .query($extra)
+                .answers(200, Some(concat!($schema, "Page"))),
+            op("POST", $base, $tag, concat!("Create (", $tag, ")"))
+                .body($input)
+                .answers(201, Some($schema)),
+            op("GET", concat!($base, "/{id}"), $tag, "Get one").answers(200, Some($schema)),
+            op(
+                "PATCH",
+                concat!($base, "/{id}"),
+                $tag,
+                "Change by JSON merge patch (If-Match)",
+            )
+            .body("MergePatch")
+            .answers(200, Some($schema)),
+            op("DELETE", concat!($base, "/{id}"), $tag, "Delete (soft)").answers(204, None),
+        ]
+    };
+}
+
+fn operations() -> Vec<Op> {
+    let mut ops = vec![
+        op("GET", "/healthz", "health", "Liveness").answers(200, Some("Health")),
+        op(
+            "GET",
+            "/readyz",
+            "health",
+            "Readiness: Postgres, key-value and Redis",
+        )
+        .answers(200, Some("Health")),
+        op("GET", "/openapi.json", "docs", "This document").answers(200, None),
+        op("GET", "/docs", "docs", "Swagger UI").answers(200, None),
+        op("GET", "/redoc", "docs", "ReDoc").answers(200, None),
+        op("POST", "/api/v1/auth/register", "auth", "Register")
+            .body("Register")
+            .answers(201, Some("Tokens")),
+        op(
+            "POST",
+            "/api/v1/auth/login",
+            "auth",
+            "Log in (JSON or OAuth2 password form)",
+        )
+        .body("Login")
+        .answers(200, Some("Tokens")),
+        op(
+            "POST",
+            "/api/v1/auth/refresh",
+            "auth",
+            "Rotate a refresh token",
+        )
+        .body("Refresh")
+        .answers(200, Some("Tokens")),
+        op(
+            "POST",
+            "/api/v1/auth/logout",
+            "auth",
+            "Revoke a refresh token",
+        )
+        .body("Refresh")
+        .answers(204, None),
+        op(
+            "GET",
+            "/api/v1/auth/me",
+            "auth",
+            "The caller and their memberships",
+        )
+        .answers(200, Some("Me")),
+        op(
+            "GET",
+            "/api/v1/api-keys",
+            "auth",
+            "List a project's API keys",
+        )
+        .query(&["project_id", "limit", "cursor"])
+        .answers(200, Some("ApiKeyPage")),
+        op(
+            "POST",
+            "/api/v1/api-keys",
+            "auth",
+            "Create an API key (its secret is shown once)",
+        )
+        .body("ApiKeyInput")
+        .answers(201, Some("ApiKeyCreated")),
+        op(
+            "DELETE",
+            "/api/v1/api-keys/{id}",
+            "auth",
+            "Revoke an API key",
+        )
+        .answers(204, None),
+        op(
+            "GET",
+            "/api/v1/projects",
+            "projects",
+            "The caller's projects",
+        )
+        .query(&["limit", "cursor"])
+        .answers(200, Some("ProjectPage")),
+        op(
+            "POST",
+            "/api/v1/projects",
+            "projects",
+            "Create a project (the caller becomes owner)",
+        )
+        .body("ProjectInput")
+        .answers(201, Some("Project")),
+        op("GET", "/api/v1/projects/{id}", "projects", "Get a project")
+            .answers(200, Some("Project")),
+        op(
+            "PATCH",
+            "/api/v1/projects/{id}",
+            "projects",
+            "Change a project",
+        )
+        .body("MergePatch")
+        .answers(200, Some("Project")),
+        op(
+            "DELETE",
+            "/api/v1/projects/{id}",
+            "projects",
+            "Delete a project (owner; soft)",
+        )
+        .answers(204, None),
+        op(
+            "GET",
+            "/api/v1/projects/{id}/members",
+            "projects",
+            "Members",
+        )
+        .answers(200, Some("MemberPage")),
+        op(
+            "POST",
+            "/api/v1/projects/{id}/members",
+            "projects",
+            "Add a member by email",
+        )
+        .body("MemberInput")
+        .answers(201, Some("Member")),
+        op(
+            "PATCH",
+            "/api/v1/projects/{id}/members/{user_id}",
+            "projects",
+            "Change a member's role",
+        )
+        .body("RoleInput")
+        .answers(200, Some("Member")),
+        op(
+            "DELETE",
+            "/api/v1/projects/{id}/members/{user_id}",
+            "projects",
+            "Remove a member (the last owner stays)",
+        )
+        .answers(204, None),
+        op(
+            "GET",
+            "/api/v1/projects/{id}/secrets",
+            "secrets",
+            "Secret names and versions (never values)",
+        )
+        .answers(200, Some("SecretPage")),
+        op(
+            "PUT",
+            "/api/v1/projects/{id}/secrets/{name}",
+            "secrets",
+            "Create or replace a secret (write-only)",
+        )
+        .body("SecretInput")
+        .answers(204, None),
+        op(
+            "DELETE",
+            "/api/v1/projects/{id}/secrets/{name}",
+            "secrets",
+            "Delete a secret",
+        )
+        .answers(204, None),
+        op(
+            "POST",
+            "/api/v1/tools/{id}/test",
+            "tools",
+            "Make the tool's real call with a run's checks",
+        )
+        .body("ToolTestInput")
+        .answers(200, Some("ToolTestResult")),
+        op(
+            "GET",
+            "/api/v1/workflows/{id}/versions",
+            "workflows",
+            "Every saved definition, newest first",
+        )
+        .query(&["limit", "cursor"])
+        .answers(200, Some("WorkflowVersionPage")),
+        op(
+            "POST",
+            "/api/v1/workflows/validate",
+            "workflows",
+            "Validate a definition without saving",
+        )
+        .body("ValidateInput")
+        .answers(200, Some("ValidateResult")),
+        op(
+            "GET",
+            "/api/v1/schedules/{id}/next",
+            "schedules",
+            "The next fire times",
+        )
+        .query(&["count"])
+        .answers(200, Some("NextFireTimes")),
+        op(
+            "GET",
+            "/api/v1/models/prices",
+            "prices",
+            "The price table in use (with a project's overrides)",
+        )
+        .query(&["project_id"])
+        .answers(200, Some("ModelPricePage")),
+        op(
+            "PUT",
+            "/api/v1/models/prices/{model}",
+            "prices",
+            "Override a model's price for a project (admin)",
+        )
+        .query(&["project_id"])
+        .body("ModelPriceInput")
+        .answers(200, Some("ModelPrice")),
+        op(
+            "DELETE",
+            "/api/v1/models/prices/{model}",
+            "prices",
+            "Back to the default price",
+        )
+        .query(&["project_id"])
+        .answers(204, None),
+    ];
+    ops.extend(crud!(
+        "/api/v1/agents",
+        "agents",
+        "Agent",
+        "AgentInput",
+        LIST
+    ));
+    ops.extend(crud!("/api/v1/tools", "tools", "Tool", "ToolInput", LIST));
+    ops.extend(crud!(
+        "/api/v1/workflows",
+        "workflows",
+        "Workflow",
+        "WorkflowInput",
+        LIST
+    ));
+    ops.extend(crud!(
+        "/api/v1/policies",
+        "policies",
+        "Policy",
+        "PolicyInput",
+        &[
+            "project_id",
+            "limit",
+            "cursor",
+            "created_after",
+            "created_before",
+            "enabled"
+        ]
+    ));
+    ops.extend(crud!(
+        "/api/v1/schedules",
+        "schedules",
+        "Schedule",
+        "ScheduleInput",
+        &[
+            "project_id",
+            "limit",
+            "cursor",
+            "created_after",
+            "created_before",
+            "workflow_id",
+            "enabled"
+        ]
+    ));
+    ops
+}
+
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn query_parameter(name: &str) -> Value {
+    let (schema, description) = match name {
+        "limit" => (
+            json!({"type": "integer", "minimum": 1, "maximum": 200, "default": 50}),
+            "Page size",
+        ),
+        "cursor" => (
+            json!({"type": "string"}),
+            "The next_cursor of the previous page",
+        ),
+        "count" => (
+            json!({"type": "integer", "minimum": 1, "maximum": 100, "default": 5}),
+            "How many",
+        ),
+        "enabled" => (
+            json!({"type": "boolean"}),
+            "Only enabled (or disabled) ones",
+        ),
+        "created_after" | "created_before" => {
+            (json!({"type": "string", "format": "date-time"}), "RFC 3339")
+        }
+        _ => (
+            json!({"type": "string", "format": "uuid"}),
+            "An id (an API key's project by default)",
+        ),
+    };
+    json!({"name": name, "in": "query", "required": false, "schema": schema, "description": description})
+}
+
+fn operation(o: &Op) -> Value {
+    let mut parameters: Vec<Value> = o
+        .path
+        .split('/')
+        .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+        .collect();
+    parameters.extend(o.query.iter().map(|q| query_parameter(q)));
+    let public = PUBLIC.contains(&o.path);
+    let mut responses = Map::new();
+    let success = match o.response {
+        Some(schema) => {
+            json!({"description": "Success", "content": {"application/json": {"schema": schema_ref(schema)}}})
+        }
+        None if o.path.starts_with("/docs") || o.path.starts_with("/redoc") => {
+            json!({"description": "An HTML page", "content": {"text/html": {"schema": {"type": "string"}}}})
+        }
+        None if o.path == "/openapi.json" => {
+            json!({"description": "This document", "content": {"application/json": {"schema": {"type": "object"}}}})
+        }
+        None => json!({"description": "Done"}),
+    };
+    responses.insert(o.status.to_string(), success);
+    let mut errors: Vec<u16> = vec![422, 429, 500];
+    if !public {
+        errors.extend([401, 403, 404]);
+    }
+    if o.body.is_some() {
+        errors.push(413);
+    }
+    if matches!(o.method, "POST" | "PATCH" | "PUT" | "DELETE") && !public {
+        errors.push(409);
+    }
+    if o.method == "PATCH" {
+        errors.push(412);
+    }
+    if o.path == "/readyz" {
+        errors.push(503);
+    }
+    errors.sort_unstable();
+    for status in errors {
+        responses.insert(
+            status.to_string(),
+            json!({"$ref": format!("#/components/responses/Problem{status}")}),
+        );
+    }
+    let mut v = json!({
+        "tags": [o.tag],
+        "summary": o.summary,
+        "operationId": format!("{}_{}", o.method.to_lowercase(), o.path.trim_start_matches("/api/v1/").replace(['/', '{', '}', '.', '-'], "_")),
+        "parameters": parameters,
+        "responses": responses,
+    });
+    if public {
+        v["security"] = json!([]);
+    }
+    if o.method == "PATCH" {
+        v["parameters"]
+            .as_array_mut()
+            .expect("made as an array")
+            .push(json!({"name": "If-Match", "in": "header", "required": false, "schema": {"type": "string"}, "description": "The version you read, e.g. \"3\"; a stale one is 412"}));
+    }
+    if o.method == "POST" && o.status == 201 {
+        v["parameters"]
+            .as_array_mut()
+            .expect("made as an array")
+            .push(json!({"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "maxLength": 255}, "description": "Replays the first answer for 24 h"}));
+    }
+    if let Some(body) = o.body {
+        let mut content = json!({"application/json": {"schema": schema_ref(body)}});
+        if body == "Login" {
+            content["application/x-www-form-urlencoded"] =
+                json!({"schema": schema_ref("LoginForm")});
+        }
+        if body == "MergePatch" {
+            content = json!({"application/merge-patch+json": {"schema": {"type": "object"}}, "application/json": {"schema": {"type": "object"}}});
+        }
+        v["requestBody"] = json!({"required": true, "content": content});
+    }
+    v
+}
+
+fn problem_responses() -> Value {
+    let mut m = Map::new();
+    for (status, what) in [
+        (401, "No valid credential (WWW-Authenticate: Bearer)"),
+        (403, "The role lacks this action"),
+        (404, "Not found, or not visible to the caller"),
+        (409, "Conflicts with the current state"),
+        (412, "If-Match names a stale version"),
+        (413, "The body is over 1 MiB"),
+        (422, "Invalid input: errors name each field"),
+        (429, "Rate limited (Retry-After, RateLimit-*)"),
+        (500, "Our failure; the body says nothing more"),
+        (503, "A dependency is down"),
+    ] {
+        m.insert(
+            format!("Problem{status}"),
+            json!({"description": what, "content": {"application/problem+json": {"schema": schema_ref("Problem")}}}),
+        );
+    }
+    Value::Object(m)
+}
+
+fn page(item: &str) -> Value {
+    json!({"type": "object", "required": ["items", "next_cursor"], "properties": {
+        "items": {"type": "array", "items": schema_ref(item)},
+        "next_cursor": {"type": ["string", "null"]}
+    }})
+}
+
+/// Fields every project resource carries.
+fn resource(fields: Value) -> Value {
+    let mut props = json!({
+        "id": {"type": "string", "format": "uuid"},
+        "project_id": {"type": "string", "format": "uuid"},
+        "version": {"type": "integer"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "updated_at": {"type": "string", "format": "date-time"}
+    });
+    for (k, v) in fields.as_object().expect("fields are an object") {
+        props[k] = v.clone();
+    }
+    json!({"type": "object", "properties": props})
+}
+
+/// A create body: `project_id` plus the writable fields, some required.
+fn input(fields: Value, required: &[&str]) -> Value {
+    let mut props = json!({"project_id": {"type": "string", "format": "uuid", "description": "Defaults to an API key's project"}});
+    for (k, v) in fields.as_object().expect("fields are an object") {
+        props[k] = v.clone();
+    }
+    json!({"type": "object", "additionalProperties": false, "required": required, "properties": props})
+}
+
+fn schemas() -> Value {
+    let s = |t: &str| json!({"type": t});
+    let money = json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]{1,6})?$", "description": "USD as a decimal string"});
+    let uuid = json!({"type": "string", "format": "uuid"});
+    let time = json!({"type": "string", "format": "date-time"});
+    let agent = json!({
+        "name": {"type": "string", "maxLength": 200}, "description": {"type": ["string", "null"]},
+        "model": {"type": "string", "description": "provider/model, e.g. openai/gpt-4o-mini"},
+        "system_prompt": s("string"), "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": 200000, "default": 1024},
+        "tool_ids": {"type": "array", "items": uuid},
+        "max_iterations": {"type": "integer", "minimum": 1, "maximum": 50, "default": 10},
+        "response_format": {"type": ["object", "null"], "description": "A JSON Schema"},
+        "metadata": {"type": ["object", "null"]}
+    });
+    let http = json!({"type": "object", "required": ["url"], "properties": {
+        "method": {"enum": ["GET", "POST", "PUT", "PATCH", "DELETE"], "default": "POST"},
+        "url": {"type": "string", "format": "uri"},
+        "headers": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Literals or {{ secret.NAME }}"},
+        "timeout_ms": {"type": "integer", "minimum": 100, "maximum": 300000, "default": 30000}
+    }});
+    let tool = json!({
+        "name": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,63}$"}, "description": s("string"),
+        "input_schema": {"type": "object", "description": "JSON Schema 2020-12 of an object"},
+        "output_schema": {"type": ["object", "null"]}, "http": http
+    });
+    let step = json!({"type": "object", "required": ["key", "kind"], "properties": {
+        "key": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,63}$"},
+        "kind": {"enum": ["agent", "tool", "condition", "approval"]},
+        "agent_id": uuid, "tool_id": uuid, "input": {"description": "A template: {{ input.x }}, {{ steps.key.output.y }}"},
+        "depends_on": {"type": "array", "items": s("string")}, "when": s("string"),
+        "retry": {"type": "object", "properties": {
+            "max_attempts": {"type": "integer", "minimum": 1, "maximum": 20}, "initial_interval_ms": s("integer"),
+            "backoff_coefficient": {"type": "number", "minimum": 1}, "max_interval_ms": s("integer"),
+            "non_retryable": {"type": "array", "items": s("string")}}},
+        "timeout_ms": s("integer"),
+        "approval": {"type": "object", "properties": {"timeout_s": s("integer"), "approvers": {"type": "array", "items": uuid}}}
+    }});
+    let workflow = json!({
+        "name": s("string"), "description": {"type": ["string", "null"]},
+        "input_schema": {"type": ["object", "null"]}, "timeout_s": {"type": ["integer", "null"]},
+        "definition": {"type": "object", "required": ["steps"], "properties": {"steps": {"type": "array", "items": schema_ref("Step")}}}
+    });
+    let rules = json!({"type": "object", "additionalProperties": false, "properties": {
+        "budget": {"type": "object", "required": ["limit_usd", "window"], "properties": {
+            "limit_usd": money, "window": {"enum": ["day", "month", "total"]}, "action": {"enum": ["block", "alert"], "default": "block"}}},
+        "allowed_models": {"type": "array", "items": s("string"), "description": "globs such as openai/*"},
+        "allowed_tools": {"type": "array", "items": uuid},
+        "max_steps_per_run": s("integer"), "max_tokens_per_run": s("integer"),
+        "max_tokens_per_step": s("integer"), "max_concurrent_runs": s("integer")
+    }});
+    let policy = json!({
+        "name": s("string"), "enabled": {"type": "boolean", "default": true},
+        "scope": {"type": "object", "properties": {"agent_id": uuid, "workflow_id": uuid}}, "rules": rules
+    });
+    let schedule = json!({
+        "workflow_id": uuid, "cron": {"type": "string", "description": "5 or 6 fields"},
+        "timezone": {"type": "string", "default": "UTC"}, "input": {}, "enabled": {"type": "boolean", "default": true},
+        "overlap": {"enum": ["skip", "allow", "cancel_previous"], "default": "skip"},
+        "catchup_window_s": {"type": "integer", "minimum": 0, "default": 0}
+    });
+    let mut schedule_out = schedule.clone();
+    schedule_out["next_fire_at"] = json!({"type": ["string", "null"], "format": "date-time"});
+    schedule_out["last_fired_at"] = json!({"type": ["string", "null"], "format": "date-time"});
+    let price = json!({"type": "object", "properties": {
+        "model": s("string"), "input_per_mtok_usd": money, "output_per_mtok_usd": money,
+        "source": {"enum": ["default", "project"]}}});
+    let mut m = json!({
+        "Problem": {"type": "object", "required": ["type", "title", "status"], "properties": {
+            "type": {"type": "string", "format": "uri"}, "title": s("string"), "status": s("integer"),
+            "detail": s("string"), "instance": s("string"), "request_id": s("string"),
+            "errors": {"type": "array", "items": {"type": "object", "properties": {"field": s("string"), "message": s("string")}}}}},
+        "Health": {"type": "object", "properties": {"status": s("string"), "checks": s("object")}},
+        "Register": {"type": "object", "required": ["email", "password", "name"], "additionalProperties": false, "properties": {
+            "email": {"type": "string", "format": "email"}, "password": {"type": "string", "minLength": 8, "maxLength": 128}, "name": s("string")}},
+        "Login": {"type": "object", "required": ["email", "password"], "properties": {"email": s("string"), "password": s("string")}},
+        "LoginForm": {"type": "object", "required": ["username", "password"], "properties": {
+            "grant_type": {"const": "password"}, "username": s("string"), "password": s("string")}},
+        "Refresh": {"type": "object", "required": ["refresh_token"], "properties": {"refresh_token": s("string")}},
+        "Tokens": {"type": "object", "properties": {"access_token": s("string"), "refresh_token": s("string"),
+            "token_type": {"const": "bearer"}, "expires_in": s("integer"), "user": s("object")}},
+        "Me": {"type": "object", "properties": {"id": uuid, "email": s("string"), "name": s("string"), "created_at": time,
+            "memberships": {"type": "array", "items": {"type": "object", "properties": {"project_id": uuid, "role": s("string")}}}}},
+        "ApiKeyInput": {"type": "object", "required": ["name", "project_id", "role"], "properties": {
+            "name": s("string"), "project_id": uuid, "role": {"enum": ["owner", "admin", "member", "viewer"]}, "expires_at": time}},
+        "ApiKey": {"type": "object", "properties": {"id": uuid, "name": s("string"), "prefix": s("string"), "project_id": uuid,
+            "role": s("string"), "expires_at": {"type": ["string", "null"]}, "created_at": time}},
+        "ApiKeyCreated": {"type": "object", "properties": {"id": uuid, "prefix": s("string"), "secret": {"type": "string", "description": "Shown once"}}},
+        "ProjectInput": {"type": "object", "required": ["name"], "properties": {"name": s("string"), "slug": s("string"), "description": s("string")}},
+        "Project": {"type": "object", "properties": {"id": uuid, "name": s("string"), "slug": s("string"), "description": {"type": ["string", "null"]},
+            "version": s("integer"), "role": s("string"), "created_at": time, "updated_at": time}},
+        "MemberInput": {"type": "object", "required": ["email", "role"], "properties": {"email": s("string"), "role": {"enum": ["owner", "admin", "member", "viewer"]}}},
+        "RoleInput": {"type": "object", "required": ["role"], "properties": {"role": {"enum": ["owner", "admin", "member", "viewer"]}}},
+        "Member": {"type": "object", "properties": {"user_id": uuid, "email": s("string"), "name": s("string"), "role": s("string"), "created_at": time}},
+        "SecretInput": {"type": "object", "required": ["value"], "properties": {"value": {"type": "string", "writeOnly": true}}},
+        "Secret": {"type": "object", "properties": {"name": s("string"), "version": s("integer"), "created_at": time, "updated_at": time}},
+        "Agent": resource(agent.clone()),
+        "AgentInput": input(agent, &["name", "model", "system_prompt"]),
+        "Tool": resource(tool.clone()),
+        "ToolInput": input(tool, &["name", "description", "input_schema", "http"]),
+        "ToolTestInput": {"type": "object", "properties": {"input": {"type": "object"}}},
+        "ToolTestResult": {"type": "object", "properties": {"ok": s("boolean"), "status": s("integer"), "duration_ms": s("integer"),
+            "output": {}, "error": {"type": "object", "properties": {"kind": s("string"), "message": s("string")}}}},
+        "Step": step,
+        "Workflow": resource(workflow.clone()),
+        "WorkflowInput": input(workflow, &["name", "definition"]),
+        "WorkflowVersion": {"type": "object", "properties": {"version": s("integer"), "definition": s("object"),
+            "input_schema": {"type": ["object", "null"]}, "created_by": {"type": ["string", "null"]}, "created_at": time}},
+        "ValidateInput": {"type": "object", "required": ["definition"], "properties": {"project_id": uuid, "definition": s("object")}},
+        "ValidateResult": {"type": "object", "properties": {"valid": s("boolean"),
+            "errors": {"type": "array", "items": {"type": "object", "properties": {"field": s("string"), "message": s("string")}}}}},
+        "Policy": resource(policy.clone()),
+        "PolicyInput": input(policy, &["name", "rules"]),
+        "Schedule": resource(schedule_out),
+        "ScheduleInput": input(schedule, &["workflow_id", "cron"]),
+        "NextFireTimes": {"type": "object", "properties": {"timezone": s("string"), "enabled": s("boolean"),
+            "items": {"type": "array", "items": {"type": "object", "properties": {"at": time, "local": s("string")}}}}},
+        "ModelPrice": price,
+        "ModelPriceInput": {"type": "object", "required": ["input_per_mtok_usd", "output_per_mtok_usd"],
+            "properties": {"input_per_mtok_usd": money, "output_per_mtok_usd": money}}
+    });
+    for item in [
+        "Agent",
+        "Tool",
+        "Workflow",
+        "Policy",
+        "Schedule",
+        "Project",
+        "Member",
+        "ApiKey",
+        "Secret",
+        "WorkflowVersion",
+        "ModelPrice",
+    ] {
+        m[format!("{item}Page")] = page(item);
+    }
+    m
+}
+
+/// The whole document.
+pub fn document() -> Value {
+    let mut paths = Map::new();
+    for o in operations() {
+        let entry = paths.entry(o.path.to_string()).or_insert_with(|| json!({}));
+        entry[o.method.to_lowercase()] = operation(&o);
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Spark-Ops control plane",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Agents, tools, workflows and policies, run durably. Errors are RFC 9457 problems; ids are UUIDv7; money is USD as decimal strings."
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}, {"apiKey": []}, {"oauth2": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT or sk_ API key"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "oauth2": {"type": "oauth2", "flows": {"password": {"tokenUrl": "/api/v1/auth/login", "scopes": {}}}}
+            },
+            "responses": problem_responses(),
+            "schemas": schemas(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reference_resolves() {
+        let doc = document();
+        let text = doc.to_string();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("\"$ref\":\"#/components/") {
+            rest = &rest[at + 21..];
+            let end = rest.find('"').unwrap();
+            let pointer = format!("/components/{}", &rest[..end]);
+            assert!(doc.pointer(&pointer).is_some(), "{pointer} is missing");
+        }
+    }
+
+    #[test]
+    fn public_routes_need_no_credential_and_the_rest_do() {
+        let doc = document();
+        assert_eq!(
+            doc["paths"]["/api/v1/auth/login"]["post"]["security"],
+            json!([])
+        );
+        assert!(
+            doc["paths"]["/api/v1/agents"]["get"]
+                .get("security")
+                .is_none()
+        );
+        assert!(doc["paths"]["/api/v1/agents"]["get"]["responses"]["401"].is_object());
+    }
+}
