@@ -15,6 +15,7 @@ use hyper::body::Body;
 use tokio::net::TcpListener;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime_wasi::cli::OutputFile;
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -179,6 +180,11 @@ impl AppInner {
                 allowed_hosts,
                 key_value_stores: c.key_value_stores.iter().cloned().collect(),
                 source,
+                logs: if options.guest_output {
+                    None
+                } else {
+                    Some(log_files(&options.state_dir, id)?)
+                },
             });
             components.insert(id.clone(), Loaded { runtime, http });
         }
@@ -503,4 +509,21 @@ impl Drop for RunningApp {
             let _ = stop.send(());
         }
     }
+}
+
+/// The append-only stdout and stderr files of component `id`, as `spin up` keeps them.
+fn log_files(state_dir: &std::path::Path, id: &str) -> Result<(OutputFile, OutputFile)> {
+    let dir = state_dir.join("logs");
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the log folder {}", dir.display()))?;
+    let open = |stream: &str| -> Result<OutputFile> {
+        let path = dir.join(format!("{id}_{stream}.txt"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(OutputFile::new(file))
+    };
+    Ok((open("stdout")?, open("stderr")?))
 }

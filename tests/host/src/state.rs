@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock, Weak};
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::cli::OutputFile;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
@@ -22,6 +23,9 @@ pub struct ComponentRuntime {
     pub allowed_hosts: AllowedHosts,
     pub key_value_stores: BTreeSet<String>,
     pub source: PathBuf,
+    /// Where the guest's stdout and stderr go when they are not shown: as `spin up` does,
+    /// `<state>/logs/<component>_stdout.txt` and `_stderr.txt`, appended.
+    pub logs: Option<(OutputFile, OutputFile)>,
 }
 
 /// Shared by every instance of the app.
@@ -78,6 +82,8 @@ impl InstanceState {
         let mut wasi = WasiCtx::builder();
         if guest_output {
             wasi.inherit_stdout().inherit_stderr();
+        } else if let Some((stdout, stderr)) = &component.logs {
+            wasi.stdout(stdout.clone()).stderr(stderr.clone());
         }
         for (k, v) in &component.environment {
             wasi.env(k, v);

@@ -398,6 +398,7 @@ async fn testing_a_tool_makes_the_real_call_with_its_secret_and_checks() {
         (&json!(true), &json!(200), &json!({"temp_c": 4.5}))
     );
     assert!(!String::from_utf8_lossy(&res.body).contains("SECRET"));
+    assert!(!api.guest_logs().contains("SECRET"));
     let got = fake.received();
     assert_eq!(got.len(), 1);
     let call = &got[0];
@@ -990,6 +991,13 @@ async fn secrets_are_write_only_and_sealed_at_rest() {
         api.status("DELETE", &path, Some(&ada.access), None).await,
         404
     );
+    // Nor is it ever logged: the components' logs hold these requests, and no value.
+    let logs = api.guest_logs();
+    assert!(
+        logs.contains("/secrets/WEATHER_KEY"),
+        "the requests were not logged: {logs}"
+    );
+    assert!(!logs.contains(value));
 }
 
 #[tokio::test]

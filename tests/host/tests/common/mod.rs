@@ -248,6 +248,7 @@ pub async fn eventually<T>(mut check: impl AsyncFnMut() -> Option<T>) -> T {
 pub struct Api {
     pub env: TestEnv,
     pub app: RunningApp,
+    state_dir: PathBuf,
 }
 
 /// A registered user's credentials.
@@ -277,7 +278,11 @@ impl Api {
             options.env.insert(k.to_string(), v.to_string());
         }
         let app = RunningApp::start(&options).await.expect("the app starts");
-        Self { env, app }
+        Self {
+            env,
+            app,
+            state_dir: options.state_dir,
+        }
     }
 
     /// Sends a request with an optional bearer token.
@@ -303,6 +308,16 @@ impl Api {
         body: Option<Value>,
     ) -> u16 {
         self.call(method, path, token, body).await.status
+    }
+
+    /// Everything the components have written to stdout and stderr so far (the host's
+    /// per-component log files, as `spin up` keeps them).
+    pub fn guest_logs(&self) -> String {
+        let mut all = String::new();
+        for entry in std::fs::read_dir(self.state_dir.join("logs")).unwrap() {
+            all += &std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        }
+        all
     }
 
     /// Sends a request with a bearer token and extra headers.
