@@ -19,6 +19,7 @@ pub mod patch;
 pub mod policy;
 pub mod ratelimit;
 pub mod roles;
+pub mod run;
 pub mod schema;
 pub mod secrets;
 pub mod template;

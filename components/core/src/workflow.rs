@@ -557,6 +557,22 @@ pub fn validate(definition: &Value, catalog: &Catalog) -> Result<Definition, Vec
     }
 }
 
+/// Parses a definition that was validated when it was saved (a pinned workflow version):
+/// the same checks, with the agents and tools it names taken as the project's, since the
+/// save checked them and runs keep the version they started with.
+pub fn parse_saved(definition: &Value) -> Result<Definition, Vec<FieldError>> {
+    let mut catalog = Catalog::default();
+    for step in definition["steps"].as_array().into_iter().flatten() {
+        if let Some(id) = step["agent_id"].as_str() {
+            catalog.agents.insert(id.to_lowercase());
+        }
+        if let Some(id) = step["tool_id"].as_str() {
+            catalog.tools.insert(id.to_lowercase());
+        }
+    }
+    validate(definition, &catalog)
+}
+
 /// [`validate`] as a `422` for handlers.
 pub fn validate_or_422(definition: &Value, catalog: &Catalog) -> Result<Definition, ApiError> {
     validate(definition, catalog).map_err(|errors| {
@@ -748,5 +764,17 @@ mod tests {
             panic!()
         };
         assert_eq!(errors[0].field, "definition.steps[0].kind");
+    }
+
+    #[test]
+    fn a_saved_definition_parses_without_the_projects_catalog() {
+        let def = json!({"steps": [
+            {"key": "a", "kind": "agent", "agent_id": AGENT, "input": {}},
+            {"key": "b", "kind": "tool", "tool_id": AGENT, "depends_on": ["a"], "input": {}}
+        ]});
+        let parsed = parse_saved(&def).unwrap();
+        assert_eq!(parsed.steps[1].depends_on, ["a"]);
+        let cyclic = json!({"steps": [{"key": "a", "kind": "condition", "depends_on": ["a"]}]});
+        assert!(parse_saved(&cyclic).is_err());
     }
 }

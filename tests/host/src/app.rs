@@ -28,7 +28,11 @@ use crate::outbound::{AllowedHosts, BlockedNetworks};
 use crate::router::{Route, Router};
 use crate::runtime_config::RuntimeConfig;
 use crate::state::{AppShared, ComponentRuntime, InstanceState};
+use crate::triggers::{
+    Activity, CronError, CronMetadata, CronSchedule, RedisError, RedisSubscription, TriggerExports,
+};
 use crate::variables::{self, AppVariables};
+use wasmtime::component::ComponentExportIndex;
 
 /// How to start an app.
 #[derive(Debug, Clone)]
@@ -53,7 +57,9 @@ const MAX_INSTANCE_MEMORY: usize = 256 << 20;
 
 struct Loaded {
     runtime: Arc<ComponentRuntime>,
+    pre: wasmtime::component::InstancePre<InstanceState>,
     http: Option<ProxyPre<InstanceState>>,
+    exports: TriggerExports,
 }
 
 pub struct AppInner {
@@ -64,6 +70,10 @@ pub struct AppInner {
     network: Arc<BlockedNetworks>,
     local_addr: OnceLock<SocketAddr>,
     guest_output: bool,
+    redis: Vec<RedisSubscription>,
+    cron: Vec<CronSchedule>,
+    /// Trigger handlers in flight, for [`RunningApp::wait_idle`].
+    pub activity: Arc<Activity>,
 }
 
 /// A running app; dropping it (or calling [`RunningApp::shutdown`]) stops accepting requests.
@@ -72,6 +82,8 @@ pub struct RunningApp {
     pub inner: Arc<AppInner>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
+    /// The Redis and cron trigger loops, ended with the app.
+    triggers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 fn new_engine(cache_dir: &Path) -> Result<Engine> {
@@ -166,8 +178,9 @@ impl AppInner {
             let pre = linker
                 .instantiate_pre(&component)
                 .map_err(|e| anyhow::anyhow!("component `{id}` cannot be linked: {e}"))?;
+            let exports = TriggerExports::find(&component);
             let http = if http_components.contains(id.as_str()) {
-                Some(ProxyPre::new(pre).map_err(|e| {
+                Some(ProxyPre::new(pre.clone()).map_err(|e| {
                     anyhow::anyhow!("component `{id}` has an HTTP trigger but does not export wasi:http/incoming-handler: {e}")
                 })?)
             } else {
@@ -186,8 +199,17 @@ impl AppInner {
                     Some(log_files(&options.state_dir, id)?)
                 },
             });
-            components.insert(id.clone(), Loaded { runtime, http });
+            components.insert(
+                id.clone(),
+                Loaded {
+                    runtime,
+                    pre,
+                    http,
+                    exports,
+                },
+            );
         }
+        let (redis, cron) = load_triggers(&manifest, &app_vars, &components)?;
 
         let mut key_value = HashMap::new();
         for label in labels {
@@ -232,6 +254,9 @@ impl AppInner {
             network,
             local_addr: OnceLock::new(),
             guest_output: options.guest_output,
+            redis,
+            cron,
+            activity: Default::default(),
         });
         app.shared.app.set(Arc::downgrade(&app)).ok();
         Ok(app)
@@ -275,11 +300,13 @@ impl AppInner {
                 });
             }
         });
+        let triggers = self.start_triggers().await?;
         Ok(RunningApp {
             addr,
             inner: self,
             stop: Some(stop),
             server,
+            triggers,
         })
     }
 
@@ -387,6 +414,7 @@ impl AppInner {
         let Some(Loaded {
             runtime,
             http: Some(pre),
+            ..
         }) = self.components.get(id)
         else {
             return empty(StatusCode::NOT_FOUND);
@@ -418,16 +446,7 @@ impl AppInner {
         }
         let req = Request::from_parts(parts, body);
 
-        let mut store = Store::new(
-            &self.engine,
-            InstanceState::new(
-                runtime.clone(),
-                self.shared.clone(),
-                self.network.clone(),
-                self.guest_output,
-            ),
-        );
-        store.limiter(|s| s.limiter());
+        let mut store = self.new_store(runtime);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let prepared = store
             .data_mut()
@@ -478,6 +497,94 @@ impl AppInner {
         }
     }
 
+    fn new_store(&self, runtime: &Arc<ComponentRuntime>) -> Store<InstanceState> {
+        let mut store = Store::new(
+            &self.engine,
+            InstanceState::new(
+                runtime.clone(),
+                self.shared.clone(),
+                self.network.clone(),
+                self.guest_output,
+            ),
+        );
+        store.limiter(|s| s.limiter());
+        store
+    }
+
+    /// A fresh instance of `id` for one trigger event, with the export `pick` chooses.
+    async fn trigger_instance(
+        &self,
+        id: &str,
+        pick: impl Fn(&TriggerExports) -> Option<&ComponentExportIndex>,
+    ) -> Result<(
+        Store<InstanceState>,
+        wasmtime::component::Instance,
+        ComponentExportIndex,
+    )> {
+        let loaded = self
+            .components
+            .get(id)
+            .with_context(|| format!("no component `{id}`"))?;
+        let export = pick(&loaded.exports)
+            .cloned()
+            .with_context(|| format!("component `{id}` does not export this trigger's handler"))?;
+        let mut store = self.new_store(&loaded.runtime);
+        let instance = loaded.pre.instantiate_async(&mut store).await?;
+        Ok((store, instance, export))
+    }
+
+    /// Handles one Redis message with a fresh instance of `id`.
+    pub async fn handle_redis(&self, id: &str, payload: Vec<u8>) -> Result<()> {
+        let (mut store, instance, export) = self.trigger_instance(id, |e| e.redis.as_ref()).await?;
+        let func = instance
+            .get_typed_func::<(Vec<u8>,), (Result<(), RedisError>,)>(&mut store, &export)?;
+        let (result,) = func.call_async(&mut store, (payload,)).await?;
+        result.map_err(|e| anyhow::anyhow!("the handler answered {e:?}"))
+    }
+
+    /// Fires `id`'s cron handler once, as at Unix time `timestamp` (tests choose "now").
+    pub async fn handle_cron(&self, id: &str, timestamp: u64) -> Result<()> {
+        let (mut store, instance, export) = self.trigger_instance(id, |e| e.cron.as_ref()).await?;
+        let func = instance
+            .get_typed_func::<(CronMetadata,), (Result<(), CronError>,)>(&mut store, &export)?;
+        let (result,) = func
+            .call_async(&mut store, (CronMetadata { timestamp },))
+            .await?;
+        result.map_err(|CronError::Other(e)| anyhow::anyhow!("the handler answered: {e}"))
+    }
+
+    /// Subscribes every Redis trigger (waiting until each address is subscribed, so a
+    /// message published after start-up is never missed) and starts the cron tickers.
+    async fn start_triggers(self: &Arc<Self>) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+        let mut tasks = Vec::new();
+        let mut by_address: Vec<(String, Vec<RedisSubscription>)> = Vec::new();
+        for sub in &self.redis {
+            match by_address.iter_mut().find(|(a, _)| *a == sub.address) {
+                Some((_, subs)) => subs.push(sub.clone()),
+                None => by_address.push((sub.address.clone(), vec![sub.clone()])),
+            }
+        }
+        for (address, subs) in by_address {
+            let (ready, subscribed) = tokio::sync::oneshot::channel();
+            tasks.push(tokio::spawn(crate::triggers::run_redis(
+                self.clone(),
+                address,
+                subs,
+                ready,
+            )));
+            subscribed
+                .await
+                .context("the Redis trigger stopped before subscribing")??;
+        }
+        for schedule in &self.cron {
+            tasks.push(tokio::spawn(crate::triggers::run_cron(
+                Arc::downgrade(self),
+                schedule.clone(),
+            )));
+        }
+        Ok(tasks)
+    }
+
     /// A component's resolved settings (for tests and start-up messages).
     pub fn component(&self, id: &str) -> Option<&ComponentRuntime> {
         self.components.get(id).map(|c| c.runtime.as_ref())
@@ -494,8 +601,33 @@ impl RunningApp {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Waits until no trigger handler has run for a moment (the orchestrator is idle),
+    /// for at most `limit`; `false` when it was still busy then.
+    pub async fn wait_idle(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut quiet = 0;
+        let mut last = self.inner.activity.handled();
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let handled = self.inner.activity.handled();
+            if self.inner.activity.busy() == 0 && handled == last {
+                quiet += 1;
+                if quiet >= 5 {
+                    return true;
+                }
+            } else {
+                quiet = 0;
+                last = handled;
+            }
+        }
+        false
+    }
+
     /// Stops accepting connections and waits for the accept loop to end.
     pub async fn shutdown(mut self) {
+        for t in &self.triggers {
+            t.abort();
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -505,6 +637,9 @@ impl RunningApp {
 
 impl Drop for RunningApp {
     fn drop(&mut self) {
+        for t in &self.triggers {
+            t.abort();
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -526,4 +661,55 @@ fn log_files(state_dir: &std::path::Path, id: &str) -> Result<(OutputFile, Outpu
         Ok(OutputFile::new(file))
     };
     Ok((open("stdout")?, open("stderr")?))
+}
+
+/// The Redis subscriptions and cron schedules of the manifest, checked: every address and
+/// channel rendered, every expression parsed, every component exporting its handler.
+fn load_triggers(
+    manifest: &Manifest,
+    vars: &AppVariables,
+    components: &HashMap<String, Loaded>,
+) -> Result<(Vec<RedisSubscription>, Vec<CronSchedule>)> {
+    let exports = |id: &str| {
+        components
+            .get(id)
+            .map(|c| c.exports.clone())
+            .unwrap_or_default()
+    };
+    let mut redis = Vec::new();
+    for t in &manifest.trigger.redis {
+        let address = t
+            .address
+            .as_ref()
+            .or(manifest.application.trigger.redis.as_ref().map(|r| &r.address))
+            .with_context(|| {
+                format!(
+                    "bad manifest: the Redis trigger of `{}` has no address and [application.trigger.redis] sets none",
+                    t.component
+                )
+            })?;
+        let what = format!("the Redis trigger of `{}`", t.component);
+        if exports(&t.component).redis.is_none() {
+            bail!(
+                "component `{}` has a Redis trigger but does not export fermyon:spin/inbound-redis",
+                t.component
+            );
+        }
+        redis.push(RedisSubscription {
+            address: vars.render_app(&what, address)?,
+            channel: vars.render_app(&what, &t.channel)?,
+            component: t.component.clone(),
+        });
+    }
+    let mut cron = Vec::new();
+    for t in &manifest.trigger.cron {
+        if exports(&t.component).cron.is_none() {
+            bail!(
+                "component `{}` has a cron trigger but does not export handle-cron-event",
+                t.component
+            );
+        }
+        cron.push(CronSchedule::parse(&t.component, &t.cron_expression)?);
+    }
+    Ok((redis, cron))
 }

@@ -14,6 +14,7 @@ pub mod redis_client;
 pub mod router;
 pub mod runtime_config;
 pub mod state;
+pub mod triggers;
 pub mod variables;
 
 /// Host bindings of the WIT that ships in the `spin-sdk` crate (see `build.rs`).

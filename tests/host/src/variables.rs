@@ -93,6 +93,15 @@ impl AppVariables {
         Ok(Self { values })
     }
 
+    /// Renders a trigger setting (`address`, `channel`) against the application variables.
+    pub fn render_app(&self, what: &str, template: &str) -> Result<String> {
+        render(template, |var| {
+            self.values.get(var).cloned().ok_or_else(|| {
+                anyhow::anyhow!("{what} refers to `{var}`, which is not an application variable")
+            })
+        })
+    }
+
     /// Resolves a component's `variables` table against the application variables.
     pub fn component_values(
         &self,
