@@ -22,6 +22,15 @@ pub enum StepKind {
 }
 
 impl StepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Agent => "agent",
+            Self::Tool => "tool",
+            Self::Condition => "condition",
+            Self::Approval => "approval",
+        }
+    }
+
     fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "agent" => Self::Agent,

@@ -283,6 +283,50 @@ fn operations() -> Vec<Op> {
         )
         .query(&["count"])
         .answers(200, Some("NextFireTimes")),
+        op("GET", "/api/v1/runs", "runs", "List runs")
+            .query(&[
+                "project_id",
+                "workflow_id",
+                "schedule_id",
+                "status",
+                "created_after",
+                "created_before",
+                "limit",
+                "cursor",
+            ])
+            .answers(200, Some("RunPage")),
+        op(
+            "POST",
+            "/api/v1/runs",
+            "runs",
+            "Start a run (queued; the orchestrator advances it)",
+        )
+        .body("RunInput")
+        .answers(201, Some("Run")),
+        op(
+            "GET",
+            "/api/v1/runs/{id}",
+            "runs",
+            "A run with its totals and step counts",
+        )
+        .answers(200, Some("Run")),
+        op(
+            "PATCH",
+            "/api/v1/runs/{id}/cancel",
+            "runs",
+            "Cancel a run (202 cancelling; 409 when finished)",
+        )
+        .answers(202, Some("Run")),
+        op("GET", "/api/v1/runs/{id}/steps", "runs", "The run's steps")
+            .answers(200, Some("RunStepList")),
+        op(
+            "GET",
+            "/api/v1/runs/{id}/events",
+            "runs",
+            "The ordered event log",
+        )
+        .query(&["after"])
+        .answers(200, Some("RunEventList")),
         op(
             "GET",
             "/api/v1/models/prices",
@@ -377,6 +421,14 @@ fn query_parameter(name: &str) -> Value {
         "enabled" => (
             json!({"type": "boolean"}),
             "Only enabled (or disabled) ones",
+        ),
+        "status" => (
+            json!({"enum": ["queued", "running", "waiting", "succeeded", "failed", "timed_out", "cancelling", "cancelled"]}),
+            "Only runs in this status",
+        ),
+        "after" => (
+            json!({"type": "integer", "minimum": 0}),
+            "Events after this sequence number (or Last-Event-ID)",
         ),
         "created_after" | "created_before" => {
             (json!({"type": "string", "format": "date-time"}), "RFC 3339")
@@ -642,10 +694,29 @@ fn schemas() -> Value {
         "NextFireTimes": {"type": "object", "properties": {"timezone": s("string"), "enabled": s("boolean"),
             "items": {"type": "array", "items": {"type": "object", "properties": {"at": time, "local": s("string")}}}}},
         "ModelPrice": price,
+        "RunInput": {"type": "object", "required": ["workflow_id"], "additionalProperties": false, "properties": {
+            "workflow_id": uuid, "input": {"description": "Checked against the workflow's input_schema"},
+            "version": {"type": "integer", "minimum": 1, "description": "Defaults to the current version"}}},
+        "Run": {"type": "object", "properties": {
+            "id": uuid, "project_id": uuid, "workflow_id": uuid, "workflow_version": s("integer"),
+            "status": {"enum": ["queued", "running", "waiting", "succeeded", "failed", "timed_out", "cancelling", "cancelled"]},
+            "input": {}, "output": {}, "error": {}, "retry_of": {"type": ["string", "null"]}, "schedule_id": {"type": ["string", "null"]},
+            "scheduled_for": {"type": ["string", "null"]}, "tokens_in": s("integer"), "tokens_out": s("integer"), "cost_usd": money,
+            "unpriced_calls": s("integer"), "started_at": {"type": ["string", "null"]}, "finished_at": {"type": ["string", "null"]},
+            "duration_ms": {"type": ["integer", "null"]}, "created_at": time, "updated_at": time,
+            "steps": {"type": "object", "additionalProperties": {"type": "integer"}, "description": "Step counts by status"}}},
+        "RunStepList": {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object", "properties": {
+            "key": s("string"), "kind": s("string"), "status": s("string"), "attempt": s("integer"), "input": {}, "output": {}, "error": {},
+            "tokens_in": s("integer"), "tokens_out": s("integer"), "cost_usd": {"type": ["string", "null"]},
+            "started_at": {"type": ["string", "null"]}, "finished_at": {"type": ["string", "null"]},
+            "duration_ms": {"type": ["integer", "null"]}, "next_attempt_at": {"type": ["string", "null"]}}}}}},
+        "RunEventList": {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object", "properties": {
+            "seq": s("integer"), "kind": s("string"), "step": {"type": ["string", "null"]}, "data": s("object"), "at": time}}}}},
         "ModelPriceInput": {"type": "object", "required": ["input_per_mtok_usd", "output_per_mtok_usd"],
             "properties": {"input_per_mtok_usd": money, "output_per_mtok_usd": money}}
     });
     for item in [
+        "Run",
         "Agent",
         "Tool",
         "Workflow",
@@ -690,37 +761,4 @@ pub fn document() -> Value {
             "schemas": schemas(),
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_reference_resolves() {
-        let doc = document();
-        let text = doc.to_string();
-        let mut rest = text.as_str();
-        while let Some(at) = rest.find("\"$ref\":\"#/components/") {
-            rest = &rest[at + 21..];
-            let end = rest.find('"').unwrap();
-            let pointer = format!("/components/{}", &rest[..end]);
-            assert!(doc.pointer(&pointer).is_some(), "{pointer} is missing");
-        }
-    }
-
-    #[test]
-    fn public_routes_need_no_credential_and_the_rest_do() {
-        let doc = document();
-        assert_eq!(
-            doc["paths"]["/api/v1/auth/login"]["post"]["security"],
-            json!([])
-        );
-        assert!(
-            doc["paths"]["/api/v1/agents"]["get"]
-                .get("security")
-                .is_none()
-        );
-        assert!(doc["paths"]["/api/v1/agents"]["get"]["responses"]["401"].is_object());
-    }
 }

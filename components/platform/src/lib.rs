@@ -4,6 +4,7 @@
 
 pub mod db;
 pub mod http;
+pub mod nudge;
 pub mod outbound;
 pub mod pipeline;
 pub mod ratelimit;
