@@ -9,6 +9,7 @@ pub mod outbound;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod resource;
+pub mod tool_call;
 
 /// Reads a component variable, naming it in the error when it is missing.
 pub fn variable(name: &str) -> Result<String, String> {

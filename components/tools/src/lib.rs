@@ -10,13 +10,13 @@ use sparkops_core::error::ApiError;
 use sparkops_core::input::Body;
 use sparkops_core::netcheck::check_tool_url;
 use sparkops_core::roles::Action;
-use sparkops_core::tool::{check_headers, secret_reference};
+use sparkops_core::tool::check_headers;
 use sparkops_platform::db::Db;
 use sparkops_platform::http::{HttpRequest, Reply};
-use sparkops_platform::outbound::{self, Call};
-use sparkops_platform::pipeline::{self, Ctx, Principal, project_secrets};
+use sparkops_platform::pipeline::{self, Ctx, Principal};
 use sparkops_platform::resource::{self, Resource, Write, common_json, name_taken};
-use sparkops_platform::{resource_columns, variable};
+use sparkops_platform::resource_columns;
+use sparkops_platform::tool_call::{self, setting};
 use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
 
@@ -50,10 +50,6 @@ fn check_name(name: &str) -> Result<(), &'static str> {
     } else {
         Err("must match ^[a-z][a-z0-9_]{0,63}$")
     }
-}
-
-fn setting(name: &str) -> bool {
-    variable(name).is_ok_and(|v| v.trim() == "true")
 }
 
 /// The `http` object: method, URL (checked where it points), headers, timeout.
@@ -210,132 +206,22 @@ impl Resource for Tool {
     }
 }
 
-/// The largest answer a tool call reads.
-const MAX_RESPONSE_BYTES: usize = 1 << 20;
-
-/// `POST /tools/{id}/test {input}`: makes the real call with the checks a run makes (input
-/// against `input_schema`, the URL where it points, secrets resolved at call time) and
-/// answers what came back, with the output checked against `output_schema`.
+/// `POST /tools/{id}/test {input}`: makes the real call with the checks a run makes (see
+/// [`tool_call::call`]) and answers what came back.
 fn test(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<Reply, ApiError> {
     let (id, access) = resource::access::<Tool>(ctx, who, id, Action::Write)?;
     let tool = resource::get_json::<Tool>(ctx, &id)?;
     let mut b = Body::parse(&req.body)?;
     let input = b.opt_value("input").unwrap_or_else(|| json!({}));
-    if let Err(problems) = sparkops_core::schema::validate(&tool["input_schema"], &input) {
-        for (pointer, message) in problems {
-            b.error(&format!("input{pointer}"), message);
-        }
-    }
-    let http = &tool["http"];
-    let url = match check_tool_url(
-        http["url"].as_str().unwrap_or_default(),
-        setting("tools_allow_private_hosts"),
-    ) {
-        Ok(u) if u.scheme() == "http" && !setting("tools_allow_http") => {
-            b.error("http.url", "must use https");
-            None
-        }
-        Ok(u) => Some(u),
-        Err(e) => {
-            b.error("http.url", e.to_string());
-            None
-        }
-    };
-    let configured: Vec<(String, String)> = http["headers"]
-        .as_object()
-        .map(|h| {
-            h.iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let wanted: Vec<String> = configured
-        .iter()
-        .filter_map(|(_, v)| secret_reference(v).map(str::to_string))
-        .collect();
-    let secrets = project_secrets(ctx, &access.project_id, &wanted)?;
-    let mut headers = Vec::new();
-    for (name, value) in configured {
-        match secret_reference(&value) {
-            Some(secret) => match secrets.get(secret) {
-                Some(v) => headers.push((name, v.clone())),
-                None => b.error(
-                    &format!("http.headers.{name}"),
-                    format!("names the secret {secret}, which this project does not have"),
-                ),
-            },
-            None => headers.push((name, value)),
-        }
-    }
     b.finish()?;
-    let mut url = url.ok_or(ApiError::Internal)?;
-    let method = http["method"].as_str().unwrap_or("POST");
-    let body = if matches!(method, "GET" | "DELETE") {
-        if let Some(fields) = input.as_object() {
-            let mut query = url.query_pairs_mut();
-            for (k, v) in fields {
-                query.append_pair(
-                    k,
-                    &v.as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| v.to_string()),
-                );
-            }
-        }
-        None
-    } else {
-        headers.push(("content-type".into(), "application/json".into()));
-        Some(input.to_string().into_bytes())
-    };
-    headers.push((
-        "idempotency-key".into(),
-        format!("tool-test-{}", ctx.new_id()),
-    ));
-    headers.push(("user-agent".into(), "Spark-Ops".into()));
-    let started = std::time::Instant::now();
-    let result = outbound::send(Call {
-        method,
-        url: &url,
-        headers,
-        body,
-        timeout: std::time::Duration::from_millis(http["timeout_ms"].as_u64().unwrap_or(30_000)),
-        max_response_bytes: MAX_RESPONSE_BYTES,
-    });
-    let duration_ms = started.elapsed().as_millis() as u64;
-    Ok(Reply::ok(match result {
-        Err(e) => json!({
-            "ok": false,
-            "duration_ms": duration_ms,
-            "error": {"kind": e.kind(), "message": e.to_string()},
-        }),
-        Ok(answer) => {
-            let output = serde_json::from_slice::<Value>(&answer.body).unwrap_or_else(|_| {
-                Value::String(String::from_utf8_lossy(&answer.body).into_owned())
-            });
-            let output_errors: Vec<Value> = match tool["output_schema"].is_null() {
-                true => Vec::new(),
-                false => sparkops_core::schema::validate(&tool["output_schema"], &output)
-                    .err()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(path, message)| json!({"field": format!("output{path}"), "message": message}))
-                    .collect(),
-            };
-            let success = (200..300).contains(&answer.status);
-            let mut reply = json!({
-                "ok": success && output_errors.is_empty(),
-                "status": answer.status,
-                "duration_ms": duration_ms,
-                "output": output,
-            });
-            if !success {
-                reply["error"] = json!({"kind": "http-status", "message": format!("the tool answered {}", answer.status)});
-            } else if !output_errors.is_empty() {
-                reply["error"] = json!({"kind": "validation", "message": "the output does not match output_schema", "errors": output_errors});
-            }
-            reply
-        }
-    }))
+    let key = format!("tool-test-{}", ctx.new_id());
+    Ok(Reply::ok(tool_call::call(
+        ctx,
+        &access.project_id,
+        &tool,
+        &input,
+        &key,
+    )?))
 }
 
 #[cfg(test)]

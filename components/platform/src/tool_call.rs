@@ -1,0 +1,159 @@
+//! One call of an HTTP tool with the checks of a run: the input against `input_schema`,
+//! the URL where it points (internal addresses and plain http only when configuration
+//! allows them), `{{ secret.NAME }}` headers resolved at call time (never logged or
+//! answered), the tool's timeout and an answer cap, and the output against `output_schema`.
+//! `POST /tools/{id}/test` and the executor's tool steps both call it.
+
+use serde_json::{Value, json};
+use sparkops_core::error::{ApiError, FieldError};
+use sparkops_core::netcheck::check_tool_url;
+use sparkops_core::tool::secret_reference;
+
+use crate::outbound::{self, Call};
+use crate::pipeline::{Ctx, project_secrets};
+
+/// The largest answer a tool call reads.
+pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// A `"true"` setting variable.
+pub fn setting(name: &str) -> bool {
+    crate::variable(name).is_ok_and(|v| v.trim() == "true")
+}
+
+fn invalid(errors: Vec<FieldError>) -> ApiError {
+    let detail = errors
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.message))
+        .collect::<Vec<_>>()
+        .join("; ");
+    ApiError::Validation { detail, errors }
+}
+
+/// Calls `tool` (as the tools API answers it) with `input`. `Err(422)` when the call may
+/// not be made (bad input, URL, missing secret); otherwise what happened:
+/// `{"ok", "status"?, "duration_ms", "output"?, "error"?: {"kind", "message"}}`.
+pub fn call(
+    ctx: &mut Ctx,
+    project_id: &str,
+    tool: &Value,
+    input: &Value,
+    idempotency_key: &str,
+) -> Result<Value, ApiError> {
+    let mut errors = Vec::new();
+    let mut error = |field: String, message: String| errors.push(FieldError { field, message });
+    if let Err(problems) = sparkops_core::schema::validate(&tool["input_schema"], input) {
+        for (pointer, message) in problems {
+            error(format!("input{pointer}"), message);
+        }
+    }
+    let http = &tool["http"];
+    let url = match check_tool_url(
+        http["url"].as_str().unwrap_or_default(),
+        setting("tools_allow_private_hosts"),
+    ) {
+        Ok(u) if u.scheme() == "http" && !setting("tools_allow_http") => {
+            error("http.url".into(), "must use https".into());
+            None
+        }
+        Ok(u) => Some(u),
+        Err(e) => {
+            error("http.url".into(), e.to_string());
+            None
+        }
+    };
+    let configured: Vec<(String, String)> = http["headers"]
+        .as_object()
+        .map(|h| {
+            h.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let wanted: Vec<String> = configured
+        .iter()
+        .filter_map(|(_, v)| secret_reference(v).map(str::to_string))
+        .collect();
+    let secrets = project_secrets(ctx, project_id, &wanted)?;
+    let mut headers = Vec::new();
+    for (name, value) in configured {
+        match secret_reference(&value) {
+            Some(secret) => match secrets.get(secret) {
+                Some(v) => headers.push((name, v.clone())),
+                None => error(
+                    format!("http.headers.{name}"),
+                    format!("names the secret {secret}, which this project does not have"),
+                ),
+            },
+            None => headers.push((name, value)),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(invalid(errors));
+    }
+    let mut url = url.ok_or(ApiError::Internal)?;
+    let method = http["method"].as_str().unwrap_or("POST");
+    let body = if matches!(method, "GET" | "DELETE") {
+        if let Some(fields) = input.as_object() {
+            let mut query = url.query_pairs_mut();
+            for (k, v) in fields {
+                query.append_pair(
+                    k,
+                    &v.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string()),
+                );
+            }
+        }
+        None
+    } else {
+        headers.push(("content-type".into(), "application/json".into()));
+        Some(input.to_string().into_bytes())
+    };
+    headers.push(("idempotency-key".into(), idempotency_key.to_string()));
+    headers.push(("user-agent".into(), "Spark-Ops".into()));
+    let started = std::time::Instant::now();
+    let result = outbound::send(Call {
+        method,
+        url: &url,
+        headers,
+        body,
+        timeout: std::time::Duration::from_millis(http["timeout_ms"].as_u64().unwrap_or(30_000)),
+        max_response_bytes: MAX_RESPONSE_BYTES,
+    });
+    let duration_ms = started.elapsed().as_millis() as u64;
+    Ok(match result {
+        Err(e) => json!({
+            "ok": false,
+            "duration_ms": duration_ms,
+            "error": {"kind": e.kind(), "message": e.to_string()},
+        }),
+        Ok(answer) => {
+            let output = serde_json::from_slice::<Value>(&answer.body).unwrap_or_else(|_| {
+                Value::String(String::from_utf8_lossy(&answer.body).into_owned())
+            });
+            let output_errors: Vec<Value> = if tool["output_schema"].is_null() {
+                Vec::new()
+            } else {
+                sparkops_core::schema::validate(&tool["output_schema"], &output)
+                    .err()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(path, message)| json!({"field": format!("output{path}"), "message": message}))
+                    .collect()
+            };
+            let success = (200..300).contains(&answer.status);
+            let mut reply = json!({
+                "ok": success && output_errors.is_empty(),
+                "status": answer.status,
+                "duration_ms": duration_ms,
+                "output": output,
+            });
+            if !success {
+                reply["error"] = json!({"kind": "http-status", "message": format!("the tool answered {}", answer.status)});
+            } else if !output_errors.is_empty() {
+                reply["error"] = json!({"kind": "validation", "message": "the output does not match output_schema", "errors": output_errors});
+            }
+            reply
+        }
+    })
+}
