@@ -3,6 +3,7 @@
 //! pipeline every API component runs. Business logic stays in `sparkops-core`.
 
 pub mod db;
+pub mod engine;
 pub mod http;
 pub mod nudge;
 pub mod outbound;

@@ -59,7 +59,8 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    fn new(request_id: String) -> Self {
+    /// A context for one request or one piece of background work.
+    pub fn new(request_id: String) -> Self {
         Self {
             request_id,
             now: chrono::Utc::now(),

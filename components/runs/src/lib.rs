@@ -14,6 +14,7 @@ use sparkops_core::roles::Action;
 use sparkops_core::time::{parse_rfc3339, rfc3339};
 use sparkops_core::workflow;
 use sparkops_platform::db::Db;
+use sparkops_platform::engine::event;
 use sparkops_platform::http::{HttpRequest, Reply};
 use sparkops_platform::pipeline::{self, Ctx, Principal, ProjectAccess};
 use sparkops_platform::resource::{page_reply, project_of_request};
@@ -196,31 +197,6 @@ fn list(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiE
     page_reply(&page, &rows, run_json)
 }
 
-/// Appends an event to the run's log, numbered under the run's row lock.
-pub fn event(
-    tx: &Tx<'_, Db>,
-    run_id: &str,
-    kind: &str,
-    step: Option<&str>,
-    data: Value,
-) -> Result<(), ApiError> {
-    tx.execute(
-        "insert into run_events (run_id, seq, kind, step_key, data)
-         select run_id, event_seq + 1, $2, $3, $4 from runs where run_id = $1",
-        &[
-            V::Uuid(run_id.into()),
-            V::Text(kind.into()),
-            step.map(|s| V::Text(s.into())).unwrap_or(V::Null),
-            V::Json(data),
-        ],
-    )?;
-    tx.execute(
-        "update runs set event_seq = event_seq + 1 where run_id = $1",
-        &[V::Uuid(run_id.into())],
-    )?;
-    Ok(())
-}
-
 fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiError> {
     let mut b = Body::parse(&req.body)?;
     let workflow_id = b.opt_uuid("workflow_id");
@@ -319,7 +295,8 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
 
 fn cancel(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
     let (id, _) = access(ctx, who, id, Action::Write)?;
-    // Cancelling twice is the same request: the second finds the run cancelling already.
+    // Cancelling twice is the same request: the second finds the run cancelling (or
+    // cancelled) already and answers as the first did.
     let run = ctx.transaction(|tx, _| {
         let rows = tx.query(
             "update runs set status = 'cancelling', updated_at = now()
@@ -329,7 +306,7 @@ fn cancel(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
         let run = load(tx, &id)?;
         if !rows.is_empty() {
             event(tx, &id, "run.cancelling", None, json!({}))?;
-        } else if run["status"] != "cancelling" {
+        } else if run["status"] != "cancelling" && run["status"] != "cancelled" {
             return Err(ApiError::Conflict(format!(
                 "the run is already {}",
                 run["status"].as_str().unwrap_or("finished")

@@ -1,0 +1,337 @@
+//! The executor (DESIGN.md section 5): a private route the orchestrator reaches by service
+//! chaining. It checks the step's lease, answers `202` at once, and goes on to run the step
+//! (Spin keeps a guest running after it has set its response), so steps of many runs
+//! proceed in parallel instances. The result, with an event, is written in one transaction
+//! that only lands while the lease still holds: a step cancelled or taken back meanwhile
+//! keeps its newer state. Then it nudges the run.
+// `#[http_component]` expands to the ABI export glue, which is `unsafe` by nature.
+#![allow(unsafe_code)]
+
+use std::time::Instant;
+
+use futures::SinkExt;
+use serde_json::{Value, json};
+use sparkops_core::db::{self as core_db, Connection as _, Value as V};
+use sparkops_core::error::ApiError;
+use sparkops_core::run::{self, RunScope};
+use sparkops_core::template;
+use sparkops_core::workflow::{Step, StepKind};
+use sparkops_platform::db::Db;
+use sparkops_platform::engine;
+use sparkops_platform::pipeline::Ctx;
+use sparkops_platform::tool_call;
+use spin_sdk::http::{Fields, IncomingRequest, OutgoingResponse, ResponseOutparam};
+use spin_sdk::http_component;
+
+#[http_component]
+async fn handle(req: IncomingRequest, out: ResponseOutparam) {
+    let body = match sparkops_platform::http::HttpRequest::read(req).await {
+        Ok(r) => r.body,
+        Err(_) => return respond(out, 400, json!({"error": "unreadable request"})).await,
+    };
+    let claim: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let (Some(run_id), Some(step), Some(lease)) = (
+        claim["run_id"].as_str(),
+        claim["step_key"].as_str(),
+        claim["lease_id"].as_str(),
+    ) else {
+        return respond(
+            out,
+            400,
+            json!({"error": "run_id, step_key and lease_id are required"}),
+        )
+        .await;
+    };
+    let mut ctx = Ctx::new(format!("step-{run_id}-{step}"));
+    match holds_lease(&mut ctx, run_id, step, lease) {
+        Ok(true) => {}
+        Ok(false) => return respond(out, 409, json!({"error": "the lease is not held"})).await,
+        Err(e) => {
+            log("checking a lease", run_id, step, &format!("{e:?}"));
+            return respond(out, 500, json!({"error": "internal"})).await;
+        }
+    }
+    respond(out, 202, json!({"accepted": true})).await;
+    let started = Instant::now();
+    let result = execute(&mut ctx, run_id, step);
+    if let Err(e) = record(&mut ctx, run_id, step, lease, result, started) {
+        log("recording a step", run_id, step, &format!("{e:?}"));
+    }
+    if let Err(e) = sparkops_platform::nudge::run(run_id) {
+        log("nudging", run_id, step, &e);
+    }
+}
+
+fn log(doing: &str, run_id: &str, step: &str, error: &str) {
+    eprintln!(
+        "{}",
+        json!({"level": "warn", "msg": doing, "run_id": run_id, "step": step, "error": error})
+    );
+}
+
+async fn respond(out: ResponseOutparam, status: u16, body: Value) {
+    let headers = Fields::from_list(&[("content-type".to_string(), b"application/json".to_vec())])
+        .expect("a valid header");
+    let response = OutgoingResponse::new(headers);
+    let _ = response.set_status_code(status);
+    let mut sink = response.take_body();
+    out.set(response);
+    let _ = sink.send(body.to_string().into_bytes()).await;
+    // End the body now: the caller has its answer while the step runs on.
+    let _ = sink.close().await;
+}
+
+fn holds_lease(ctx: &mut Ctx, run_id: &str, step: &str, lease: &str) -> Result<bool, ApiError> {
+    let rows = ctx.db()?.query(
+        "select 1 from run_steps
+         where run_id = $1::text::uuid and step_key = $2 and status = 'running'
+           and lease_id = $3::text::uuid and lease_expires_at > now()",
+        &[
+            V::Text(run_id.into()),
+            V::Text(step.into()),
+            V::Text(lease.into()),
+        ],
+    )?;
+    Ok(!rows.is_empty())
+}
+
+/// How a step ended: its rendered input, and its output or `(error kind, message)`.
+struct Done {
+    input: Value,
+    result: Result<Value, (String, String)>,
+    /// The step's retry policy allows no further attempt whatever the kind.
+    final_attempt: bool,
+}
+
+fn fail(kind: &str, message: impl Into<String>) -> Result<Value, (String, String)> {
+    Err((kind.to_string(), message.into()))
+}
+
+fn execute(ctx: &mut Ctx, run_id: &str, key: &str) -> Result<(Done, Step, i64), ApiError> {
+    let db = Db::open_default().map_err(ApiError::from)?;
+    let (definition, (_, outputs), row) = core_db::transaction(&db, |tx| {
+        let rows = tx.query(
+            "select r.input, r.project_id::text, s.attempt from runs r
+             join run_steps s on s.run_id = r.run_id and s.step_key = $2
+             where r.run_id = $1",
+            &[V::Uuid(run_id.into()), V::Text(key.into())],
+        )?;
+        let row = rows.into_iter().next().ok_or(ApiError::Internal)?;
+        Ok::<_, ApiError>((
+            engine::definition(tx, run_id)?,
+            engine::steps(tx, run_id)?,
+            row,
+        ))
+    })?;
+    let (input, project_id, attempt) = (row.json(0)?, row.text(1)?, row.int(2)?);
+    let step = definition
+        .steps
+        .iter()
+        .find(|s| s.key == key)
+        .cloned()
+        .ok_or(ApiError::Internal)?;
+    let scope = RunScope {
+        input: &input,
+        outputs: &outputs,
+    };
+    let rendered = match template::render(&step.input, &scope) {
+        Ok(v) => v,
+        Err(m) => {
+            return Ok((
+                Done {
+                    input: Value::Null,
+                    result: fail("validation", m),
+                    final_attempt: true,
+                },
+                step,
+                attempt,
+            ));
+        }
+    };
+    let (result, final_attempt) = match step.kind {
+        StepKind::Condition => (Ok(rendered.clone()), false),
+        StepKind::Tool => (
+            call_tool(ctx, &project_id, &step, run_id, &rendered)?,
+            false,
+        ),
+        StepKind::Agent | StepKind::Approval => (
+            fail(
+                "not-implemented",
+                format!(
+                    "{} steps are not available in this version",
+                    step.kind.as_str()
+                ),
+            ),
+            true,
+        ),
+    };
+    Ok((
+        Done {
+            input: rendered,
+            result,
+            final_attempt,
+        },
+        step,
+        attempt,
+    ))
+}
+
+/// One tool call, its failures sorted into the error kinds retry policies name.
+fn call_tool(
+    ctx: &mut Ctx,
+    project_id: &str,
+    step: &Step,
+    run_id: &str,
+    input: &Value,
+) -> Result<Result<Value, (String, String)>, ApiError> {
+    let tool_id = step.tool_id.clone().unwrap_or_default();
+    let rows = ctx.db()?.query(
+        "select method, url, headers, timeout_ms, input_schema, output_schema from tools
+         where tool_id = $1 and project_id = $2 and deleted_at is null",
+        &[V::Uuid(tool_id.clone()), V::Uuid(project_id.into())],
+    )?;
+    let Some(t) = rows.first() else {
+        return Ok(fail(
+            "validation",
+            format!("tool {tool_id} no longer exists"),
+        ));
+    };
+    let tool = json!({
+        "http": {"method": t.text(0)?, "url": t.text(1)?, "headers": t.json(2)?, "timeout_ms": t.int(3)?},
+        "input_schema": t.json(4)?,
+        "output_schema": t.json(5)?,
+    });
+    // The same key on every attempt, so the tool can make a repeated call harmless.
+    let key = format!("{run_id}:{}", step.key);
+    let answer = match tool_call::call(ctx, project_id, &tool, input, &key) {
+        Ok(a) => a,
+        Err(ApiError::Validation { detail, .. }) => return Ok(fail("validation", detail)),
+        Err(e) => return Err(e),
+    };
+    if answer["ok"] == true {
+        return Ok(Ok(answer["output"].clone()));
+    }
+    let message = answer["error"]["message"]
+        .as_str()
+        .unwrap_or("the call failed")
+        .to_string();
+    let status = answer["status"].as_u64();
+    let kind = match (answer["error"]["kind"].as_str(), status) {
+        (Some("timeout"), _) => "timeout",
+        (Some("http-status"), Some(429)) => "rate-limited",
+        (Some("http-status"), Some(s)) if (400..500).contains(&s) && s != 408 => "validation",
+        (Some("validation"), _) => "validation",
+        _ => "tool-error",
+    };
+    Ok(fail(kind, message))
+}
+
+/// Writes the step's end (or its next attempt) and an event, while the lease holds.
+fn record(
+    ctx: &mut Ctx,
+    run_id: &str,
+    key: &str,
+    lease: &str,
+    outcome: Result<(Done, Step, i64), ApiError>,
+    started: Instant,
+) -> Result<(), ApiError> {
+    let duration_ms = started.elapsed().as_millis() as i64;
+    let (done, step, attempt) = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            log(
+                "running a step",
+                run_id,
+                key,
+                &format!("{e:?} {:?}", e.cause()),
+            );
+            let step = Step {
+                key: key.into(),
+                kind: StepKind::Condition,
+                agent_id: None,
+                tool_id: None,
+                input: Value::Null,
+                depends_on: Vec::new(),
+                when: None,
+                retry: Default::default(),
+                timeout_ms: None,
+                approval: None,
+            };
+            (
+                Done {
+                    input: Value::Null,
+                    result: fail("internal", "the step could not be run"),
+                    final_attempt: false,
+                },
+                step,
+                1,
+            )
+        }
+    };
+    let guard = [
+        V::Uuid(run_id.into()),
+        V::Text(key.into()),
+        V::Uuid(lease.into()),
+    ];
+    ctx.transaction(|tx, _| {
+        let (status, error, next_ms) = match &done.result {
+            Ok(_) => ("succeeded", Value::Null, None),
+            Err((kind, message)) => {
+                let jitter = sparkops_platform::random_array::<1>()[0] as f64 / 255.0;
+                let next = if done.final_attempt {
+                    None
+                } else {
+                    run::retry_delay_ms(&step.retry, attempt as u32, kind, jitter)
+                };
+                let status = if next.is_some() { "retrying" } else { "failed" };
+                (status, json!({"kind": kind, "message": message}), next)
+            }
+        };
+        let mut params = guard.to_vec();
+        params.extend([
+            V::Text(status.into()),
+            done.input.clone().into_json(),
+            done.result.as_ref().ok().cloned().into_json(),
+            Some(error.clone()).filter(|e| !e.is_null()).into_json(),
+            V::Int64(duration_ms),
+            V::Float64(next_ms.unwrap_or(0) as f64),
+        ]);
+        let updated = tx.execute(
+            "update run_steps set status = $4, input = $5, output = $6, error = $7, duration_ms = $8,
+                lease_id = null, lease_expires_at = null, updated_at = now(),
+                finished_at = case when $4 = 'retrying' then null else now() end,
+                next_attempt_at = case when $4 = 'retrying' then now() + make_interval(secs => $9::float8 / 1000) else null end
+             where run_id = $1 and step_key = $2 and lease_id = $3 and status = 'running'",
+            &params,
+        )?;
+        if updated == 1 {
+            let mut data = json!({"attempt": attempt, "duration_ms": duration_ms});
+            if !error.is_null() {
+                data["error"] = error;
+            }
+            engine::event(tx, run_id, &format!("step.{status}"), Some(key), data)?;
+        }
+        Ok(())
+    })
+}
+
+/// A JSON value bound as `jsonb`, SQL `null` for JSON `null`.
+trait IntoJson {
+    fn into_json(self) -> V;
+}
+
+impl IntoJson for Value {
+    fn into_json(self) -> V {
+        if self.is_null() {
+            V::Null
+        } else {
+            V::Json(self)
+        }
+    }
+}
+
+impl IntoJson for Option<Value> {
+    fn into_json(self) -> V {
+        self.map(IntoJson::into_json).unwrap_or(V::Null)
+    }
+}

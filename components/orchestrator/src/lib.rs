@@ -1,0 +1,249 @@
+//! The orchestrator (DESIGN.md section 5): on each nudge `{"run_id"}` it advances that run
+//! and returns in milliseconds. In one transaction under the run's row lock it finishes a
+//! cancelling run, marks pending steps ready or skipped (`sparkops_core::run::decide`),
+//! finishes the run when nothing is left, and claims the ready steps with a lease; then it
+//! hands each claimed step to the executor (a private route reached by service chaining)
+//! and never calls a model or a tool itself. A repeated nudge finds nothing new to claim.
+// `#[redis_component]` expands to the ABI export glue, which is `unsafe` by nature.
+#![allow(unsafe_code)]
+
+use serde_json::{Value, json};
+use sparkops_core::db::{self as core_db, Tx, Value as V};
+use sparkops_core::error::ApiError;
+use sparkops_core::run::{self, Decision, Outcome, RunScope, StepStatus};
+use sparkops_platform::db::Db;
+use sparkops_platform::engine;
+use spin_sdk::redis_component;
+
+/// How long a claimed step may run before the sweeper takes it back, beyond its timeout.
+const LEASE_MARGIN_MS: i64 = 30_000;
+/// A step's timeout when its definition sets none.
+const DEFAULT_STEP_TIMEOUT_MS: i64 = 300_000;
+
+#[redis_component]
+async fn on_nudge(message: bytes::Bytes) -> anyhow::Result<()> {
+    let nudge: Value = serde_json::from_slice(&message)?;
+    let Some(run_id) = nudge["run_id"].as_str() else {
+        anyhow::bail!("a nudge without run_id");
+    };
+    let run_id =
+        sparkops_core::ids::parse_uuid(run_id, "run").map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let db = Db::open_default()?;
+    let claimed = core_db::transaction(&db, |tx| advance(tx, &run_id))
+        .map_err(|e: ApiError| anyhow::anyhow!("advancing run {run_id}: {e:?} {:?}", e.cause()))?;
+    for (step, lease) in claimed {
+        dispatch(&run_id, &step, &lease).await;
+    }
+    Ok(())
+}
+
+/// Hands a claimed step to the executor. A failed hand-off leaves the step claimed: its
+/// lease runs out and the sweeper gives it a new attempt.
+async fn dispatch(run_id: &str, step: &str, lease: &str) {
+    let body = json!({"run_id": run_id, "step_key": step, "lease_id": lease}).to_string();
+    let request = spin_sdk::http::Request::post("http://executor.spin.internal/steps", body)
+        .header("content-type", "application/json")
+        .build();
+    match spin_sdk::http::send::<_, spin_sdk::http::Response>(request).await {
+        Ok(res) if *res.status() == 202 => {}
+        Ok(res) => eprintln!(
+            "{}",
+            json!({"level": "warn", "msg": "executor refused a step", "run_id": run_id, "step": step, "status": res.status()})
+        ),
+        Err(e) => eprintln!(
+            "{}",
+            json!({"level": "warn", "msg": "executor unreachable", "run_id": run_id, "step": step, "error": e.to_string()})
+        ),
+    }
+}
+
+/// Advances the run; the steps claimed, with their lease ids.
+fn advance(tx: &Tx<'_, Db>, run_id: &str) -> Result<Vec<(String, String)>, ApiError> {
+    let rows = tx.query(
+        "select status, input from runs where run_id = $1 for update",
+        &[V::Uuid(run_id.into())],
+    )?;
+    let Some(row) = rows.first() else {
+        return Ok(Vec::new());
+    };
+    let (status, input) = (row.text(0)?, row.json(1)?);
+    match status.as_str() {
+        "cancelling" => {
+            finish(
+                tx,
+                run_id,
+                "cancelled",
+                None,
+                json!({"reason": "cancelled by request"}),
+            )?;
+            return Ok(Vec::new());
+        }
+        "queued" => {
+            tx.execute(
+                "update runs set status = 'running', started_at = now(), updated_at = now() where run_id = $1",
+                &[V::Uuid(run_id.into())],
+            )?;
+            engine::event(tx, run_id, "run.started", None, json!({}))?;
+        }
+        "running" | "waiting" => {}
+        _ => return Ok(Vec::new()),
+    }
+    let definition = engine::definition(tx, run_id)?;
+    // Skipping a step can settle its dependants, so decide until nothing changes.
+    loop {
+        let (statuses, outputs) = engine::steps(tx, run_id)?;
+        let scope = RunScope {
+            input: &input,
+            outputs: &outputs,
+        };
+        let decisions = run::decide(&definition, &statuses, &scope);
+        if decisions.is_empty() {
+            break;
+        }
+        for (key, decision) in decisions {
+            let (status, reason) = match decision {
+                Decision::Ready => ("ready", Value::Null),
+                Decision::Skip(why) => ("skipped", json!({"reason": why})),
+            };
+            tx.execute(
+                "update run_steps set status = $3, error = $4, updated_at = now()
+                 where run_id = $1 and step_key = $2 and status = 'pending'",
+                &[
+                    V::Uuid(run_id.into()),
+                    V::Text(key.clone()),
+                    V::Text(status.into()),
+                    if reason.is_null() {
+                        V::Null
+                    } else {
+                        V::Json(reason.clone())
+                    },
+                ],
+            )?;
+            if status == "skipped" {
+                engine::event(tx, run_id, "step.skipped", Some(&key), reason)?;
+            }
+        }
+    }
+    let (statuses, outputs) = engine::steps(tx, run_id)?;
+    match run::outcome(&statuses) {
+        Some(Outcome::Succeeded) => {
+            // The run's output: what the steps no other step depends on produced.
+            let leaves: serde_json::Map<String, Value> = definition
+                .steps
+                .iter()
+                .filter(|s| {
+                    !definition
+                        .steps
+                        .iter()
+                        .any(|o| o.depends_on.contains(&s.key))
+                })
+                .filter_map(|s| outputs.get(&s.key).map(|o| (s.key.clone(), o.clone())))
+                .collect();
+            finish(
+                tx,
+                run_id,
+                "succeeded",
+                Some(Value::Object(leaves)),
+                Value::Null,
+            )?;
+            return Ok(Vec::new());
+        }
+        Some(Outcome::Failed) => {
+            let failed: Vec<&String> = statuses
+                .iter()
+                .filter(|(_, s)| **s == StepStatus::Failed)
+                .map(|(k, _)| k)
+                .collect();
+            finish(
+                tx,
+                run_id,
+                "failed",
+                None,
+                json!({"reason": "a step failed", "steps": failed}),
+            )?;
+            return Ok(Vec::new());
+        }
+        None => {}
+    }
+    claim(tx, run_id, &definition)
+}
+
+/// Claims every ready step with a fresh lease, as one conditional update per step.
+fn claim(
+    tx: &Tx<'_, Db>,
+    run_id: &str,
+    definition: &sparkops_core::workflow::Definition,
+) -> Result<Vec<(String, String)>, ApiError> {
+    let mut claimed = Vec::new();
+    let ready = tx.query(
+        "select step_key from run_steps where run_id = $1 and status = 'ready' order by step_key",
+        &[V::Uuid(run_id.into())],
+    )?;
+    for row in ready {
+        let key = row.text(0)?;
+        let timeout = definition
+            .steps
+            .iter()
+            .find(|s| s.key == key)
+            .and_then(|s| s.timeout_ms)
+            .map(|t| t as i64)
+            .unwrap_or(DEFAULT_STEP_TIMEOUT_MS);
+        let lease = new_uuid();
+        let rows = tx.query(
+            "update run_steps set status = 'running', attempt = attempt + 1, lease_id = $3,
+                lease_expires_at = now() + make_interval(secs => $4::float8 / 1000),
+                started_at = coalesce(started_at, now()), updated_at = now()
+             where run_id = $1 and step_key = $2 and status = 'ready'
+             returning attempt",
+            &[
+                V::Uuid(run_id.into()),
+                V::Text(key.clone()),
+                V::Uuid(lease.clone()),
+                V::Float64((timeout + LEASE_MARGIN_MS) as f64),
+            ],
+        )?;
+        if let Some(r) = rows.first() {
+            engine::event(
+                tx,
+                run_id,
+                "step.started",
+                Some(&key),
+                json!({"attempt": r.int(0)?}),
+            )?;
+            claimed.push((key, lease));
+        }
+    }
+    Ok(claimed)
+}
+
+/// Ends the run: steps not finished are cancelled, and the run's end is an event.
+fn finish(
+    tx: &Tx<'_, Db>,
+    run_id: &str,
+    status: &str,
+    output: Option<Value>,
+    error: Value,
+) -> Result<(), ApiError> {
+    tx.execute(
+        "update run_steps set status = 'cancelled', lease_id = null, finished_at = now(), updated_at = now()
+         where run_id = $1 and status in ('pending', 'ready', 'running', 'retrying', 'waiting')",
+        &[V::Uuid(run_id.into())],
+    )?;
+    tx.execute(
+        "update runs set status = $2, output = $3, error = $4, finished_at = now(), updated_at = now()
+         where run_id = $1",
+        &[
+            V::Uuid(run_id.into()),
+            V::Text(status.into()),
+            output.map(V::Json).unwrap_or(V::Null),
+            if error.is_null() { V::Null } else { V::Json(error.clone()) },
+        ],
+    )?;
+    engine::event(tx, run_id, &format!("run.{status}"), None, error)?;
+    Ok(())
+}
+
+fn new_uuid() -> String {
+    let millis = chrono::Utc::now().timestamp_millis() as u64;
+    sparkops_core::ids::uuid_v7(millis, sparkops_platform::random_array())
+}

@@ -1,0 +1,310 @@
+//! The run engine end to end: runs started by the API are advanced by the Redis-triggered
+//! orchestrator and their steps run by the private executor, against a real Postgres and
+//! Redis and fake tools on loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Api, FakeServer, User};
+use serde_json::{Value, json};
+
+async fn api() -> Api {
+    Api::start_with(&[
+        ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
+        ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
+    ])
+    .await
+}
+
+async fn project(api: &Api) -> (User, String) {
+    let ada = api.register("ada").await;
+    let p = api.create_project(&ada, json!({"name": "Engine"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (ada, p)
+}
+
+async fn workflow(api: &Api, who: &User, p: &str, steps: Value) -> String {
+    let wf = api
+        .create(
+            &who.access,
+            "/api/v1/workflows",
+            json!({"project_id": p, "name": "W", "definition": {"steps": steps}}),
+        )
+        .await;
+    wf["id"].as_str().unwrap().to_string()
+}
+
+/// Starts a run and waits until it is finished; the run.
+async fn run_to_end(api: &Api, who: &User, wf: &str, input: Value) -> Value {
+    let run = api
+        .create(
+            &who.access,
+            "/api/v1/runs",
+            json!({"workflow_id": wf, "input": input}),
+        )
+        .await;
+    let path = format!("/api/v1/runs/{}", run["id"].as_str().unwrap());
+    common::eventually(async || {
+        let run = api.call("GET", &path, Some(&who.access), None).await.json();
+        (!["queued", "running", "waiting", "cancelling"].contains(&run["status"].as_str().unwrap()))
+            .then_some(run)
+    })
+    .await
+}
+
+async fn step_statuses(api: &Api, who: &User, run: &Value) -> Vec<(String, String)> {
+    let steps = api
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{}/steps", run["id"].as_str().unwrap()),
+            Some(&who.access),
+            None,
+        )
+        .await
+        .json();
+    let mut out: Vec<(String, String)> = steps["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["key"].as_str().unwrap().to_string(),
+                s["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn cond(key: &str, deps: &[&str], input: Value) -> Value {
+    json!({"key": key, "kind": "condition", "depends_on": deps, "input": input})
+}
+
+#[tokio::test]
+async fn a_diamond_fans_out_and_in_to_the_right_output() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let wf = workflow(&api, &ada, &p, json!([
+        cond("start", &[], json!({"n": "{{ input.n }}"})),
+        cond("left", &["start"], json!({"from": "left", "n": "{{ steps.start.output.n }}"})),
+        cond("right", &["start"], json!({"from": "right"})),
+        cond("join", &["left", "right"], json!({"l": "{{ steps.left.output.from }}", "r": "{{ steps.right.output.from }}", "n": "{{ steps.left.output.n }}"})),
+    ]))
+    .await;
+    let run = run_to_end(&api, &ada, &wf, json!({"n": 7})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(
+        run["output"],
+        json!({"join": {"l": "left", "r": "right", "n": 7}})
+    );
+    assert_eq!(run["steps"], json!({"succeeded": 4}));
+    let events = api
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{}/events", run["id"].as_str().unwrap()),
+            Some(&ada.access),
+            None,
+        )
+        .await
+        .json();
+    let kinds: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"run.queued"));
+    assert_eq!(kinds.last(), Some(&"run.succeeded"));
+    assert_eq!(kinds.iter().filter(|k| **k == "step.succeeded").count(), 4);
+    let seqs: Vec<i64> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as i64).collect::<Vec<_>>(),
+        "numbered without gaps"
+    );
+}
+
+#[tokio::test]
+async fn when_skips_the_branch_not_taken_and_its_dependants() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let wf = workflow(&api, &ada, &p, json!([
+        cond("check", &[], json!({"big": "{{ input.big }}"})),
+        {"key": "yes", "kind": "condition", "depends_on": ["check"], "when": "steps.check.output.big == true", "input": {"said": "big"}},
+        {"key": "no", "kind": "condition", "depends_on": ["check"], "when": "steps.check.output.big == false", "input": {"said": "small"}},
+        cond("after_no", &["no"], json!({})),
+        cond("join", &["yes", "no"], json!({"yes": "{{ steps.yes.output.said }}"})),
+    ]))
+    .await;
+    let run = run_to_end(&api, &ada, &wf, json!({"big": true})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(
+        step_statuses(&api, &ada, &run).await,
+        [
+            ("after_no", "skipped"),
+            ("check", "succeeded"),
+            ("join", "succeeded"),
+            ("no", "skipped"),
+            ("yes", "succeeded")
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+    assert_eq!(run["output"]["join"], json!({"yes": "big"}));
+}
+
+#[tokio::test]
+async fn a_tool_step_calls_the_tool_once_with_a_stable_idempotency_key_despite_repeated_nudges() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let fake = FakeServer::start(200, json!({"temp_c": 4.5}), Duration::from_millis(300)).await;
+    let tool = api
+        .create(
+            &ada.access,
+            "/api/v1/tools",
+            json!({"project_id": p, "name": "weather", "description": "w",
+            "input_schema": {"type": "object", "required": ["city"]},
+            "http": {"method": "POST", "url": fake.url("/weather")}}),
+        )
+        .await;
+    let wf = workflow(&api, &ada, &p, json!([
+        {"key": "fetch", "kind": "tool", "tool_id": tool["id"], "input": {"city": "{{ input.city }}"}},
+        cond("report", &["fetch"], json!({"t": "{{ steps.fetch.output.temp_c }}"})),
+    ]))
+    .await;
+    let run = api
+        .create(
+            &ada.access,
+            "/api/v1/runs",
+            json!({"workflow_id": wf, "input": {"city": "Oslo"}}),
+        )
+        .await;
+    let id = run["id"].as_str().unwrap().to_string();
+    // Four more nudges while the tool call is in flight: nothing runs twice.
+    let client = redis::Client::open(api.env.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for _ in 0..4 {
+        let _: i64 = redis::AsyncCommands::publish(
+            &mut conn,
+            api.env.runs_channel(),
+            json!({"run_id": id}).to_string(),
+        )
+        .await
+        .unwrap();
+    }
+    let path = format!("/api/v1/runs/{id}");
+    let run = common::eventually(async || {
+        let run = api.call("GET", &path, Some(&ada.access), None).await.json();
+        (run["status"] == "succeeded" || run["status"] == "failed").then_some(run)
+    })
+    .await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"], json!({"report": {"t": 4.5}}));
+    let calls = fake.received();
+    assert_eq!(calls.len(), 1, "the tool was called {} times", calls.len());
+    assert_eq!(calls[0].headers["idempotency-key"], format!("{id}:fetch"));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&calls[0].body).unwrap(),
+        json!({"city": "Oslo"})
+    );
+    let steps = api
+        .call("GET", &format!("{path}/steps"), Some(&ada.access), None)
+        .await
+        .json();
+    let fetch = steps["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["key"] == "fetch")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (&fetch["attempt"], &fetch["input"], &fetch["output"]),
+        (&json!(1), &json!({"city": "Oslo"}), &json!({"temp_c": 4.5}))
+    );
+}
+
+#[tokio::test]
+async fn a_tool_that_rejects_the_call_fails_the_step_and_the_run_without_retrying() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let fake = FakeServer::start(400, json!({"error": "bad city"}), Duration::ZERO).await;
+    let tool = api
+        .create(&ada.access, "/api/v1/tools", json!({"project_id": p, "name": "weather", "description": "w",
+            "input_schema": {"type": "object"}, "http": {"method": "POST", "url": fake.url("/weather")}}))
+        .await;
+    let wf = workflow(
+        &api,
+        &ada,
+        &p,
+        json!([
+            {"key": "fetch", "kind": "tool", "tool_id": tool["id"], "input": {}},
+            cond("after", &["fetch"], json!({})),
+        ]),
+    )
+    .await;
+    let run = run_to_end(&api, &ada, &wf, json!({})).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(
+        step_statuses(&api, &ada, &run).await,
+        [("after", "cancelled"), ("fetch", "failed")].map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+    assert_eq!(fake.received().len(), 1);
+    let steps = api
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{}/steps", run["id"].as_str().unwrap()),
+            Some(&ada.access),
+            None,
+        )
+        .await
+        .json();
+    let fetch = steps["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["key"] == "fetch")
+        .unwrap()
+        .clone();
+    assert_eq!(fetch["error"]["kind"], "validation");
+}
+
+#[tokio::test]
+async fn agent_steps_fail_clearly_until_they_are_built() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let agent = api
+        .create(
+            &ada.access,
+            "/api/v1/agents",
+            json!({"project_id": p, "name": "A", "model": "openai/gpt-4o", "system_prompt": "x"}),
+        )
+        .await;
+    let wf = workflow(
+        &api,
+        &ada,
+        &p,
+        json!([{"key": "think", "kind": "agent", "agent_id": agent["id"], "input": {}}]),
+    )
+    .await;
+    let run = run_to_end(&api, &ada, &wf, json!({})).await;
+    assert_eq!(run["status"], "failed");
+    let steps = api
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{}/steps", run["id"].as_str().unwrap()),
+            Some(&ada.access),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(steps["items"][0]["error"]["kind"], "not-implemented");
+}
