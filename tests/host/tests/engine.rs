@@ -308,3 +308,214 @@ async fn agent_steps_fail_clearly_until_they_are_built() {
         .json();
     assert_eq!(steps["items"][0]["error"]["kind"], "not-implemented");
 }
+
+// ---- The sweeper: retries, lost hosts, timeouts -----------------------------------------------
+
+/// Fires the sweeper as at `seconds` from now (tests choose the time; nothing waits for it).
+async fn sweep_at(api: &Api, seconds: i64) {
+    let at = chrono::Utc::now().timestamp() + seconds;
+    api.app
+        .inner
+        .handle_cron("sweeper", at as u64)
+        .await
+        .unwrap();
+}
+
+async fn tool(api: &Api, who: &User, p: &str, url: String) -> Value {
+    api.create(
+        &who.access,
+        "/api/v1/tools",
+        json!({"project_id": p, "name": "weather", "description": "w",
+        "input_schema": {"type": "object"}, "http": {"method": "POST", "url": url}}),
+    )
+    .await
+}
+
+async fn step_of(api: &Api, who: &User, run_id: &str, key: &str) -> Value {
+    let steps = api
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{run_id}/steps"),
+            Some(&who.access),
+            None,
+        )
+        .await
+        .json();
+    steps["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["key"] == key)
+        .unwrap()
+        .clone()
+}
+
+async fn wait_status(api: &Api, who: &User, run_id: &str, want: &str) -> Value {
+    let path = format!("/api/v1/runs/{run_id}");
+    common::eventually(async || {
+        let run = api.call("GET", &path, Some(&who.access), None).await.json();
+        (run["status"] == want).then_some(run)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_failed_call_is_retried_after_its_backoff_and_the_run_succeeds() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let fake = FakeServer::scripted(
+        vec![(503, json!({"error": "busy"})), (200, json!({"ok": 1}))],
+        Duration::ZERO,
+    )
+    .await;
+    let tool = tool(&api, &ada, &p, fake.url("/")).await;
+    let wf = workflow(&api, &ada, &p, json!([{"key": "call", "kind": "tool", "tool_id": tool["id"], "input": {},
+        "retry": {"max_attempts": 3, "initial_interval_ms": 60000, "backoff_coefficient": 2, "max_interval_ms": 600000}}]))
+    .await;
+    let run = api
+        .create(
+            &ada.access,
+            "/api/v1/runs",
+            json!({"workflow_id": wf, "input": {}}),
+        )
+        .await;
+    let id = run["id"].as_str().unwrap();
+    let waiting = common::eventually(async || {
+        let s = step_of(&api, &ada, id, "call").await;
+        (s["status"] == "retrying").then_some(s)
+    })
+    .await;
+    assert_eq!(
+        (&waiting["attempt"], &waiting["error"]["kind"]),
+        (&json!(1), &json!("tool-error"))
+    );
+    // Before the backoff has passed the sweeper leaves it; after, the second attempt runs.
+    sweep_at(&api, 30).await;
+    assert_eq!(step_of(&api, &ada, id, "call").await["status"], "retrying");
+    sweep_at(&api, 120).await;
+    let run = wait_status(&api, &ada, id, "succeeded").await;
+    assert_eq!(run["output"], json!({"call": {"ok": 1}}));
+    let step = step_of(&api, &ada, id, "call").await;
+    assert_eq!(
+        (&step["attempt"], &step["error"]),
+        (&json!(2), &Value::Null)
+    );
+    let calls = fake.received();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(
+        calls[0].headers["idempotency-key"],
+        calls[1].headers["idempotency-key"]
+    );
+}
+
+#[tokio::test]
+async fn a_step_whose_host_died_is_taken_back_and_run_again_once() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    // The first call hangs past its lease (its host "dies"); the second answers at once.
+    let fake = FakeServer::scripted(
+        vec![(200, json!({"attempt": "first"}))],
+        Duration::from_secs(3),
+    )
+    .await;
+    let tool = tool(&api, &ada, &p, fake.url("/")).await;
+    let wf = workflow(
+        &api,
+        &ada,
+        &p,
+        json!([{"key": "call", "kind": "tool", "tool_id": tool["id"], "input": {}}]),
+    )
+    .await;
+    let run = api
+        .create(
+            &ada.access,
+            "/api/v1/runs",
+            json!({"workflow_id": wf, "input": {}}),
+        )
+        .await;
+    let id = run["id"].as_str().unwrap().to_string();
+    common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
+    // An hour later the lease is long gone: the sweeper gives the step a new attempt.
+    sweep_at(&api, 3600).await;
+    let run = wait_status(&api, &ada, &id, "succeeded").await;
+    assert_eq!(run["status"], "succeeded");
+    let step = step_of(&api, &ada, &id, "call").await;
+    assert_eq!(step["attempt"], 2);
+    let events = api
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{id}/events"),
+            Some(&ada.access),
+            None,
+        )
+        .await
+        .json();
+    let kinds: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"step.lease_expired"), "{kinds:?}");
+    // The first attempt's late answer, when it comes, changes nothing: one success recorded.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let events = api
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{id}/events"),
+            Some(&ada.access),
+            None,
+        )
+        .await
+        .json();
+    let successes = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "step.succeeded")
+        .count();
+    assert_eq!(successes, 1);
+    let calls = fake.received();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(
+        calls[0].headers["idempotency-key"],
+        calls[1].headers["idempotency-key"]
+    );
+}
+
+#[tokio::test]
+async fn a_run_past_its_timeout_ends_timed_out() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let fake = FakeServer::start(200, json!({}), Duration::from_secs(2)).await;
+    let tool = tool(&api, &ada, &p, fake.url("/")).await;
+    let wf = api
+        .create(&ada.access, "/api/v1/workflows", json!({"project_id": p, "name": "T", "timeout_s": 60,
+            "definition": {"steps": [{"key": "call", "kind": "tool", "tool_id": tool["id"], "input": {}}]}}))
+        .await;
+    let run = api
+        .create(
+            &ada.access,
+            "/api/v1/runs",
+            json!({"workflow_id": wf["id"], "input": {}}),
+        )
+        .await;
+    let id = run["id"].as_str().unwrap();
+    common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
+    sweep_at(&api, 30).await;
+    assert_eq!(
+        api.call(
+            "GET",
+            &format!("/api/v1/runs/{id}"),
+            Some(&ada.access),
+            None
+        )
+        .await
+        .json()["status"],
+        "running"
+    );
+    sweep_at(&api, 120).await;
+    let run = wait_status(&api, &ada, id, "timed_out").await;
+    assert_eq!(run["error"]["kind"], "timeout");
+    assert_eq!(step_of(&api, &ada, id, "call").await["status"], "cancelled");
+}

@@ -503,26 +503,36 @@ pub struct FakeServer {
 
 impl FakeServer {
     pub async fn start(status: u16, body: Value, delay: Duration) -> Self {
+        Self::scripted(vec![(status, body)], delay).await
+    }
+
+    /// Answers the n-th request with `answers[n]`, and every later one with the last.
+    pub async fn scripted(answers: Vec<(u16, Value)>, delay: Duration) -> Self {
+        let answers = std::sync::Arc::new(answers);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = received.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (log, body) = (log.clone(), body.clone());
+                let (log, answers) = (log.clone(), answers.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: http::Request<hyper::body::Incoming>| {
-                            let (log, body) = (log.clone(), body.clone());
+                            let (log, answers) = (log.clone(), answers.clone());
                             async move {
                                 let (parts, incoming) = req.into_parts();
                                 let bytes = incoming.collect().await?.to_bytes();
-                                log.lock().unwrap().push(Recorded {
-                                    method: parts.method.to_string(),
-                                    uri: parts.uri.to_string(),
-                                    headers: parts.headers,
-                                    body: bytes,
-                                });
+                                let (status, body) = {
+                                    let mut log = log.lock().unwrap();
+                                    log.push(Recorded {
+                                        method: parts.method.to_string(),
+                                        uri: parts.uri.to_string(),
+                                        headers: parts.headers,
+                                        body: bytes,
+                                    });
+                                    answers[(log.len() - 1).min(answers.len() - 1)].clone()
+                                };
                                 tokio::time::sleep(delay).await;
                                 let mut res =
                                     http::Response::new(Full::new(Bytes::from(body.to_string())));
