@@ -317,6 +317,14 @@ fn operations() -> Vec<Op> {
             "Cancel a run (202 cancelling; 409 when finished)",
         )
         .answers(202, Some("Run")),
+        op(
+            "POST",
+            "/api/v1/runs/{id}/steps/{key}/approve",
+            "runs",
+            "Approve or reject a waiting approval step",
+        )
+        .body("ApprovalInput")
+        .answers(200, Some("ApprovalDecision")),
         op("GET", "/api/v1/runs/{id}/steps", "runs", "The run's steps")
             .answers(200, Some("RunStepList")),
         op(
@@ -694,6 +702,9 @@ fn schemas() -> Value {
         "NextFireTimes": {"type": "object", "properties": {"timezone": s("string"), "enabled": s("boolean"),
             "items": {"type": "array", "items": {"type": "object", "properties": {"at": time, "local": s("string")}}}}},
         "ModelPrice": price,
+        "ApprovalInput": {"type": "object", "required": ["approved"], "additionalProperties": false,
+            "properties": {"approved": s("boolean"), "comment": {"type": "string", "maxLength": 2000}}},
+        "ApprovalDecision": {"type": "object", "properties": {"key": s("string"), "status": s("string"), "decision": s("object")}},
         "RunInput": {"type": "object", "required": ["workflow_id"], "additionalProperties": false, "properties": {
             "workflow_id": uuid, "input": {"description": "Checked against the workflow's input_schema"},
             "version": {"type": "integer", "minimum": 1, "description": "Defaults to the current version"}}},

@@ -11,12 +11,16 @@ use serde_json::{Value, json};
 use sparkops_core::db::{self as core_db, Tx, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::run::{self, Decision, Outcome, RunScope, StepStatus};
+use sparkops_core::workflow::{Approval, StepKind};
 use sparkops_platform::db::Db;
 use sparkops_platform::engine;
 use spin_sdk::redis_component;
 
 /// How long a claimed step may run before the sweeper takes it back, beyond its timeout.
 const LEASE_MARGIN_MS: i64 = 30_000;
+/// An approval step's wait when its definition sets none: a day.
+const DEFAULT_APPROVAL_S: u64 = 86_400;
+
 /// A step's timeout when its definition sets none.
 const DEFAULT_STEP_TIMEOUT_MS: i64 = 300_000;
 
@@ -181,10 +185,41 @@ fn claim(
     )?;
     for row in ready {
         let key = row.text(0)?;
-        let timeout = definition
-            .steps
-            .iter()
-            .find(|s| s.key == key)
+        let step = definition.steps.iter().find(|s| s.key == key);
+        // An approval step needs no executor: it waits for a person, until its deadline.
+        let approval = match step {
+            Some(s) if s.kind == StepKind::Approval => {
+                Some(s.approval.clone().unwrap_or(Approval {
+                    timeout_s: DEFAULT_APPROVAL_S,
+                    approvers: Vec::new(),
+                }))
+            }
+            _ => None,
+        };
+        if let Some(approval) = approval {
+            let waiting = tx.execute(
+                "update run_steps set status = 'waiting', attempt = attempt + 1,
+                    deadline_at = now() + make_interval(secs => $3::float8),
+                    started_at = coalesce(started_at, now()), updated_at = now()
+                 where run_id = $1 and step_key = $2 and status = 'ready'",
+                &[
+                    V::Uuid(run_id.into()),
+                    V::Text(key.clone()),
+                    V::Float64(approval.timeout_s as f64),
+                ],
+            )?;
+            if waiting == 1 {
+                engine::event(
+                    tx,
+                    run_id,
+                    "step.waiting",
+                    Some(&key),
+                    json!({"timeout_s": approval.timeout_s, "approvers": approval.approvers}),
+                )?;
+            }
+            continue;
+        }
+        let timeout = step
             .and_then(|s| s.timeout_ms)
             .map(|t| t as i64)
             .unwrap_or(DEFAULT_STEP_TIMEOUT_MS);
@@ -213,6 +248,16 @@ fn claim(
             claimed.push((key, lease));
         }
     }
+    // A run with nothing in flight but a step awaiting approval is waiting.
+    tx.execute(
+        "update runs r set status = case when exists (
+                select 1 from run_steps s where s.run_id = r.run_id and s.status = 'waiting')
+            and not exists (
+                select 1 from run_steps s where s.run_id = r.run_id and s.status in ('ready', 'running', 'retrying'))
+            then 'waiting' else 'running' end, updated_at = now()
+         where r.run_id = $1 and r.status in ('running', 'waiting')",
+        &[V::Uuid(run_id.into())],
+    )?;
     Ok(claimed)
 }
 

@@ -36,6 +36,10 @@ fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
         (Method::Patch, [id, "cancel"]) => cancel(ctx, &who, id),
         (Method::Get, [id, "steps"]) => steps(ctx, &who, id),
         (Method::Get, [id, "events"]) => events(ctx, req, &who, id),
+        (Method::Post, [id, "steps", key, "approve"]) => approve(ctx, req, &who, id, key),
+        (_, [_, "steps", _, "approve"]) => Err(ApiError::MethodNotAllowed {
+            allow: vec!["POST"],
+        }),
         (_, []) => Err(ApiError::MethodNotAllowed {
             allow: vec!["GET", "POST"],
         }),
@@ -392,4 +396,76 @@ fn events(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(Reply::ok(json!({"items": items})))
+}
+
+/// `POST /runs/{id}/steps/{key}/approve {approved, comment?}`: decides a waiting approval
+/// step. Only the step's `approvers` may, when it names any; a decision is taken once.
+fn approve(
+    ctx: &mut Ctx,
+    req: &HttpRequest,
+    who: &Principal,
+    id: &str,
+    key: &str,
+) -> Result<Reply, ApiError> {
+    let (id, _) = access(ctx, who, id, Action::Write)?;
+    let mut b = Body::parse(&req.body)?;
+    let approved = match b.opt_value("approved") {
+        Some(Value::Bool(v)) => Some(v),
+        _ => {
+            b.error("approved", "must be true or false");
+            None
+        }
+    };
+    let comment = b.opt_str("comment", 2000);
+    b.finish()?;
+    let approved = approved.ok_or(ApiError::Internal)?;
+    let step = ctx.transaction(|tx, _| {
+        let rows = tx.query(
+            "select status from run_steps where run_id = $1 and step_key = $2 for update",
+            &[V::Uuid(id.clone()), V::Text(key.into())],
+        )?;
+        let status = rows
+            .first()
+            .map(|r| r.text(0))
+            .transpose()?
+            .ok_or_else(|| ApiError::NotFound(format!("no step {key} in run {id}")))?;
+        if status != "waiting" {
+            return Err(ApiError::Conflict(format!(
+                "the step is {status}, not waiting for an approval"
+            )));
+        }
+        let definition = sparkops_platform::engine::definition(tx, &id)?;
+        let approvers = definition
+            .steps
+            .iter()
+            .find(|s| s.key == key)
+            .and_then(|s| s.approval.as_ref())
+            .map(|a| a.approvers.clone())
+            .unwrap_or_default();
+        if !approvers.is_empty() && !approvers.contains(&who.user_id) {
+            return Err(ApiError::Forbidden("you are not an approver of this step".into()));
+        }
+        let decision = json!({"approved": approved, "by": who.user_id, "comment": comment});
+        let (status, output, error, kind) = if approved {
+            ("succeeded", V::Json(decision.clone()), V::Null, "step.approved")
+        } else {
+            let message = comment.clone().unwrap_or_else(|| "rejected".into());
+            ("failed", V::Null, V::Json(json!({"kind": "rejected", "message": message})), "step.rejected")
+        };
+        tx.execute(
+            "update run_steps set status = $3, output = $4, error = $5, finished_at = now(), updated_at = now(),
+                duration_ms = (extract(epoch from now() - started_at) * 1000)::bigint
+             where run_id = $1 and step_key = $2",
+            &[V::Uuid(id.clone()), V::Text(key.into()), V::Text(status.into()), output, error],
+        )?;
+        event(tx, &id, kind, Some(key), decision.clone())?;
+        Ok(json!({"key": key, "status": status, "decision": decision}))
+    })?;
+    if let Err(e) = sparkops_platform::nudge::run(&id) {
+        eprintln!(
+            "{}",
+            json!({"level": "warn", "msg": "nudge failed", "run_id": id, "error": e})
+        );
+    }
+    Ok(Reply::ok(step))
 }

@@ -1,6 +1,7 @@
 //! The sweeper (DESIGN.md section 5), a cron component: every tick it takes back steps whose
 //! lease expired (their host died mid-call) for a new attempt, wakes retries whose
-//! `next_attempt_at` has come, times out runs past their deadline, and nudges every run
+//! `next_attempt_at` has come, fails approvals past their deadline, times out runs past
+//! their deadline, and nudges every run
 //! with work, so losing every Redis message slows a run and never loses it. "Now" is the
 //! tick's time, so tests fire it at the times they choose. Everything it does is safe to do
 //! twice: replicas all sweep, and each change is a conditional update.
@@ -58,6 +59,15 @@ fn sweep(now: DateTime<Utc>) -> Result<(), ApiError> {
                 where status = 'retrying' and next_attempt_at <= $1{TS} limit $2 for update skip locked)
              returning run_id::text, step_key",
             "step.retry_due",
+        ),
+        (
+            "update run_steps set status = 'failed', finished_at = now(), updated_at = now(),
+                error = '{\"kind\": \"timeout\", \"message\": \"no decision before the approval deadline\"}'::jsonb
+             where (run_id, step_key) in (
+                select run_id, step_key from run_steps
+                where status = 'waiting' and deadline_at < $1{TS} limit $2 for update skip locked)
+             returning run_id::text, step_key",
+            "step.timed_out",
         ),
     ] {
         let sql = sql.replace("{TS}", AS_TIMESTAMPTZ);

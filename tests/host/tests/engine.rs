@@ -31,7 +31,7 @@ async fn workflow(api: &Api, who: &User, p: &str, steps: Value) -> String {
         .create(
             &who.access,
             "/api/v1/workflows",
-            json!({"project_id": p, "name": "W", "definition": {"steps": steps}}),
+            json!({"project_id": p, "name": format!("W {}", uuid::Uuid::new_v4()), "definition": {"steps": steps}}),
         )
         .await;
     wf["id"].as_str().unwrap().to_string()
@@ -518,4 +518,112 @@ async fn a_run_past_its_timeout_ends_timed_out() {
     let run = wait_status(&api, &ada, id, "timed_out").await;
     assert_eq!(run["error"]["kind"], "timeout");
     assert_eq!(step_of(&api, &ada, id, "call").await["status"], "cancelled");
+}
+
+// ---- Approvals ------------------------------------------------------------------------------
+
+/// A run waiting at `gate` (an approval step between two condition steps).
+async fn waiting_run(api: &Api, who: &User, p: &str, approval: Value) -> String {
+    let wf = workflow(api, who, p, json!([
+        cond("before", &[], json!({})),
+        {"key": "gate", "kind": "approval", "depends_on": ["before"], "input": {}, "approval": approval},
+        cond("after", &["gate"], json!({"ok": "{{ steps.gate.output.approved }}"})),
+    ]))
+    .await;
+    let run = api
+        .create(
+            &who.access,
+            "/api/v1/runs",
+            json!({"workflow_id": wf, "input": {}}),
+        )
+        .await;
+    let id = run["id"].as_str().unwrap().to_string();
+    wait_status(api, who, &id, "waiting").await;
+    assert_eq!(step_of(api, who, &id, "gate").await["status"], "waiting");
+    id
+}
+
+#[tokio::test]
+async fn an_approval_holds_the_run_until_approved_or_rejected() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let id = waiting_run(&api, &ada, &p, json!({"timeout_s": 3600})).await;
+    let approve = |id: &str, body: Value| {
+        let path = format!("/api/v1/runs/{id}/steps/gate/approve");
+        let token = ada.access.clone();
+        let api = &api;
+        async move { api.call("POST", &path, Some(&token), Some(body)).await }
+    };
+    let res = approve(&id, json!({"approved": true, "comment": "looks right"})).await;
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    let run = wait_status(&api, &ada, &id, "succeeded").await;
+    assert_eq!(run["output"], json!({"after": {"ok": true}}));
+    // Decided once.
+    assert_eq!(approve(&id, json!({"approved": false})).await.status, 409);
+
+    let id = waiting_run(&api, &ada, &p, json!({"timeout_s": 3600})).await;
+    assert_eq!(approve(&id, json!({"approved": "yes"})).await.status, 422);
+    assert_eq!(
+        approve(&id, json!({"approved": false, "comment": "not today"}))
+            .await
+            .status,
+        200
+    );
+    let run = wait_status(&api, &ada, &id, "failed").await;
+    assert_eq!(run["status"], "failed");
+    let gate = step_of(&api, &ada, &id, "gate").await;
+    assert_eq!(
+        gate["error"],
+        json!({"kind": "rejected", "message": "not today"})
+    );
+    assert_eq!(
+        step_of(&api, &ada, &id, "after").await["status"],
+        "cancelled"
+    );
+}
+
+#[tokio::test]
+async fn only_named_approvers_decide_and_an_undecided_approval_times_out() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let mia = api.register("mia").await;
+    api.add_member(&ada, &p, &mia, "member").await;
+    let id = waiting_run(
+        &api,
+        &ada,
+        &p,
+        json!({"timeout_s": 600, "approvers": [mia.id]}),
+    )
+    .await;
+    let path = format!("/api/v1/runs/{id}/steps/gate/approve");
+    assert_eq!(
+        api.status(
+            "POST",
+            &path,
+            Some(&ada.access),
+            Some(json!({"approved": true}))
+        )
+        .await,
+        403
+    );
+    // Nobody decides: past the deadline the sweeper fails the step, and the run with it.
+    sweep_at(&api, 300).await;
+    assert_eq!(step_of(&api, &ada, &id, "gate").await["status"], "waiting");
+    sweep_at(&api, 900).await;
+    let run = wait_status(&api, &ada, &id, "failed").await;
+    assert_eq!(run["status"], "failed");
+    assert_eq!(
+        step_of(&api, &ada, &id, "gate").await["error"]["kind"],
+        "timeout"
+    );
+    assert_eq!(
+        api.status(
+            "POST",
+            &path,
+            Some(&mia.access),
+            Some(json!({"approved": true}))
+        )
+        .await,
+        409
+    );
 }
