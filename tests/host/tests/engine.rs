@@ -39,13 +39,7 @@ async fn workflow(api: &Api, who: &User, p: &str, steps: Value) -> String {
 
 /// Starts a run and waits until it is finished; the run.
 async fn run_to_end(api: &Api, who: &User, wf: &str, input: Value) -> Value {
-    let run = api
-        .create(
-            &who.access,
-            "/api/v1/runs",
-            json!({"workflow_id": wf, "input": input}),
-        )
-        .await;
+    let run = api.start_run(&who.access, &json!(wf), input).await;
     let path = format!("/api/v1/runs/{}", run["id"].as_str().unwrap());
     common::eventually(async || {
         let run = api.call("GET", &path, Some(&who.access), None).await.json();
@@ -181,11 +175,7 @@ async fn a_tool_step_calls_the_tool_once_with_a_stable_idempotency_key_despite_r
     ]))
     .await;
     let run = api
-        .create(
-            &ada.access,
-            "/api/v1/runs",
-            json!({"workflow_id": wf, "input": {"city": "Oslo"}}),
-        )
+        .start_run(&ada.access, &json!(wf), json!({"city": "Oslo"}))
         .await;
     let id = run["id"].as_str().unwrap().to_string();
     // Four more nudges while the tool call is in flight: nothing runs twice.
@@ -372,13 +362,7 @@ async fn a_failed_call_is_retried_after_its_backoff_and_the_run_succeeds() {
     let wf = workflow(&api, &ada, &p, json!([{"key": "call", "kind": "tool", "tool_id": tool["id"], "input": {},
         "retry": {"max_attempts": 3, "initial_interval_ms": 60000, "backoff_coefficient": 2, "max_interval_ms": 600000}}]))
     .await;
-    let run = api
-        .create(
-            &ada.access,
-            "/api/v1/runs",
-            json!({"workflow_id": wf, "input": {}}),
-        )
-        .await;
+    let run = api.start_run(&ada.access, &json!(wf), json!({})).await;
     let id = run["id"].as_str().unwrap();
     let waiting = common::eventually(async || {
         let s = step_of(&api, &ada, id, "call").await;
@@ -400,12 +384,8 @@ async fn a_failed_call_is_retried_after_its_backoff_and_the_run_succeeds() {
         (&step["attempt"], &step["error"]),
         (&json!(2), &Value::Null)
     );
-    let calls = fake.received();
-    assert_eq!(calls.len(), 2);
-    assert_eq!(
-        calls[0].headers["idempotency-key"],
-        calls[1].headers["idempotency-key"]
-    );
+    // Both attempts carry the same key, so the tool can tell the second is a repeat.
+    assert_eq!(fake.idempotency_keys(), vec![format!("{id}:call"); 2]);
 }
 
 #[tokio::test]
@@ -426,13 +406,7 @@ async fn a_step_whose_host_died_is_taken_back_and_run_again_once() {
         json!([{"key": "call", "kind": "tool", "tool_id": tool["id"], "input": {}}]),
     )
     .await;
-    let run = api
-        .create(
-            &ada.access,
-            "/api/v1/runs",
-            json!({"workflow_id": wf, "input": {}}),
-        )
-        .await;
+    let run = api.start_run(&ada.access, &json!(wf), json!({})).await;
     let id = run["id"].as_str().unwrap().to_string();
     common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
     // An hour later the lease is long gone: the sweeper gives the step a new attempt.
@@ -475,12 +449,8 @@ async fn a_step_whose_host_died_is_taken_back_and_run_again_once() {
         .filter(|e| e["kind"] == "step.succeeded")
         .count();
     assert_eq!(successes, 1);
-    let calls = fake.received();
-    assert_eq!(calls.len(), 2);
-    assert_eq!(
-        calls[0].headers["idempotency-key"],
-        calls[1].headers["idempotency-key"]
-    );
+    // Both attempts carry the same key, so the tool can tell the second is a repeat.
+    assert_eq!(fake.idempotency_keys(), vec![format!("{id}:call"); 2]);
 }
 
 #[tokio::test]
@@ -493,13 +463,7 @@ async fn a_run_past_its_timeout_ends_timed_out() {
         .create(&ada.access, "/api/v1/workflows", json!({"project_id": p, "name": "T", "timeout_s": 60,
             "definition": {"steps": [{"key": "call", "kind": "tool", "tool_id": tool["id"], "input": {}}]}}))
         .await;
-    let run = api
-        .create(
-            &ada.access,
-            "/api/v1/runs",
-            json!({"workflow_id": wf["id"], "input": {}}),
-        )
-        .await;
+    let run = api.start_run(&ada.access, &wf["id"], json!({})).await;
     let id = run["id"].as_str().unwrap();
     common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
     sweep_at(&api, 30).await;
@@ -530,13 +494,7 @@ async fn waiting_run(api: &Api, who: &User, p: &str, approval: Value) -> String 
         cond("after", &["gate"], json!({"ok": "{{ steps.gate.output.approved }}"})),
     ]))
     .await;
-    let run = api
-        .create(
-            &who.access,
-            "/api/v1/runs",
-            json!({"workflow_id": wf, "input": {}}),
-        )
-        .await;
+    let run = api.start_run(&who.access, &json!(wf), json!({})).await;
     let id = run["id"].as_str().unwrap().to_string();
     wait_status(api, who, &id, "waiting").await;
     assert_eq!(step_of(api, who, &id, "gate").await["status"], "waiting");

@@ -40,11 +40,7 @@ async fn a_run_starts_queued_with_its_steps_pinned_version_and_first_event() {
     pubsub.subscribe(api.env.runs_channel()).await.unwrap();
 
     let run = api
-        .create(
-            &ada.access,
-            "/api/v1/runs",
-            json!({"workflow_id": wf, "input": {"city": "Oslo"}}),
-        )
+        .start_run(&ada.access, &json!(wf), json!({"city": "Oslo"}))
         .await;
     let id = run["id"].as_str().unwrap();
     assert_eq!(
@@ -125,11 +121,7 @@ async fn a_run_starts_queued_with_its_steps_pinned_version_and_first_event() {
         .json();
     assert_eq!(again["workflow_version"], 1);
     let newer = api
-        .create(
-            &ada.access,
-            "/api/v1/runs",
-            json!({"workflow_id": wf, "input": {"city": "Bergen"}}),
-        )
+        .start_run(&ada.access, &json!(wf), json!({"city": "Bergen"}))
         .await;
     assert_eq!(newer["workflow_version"], 2);
     let pinned = api
@@ -264,13 +256,7 @@ async fn cancelling_a_running_run_abandons_its_steps_and_a_finished_run_is_409()
             ]}}),
         )
         .await;
-    let run = api
-        .create(
-            &ada.access,
-            "/api/v1/runs",
-            json!({"workflow_id": wf["id"], "input": {}}),
-        )
-        .await;
+    let run = api.start_run(&ada.access, &wf["id"], json!({})).await;
     let id = run["id"].as_str().unwrap();
     // Wait until the tool has the call, then cancel.
     common::eventually(async || (!slow.received().is_empty()).then_some(())).await;
@@ -342,11 +328,7 @@ async fn cancelling_a_running_run_abandons_its_steps_and_a_finished_run_is_409()
         202
     );
     let done = api
-        .create(
-            &ada.access,
-            "/api/v1/runs",
-            json!({"workflow_id": quick, "input": {"city": "Oslo"}}),
-        )
+        .start_run(&ada.access, &json!(quick), json!({"city": "Oslo"}))
         .await;
     let done_path = format!("/api/v1/runs/{}", done["id"].as_str().unwrap());
     common::eventually(async || {
@@ -374,11 +356,7 @@ async fn runs_are_invisible_to_other_tenants_and_viewers_cannot_start_them() {
     let api = Api::start().await;
     let (ada, p, wf) = workflow(&api).await;
     let run = api
-        .create(
-            &ada.access,
-            "/api/v1/runs",
-            json!({"workflow_id": wf, "input": {"city": "Oslo"}}),
-        )
+        .start_run(&ada.access, &json!(wf), json!({"city": "Oslo"}))
         .await;
     let id = run["id"].as_str().unwrap();
     let mallory = api.register("mallory").await;

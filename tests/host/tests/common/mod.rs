@@ -405,6 +405,12 @@ impl Api {
         project
     }
 
+    /// Starts a run of `workflow_id` with `input` as `token`; the run as created.
+    pub async fn start_run(&self, token: &str, workflow_id: &Value, input: Value) -> Value {
+        let body = serde_json::json!({"workflow_id": workflow_id, "input": input});
+        self.create(token, "/api/v1/runs", body).await
+    }
+
     /// Adds `member` to `project` with `role`, as `owner`.
     pub async fn add_member(&self, owner: &User, project: &str, member: &User, role: &str) {
         let res = self
@@ -558,5 +564,13 @@ impl FakeServer {
 
     pub fn received(&self) -> Vec<Recorded> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// The `Idempotency-Key` of every request received, in order.
+    pub fn idempotency_keys(&self) -> Vec<String> {
+        self.received()
+            .iter()
+            .map(|r| r.headers["idempotency-key"].to_str().unwrap().to_string())
+            .collect()
     }
 }
