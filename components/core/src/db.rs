@@ -100,6 +100,14 @@ impl Row {
         }
     }
 
+    /// A nullable time column (selected with [`utc`]).
+    pub fn opt_timestamp(&self, i: usize) -> Result<Option<DateTime<Utc>>, DbError> {
+        match self.at(i)? {
+            Value::Null => Ok(None),
+            _ => self.timestamp(i).map(Some),
+        }
+    }
+
     /// A `jsonb` column; SQL `null` reads as JSON `null`.
     pub fn json(&self, i: usize) -> Result<serde_json::Value, DbError> {
         match self.at(i)? {

@@ -57,9 +57,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
     if let Err(e) = record(&mut ctx, run_id, step, lease, result, started) {
         log("recording a step", run_id, step, &format!("{e:?}"));
     }
-    if let Err(e) = sparkops_platform::nudge::run(run_id) {
-        log("nudging", run_id, step, &e);
-    }
+    sparkops_platform::nudge::run(run_id);
 }
 
 fn log(doing: &str, run_id: &str, step: &str, error: &str) {

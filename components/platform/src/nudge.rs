@@ -4,8 +4,19 @@
 
 use spin_sdk::redis::Connection;
 
-/// Publishes a nudge for `run_id` on the `runs_channel` variable's channel.
-pub fn run(run_id: &str) -> Result<(), String> {
+/// Publishes a nudge for `run_id` on the `runs_channel` variable's channel. A failure is
+/// logged and goes no further: the sweeper re-nudges runs with work, so a lost nudge only
+/// delays the run.
+pub fn run(run_id: &str) {
+    if let Err(e) = publish(run_id) {
+        eprintln!(
+            "{}",
+            serde_json::json!({"level": "warn", "msg": "nudge failed", "run_id": run_id, "error": e})
+        );
+    }
+}
+
+fn publish(run_id: &str) -> Result<(), String> {
     let url = crate::variable("redis_url")?;
     let channel = crate::variable("runs_channel")?;
     let conn = Connection::open(&url).map_err(|e| e.to_string())?;

@@ -61,27 +61,13 @@ const RUN_COLUMNS: &str = "r.run_id::text, r.project_id::text, r.workflow_id::te
      (select coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb) from \
         (select status, count(*) as n from run_steps where run_id = r.run_id group by status) s)";
 
+/// A nullable time column as RFC 3339 or `null`.
 fn time(row: &Row, i: usize) -> Result<Value, ApiError> {
-    Ok(match row.0.get(i) {
-        Some(V::Null) | None => Value::Null,
-        _ => json!(rfc3339(row.timestamp(i)?)),
-    })
+    Ok(json!(row.opt_timestamp(i)?.map(rfc3339)))
 }
 
 fn run_json(row: &Row) -> Result<Value, ApiError> {
-    let started = row
-        .0
-        .get(15)
-        .filter(|v| !matches!(v, V::Null))
-        .map(|_| row.timestamp(15))
-        .transpose()?;
-    let finished = row
-        .0
-        .get(16)
-        .filter(|v| !matches!(v, V::Null))
-        .map(|_| row.timestamp(16))
-        .transpose()?;
-    let duration_ms = match (started, finished) {
+    let duration_ms = match (row.opt_timestamp(15)?, row.opt_timestamp(16)?) {
         (Some(s), Some(f)) => Some((f - s).num_milliseconds()),
         _ => None,
     };
@@ -285,14 +271,8 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
         event(tx, &id, "run.queued", None, json!({"workflow_version": version}))?;
         Ok(Reply::created(load(tx, &id)?, format!("/api/v1/runs/{id}")))
     })?;
-    if let Some(id) = reply.body.as_ref().and_then(|b| b["id"].as_str())
-        && let Err(e) = sparkops_platform::nudge::run(id)
-    {
-        // The sweeper re-nudges runs with work: a lost nudge only delays this one.
-        eprintln!(
-            "{}",
-            json!({"level": "warn", "msg": "nudge failed", "run_id": id, "error": e})
-        );
+    if let Some(id) = reply.body.as_ref().and_then(|b| b["id"].as_str()) {
+        sparkops_platform::nudge::run(id);
     }
     Ok(reply)
 }
@@ -318,12 +298,7 @@ fn cancel(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
         }
         Ok(run)
     })?;
-    if let Err(e) = sparkops_platform::nudge::run(&id) {
-        eprintln!(
-            "{}",
-            json!({"level": "warn", "msg": "nudge failed", "run_id": id, "error": e})
-        );
-    }
+    sparkops_platform::nudge::run(&id);
     Ok(Reply::json(202, run))
 }
 
@@ -461,11 +436,6 @@ fn approve(
         event(tx, &id, kind, Some(key), decision.clone())?;
         Ok(json!({"key": key, "status": status, "decision": decision}))
     })?;
-    if let Err(e) = sparkops_platform::nudge::run(&id) {
-        eprintln!(
-            "{}",
-            json!({"level": "warn", "msg": "nudge failed", "run_id": id, "error": e})
-        );
-    }
+    sparkops_platform::nudge::run(&id);
     Ok(Reply::ok(step))
 }

@@ -71,12 +71,8 @@ impl Resource for Schedule {
 
     fn to_json(row: &Row) -> Result<Value, ApiError> {
         let mut m = common_json(row)?;
-        let time = |i: usize| -> Result<Value, ApiError> {
-            Ok(match row.0.get(i) {
-                Some(V::Null) => Value::Null,
-                _ => json!(rfc3339(row.timestamp(i)?)),
-            })
-        };
+        let time =
+            |i: usize| -> Result<Value, ApiError> { Ok(json!(row.opt_timestamp(i)?.map(rfc3339))) };
         for (k, v) in [
             ("workflow_id", json!(row.text(5)?)),
             ("cron", json!(row.text(6)?)),

@@ -121,12 +121,7 @@ fn sweep(now: DateTime<Utc>) -> Result<(), ApiError> {
         nudge.insert(row.text(0)?);
     }
     for run in nudge {
-        if let Err(e) = sparkops_platform::nudge::run(&run) {
-            eprintln!(
-                "{}",
-                json!({"level": "warn", "msg": "nudge failed", "run_id": run, "error": e})
-            );
-        }
+        sparkops_platform::nudge::run(&run);
     }
     Ok(())
 }
