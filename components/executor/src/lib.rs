@@ -11,12 +11,11 @@ use std::time::Instant;
 
 use futures::SinkExt;
 use serde_json::{Value, json};
-use sparkops_core::db::{self as core_db, Connection as _, Value as V};
+use sparkops_core::db::{Connection as _, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::run::{self, RunScope};
 use sparkops_core::template;
 use sparkops_core::workflow::{Step, StepKind};
-use sparkops_platform::db::Db;
 use sparkops_platform::engine;
 use sparkops_platform::pipeline::Ctx;
 use sparkops_platform::tool_call;
@@ -43,18 +42,32 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         .await;
     };
     let mut ctx = Ctx::new(format!("step-{run_id}-{step}"));
-    match holds_lease(&mut ctx, run_id, step, lease) {
-        Ok(true) => {}
-        Ok(false) => return respond(out, 409, json!({"error": "the lease is not held"})).await,
+    let attempt = match holds_lease(&mut ctx, run_id, step, lease) {
+        Ok(Some(attempt)) => attempt,
+        Ok(None) => return respond(out, 409, json!({"error": "the lease is not held"})).await,
         Err(e) => {
             log("checking a lease", run_id, step, &format!("{e:?}"));
             return respond(out, 500, json!({"error": "internal"})).await;
         }
-    }
+    };
     respond(out, 202, json!({"accepted": true})).await;
     let started = Instant::now();
-    let result = execute(&mut ctx, run_id, step);
-    if let Err(e) = record(&mut ctx, run_id, step, lease, result, started) {
+    let done = execute(&mut ctx, run_id, step).unwrap_or_else(|e| {
+        log(
+            "running a step",
+            run_id,
+            step,
+            &format!("{e:?} {:?}", e.cause()),
+        );
+        Done {
+            input: Value::Null,
+            result: fail("internal", "the step could not be run"),
+            final_attempt: false,
+            retry: Default::default(),
+        }
+    });
+    let elapsed = started.elapsed().as_millis() as i64;
+    if let Err(e) = record(&mut ctx, run_id, step, lease, attempt, done, elapsed) {
         log("recording a step", run_id, step, &format!("{e:?}"));
     }
     sparkops_platform::nudge::run(run_id);
@@ -79,9 +92,15 @@ async fn respond(out: ResponseOutparam, status: u16, body: Value) {
     let _ = sink.close().await;
 }
 
-fn holds_lease(ctx: &mut Ctx, run_id: &str, step: &str, lease: &str) -> Result<bool, ApiError> {
+/// The attempt the lease is for, while it holds.
+fn holds_lease(
+    ctx: &mut Ctx,
+    run_id: &str,
+    step: &str,
+    lease: &str,
+) -> Result<Option<i64>, ApiError> {
     let rows = ctx.db()?.query(
-        "select 1 from run_steps
+        "select attempt from run_steps
          where run_id = $1::text::uuid and step_key = $2 and status = 'running'
            and lease_id = $3::text::uuid and lease_expires_at > now()",
         &[
@@ -90,7 +109,10 @@ fn holds_lease(ctx: &mut Ctx, run_id: &str, step: &str, lease: &str) -> Result<b
             V::Text(lease.into()),
         ],
     )?;
-    Ok(!rows.is_empty())
+    rows.first()
+        .map(|r| r.int(0))
+        .transpose()
+        .map_err(Into::into)
 }
 
 /// How a step ended: its rendered input, and its output or `(error kind, message)`.
@@ -99,29 +121,27 @@ struct Done {
     result: Result<Value, (String, String)>,
     /// The step's retry policy allows no further attempt whatever the kind.
     final_attempt: bool,
+    retry: sparkops_core::workflow::RetryPolicy,
 }
 
 fn fail(kind: &str, message: impl Into<String>) -> Result<Value, (String, String)> {
     Err((kind.to_string(), message.into()))
 }
 
-fn execute(ctx: &mut Ctx, run_id: &str, key: &str) -> Result<(Done, Step, i64), ApiError> {
-    let db = Db::open_default().map_err(ApiError::from)?;
-    let (definition, (_, outputs), row) = core_db::transaction(&db, |tx| {
+fn execute(ctx: &mut Ctx, run_id: &str, key: &str) -> Result<Done, ApiError> {
+    let (definition, (_, outputs), input, project_id) = ctx.transaction(|tx, _| {
         let rows = tx.query(
-            "select r.input, r.project_id::text, s.attempt from runs r
-             join run_steps s on s.run_id = r.run_id and s.step_key = $2
-             where r.run_id = $1",
-            &[V::Uuid(run_id.into()), V::Text(key.into())],
+            "select input, project_id::text from runs where run_id = $1",
+            &[V::Uuid(run_id.into())],
         )?;
-        let row = rows.into_iter().next().ok_or(ApiError::Internal)?;
-        Ok::<_, ApiError>((
+        let row = rows.first().ok_or(ApiError::Internal)?;
+        Ok((
             engine::definition(tx, run_id)?,
             engine::steps(tx, run_id)?,
-            row,
+            row.json(0)?,
+            row.text(1)?,
         ))
     })?;
-    let (input, project_id, attempt) = (row.json(0)?, row.text(1)?, row.int(2)?);
     let step = definition
         .steps
         .iter()
@@ -132,27 +152,24 @@ fn execute(ctx: &mut Ctx, run_id: &str, key: &str) -> Result<(Done, Step, i64), 
         input: &input,
         outputs: &outputs,
     };
+    let done = |input: Value, result, final_attempt| Done {
+        input,
+        result,
+        final_attempt,
+        retry: step.retry.clone(),
+    };
     let rendered = match template::render(&step.input, &scope) {
         Ok(v) => v,
-        Err(m) => {
-            return Ok((
-                Done {
-                    input: Value::Null,
-                    result: fail("validation", m),
-                    final_attempt: true,
-                },
-                step,
-                attempt,
-            ));
-        }
+        Err(m) => return Ok(done(Value::Null, fail("validation", m), true)),
     };
-    let (result, final_attempt) = match step.kind {
-        StepKind::Condition => (Ok(rendered.clone()), false),
-        StepKind::Tool => (
-            call_tool(ctx, &project_id, &step, run_id, &rendered)?,
-            false,
-        ),
-        StepKind::Agent | StepKind::Approval => (
+    Ok(match step.kind {
+        StepKind::Condition => done(rendered.clone(), Ok(rendered), false),
+        StepKind::Tool => {
+            let result = call_tool(ctx, &project_id, &step, run_id, &rendered)?;
+            done(rendered, result, false)
+        }
+        StepKind::Agent | StepKind::Approval => done(
+            rendered,
             fail(
                 "not-implemented",
                 format!(
@@ -162,16 +179,7 @@ fn execute(ctx: &mut Ctx, run_id: &str, key: &str) -> Result<(Done, Step, i64), 
             ),
             true,
         ),
-    };
-    Ok((
-        Done {
-            input: rendered,
-            result,
-            final_attempt,
-        },
-        step,
-        attempt,
-    ))
+    })
 }
 
 /// One tool call, its failures sorted into the error kinds retry policies name.
@@ -194,8 +202,13 @@ fn call_tool(
             format!("tool {tool_id} no longer exists"),
         ));
     };
+    // The step's own timeout, when shorter, bounds the call too.
+    let tool_timeout_ms = t.int(3)?;
+    let timeout_ms = step
+        .timeout_ms
+        .map_or(tool_timeout_ms, |s| tool_timeout_ms.min(s as i64));
     let tool = json!({
-        "http": {"method": t.text(0)?, "url": t.text(1)?, "headers": t.json(2)?, "timeout_ms": t.int(3)?},
+        "http": {"method": t.text(0)?, "url": t.text(1)?, "headers": t.json(2)?, "timeout_ms": timeout_ms},
         "input_schema": t.json(4)?,
         "output_schema": t.json(5)?,
     });
@@ -230,70 +243,36 @@ fn record(
     run_id: &str,
     key: &str,
     lease: &str,
-    outcome: Result<(Done, Step, i64), ApiError>,
-    started: Instant,
+    attempt: i64,
+    done: Done,
+    duration_ms: i64,
 ) -> Result<(), ApiError> {
-    let duration_ms = started.elapsed().as_millis() as i64;
-    let (done, step, attempt) = match outcome {
-        Ok(o) => o,
-        Err(e) => {
-            log(
-                "running a step",
-                run_id,
-                key,
-                &format!("{e:?} {:?}", e.cause()),
-            );
-            let step = Step {
-                key: key.into(),
-                kind: StepKind::Condition,
-                agent_id: None,
-                tool_id: None,
-                input: Value::Null,
-                depends_on: Vec::new(),
-                when: None,
-                retry: Default::default(),
-                timeout_ms: None,
-                approval: None,
+    let (status, error, next_ms) = match &done.result {
+        Ok(_) => ("succeeded", Value::Null, None),
+        Err((kind, message)) => {
+            let jitter = sparkops_platform::random_array::<1>()[0] as f64 / 255.0;
+            let next = if done.final_attempt {
+                None
+            } else {
+                run::retry_delay_ms(&done.retry, attempt as u32, kind, jitter)
             };
-            (
-                Done {
-                    input: Value::Null,
-                    result: fail("internal", "the step could not be run"),
-                    final_attempt: false,
-                },
-                step,
-                1,
-            )
+            let status = if next.is_some() { "retrying" } else { "failed" };
+            (status, json!({"kind": kind, "message": message}), next)
         }
     };
-    let guard = [
+    let params = [
         V::Uuid(run_id.into()),
         V::Text(key.into()),
         V::Uuid(lease.into()),
+        V::Text(status.into()),
+        done.input.into_json(),
+        done.result.ok().into_json(),
+        Some(error.clone()).filter(|e| !e.is_null()).into_json(),
+        V::Int64(duration_ms),
+        V::Float64(next_ms.unwrap_or(0) as f64),
     ];
     ctx.transaction(|tx, _| {
-        let (status, error, next_ms) = match &done.result {
-            Ok(_) => ("succeeded", Value::Null, None),
-            Err((kind, message)) => {
-                let jitter = sparkops_platform::random_array::<1>()[0] as f64 / 255.0;
-                let next = if done.final_attempt {
-                    None
-                } else {
-                    run::retry_delay_ms(&step.retry, attempt as u32, kind, jitter)
-                };
-                let status = if next.is_some() { "retrying" } else { "failed" };
-                (status, json!({"kind": kind, "message": message}), next)
-            }
-        };
-        let mut params = guard.to_vec();
-        params.extend([
-            V::Text(status.into()),
-            done.input.clone().into_json(),
-            done.result.as_ref().ok().cloned().into_json(),
-            Some(error.clone()).filter(|e| !e.is_null()).into_json(),
-            V::Int64(duration_ms),
-            V::Float64(next_ms.unwrap_or(0) as f64),
-        ]);
+        engine::lock_run(tx, run_id)?;
         let updated = tx.execute(
             "update run_steps set status = $4, input = $5, output = $6, error = $7, duration_ms = $8,
                 lease_id = null, lease_expires_at = null, updated_at = now(),

@@ -4,13 +4,26 @@
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sparkops_core::db::{Tx, Value as V};
+use serde_json::json;
+use sparkops_core::db::{AS_TIMESTAMPTZ, Tx, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::run::StepStatus;
 use sparkops_core::workflow::{self, Definition};
 
 use crate::db::Db;
+
+/// Takes the run's row lock: the first lock of every change to a run and its steps (the
+/// orchestrator's, the executor's, the sweeper's, the API's), so they queue and never
+/// deadlock. `false` when there is no such run.
+pub fn lock_run(tx: &Tx<'_, Db>, run_id: &str) -> Result<bool, ApiError> {
+    let rows = tx.query(
+        "select 1 from runs where run_id = $1 for update",
+        &[V::Uuid(run_id.into())],
+    )?;
+    Ok(!rows.is_empty())
+}
 
 /// Appends an event to the run's log, numbered under the run's row lock (so a reader
 /// resuming after a number never misses one that commits later).
@@ -74,4 +87,87 @@ pub fn steps(tx: &Tx<'_, Db>, run_id: &str) -> Result<StepStates, ApiError> {
         statuses.insert(key, status);
     }
     Ok((statuses, outputs))
+}
+
+/// A run to start: the workflow version it pins, its input, and where it came from.
+pub struct NewRun<'a> {
+    pub run_id: &'a str,
+    pub project_id: &'a str,
+    pub workflow_id: &'a str,
+    pub version: i32,
+    pub definition: &'a Definition,
+    pub input: &'a Value,
+    pub created_by: Option<&'a str>,
+    pub now: DateTime<Utc>,
+    /// The workflow's run timeout.
+    pub timeout_s: Option<i64>,
+    pub retry_of: Option<&'a str>,
+    /// `(schedule_id, fire time)` of a scheduled run.
+    pub schedule: Option<(&'a str, DateTime<Utc>)>,
+    /// Steps that start succeeded with these `(input, output)`: a retry from `failed`
+    /// reuses what the earlier run's succeeded steps produced (their cost is not counted
+    /// again).
+    pub reused: HashMap<String, (Value, Value)>,
+}
+
+/// Inserts a queued run with its steps and its first event, `run.queued` with `data`.
+pub fn insert_run(tx: &Tx<'_, Db>, run: &NewRun<'_>, mut data: Value) -> Result<(), ApiError> {
+    let id = || V::Uuid(run.run_id.into());
+    let deadline = run
+        .timeout_s
+        .map(|s| run.now + chrono::Duration::seconds(s));
+    tx.execute(
+        &format!(
+            "insert into runs (run_id, project_id, workflow_id, workflow_version, input, created_by,
+                deadline_at, retry_of, schedule_id, scheduled_for, created_at, updated_at)
+             values ($1, $2, $3, $4, $5, $6, $7{AS_TIMESTAMPTZ}, $8, $9, $10{AS_TIMESTAMPTZ},
+                $11{AS_TIMESTAMPTZ}, $11{AS_TIMESTAMPTZ})"
+        ),
+        &[
+            id(),
+            V::Uuid(run.project_id.into()),
+            V::Uuid(run.workflow_id.into()),
+            V::Int32(run.version),
+            V::Json(run.input.clone()),
+            run.created_by.map(|u| V::Uuid(u.into())).unwrap_or(V::Null),
+            deadline.map(V::Timestamp).unwrap_or(V::Null),
+            run.retry_of.map(|r| V::Uuid(r.into())).unwrap_or(V::Null),
+            run.schedule
+                .map(|(s, _)| V::Uuid(s.into()))
+                .unwrap_or(V::Null),
+            run.schedule
+                .map(|(_, t)| V::Timestamp(t))
+                .unwrap_or(V::Null),
+            V::Timestamp(run.now),
+        ],
+    )?;
+    let json_or_null = |v: &Value| {
+        if v.is_null() {
+            V::Null
+        } else {
+            V::Json(v.clone())
+        }
+    };
+    let mut reused = Vec::new();
+    for step in &run.definition.steps {
+        let kind = V::Text(step.kind.as_str().into());
+        match run.reused.get(&step.key) {
+            None => tx.execute(
+                "insert into run_steps (run_id, step_key, kind) values ($1, $2, $3)",
+                &[id(), V::Text(step.key.clone()), kind],
+            )?,
+            Some((input, output)) => {
+                reused.push(step.key.clone());
+                tx.execute(
+                    "insert into run_steps (run_id, step_key, kind, status, input, output, finished_at)
+                     values ($1, $2, $3, 'succeeded', $4, $5, now())",
+                    &[id(), V::Text(step.key.clone()), kind, json_or_null(input), json_or_null(output)],
+                )?
+            }
+        };
+    }
+    if !reused.is_empty() {
+        data["reused"] = json!(reused);
+    }
+    event(tx, run.run_id, "run.queued", None, data)
 }

@@ -184,6 +184,11 @@ impl Reply {
         }
     }
 
+    pub fn status(mut self, status: u16) -> Self {
+        self.status = status;
+        self
+    }
+
     pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
         self.headers.push((name.to_string(), value.into()));
         self

@@ -6,6 +6,7 @@ pub mod db;
 pub mod engine;
 pub mod http;
 pub mod nudge;
+pub mod orchestrate;
 pub mod outbound;
 pub mod pipeline;
 pub mod ratelimit;
@@ -32,4 +33,10 @@ pub fn random_array<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
     out.copy_from_slice(&random_bytes(N));
     out
+}
+
+/// Blocks this instance for `d` (a `wasi:clocks` timer), for work that polls.
+pub fn sleep(d: std::time::Duration) {
+    wasi::clocks::monotonic_clock::subscribe_duration(d.as_nanos().min(u64::MAX as u128) as u64)
+        .block();
 }

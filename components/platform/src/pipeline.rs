@@ -77,6 +77,12 @@ impl Ctx {
         Ok(self.db.as_ref().expect("just opened"))
     }
 
+    /// Gives the request's connection back (to Spin's pool) before slow work that needs
+    /// none, such as an outbound call; the next [`Ctx::db`] opens another.
+    pub fn release_db(&mut self) {
+        self.db = None;
+    }
+
     /// Authenticates `Authorization: Bearer <JWT | sk_...>` or `X-API-Key: sk_...`, then
     /// counts the request against the principal's rate limit.
     pub fn authenticate(&mut self, req: &HttpRequest) -> Result<Principal, ApiError> {
@@ -402,11 +408,78 @@ fn is_preflight(req: &HttpRequest) -> bool {
     req.method == Method::Options && req.header("access-control-request-method").is_some()
 }
 
+/// What a streaming router answers: a reply, or a body produced over time.
+pub enum Served {
+    Reply(Reply),
+    Stream(Box<dyn BodyStream>),
+}
+
+impl From<Reply> for Served {
+    fn from(reply: Reply) -> Self {
+        Served::Reply(reply)
+    }
+}
+
+/// A response body written chunk by chunk (Server-Sent Events), after the checks of the
+/// request have passed and a `200` has gone out.
+pub trait BodyStream {
+    /// The stream's `content-type`.
+    fn content_type(&self) -> &'static str;
+    /// The next chunk, waiting for it as long as it needs; `None` ends the body.
+    fn next(&mut self, ctx: &mut Ctx) -> Result<Option<Vec<u8>>, ApiError>;
+}
+
 /// Runs the pipeline around `route`, the component's router.
 pub async fn serve(
     incoming: IncomingRequest,
     route: fn(&mut Ctx, &HttpRequest) -> Result<Reply, ApiError>,
 ) -> Response {
+    run(incoming, |ctx, req| route(ctx, req).map(Served::Reply))
+        .await
+        .0
+}
+
+/// [`serve`] for a router that may answer with a [`BodyStream`]: the response goes out
+/// through `out` and the stream is written until it ends or the client goes away.
+pub async fn serve_streaming(
+    incoming: IncomingRequest,
+    out: spin_sdk::http::ResponseOutparam,
+    route: fn(&mut Ctx, &HttpRequest) -> Result<Served, ApiError>,
+) {
+    use futures::SinkExt;
+    let (response, mut ctx, stream) = run(incoming, route).await;
+    let body = response.body().to_vec();
+    let Ok(outgoing) = spin_sdk::http::OutgoingResponse::try_from(response) else {
+        return;
+    };
+    let mut sink = outgoing.take_body();
+    out.set(outgoing);
+    if !body.is_empty() && sink.send(body).await.is_err() {
+        return;
+    }
+    if let Some(mut stream) = stream {
+        loop {
+            match stream.next(&mut ctx) {
+                Ok(Some(chunk)) => {
+                    if sink.send(chunk).await.is_err() {
+                        break; // the client went away
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log_warn("streaming a response", &format!("{e:?} {:?}", e.cause()));
+                    break;
+                }
+            }
+        }
+    }
+    let _ = sink.close().await;
+}
+
+async fn run(
+    incoming: IncomingRequest,
+    route: impl FnOnce(&mut Ctx, &HttpRequest) -> Result<Served, ApiError>,
+) -> (Response, Ctx, Option<Box<dyn BodyStream>>) {
     let started = Instant::now();
     let id = request_id(
         incoming
@@ -419,6 +492,7 @@ pub async fn serve(
     let path = path.split('?').next().unwrap_or_default().to_string();
     let method = incoming.method();
     let mut ctx = Ctx::new(id.clone());
+    let mut stream = None;
     let outcome = match HttpRequest::read(incoming).await {
         Err(e) => Err((e, Vec::new())),
         Ok(req) => {
@@ -434,7 +508,17 @@ pub async fn serve(
                     .rate_limit(&format!("ip:{}", req.client_ip()), ip_limit)
                     .and_then(|()| route(&mut ctx, &req));
                 match result {
-                    Ok(reply) => Ok((reply, cors)),
+                    Ok(Served::Reply(reply)) => Ok((reply, cors)),
+                    Ok(Served::Stream(s)) => {
+                        let reply = Reply::no_content()
+                            .status(200)
+                            .header("content-type", s.content_type())
+                            .header("cache-control", "no-store")
+                            // Proxies must pass events on as they come.
+                            .header("x-accel-buffering", "no");
+                        stream = Some(s);
+                        Ok((reply, cors))
+                    }
                     Err(e) => Err((e, cors)),
                 }
             }
@@ -480,7 +564,7 @@ pub async fn serve(
             "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
         })
     );
-    response
+    (response, ctx, stream)
 }
 
 fn preflight(cors: &[(String, String)]) -> Reply {

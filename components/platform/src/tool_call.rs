@@ -111,6 +111,8 @@ pub fn call(
     };
     headers.push(("idempotency-key".into(), idempotency_key.to_string()));
     headers.push(("user-agent".into(), "Spark-Ops".into()));
+    // No connection is held while the tool takes its time.
+    ctx.release_db();
     let started = std::time::Instant::now();
     let result = outbound::send(Call {
         method,

@@ -14,29 +14,45 @@ use sparkops_core::roles::Action;
 use sparkops_core::time::{parse_rfc3339, rfc3339};
 use sparkops_core::workflow;
 use sparkops_platform::db::Db;
-use sparkops_platform::engine::event;
+use sparkops_platform::engine::{NewRun, event, insert_run};
 use sparkops_platform::http::{HttpRequest, Reply};
-use sparkops_platform::pipeline::{self, Ctx, Principal, ProjectAccess};
+use sparkops_platform::pipeline::{self, BodyStream, Ctx, Principal, ProjectAccess, Served};
 use sparkops_platform::resource::{page_reply, project_of_request};
-use spin_sdk::http::{IncomingRequest, Method, Response};
+use spin_sdk::http::{IncomingRequest, Method, ResponseOutparam};
 use spin_sdk::http_component;
 
 #[http_component]
-async fn handle(req: IncomingRequest) -> Response {
-    pipeline::serve(req, route).await
+async fn handle(req: IncomingRequest, out: ResponseOutparam) {
+    pipeline::serve_streaming(req, out, route).await
 }
 
-fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
+fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Served, ApiError> {
     let who = ctx.authenticate(req)?;
     let segments = req.segments("/api/v1/runs").unwrap_or_default();
+    let wants_stream = req
+        .header("accept")
+        .is_some_and(|a| a.contains("text/event-stream"));
     match (&req.method, segments.as_slice()) {
-        (Method::Get, []) => list(ctx, req, &who),
-        (Method::Post, []) => create(ctx, req, &who),
-        (Method::Get, [id]) => get(ctx, &who, id),
-        (Method::Patch, [id, "cancel"]) => cancel(ctx, &who, id),
-        (Method::Get, [id, "steps"]) => steps(ctx, &who, id),
-        (Method::Get, [id, "events"]) => events(ctx, req, &who, id),
-        (Method::Post, [id, "steps", key, "approve"]) => approve(ctx, req, &who, id, key),
+        (Method::Get, [id, "events"]) if wants_stream => stream_events(ctx, req, &who, id),
+        _ => route_reply(ctx, req, &who, &segments).map(Served::Reply),
+    }
+}
+
+fn route_reply(
+    ctx: &mut Ctx,
+    req: &HttpRequest,
+    who: &Principal,
+    segments: &[&str],
+) -> Result<Reply, ApiError> {
+    match (&req.method, segments) {
+        (Method::Get, []) => list(ctx, req, who),
+        (Method::Post, []) => create(ctx, req, who),
+        (Method::Get, [id]) => get(ctx, who, id),
+        (Method::Patch, [id, "cancel"]) => cancel(ctx, who, id),
+        (Method::Post, [id, "retry"]) => retry(ctx, req, who, id),
+        (Method::Get, [id, "steps"]) => steps(ctx, who, id),
+        (Method::Get, [id, "events"]) => events(ctx, req, who, id),
+        (Method::Post, [id, "steps", key, "approve"]) => approve(ctx, req, who, id, key),
         (_, [_, "steps", _, "approve"]) => Err(ApiError::MethodNotAllowed {
             allow: vec!["POST"],
         }),
@@ -48,6 +64,9 @@ fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
         }
         (_, [_, "cancel"]) => Err(ApiError::MethodNotAllowed {
             allow: vec!["PATCH"],
+        }),
+        (_, [_, "retry"]) => Err(ApiError::MethodNotAllowed {
+            allow: vec!["POST"],
         }),
         _ => Err(ApiError::NotFound(format!("no route {}", req.path))),
     }
@@ -245,30 +264,21 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
     })?;
     let reply = ctx.create_once(req, who, |tx, ctx| {
         let id = ctx.new_id();
-        let deadline = timeout_s.map(|s| ctx.now + chrono::Duration::seconds(s));
-        tx.execute(
-            &format!(
-                "insert into runs (run_id, project_id, workflow_id, workflow_version, input, created_by, deadline_at, created_at, updated_at)
-                 values ($1, $2, $3, $4, $5, $6, $7{AS_TIMESTAMPTZ}, $8{AS_TIMESTAMPTZ}, $8{AS_TIMESTAMPTZ})"
-            ),
-            &[
-                V::Uuid(id.clone()),
-                V::Uuid(access.project_id.clone()),
-                V::Uuid(workflow_id.clone()),
-                V::Int32(version as i32),
-                V::Json(input.clone()),
-                V::Uuid(who.user_id.clone()),
-                deadline.map(V::Timestamp).unwrap_or(V::Null),
-                V::Timestamp(ctx.now),
-            ],
-        )?;
-        for step in &parsed.steps {
-            tx.execute(
-                "insert into run_steps (run_id, step_key, kind) values ($1, $2, $3)",
-                &[V::Uuid(id.clone()), V::Text(step.key.clone()), V::Text(step.kind.as_str().into())],
-            )?;
-        }
-        event(tx, &id, "run.queued", None, json!({"workflow_version": version}))?;
+        let run = NewRun {
+            run_id: &id,
+            project_id: &access.project_id,
+            workflow_id: &workflow_id,
+            version: version as i32,
+            definition: &parsed,
+            input: &input,
+            created_by: Some(&who.user_id),
+            now: ctx.now,
+            timeout_s,
+            retry_of: None,
+            schedule: None,
+            reused: Default::default(),
+        };
+        insert_run(tx, &run, json!({"workflow_version": version}))?;
         Ok(Reply::created(load(tx, &id)?, format!("/api/v1/runs/{id}")))
     })?;
     if let Some(id) = reply.body.as_ref().and_then(|b| b["id"].as_str()) {
@@ -300,6 +310,86 @@ fn cancel(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
     })?;
     sparkops_platform::nudge::run(&id);
     Ok(Reply::json(202, run))
+}
+
+/// `POST /runs/{id}/retry {from?}`: a new run of the same workflow version and input,
+/// linked by `retry_of`. `from: "failed"` (the default) keeps what the run's succeeded steps
+/// produced and runs the rest; `from: "start"` runs everything again. Only a finished run
+/// is retried, and only an unsuccessful one from `failed`.
+fn retry(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<Reply, ApiError> {
+    let (id, access) = access(ctx, who, id, Action::Write)?;
+    let mut b = if req.body.iter().all(u8::is_ascii_whitespace) {
+        Body::from_value(json!({}))?
+    } else {
+        Body::parse(&req.body)?
+    };
+    let from = b.one_of("from", &["failed", "start"], "failed");
+    b.finish()?;
+    let reply = ctx.create_once(req, who, |tx, ctx| {
+        let rows = tx.query(
+            "select r.status, r.workflow_id::text, r.workflow_version, r.input, w.timeout_s,
+                    w.deleted_at is not null, r.payloads_pruned_at is not null
+             from runs r join workflows w on w.workflow_id = r.workflow_id where r.run_id = $1",
+            &[V::Uuid(id.clone())],
+        )?;
+        let row = rows.first().ok_or(ApiError::Internal)?;
+        let (status, workflow_id, version, input) =
+            (row.text(0)?, row.text(1)?, row.int(2)?, row.json(3)?);
+        let (timeout_s, deleted, pruned) = (row.int(4).ok(), row.bool(5)?, row.bool(6)?);
+        let conflict = |m: String| Err(ApiError::Conflict(m));
+        if ["queued", "running", "waiting", "cancelling"].contains(&status.as_str()) {
+            return conflict(format!("the run is still {status}: retry it once it has ended"));
+        }
+        if deleted {
+            return conflict("its workflow was deleted".into());
+        }
+        let mut reused = std::collections::HashMap::new();
+        if from == "failed" {
+            if status == "succeeded" {
+                return conflict(
+                    "the run succeeded: nothing failed to retry (retry it with from \"start\")".into(),
+                );
+            }
+            if pruned {
+                return conflict(
+                    "the run's step outputs were removed by retention: retry it with from \"start\"".into(),
+                );
+            }
+            let rows = tx.query(
+                "select step_key, input, output from run_steps where run_id = $1 and status = 'succeeded'",
+                &[V::Uuid(id.clone())],
+            )?;
+            for r in rows {
+                reused.insert(r.text(0)?, (r.json(1)?, r.json(2)?));
+            }
+        }
+        let definition = sparkops_platform::engine::definition(tx, &id)?;
+        let new_id = ctx.new_id();
+        let run = NewRun {
+            run_id: &new_id,
+            project_id: &access.project_id,
+            workflow_id: &workflow_id,
+            version: version as i32,
+            definition: &definition,
+            input: &input,
+            created_by: Some(&who.user_id),
+            now: ctx.now,
+            timeout_s,
+            retry_of: Some(&id),
+            schedule: None,
+            reused,
+        };
+        insert_run(
+            tx,
+            &run,
+            json!({"workflow_version": version, "retry_of": id, "from": from}),
+        )?;
+        Ok(Reply::created(load(tx, &new_id)?, format!("/api/v1/runs/{new_id}")))
+    })?;
+    if let Some(id) = reply.body.as_ref().and_then(|b| b["id"].as_str()) {
+        sparkops_platform::nudge::run(id);
+    }
+    Ok(reply)
 }
 
 fn steps(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
@@ -339,27 +429,32 @@ fn steps(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
     Ok(Reply::ok(json!({"items": items})))
 }
 
-/// The ordered event log; `?after=<seq>` continues from a position.
-fn events(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<Reply, ApiError> {
-    let (id, _) = access(ctx, who, id, Action::Read)?;
-    let after = match req
+/// Where a reader of the event log continues: `?after=<seq>` or `Last-Event-ID`.
+fn after(req: &HttpRequest) -> Result<i32, ApiError> {
+    match req
         .query_param("after")
         .or_else(|| req.header("last-event-id").map(str::to_string))
     {
-        None => 0,
+        None => Ok(0),
         Some(a) => a
+            .trim()
             .parse::<i32>()
-            .map_err(|_| ApiError::field("after", "must be an event number"))?,
-    };
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::field("after", "must be an event number")),
+    }
+}
+
+/// Up to `limit` events of the run after `after`, in order.
+fn events_after(ctx: &mut Ctx, id: &str, after: i32, limit: i64) -> Result<Vec<Value>, ApiError> {
     let rows = ctx.db()?.query(
         &format!(
-            "select seq, kind, step_key, data, {} from run_events where run_id = $1 and seq > $2 order by seq limit 1000",
+            "select seq, kind, step_key, data, {} from run_events where run_id = $1 and seq > $2 order by seq limit $3",
             utc("created_at")
         ),
-        &[V::Uuid(id), V::Int32(after)],
+        &[V::Uuid(id.into()), V::Int32(after), V::Int64(limit)],
     )?;
-    let items = rows
-        .iter()
+    rows.iter()
         .map(|r| {
             Ok(json!({
                 "seq": r.int(0)?,
@@ -369,8 +464,94 @@ fn events(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result
                 "at": time(r, 4)?,
             }))
         })
-        .collect::<Result<Vec<_>, ApiError>>()?;
+        .collect()
+}
+
+/// The ordered event log; `?after=<seq>` or `Last-Event-ID` continues from a position.
+fn events(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<Reply, ApiError> {
+    let (id, _) = access(ctx, who, id, Action::Read)?;
+    let after = after(req)?;
+    let items = events_after(ctx, &id, after, 1000)?;
     Ok(Reply::ok(json!({"items": items})))
+}
+
+/// `GET /runs/{id}/events` with `Accept: text/event-stream`: the log as Server-Sent Events
+/// (`id` is the event's number, `event` its kind, `data` the same JSON as the log's items),
+/// live until the run has ended and its last event is sent. A client that reconnects with
+/// `Last-Event-ID` continues after the last event it saw.
+fn stream_events(
+    ctx: &mut Ctx,
+    req: &HttpRequest,
+    who: &Principal,
+    id: &str,
+) -> Result<Served, ApiError> {
+    let (id, _) = access(ctx, who, id, Action::Read)?;
+    let after = after(req)?;
+    Ok(Served::Stream(Box::new(EventStream {
+        run_id: id,
+        after,
+        opened: std::time::Instant::now(),
+        quiet_since: std::time::Instant::now(),
+    })))
+}
+
+struct EventStream {
+    run_id: String,
+    after: i32,
+    opened: std::time::Instant,
+    quiet_since: std::time::Instant,
+}
+
+impl EventStream {
+    /// How often a live stream looks for new events.
+    const POLL: std::time::Duration = std::time::Duration::from_millis(200);
+    /// A comment line this often keeps idle connections (and proxies) open.
+    const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(15);
+    /// A stream this old ends; the client reconnects with `Last-Event-ID`.
+    const LIFETIME: std::time::Duration = std::time::Duration::from_secs(600);
+}
+
+impl BodyStream for EventStream {
+    fn content_type(&self) -> &'static str {
+        "text/event-stream"
+    }
+
+    fn next(&mut self, ctx: &mut Ctx) -> Result<Option<Vec<u8>>, ApiError> {
+        loop {
+            // The status first: an event committed after this read is still found below,
+            // so the stream never ends before the run's last event.
+            let rows = ctx.db()?.query(
+                "select status in ('succeeded', 'failed', 'timed_out', 'cancelled') from runs where run_id = $1",
+                &[V::Uuid(self.run_id.clone())],
+            )?;
+            let ended = rows.first().map(|r| r.bool(0)).transpose()?.unwrap_or(true);
+            let events = events_after(ctx, &self.run_id, self.after, 100)?;
+            if let Some(last) = events.last() {
+                self.after = last["seq"].as_i64().unwrap_or_default() as i32;
+                self.quiet_since = std::time::Instant::now();
+                let mut chunk = String::new();
+                for e in &events {
+                    chunk += &format!(
+                        "id: {}\nevent: {}\ndata: {}\n\n",
+                        e["seq"],
+                        e["kind"].as_str().unwrap_or_default(),
+                        e
+                    );
+                }
+                return Ok(Some(chunk.into_bytes()));
+            }
+            if ended || self.opened.elapsed() > Self::LIFETIME {
+                return Ok(None);
+            }
+            // No connection is held while waiting.
+            ctx.release_db();
+            if self.quiet_since.elapsed() > Self::HEARTBEAT {
+                self.quiet_since = std::time::Instant::now();
+                return Ok(Some(b": keep-alive\n\n".to_vec()));
+            }
+            sparkops_platform::sleep(Self::POLL);
+        }
+    }
 }
 
 /// `POST /runs/{id}/steps/{key}/approve {approved, comment?}`: decides a waiting approval
@@ -395,6 +576,7 @@ fn approve(
     b.finish()?;
     let approved = approved.ok_or(ApiError::Internal)?;
     let step = ctx.transaction(|tx, _| {
+        sparkops_platform::engine::lock_run(tx, &id)?;
         let rows = tx.query(
             "select status from run_steps where run_id = $1 and step_key = $2 for update",
             &[V::Uuid(id.clone()), V::Text(key.into())],

@@ -245,6 +245,7 @@ impl AppInner {
             postgres: Default::default(),
             redis: Default::default(),
             app: OnceLock::new(),
+            faults: Default::default(),
         });
         let app = Arc::new(Self {
             engine,
@@ -583,6 +584,11 @@ impl AppInner {
             )));
         }
         Ok(tasks)
+    }
+
+    /// The failures tests can switch on.
+    pub fn faults(&self) -> &crate::state::Faults {
+        &self.shared.faults
     }
 
     /// A component's resolved settings (for tests and start-up messages).

@@ -77,6 +77,14 @@ impl redis::HostConnection for InstanceState {
         payload: Vec<u8>,
     ) -> Result<(), Error> {
         let mut conn = self.redis(&c)?;
+        if self
+            .app
+            .faults
+            .drop_redis_publishes
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(());
+        }
         ::redis::cmd("PUBLISH")
             .arg(channel)
             .arg(payload)

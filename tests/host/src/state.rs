@@ -36,6 +36,15 @@ pub struct AppShared {
     pub redis: tokio::sync::Mutex<HashMap<String, redis::aio::ConnectionManager>>,
     /// Set once the app is built, so outbound calls can chain to other components.
     pub app: OnceLock<Weak<AppInner>>,
+    pub faults: Faults,
+}
+
+/// Failures a test can switch on, to show the app survives them.
+#[derive(Default)]
+pub struct Faults {
+    /// Redis `PUBLISH` from guests succeeds and reaches no subscriber: every message lost,
+    /// as Redis pub/sub (at most once) can lose them.
+    pub drop_redis_publishes: std::sync::atomic::AtomicBool,
 }
 
 impl AppShared {
