@@ -319,6 +319,14 @@ fn operations() -> Vec<Op> {
         .answers(202, Some("Run")),
         op(
             "POST",
+            "/api/v1/runs/{id}/retry",
+            "runs",
+            "Retry a finished run as a new run (retry_of); from failed reuses succeeded steps' outputs",
+        )
+        .body("RetryInput")
+        .answers(201, Some("Run")),
+        op(
+            "POST",
             "/api/v1/runs/{id}/steps/{key}/approve",
             "runs",
             "Approve or reject a waiting approval step",
@@ -331,7 +339,7 @@ fn operations() -> Vec<Op> {
             "GET",
             "/api/v1/runs/{id}/events",
             "runs",
-            "The ordered event log",
+            "The ordered event log; with Accept: text/event-stream, a live Server-Sent Events stream (id = seq, event = kind) that ends when the run ends and resumes after Last-Event-ID",
         )
         .query(&["after"])
         .answers(200, Some("RunEventList")),
@@ -705,6 +713,8 @@ fn schemas() -> Value {
         "ApprovalInput": {"type": "object", "required": ["approved"], "additionalProperties": false,
             "properties": {"approved": s("boolean"), "comment": {"type": "string", "maxLength": 2000}}},
         "ApprovalDecision": {"type": "object", "properties": {"key": s("string"), "status": s("string"), "decision": s("object")}},
+        "RetryInput": {"type": "object", "additionalProperties": false, "properties": {
+            "from": {"enum": ["failed", "start"], "default": "failed"}}},
         "RunInput": {"type": "object", "required": ["workflow_id"], "additionalProperties": false, "properties": {
             "workflow_id": uuid, "input": {"description": "Checked against the workflow's input_schema"},
             "version": {"type": "integer", "minimum": 1, "description": "Defaults to the current version"}}},
@@ -715,7 +725,8 @@ fn schemas() -> Value {
             "scheduled_for": {"type": ["string", "null"]}, "tokens_in": s("integer"), "tokens_out": s("integer"), "cost_usd": money,
             "unpriced_calls": s("integer"), "started_at": {"type": ["string", "null"]}, "finished_at": {"type": ["string", "null"]},
             "duration_ms": {"type": ["integer", "null"]}, "created_at": time, "updated_at": time,
-            "steps": {"type": "object", "additionalProperties": {"type": "integer"}, "description": "Step counts by status"}}},
+            "steps": {"type": "object", "additionalProperties": {"type": "integer"}, "description": "Step counts by status"},
+            "payloads_pruned_at": {"type": ["string", "null"], "description": "When retention removed the steps' inputs and outputs"}}},
         "RunStepList": {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object", "properties": {
             "key": s("string"), "kind": s("string"), "status": s("string"), "attempt": s("integer"), "input": {}, "output": {}, "error": {},
             "tokens_in": s("integer"), "tokens_out": s("integer"), "cost_usd": {"type": ["string", "null"]},

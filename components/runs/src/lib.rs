@@ -78,7 +78,8 @@ const RUN_COLUMNS: &str = "r.run_id::text, r.project_id::text, r.workflow_id::te
      (r.started_at at time zone 'UTC'), (r.finished_at at time zone 'UTC'), \
      (r.created_at at time zone 'UTC'), (r.updated_at at time zone 'UTC'), \
      (select coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb) from \
-        (select status, count(*) as n from run_steps where run_id = r.run_id group by status) s)";
+        (select status, count(*) as n from run_steps where run_id = r.run_id group by status) s), \
+     (r.payloads_pruned_at at time zone 'UTC')";
 
 /// A nullable time column as RFC 3339 or `null`.
 fn time(row: &Row, i: usize) -> Result<Value, ApiError> {
@@ -112,6 +113,8 @@ fn run_json(row: &Row) -> Result<Value, ApiError> {
         "created_at": time(row, 17)?,
         "updated_at": time(row, 18)?,
         "steps": row.json(19)?,
+        // Set once retention has removed the steps' inputs and outputs.
+        "payloads_pruned_at": time(row, 20)?,
     }))
 }
 

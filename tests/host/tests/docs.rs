@@ -10,8 +10,7 @@ use serde_json::Value;
 
 /// Routes of API.md that later issues build (the run engine, schedules that fire, budgets'
 /// usage, metrics); the document describes only what the app serves.
-const NOT_YET_SERVED: [&str; 5] = [
-    "POST /api/v1/runs/{id}/retry",
+const NOT_YET_SERVED: [&str; 4] = [
     "POST /api/v1/schedules/{id}/trigger",
     "GET /api/v1/policies/usage",
     "GET /api/v1/metrics/summary",

@@ -312,10 +312,14 @@ async fn sweep_at(api: &Api, seconds: i64) {
 }
 
 async fn tool(api: &Api, who: &User, p: &str, url: String) -> Value {
+    tool_named(api, who, p, "weather", url).await
+}
+
+async fn tool_named(api: &Api, who: &User, p: &str, name: &str, url: String) -> Value {
     api.create(
         &who.access,
         "/api/v1/tools",
-        json!({"project_id": p, "name": "weather", "description": "w",
+        json!({"project_id": p, "name": name, "description": "w",
         "input_schema": {"type": "object"}, "http": {"method": "POST", "url": url}}),
     )
     .await
@@ -584,4 +588,520 @@ async fn only_named_approvers_decide_and_an_undecided_approval_times_out() {
         .await,
         409
     );
+}
+
+// ---- Step timeouts and lost hosts out of attempts -------------------------------------------
+
+#[tokio::test]
+async fn a_step_timeout_shorter_than_the_tools_bounds_the_call() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let fake = FakeServer::start(200, json!({"late": true}), Duration::from_secs(3)).await;
+    let tool = tool(&api, &ada, &p, fake.url("/")).await;
+    let wf = workflow(
+        &api,
+        &ada,
+        &p,
+        json!([{"key": "call", "kind": "tool", "tool_id": tool["id"], "input": {},
+        "timeout_ms": 300, "retry": {"max_attempts": 1}}]),
+    )
+    .await;
+    let run = run_to_end(&api, &ada, &wf, json!({})).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let step = step_of(&api, &ada, run["id"].as_str().unwrap(), "call").await;
+    assert_eq!(step["error"]["kind"], "timeout", "{step}");
+    assert_eq!(fake.received().len(), 1);
+}
+
+#[tokio::test]
+async fn a_lost_host_uses_up_an_attempt_and_the_last_one_fails_the_step() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let fake = FakeServer::start(200, json!({}), Duration::from_secs(3)).await;
+    let tool = tool(&api, &ada, &p, fake.url("/")).await;
+    let wf = workflow(
+        &api,
+        &ada,
+        &p,
+        json!([{"key": "call", "kind": "tool", "tool_id": tool["id"], "input": {},
+        "retry": {"max_attempts": 1}}]),
+    )
+    .await;
+    let run = api.start_run(&ada.access, &json!(wf), json!({})).await;
+    let id = run["id"].as_str().unwrap().to_string();
+    common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
+    // The only attempt's lease is long gone: no new attempt, the step and the run fail.
+    sweep_at(&api, 3600).await;
+    let run = wait_status(&api, &ada, &id, "failed").await;
+    assert_eq!(run["status"], "failed");
+    let step = step_of(&api, &ada, &id, "call").await;
+    assert_eq!(
+        (&step["status"], &step["attempt"], &step["error"]["kind"]),
+        (&json!("failed"), &json!(1), &json!("timeout"))
+    );
+    // The late answer of the lost attempt changes nothing.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(step_of(&api, &ada, &id, "call").await["status"], "failed");
+    assert_eq!(fake.received().len(), 1);
+}
+
+// ---- Retry of a run ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn retry_from_failed_reuses_what_succeeded_and_from_start_runs_everything() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let first = FakeServer::start(200, json!({"city": "Oslo"}), Duration::ZERO).await;
+    // The second tool refuses the first call (not retried) and answers every later one.
+    let second = FakeServer::scripted(
+        vec![(400, json!({"error": "no"})), (200, json!({"temp": 3}))],
+        Duration::ZERO,
+    )
+    .await;
+    let lookup = tool_named(&api, &ada, &p, "lookup", first.url("/")).await;
+    let weather = tool_named(&api, &ada, &p, "weather", second.url("/")).await;
+    let wf = workflow(&api, &ada, &p, json!([
+        {"key": "lookup", "kind": "tool", "tool_id": lookup["id"], "input": {"q": "{{ input.q }}"}},
+        {"key": "weather", "kind": "tool", "tool_id": weather["id"], "depends_on": ["lookup"],
+         "input": {"city": "{{ steps.lookup.output.city }}"}},
+    ]))
+    .await;
+    let failed = run_to_end(&api, &ada, &wf, json!({"q": "north"})).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let failed_id = failed["id"].as_str().unwrap();
+    let retry_path = format!("/api/v1/runs/{failed_id}/retry");
+
+    // Bad input changes nothing.
+    let before = api.count("runs").await;
+    let res = api
+        .call(
+            "POST",
+            &retry_path,
+            Some(&ada.access),
+            Some(json!({"from": "middle"})),
+        )
+        .await;
+    assert_eq!(res.status, 422);
+    assert_eq!(res.json()["errors"][0]["field"], "from");
+    assert_eq!(api.count("runs").await, before);
+
+    let res = api
+        .call_with(
+            "POST",
+            &retry_path,
+            &ada.access,
+            &[("idempotency-key", "retry-1")],
+            None,
+        )
+        .await;
+    assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
+    let retried = res.json();
+    assert_eq!(retried["retry_of"], failed_id);
+    assert_eq!(retried["input"], json!({"q": "north"}));
+    // The same key is the same retry.
+    let again = api
+        .call_with(
+            "POST",
+            &retry_path,
+            &ada.access,
+            &[("idempotency-key", "retry-1")],
+            None,
+        )
+        .await;
+    assert_eq!(again.json()["id"], retried["id"]);
+    let retried_id = retried["id"].as_str().unwrap();
+    let run = wait_status(&api, &ada, retried_id, "succeeded").await;
+    assert_eq!(run["output"], json!({"weather": {"temp": 3}}));
+    // `lookup` was not called again; its output fed `weather` as before.
+    assert_eq!(first.received().len(), 1);
+    assert_eq!(second.received().len(), 2);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&second.received()[1].body).unwrap(),
+        json!({"city": "Oslo"})
+    );
+    let reused = step_of(&api, &ada, retried_id, "lookup").await;
+    assert_eq!(
+        (&reused["status"], &reused["attempt"]),
+        (&json!("succeeded"), &json!(0))
+    );
+    let events = api
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{retried_id}/events"),
+            Some(&ada.access),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(
+        events["items"][0]["data"],
+        json!({"workflow_version": 1, "retry_of": failed_id, "from": "failed", "reused": ["lookup"]})
+    );
+
+    // A run that succeeded has nothing failed to retry; from the start it runs all again.
+    assert_eq!(
+        api.status(
+            "POST",
+            &format!("/api/v1/runs/{retried_id}/retry"),
+            Some(&ada.access),
+            Some(json!({}))
+        )
+        .await,
+        409
+    );
+    let res = api
+        .call(
+            "POST",
+            &format!("/api/v1/runs/{retried_id}/retry"),
+            Some(&ada.access),
+            Some(json!({"from": "start"})),
+        )
+        .await;
+    assert_eq!(res.status, 201);
+    wait_status(&api, &ada, res.json()["id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!((first.received().len(), second.received().len()), (2, 3));
+}
+
+#[tokio::test]
+async fn only_a_finished_run_is_retried_and_only_by_a_writer_of_its_project() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let id = waiting_run(&api, &ada, &p, json!({"timeout_s": 3600})).await;
+    let path = format!("/api/v1/runs/{id}/retry");
+    let res = api.call("POST", &path, Some(&ada.access), None).await;
+    assert_eq!(res.status, 409, "{}", String::from_utf8_lossy(&res.body));
+    assert_eq!(res.header("content-type"), Some("application/problem+json"));
+    let eve = api.register("eve").await;
+    assert_eq!(
+        api.status("POST", &path, Some(&eve.access), None).await,
+        404
+    );
+    let viewer = api.register("vic").await;
+    api.add_member(&ada, &p, &viewer, "viewer").await;
+    // Cancelled, it can be retried, but not by a viewer.
+    api.call(
+        "PATCH",
+        &format!("/api/v1/runs/{id}/cancel"),
+        Some(&ada.access),
+        None,
+    )
+    .await;
+    wait_status(&api, &ada, &id, "cancelled").await;
+    assert_eq!(
+        api.status("POST", &path, Some(&viewer.access), None).await,
+        403
+    );
+    let before = api.count("runs").await;
+    assert_eq!(
+        api.status("POST", &path, Some(&ada.access), None).await,
+        201
+    );
+    assert_eq!(api.count("runs").await, before + 1);
+}
+
+// ---- The live event stream ------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_event_stream_delivers_every_event_in_order_and_resumes_after_a_disconnect() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let id = waiting_run(&api, &ada, &p, json!({"timeout_s": 3600})).await;
+    let url = api.app.url(&format!("/api/v1/runs/{id}/events"));
+    let auth = format!("Bearer {}", ada.access);
+    // Live: the client reads up to the approval wait, then hangs up.
+    let first = common::read_sse(&url, &[("authorization", &auth)], |events| {
+        events.iter().any(|e| e.event == "step.waiting")
+    })
+    .await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.content_type, "text/event-stream");
+    assert!(!first.ended);
+    let last_seen = first.events.last().unwrap().id.clone();
+    // Meanwhile the run goes on.
+    let res = api
+        .call(
+            "POST",
+            &format!("/api/v1/runs/{id}/steps/gate/approve"),
+            Some(&ada.access),
+            Some(json!({"approved": true})),
+        )
+        .await;
+    assert_eq!(res.status, 200);
+    // Resumed after the last event seen, the stream delivers the rest and ends with the run.
+    let rest = common::read_sse(
+        &url,
+        &[("authorization", &auth), ("last-event-id", &last_seen)],
+        |_| false,
+    )
+    .await;
+    assert!(rest.ended);
+    assert_eq!(rest.events.last().unwrap().event, "run.succeeded");
+    let streamed: Vec<common::SseEvent> = first.events.into_iter().chain(rest.events).collect();
+    // Exactly the stored log, in order, each once.
+    let log = api
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{id}/events"),
+            Some(&ada.access),
+            None,
+        )
+        .await
+        .json();
+    let stored: Vec<(String, String, Value)> = log["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["seq"].to_string(),
+                e["kind"].as_str().unwrap().to_string(),
+                e.clone(),
+            )
+        })
+        .collect();
+    let seen: Vec<(String, String, Value)> = streamed
+        .into_iter()
+        .map(|e| (e.id, e.event, e.data))
+        .collect();
+    assert_eq!(seen, stored);
+    // A finished run's stream is its whole log, then the end.
+    let replay = common::read_sse(&url, &[("authorization", &auth)], |_| false).await;
+    assert!(replay.ended);
+    assert_eq!(replay.events.len(), stored.len());
+    // No access, no stream.
+    let eve = api.register("eve").await;
+    let denied = common::read_sse(
+        &url,
+        &[("authorization", &format!("Bearer {}", eve.access))],
+        |_| false,
+    )
+    .await;
+    assert_eq!((denied.status, denied.events.len()), (404, 0));
+}
+
+// ---- Durability and concurrency ----------------------------------------------------------
+
+#[tokio::test]
+async fn with_every_nudge_lost_runs_still_finish_through_the_sweeper() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let fake = FakeServer::start(200, json!({"ok": true}), Duration::ZERO).await;
+    let tool = tool(&api, &ada, &p, fake.url("/")).await;
+    let wf = workflow(
+        &api,
+        &ada,
+        &p,
+        json!([
+            {"key": "a", "kind": "tool", "tool_id": tool["id"], "input": {}},
+            {"key": "b", "kind": "tool", "tool_id": tool["id"], "input": {}, "depends_on": ["a"]},
+            cond("c", &["b"], json!({"done": "{{ steps.b.output.ok }}"})),
+        ]),
+    )
+    .await;
+    api.app
+        .inner
+        .faults()
+        .drop_redis_publishes
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let wf = json!(wf);
+    let runs: Vec<String> =
+        futures::future::join_all((0..3).map(|_| api.start_run(&ada.access, &wf, json!({}))))
+            .await
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect();
+    // Nothing moves without a nudge...
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fake.received().is_empty());
+    // ...until the sweeper ticks; each tick advances every run one decision further.
+    let mut ticks = 0;
+    for _ in 0..40 {
+        sweep_at(&api, 0).await;
+        ticks += 1;
+        let mut done = 0;
+        for id in &runs {
+            let run = api
+                .call(
+                    "GET",
+                    &format!("/api/v1/runs/{id}"),
+                    Some(&ada.access),
+                    None,
+                )
+                .await
+                .json();
+            if run["status"] == "succeeded" {
+                done += 1;
+            }
+        }
+        if done == runs.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for id in &runs {
+        let run = api
+            .call(
+                "GET",
+                &format!("/api/v1/runs/{id}"),
+                Some(&ada.access),
+                None,
+            )
+            .await
+            .json();
+        assert_eq!(run["status"], "succeeded", "after {ticks} ticks: {run}");
+        assert_eq!(run["output"], json!({"c": {"done": true}}));
+    }
+    // Each tool step ran once.
+    let mut keys = fake.idempotency_keys();
+    keys.sort();
+    let mut want: Vec<String> = runs
+        .iter()
+        .flat_map(|r| [format!("{r}:a"), format!("{r}:b")])
+        .collect();
+    want.sort();
+    assert_eq!(keys, want);
+}
+
+#[tokio::test]
+async fn two_hundred_runs_started_at_once_all_finish_with_every_step_run_once() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let fake = FakeServer::start(200, json!({"ok": true}), Duration::ZERO).await;
+    let tool = tool(&api, &ada, &p, fake.url("/")).await;
+    let wf = workflow(&api, &ada, &p, json!([
+        {"key": "a", "kind": "tool", "tool_id": tool["id"], "input": {"n": "{{ input.n }}"}},
+        {"key": "b", "kind": "tool", "tool_id": tool["id"], "input": {"n": "{{ input.n }}"}, "depends_on": ["a"]},
+    ]))
+    .await;
+    let wf = json!(wf);
+    let runs: Vec<String> = futures::future::join_all(
+        (0..200).map(|n| api.start_run(&ada.access, &wf, json!({"n": n}))),
+    )
+    .await
+    .iter()
+    .map(|r| r["id"].as_str().unwrap().to_string())
+    .collect();
+    let db = api.env.db().await;
+    // Bounded: two minutes at most, polled from the database.
+    let mut finished = 0;
+    for _ in 0..1200 {
+        finished = db
+            .query_one("select count(*) from runs where status = 'succeeded'", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if finished == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(finished, 200);
+    let mut keys = fake.idempotency_keys();
+    keys.sort();
+    let mut want: Vec<String> = runs
+        .iter()
+        .flat_map(|r| [format!("{r}:a"), format!("{r}:b")])
+        .collect();
+    want.sort();
+    assert_eq!(keys, want, "every step called exactly once");
+    let attempts: i64 = db
+        .query_one(
+            "select count(*) from run_steps where attempt <> 1 or status <> 'succeeded'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 0);
+    let successes: i64 = db
+        .query_one(
+            "select count(*) from run_events where kind = 'step.succeeded'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(successes, 400);
+}
+
+#[tokio::test]
+async fn a_slow_tool_in_one_run_does_not_hold_up_another_runs_steps() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let slow = FakeServer::start(200, json!({"slow": true}), Duration::from_secs(5)).await;
+    let fast = FakeServer::start(200, json!({"fast": true}), Duration::ZERO).await;
+    let slow_tool = tool_named(&api, &ada, &p, "slow", slow.url("/")).await;
+    let fast_tool = tool_named(&api, &ada, &p, "fast", fast.url("/")).await;
+    let slow_wf = workflow(
+        &api,
+        &ada,
+        &p,
+        json!([{"key": "wait", "kind": "tool", "tool_id": slow_tool["id"], "input": {}}]),
+    )
+    .await;
+    let fast_wf = workflow(&api, &ada, &p, json!([
+        {"key": "one", "kind": "tool", "tool_id": fast_tool["id"], "input": {}},
+        {"key": "two", "kind": "tool", "tool_id": fast_tool["id"], "input": {}, "depends_on": ["one"]},
+        {"key": "three", "kind": "tool", "tool_id": fast_tool["id"], "input": {}, "depends_on": ["two"]},
+    ]))
+    .await;
+    let slow_run = api.start_run(&ada.access, &json!(slow_wf), json!({})).await;
+    let slow_id = slow_run["id"].as_str().unwrap();
+    // The slow call is in flight...
+    common::eventually(async || (!slow.received().is_empty()).then_some(())).await;
+    let fast_run = api.start_run(&ada.access, &json!(fast_wf), json!({})).await;
+    // ...and the other run's three steps all finish while it still is.
+    let done = wait_status(&api, &ada, fast_run["id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!(done["steps"], json!({"succeeded": 3}));
+    let slow_now = api
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{slow_id}"),
+            Some(&ada.access),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(slow_now["status"], "running");
+    assert_eq!(fast.received().len(), 3);
+    wait_status(&api, &ada, slow_id, "succeeded").await;
+}
+
+// ---- Retention ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn retention_removes_old_step_payloads_and_keeps_the_record() {
+    let api = api().await;
+    let (ada, p) = project(&api).await;
+    let wf = workflow(
+        &api,
+        &ada,
+        &p,
+        json!([cond("only", &[], json!({"secret-ish": "{{ input.v }}"}))]),
+    )
+    .await;
+    let run = run_to_end(&api, &ada, &wf, json!({"v": 42})).await;
+    let id = run["id"].as_str().unwrap();
+    // Inside the 30 days of the default retention, nothing is removed.
+    sweep_at(&api, 29 * 86_400).await;
+    let step = step_of(&api, &ada, id, "only").await;
+    assert_eq!(step["output"], json!({"secret-ish": 42}));
+    sweep_at(&api, 31 * 86_400).await;
+    let step = step_of(&api, &ada, id, "only").await;
+    assert_eq!(
+        (&step["status"], &step["input"], &step["output"]),
+        (&json!("succeeded"), &Value::Null, &Value::Null)
+    );
+    let run = api
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{id}"),
+            Some(&ada.access),
+            None,
+        )
+        .await
+        .json();
+    assert!(run["payloads_pruned_at"].is_string(), "{run}");
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(run["output"], json!({"only": {"secret-ish": 42}}));
 }

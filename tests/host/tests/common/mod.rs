@@ -574,3 +574,96 @@ impl FakeServer {
             .collect()
     }
 }
+
+/// One Server-Sent Event as a client parses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: String,
+    pub event: String,
+    pub data: Value,
+}
+
+/// What a Server-Sent Events client read.
+#[derive(Debug)]
+pub struct SseRead {
+    pub status: u16,
+    pub content_type: String,
+    pub events: Vec<SseEvent>,
+    /// The server ended the stream (rather than the client hanging up).
+    pub ended: bool,
+}
+
+/// Reads a Server-Sent Events stream until the server ends it, or until `enough` says so
+/// (then the client hangs up); at most 30 s.
+pub async fn read_sse(
+    url: &str,
+    headers: &[(&str, &str)],
+    enough: impl Fn(&[SseEvent]) -> bool,
+) -> SseRead {
+    let uri: http::Uri = url.parse().unwrap();
+    let authority = uri.authority().unwrap().to_string();
+    let fut = async {
+        let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let mut builder = http::Request::builder()
+            .uri(uri.path_and_query().unwrap().as_str())
+            .header("host", &authority)
+            .header("accept", "text/event-stream");
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let res = sender
+            .send_request(builder.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        let content_type = res
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let mut body = res.into_body();
+        let (mut buffer, mut events, mut ended) = (String::new(), Vec::new(), false);
+        while !enough(&events) {
+            let Some(frame) = body.frame().await else {
+                ended = true;
+                break;
+            };
+            let Ok(data) = frame.unwrap().into_data() else {
+                continue;
+            };
+            buffer += std::str::from_utf8(&data).unwrap();
+            while let Some(end) = buffer.find("\n\n") {
+                let block: String = buffer.drain(..end + 2).collect();
+                let field = |name: &str| {
+                    block
+                        .lines()
+                        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                        .map(str::to_string)
+                };
+                // Comment lines (`: keep-alive`) carry no event.
+                if let Some(data) = field("data") {
+                    events.push(SseEvent {
+                        id: field("id").unwrap_or_default(),
+                        event: field("event").unwrap_or_default(),
+                        data: serde_json::from_str(&data).unwrap(),
+                    });
+                }
+            }
+        }
+        conn.abort();
+        SseRead {
+            status,
+            content_type,
+            events,
+            ended,
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), fut)
+        .await
+        .expect("the event stream did not end in time")
+}
