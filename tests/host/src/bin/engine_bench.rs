@@ -1,0 +1,426 @@
+//! The run engine's benchmark: run latency (`POST /runs` to `succeeded`) and steps per
+//! second for 1-step and 10-step workflows of no-op tool calls on loopback, through the real
+//! app (spin.toml) on this host, beside the Postgres ceiling: `pgbench` running the SQL
+//! statements one step costs the orchestrator and the executor, in the same run.
+//!
+//! Usage: engine_bench (from the workspace root; `DATABASE_URL` and `REDIS_URL` name the
+//! servers; a fresh database is made and dropped). `RUNS` sets the throughput batch (100).
+//! Bounded: every wait has a limit, and every address is loopback.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use sparkops_host::{AppOptions, RunningApp};
+
+/// The client concurrency of the throughput runs and of pgbench.
+const CLIENTS: usize = 8;
+const LATENCY_SAMPLES: usize = 30;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let admin_url = std::env::var("DATABASE_URL").context("DATABASE_URL")?;
+    let redis_url = std::env::var("REDIS_URL").context("REDIS_URL")?;
+    let batch: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let root = std::env::current_dir()?;
+    let name = format!("bench_{}", uuid::Uuid::new_v4().simple());
+    let admin = connect(&admin_url).await?;
+    admin
+        .batch_execute(&format!("create database {name}"))
+        .await?;
+    let mut url = url::Url::parse(&admin_url)?;
+    url.set_path(&name);
+    let database_url = url.to_string();
+    let result = bench(&root, &database_url, &redis_url, &name, batch).await;
+    admin
+        .batch_execute(&format!("drop database if exists {name} with (force)"))
+        .await?;
+    result
+}
+
+async fn connect(url: &str) -> Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+fn host_port(url: &str) -> Result<String> {
+    let u = url::Url::parse(url)?;
+    Ok(format!(
+        "{}:{}",
+        u.host_str().context("a host")?,
+        u.port().context("a port")?
+    ))
+}
+
+async fn bench(
+    root: &std::path::Path,
+    database_url: &str,
+    redis_url: &str,
+    name: &str,
+    batch: usize,
+) -> Result<()> {
+    sparkops_host::migrate::run(database_url, &root.join("migrations")).await?;
+    let state = std::env::temp_dir().join(format!("sparkops-{name}"));
+    std::fs::create_dir_all(&state)?;
+    let config = state.join("runtime-config.toml");
+    std::fs::write(
+        &config,
+        format!("[key_value_store.default]\ntype = \"redis\"\nurl = \"{redis_url}\"\n"),
+    )?;
+    let env: HashMap<String, String> = [
+        ("DATABASE_URL", database_url.to_string()),
+        ("DATABASE_HOST", host_port(database_url)?),
+        ("REDIS_URL", redis_url.to_string()),
+        ("REDIS_HOST", host_port(redis_url)?),
+        (
+            "JWT_SECRET",
+            "bench-secret-0123456789abcdef0123456789abcdef".into(),
+        ),
+        (
+            "SECRETS_MASTER_KEY",
+            "bench1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into(),
+        ),
+        ("RUNS_CHANNEL", format!("runs-{name}")),
+        ("TOOLS_ALLOW_HTTP", "true".into()),
+        ("TOOLS_ALLOW_PRIVATE_HOSTS", "true".into()),
+        ("RATE_LIMIT_PER_MINUTE", "100000000".into()),
+        ("RATE_LIMIT_IP_PER_MINUTE", "100000000".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("SPIN_VARIABLE_{k}"), v))
+    .collect();
+    let app = RunningApp::start(&AppOptions {
+        manifest: root.join("spin.toml"),
+        runtime_config: Some(config),
+        listen: "127.0.0.1:0".parse()?,
+        state_dir: state.clone(),
+        cache_dir: Some(root.join("target/host-test-cache")),
+        env,
+        guest_output: false,
+    })
+    .await?;
+    let tool_addr = noop_tool().await?;
+    let client = Client {
+        base: app.url(""),
+        token: String::new(),
+    };
+    let registered = client
+        .call(
+            "POST",
+            "/api/v1/auth/register",
+            json!({"email": format!("bench-{name}@example.com"), "password": "bench-password-1", "name": "bench"}),
+        )
+        .await?;
+    let client = Client {
+        token: registered["access_token"]
+            .as_str()
+            .context("a token")?
+            .to_string(),
+        ..client
+    };
+    let project = client
+        .call("POST", "/api/v1/projects", json!({"name": "Bench"}))
+        .await?["id"]
+        .clone();
+    let tool = client
+        .call(
+            "POST",
+            "/api/v1/tools",
+            json!({"project_id": project, "name": "noop", "description": "answers {}",
+                "input_schema": {"type": "object"}, "http": {"method": "POST", "url": format!("http://{tool_addr}/")}}),
+        )
+        .await?["id"]
+        .clone();
+    let mut workflows = Vec::new();
+    for steps in [1usize, 10] {
+        let definition: Vec<Value> = (0..steps)
+            .map(|i| {
+                let deps: Vec<String> = if i == 0 { vec![] } else { vec![format!("s{}", i - 1)] };
+                json!({"key": format!("s{i}"), "kind": "tool", "tool_id": tool, "input": {}, "depends_on": deps})
+            })
+            .collect();
+        let wf = client
+            .call(
+                "POST",
+                "/api/v1/workflows",
+                json!({"project_id": project, "name": format!("{steps} steps"), "definition": {"steps": definition}}),
+            )
+            .await?;
+        workflows.push((steps, wf["id"].clone()));
+    }
+    let db = connect(database_url).await?;
+    // Warm-up: compiled code cached, pools filled.
+    for (_, wf) in &workflows {
+        let id = client.start(wf).await?;
+        wait_succeeded(&db, &[id], Duration::from_secs(30)).await?;
+    }
+
+    println!(
+        "machine: {} cores, {}; {CLIENTS} clients; no-op tool on loopback",
+        std::thread::available_parallelism()?.get(),
+        cpu_model()
+    );
+    println!("| case | runs | p50 latency | p95 latency | steps/s |");
+    println!("|---|---|---|---|---|");
+    for (steps, wf) in &workflows {
+        // Latency: one run at a time, from the POST until the database says succeeded.
+        let mut samples = Vec::new();
+        for _ in 0..LATENCY_SAMPLES {
+            let started = Instant::now();
+            let id = client.start(wf).await?;
+            wait_succeeded(&db, &[id], Duration::from_secs(30)).await?;
+            samples.push(started.elapsed());
+        }
+        samples.sort();
+        // Throughput: `batch` runs started by CLIENTS concurrent clients.
+        let started = Instant::now();
+        let mut ids = Vec::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for c in 0..CLIENTS {
+            let (client, wf) = (client.clone(), wf.clone());
+            let count = batch / CLIENTS + usize::from(c < batch % CLIENTS);
+            tasks.spawn(async move {
+                let mut ids = Vec::new();
+                for _ in 0..count {
+                    ids.push(client.start(&wf).await?);
+                }
+                Ok::<_, anyhow::Error>(ids)
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            ids.extend(r??);
+        }
+        wait_succeeded(&db, &ids, Duration::from_secs(300)).await?;
+        let elapsed = started.elapsed();
+        println!(
+            "| engine: {steps}-step workflow | {} | {:.1} ms | {:.1} ms | {:.0} |",
+            ids.len(),
+            ms(samples[samples.len() / 2]),
+            ms(samples[samples.len() * 95 / 100]),
+            (ids.len() * steps) as f64 / elapsed.as_secs_f64()
+        );
+    }
+    let tps = pgbench(&db, database_url, &state, &tool).await?;
+    println!(
+        "| Postgres ceiling: pgbench, one step's statements per transaction | | | | {tps:.0} |"
+    );
+    app.shutdown().await;
+    let _ = std::fs::remove_dir_all(&state);
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+async fn wait_succeeded(
+    db: &tokio_postgres::Client,
+    ids: &[String],
+    limit: Duration,
+) -> Result<()> {
+    let ids: Vec<uuid::Uuid> = ids.iter().map(|i| i.parse()).collect::<Result<_, _>>()?;
+    let started = Instant::now();
+    loop {
+        let row = db
+            .query_one(
+                "select count(*) filter (where status = 'succeeded'),
+                        count(*) filter (where status in ('failed', 'timed_out', 'cancelled'))
+                 from runs where run_id = any($1)",
+                &[&ids],
+            )
+            .await?;
+        let (done, bad): (i64, i64) = (row.get(0), row.get(1));
+        if bad > 0 {
+            bail!("{bad} runs did not succeed");
+        }
+        if done as usize == ids.len() {
+            return Ok(());
+        }
+        if started.elapsed() > limit {
+            bail!("{done} of {} runs succeeded within {limit:?}", ids.len());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Loads `pgbench` with the statements of one step: the orchestrator's advance that claims
+/// it and the executor's lease check, reads and result (with the `ROLLBACK` each pg4
+/// connection opens with), over 200 prepared one-step runs. Its transactions per second.
+async fn pgbench(
+    db: &tokio_postgres::Client,
+    database_url: &str,
+    state: &std::path::Path,
+    tool: &Value,
+) -> Result<f64> {
+    db.batch_execute(
+        "create table bench_runs (n serial primary key, run_id uuid not null);
+         with w as (select workflow_id, project_id from workflows where name = '1 steps'),
+         made as (
+            insert into runs (run_id, project_id, workflow_id, workflow_version, input, status)
+            select gen_random_uuid(), w.project_id, w.workflow_id, 1, '{}'::jsonb, 'running'
+            from w, generate_series(1, 200) returning run_id)
+         insert into bench_runs (run_id) select run_id from made;
+         insert into run_steps (run_id, step_key, kind) select run_id, 's0', 'tool' from bench_runs;",
+    )
+    .await?;
+    let tool_id = tool.as_str().context("a tool id")?;
+    let script = format!(
+        r#"\set n random(1, 200)
+select run_id as rid from bench_runs where n = :n \gset
+rollback;
+begin;
+select status, input from runs where run_id = :rid for update;
+select v.definition from runs r join workflow_versions v on v.workflow_id = r.workflow_id and v.version = r.workflow_version where r.run_id = :rid;
+select step_key, status, output from run_steps where run_id = :rid;
+update run_steps set status = 'ready', error = null, updated_at = now() where run_id = :rid and step_key = 's0';
+select step_key, status, output from run_steps where run_id = :rid;
+select step_key, status, output from run_steps where run_id = :rid;
+select step_key from run_steps where run_id = :rid and status = 'ready' order by step_key;
+update run_steps set status = 'running', attempt = attempt + 1, lease_id = gen_random_uuid(), lease_expires_at = now() + make_interval(secs => 330), started_at = coalesce(started_at, now()), updated_at = now() where run_id = :rid and step_key = 's0' and status = 'ready' returning attempt;
+update runs set event_seq = event_seq + 1 where run_id = :rid;
+insert into run_events (run_id, seq, kind, step_key, data) select run_id, event_seq, 'step.started', 's0', '{{}}' from runs where run_id = :rid;
+update runs r set status = 'running', updated_at = now() where r.run_id = :rid and r.status in ('running', 'waiting');
+commit;
+rollback;
+select attempt from run_steps where run_id = :rid and step_key = 's0' and status = 'running' and lease_expires_at > now();
+begin;
+select input, project_id::text from runs where run_id = :rid;
+select v.definition from runs r join workflow_versions v on v.workflow_id = r.workflow_id and v.version = r.workflow_version where r.run_id = :rid;
+select step_key, status, output from run_steps where run_id = :rid;
+commit;
+select method, url, headers, timeout_ms, input_schema, output_schema from tools where tool_id = '{tool_id}' and deleted_at is null;
+rollback;
+begin;
+select 1 from runs where run_id = :rid for update;
+update run_steps set status = 'succeeded', input = '{{}}', output = '{{}}', error = null, duration_ms = 1, lease_id = null, lease_expires_at = null, updated_at = now(), finished_at = now(), next_attempt_at = null where run_id = :rid and step_key = 's0' and status = 'running';
+update runs set event_seq = event_seq + 1 where run_id = :rid;
+insert into run_events (run_id, seq, kind, step_key, data) select run_id, event_seq, 'step.succeeded', 's0', '{{}}' from runs where run_id = :rid;
+commit;
+"#
+    );
+    let path: PathBuf = state.join("step.sql");
+    std::fs::write(&path, script)?;
+    let out = std::process::Command::new("pgbench")
+        // Each step's first `ROLLBACK` warns that no transaction is open, as in the app.
+        .env("PGOPTIONS", "-c client_min_messages=error")
+        .args([
+            "-n",
+            "-M",
+            "extended",
+            "-c",
+            &CLIENTS.to_string(),
+            "-j",
+            "2",
+            "-T",
+            "10",
+            "-f",
+        ])
+        .arg(&path)
+        .arg(database_url)
+        .output()
+        .context("running pgbench (apt-get install postgresql-client)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tps = text
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse::<f64>().ok())
+        .with_context(|| {
+            format!(
+                "pgbench said:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    Ok(tps)
+}
+
+/// A tool that answers `{}` at once, on loopback.
+async fn noop_tool() -> Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    let mut res = http::Response::new(Full::new(Bytes::from_static(b"{}")));
+                    res.headers_mut()
+                        .insert("content-type", "application/json".parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(res)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+#[derive(Clone)]
+struct Client {
+    base: String,
+    token: String,
+}
+
+impl Client {
+    async fn call(&self, method: &str, path: &str, body: Value) -> Result<Value> {
+        let uri: http::Uri = format!("{}{path}", self.base).parse()?;
+        let authority = uri.authority().context("an authority")?.to_string();
+        let stream = tokio::net::TcpStream::connect(&authority).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &authority)
+            .header("content-type", "application/json");
+        if !self.token.is_empty() {
+            req = req.header("authorization", format!("Bearer {}", self.token));
+        }
+        let res = sender
+            .send_request(req.body(Full::new(Bytes::from(body.to_string())))?)
+            .await?;
+        let status = res.status();
+        let bytes = res.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            bail!(
+                "{method} {path}: {status} {}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    /// Starts a run; its id.
+    async fn start(&self, workflow: &Value) -> Result<String> {
+        let run = self
+            .call(
+                "POST",
+                "/api/v1/runs",
+                json!({"workflow_id": workflow, "input": {}}),
+            )
+            .await?;
+        Ok(run["id"].as_str().context("a run id")?.to_string())
+    }
+}
