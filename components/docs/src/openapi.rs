@@ -283,6 +283,21 @@ fn operations() -> Vec<Op> {
         )
         .query(&["count"])
         .answers(200, Some("NextFireTimes")),
+        op(
+            "POST",
+            "/api/v1/schedules/{id}/trigger",
+            "schedules",
+            "Start a run now (the overlap and run-start policies apply; recorded as a manual fire)",
+        )
+        .answers(201, Some("TriggeredRun")),
+        op(
+            "GET",
+            "/api/v1/schedules/{id}/fires",
+            "schedules",
+            "What each fire time came to, latest first: its run, or why none",
+        )
+        .query(&["limit"])
+        .answers(200, Some("ScheduleFireList")),
         op("GET", "/api/v1/runs", "runs", "List runs")
             .query(&[
                 "project_id",
@@ -707,6 +722,12 @@ fn schemas() -> Value {
         "PolicyInput": input(policy, &["name", "rules"]),
         "Schedule": resource(schedule_out),
         "ScheduleInput": input(schedule, &["workflow_id", "cron"]),
+        "TriggeredRun": {"type": "object", "properties": {"id": uuid, "status": s("string"), "workflow_id": uuid,
+            "schedule_id": uuid, "scheduled_for": time}},
+        "ScheduleFireList": {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object", "properties": {
+            "fire_at": time, "outcome": {"enum": ["started", "skipped", "refused", "failed"]}, "reason": {"type": ["string", "null"]},
+            "run_id": {"type": ["string", "null"]}, "manual": s("boolean"), "missed_until": {"type": ["string", "null"]},
+            "missed_count": s("integer"), "recorded_at": time}}}}},
         "NextFireTimes": {"type": "object", "properties": {"timezone": s("string"), "enabled": s("boolean"),
             "items": {"type": "array", "items": {"type": "object", "properties": {"at": time, "local": s("string")}}}}},
         "ModelPrice": price,

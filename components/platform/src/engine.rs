@@ -16,10 +16,12 @@ use crate::db::Db;
 
 /// Takes the run's row lock: the first lock of every change to a run and its steps (the
 /// orchestrator's, the executor's, the sweeper's, the API's), so they queue and never
-/// deadlock. `false` when there is no such run.
+/// deadlock. `false` when there is no such run. (`no key update`: the lock of a row whose
+/// key stays; it leaves alone the key-share locks foreign-key checks of the run's steps and
+/// events take.)
 pub fn lock_run(tx: &Tx<'_, Db>, run_id: &str) -> Result<bool, ApiError> {
     let rows = tx.query(
-        "select 1 from runs where run_id = $1 for update",
+        "select 1 from runs where run_id = $1 for no key update",
         &[V::Uuid(run_id.into())],
     )?;
     Ok(!rows.is_empty())

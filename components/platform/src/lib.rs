@@ -2,6 +2,7 @@
 //! shared library's [`sparkops_core::db::Connection`], the HTTP edge, and the request
 //! pipeline every API component runs. Business logic stays in `sparkops-core`.
 
+pub mod admission;
 pub mod db;
 pub mod engine;
 pub mod http;
@@ -11,6 +12,7 @@ pub mod outbound;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod resource;
+pub mod schedule_fire;
 pub mod tool_call;
 
 /// Reads a component variable, naming it in the error when it is missing.
@@ -39,4 +41,10 @@ pub fn random_array<const N: usize>() -> [u8; N] {
 pub fn sleep(d: std::time::Duration) {
     wasi::clocks::monotonic_clock::subscribe_duration(d.as_nanos().min(u64::MAX as u128) as u64)
         .block();
+}
+
+/// A new UUIDv7 (time-ordered) for a row made outside a request.
+pub fn new_id() -> String {
+    let millis = chrono::Utc::now().timestamp_millis() as u64;
+    sparkops_core::ids::uuid_v7(millis, random_array())
 }

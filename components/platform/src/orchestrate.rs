@@ -62,7 +62,7 @@ fn dispatch(run_id: &str, step: &str, lease: &str) {
 /// Advances the run; the steps claimed, with their lease ids.
 pub fn advance(tx: &Tx<'_, Db>, run_id: &str) -> Result<Vec<(String, String)>, ApiError> {
     let rows = tx.query(
-        "select status, input from runs where run_id = $1 for update",
+        "select status, input from runs where run_id = $1 for no key update",
         &[V::Uuid(run_id.into())],
     )?;
     let Some(row) = rows.first() else {
@@ -221,7 +221,7 @@ fn claim(
             .and_then(|s| s.timeout_ms)
             .map(|t| t as i64)
             .unwrap_or(DEFAULT_STEP_TIMEOUT_MS);
-        let lease = new_uuid();
+        let lease = crate::new_id();
         let rows = tx.query(
             "update run_steps set status = 'running', attempt = attempt + 1, lease_id = $3,
                 lease_expires_at = now() + make_interval(secs => $4::float8 / 1000),
@@ -284,9 +284,4 @@ pub fn finish(
     )?;
     engine::event(tx, run_id, &format!("run.{status}"), None, error)?;
     Ok(())
-}
-
-fn new_uuid() -> String {
-    let millis = chrono::Utc::now().timestamp_millis() as u64;
-    sparkops_core::ids::uuid_v7(millis, crate::random_array())
 }

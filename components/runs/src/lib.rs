@@ -13,6 +13,7 @@ use sparkops_core::input::Body;
 use sparkops_core::roles::Action;
 use sparkops_core::time::{parse_rfc3339, rfc3339};
 use sparkops_core::workflow;
+use sparkops_platform::admission::admit;
 use sparkops_platform::db::Db;
 use sparkops_platform::engine::{NewRun, event, insert_run};
 use sparkops_platform::http::{HttpRequest, Reply};
@@ -266,6 +267,7 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
         ))
     })?;
     let reply = ctx.create_once(req, who, |tx, ctx| {
+        admit(tx, &access.project_id, &workflow_id, ctx.now)?;
         let id = ctx.new_id();
         let run = NewRun {
             run_id: &id,
@@ -366,6 +368,7 @@ fn retry(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
                 reused.insert(r.text(0)?, (r.json(1)?, r.json(2)?));
             }
         }
+        admit(tx, &access.project_id, &workflow_id, ctx.now)?;
         let definition = sparkops_platform::engine::definition(tx, &id)?;
         let new_id = ctx.new_id();
         let run = NewRun {

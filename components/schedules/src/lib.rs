@@ -6,7 +6,7 @@
 
 use serde_json::{Value, json};
 use sparkops_core::cron::Schedule as Cron;
-use sparkops_core::db::{AS_TIMESTAMPTZ, Row, Tx, Value as V};
+use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Row, Tx, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::input::Body;
 use sparkops_core::roles::Action;
@@ -16,6 +16,7 @@ use sparkops_platform::http::{HttpRequest, Reply};
 use sparkops_platform::pipeline::{self, Ctx, Principal};
 use sparkops_platform::resource::{self, Filter, FilterType, Resource, Write, common_json};
 use sparkops_platform::resource_columns;
+use sparkops_platform::schedule_fire::{self, Fired};
 use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
 
@@ -29,7 +30,12 @@ fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
     let segments = req.segments(Schedule::PATH).unwrap_or_default();
     match (&req.method, segments.as_slice()) {
         (Method::Get, [id, "next"]) => next(ctx, req, &who, id),
-        (_, [_, "next"]) => Err(ApiError::MethodNotAllowed { allow: vec!["GET"] }),
+        (Method::Get, [id, "fires"]) => fires(ctx, req, &who, id),
+        (Method::Post, [id, "trigger"]) => trigger(ctx, req, &who, id),
+        (_, [_, "next" | "fires"]) => Err(ApiError::MethodNotAllowed { allow: vec!["GET"] }),
+        (_, [_, "trigger"]) => Err(ApiError::MethodNotAllowed {
+            allow: vec!["POST"],
+        }),
         _ => resource::serve_or_404::<Schedule>(ctx, req, &who, &segments),
     }
 }
@@ -212,4 +218,92 @@ fn next(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<R
         "enabled": schedule["enabled"],
         "items": items,
     })))
+}
+
+/// `POST /schedules/{id}/trigger`: starts a run now, as a fire at this moment would (the
+/// overlap policy and the run-start policies apply; a refusal is an error and changes
+/// nothing). The fire is recorded as manual. `Idempotency-Key` makes it once.
+fn trigger(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<Reply, ApiError> {
+    let (id, _) = resource::access::<Schedule>(ctx, who, id, Action::Write)?;
+    let mut nudges = Vec::new();
+    let reply = ctx.create_once(req, who, |tx, ctx| {
+        let rows = tx.query(
+            "select project_id::text, workflow_id::text, input, overlap from schedules
+             where schedule_id = $1 and deleted_at is null for no key update",
+            &[V::Uuid(id.clone())],
+        )?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ApiError::NotFound(format!("no schedule {id}")))?;
+        let schedule = schedule_fire::Schedule {
+            schedule_id: id.clone(),
+            project_id: row.text(0)?,
+            workflow_id: row.text(1)?,
+            input: row.json(2)?,
+            overlap: row.text(3)?,
+        };
+        let (fired, more) = schedule_fire::fire(tx, &schedule, ctx.now, ctx.now, true)?;
+        nudges = more;
+        match fired {
+            Fired::Started { run_id } => Ok(Reply::created(
+                json!({
+                    "id": run_id,
+                    "status": "queued",
+                    "workflow_id": schedule.workflow_id,
+                    "schedule_id": id,
+                    "scheduled_for": rfc3339(ctx.now),
+                }),
+                format!("/api/v1/runs/{run_id}"),
+            )),
+            Fired::Skipped(reason) => Err(ApiError::Conflict(reason)),
+            Fired::Gone => Err(ApiError::Conflict(
+                "the schedule's workflow was deleted".into(),
+            )),
+            Fired::Refused(reason) => Err(ApiError::PolicyViolation(reason)),
+            Fired::Failed(reason) => Err(ApiError::Conflict(reason)),
+        }
+    })?;
+    for run in nudges {
+        sparkops_platform::nudge::run(&run);
+    }
+    Ok(reply)
+}
+
+/// `GET /schedules/{id}/fires?limit=50`: what each fire time came to, latest first: the run
+/// it started, or why none (overlap, a policy, missed beyond the catch-up window).
+fn fires(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<Reply, ApiError> {
+    let limit = match req.query_param("limit") {
+        None => 50,
+        Some(c) => c
+            .parse::<i64>()
+            .ok()
+            .filter(|c| (1..=200).contains(c))
+            .ok_or_else(|| ApiError::field("limit", "must be an integer from 1 to 200"))?,
+    };
+    let (id, _) = resource::access::<Schedule>(ctx, who, id, Action::Read)?;
+    let rows = ctx.db()?.query(
+        "select (fire_at at time zone 'UTC'), outcome, reason, run_id::text, manual,
+                (missed_until at time zone 'UTC'), missed_count, (recorded_at at time zone 'UTC')
+         from schedule_fires where schedule_id = $1 order by fire_at desc limit $2",
+        &[V::Uuid(id), V::Int64(limit)],
+    )?;
+    let time = |r: &Row, i: usize| -> Result<Value, ApiError> {
+        Ok(json!(r.opt_timestamp(i)?.map(rfc3339)))
+    };
+    let items = rows
+        .iter()
+        .map(|r| {
+            Ok(json!({
+                "fire_at": time(r, 0)?,
+                "outcome": r.text(1)?,
+                "reason": r.opt_text(2)?,
+                "run_id": r.opt_text(3)?,
+                "manual": r.bool(4)?,
+                "missed_until": time(r, 5)?,
+                "missed_count": r.int(6)?,
+                "recorded_at": time(r, 7)?,
+            }))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(Reply::ok(json!({"items": items})))
 }

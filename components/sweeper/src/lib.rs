@@ -203,7 +203,7 @@ fn time_out_runs(db: &Db, at: &V) -> Result<(), ApiError> {
         let run = row.text(0)?;
         core_db::transaction(db, |tx| {
             let still = tx.query(
-                "select 1 from runs where run_id = $1 and status in ('queued', 'running', 'waiting') for update",
+                "select 1 from runs where run_id = $1 and status in ('queued', 'running', 'waiting') for no key update",
                 &[V::Uuid(run.clone())],
             )?;
             if !still.is_empty() {

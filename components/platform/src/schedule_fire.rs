@@ -1,0 +1,244 @@
+//! One fire of a schedule (API.md "Schedules"), shared by the scheduler (cron fires) and
+//! `POST /schedules/{id}/trigger` (manual ones): the overlap policy, the run-start policies,
+//! the input against the workflow's current `input_schema`, then the run, pinned to the
+//! workflow's current version and marked with its schedule and fire time. Every outcome,
+//! a run or the reason there is none, is recorded in `schedule_fires`.
+//!
+//! The caller holds the schedule's row lock, so a fire time is handled once even when
+//! schedulers on several hosts tick together; the unique `(schedule_id, scheduled_for)` of
+//! runs backs that up.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sparkops_core::db::{AS_TIMESTAMPTZ, Tx, Value as V};
+use sparkops_core::error::ApiError;
+use sparkops_core::workflow;
+
+use crate::db::Db;
+use crate::engine::{self, NewRun};
+
+/// A schedule, as firing it needs it.
+pub struct Schedule {
+    pub schedule_id: String,
+    pub project_id: String,
+    pub workflow_id: String,
+    pub input: Value,
+    /// `skip`, `allow` or `cancel_previous`.
+    pub overlap: String,
+}
+
+/// What a fire came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fired {
+    Started {
+        run_id: String,
+    },
+    /// By the overlap policy.
+    Skipped(String),
+    /// The workflow or the project was deleted: the schedule stops.
+    Gone,
+    /// By a policy on starting runs.
+    Refused(String),
+    /// The run could not be made (its input no longer fits the workflow).
+    Failed(String),
+}
+
+impl Fired {
+    fn outcome(&self) -> (&'static str, Option<&str>, Option<&str>) {
+        match self {
+            Fired::Started { run_id } => ("started", None, Some(run_id)),
+            Fired::Skipped(r) => ("skipped", Some(r), None),
+            Fired::Gone => (
+                "skipped",
+                Some("its workflow or project was deleted; the schedule stops"),
+                None,
+            ),
+            Fired::Refused(r) => ("refused", Some(r), None),
+            Fired::Failed(r) => ("failed", Some(r), None),
+        }
+    }
+}
+
+/// Statuses of a run still going, for the overlap policy.
+const UNFINISHED: &str = "('queued', 'running', 'waiting', 'cancelling')";
+
+/// Fires `schedule` for the time `at`. Returns the outcome and the runs to nudge (the new
+/// one, and those `cancel_previous` cancelled).
+pub fn fire(
+    tx: &Tx<'_, Db>,
+    schedule: &Schedule,
+    at: DateTime<Utc>,
+    now: DateTime<Utc>,
+    manual: bool,
+) -> Result<(Fired, Vec<String>), ApiError> {
+    let mut nudges = Vec::new();
+    let fired = start(tx, schedule, at, now, &mut nudges)?;
+    record(tx, &schedule.schedule_id, at, &fired, manual)?;
+    Ok((fired, nudges))
+}
+
+fn start(
+    tx: &Tx<'_, Db>,
+    s: &Schedule,
+    at: DateTime<Utc>,
+    now: DateTime<Utc>,
+    nudges: &mut Vec<String>,
+) -> Result<Fired, ApiError> {
+    let rows = tx.query(
+        "select w.version, w.timeout_s, v.definition, v.input_schema from workflows w
+         join workflow_versions v on v.workflow_id = w.workflow_id and v.version = w.version
+         join projects p on p.project_id = w.project_id
+         where w.workflow_id = $1 and w.deleted_at is null and p.deleted_at is null",
+        &[V::Uuid(s.workflow_id.clone())],
+    )?;
+    let Some(workflow) = rows.first() else {
+        return Ok(Fired::Gone);
+    };
+    let unfinished: Vec<String> = tx
+        .query(
+            &format!(
+                "select run_id::text from runs where schedule_id = $1 and status in {UNFINISHED} order by run_id"
+            ),
+            &[V::Uuid(s.schedule_id.clone())],
+        )?
+        .iter()
+        .map(|r| r.text(0))
+        .collect::<Result<_, _>>()?;
+    match (s.overlap.as_str(), unfinished.first()) {
+        ("skip", Some(run)) => {
+            return Ok(Fired::Skipped(format!(
+                "overlap: run {run} of this schedule has not finished"
+            )));
+        }
+        ("cancel_previous", Some(_)) => {
+            for run in &unfinished {
+                engine::lock_run(tx, run)?;
+                let cancelled = tx.execute(
+                    "update runs set status = 'cancelling', updated_at = now()
+                     where run_id = $1 and status in ('queued', 'running', 'waiting')",
+                    &[V::Uuid(run.clone())],
+                )?;
+                if cancelled == 1 {
+                    engine::event(
+                        tx,
+                        run,
+                        "run.cancelling",
+                        None,
+                        json!({"reason": "a later fire of its schedule (overlap cancel_previous)"}),
+                    )?;
+                    nudges.push(run.clone());
+                }
+            }
+        }
+        _ => {}
+    }
+    if let Err(e) = crate::admission::admit(tx, &s.project_id, &s.workflow_id, now) {
+        return match e {
+            ApiError::PolicyViolation(m) => Ok(Fired::Refused(m)),
+            other => Err(other),
+        };
+    }
+    let (version, timeout_s) = (workflow.int(0)?, workflow.int(1).ok());
+    let (definition, schema) = (workflow.json(2)?, workflow.json(3)?);
+    if !schema.is_null()
+        && let Err(problems) = sparkops_core::schema::validate(&schema, &s.input)
+    {
+        let detail: Vec<String> = problems
+            .into_iter()
+            .map(|(p, m)| format!("input{p}: {m}"))
+            .collect();
+        return Ok(Fired::Failed(format!(
+            "the schedule's input does not fit the workflow: {}",
+            detail.join("; ")
+        )));
+    }
+    let definition = workflow::parse_saved(&definition).map_err(|e| {
+        ApiError::Server(format!(
+            "workflow {} v{version} does not parse: {e:?}",
+            s.workflow_id
+        ))
+    })?;
+    let run_id = crate::new_id();
+    let run = NewRun {
+        run_id: &run_id,
+        project_id: &s.project_id,
+        workflow_id: &s.workflow_id,
+        version: version as i32,
+        definition: &definition,
+        input: &s.input,
+        created_by: None,
+        now,
+        timeout_s,
+        retry_of: None,
+        schedule: Some((&s.schedule_id, at)),
+        reused: Default::default(),
+    };
+    engine::insert_run(
+        tx,
+        &run,
+        json!({"workflow_version": version, "schedule_id": s.schedule_id, "scheduled_for": sparkops_core::time::rfc3339(at)}),
+    )?;
+    tx.execute(
+        &format!(
+            "update schedules set last_fired_at = greatest(last_fired_at, $2{AS_TIMESTAMPTZ}) where schedule_id = $1"
+        ),
+        &[V::Uuid(s.schedule_id.clone()), V::Timestamp(at)],
+    )?;
+    nudges.push(run_id.clone());
+    Ok(Fired::Started { run_id })
+}
+
+fn record(
+    tx: &Tx<'_, Db>,
+    schedule_id: &str,
+    at: DateTime<Utc>,
+    fired: &Fired,
+    manual: bool,
+) -> Result<(), ApiError> {
+    let (outcome, reason, run_id) = fired.outcome();
+    tx.execute(
+        &format!(
+            "insert into schedule_fires (schedule_id, fire_at, outcome, reason, run_id, manual)
+             values ($1, $2{AS_TIMESTAMPTZ}, $3, $4, $5, $6) on conflict do nothing"
+        ),
+        &[
+            V::Uuid(schedule_id.into()),
+            V::Timestamp(at),
+            V::Text(outcome.into()),
+            reason.map_or(V::Null, |r| V::Text(r.into())),
+            run_id.map_or(V::Null, |r| V::Uuid(r.into())),
+            V::Bool(manual),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Records fires missed beyond the catch-up window, `first` to `last`, as one row.
+pub fn record_missed(
+    tx: &Tx<'_, Db>,
+    schedule_id: &str,
+    first: DateTime<Utc>,
+    last: DateTime<Utc>,
+    count: i64,
+    window_s: i64,
+) -> Result<(), ApiError> {
+    let reason = if window_s == 0 {
+        "missed while the scheduler was not running; the schedule does not catch up (catchup_window_s 0)".to_string()
+    } else {
+        format!("missed by more than the catch-up window of {window_s} s")
+    };
+    tx.execute(
+        &format!(
+            "insert into schedule_fires (schedule_id, fire_at, outcome, reason, missed_until, missed_count)
+             values ($1, $2{AS_TIMESTAMPTZ}, 'skipped', $3, $4{AS_TIMESTAMPTZ}, $5) on conflict do nothing"
+        ),
+        &[
+            V::Uuid(schedule_id.into()),
+            V::Timestamp(first),
+            V::Text(reason),
+            V::Timestamp(last),
+            V::Int32(count.min(i32::MAX as i64) as i32),
+        ],
+    )?;
+    Ok(())
+}
