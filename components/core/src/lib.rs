@@ -12,6 +12,7 @@ pub mod expr;
 pub mod health;
 pub mod ids;
 pub mod input;
+pub mod llm;
 pub mod money;
 pub mod netcheck;
 pub mod page;

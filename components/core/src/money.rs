@@ -53,6 +53,11 @@ impl Usd {
         Ok(Self(d))
     }
 
+    /// The exact decimal.
+    pub fn decimal(self) -> Decimal {
+        self.0
+    }
+
     pub fn is_positive(self) -> bool {
         self.0 > Decimal::ZERO
     }
@@ -66,6 +71,26 @@ impl Usd {
         let mut d = self.0;
         d.rescale(SCALE);
         d.to_string()
+    }
+}
+
+impl From<Decimal> for Usd {
+    fn from(d: Decimal) -> Self {
+        Usd(d)
+    }
+}
+
+impl std::ops::Add for Usd {
+    type Output = Usd;
+    fn add(self, other: Usd) -> Usd {
+        Usd(self.0 + other.0)
+    }
+}
+
+impl std::ops::Sub for Usd {
+    type Output = Usd;
+    fn sub(self, other: Usd) -> Usd {
+        Usd(self.0 - other.0)
     }
 }
 

@@ -298,6 +298,14 @@ fn operations() -> Vec<Op> {
         )
         .query(&["limit"])
         .answers(200, Some("ScheduleFireList")),
+        op(
+            "GET",
+            "/api/v1/policies/usage",
+            "policies",
+            "Spend, reservations and tokens against each budget in its current window",
+        )
+        .query(&["project_id"])
+        .answers(200, Some("PolicyUsage")),
         op("GET", "/api/v1/runs", "runs", "List runs")
             .query(&[
                 "project_id",
@@ -722,6 +730,10 @@ fn schemas() -> Value {
         "PolicyInput": input(policy, &["name", "rules"]),
         "Schedule": resource(schedule_out),
         "ScheduleInput": input(schedule, &["workflow_id", "cron"]),
+        "PolicyUsage": {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object", "properties": {
+            "policy_id": uuid, "name": s("string"), "scope": s("object"), "budget": s("object"),
+            "window_start": {"type": ["string", "null"]}, "spent_usd": money, "reserved_usd": money, "remaining_usd": money,
+            "tokens": s("integer"), "calls": s("integer"), "exceeded": s("boolean")}}}}},
         "TriggeredRun": {"type": "object", "properties": {"id": uuid, "status": s("string"), "workflow_id": uuid,
             "schedule_id": uuid, "scheduled_for": time}},
         "ScheduleFireList": {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object", "properties": {

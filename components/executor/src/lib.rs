@@ -18,7 +18,7 @@ use sparkops_core::template;
 use sparkops_core::workflow::{Step, StepKind};
 use sparkops_platform::engine;
 use sparkops_platform::pipeline::Ctx;
-use sparkops_platform::tool_call;
+use sparkops_platform::{agent, tool_call};
 use spin_sdk::http::{Fields, IncomingRequest, OutgoingResponse, ResponseOutparam};
 use spin_sdk::http_component;
 
@@ -64,6 +64,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
             result: fail("internal", "the step could not be run"),
             final_attempt: false,
             retry: Default::default(),
+            retry_after_ms: None,
         }
     });
     let elapsed = started.elapsed().as_millis() as i64;
@@ -122,16 +123,21 @@ struct Done {
     /// The step's retry policy allows no further attempt whatever the kind.
     final_attempt: bool,
     retry: sparkops_core::workflow::RetryPolicy,
+    /// The least wait before another attempt that the other side asked for (`Retry-After`).
+    retry_after_ms: Option<u64>,
 }
+
+/// An agent step's time limit when the step sets none (the orchestrator's lease allows it).
+const DEFAULT_STEP_TIMEOUT_MS: u64 = sparkops_platform::orchestrate::DEFAULT_STEP_TIMEOUT_MS as u64;
 
 fn fail(kind: &str, message: impl Into<String>) -> Result<Value, (String, String)> {
     Err((kind.to_string(), message.into()))
 }
 
 fn execute(ctx: &mut Ctx, run_id: &str, key: &str) -> Result<Done, ApiError> {
-    let (definition, (_, outputs), input, project_id) = ctx.transaction(|tx, _| {
+    let (definition, (_, outputs), input, project_id, workflow_id) = ctx.transaction(|tx, _| {
         let rows = tx.query(
-            "select input, project_id::text from runs where run_id = $1",
+            "select input, project_id::text, workflow_id::text from runs where run_id = $1",
             &[V::Uuid(run_id.into())],
         )?;
         let row = rows.first().ok_or(ApiError::Internal)?;
@@ -140,6 +146,7 @@ fn execute(ctx: &mut Ctx, run_id: &str, key: &str) -> Result<Done, ApiError> {
             engine::steps(tx, run_id)?,
             row.json(0)?,
             row.text(1)?,
+            row.text(2)?,
         ))
     })?;
     let step = definition
@@ -157,6 +164,7 @@ fn execute(ctx: &mut Ctx, run_id: &str, key: &str) -> Result<Done, ApiError> {
         result,
         final_attempt,
         retry: step.retry.clone(),
+        retry_after_ms: None,
     };
     let rendered = match template::render(&step.input, &scope) {
         Ok(v) => v,
@@ -168,7 +176,28 @@ fn execute(ctx: &mut Ctx, run_id: &str, key: &str) -> Result<Done, ApiError> {
             let result = call_tool(ctx, &project_id, &step, run_id, &rendered)?;
             done(rendered, result, false)
         }
-        StepKind::Agent | StepKind::Approval => done(
+        StepKind::Agent => {
+            let scope = agent::StepScope {
+                project_id: &project_id,
+                workflow_id: &workflow_id,
+                run_id,
+                step_key: key,
+                agent_id: step.agent_id.as_deref().unwrap_or_default(),
+                deadline: Instant::now()
+                    + std::time::Duration::from_millis(
+                        step.timeout_ms.unwrap_or(DEFAULT_STEP_TIMEOUT_MS),
+                    ),
+            };
+            let outcome = agent::run(ctx, &scope, &rendered)?;
+            Done {
+                input: rendered,
+                result: outcome.result,
+                final_attempt: outcome.final_attempt,
+                retry: step.retry.clone(),
+                retry_after_ms: outcome.retry_after_ms,
+            }
+        }
+        StepKind::Approval => done(
             rendered,
             fail(
                 "not-implemented",
@@ -255,6 +284,7 @@ fn record(
                 None
             } else {
                 run::retry_delay_ms(&done.retry, attempt as u32, kind, jitter)
+                    .map(|d| d.max(done.retry_after_ms.unwrap_or(0)))
             };
             let status = if next.is_some() { "retrying" } else { "failed" };
             (status, json!({"kind": kind, "message": message}), next)

@@ -3,6 +3,7 @@
 //! pipeline every API component runs. Business logic stays in `sparkops-core`.
 
 pub mod admission;
+pub mod agent;
 pub mod db;
 pub mod engine;
 pub mod http;
@@ -10,6 +11,7 @@ pub mod nudge;
 pub mod orchestrate;
 pub mod outbound;
 pub mod pipeline;
+pub mod policies;
 pub mod ratelimit;
 pub mod resource;
 pub mod schedule_fire;

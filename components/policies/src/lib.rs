@@ -41,7 +41,62 @@ fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
         };
     }
     let segments = req.segments(Policy::PATH).unwrap_or_default();
-    resource::serve_or_404::<Policy>(ctx, req, &who, &segments)
+    match (&req.method, segments.as_slice()) {
+        (Method::Get, ["usage"]) => usage(ctx, req, &who),
+        (_, ["usage"]) => Err(ApiError::MethodNotAllowed { allow: vec!["GET"] }),
+        _ => resource::serve_or_404::<Policy>(ctx, req, &who, &segments),
+    }
+}
+
+/// `GET /policies/usage?project_id`: every enabled budget of the project against its
+/// current window: spent (settled calls), reserved (calls in flight), what is left.
+fn usage(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiError> {
+    let access =
+        resource::project_of_request(ctx, who, req.query_param("project_id"), Action::Read)?;
+    let now = ctx.now;
+    let rows = ctx.db()?.query(
+        "select policy_id::text, name, rules, scope_agent_id::text, scope_workflow_id::text from policies
+         where project_id = $1 and enabled and deleted_at is null and rules ? 'budget'
+         order by policy_id",
+        &[V::Uuid(access.project_id.clone())],
+    )?;
+    let mut items = Vec::new();
+    for row in &rows {
+        let id = row.text(0)?;
+        let rules = parse_rules(&row.json(2)?)
+            .map_err(|e| ApiError::Server(format!("policy {id} does not parse: {e:?}")))?;
+        let Some(budget) = rules.budget else { continue };
+        let start = sparkops_platform::admission::window_start(budget.window, now)
+            .unwrap_or(chrono::DateTime::UNIX_EPOCH);
+        let used = ctx.db()?.query(
+            &format!(
+                "select spent_usd::text, reserved_usd::text, tokens, calls from budget_usage
+                 where policy_id = $1 and window_start = $2{AS_TIMESTAMPTZ}"
+            ),
+            &[V::Uuid(id.clone()), V::Timestamp(start)],
+        )?;
+        let usd = |s: String| Usd::parse(&s).map_err(ApiError::Server);
+        let (spent, reserved, tokens, calls) = match used.first() {
+            Some(u) => (usd(u.text(0)?)?, usd(u.text(1)?)?, u.int(2)?, u.int(3)?),
+            None => (Usd::ZERO, Usd::ZERO, 0, 0),
+        };
+        let left = (budget.limit_usd - spent - reserved).max(Usd::ZERO);
+        items.push(json!({
+            "policy_id": id,
+            "name": row.text(1)?,
+            "scope": {"agent_id": row.opt_text(3)?, "workflow_id": row.opt_text(4)?},
+            "budget": {"limit_usd": budget.limit_usd.to_fixed(), "window": budget.window.as_str(),
+                "action": if budget.block { "block" } else { "alert" }},
+            "window_start": (budget.window.as_str() != "total").then(|| sparkops_core::time::rfc3339(start)),
+            "spent_usd": spent.to_fixed(),
+            "reserved_usd": reserved.to_fixed(),
+            "remaining_usd": left.to_fixed(),
+            "tokens": tokens,
+            "calls": calls,
+            "exceeded": spent >= budget.limit_usd,
+        }));
+    }
+    Ok(Reply::ok(json!({"items": items})))
 }
 
 struct Policy;

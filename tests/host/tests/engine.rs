@@ -267,38 +267,6 @@ async fn a_tool_that_rejects_the_call_fails_the_step_and_the_run_without_retryin
     assert_eq!(fetch["error"]["kind"], "validation");
 }
 
-#[tokio::test]
-async fn agent_steps_fail_clearly_until_they_are_built() {
-    let api = api().await;
-    let (ada, p) = project(&api).await;
-    let agent = api
-        .create(
-            &ada.access,
-            "/api/v1/agents",
-            json!({"project_id": p, "name": "A", "model": "openai/gpt-4o", "system_prompt": "x"}),
-        )
-        .await;
-    let wf = workflow(
-        &api,
-        &ada,
-        &p,
-        json!([{"key": "think", "kind": "agent", "agent_id": agent["id"], "input": {}}]),
-    )
-    .await;
-    let run = run_to_end(&api, &ada, &wf, json!({})).await;
-    assert_eq!(run["status"], "failed");
-    let steps = api
-        .call(
-            "GET",
-            &format!("/api/v1/runs/{}/steps", run["id"].as_str().unwrap()),
-            Some(&ada.access),
-            None,
-        )
-        .await
-        .json();
-    assert_eq!(steps["items"][0]["error"]["kind"], "not-implemented");
-}
-
 // ---- The sweeper: retries, lost hosts, timeouts -----------------------------------------------
 
 /// Fires the sweeper as at `seconds` from now (tests choose the time; nothing waits for it).

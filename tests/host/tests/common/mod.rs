@@ -500,6 +500,14 @@ pub struct Recorded {
     pub body: Bytes,
 }
 
+/// One scripted answer of a [`FakeServer`].
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub headers: Vec<(&'static str, String)>,
+}
+
 /// A scripted HTTP third party on loopback (a tool, a provider): answers every request
 /// with `status` and `body` after `delay`, and records what it received.
 pub struct FakeServer {
@@ -514,6 +522,20 @@ impl FakeServer {
 
     /// Answers the n-th request with `answers[n]`, and every later one with the last.
     pub async fn scripted(answers: Vec<(u16, Value)>, delay: Duration) -> Self {
+        let answers = answers
+            .into_iter()
+            .map(|(status, body)| Answer {
+                status,
+                body,
+                headers: Vec::new(),
+            })
+            .collect();
+        Self::answering(answers, delay).await
+    }
+
+    /// Answers the n-th request with `answers[n]` (headers included), and every later one
+    /// with the last.
+    pub async fn answering(answers: Vec<Answer>, delay: Duration) -> Self {
         let answers = std::sync::Arc::new(answers);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -529,7 +551,7 @@ impl FakeServer {
                             async move {
                                 let (parts, incoming) = req.into_parts();
                                 let bytes = incoming.collect().await?.to_bytes();
-                                let (status, body) = {
+                                let answer = {
                                     let mut log = log.lock().unwrap();
                                     log.push(Recorded {
                                         method: parts.method.to_string(),
@@ -540,11 +562,16 @@ impl FakeServer {
                                     answers[(log.len() - 1).min(answers.len() - 1)].clone()
                                 };
                                 tokio::time::sleep(delay).await;
-                                let mut res =
-                                    http::Response::new(Full::new(Bytes::from(body.to_string())));
-                                *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                                let mut res = http::Response::new(Full::new(Bytes::from(
+                                    answer.body.to_string(),
+                                )));
+                                *res.status_mut() =
+                                    http::StatusCode::from_u16(answer.status).unwrap();
                                 res.headers_mut()
                                     .insert("content-type", "application/json".parse().unwrap());
+                                for (k, v) in &answer.headers {
+                                    res.headers_mut().insert(*k, v.parse().unwrap());
+                                }
                                 Ok::<_, hyper::Error>(res)
                             }
                         },
@@ -666,4 +693,59 @@ pub async fn read_sse(
     tokio::time::timeout(Duration::from_secs(30), fut)
         .await
         .expect("the event stream did not end in time")
+}
+
+/// OpenAI chat completions answers, as a provider sends them (for [`FakeServer`] scripts).
+pub mod openai {
+    use super::Answer;
+    use serde_json::{Value, json};
+
+    fn completion(message: Value, finish: &str, prompt: u64, completion: u64) -> Answer {
+        Answer {
+            status: 200,
+            body: json!({
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": 1_767_000_000, "model": "fake-model",
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+            }),
+            headers: Vec::new(),
+        }
+    }
+
+    /// A final answer.
+    pub fn text(content: &str, prompt: u64, completion: u64) -> Answer {
+        self::completion(
+            json!({"role": "assistant", "content": content}),
+            "stop",
+            prompt,
+            completion,
+        )
+    }
+
+    /// A turn that calls tools: `(call id, function name, arguments)`.
+    pub fn tool_calls(calls: &[(&str, &str, Value)], prompt: u64, completion: u64) -> Answer {
+        let calls: Vec<Value> = calls
+            .iter()
+            .map(|(id, name, args)| {
+                json!({"id": id, "type": "function", "function": {"name": name, "arguments": args.to_string()}})
+            })
+            .collect();
+        self::completion(
+            json!({"role": "assistant", "content": null, "tool_calls": calls}),
+            "tool_calls",
+            prompt,
+            completion,
+        )
+    }
+
+    /// An error answer with OpenAI's error body, and `Retry-After` when given.
+    pub fn error(status: u16, retry_after: Option<&str>) -> Answer {
+        Answer {
+            status,
+            body: json!({"error": {"message": format!("fake error {status}"), "type": "fake", "code": null}}),
+            headers: retry_after
+                .map(|r| vec![("retry-after", r.to_string())])
+                .unwrap_or_default(),
+        }
+    }
 }

@@ -1,0 +1,315 @@
+//! OpenAI-compatible chat completions (`POST {base}/chat/completions`), the protocol every
+//! provider of an agent speaks: providers from configuration, the request an agent's call
+//! makes (messages, function tools, `max_tokens`, `response_format`), the answer read back
+//! (content or tool calls, token usage), failures sorted into error kinds, and the cost of a
+//! call from the price table. No I/O here.
+
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+
+use crate::money::Usd;
+
+/// A provider: its name (the `provider` of `provider/model`) and its API base URL.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provider {
+    pub name: String,
+    pub base_url: String,
+}
+
+/// Parses the `model_providers` setting: `name=base_url` pairs separated by `;` or newlines,
+/// e.g. `openai=https://api.openai.com/v1; local=http://127.0.0.1:8080/v1`.
+pub fn parse_providers(spec: &str) -> Result<Vec<Provider>, String> {
+    let mut out = Vec::new();
+    for entry in spec
+        .split([';', '\n'])
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
+        let (name, url) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("`{entry}` is not name=base_url"))?;
+        let (name, url) = (name.trim(), url.trim().trim_end_matches('/'));
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(format!("`{name}` is not a provider name"));
+        }
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(format!("provider {name}: `{url}` is not an http(s) URL"));
+        }
+        out.push(Provider {
+            name: name.to_string(),
+            base_url: url.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// Reads `name=value` pairs (the `model_provider_keys` secret), `;` or newline separated.
+pub fn parse_keys(spec: &str) -> Vec<(String, String)> {
+    spec.split([';', '\n'])
+        .filter_map(|e| e.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+        .collect()
+}
+
+/// `provider/model` split at the first `/`.
+pub fn split_model(model: &str) -> Option<(&str, &str)> {
+    model
+        .split_once('/')
+        .filter(|(p, m)| !p.is_empty() && !m.is_empty())
+}
+
+/// A function tool offered to the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionTool {
+    pub name: String,
+    pub description: String,
+    pub parameters: Value,
+}
+
+/// The body of one chat completions request.
+pub fn chat_request(
+    model: &str,
+    messages: &[Value],
+    tools: &[FunctionTool],
+    max_tokens: u64,
+    temperature: Option<f64>,
+    response_format: Option<&Value>,
+) -> Value {
+    let mut body = json!({"model": model, "messages": messages, "max_tokens": max_tokens});
+    if let Some(t) = temperature {
+        body["temperature"] = json!(t);
+    }
+    if !tools.is_empty() {
+        body["tools"] = tools
+            .iter()
+            .map(|t| {
+                json!({"type": "function", "function": {
+                    "name": t.name, "description": t.description, "parameters": t.parameters}})
+            })
+            .collect();
+    }
+    if let Some(schema) = response_format {
+        body["response_format"] = json!({"type": "json_schema",
+            "json_schema": {"name": "output", "schema": schema}});
+    }
+    body
+}
+
+/// A tool call the model asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as the model wrote them (a JSON text, not yet trusted).
+    pub arguments: String,
+}
+
+/// What one completion answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// The assistant message, to send back with the tool results.
+    pub message: Value,
+    pub content: Option<String>,
+    pub tool_calls: Vec<ToolCall>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// Reads a chat completions answer.
+pub fn parse_completion(body: &Value) -> Result<Completion, String> {
+    let message = body["choices"][0]["message"].clone();
+    if !message.is_object() {
+        return Err("the answer has no choices[0].message".into());
+    }
+    let tool_calls = match message.get("tool_calls") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(calls)) => calls
+            .iter()
+            .map(|c| {
+                Some(ToolCall {
+                    id: c["id"].as_str()?.to_string(),
+                    name: c["function"]["name"].as_str()?.to_string(),
+                    arguments: c["function"]["arguments"]
+                        .as_str()
+                        .unwrap_or("{}")
+                        .to_string(),
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or("a tool call lacks its id or function name")?,
+        Some(_) => return Err("tool_calls is not a list".into()),
+    };
+    let usage = &body["usage"];
+    Ok(Completion {
+        content: message["content"].as_str().map(str::to_string),
+        message,
+        tool_calls,
+        prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0),
+        completion_tokens: usage["completion_tokens"].as_u64().unwrap_or(0),
+    })
+}
+
+/// A rough count of the tokens `messages` and `tools` cost as a prompt: four characters a
+/// token plus a little per message. It only sizes the budget reservation, which is settled
+/// to the provider's own count afterwards, so it errs high.
+pub fn estimate_prompt_tokens(messages: &[Value], tools: &[FunctionTool]) -> u64 {
+    let text: usize = messages.iter().map(|m| m.to_string().len()).sum::<usize>()
+        + tools
+            .iter()
+            .map(|t| t.name.len() + t.description.len() + t.parameters.to_string().len())
+            .sum::<usize>();
+    (text as u64).div_ceil(3) + 8 * messages.len() as u64 + 16
+}
+
+/// The error kind of a provider's refusal, and how long it asked to wait (`Retry-After`,
+/// seconds or an HTTP date is not parsed: seconds only).
+pub fn classify(status: u16, retry_after: Option<&str>) -> (&'static str, Option<u64>) {
+    let wait = retry_after
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| (s * 1000.0).min(3_600_000.0) as u64);
+    match status {
+        429 => ("rate-limited", wait),
+        408 => ("timeout", wait),
+        500..=599 => ("provider-error", wait),
+        // The request itself is wrong (bad model, bad key, too long): trying again is the same.
+        _ => ("validation", None),
+    }
+}
+
+/// A model's prices, USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Price {
+    pub input_per_mtok: Usd,
+    pub output_per_mtok: Usd,
+}
+
+impl Price {
+    /// The cost of a call, rounded half away from zero to the micro-dollar.
+    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> Usd {
+        self.exact(prompt_tokens, completion_tokens)
+            .round_dp_with_strategy(6, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
+            .into()
+    }
+
+    /// The most a call can cost, rounded up to the micro-dollar (for reservations).
+    pub fn ceiling(&self, prompt_tokens: u64, completion_tokens: u64) -> Usd {
+        self.exact(prompt_tokens, completion_tokens)
+            .round_dp_with_strategy(6, rust_decimal::RoundingStrategy::AwayFromZero)
+            .into()
+    }
+
+    fn exact(&self, prompt_tokens: u64, completion_tokens: u64) -> Decimal {
+        let million = Decimal::from(1_000_000u64);
+        (self.input_per_mtok.decimal() * Decimal::from(prompt_tokens)
+            + self.output_per_mtok.decimal() * Decimal::from(completion_tokens))
+            / million
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn providers_and_keys_parse_and_bad_entries_are_named() {
+        let p =
+            parse_providers("openai=https://api.openai.com/v1/; local = http://127.0.0.1:9/v1\n")
+                .unwrap();
+        assert_eq!(
+            p,
+            vec![
+                Provider {
+                    name: "openai".into(),
+                    base_url: "https://api.openai.com/v1".into()
+                },
+                Provider {
+                    name: "local".into(),
+                    base_url: "http://127.0.0.1:9/v1".into()
+                },
+            ]
+        );
+        assert!(
+            parse_providers("openai")
+                .unwrap_err()
+                .contains("name=base_url")
+        );
+        assert!(
+            parse_providers("x=ftp://a")
+                .unwrap_err()
+                .contains("not an http")
+        );
+        assert_eq!(
+            parse_keys("openai=sk-1; local=; =x;groq = gk"),
+            vec![
+                ("openai".into(), "sk-1".into()),
+                ("groq".into(), "gk".into())
+            ]
+        );
+        assert_eq!(split_model("openai/gpt-4o"), Some(("openai", "gpt-4o")));
+        assert_eq!(split_model("gpt-4o"), None);
+    }
+
+    #[test]
+    fn a_request_offers_function_tools_and_a_json_schema_format() {
+        let tools = [FunctionTool {
+            name: "weather".into(),
+            description: "w".into(),
+            parameters: json!({"type": "object"}),
+        }];
+        let body = chat_request(
+            "gpt-4o",
+            &[json!({"role": "user", "content": "hi"})],
+            &tools,
+            100,
+            Some(0.2),
+            Some(&json!({"type": "object"})),
+        );
+        assert_eq!(body["tools"][0]["function"]["name"], "weather");
+        assert_eq!(body["tools"][0]["type"], "function");
+        assert_eq!(body["response_format"]["type"], "json_schema");
+        assert_eq!(body["max_tokens"], 100);
+        let bare = chat_request("m", &[], &[], 5, None, None);
+        assert!(bare.get("tools").is_none() && bare.get("temperature").is_none());
+    }
+
+    #[test]
+    fn answers_with_tool_calls_content_and_usage_are_read() {
+        let body = json!({"choices": [{"message": {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}}]}}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 7}});
+        let c = parse_completion(&body).unwrap();
+        assert_eq!(c.tool_calls[0].name, "weather");
+        assert_eq!(c.tool_calls[0].arguments, "{\"city\":\"Oslo\"}");
+        assert_eq!(
+            (c.prompt_tokens, c.completion_tokens, c.content),
+            (12, 7, None)
+        );
+        assert!(parse_completion(&json!({"choices": []})).is_err());
+    }
+
+    #[test]
+    fn refusals_are_sorted_into_retryable_kinds_and_retry_after_is_read() {
+        assert_eq!(classify(429, Some("2")), ("rate-limited", Some(2000)));
+        assert_eq!(classify(503, None), ("provider-error", None));
+        assert_eq!(classify(400, Some("5")), ("validation", None));
+        assert_eq!(classify(401, None).0, "validation");
+    }
+
+    #[test]
+    fn costs_are_exact_decimals_and_reservations_round_up() {
+        let price = Price {
+            input_per_mtok: Usd::parse("0.15").unwrap(),
+            output_per_mtok: Usd::parse("0.60").unwrap(),
+        };
+        // 123 * 0.15 / 1e6 = 0.00001845; 10 * 0.6 / 1e6 = 0.000006 -> 0.00002445
+        assert_eq!(price.cost(123, 10).to_fixed(), "0.000024");
+        assert_eq!(price.ceiling(123, 10).to_fixed(), "0.000025");
+        assert_eq!(price.cost(1_000_000, 1_000_000).to_fixed(), "0.750000");
+    }
+}

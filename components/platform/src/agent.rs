@@ -1,0 +1,507 @@
+//! An agent step (API.md "Agents"): OpenAI-compatible chat completions with the agent's
+//! tools offered as function tools, the tool calls the model makes run as tool calls of the
+//! run and fed back, up to `max_iterations`. Before every model call the policies in scope
+//! are checked (allowed models, token limits, steps) and the call's worst-case cost is
+//! reserved against every budget; after it, the reservation is settled and the call's
+//! tokens and cost are added to the step and the run at once (so a crash later loses no
+//! spend), with a `model.called` event. Every tool call is checked against the allowed
+//! tools and recorded as a `tool.called` event with its own timing.
+//!
+//! The provider comes from `model` (`provider/model`): its base URL from the
+//! `model_providers` variable, its key from the `model_provider_keys` secret variable,
+//! unless the project has a secret `provider.<name>.api_key`. Keys are never logged or
+//! recorded.
+
+use std::time::Instant;
+
+use serde_json::{Value, json};
+use sparkops_core::db::{Connection as _, Value as V};
+use sparkops_core::error::ApiError;
+use sparkops_core::llm::{self, Completion, FunctionTool, Price};
+use sparkops_core::money::Usd;
+
+use crate::db::Db;
+use crate::engine;
+use crate::outbound::{self, Call};
+use crate::pipeline::{Ctx, project_secrets};
+use crate::policies::{self, RefusedOr, Violation};
+
+/// Where an agent step runs.
+pub struct StepScope<'a> {
+    pub project_id: &'a str,
+    pub workflow_id: &'a str,
+    pub run_id: &'a str,
+    pub step_key: &'a str,
+    pub agent_id: &'a str,
+    /// When the step's time is up: each model call gets what is left.
+    pub deadline: Instant,
+}
+
+/// How the step ended: its output, or an error kind and message, and how long the provider
+/// asked to wait before another attempt.
+pub struct Outcome {
+    pub result: Result<Value, (String, String)>,
+    pub retry_after_ms: Option<u64>,
+    /// No attempt can do better (`max_iterations`, a policy, an invalid configuration).
+    pub final_attempt: bool,
+}
+
+impl Outcome {
+    fn fail(kind: &str, message: impl Into<String>, final_attempt: bool) -> Self {
+        Outcome {
+            result: Err((kind.to_string(), message.into())),
+            retry_after_ms: None,
+            final_attempt,
+        }
+    }
+
+    fn violation(ctx: &mut Ctx, scope: &StepScope, v: &Violation) -> Result<Self, ApiError> {
+        record_event(ctx, scope, "policy.violation", v.event())?;
+        Ok(Self::fail("policy-violation", v.message(), true))
+    }
+}
+
+/// The largest answer read from a provider.
+const MAX_ANSWER_BYTES: usize = 4 << 20;
+
+struct Agent {
+    model: String,
+    system_prompt: String,
+    max_iterations: i64,
+    max_tokens: i64,
+    temperature: Option<f64>,
+    response_format: Option<Value>,
+    /// `(function tool, tool id, the tool as tool_call::call takes it)`.
+    tools: Vec<(FunctionTool, String, Value)>,
+}
+
+fn load_agent(ctx: &mut Ctx, scope: &StepScope) -> Result<Option<Agent>, ApiError> {
+    let db = ctx.db()?;
+    let rows = db.query(
+        "select model, system_prompt, max_iterations, max_tokens, temperature::float8, response_format
+         from agents where agent_id = $1 and project_id = $2 and deleted_at is null",
+        &[V::Uuid(scope.agent_id.into()), V::Uuid(scope.project_id.into())],
+    )?;
+    let Some(a) = rows.first() else {
+        return Ok(None);
+    };
+    let tools = db
+        .query(
+            "select t.tool_id::text, t.name, t.description, t.input_schema, t.method, t.url, t.headers,
+                    t.timeout_ms, t.output_schema
+             from agent_tools at join tools t on t.tool_id = at.tool_id
+             where at.agent_id = $1 and t.deleted_at is null order by at.position",
+            &[V::Uuid(scope.agent_id.into())],
+        )?
+        .iter()
+        .map(|t| {
+            let function = FunctionTool {
+                name: t.text(1)?,
+                description: t.text(2)?,
+                parameters: t.json(3)?,
+            };
+            let call = json!({
+                "http": {"method": t.text(4)?, "url": t.text(5)?, "headers": t.json(6)?, "timeout_ms": t.int(7)?},
+                "input_schema": t.json(3)?,
+                "output_schema": t.json(8)?,
+            });
+            Ok((function, t.text(0)?, call))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(Some(Agent {
+        model: a.text(0)?,
+        system_prompt: a.text(1)?,
+        max_iterations: a.int(2)?,
+        max_tokens: a.int(3)?,
+        temperature: a.0.get(4).and_then(|v| match v {
+            V::Float64(f) => Some(*f),
+            _ => None,
+        }),
+        response_format: Some(a.json(5)?).filter(|v| !v.is_null()),
+        tools,
+    }))
+}
+
+/// The provider's base URL and key for `provider` in this project.
+fn provider(
+    ctx: &mut Ctx,
+    project_id: &str,
+    provider: &str,
+) -> Result<Option<(String, Option<String>)>, ApiError> {
+    let providers = llm::parse_providers(&crate::variable("model_providers").unwrap_or_default())
+        .map_err(|e| ApiError::Server(format!("the model_providers variable: {e}")))?;
+    let Some(p) = providers.into_iter().find(|p| p.name == provider) else {
+        return Ok(None);
+    };
+    let secret = format!("provider.{provider}.api_key");
+    let own = project_secrets(ctx, project_id, std::slice::from_ref(&secret))?;
+    let key = own.get(&secret).cloned().or_else(|| {
+        llm::parse_keys(&crate::variable("model_provider_keys").unwrap_or_default())
+            .into_iter()
+            .find(|(name, _)| name == provider)
+            .map(|(_, k)| k)
+    });
+    Ok(Some((p.base_url, key)))
+}
+
+/// The model's price, the project's own first; `None` when it has none.
+fn price(db: &Db, project_id: &str, model: &str) -> Result<Option<Price>, ApiError> {
+    let rows = db.query(
+        "select input_per_mtok::text, output_per_mtok::text from model_prices
+         where model = $1 and (project_id = $2 or project_id is null)
+         order by project_id nulls last limit 1",
+        &[V::Text(model.into()), V::Uuid(project_id.into())],
+    )?;
+    let Some(r) = rows.first() else {
+        return Ok(None);
+    };
+    let usd = |s: String| Usd::parse(&s).map_err(ApiError::Server);
+    Ok(Some(Price {
+        input_per_mtok: usd(r.text(0)?)?,
+        output_per_mtok: usd(r.text(1)?)?,
+    }))
+}
+
+/// Appends an event to the run, under its lock.
+fn record_event(ctx: &mut Ctx, s: &StepScope, kind: &str, data: Value) -> Result<(), ApiError> {
+    ctx.transaction(|tx, _| {
+        engine::lock_run(tx, s.run_id)?;
+        engine::event(tx, s.run_id, kind, Some(s.step_key), data)
+    })
+}
+
+/// Adds a model call's tokens and cost to the step and the run, with its event.
+fn record_usage(
+    ctx: &mut Ctx,
+    s: &StepScope,
+    c: &Completion,
+    cost: Option<Usd>,
+    data: Value,
+) -> Result<(), ApiError> {
+    let (tin, tout) = (c.prompt_tokens as i64, c.completion_tokens as i64);
+    let cost_param = cost.map_or(V::Null, |c| V::Decimal(c.to_fixed()));
+    ctx.transaction(|tx, _| {
+        engine::lock_run(tx, s.run_id)?;
+        tx.execute(
+            "update run_steps set tokens_in = tokens_in + $3, tokens_out = tokens_out + $4,
+                cost_usd = case when $5::numeric is null then cost_usd else coalesce(cost_usd, 0) + $5::numeric end
+             where run_id = $1 and step_key = $2",
+            &[
+                V::Uuid(s.run_id.into()),
+                V::Text(s.step_key.into()),
+                V::Int64(tin),
+                V::Int64(tout),
+                cost_param.clone(),
+            ],
+        )?;
+        tx.execute(
+            "update runs set tokens_in = tokens_in + $2, tokens_out = tokens_out + $3,
+                cost_usd = cost_usd + coalesce($4::numeric, 0), unpriced_calls = unpriced_calls + $5
+             where run_id = $1",
+            &[
+                V::Uuid(s.run_id.into()),
+                V::Int64(tin),
+                V::Int64(tout),
+                cost_param.clone(),
+                V::Int32(i32::from(cost.is_none())),
+            ],
+        )?;
+        engine::event(tx, s.run_id, "model.called", Some(s.step_key), data)
+    })
+}
+
+/// Runs the agent step with `input` (the rendered step input).
+pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, ApiError> {
+    let Some(agent) = load_agent(ctx, scope)? else {
+        return Ok(Outcome::fail(
+            "validation",
+            format!("agent {} no longer exists", scope.agent_id),
+            true,
+        ));
+    };
+    let Some((provider_name, model_name)) = llm::split_model(&agent.model) else {
+        return Ok(Outcome::fail(
+            "validation",
+            "the agent's model is not provider/model",
+            true,
+        ));
+    };
+    let Some((base_url, key)) = provider(ctx, scope.project_id, provider_name)? else {
+        return Ok(Outcome::fail(
+            "validation",
+            format!("no provider `{provider_name}` is configured (model_providers)"),
+            true,
+        ));
+    };
+    let policies = policies::in_scope(
+        ctx.db()?,
+        scope.project_id,
+        scope.workflow_id,
+        Some(scope.agent_id),
+    )?;
+    let started: i64 = ctx
+        .db()?
+        .query(
+            "select count(*) from run_steps where run_id = $1 and attempt > 0",
+            &[V::Uuid(scope.run_id.into())],
+        )?
+        .first()
+        .map(|r| r.int(0))
+        .transpose()?
+        .unwrap_or(0);
+    if let Err(v) = policies::check_steps(&policies, started)
+        .and_then(|()| policies::check_model(&policies, &agent.model))
+    {
+        return Outcome::violation(ctx, scope, &v);
+    }
+    let price = price(ctx.db()?, scope.project_id, &agent.model)?;
+    let url = url::Url::parse(&format!("{base_url}/chat/completions"))
+        .map_err(|e| ApiError::Server(format!("provider {provider_name}: {e}")))?;
+    let mut messages = Vec::new();
+    if !agent.system_prompt.is_empty() {
+        messages.push(json!({"role": "system", "content": agent.system_prompt}));
+    }
+    let user = match input {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    messages.push(json!({"role": "user", "content": user}));
+    let functions: Vec<FunctionTool> = agent.tools.iter().map(|(f, _, _)| f.clone()).collect();
+    for iteration in 1..=agent.max_iterations {
+        // Tokens left under the policies' limits bound this call's max_tokens.
+        let used = ctx.db()?.query(
+            "select s.tokens_in + s.tokens_out, r.tokens_in + r.tokens_out from run_steps s
+             join runs r on r.run_id = s.run_id where s.run_id = $1 and s.step_key = $2",
+            &[V::Uuid(scope.run_id.into()), V::Text(scope.step_key.into())],
+        )?;
+        let (step_used, run_used) = used
+            .first()
+            .map(|r| Ok::<_, ApiError>((r.int(0)?, r.int(1)?)))
+            .transpose()?
+            .unwrap_or((0, 0));
+        let estimate = llm::estimate_prompt_tokens(&messages, &functions) as i64;
+        let max_tokens = match policies::token_room(&policies, step_used, run_used) {
+            Err(v) => return Outcome::violation(ctx, scope, &v),
+            Ok(None) => agent.max_tokens,
+            Ok(Some(room)) => agent.max_tokens.min(room - estimate).max(1),
+        };
+        let worst = price.map(|p| p.ceiling(estimate as u64, max_tokens as u64));
+        let now = ctx.now;
+        let reservation = match policies::reserve(ctx.db()?, &policies, now, worst) {
+            Ok(r) => r,
+            Err(RefusedOr::Refused(v)) => return Outcome::violation(ctx, scope, &v),
+            Err(RefusedOr::Error(e)) => return Err(e),
+        };
+        let body = llm::chat_request(
+            model_name,
+            &messages,
+            &functions,
+            max_tokens as u64,
+            agent.temperature,
+            agent.response_format.as_ref(),
+        );
+        let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
+        if let Some(k) = &key {
+            headers.push(("authorization".into(), format!("Bearer {k}")));
+        }
+        let left = scope.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            policies::settle(ctx.db()?, &reservation, None, 0)?;
+            return Ok(Outcome::fail("timeout", "the step's time ran out", false));
+        }
+        ctx.release_db();
+        let t0 = Instant::now();
+        let answer = outbound::send(Call {
+            method: "POST",
+            url: &url,
+            headers,
+            body: Some(body.to_string().into_bytes()),
+            timeout: left,
+            max_response_bytes: MAX_ANSWER_BYTES,
+        });
+        let duration_ms = t0.elapsed().as_millis() as u64;
+        let answer = match answer {
+            Err(e) => {
+                policies::settle(ctx.db()?, &reservation, None, 0)?;
+                let kind = if e.kind() == "timeout" {
+                    "timeout"
+                } else {
+                    "provider-error"
+                };
+                return Ok(Outcome::fail(
+                    kind,
+                    format!("provider {provider_name}: {e}"),
+                    false,
+                ));
+            }
+            Ok(a) => a,
+        };
+        if !(200..300).contains(&answer.status) {
+            policies::settle(ctx.db()?, &reservation, None, 0)?;
+            let retry_after = answer
+                .headers
+                .iter()
+                .find(|(k, _)| k == "retry-after")
+                .map(|(_, v)| v.as_str());
+            let (kind, wait) = llm::classify(answer.status, retry_after);
+            let detail: String = String::from_utf8_lossy(&answer.body)
+                .chars()
+                .take(300)
+                .collect();
+            return Ok(Outcome {
+                result: Err((
+                    kind.into(),
+                    format!(
+                        "provider {provider_name} answered {}: {detail}",
+                        answer.status
+                    ),
+                )),
+                retry_after_ms: wait,
+                final_attempt: false,
+            });
+        }
+        let completion = match serde_json::from_slice::<Value>(&answer.body)
+            .map_err(|e| e.to_string())
+            .and_then(|v| llm::parse_completion(&v))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                policies::settle(ctx.db()?, &reservation, None, 0)?;
+                return Ok(Outcome::fail(
+                    "provider-error",
+                    format!("provider {provider_name}: not a chat completion: {e}"),
+                    false,
+                ));
+            }
+        };
+        let cost = price.map(|p| p.cost(completion.prompt_tokens, completion.completion_tokens));
+        let tokens = (completion.prompt_tokens + completion.completion_tokens) as i64;
+        policies::settle(ctx.db()?, &reservation, cost, tokens)?;
+        record_usage(
+            ctx,
+            scope,
+            &completion,
+            cost,
+            json!({
+                "model": agent.model, "iteration": iteration, "duration_ms": duration_ms,
+                "tokens_in": completion.prompt_tokens, "tokens_out": completion.completion_tokens,
+                "cost_usd": cost.map(|c| c.to_fixed()), "tool_calls": completion.tool_calls.len(),
+            }),
+        )?;
+        if completion.tool_calls.is_empty() {
+            return Ok(finish(&agent, completion.content.unwrap_or_default()));
+        }
+        messages.push(completion.message.clone());
+        for call in &completion.tool_calls {
+            let content = match call_tool(ctx, scope, &agent, &policies, call)? {
+                Ok(content) => content,
+                Err(v) => return Outcome::violation(ctx, scope, &v),
+            };
+            messages.push(json!({"role": "tool", "tool_call_id": call.id, "content": content}));
+        }
+    }
+    Ok(Outcome::fail(
+        "max-iterations",
+        format!(
+            "the model still asked for tools after {} iterations",
+            agent.max_iterations
+        ),
+        true,
+    ))
+}
+
+/// The final answer as the step's output: text, or JSON checked against `response_format`.
+fn finish(agent: &Agent, content: String) -> Outcome {
+    let Some(schema) = &agent.response_format else {
+        return Outcome {
+            result: Ok(Value::String(content)),
+            retry_after_ms: None,
+            final_attempt: false,
+        };
+    };
+    let parsed: Value = match serde_json::from_str(&content) {
+        Ok(v) => v,
+        Err(e) => {
+            return Outcome::fail(
+                "validation",
+                format!("the answer is not the JSON response_format asks for: {e}"),
+                false,
+            );
+        }
+    };
+    match sparkops_core::schema::validate(schema, &parsed) {
+        Ok(()) => Outcome {
+            result: Ok(parsed),
+            retry_after_ms: None,
+            final_attempt: false,
+        },
+        Err(problems) => Outcome::fail(
+            "validation",
+            format!(
+                "the answer does not match response_format: {}",
+                problems
+                    .iter()
+                    .map(|(p, m)| format!("{}: {m}", if p.is_empty() { "/" } else { p }))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            false,
+        ),
+    }
+}
+
+/// One tool call the model asked for: what goes back to the model, or the policy that
+/// refuses it.
+fn call_tool(
+    ctx: &mut Ctx,
+    scope: &StepScope,
+    agent: &Agent,
+    policies: &[policies::Policy],
+    call: &llm::ToolCall,
+) -> Result<Result<String, Violation>, ApiError> {
+    let Some((_, tool_id, tool)) = agent.tools.iter().find(|(f, _, _)| f.name == call.name) else {
+        record_event(
+            ctx,
+            scope,
+            "tool.called",
+            json!({"call_id": call.id, "tool": call.name, "ok": false, "error": "no such tool"}),
+        )?;
+        return Ok(Ok(
+            json!({"error": format!("there is no tool {}", call.name)}).to_string(),
+        ));
+    };
+    if let Err(v) = policies::check_tool(policies, tool_id) {
+        return Ok(Err(v));
+    }
+    let arguments: Value = match serde_json::from_str(&call.arguments) {
+        Ok(v) => v,
+        Err(e) => {
+            return Ok(Ok(
+                json!({"error": format!("the arguments are not JSON: {e}")}).to_string(),
+            ));
+        }
+    };
+    let key = format!("{}:{}:{}", scope.run_id, scope.step_key, call.id);
+    let t0 = Instant::now();
+    let answer = match crate::tool_call::call(ctx, scope.project_id, tool, &arguments, &key) {
+        Ok(a) => a,
+        Err(ApiError::Validation { detail, .. }) => {
+            json!({"ok": false, "error": {"kind": "validation", "message": detail}})
+        }
+        Err(e) => return Err(e),
+    };
+    let duration_ms = t0.elapsed().as_millis() as u64;
+    let ok = answer["ok"] == true;
+    record_event(
+        ctx,
+        scope,
+        "tool.called",
+        json!({"call_id": call.id, "tool": call.name, "tool_id": tool_id, "ok": ok,
+            "duration_ms": duration_ms, "status": answer["status"], "error": answer["error"]}),
+    )?;
+    Ok(Ok(if ok {
+        answer["output"].to_string()
+    } else {
+        json!({"error": answer["error"]}).to_string()
+    }))
+}

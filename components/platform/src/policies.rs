@@ -1,0 +1,310 @@
+//! Policies enforced before every model and tool call of a run (API.md "Policies", DESIGN.md
+//! section 5). The enabled policies in scope of a step (the whole project, the run's
+//! workflow, the step's agent) apply together and the most restrictive wins. A refusal is a
+//! [`Violation`] naming the policy and the rule; the step fails with `policy-violation`.
+//!
+//! Budgets: before a model call its worst-case cost is reserved against every budget in
+//! scope (`reserve`), one conditional update per budget window in one transaction, so
+//! concurrent calls never push a blocking budget past its limit; after the call the
+//! reservation is settled to the real cost (`settle`). A model without a price is refused
+//! by a blocking budget, never counted as free.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sparkops_core::db::{self as core_db, AS_TIMESTAMPTZ, Connection as _, Value as V};
+use sparkops_core::error::ApiError;
+use sparkops_core::money::Usd;
+use sparkops_core::policy::{self, Rules, glob_matches};
+
+use crate::admission::window_start;
+use crate::db::Db;
+
+/// One enabled policy in scope.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub id: String,
+    pub name: String,
+    pub rules: Rules,
+}
+
+/// A rule that refused a call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    pub policy_id: String,
+    pub policy: String,
+    pub rule: &'static str,
+    pub detail: String,
+}
+
+impl Violation {
+    pub fn message(&self) -> String {
+        format!(
+            "policy `{}` ({}), rule {}: {}",
+            self.policy, self.policy_id, self.rule, self.detail
+        )
+    }
+
+    /// The run event that records it.
+    pub fn event(&self) -> Value {
+        json!({"policy_id": self.policy_id, "policy": self.policy, "rule": self.rule, "detail": self.detail})
+    }
+}
+
+fn violation(p: &Policy, rule: &'static str, detail: String) -> Violation {
+    Violation {
+        policy_id: p.id.clone(),
+        policy: p.name.clone(),
+        rule,
+        detail,
+    }
+}
+
+/// The enabled policies of the project that apply to a step of `workflow_id` (and, for an
+/// agent step, of `agent_id`).
+pub fn in_scope(
+    db: &Db,
+    project_id: &str,
+    workflow_id: &str,
+    agent_id: Option<&str>,
+) -> Result<Vec<Policy>, ApiError> {
+    let rows = db.query(
+        "select policy_id::text, name, rules from policies
+         where project_id = $1 and enabled and deleted_at is null
+           and (scope_workflow_id is null or scope_workflow_id = $2)
+           and (scope_agent_id is null or scope_agent_id = $3::text::uuid)
+         order by policy_id",
+        &[
+            V::Uuid(project_id.into()),
+            V::Uuid(workflow_id.into()),
+            agent_id.map_or(V::Null, |a| V::Text(a.into())),
+        ],
+    )?;
+    rows.iter()
+        .map(|r| {
+            let id = r.text(0)?;
+            let rules = policy::parse_rules(&r.json(2)?)
+                .map_err(|e| ApiError::Server(format!("policy {id} does not parse: {e:?}")))?;
+            Ok(Policy {
+                id,
+                name: r.text(1)?,
+                rules,
+            })
+        })
+        .collect()
+}
+
+/// Every policy naming allowed models must allow `model`.
+pub fn check_model(policies: &[Policy], model: &str) -> Result<(), Violation> {
+    for p in policies {
+        if let Some(globs) = &p.rules.allowed_models
+            && !globs.iter().any(|g| glob_matches(g, model))
+        {
+            return Err(violation(
+                p,
+                "allowed_models",
+                format!("{model} is not among {}", globs.join(", ")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every policy naming allowed tools must allow `tool_id`.
+pub fn check_tool(policies: &[Policy], tool_id: &str) -> Result<(), Violation> {
+    for p in policies {
+        if let Some(tools) = &p.rules.allowed_tools
+            && !tools.iter().any(|t| t == tool_id)
+        {
+            return Err(violation(
+                p,
+                "allowed_tools",
+                format!("tool {tool_id} is not allowed"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `max_steps_per_run`: the run may have started at most this many steps, this one included.
+pub fn check_steps(policies: &[Policy], started: i64) -> Result<(), Violation> {
+    for p in policies {
+        if let Some(limit) = p.rules.max_steps_per_run
+            && started > limit
+        {
+            return Err(violation(
+                p,
+                "max_steps_per_run",
+                format!("this would be step {started} of the run; the limit is {limit}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The tokens a model call may still use under `max_tokens_per_step` and
+/// `max_tokens_per_run` (`None`: no limit), or the rule already used up.
+pub fn token_room(
+    policies: &[Policy],
+    step_used: i64,
+    run_used: i64,
+) -> Result<Option<i64>, Violation> {
+    let mut room: Option<i64> = None;
+    for p in policies {
+        for (rule, limit, used) in [
+            (
+                "max_tokens_per_step",
+                p.rules.max_tokens_per_step,
+                step_used,
+            ),
+            ("max_tokens_per_run", p.rules.max_tokens_per_run, run_used),
+        ] {
+            let Some(limit) = limit else { continue };
+            if used >= limit {
+                return Err(violation(p, rule, format!("{used} tokens used of {limit}")));
+            }
+            room = Some(room.map_or(limit - used, |r| r.min(limit - used)));
+        }
+    }
+    Ok(room)
+}
+
+/// Budget windows reserved for one call, released or settled by [`settle`].
+#[derive(Debug, Default)]
+pub struct Reservation {
+    /// `(policy id, window start)`.
+    windows: Vec<(String, DateTime<Utc>)>,
+    amount: Option<Usd>,
+}
+
+/// The start of the budget's window containing `now`; the Unix epoch for `total`.
+fn window_key(p: &Policy, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let budget = p.rules.budget.as_ref()?;
+    Some(window_start(budget.window, now).unwrap_or(DateTime::UNIX_EPOCH))
+}
+
+/// Reserves `worst` (the call's worst-case cost; `None` when the model has no price)
+/// against every budget in scope, atomically: all or none. A blocking budget refuses an
+/// unpriced call and a call that would take spend plus reservations past its limit.
+pub fn reserve(
+    db: &Db,
+    policies: &[Policy],
+    now: DateTime<Utc>,
+    worst: Option<Usd>,
+) -> Result<Reservation, RefusedOr> {
+    let budgets: Vec<&Policy> = policies
+        .iter()
+        .filter(|p| p.rules.budget.is_some())
+        .collect();
+    if budgets.is_empty() {
+        return Ok(Reservation::default());
+    }
+    for p in &budgets {
+        let budget = p.rules.budget.as_ref().expect("filtered");
+        if budget.block && worst.is_none() {
+            return Err(RefusedOr::Refused(violation(
+                p,
+                "budget",
+                "the model has no price, so its cost cannot be held to the budget".into(),
+            )));
+        }
+    }
+    let amount = worst.unwrap_or(Usd::ZERO);
+    let mut windows = Vec::new();
+    let result = core_db::transaction(db, |tx| {
+        for p in &budgets {
+            let budget = p.rules.budget.as_ref().expect("filtered");
+            let start = window_key(p, now).expect("a budget");
+            tx.execute(
+                &format!(
+                    "insert into budget_usage (policy_id, window_start) values ($1, $2{AS_TIMESTAMPTZ})
+                     on conflict do nothing"
+                ),
+                &[V::Uuid(p.id.clone()), V::Timestamp(start)],
+            )?;
+            let held = tx.execute(
+                &format!(
+                    "update budget_usage set reserved_usd = reserved_usd + $3, updated_at = now()
+                     where policy_id = $1 and window_start = $2{AS_TIMESTAMPTZ}
+                       and ($4 = false or spent_usd + reserved_usd + $3 <= $5)"
+                ),
+                &[
+                    V::Uuid(p.id.clone()),
+                    V::Timestamp(start),
+                    V::Decimal(amount.to_fixed()),
+                    V::Bool(budget.block),
+                    V::Decimal(budget.limit_usd.to_fixed()),
+                ],
+            )?;
+            if held == 0 {
+                return Err(Held::Refused(violation(
+                    p,
+                    "budget",
+                    format!(
+                        "a call costing up to {} USD would pass the {} USD {} limit",
+                        amount.to_fixed(),
+                        budget.limit_usd.to_fixed(),
+                        budget.window.as_str()
+                    ),
+                )));
+            }
+            windows.push((p.id.clone(), start));
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => Ok(Reservation {
+            windows,
+            amount: Some(amount),
+        }),
+        Err(Held::Refused(v)) => Err(RefusedOr::Refused(v)),
+        Err(Held::Db(e)) => Err(RefusedOr::Error(e)),
+    }
+}
+
+/// Why a reservation failed.
+#[derive(Debug)]
+pub enum RefusedOr {
+    Refused(Violation),
+    Error(ApiError),
+}
+
+enum Held {
+    Refused(Violation),
+    Db(ApiError),
+}
+
+impl From<sparkops_core::db::DbError> for Held {
+    fn from(e: sparkops_core::db::DbError) -> Self {
+        Held::Db(e.into())
+    }
+}
+
+/// Turns a reservation into spend: `cost` (`None`: the call failed before costing
+/// anything, or the model is unpriced) and `tokens`.
+pub fn settle(
+    db: &Db,
+    reservation: &Reservation,
+    cost: Option<Usd>,
+    tokens: i64,
+) -> Result<(), ApiError> {
+    let held = reservation.amount.unwrap_or(Usd::ZERO);
+    core_db::transaction(db, |tx| {
+        for (policy, start) in &reservation.windows {
+            tx.execute(
+                &format!(
+                    "update budget_usage set reserved_usd = greatest(reserved_usd - $3, 0),
+                        spent_usd = spent_usd + $4, tokens = tokens + $5, calls = calls + 1, updated_at = now()
+                     where policy_id = $1 and window_start = $2{AS_TIMESTAMPTZ}"
+                ),
+                &[
+                    V::Uuid(policy.clone()),
+                    V::Timestamp(*start),
+                    V::Decimal(held.to_fixed()),
+                    V::Decimal(cost.unwrap_or(Usd::ZERO).to_fixed()),
+                    V::Int64(tokens),
+                ],
+            )?;
+        }
+        Ok::<_, ApiError>(())
+    })
+}

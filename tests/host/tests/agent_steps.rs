@@ -1,0 +1,685 @@
+//! Agent steps end to end: a fake OpenAI-compatible provider on loopback (chat completions
+//! with function tools, usage, errors, `Retry-After`), fake tools, the real components, a
+//! real Postgres and Redis. Tokens, costs, policies and budgets as a run records them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Api, FakeServer, User, openai};
+use serde_json::{Value, json};
+
+/// The app, with `provider` configured as the model provider `fake`.
+async fn api(provider: &FakeServer) -> Api {
+    let providers = format!("fake={}", provider.url("/v1"));
+    Api::start_with(&[
+        ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
+        ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
+        ("SPIN_VARIABLE_MODEL_PROVIDERS", providers.as_str()),
+        ("SPIN_VARIABLE_MODEL_PROVIDER_KEYS", "fake=sk-app-key"),
+    ])
+    .await
+}
+
+async fn project(api: &Api) -> (User, String) {
+    let ada = api.register("ada").await;
+    let p = api.create_project(&ada, json!({"name": "Agents"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (ada, p)
+}
+
+/// Sets the project's price of `model` (USD per million tokens).
+async fn price(api: &Api, who: &User, p: &str, model: &str, input: &str, output: &str) {
+    let res = api
+        .call(
+            "PUT",
+            &format!("/api/v1/models/prices/{model}?project_id={p}"),
+            Some(&who.access),
+            Some(json!({"input_per_mtok_usd": input, "output_per_mtok_usd": output})),
+        )
+        .await;
+    assert!(res.status < 300, "{}", String::from_utf8_lossy(&res.body));
+}
+
+async fn tool(api: &Api, who: &User, p: &str, name: &str, url: String) -> String {
+    let t = api
+        .create(
+            &who.access,
+            "/api/v1/tools",
+            json!({"project_id": p, "name": name, "description": format!("the {name} tool"),
+                "input_schema": {"type": "object"}, "http": {"method": "POST", "url": url}}),
+        )
+        .await;
+    t["id"].as_str().unwrap().to_string()
+}
+
+async fn agent(api: &Api, who: &User, p: &str, extra: Value) -> String {
+    let mut body = json!({"project_id": p, "name": format!("A {}", uuid::Uuid::new_v4()),
+        "model": "fake/small", "system_prompt": "You are terse."});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    api.create(&who.access, "/api/v1/agents", body).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A workflow of agent steps, each `{key, agent, input}`; `retry` on each.
+async fn workflow(api: &Api, who: &User, p: &str, steps: &[(&str, &str)], retry: Value) -> String {
+    let steps: Vec<Value> = steps
+        .iter()
+        .map(|(key, agent)| {
+            json!({"key": key, "kind": "agent", "agent_id": agent, "input": "{{ input.q }}", "retry": retry})
+        })
+        .collect();
+    api.create(
+        &who.access,
+        "/api/v1/workflows",
+        json!({"project_id": p, "name": format!("W {}", uuid::Uuid::new_v4()), "definition": {"steps": steps}}),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn run_to_end(api: &Api, who: &User, wf: &str, q: &str) -> Value {
+    let run = api
+        .start_run(&who.access, &json!(wf), json!({"q": q}))
+        .await;
+    let path = format!("/api/v1/runs/{}", run["id"].as_str().unwrap());
+    common::eventually(async || {
+        let run = api.call("GET", &path, Some(&who.access), None).await.json();
+        (!["queued", "running", "waiting", "cancelling"].contains(&run["status"].as_str().unwrap()))
+            .then_some(run)
+    })
+    .await
+}
+
+async fn steps(api: &Api, who: &User, run: &Value) -> Vec<Value> {
+    api.call(
+        "GET",
+        &format!("/api/v1/runs/{}/steps", run["id"].as_str().unwrap()),
+        Some(&who.access),
+        None,
+    )
+    .await
+    .json()["items"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+async fn events(api: &Api, who: &User, run: &Value) -> Vec<Value> {
+    api.call(
+        "GET",
+        &format!("/api/v1/runs/{}/events", run["id"].as_str().unwrap()),
+        Some(&who.access),
+        None,
+    )
+    .await
+    .json()["items"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn body(r: &common::Recorded) -> Value {
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+#[tokio::test]
+async fn an_agent_calls_two_tools_then_answers_with_its_tokens_and_cost_recorded() {
+    let provider = FakeServer::answering(
+        vec![
+            openai::tool_calls(&[("c1", "city", json!({"q": "north"}))], 100, 20),
+            openai::tool_calls(&[("c2", "weather", json!({"city": "Oslo"}))], 150, 25),
+            openai::text("It is 3 degrees in Oslo.", 200, 30),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let api = api(&provider).await;
+    let (ada, p) = project(&api).await;
+    let city_fake = FakeServer::start(200, json!({"city": "Oslo"}), Duration::ZERO).await;
+    let weather_fake = FakeServer::start(200, json!({"temp": 3}), Duration::ZERO).await;
+    let city = tool(&api, &ada, &p, "city", city_fake.url("/")).await;
+    let weather = tool(&api, &ada, &p, "weather", weather_fake.url("/")).await;
+    price(&api, &ada, &p, "fake/small", "2", "8").await;
+    let a = agent(&api, &ada, &p, json!({"tool_ids": [city, weather]})).await;
+    let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
+    let run = run_to_end(&api, &ada, &wf, "What is the weather up north?").await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"], json!({"ask": "It is 3 degrees in Oslo."}));
+    let run_id = run["id"].as_str().unwrap();
+
+    // The provider saw the real protocol: tools offered, then each result fed back.
+    let sent = provider.received();
+    assert_eq!(sent.len(), 3);
+    assert_eq!(sent[0].uri, "/v1/chat/completions");
+    assert_eq!(sent[0].headers["authorization"], "Bearer sk-app-key");
+    let first = body(&sent[0]);
+    assert_eq!(first["model"], "small");
+    assert_eq!(
+        first["messages"],
+        json!([{"role": "system", "content": "You are terse."},
+               {"role": "user", "content": "What is the weather up north?"}])
+    );
+    let offered: Vec<&str> = first["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(offered, vec!["city", "weather"]);
+    let last = body(&sent[2]);
+    let tool_messages: Vec<(&str, Value)> = last["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| {
+            (
+                m["tool_call_id"].as_str().unwrap(),
+                serde_json::from_str(m["content"].as_str().unwrap()).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tool_messages,
+        vec![("c1", json!({"city": "Oslo"})), ("c2", json!({"temp": 3}))]
+    );
+    // Each tool ran once, with the model's arguments and a key of its own.
+    assert_eq!(body(&city_fake.received()[0]), json!({"q": "north"}));
+    assert_eq!(
+        city_fake.idempotency_keys(),
+        vec![format!("{run_id}:ask:c1")]
+    );
+    assert_eq!(
+        weather_fake.idempotency_keys(),
+        vec![format!("{run_id}:ask:c2")]
+    );
+
+    // Tokens and cost: 450 in, 75 out; 450 * 2 + 75 * 8 = 1500 micro-dollars.
+    assert_eq!(
+        (
+            &run["tokens_in"],
+            &run["tokens_out"],
+            &run["cost_usd"],
+            &run["unpriced_calls"]
+        ),
+        (&json!(450), &json!(75), &json!("0.001500"), &json!(0))
+    );
+    let step = &steps(&api, &ada, &run).await[0];
+    assert_eq!(
+        (&step["tokens_in"], &step["tokens_out"], &step["cost_usd"]),
+        (&json!(450), &json!(75), &json!("0.001500"))
+    );
+    let events = events(&api, &ada, &run).await;
+    let calls: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "model.called")
+        .collect();
+    assert_eq!(calls.len(), 3);
+    assert_eq!(
+        (
+            &calls[2]["data"]["tokens_in"],
+            &calls[2]["data"]["cost_usd"]
+        ),
+        (&json!(200), &json!("0.000640"))
+    );
+    assert_eq!(
+        events.iter().filter(|e| e["kind"] == "tool.called").count(),
+        2
+    );
+    // No key ever reaches the run's record.
+    assert!(
+        !serde_json::to_string(&events)
+            .unwrap()
+            .contains("sk-app-key")
+    );
+
+    // A project secret overrides the provider key for that project.
+    let res = api
+        .call(
+            "PUT",
+            &format!("/api/v1/projects/{p}/secrets/provider.fake.api_key"),
+            Some(&ada.access),
+            Some(json!({"value": "sk-project-key"})),
+        )
+        .await;
+    assert_eq!(res.status, 204, "{}", String::from_utf8_lossy(&res.body));
+    let again = run_to_end(&api, &ada, &wf, "again").await;
+    assert_eq!(again["status"], "succeeded");
+    assert_eq!(
+        provider.received()[3].headers["authorization"],
+        "Bearer sk-project-key"
+    );
+    assert!(!api.guest_logs().contains("sk-project-key"));
+}
+
+#[tokio::test]
+async fn an_agent_that_never_stops_calling_tools_fails_at_max_iterations() {
+    let provider = FakeServer::answering(
+        vec![openai::tool_calls(&[("c", "echo", json!({}))], 10, 5)],
+        Duration::ZERO,
+    )
+    .await;
+    let api = api(&provider).await;
+    let (ada, p) = project(&api).await;
+    let echo = FakeServer::start(200, json!({}), Duration::ZERO).await;
+    let echo = tool(&api, &ada, &p, "echo", echo.url("/")).await;
+    let a = agent(
+        &api,
+        &ada,
+        &p,
+        json!({"tool_ids": [echo], "max_iterations": 2}),
+    )
+    .await;
+    let wf = workflow(&api, &ada, &p, &[("loop", &a)], json!({"max_attempts": 3})).await;
+    let run = run_to_end(&api, &ada, &wf, "go").await;
+    assert_eq!(run["status"], "failed");
+    let step = &steps(&api, &ada, &run).await[0];
+    // Not retried: another attempt would loop the same way.
+    assert_eq!(
+        (&step["error"]["kind"], &step["attempt"]),
+        (&json!("max-iterations"), &json!(1))
+    );
+    assert_eq!(provider.received().len(), 2);
+    // The model's name has no price: the calls are recorded as unpriced, never free.
+    assert_eq!(
+        (&run["unpriced_calls"], &run["tokens_in"]),
+        (&json!(2), &json!(20))
+    );
+}
+
+#[tokio::test]
+async fn a_structured_answer_is_checked_against_response_format() {
+    let provider = FakeServer::answering(
+        vec![
+            openai::text(r#"{"answer": "yes", "confidence": 0.9}"#, 10, 5),
+            openai::text(r#"{"answer": 42}"#, 10, 5),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let api = api(&provider).await;
+    let (ada, p) = project(&api).await;
+    let schema = json!({"type": "object", "required": ["answer"],
+        "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"}}});
+    let a = agent(&api, &ada, &p, json!({"response_format": schema})).await;
+    let wf = workflow(&api, &ada, &p, &[("judge", &a)], json!({"max_attempts": 1})).await;
+    let good = run_to_end(&api, &ada, &wf, "is it?").await;
+    assert_eq!(good["status"], "succeeded", "{good}");
+    assert_eq!(
+        good["output"],
+        json!({"judge": {"answer": "yes", "confidence": 0.9}})
+    );
+    assert_eq!(
+        body(&provider.received()[0])["response_format"],
+        json!({"type": "json_schema", "json_schema": {"name": "output", "schema": schema}})
+    );
+    let bad = run_to_end(&api, &ada, &wf, "is it?").await;
+    assert_eq!(bad["status"], "failed");
+    let step = &steps(&api, &ada, &bad).await[0];
+    assert_eq!(step["error"]["kind"], "validation");
+    assert!(
+        step["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("response_format"),
+        "{step}"
+    );
+}
+
+/// Fires the sweeper as at `seconds` from now.
+async fn sweep_at(api: &Api, seconds: i64) {
+    let at = chrono::Utc::now().timestamp() + seconds;
+    api.app
+        .inner
+        .handle_cron("sweeper", at as u64)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn provider_rate_limits_and_errors_are_retried_with_backoff_and_a_bad_request_is_not() {
+    let provider = FakeServer::answering(
+        vec![
+            openai::error(429, Some("30")),
+            openai::error(500, None),
+            openai::text("done", 3, 1),
+            openai::error(400, None),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let api = api(&provider).await;
+    let (ada, p) = project(&api).await;
+    let a = agent(&api, &ada, &p, json!({})).await;
+    let retry = json!({"max_attempts": 5, "initial_interval_ms": 1000, "backoff_coefficient": 2, "max_interval_ms": 60000});
+    let wf = workflow(&api, &ada, &p, &[("ask", &a)], retry).await;
+    let run = api
+        .start_run(&ada.access, &json!(wf), json!({"q": "hi"}))
+        .await;
+    let id = run["id"].as_str().unwrap().to_string();
+    let step = || async {
+        let s = api
+            .call(
+                "GET",
+                &format!("/api/v1/runs/{id}/steps"),
+                Some(&ada.access),
+                None,
+            )
+            .await
+            .json();
+        s["items"][0].clone()
+    };
+    let first = common::eventually(async || {
+        let s = step().await;
+        (s["status"] == "retrying").then_some(s)
+    })
+    .await;
+    assert_eq!(first["error"]["kind"], "rate-limited");
+    // Retry-After (30 s) outweighs the 1 s backoff.
+    let next =
+        chrono::DateTime::parse_from_rfc3339(first["next_attempt_at"].as_str().unwrap()).unwrap();
+    assert!(
+        next.timestamp() - chrono::Utc::now().timestamp() >= 25,
+        "{first}"
+    );
+    sweep_at(&api, 10).await;
+    assert_eq!(step().await["attempt"], 1);
+    sweep_at(&api, 40).await;
+    let second = common::eventually(async || {
+        let s = step().await;
+        (s["status"] == "retrying" && s["attempt"] == 2).then_some(s)
+    })
+    .await;
+    assert_eq!(second["error"]["kind"], "provider-error");
+    sweep_at(&api, 120).await;
+    let done = common::eventually(async || {
+        let s = step().await;
+        (s["status"] == "succeeded").then_some(s)
+    })
+    .await;
+    assert_eq!(
+        (&done["attempt"], &done["output"]),
+        (&json!(3), &json!("done"))
+    );
+    // A 400 is the request's fault: failed at once, no retry.
+    let bad = run_to_end(&api, &ada, &wf, "bad").await;
+    assert_eq!(bad["status"], "failed");
+    let s = &steps(&api, &ada, &bad).await[0];
+    assert_eq!(
+        (&s["error"]["kind"], &s["attempt"]),
+        (&json!("validation"), &json!(1))
+    );
+    assert_eq!(provider.received().len(), 4);
+}
+
+#[tokio::test]
+async fn fifty_agent_steps_at_once_never_spend_past_a_blocking_budget() {
+    // Each call costs exactly its worst case: 1000 completion tokens at 10 USD/M = 0.01.
+    let provider =
+        FakeServer::answering(vec![openai::text("ok", 0, 1000)], Duration::from_millis(50)).await;
+    let api = api(&provider).await;
+    let (ada, p) = project(&api).await;
+    price(&api, &ada, &p, "fake/small", "0", "10").await;
+    let a = agent(&api, &ada, &p, json!({"max_tokens": 1000})).await;
+    let policy = api
+        .create(
+            &ada.access,
+            "/api/v1/policies",
+            json!({"project_id": p, "name": "Ten calls", "rules": {"budget": {"limit_usd": "0.10", "window": "day", "action": "block"}}}),
+        )
+        .await;
+    let wf = json!(workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await);
+    let runs: Vec<String> = futures::future::join_all(
+        (0..50).map(|_| api.start_run(&ada.access, &wf, json!({"q": "x"}))),
+    )
+    .await
+    .iter()
+    .map(|r| r["id"].as_str().unwrap().to_string())
+    .collect();
+    let db = api.env.db().await;
+    let mut finished = 0;
+    for _ in 0..600 {
+        finished = db
+            .query_one(
+                "select count(*) from runs where finished_at is not null",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if finished == 50 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(finished, 50);
+    let row = db
+        .query_one(
+            "select count(*) filter (where status = 'succeeded'), count(*) filter (where status = 'failed'),
+                    sum(cost_usd)::text from runs",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (ok, failed, spent): (i64, i64, String) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((ok, failed, spent.as_str()), (10, 40, "0.100000"));
+    assert_eq!(provider.received().len(), 10);
+    let violations: i64 = db
+        .query_one(
+            "select count(*) from run_steps where error->>'kind' = 'policy-violation'
+               and error->>'message' like '%Ten calls%budget%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(violations, 40);
+    let usage = db
+        .query_one(
+            "select spent_usd::text, reserved_usd::text, calls from budget_usage where policy_id = $1::text::uuid",
+            &[&policy["id"].as_str().unwrap()],
+        )
+        .await
+        .unwrap();
+    let (spent, reserved, calls): (String, String, i64) =
+        (usage.get(0), usage.get(1), usage.get(2));
+    assert_eq!(
+        (spent.as_str(), reserved.as_str(), calls),
+        ("0.100000", "0.000000", 10)
+    );
+    assert_eq!(runs.len(), 50);
+}
+
+#[tokio::test]
+async fn each_policy_rule_refuses_exactly_what_it_names_across_scopes() {
+    let provider = FakeServer::answering(
+        vec![
+            openai::tool_calls(
+                &[("c1", "allowed", json!({})), ("c2", "forbidden", json!({}))],
+                60,
+                10,
+            ),
+            openai::text("fine", 60, 10),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let api = api(&provider).await;
+    let (ada, p) = project(&api).await;
+    let allowed_fake = FakeServer::start(200, json!({"ok": 1}), Duration::ZERO).await;
+    let forbidden_fake = FakeServer::start(200, json!({"ok": 2}), Duration::ZERO).await;
+    let allowed = tool(&api, &ada, &p, "allowed", allowed_fake.url("/")).await;
+    let forbidden = tool(&api, &ada, &p, "forbidden", forbidden_fake.url("/")).await;
+    let a = agent(&api, &ada, &p, json!({"tool_ids": [allowed, forbidden]})).await;
+    let big = agent(&api, &ada, &p, json!({"model": "fake/big"})).await;
+    let policy = |name: &str, scope: Value, rules: Value| json!({"project_id": p, "name": name, "scope": scope, "rules": rules});
+    // Project-wide: fake models only; a second, stricter one: only fake/small. The most
+    // restrictive wins.
+    api.create(
+        &ada.access,
+        "/api/v1/policies",
+        policy("Fakes", json!({}), json!({"allowed_models": ["fake/*"]})),
+    )
+    .await;
+    api.create(
+        &ada.access,
+        "/api/v1/policies",
+        policy(
+            "Small only",
+            json!({}),
+            json!({"allowed_models": ["fake/small"]}),
+        ),
+    )
+    .await;
+    // Agent-scoped: one tool only.
+    api.create(
+        &ada.access,
+        "/api/v1/policies",
+        policy(
+            "One tool",
+            json!({"agent_id": a}),
+            json!({"allowed_tools": [allowed]}),
+        ),
+    )
+    .await;
+
+    let refusal = |run: Value| {
+        let api = &api;
+        let ada = &ada;
+        async move {
+            assert_eq!(run["status"], "failed", "{run}");
+            let steps = steps(api, ada, &run).await;
+            let failed = steps
+                .iter()
+                .find(|s| s["status"] == "failed")
+                .unwrap()
+                .clone();
+            assert_eq!(failed["error"]["kind"], "policy-violation");
+            let events = events(api, ada, &run).await;
+            let v = events
+                .iter()
+                .find(|e| e["kind"] == "policy.violation")
+                .unwrap()
+                .clone();
+            (
+                failed["error"]["message"].as_str().unwrap().to_string(),
+                v["data"].clone(),
+            )
+        }
+    };
+
+    // The model rule: refused before any call.
+    let wf = workflow(&api, &ada, &p, &[("ask", &big)], json!({"max_attempts": 1})).await;
+    let (message, data) = refusal(run_to_end(&api, &ada, &wf, "x").await).await;
+    assert!(
+        message.contains("Small only") && message.contains("allowed_models"),
+        "{message}"
+    );
+    assert_eq!(
+        (&data["policy"], &data["rule"]),
+        (&json!("Small only"), &json!("allowed_models"))
+    );
+    assert_eq!(provider.received().len(), 0);
+
+    // The tool rule: the allowed tool runs, the other is refused and never called.
+    let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
+    let (message, data) = refusal(run_to_end(&api, &ada, &wf, "x").await).await;
+    assert!(
+        message.contains("One tool") && message.contains(&forbidden),
+        "{message}"
+    );
+    assert_eq!(data["rule"], "allowed_tools");
+    assert_eq!(
+        (
+            allowed_fake.received().len(),
+            forbidden_fake.received().len()
+        ),
+        (1, 0)
+    );
+
+    // Workflow-scoped token and step limits.
+    let plain = agent(&api, &ada, &p, json!({})).await;
+    let wf = workflow(
+        &api,
+        &ada,
+        &p,
+        &[("one", &plain), ("two", &plain)],
+        json!({"max_attempts": 1}),
+    )
+    .await;
+    api.create(
+        &ada.access,
+        "/api/v1/policies",
+        policy(
+            "One step",
+            json!({"workflow_id": wf}),
+            json!({"max_steps_per_run": 1}),
+        ),
+    )
+    .await;
+    let (message, data) = refusal(run_to_end(&api, &ada, &wf, "x").await).await;
+    assert!(
+        message.contains("One step") && message.contains("max_steps_per_run"),
+        "{message}"
+    );
+    assert_eq!(data["rule"], "max_steps_per_run");
+
+    // Two steps in a chain under a run-wide token limit: the first (70 tokens) uses it up,
+    // the second is refused before it calls the model.
+    let tokens_wf = api
+        .create(
+            &ada.access,
+            "/api/v1/workflows",
+            json!({"project_id": p, "name": "Chain", "definition": {"steps": [
+                {"key": "one", "kind": "agent", "agent_id": plain, "input": "x", "retry": {"max_attempts": 1}},
+                {"key": "two", "kind": "agent", "agent_id": plain, "input": "y", "depends_on": ["one"], "retry": {"max_attempts": 1}}]}}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    api.create(
+        &ada.access,
+        "/api/v1/policies",
+        policy(
+            "Few tokens",
+            json!({"workflow_id": tokens_wf}),
+            json!({"max_tokens_per_run": 50}),
+        ),
+    )
+    .await;
+    let before = provider.received().len();
+    let run = run_to_end(&api, &ada, &tokens_wf, "x").await;
+    let (message, _) = refusal(run.clone()).await;
+    assert!(
+        message.contains("Few tokens") && message.contains("max_tokens_per_run"),
+        "{message}"
+    );
+    assert_eq!(provider.received().len(), before + 1);
+    assert_eq!(
+        run["tokens_in"].as_i64().unwrap() + run["tokens_out"].as_i64().unwrap(),
+        70
+    );
+    // A workflow the token policy does not scope is not limited by it.
+    let free = workflow(
+        &api,
+        &ada,
+        &p,
+        &[("one", &plain)],
+        json!({"max_attempts": 1}),
+    )
+    .await;
+    assert_eq!(
+        run_to_end(&api, &ada, &free, "x").await["status"],
+        "succeeded"
+    );
+}
