@@ -18,7 +18,7 @@ use sparkops_core::template;
 use sparkops_core::workflow::{Step, StepKind};
 use sparkops_platform::engine;
 use sparkops_platform::pipeline::Ctx;
-use sparkops_platform::{agent, tool_call};
+use sparkops_platform::{agent, policies, tool_call};
 use spin_sdk::http::{Fields, IncomingRequest, OutgoingResponse, ResponseOutparam};
 use spin_sdk::http_component;
 
@@ -173,6 +173,19 @@ fn execute(ctx: &mut Ctx, run_id: &str, key: &str) -> Result<Done, ApiError> {
     Ok(match step.kind {
         StepKind::Condition => done(rendered.clone(), Ok(rendered), false),
         StepKind::Tool => {
+            // The policies in scope first: the tool must be allowed, the run within its steps.
+            let tool_id = step.tool_id.clone().unwrap_or_default();
+            let policies = policies::in_scope(ctx.db()?, &project_id, &workflow_id, None)?;
+            let started = engine::started_steps(ctx.db()?, run_id)?;
+            if let Err(v) = policies::check_steps(&policies, started)
+                .and_then(|()| policies::check_tool(&policies, &tool_id))
+            {
+                ctx.transaction(|tx, _| {
+                    engine::lock_run(tx, run_id)?;
+                    engine::event(tx, run_id, "policy.violation", Some(key), v.event())
+                })?;
+                return Ok(done(rendered, fail("policy-violation", v.message()), true));
+            }
             let result = call_tool(ctx, &project_id, &step, run_id, &rendered)?;
             done(rendered, result, false)
         }

@@ -239,16 +239,7 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
         scope.workflow_id,
         Some(scope.agent_id),
     )?;
-    let started: i64 = ctx
-        .db()?
-        .query(
-            "select count(*) from run_steps where run_id = $1 and attempt > 0",
-            &[V::Uuid(scope.run_id.into())],
-        )?
-        .first()
-        .map(|r| r.int(0))
-        .transpose()?
-        .unwrap_or(0);
+    let started = engine::started_steps(ctx.db()?, scope.run_id)?;
     if let Err(v) = policies::check_steps(&policies, started)
         .and_then(|()| policies::check_model(&policies, &agent.model))
     {

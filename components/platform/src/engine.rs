@@ -173,3 +173,13 @@ pub fn insert_run(tx: &Tx<'_, Db>, run: &NewRun<'_>, mut data: Value) -> Result<
     }
     event(tx, run.run_id, "run.queued", None, data)
 }
+
+/// How many steps of the run have started (at least one attempt), for `max_steps_per_run`.
+pub fn started_steps(db: &Db, run_id: &str) -> Result<i64, ApiError> {
+    use sparkops_core::db::Connection as _;
+    let rows = db.query(
+        "select count(*) from run_steps where run_id = $1 and attempt > 0",
+        &[V::Uuid(run_id.into())],
+    )?;
+    Ok(rows.first().map(|r| r.int(0)).transpose()?.unwrap_or(0))
+}

@@ -683,3 +683,48 @@ async fn each_policy_rule_refuses_exactly_what_it_names_across_scopes() {
         "succeeded"
     );
 }
+
+#[tokio::test]
+async fn tool_steps_meet_the_same_tool_and_step_rules() {
+    let provider = FakeServer::start(500, json!({}), Duration::ZERO).await;
+    let api = api(&provider).await;
+    let (ada, p) = project(&api).await;
+    let ok_fake = FakeServer::start(200, json!({"ok": true}), Duration::ZERO).await;
+    let no_fake = FakeServer::start(200, json!({"ok": false}), Duration::ZERO).await;
+    let ok = tool(&api, &ada, &p, "ok_tool", ok_fake.url("/")).await;
+    let no = tool(&api, &ada, &p, "no_tool", no_fake.url("/")).await;
+    let wf = api
+        .create(
+            &ada.access,
+            "/api/v1/workflows",
+            json!({"project_id": p, "name": "Tools", "definition": {"steps": [
+                {"key": "a", "kind": "tool", "tool_id": ok, "input": {}},
+                {"key": "b", "kind": "tool", "tool_id": no, "input": {}, "depends_on": ["a"]}]}}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    api.create(
+        &ada.access,
+        "/api/v1/policies",
+        json!({"project_id": p, "name": "Only ok", "scope": {"workflow_id": wf}, "rules": {"allowed_tools": [ok]}}),
+    )
+    .await;
+    let run = run_to_end(&api, &ada, &wf, "x").await;
+    assert_eq!(run["status"], "failed");
+    let steps = steps(&api, &ada, &run).await;
+    let b = steps.iter().find(|s| s["key"] == "b").unwrap();
+    assert_eq!(
+        (&b["error"]["kind"], &b["attempt"]),
+        (&json!("policy-violation"), &json!(1))
+    );
+    assert!(b["error"]["message"].as_str().unwrap().contains("Only ok"));
+    assert_eq!((ok_fake.received().len(), no_fake.received().len()), (1, 0));
+    assert!(
+        events(&api, &ada, &run)
+            .await
+            .iter()
+            .any(|e| e["kind"] == "policy.violation" && e["step"] == "b")
+    );
+}
