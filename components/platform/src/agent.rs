@@ -367,7 +367,9 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
         };
         let cost = price.map(|p| p.cost(completion.prompt_tokens, completion.completion_tokens));
         let tokens = (completion.prompt_tokens + completion.completion_tokens) as i64;
-        policies::settle(ctx.db()?, &reservation, cost, tokens)?;
+        for alert in policies::settle(ctx.db()?, &reservation, cost, tokens)? {
+            record_event(ctx, scope, "budget.alert", alert.event())?;
+        }
         record_usage(
             ctx,
             scope,

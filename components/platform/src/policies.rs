@@ -171,8 +171,8 @@ pub fn token_room(
 /// Budget windows reserved for one call, released or settled by [`settle`].
 #[derive(Debug, Default)]
 pub struct Reservation {
-    /// `(policy id, window start)`.
-    windows: Vec<(String, DateTime<Utc>)>,
+    /// The budgets held: their policy, window and rule.
+    windows: Vec<Held>,
     amount: Option<Usd>,
 }
 
@@ -236,7 +236,7 @@ pub fn reserve(
                 ],
             )?;
             if held == 0 {
-                return Err(Held::Refused(violation(
+                return Err(Hold::Refused(violation(
                     p,
                     "budget",
                     format!(
@@ -247,7 +247,10 @@ pub fn reserve(
                     ),
                 )));
             }
-            windows.push((p.id.clone(), start));
+            windows.push(Held {
+                policy: (*p).clone(),
+                window_start: start,
+            });
         }
         Ok(())
     });
@@ -256,8 +259,8 @@ pub fn reserve(
             windows,
             amount: Some(amount),
         }),
-        Err(Held::Refused(v)) => Err(RefusedOr::Refused(v)),
-        Err(Held::Db(e)) => Err(RefusedOr::Error(e)),
+        Err(Hold::Refused(v)) => Err(RefusedOr::Refused(v)),
+        Err(Hold::Db(e)) => Err(RefusedOr::Error(e)),
     }
 }
 
@@ -268,43 +271,73 @@ pub enum RefusedOr {
     Error(ApiError),
 }
 
-enum Held {
+enum Hold {
     Refused(Violation),
     Db(ApiError),
 }
 
-impl From<sparkops_core::db::DbError> for Held {
+impl From<sparkops_core::db::DbError> for Hold {
     fn from(e: sparkops_core::db::DbError) -> Self {
-        Held::Db(e.into())
+        Hold::Db(e.into())
     }
 }
 
+/// One budget window a reservation holds.
+#[derive(Debug, Clone)]
+struct Held {
+    policy: Policy,
+    window_start: DateTime<Utc>,
+}
+
 /// Turns a reservation into spend: `cost` (`None`: the call failed before costing
-/// anything, or the model is unpriced) and `tokens`.
+/// anything, or the model is unpriced) and `tokens`. Returns the `alert` budgets this call
+/// took past their limit (each alerts once per window, when it is crossed).
 pub fn settle(
     db: &Db,
     reservation: &Reservation,
     cost: Option<Usd>,
     tokens: i64,
-) -> Result<(), ApiError> {
+) -> Result<Vec<Violation>, ApiError> {
     let held = reservation.amount.unwrap_or(Usd::ZERO);
+    let cost = cost.unwrap_or(Usd::ZERO);
     core_db::transaction(db, |tx| {
-        for (policy, start) in &reservation.windows {
-            tx.execute(
+        let mut alerts = Vec::new();
+        for h in &reservation.windows {
+            let rows = tx.query(
                 &format!(
                     "update budget_usage set reserved_usd = greatest(reserved_usd - $3, 0),
                         spent_usd = spent_usd + $4, tokens = tokens + $5, calls = calls + 1, updated_at = now()
-                     where policy_id = $1 and window_start = $2{AS_TIMESTAMPTZ}"
+                     where policy_id = $1 and window_start = $2{AS_TIMESTAMPTZ}
+                     returning spent_usd::text"
                 ),
                 &[
-                    V::Uuid(policy.clone()),
-                    V::Timestamp(*start),
+                    V::Uuid(h.policy.id.clone()),
+                    V::Timestamp(h.window_start),
                     V::Decimal(held.to_fixed()),
-                    V::Decimal(cost.unwrap_or(Usd::ZERO).to_fixed()),
+                    V::Decimal(cost.to_fixed()),
                     V::Int64(tokens),
                 ],
             )?;
+            let Some(budget) = h.policy.rules.budget.as_ref().filter(|b| !b.block) else {
+                continue;
+            };
+            let Some(spent) = rows.first().map(|r| r.text(0)).transpose()? else {
+                continue;
+            };
+            let spent = Usd::parse(&spent).map_err(ApiError::Server)?;
+            if spent >= budget.limit_usd && spent - cost < budget.limit_usd {
+                alerts.push(violation(
+                    &h.policy,
+                    "budget",
+                    format!(
+                        "{} USD spent this {} passes the {} USD alert limit",
+                        spent.to_fixed(),
+                        budget.window.as_str(),
+                        budget.limit_usd.to_fixed()
+                    ),
+                ));
+            }
         }
-        Ok::<_, ApiError>(())
+        Ok::<_, ApiError>(alerts)
     })
 }

@@ -728,3 +728,49 @@ async fn tool_steps_meet_the_same_tool_and_step_rules() {
             .any(|e| e["kind"] == "policy.violation" && e["step"] == "b")
     );
 }
+
+#[tokio::test]
+async fn an_alert_budget_never_blocks_and_alerts_once_when_crossed() {
+    let provider = FakeServer::answering(vec![openai::text("ok", 0, 1000)], Duration::ZERO).await;
+    let api = api(&provider).await;
+    let (ada, p) = project(&api).await;
+    price(&api, &ada, &p, "fake/small", "0", "10").await;
+    let a = agent(&api, &ada, &p, json!({"max_tokens": 1000})).await;
+    api.create(
+        &ada.access,
+        "/api/v1/policies",
+        json!({"project_id": p, "name": "Watch", "rules": {"budget": {"limit_usd": "0.015", "window": "month", "action": "alert"}}}),
+    )
+    .await;
+    let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
+    let mut alerts = Vec::new();
+    for _ in 0..3 {
+        let run = run_to_end(&api, &ada, &wf, "x").await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        alerts.push(
+            events(&api, &ada, &run)
+                .await
+                .iter()
+                .filter(|e| e["kind"] == "budget.alert")
+                .count(),
+        );
+    }
+    // 0.01, then 0.02 (crossing 0.015: one alert), then 0.03 (already past: none).
+    assert_eq!(alerts, vec![0, 1, 0]);
+    let usage = api
+        .call(
+            "GET",
+            &format!("/api/v1/policies/usage?project_id={p}"),
+            Some(&ada.access),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(
+        (
+            &usage["items"][0]["spent_usd"],
+            &usage["items"][0]["exceeded"]
+        ),
+        (&json!("0.030000"), &json!(true))
+    );
+}
