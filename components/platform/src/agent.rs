@@ -278,7 +278,13 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
         };
         let worst = price.map(|p| p.ceiling(estimate as u64, max_tokens as u64));
         let now = ctx.now;
-        let reservation = match policies::reserve(ctx.db()?, &policies, now, worst) {
+        // The hold outlives the call's time limit by a margin; past it, the sweeper frees it.
+        let left_ms = scope
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as i64;
+        let expires_at = chrono::Utc::now() + chrono::Duration::milliseconds(left_ms + 60_000);
+        let reservation = match policies::reserve(ctx.db()?, &policies, now, worst, expires_at) {
             Ok(r) => r,
             Err(RefusedOr::Refused(v)) => return Outcome::violation(ctx, scope, &v),
             Err(RefusedOr::Error(e)) => return Err(e),

@@ -171,6 +171,7 @@ pub fn token_room(
 /// Budget windows reserved for one call, released or settled by [`settle`].
 #[derive(Debug, Default)]
 pub struct Reservation {
+    id: String,
     /// The budgets held: their policy, window and rule.
     windows: Vec<Held>,
     amount: Option<Usd>,
@@ -184,12 +185,15 @@ fn window_key(p: &Policy, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
 
 /// Reserves `worst` (the call's worst-case cost; `None` when the model has no price)
 /// against every budget in scope, atomically: all or none. A blocking budget refuses an
-/// unpriced call and a call that would take spend plus reservations past its limit.
+/// unpriced call and a call that would take spend plus reservations past its limit. The
+/// hold is recorded until `expires_at`, when the sweeper releases it if the call never
+/// settled (its host died).
 pub fn reserve(
     db: &Db,
     policies: &[Policy],
     now: DateTime<Utc>,
     worst: Option<Usd>,
+    expires_at: DateTime<Utc>,
 ) -> Result<Reservation, RefusedOr> {
     let budgets: Vec<&Policy> = policies
         .iter()
@@ -209,6 +213,7 @@ pub fn reserve(
         }
     }
     let amount = worst.unwrap_or(Usd::ZERO);
+    let id = crate::new_id();
     let mut windows = Vec::new();
     let result = core_db::transaction(db, |tx| {
         for p in &budgets {
@@ -247,6 +252,19 @@ pub fn reserve(
                     ),
                 )));
             }
+            tx.execute(
+                &format!(
+                    "insert into budget_reservations (reservation_id, policy_id, window_start, amount_usd, expires_at)
+                     values ($1, $2, $3{AS_TIMESTAMPTZ}, $4, $5{AS_TIMESTAMPTZ})"
+                ),
+                &[
+                    V::Uuid(id.clone()),
+                    V::Uuid(p.id.clone()),
+                    V::Timestamp(start),
+                    V::Decimal(amount.to_fixed()),
+                    V::Timestamp(expires_at),
+                ],
+            )?;
             windows.push(Held {
                 policy: (*p).clone(),
                 window_start: start,
@@ -256,6 +274,7 @@ pub fn reserve(
     });
     match result {
         Ok(()) => Ok(Reservation {
+            id,
             windows,
             amount: Some(amount),
         }),
@@ -303,6 +322,15 @@ pub fn settle(
     core_db::transaction(db, |tx| {
         let mut alerts = Vec::new();
         for h in &reservation.windows {
+            // The hold is released here, unless the sweeper already released it.
+            let still_held = tx.execute(
+                "delete from budget_reservations where reservation_id = $1 and policy_id = $2",
+                &[
+                    V::Uuid(reservation.id.clone()),
+                    V::Uuid(h.policy.id.clone()),
+                ],
+            )? == 1;
+            let held = if still_held { held } else { Usd::ZERO };
             let rows = tx.query(
                 &format!(
                     "update budget_usage set reserved_usd = greatest(reserved_usd - $3, 0),
@@ -339,5 +367,35 @@ pub fn settle(
             }
         }
         Ok::<_, ApiError>(alerts)
+    })
+}
+
+/// Releases the holds of calls that never settled (their host died) once they expire:
+/// what they reserved is free again. The sweeper calls it.
+pub fn release_expired(db: &Db, now: DateTime<Utc>, limit: i64) -> Result<u64, ApiError> {
+    core_db::transaction(db, |tx| {
+        let released = tx.query(
+            &format!(
+                "delete from budget_reservations where (reservation_id, policy_id) in (
+                    select reservation_id, policy_id from budget_reservations
+                    where expires_at < $1{AS_TIMESTAMPTZ} order by policy_id limit $2 for update skip locked)
+                 returning policy_id::text, (window_start at time zone 'UTC'), amount_usd::text"
+            ),
+            &[V::Timestamp(now), V::Int64(limit)],
+        )?;
+        for r in &released {
+            tx.execute(
+                &format!(
+                    "update budget_usage set reserved_usd = greatest(reserved_usd - $3, 0), updated_at = now()
+                     where policy_id = $1 and window_start = $2{AS_TIMESTAMPTZ}"
+                ),
+                &[
+                    V::Uuid(r.text(0)?),
+                    V::Timestamp(r.timestamp(1)?),
+                    V::Decimal(r.text(2)?),
+                ],
+            )?;
+        }
+        Ok(released.len() as u64)
     })
 }

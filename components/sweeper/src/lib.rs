@@ -5,6 +5,7 @@
 //! - fails approvals past their deadline and times out runs past theirs;
 //! - advances every run with something to decide itself, as the orchestrator would, so
 //!   losing every Redis message slows a run and never loses it;
+//! - releases budget holds of model calls that never settled (their host died);
 //! - removes the step payloads of runs finished longer ago than the retention allows.
 //!
 //! "Now" is the tick's time, so tests fire it at the times they choose. Everything it does
@@ -101,6 +102,7 @@ fn sweep(now: DateTime<Utc>) -> Result<(), ApiError> {
             );
         }
     }
+    sparkops_platform::policies::release_expired(&db, now, BATCH)?;
     prune(&db, now)
 }
 

@@ -774,3 +774,64 @@ async fn an_alert_budget_never_blocks_and_alerts_once_when_crossed() {
         (&json!("0.030000"), &json!(true))
     );
 }
+
+#[tokio::test]
+async fn a_hold_whose_call_never_settled_is_released_by_the_sweeper() {
+    let provider = FakeServer::answering(vec![openai::text("ok", 0, 100)], Duration::ZERO).await;
+    let api = api(&provider).await;
+    let (ada, p) = project(&api).await;
+    price(&api, &ada, &p, "fake/small", "0", "10").await;
+    let a = agent(&api, &ada, &p, json!({"max_tokens": 100})).await;
+    let policy = api
+        .create(
+            &ada.access,
+            "/api/v1/policies",
+            json!({"project_id": p, "name": "Cap", "rules": {"budget": {"limit_usd": "1", "window": "total"}}}),
+        )
+        .await;
+    let policy_id = policy["id"].as_str().unwrap().to_string();
+    let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
+    assert_eq!(
+        run_to_end(&api, &ada, &wf, "x").await["status"],
+        "succeeded"
+    );
+    // A call whose host died after reserving: its hold stays until it expires.
+    let db = api.env.db().await;
+    db.batch_execute(&format!(
+        "insert into budget_reservations (reservation_id, policy_id, window_start, amount_usd, expires_at)
+         values (gen_random_uuid(), '{policy_id}', 'epoch', 0.5, now() + interval '10 minutes');
+         update budget_usage set reserved_usd = reserved_usd + 0.5 where policy_id = '{policy_id}';"
+    ))
+    .await
+    .unwrap();
+    let reserved = || async {
+        let usage = api
+            .call(
+                "GET",
+                &format!("/api/v1/policies/usage?project_id={p}"),
+                Some(&ada.access),
+                None,
+            )
+            .await
+            .json();
+        usage["items"][0]["reserved_usd"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(reserved().await, "0.500000");
+    sweep_at(&api, 60).await;
+    assert_eq!(reserved().await, "0.500000");
+    sweep_at(&api, 3600).await;
+    assert_eq!(reserved().await, "0.000000");
+    // What was spent stays spent.
+    let spent: String = db
+        .query_one(
+            "select spent_usd::text from budget_usage where policy_id = $1::text::uuid",
+            &[&policy_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(spent, "0.001000");
+}
