@@ -2,7 +2,8 @@
 //! created"). The enabled policies in scope of the run (the whole project, or its
 //! workflow) apply together and the most restrictive wins: `max_concurrent_runs` counts the
 //! runs in scope not yet finished, and a blocking `budget` refuses once its window's spend
-//! has reached the limit. A refusal names the policy and the rule.
+//! (the budget ledger, `budget_usage`) has reached the limit. A refusal names the policy and
+//! the rule.
 //!
 //! With a concurrency limit in scope the project's row is locked first, so two starts at
 //! once cannot both take the last slot.
@@ -81,15 +82,14 @@ pub fn admit(
             }
         }
         if let Some(budget) = rules.budget.as_ref().filter(|b| b.block) {
-            let mut params = params.clone();
-            params.push(window_start(budget.window, now).map_or(V::Null, V::Timestamp));
+            // What the budget's calls have spent in its current window (the ledger the
+            // engine reserves against; see `policies`).
+            let start = window_start(budget.window, now).unwrap_or(DateTime::UNIX_EPOCH);
             let rows = tx.query(
                 &format!(
-                    "select coalesce(sum(cost_usd), 0)::text from runs
-                     where {filter} and ($3{AS_TIMESTAMPTZ} is null or created_at >= $3{AS_TIMESTAMPTZ})"
-                )
-                .replace("$3", &format!("${}", params.len())),
-                &params,
+                    "select spent_usd::text from budget_usage where policy_id = $1 and window_start = $2{AS_TIMESTAMPTZ}"
+                ),
+                &[V::Uuid(id.clone()), V::Timestamp(start)],
             )?;
             let spent = rows
                 .first()
