@@ -835,3 +835,49 @@ async fn a_hold_whose_call_never_settled_is_released_by_the_sweeper() {
         .get(0);
     assert_eq!(spent, "0.001000");
 }
+
+#[tokio::test]
+async fn a_step_token_limit_cuts_max_tokens_and_refuses_the_call_after_it_is_used() {
+    let provider = FakeServer::answering(
+        vec![
+            openai::tool_calls(&[("c1", "echo", json!({}))], 300, 100),
+            openai::text("never", 1, 1),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let api = api(&provider).await;
+    let (ada, p) = project(&api).await;
+    let echo_fake = FakeServer::start(200, json!({}), Duration::ZERO).await;
+    let echo = tool(&api, &ada, &p, "echo", echo_fake.url("/")).await;
+    let a = agent(
+        &api,
+        &ada,
+        &p,
+        json!({"tool_ids": [echo], "max_tokens": 1024}),
+    )
+    .await;
+    api.create(
+        &ada.access,
+        "/api/v1/policies",
+        json!({"project_id": p, "name": "Short steps", "scope": {"agent_id": a}, "rules": {"max_tokens_per_step": 400}}),
+    )
+    .await;
+    let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
+    let run = run_to_end(&api, &ada, &wf, "x").await;
+    assert_eq!(run["status"], "failed");
+    // The one call allowed asked for no more than the 400 tokens the step may use.
+    let sent = provider.received();
+    assert_eq!(sent.len(), 1);
+    let asked = body(&sent[0])["max_tokens"].as_i64().unwrap();
+    assert!((1..400).contains(&asked), "max_tokens {asked}");
+    // It used all 400: the next call is refused.
+    let step = &steps(&api, &ada, &run).await[0];
+    assert_eq!(step["error"]["kind"], "policy-violation");
+    let message = step["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("Short steps") && message.contains("max_tokens_per_step"),
+        "{message}"
+    );
+    assert_eq!(echo_fake.received().len(), 1);
+}
