@@ -300,6 +300,22 @@ fn operations() -> Vec<Op> {
         .answers(200, Some("ScheduleFireList")),
         op(
             "GET",
+            "/api/v1/metrics/summary",
+            "metrics",
+            "Runs by status, success rate, p50/p95/p99 duration, tokens, cost and unpriced calls, grouped by day, workflow, agent or model",
+        )
+        .query(&["project_id", "from", "to", "group_by"])
+        .answers(200, Some("MetricsReport")),
+        op(
+            "GET",
+            "/api/v1/metrics/steps",
+            "metrics",
+            "The same figures per step kind, tool and model",
+        )
+        .query(&["project_id", "from", "to"])
+        .answers(200, Some("MetricsReport")),
+        op(
+            "GET",
             "/api/v1/policies/usage",
             "policies",
             "Spend, reservations and tokens against each budget in its current window",
@@ -468,6 +484,14 @@ fn query_parameter(name: &str) -> Value {
         "after" => (
             json!({"type": "integer", "minimum": 0}),
             "Events after this sequence number (or Last-Event-ID)",
+        ),
+        "from" | "to" => (
+            json!({"type": "string", "format": "date-time"}),
+            "The range of run creation times (from inclusive, to exclusive; the last 30 days by default)",
+        ),
+        "group_by" => (
+            json!({"enum": ["day", "agent", "workflow", "model"]}),
+            "How to group; agent and model count agent steps",
         ),
         "created_after" | "created_before" => {
             (json!({"type": "string", "format": "date-time"}), "RFC 3339")
@@ -730,6 +754,13 @@ fn schemas() -> Value {
         "PolicyInput": input(policy, &["name", "rules"]),
         "Schedule": resource(schedule_out),
         "ScheduleInput": input(schedule, &["workflow_id", "cron"]),
+        "MetricsReport": {"type": "object", "properties": {"project_id": uuid, "from": time, "to": time,
+            "group_by": {"type": ["string", "null"]}, "counted": {"enum": ["runs", "steps"]},
+            "items": {"type": "array", "items": {"type": "object", "description": "The group's key fields, then the figures", "properties": {
+                "count": s("integer"), "by_status": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "success_rate": {"type": ["number", "null"]},
+                "duration_ms": {"type": "object", "properties": {"p50": {"type": ["integer", "null"]}, "p95": {"type": ["integer", "null"]}, "p99": {"type": ["integer", "null"]}}},
+                "tokens_in": s("integer"), "tokens_out": s("integer"), "cost_usd": money, "unpriced_calls": s("integer")}}}}},
         "PolicyUsage": {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object", "properties": {
             "policy_id": uuid, "name": s("string"), "scope": s("object"), "budget": s("object"),
             "window_start": {"type": ["string", "null"]}, "spent_usd": money, "reserved_usd": money, "remaining_usd": money,

@@ -174,6 +174,7 @@ fn record_event(ctx: &mut Ctx, s: &StepScope, kind: &str, data: Value) -> Result
 fn record_usage(
     ctx: &mut Ctx,
     s: &StepScope,
+    model: &str,
     c: &Completion,
     cost: Option<Usd>,
     data: Value,
@@ -184,7 +185,8 @@ fn record_usage(
         engine::lock_run(tx, s.run_id)?;
         tx.execute(
             "update run_steps set tokens_in = tokens_in + $3, tokens_out = tokens_out + $4,
-                cost_usd = case when $5::numeric is null then cost_usd else coalesce(cost_usd, 0) + $5::numeric end
+                cost_usd = case when $5::numeric is null then cost_usd else coalesce(cost_usd, 0) + $5::numeric end,
+                model = $6
              where run_id = $1 and step_key = $2",
             &[
                 V::Uuid(s.run_id.into()),
@@ -192,6 +194,7 @@ fn record_usage(
                 V::Int64(tin),
                 V::Int64(tout),
                 cost_param.clone(),
+                V::Text(model.into()),
             ],
         )?;
         tx.execute(
@@ -379,6 +382,7 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
         record_usage(
             ctx,
             scope,
+            &agent.model,
             &completion,
             cost,
             json!({

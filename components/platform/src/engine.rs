@@ -153,17 +153,29 @@ pub fn insert_run(tx: &Tx<'_, Db>, run: &NewRun<'_>, mut data: Value) -> Result<
     let mut reused = Vec::new();
     for step in &run.definition.steps {
         let kind = V::Text(step.kind.as_str().into());
+        // What the metrics group steps by.
+        let agent = || step.agent_id.clone().map_or(V::Null, V::Text);
+        let tool = || step.tool_id.clone().map_or(V::Null, V::Text);
         match run.reused.get(&step.key) {
             None => tx.execute(
-                "insert into run_steps (run_id, step_key, kind) values ($1, $2, $3)",
-                &[id(), V::Text(step.key.clone()), kind],
+                "insert into run_steps (run_id, step_key, kind, agent_id, tool_id)
+                 values ($1, $2, $3, $4::text::uuid, $5::text::uuid)",
+                &[id(), V::Text(step.key.clone()), kind, agent(), tool()],
             )?,
             Some((input, output)) => {
                 reused.push(step.key.clone());
                 tx.execute(
-                    "insert into run_steps (run_id, step_key, kind, status, input, output, finished_at)
-                     values ($1, $2, $3, 'succeeded', $4, $5, now())",
-                    &[id(), V::Text(step.key.clone()), kind, json_or_null(input), json_or_null(output)],
+                    "insert into run_steps (run_id, step_key, kind, agent_id, tool_id, status, input, output, finished_at)
+                     values ($1, $2, $3, $4::text::uuid, $5::text::uuid, 'succeeded', $6, $7, now())",
+                    &[
+                        id(),
+                        V::Text(step.key.clone()),
+                        kind,
+                        agent(),
+                        tool(),
+                        json_or_null(input),
+                        json_or_null(output),
+                    ],
                 )?
             }
         };
