@@ -30,6 +30,12 @@ async fn handle(req: IncomingRequest) -> Response {
 }
 
 fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
+    if req.path == "/metrics" {
+        return match req.method {
+            Method::Get => prometheus(ctx, req),
+            _ => Err(ApiError::MethodNotAllowed { allow: vec!["GET"] }),
+        };
+    }
     let who = ctx.authenticate(req)?;
     let segments = req.segments("/api/v1/metrics").unwrap_or_default();
     match (&req.method, segments.as_slice()) {
@@ -253,4 +259,233 @@ fn aggregate(
             Ok(Value::Object(item))
         })
         .collect()
+}
+
+/// Step duration histogram buckets, in seconds.
+const BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0];
+
+/// `GET /metrics` (operators, `Authorization: Bearer <metrics_token>`): the Prometheus text
+/// exposition format. Components keep nothing between requests, so every figure is read
+/// from the database at scrape time and stays right with any number of replicas.
+fn prometheus(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
+    let token = sparkops_platform::variable("metrics_token").unwrap_or_default();
+    let given = req
+        .header("authorization")
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Constant-time comparison of equal-length strings; an unset token closes the endpoint.
+    let same = token.len() == given.len()
+        && token
+            .bytes()
+            .zip(given.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if token.is_empty() || !same {
+        return Err(ApiError::Unauthenticated(
+            "the metrics token is required".into(),
+        ));
+    }
+    let db = ctx.db()?;
+    let mut out = Exposition::default();
+    let one =
+        |sql: &str| -> Result<Vec<sparkops_core::db::Row>, ApiError> { Ok(db.query(sql, &[])?) };
+
+    out.family("sparkops_runs_started_total", "counter", "Runs created.");
+    for r in one("select count(*) from runs")? {
+        out.sample("sparkops_runs_started_total", &[], r.int(0)? as f64);
+    }
+    out.family(
+        "sparkops_runs_finished_total",
+        "counter",
+        "Runs ended, by status.",
+    );
+    for r in one(&format!(
+        "select s, (select count(*) from runs where status = s) from unnest(array{RUN_FINALS_ARRAY}) s"
+    ))? {
+        out.sample(
+            "sparkops_runs_finished_total",
+            &[("status", &r.text(0)?)],
+            r.int(1)? as f64,
+        );
+    }
+    out.family(
+        "sparkops_runs_active",
+        "gauge",
+        "Runs not finished, by status.",
+    );
+    for r in one("select s, (select count(*) from runs where status = s)
+         from unnest(array['queued', 'running', 'waiting', 'cancelling']) s")?
+    {
+        out.sample(
+            "sparkops_runs_active",
+            &[("status", &r.text(0)?)],
+            r.int(1)? as f64,
+        );
+    }
+    out.family(
+        "sparkops_step_duration_seconds",
+        "histogram",
+        "Durations of finished step attempts, by step kind.",
+    );
+    let buckets: Vec<String> = BUCKETS
+        .iter()
+        .map(|b| format!("count(*) filter (where duration_ms <= {})", b * 1000.0))
+        .collect();
+    for r in one(&format!(
+        "select kind, {}, count(*), coalesce(sum(duration_ms), 0)::bigint from run_steps
+         where duration_ms is not null group by kind order by kind",
+        buckets.join(", ")
+    ))? {
+        let kind = r.text(0)?;
+        for (i, le) in BUCKETS.iter().enumerate() {
+            out.sample(
+                "sparkops_step_duration_seconds_bucket",
+                &[("kind", &kind), ("le", &le.to_string())],
+                r.int(1 + i)? as f64,
+            );
+        }
+        let count = r.int(1 + BUCKETS.len())? as f64;
+        out.sample(
+            "sparkops_step_duration_seconds_bucket",
+            &[("kind", &kind), ("le", "+Inf")],
+            count,
+        );
+        out.sample(
+            "sparkops_step_duration_seconds_sum",
+            &[("kind", &kind)],
+            r.int(2 + BUCKETS.len())? as f64 / 1000.0,
+        );
+        out.sample(
+            "sparkops_step_duration_seconds_count",
+            &[("kind", &kind)],
+            count,
+        );
+    }
+    let by_model = one(
+        "select model, coalesce(sum(tokens_in), 0)::bigint, coalesce(sum(tokens_out), 0)::bigint,
+                coalesce(sum(cost_usd), 0)::text,
+                count(*) filter (where cost_usd is null and tokens_in + tokens_out > 0)
+         from run_steps where model is not null group by model order by model",
+    )?;
+    out.family(
+        "sparkops_model_tokens_total",
+        "counter",
+        "Tokens used, by model and direction.",
+    );
+    for r in &by_model {
+        let model = r.text(0)?;
+        out.sample(
+            "sparkops_model_tokens_total",
+            &[("model", &model), ("direction", "in")],
+            r.int(1)? as f64,
+        );
+        out.sample(
+            "sparkops_model_tokens_total",
+            &[("model", &model), ("direction", "out")],
+            r.int(2)? as f64,
+        );
+    }
+    out.family(
+        "sparkops_model_cost_usd_total",
+        "counter",
+        "Cost of model calls in USD, by model.",
+    );
+    for r in &by_model {
+        let cost: f64 = r.text(3)?.parse().unwrap_or(0.0);
+        out.sample(
+            "sparkops_model_cost_usd_total",
+            &[("model", &r.text(0)?)],
+            cost,
+        );
+    }
+    out.family(
+        "sparkops_model_unpriced_steps_total",
+        "counter",
+        "Steps that used a model without a price.",
+    );
+    for r in &by_model {
+        out.sample(
+            "sparkops_model_unpriced_steps_total",
+            &[("model", &r.text(0)?)],
+            r.int(4)? as f64,
+        );
+    }
+    out.family(
+        "sparkops_policy_violations_total",
+        "counter",
+        "Calls and steps refused by a policy.",
+    );
+    for r in one("select count(*) from run_events where kind = 'policy.violation'")? {
+        out.sample("sparkops_policy_violations_total", &[], r.int(0)? as f64);
+    }
+    out.family(
+        "sparkops_ready_steps",
+        "gauge",
+        "Steps ready and waiting to be claimed.",
+    );
+    out.family(
+        "sparkops_oldest_ready_step_age_seconds",
+        "gauge",
+        "How long the oldest ready step has waited.",
+    );
+    for r in one(
+        "select count(*), coalesce(extract(epoch from now() - min(updated_at)), 0)::float8::text
+         from run_steps where status = 'ready'",
+    )? {
+        out.sample("sparkops_ready_steps", &[], r.int(0)? as f64);
+        out.sample(
+            "sparkops_oldest_ready_step_age_seconds",
+            &[],
+            r.text(1)?.parse().unwrap_or(0.0),
+        );
+    }
+    out.family(
+        "sparkops_schedule_fires_total",
+        "counter",
+        "Schedule fire times, by outcome.",
+    );
+    for r in one(
+        "select o, (select coalesce(sum(missed_count), 0) from schedule_fires where outcome = o)::bigint
+         from unnest(array['started', 'skipped', 'refused', 'failed']) o",
+    )? {
+        out.sample("sparkops_schedule_fires_total", &[("outcome", &r.text(0)?)], r.int(1)? as f64);
+    }
+    Ok(Reply::text(
+        200,
+        "text/plain; version=0.0.4; charset=utf-8",
+        out.text,
+    ))
+}
+
+const RUN_FINALS_ARRAY: &str = "['succeeded', 'failed', 'timed_out', 'cancelled']";
+
+/// The Prometheus text format, written family by family.
+#[derive(Default)]
+struct Exposition {
+    text: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        self.text += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| {
+                let v = v
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                format!("{k}=\"{v}\"")
+            })
+            .collect();
+        let labels = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{}}}", labels.join(","))
+        };
+        self.text += &format!("{name}{labels} {value}\n");
+    }
 }

@@ -152,6 +152,8 @@ pub struct Reply {
     pub status: u16,
     pub body: Option<Value>,
     pub headers: Vec<(String, String)>,
+    /// A body that is not JSON, with its `content-type` among the headers.
+    pub text: Option<String>,
 }
 
 impl Reply {
@@ -160,6 +162,17 @@ impl Reply {
             status,
             body: Some(body),
             headers: Vec::new(),
+            text: None,
+        }
+    }
+
+    /// A text body of `content_type`.
+    pub fn text(status: u16, content_type: &str, text: String) -> Self {
+        Self {
+            status,
+            body: None,
+            headers: vec![("content-type".into(), content_type.into())],
+            text: Some(text),
         }
     }
 
@@ -173,6 +186,7 @@ impl Reply {
             status: 201,
             body: Some(body),
             headers: vec![("location".into(), location)],
+            text: None,
         }
     }
 
@@ -181,6 +195,7 @@ impl Reply {
             status: 204,
             body: None,
             headers: Vec::new(),
+            text: None,
         }
     }
 
@@ -200,12 +215,13 @@ impl Reply {
         for (k, v) in &self.headers {
             b.header(k.as_str(), v.as_str());
         }
-        match self.body {
-            Some(body) => b
+        match (self.body, self.text) {
+            (Some(body), _) => b
                 .header("content-type", "application/json")
                 .body(body.to_string())
                 .build(),
-            None => b.build(),
+            (None, Some(text)) => b.body(text).build(),
+            (None, None) => b.build(),
         }
     }
 }

@@ -325,6 +325,7 @@ fn replay(
         status,
         body,
         headers: vec![("idempotent-replayed".into(), "true".into())],
+        text: None,
     };
     if let Ok(location) = row.text(3) {
         reply.headers.push(("location".into(), location));

@@ -283,3 +283,259 @@ async fn summaries_count_exactly_the_runs_made_in_each_grouping_range_and_tenant
         .await;
     assert_eq!(res.status, 422);
 }
+
+type Samples = std::collections::BTreeMap<(String, Vec<(String, String)>), f64>;
+
+/// A strict reader of the Prometheus text exposition format (0.0.4): `# HELP` and `# TYPE`
+/// lines, each sample after its family's `# TYPE` and named for it (histograms' `_bucket`,
+/// `_sum`, `_count`), valid metric and label names, quoted label values with escapes, float
+/// values; histogram buckets rise with `le` up to `+Inf`, which equals `_count`.
+fn parse_prometheus(text: &str) -> Samples {
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    let mut types: std::collections::HashMap<String, String> = Default::default();
+    let mut samples = Samples::new();
+    assert!(text.ends_with('\n'), "the exposition ends with a newline");
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (kind, name, tail) = (
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+                parts.next().unwrap_or(""),
+            );
+            assert!(valid_name(name), "bad family name in {line:?}");
+            match kind {
+                "HELP" => assert!(!tail.is_empty()),
+                "TYPE" => {
+                    assert!(
+                        ["counter", "gauge", "histogram", "summary", "untyped"].contains(&tail),
+                        "{line:?}"
+                    );
+                    assert!(
+                        types.insert(name.to_string(), tail.to_string()).is_none(),
+                        "{name} typed twice"
+                    );
+                }
+                _ => panic!("unknown comment {line:?}"),
+            }
+            continue;
+        }
+        let (name_labels, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value in {line:?}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        let (name, labels) = match name_labels.split_once('{') {
+            None => (name_labels, Vec::new()),
+            Some((name, rest)) => {
+                let body = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("unclosed labels in {line:?}"));
+                let mut labels = Vec::new();
+                let mut chars = body.chars().peekable();
+                while chars.peek().is_some() {
+                    let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                    assert!(
+                        valid_name(&key) && !key.contains(':'),
+                        "bad label name in {line:?}"
+                    );
+                    assert_eq!(chars.next(), Some('"'), "unquoted label value in {line:?}");
+                    let mut value = String::new();
+                    loop {
+                        match chars
+                            .next()
+                            .unwrap_or_else(|| panic!("unterminated value in {line:?}"))
+                        {
+                            '\\' => match chars.next() {
+                                Some('n') => value.push('\n'),
+                                Some(c @ ('\\' | '"')) => value.push(c),
+                                other => panic!("bad escape {other:?} in {line:?}"),
+                            },
+                            '"' => break,
+                            c => value.push(c),
+                        }
+                    }
+                    labels.push((key, value));
+                    match chars.next() {
+                        None => break,
+                        Some(',') => {}
+                        other => panic!("expected , or }} not {other:?} in {line:?}"),
+                    }
+                }
+                (name, labels)
+            }
+        };
+        assert!(valid_name(name), "bad metric name in {line:?}");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+            })
+            .unwrap_or(name);
+        assert!(types.contains_key(family), "{name} has no # TYPE before it");
+        assert!(
+            samples.insert((name.to_string(), labels), value).is_none(),
+            "duplicate sample {line:?}"
+        );
+    }
+    // Histograms: cumulative buckets ending at +Inf = _count.
+    for (family, _) in types.iter().filter(|(_, t)| *t == "histogram") {
+        let bucket = format!("{family}_bucket");
+        let series: std::collections::BTreeSet<Vec<(String, String)>> = samples
+            .keys()
+            .filter(|(n, _)| *n == bucket)
+            .map(|(_, l)| l.iter().filter(|(k, _)| k != "le").cloned().collect())
+            .collect();
+        for labels in series {
+            let mut buckets: Vec<(f64, f64)> = samples
+                .iter()
+                .filter(|((n, l), _)| {
+                    *n == bucket
+                        && l.iter()
+                            .filter(|(k, _)| k != "le")
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            == labels
+                })
+                .map(|((_, l), v)| {
+                    let le = &l.iter().find(|(k, _)| k == "le").unwrap().1;
+                    (
+                        if le == "+Inf" {
+                            f64::INFINITY
+                        } else {
+                            le.parse().unwrap()
+                        },
+                        *v,
+                    )
+                })
+                .collect();
+            buckets.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+            assert!(
+                buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+                "{family} buckets fall"
+            );
+            assert_eq!(buckets.last().unwrap().0, f64::INFINITY);
+            assert_eq!(
+                Some(&buckets.last().unwrap().1),
+                samples.get(&(format!("{family}_count"), labels.clone()))
+            );
+        }
+    }
+    samples
+}
+
+fn value(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let key = (
+        name.to_string(),
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    samples.get(&key).copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn the_prometheus_endpoint_parses_and_its_counters_move_as_runs_happen() {
+    let provider = FakeServer::answering(vec![openai::text("ok", 100, 50)], Duration::ZERO).await;
+    let providers = format!("fake={}", provider.url("/v1"));
+    let api = Api::start_with(&[
+        ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
+        ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
+        ("SPIN_VARIABLE_MODEL_PROVIDERS", providers.as_str()),
+        ("SPIN_VARIABLE_METRICS_TOKEN", "operator-token-123"),
+    ])
+    .await;
+    let scrape = || async {
+        let res = common::request(
+            "GET",
+            &api.app.url("/metrics"),
+            &[("authorization", "Bearer operator-token-123")],
+            None,
+        )
+        .await;
+        assert_eq!(res.status, 200);
+        assert!(
+            res.header("content-type")
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4")
+        );
+        parse_prometheus(std::str::from_utf8(&res.body).unwrap())
+    };
+    // Operators only.
+    assert_eq!(
+        common::request("GET", &api.app.url("/metrics"), &[], None)
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        common::request(
+            "GET",
+            &api.app.url("/metrics"),
+            &[("authorization", "Bearer operator-token-124")],
+            None
+        )
+        .await
+        .status,
+        401
+    );
+    let before = scrape().await;
+    known_runs(&api, "ada").await;
+    let after = scrape().await;
+    let moved = |name: &str, labels: &[(&str, &str)]| {
+        value(&after, name, labels) - value(&before, name, labels)
+    };
+    assert_eq!(moved("sparkops_runs_started_total", &[]), 4.0);
+    assert_eq!(
+        moved("sparkops_runs_finished_total", &[("status", "succeeded")]),
+        3.0
+    );
+    assert_eq!(
+        moved("sparkops_runs_finished_total", &[("status", "failed")]),
+        1.0
+    );
+    assert_eq!(
+        moved(
+            "sparkops_model_tokens_total",
+            &[("model", "fake/small"), ("direction", "in")]
+        ),
+        300.0
+    );
+    assert_eq!(
+        moved(
+            "sparkops_model_tokens_total",
+            &[("model", "fake/small"), ("direction", "out")]
+        ),
+        150.0
+    );
+    assert!(
+        (moved("sparkops_model_cost_usd_total", &[("model", "fake/small")]) - 0.0006).abs() < 1e-9
+    );
+    assert_eq!(
+        moved("sparkops_step_duration_seconds_count", &[("kind", "agent")]),
+        3.0
+    );
+    assert_eq!(
+        moved("sparkops_step_duration_seconds_count", &[("kind", "tool")]),
+        1.0
+    );
+    assert_eq!(value(&after, "sparkops_ready_steps", &[]), 0.0);
+    assert_eq!(
+        value(&after, "sparkops_runs_active", &[("status", "running")]),
+        0.0
+    );
+}
