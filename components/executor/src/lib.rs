@@ -68,8 +68,15 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         }
     });
     let elapsed = started.elapsed().as_millis() as i64;
-    if let Err(e) = record(&mut ctx, run_id, step, lease, attempt, done, elapsed) {
-        log("recording a step", run_id, step, &format!("{e:?}"));
+    let error_kind = done.result.as_ref().err().map(|(k, _)| k.clone());
+    match record(&mut ctx, run_id, step, lease, attempt, done, elapsed) {
+        // One line per step attempt: ids, outcome and timing, never inputs or outputs.
+        Ok(status) => eprintln!(
+            "{}",
+            json!({"level": "info", "msg": "step", "run_id": run_id, "step": step, "attempt": attempt,
+                "status": status, "error_kind": error_kind, "duration_ms": elapsed})
+        ),
+        Err(e) => log("recording a step", run_id, step, &format!("{e:?}")),
     }
     sparkops_platform::nudge::run(run_id);
 }
@@ -288,7 +295,7 @@ fn record(
     attempt: i64,
     done: Done,
     duration_ms: i64,
-) -> Result<(), ApiError> {
+) -> Result<&'static str, ApiError> {
     let (status, error, next_ms) = match &done.result {
         Ok(_) => ("succeeded", Value::Null, None),
         Err((kind, message)) => {
@@ -330,8 +337,10 @@ fn record(
                 data["error"] = error;
             }
             engine::event(tx, run_id, &format!("step.{status}"), Some(key), data)?;
+            return Ok(status);
         }
-        Ok(())
+        // The lease was lost meanwhile (cancelled, taken back): the result is not recorded.
+        Ok("discarded")
     })
 }
 

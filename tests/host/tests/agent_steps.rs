@@ -258,7 +258,23 @@ async fn an_agent_calls_two_tools_then_answers_with_its_tokens_and_cost_recorded
         provider.received()[3].headers["authorization"],
         "Bearer sk-project-key"
     );
-    assert!(!api.guest_logs().contains("sk-project-key"));
+    let logs = api.guest_logs();
+    assert!(!logs.contains("sk-project-key") && !logs.contains("sk-app-key"));
+    // One JSON line per step attempt, with ids and outcome but never the step's content.
+    let step_line: Value = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["msg"] == "step" && l["run_id"] == run_id)
+        .expect("a step log line");
+    assert_eq!(
+        (
+            &step_line["step"],
+            &step_line["status"],
+            &step_line["attempt"]
+        ),
+        (&json!("ask"), &json!("succeeded"), &json!(1))
+    );
+    assert!(!logs.contains("weather up north") && !logs.contains("3 degrees"));
 }
 
 #[tokio::test]
