@@ -200,13 +200,15 @@ fn aggregate(
             "round(percentile_cont({p}) within group (order by dur) filter (where dur is not null))::bigint"
         )
     };
-    let figures = ctx.db()?.query(
+    // One pass: grouping sets give each group's figures (status null) and its counts by
+    // status (status set) from the same sort.
+    let rows = ctx.db()?.query(
         &format!(
-            "select k, count(*), count(*) filter (where st = 'succeeded'),
+            "select k, st, grouping(st), count(*), count(*) filter (where st = 'succeeded'),
                     count(*) filter (where st in {finals}), {p50}, {p95}, {p99},
                     coalesce(sum(tin), 0)::bigint, coalesce(sum(tout), 0)::bigint,
                     coalesce(sum(cost), 0)::text, coalesce(sum(unpriced), 0)::bigint
-             from ({rows_sql}) x group by k order by k::text",
+             from ({rows_sql}) x group by grouping sets ((k), (k, st)) order by k::text, grouping(st) desc",
             finals = shape.finals,
             p50 = pct(0.5),
             p95 = pct(0.95),
@@ -214,51 +216,48 @@ fn aggregate(
         ),
         &params,
     )?;
-    let by_status = ctx.db()?.query(
-        &format!("select k, st, count(*) from ({rows_sql}) x group by k, st"),
-        &params,
-    )?;
-    figures
-        .iter()
-        .map(|r| {
-            let key = r.json(0)?;
-            let mut statuses = Map::new();
-            for s in &by_status {
-                if s.json(0)? == key {
-                    statuses.insert(s.text(1)?, json!(s.int(2)?));
-                }
+    let mut items: Vec<Value> = Vec::new();
+    for r in &rows {
+        if r.int(2)? == 0 {
+            // A status count of the group just opened.
+            if let Some(Value::Object(item)) = items.last_mut()
+                && let Some(Value::Object(statuses)) = item.get_mut("by_status")
+            {
+                statuses.insert(r.text(1)?, json!(r.int(3)?));
             }
-            let (succeeded, finished) = (r.int(2)?, r.int(3)?);
-            let cost = Usd::parse(&r.text(9)?).map_err(ApiError::Server)?;
-            let mut item = match key {
-                Value::Object(m) => m,
-                _ => Map::new(),
-            };
-            for (k, v) in [
-                ("count", json!(r.int(1)?)),
-                ("by_status", Value::Object(statuses)),
-                (
-                    "success_rate",
-                    if finished == 0 {
-                        Value::Null
-                    } else {
-                        json!(succeeded as f64 / finished as f64)
-                    },
-                ),
-                (
-                    "duration_ms",
-                    json!({"p50": r.int(4).ok(), "p95": r.int(5).ok(), "p99": r.int(6).ok()}),
-                ),
-                ("tokens_in", json!(r.int(7)?)),
-                ("tokens_out", json!(r.int(8)?)),
-                ("cost_usd", json!(cost.to_fixed())),
-                ("unpriced_calls", json!(r.int(10)?)),
-            ] {
-                item.insert(k.into(), v);
-            }
-            Ok(Value::Object(item))
-        })
-        .collect()
+            continue;
+        }
+        let (succeeded, finished) = (r.int(4)?, r.int(5)?);
+        let cost = Usd::parse(&r.text(11)?).map_err(ApiError::Server)?;
+        let mut item = match r.json(0)? {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        for (k, v) in [
+            ("count", json!(r.int(3)?)),
+            ("by_status", Value::Object(Map::new())),
+            (
+                "success_rate",
+                if finished == 0 {
+                    Value::Null
+                } else {
+                    json!(succeeded as f64 / finished as f64)
+                },
+            ),
+            (
+                "duration_ms",
+                json!({"p50": r.int(6).ok(), "p95": r.int(7).ok(), "p99": r.int(8).ok()}),
+            ),
+            ("tokens_in", json!(r.int(9)?)),
+            ("tokens_out", json!(r.int(10)?)),
+            ("cost_usd", json!(cost.to_fixed())),
+            ("unpriced_calls", json!(r.int(12)?)),
+        ] {
+            item.insert(k.into(), v);
+        }
+        items.push(Value::Object(item));
+    }
+    Ok(items)
 }
 
 /// Step duration histogram buckets, in seconds.

@@ -3,6 +3,8 @@
 //! app (spin.toml) on this host, beside the Postgres ceiling: `pgbench` running the SQL
 //! statements one step costs the orchestrator and the executor, in the same run.
 //!
+//! Then `/metrics/summary` and `/metrics/steps` latency over a million generated steps.
+//!
 //! Usage: engine_bench (from the workspace root; `DATABASE_URL` and `REDIS_URL` name the
 //! servers; a fresh database is made and dropped). `RUNS` sets the throughput batch (100).
 //! Bounded: every wait has a limit, and every address is loopback.
@@ -212,8 +214,76 @@ async fn bench(
     println!(
         "| Postgres ceiling: pgbench, one step's statements per transaction | | | | {tps:.0} |"
     );
+    metrics(&db, &client, &project, &workflows[1].1).await?;
     app.shutdown().await;
     let _ = std::fs::remove_dir_all(&state);
+    Ok(())
+}
+
+/// `/metrics/summary` and `/metrics/steps` over a million generated steps (100,000 runs of
+/// ten steps over 30 days, statuses, durations, tokens, costs and four models varied), one
+/// request at a time: p50 and p95 of 20 requests per query.
+async fn metrics(
+    db: &tokio_postgres::Client,
+    client: &Client,
+    project: &Value,
+    workflow: &Value,
+) -> Result<()> {
+    let (project, workflow) = (
+        project.as_str().context("a project")?,
+        workflow.as_str().context("a workflow")?,
+    );
+    let started = Instant::now();
+    db.batch_execute(&format!(
+        "insert into runs (run_id, project_id, workflow_id, workflow_version, input, status, tokens_in, tokens_out,
+                           cost_usd, started_at, finished_at, created_at)
+         select gen_random_uuid(), '{project}', '{workflow}', 1, '{{}}'::jsonb,
+                (array['succeeded', 'succeeded', 'succeeded', 'failed', 'timed_out'])[1 + n % 5],
+                1000, 500, 0.01, t, t + (n % 997) * interval '1 millisecond', t
+         from generate_series(1, 100000) n, lateral (select now() - (n % 30) * interval '1 day' - n * interval '1 second' as t) x;
+         insert into run_steps (run_id, step_key, kind, status, attempt, model, tokens_in, tokens_out, cost_usd, duration_ms)
+         select r.run_id, 's' || i, case when i % 3 = 0 then 'tool' else 'agent' end,
+                (array['succeeded', 'succeeded', 'failed'])[1 + (i + length(r.run_id::text)) % 3], 1,
+                case when i % 3 = 0 then null else (array['openai/gpt-4o', 'openai/gpt-4o-mini', 'anthropic/claude-3-5-haiku-latest', 'local/llama'])[1 + i % 4] end,
+                100, 50, 0.001, (i * 37) % 5000
+         from runs r, generate_series(0, 9) i where r.project_id = '{project}' and r.input = '{{}}'::jsonb
+           and not exists (select 1 from run_steps s where s.run_id = r.run_id);
+         analyze runs; analyze run_steps;"
+    ))
+    .await?;
+    let steps: i64 = db
+        .query_one("select count(*) from run_steps", &[])
+        .await?
+        .get(0);
+    println!();
+    println!(
+        "Metrics over {steps} steps in 100,000 runs (generated in {:.0} s), 20 requests each, one at a time:",
+        started.elapsed().as_secs_f64()
+    );
+    println!("| query | p50 | p95 |");
+    println!("|---|---|---|");
+    for query in [
+        "summary",
+        "summary&group_by=day",
+        "summary&group_by=model",
+        "summary&group_by=workflow",
+        "steps",
+    ] {
+        let (path, extra) = query.split_once('&').unwrap_or((query, ""));
+        let url = format!("/api/v1/metrics/{path}?project_id={project}&{extra}");
+        let mut samples = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            client.get(&url).await?;
+            samples.push(t.elapsed());
+        }
+        samples.sort();
+        println!(
+            "| GET /metrics/{query} | {:.1} ms | {:.1} ms |",
+            ms(samples[10]),
+            ms(samples[19])
+        );
+    }
     Ok(())
 }
 
@@ -383,6 +453,10 @@ struct Client {
 }
 
 impl Client {
+    async fn get(&self, path: &str) -> Result<Value> {
+        self.call("GET", path, Value::Null).await
+    }
+
     async fn call(&self, method: &str, path: &str, body: Value) -> Result<Value> {
         let uri: http::Uri = format!("{}{path}", self.base).parse()?;
         let authority = uri.authority().context("an authority")?.to_string();
