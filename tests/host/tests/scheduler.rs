@@ -530,3 +530,52 @@ async fn a_deleted_project_stops_its_schedules() {
         .get(0);
     assert_eq!(runs, 0);
 }
+
+#[tokio::test]
+async fn a_paused_schedule_does_not_fire_and_resumes_from_now() {
+    let api = Api::start().await;
+    let (ada, p) = project(&api).await;
+    let wf = workflow(&api, &ada, &p, false).await;
+    let t = utc("2027-08-01T00:00:00Z");
+    let id = schedule(
+        &api,
+        &ada,
+        (&p, &wf),
+        json!({"cron": "0 0 * * * *", "overlap": "allow"}),
+        t,
+    )
+    .await;
+    let path = format!("/api/v1/schedules/{id}");
+    let res = api
+        .call(
+            "PATCH",
+            &path,
+            Some(&ada.access),
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    assert_eq!(
+        (&res.json()["enabled"], &res.json()["next_fire_at"]),
+        (&json!(false), &Value::Null)
+    );
+    // Paused, its fire times pass without a run or a record.
+    tick(&api, t + Duration::seconds(1)).await;
+    tick(&api, t + Duration::seconds(7201)).await;
+    assert!(fired_for(&api, &ada, &id).await.is_empty());
+    assert!(fires(&api, &ada, &id).await.is_empty());
+    // Resumed, it fires from now on: the next full hour, not the missed ones.
+    let res = api
+        .call(
+            "PATCH",
+            &path,
+            Some(&ada.access),
+            Some(json!({"enabled": true})),
+        )
+        .await;
+    assert_eq!(res.status, 200);
+    let next = time(&res.json()["next_fire_at"]);
+    let now = chrono::Utc::now();
+    assert!(next > now && next <= now + Duration::hours(1), "{next}");
+    assert_eq!(next.timestamp() % 3600, 0);
+}
