@@ -37,9 +37,12 @@ impl Backend {
             KeyValueStoreConfig::Redis { url } => {
                 let client = redis::Client::open(url.as_str())
                     .with_context(|| format!("key-value store `{label}`: bad Redis URL"))?;
-                let manager = redis::aio::ConnectionManager::new(client)
-                    .await
-                    .with_context(|| format!("key-value store `{label}`: cannot reach Redis"))?;
+                let manager = redis::aio::ConnectionManager::new_with_config(
+                    client,
+                    crate::state::redis_config(),
+                )
+                .await
+                .with_context(|| format!("key-value store `{label}`: cannot reach Redis"))?;
                 Ok(Backend::Redis(manager))
             }
             KeyValueStoreConfig::Spin { path } => {

@@ -59,7 +59,7 @@ impl AppShared {
             return Ok(c.clone());
         }
         let client = redis::Client::open(address).map_err(|_| Error::InvalidAddress)?;
-        let conn = redis::aio::ConnectionManager::new(client)
+        let conn = redis::aio::ConnectionManager::new_with_config(client, redis_config())
             .await
             .map_err(|e| Error::Other(e.to_string()))?;
         conns.insert(address.to_string(), conn.clone());
@@ -133,4 +133,13 @@ impl WasiHttpView for InstanceState {
             hooks: &mut self.hooks,
         }
     }
+}
+
+/// Outbound Redis (key-value, rate limits, pub/sub) gives up after a bound instead of
+/// waiting for ever on a server that accepted and went silent: a guest's call fails and
+/// its request answers (a 503, a logged warning) rather than hang.
+pub fn redis_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(std::time::Duration::from_secs(2))
+        .set_response_timeout(std::time::Duration::from_secs(2))
 }

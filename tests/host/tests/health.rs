@@ -138,6 +138,36 @@ async fn readyz_is_a_503_problem_naming_redis_while_redis_is_stopped() {
 }
 
 #[tokio::test]
+async fn readyz_answers_503_rather_than_hang_while_redis_is_unresponsive() {
+    let env = TestEnv::new().await;
+    let redis = OwnRedis::start().await;
+    let app = start(&env, &redis.url).await;
+    assert_eq!(get(&app, "/readyz").await.status, 200);
+    // Redis accepts and says nothing for 8 s (every client paused).
+    let mut admin = redis::Client::open(redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(8000)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // The check gives up on the silent server and says so, within the pause.
+    let res = get(&app, "/readyz").await;
+    assert_eq!(res.status, 503);
+    assert_eq!(res.json()["checks"]["key_value"], "down");
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    eventually(async || (get(&app, "/readyz").await.status == 200).then_some(())).await;
+}
+
+#[tokio::test]
 async fn readyz_names_postgres_when_the_database_is_not_migrated() {
     let env = TestEnv::new().await;
     env.db()
