@@ -72,6 +72,16 @@ impl ApiError {
         }
     }
 
+    /// A validation error about several fields, each named in the detail.
+    pub fn fields(errors: Vec<FieldError>) -> Self {
+        let detail = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        ApiError::Validation { detail, errors }
+    }
+
     pub fn status(&self) -> u16 {
         match self {
             ApiError::Validation { .. } => 422,

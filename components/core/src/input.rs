@@ -275,16 +275,7 @@ impl Body {
         if self.errors.is_empty() {
             return Ok(());
         }
-        let detail = self
-            .errors
-            .iter()
-            .map(|e| format!("{}: {}", e.field, e.message))
-            .collect::<Vec<_>>()
-            .join("; ");
-        Err(ApiError::Validation {
-            detail,
-            errors: self.errors,
-        })
+        Err(ApiError::fields(self.errors))
     }
 }
 

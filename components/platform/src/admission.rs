@@ -8,13 +8,13 @@
 //! With a concurrency limit in scope the project's row is locked first, so two starts at
 //! once cannot both take the last slot.
 
-use chrono::{DateTime, Datelike, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use sparkops_core::db::{AS_TIMESTAMPTZ, Tx, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::money::Usd;
-use sparkops_core::policy::{self, Window};
 
 use crate::db::Db;
+use crate::policies;
 
 /// Statuses of a run that holds a concurrency slot.
 const UNFINISHED: &str = "('queued', 'running', 'waiting', 'cancelling')";
@@ -27,23 +27,13 @@ pub fn admit(
     workflow_id: &str,
     now: DateTime<Utc>,
 ) -> Result<(), ApiError> {
-    let rows = tx.query(
-        "select policy_id::text, name, rules, scope_workflow_id is not null from policies
-         where project_id = $1 and enabled and deleted_at is null and scope_agent_id is null
-           and (scope_workflow_id is null or scope_workflow_id = $2)
-         order by policy_id",
-        &[V::Uuid(project_id.into()), V::Uuid(workflow_id.into())],
-    )?;
-    let mut policies = Vec::new();
-    for row in &rows {
-        let id = row.text(0)?;
-        let rules = policy::parse_rules(&row.json(2)?)
-            .map_err(|e| ApiError::Server(format!("policy {id} does not parse: {e:?}")))?;
-        policies.push((id, row.text(1)?, rules, row.bool(3)?));
-    }
+    let policies = policies::from_rows(&tx.query(
+        policies::IN_SCOPE,
+        &policies::scope_params(project_id, workflow_id, None),
+    )?)?;
     if policies
         .iter()
-        .any(|(_, _, r, _)| r.max_concurrent_runs.is_some())
+        .any(|p| p.rules.max_concurrent_runs.is_some())
     {
         tx.query(
             "select 1 from projects where project_id = $1 for no key update",
@@ -61,13 +51,14 @@ pub fn admit(
             ("project_id = $1", vec![V::Uuid(project_id.into())])
         }
     };
-    for (id, name, rules, workflow_scoped) in &policies {
-        let refuse = |rule: &str, detail: String| {
-            Err(ApiError::PolicyViolation(format!(
-                "policy `{name}` ({id}), rule {rule}: {detail}"
-            )))
+    for p in &policies {
+        let (id, rules) = (&p.id, &p.rules);
+        let refuse = |rule: &'static str, detail: String| {
+            Err(ApiError::PolicyViolation(
+                policies::violation(p, rule, detail).message(),
+            ))
         };
-        let (filter, params) = scope(*workflow_scoped);
+        let (filter, params) = scope(p.workflow_scoped);
         if let Some(limit) = rules.max_concurrent_runs {
             let rows = tx.query(
                 &format!("select count(*) from runs where {filter} and status in {UNFINISHED}"),
@@ -84,7 +75,7 @@ pub fn admit(
         if let Some(budget) = rules.budget.as_ref().filter(|b| b.block) {
             // What the budget's calls have spent in its current window (the ledger the
             // engine reserves against; see `policies`).
-            let start = window_start(budget.window, now).unwrap_or(DateTime::UNIX_EPOCH);
+            let start = policies::window_start(budget.window, now);
             let rows = tx.query(
                 &format!(
                     "select spent_usd::text from budget_usage where policy_id = $1 and window_start = $2{AS_TIMESTAMPTZ}"
@@ -113,17 +104,4 @@ pub fn admit(
         }
     }
     Ok(())
-}
-
-/// Where a budget window that contains `now` began (UTC); `None` for `total`.
-pub fn window_start(window: Window, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    match window {
-        Window::Total => None,
-        Window::Day => Utc
-            .with_ymd_and_hms(now.year(), now.month(), now.day(), 0, 0, 0)
-            .single(),
-        Window::Month => Utc
-            .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
-            .single(),
-    }
 }

@@ -9,14 +9,13 @@
 //! reservation is settled to the real cost (`settle`). A model without a price is refused
 //! by a blocking budget, never counted as free.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde_json::{Value, json};
 use sparkops_core::db::{self as core_db, AS_TIMESTAMPTZ, Connection as _, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::money::Usd;
-use sparkops_core::policy::{self, Rules, glob_matches};
+use sparkops_core::policy::{self, Rules, Window, glob_matches};
 
-use crate::admission::window_start;
 use crate::db::Db;
 
 /// One enabled policy in scope.
@@ -25,6 +24,8 @@ pub struct Policy {
     pub id: String,
     pub name: String,
     pub rules: Rules,
+    /// Scoped to a workflow (its counts are that workflow's runs, not the project's).
+    pub workflow_scoped: bool,
 }
 
 /// A rule that refused a call.
@@ -50,7 +51,7 @@ impl Violation {
     }
 }
 
-fn violation(p: &Policy, rule: &'static str, detail: String) -> Violation {
+pub fn violation(p: &Policy, rule: &'static str, detail: String) -> Violation {
     Violation {
         policy_id: p.id.clone(),
         policy: p.name.clone(),
@@ -59,26 +60,27 @@ fn violation(p: &Policy, rule: &'static str, detail: String) -> Violation {
     }
 }
 
-/// The enabled policies of the project that apply to a step of `workflow_id` (and, for an
-/// agent step, of `agent_id`).
-pub fn in_scope(
-    db: &Db,
-    project_id: &str,
-    workflow_id: &str,
-    agent_id: Option<&str>,
-) -> Result<Vec<Policy>, ApiError> {
-    let rows = db.query(
-        "select policy_id::text, name, rules from policies
-         where project_id = $1 and enabled and deleted_at is null
-           and (scope_workflow_id is null or scope_workflow_id = $2)
-           and (scope_agent_id is null or scope_agent_id = $3::text::uuid)
-         order by policy_id",
-        &[
-            V::Uuid(project_id.into()),
-            V::Uuid(workflow_id.into()),
-            agent_id.map_or(V::Null, |a| V::Text(a.into())),
-        ],
-    )?;
+/// The enabled policies of a project that apply to a run of `$2` (the workflow) and, for
+/// an agent step, to the agent `$3` (`null` otherwise: agent-scoped policies then never
+/// match). Read with [`scope_params`], parsed with [`from_rows`].
+pub const IN_SCOPE: &str =
+    "select policy_id::text, name, rules, scope_workflow_id is not null from policies
+     where project_id = $1 and enabled and deleted_at is null
+       and (scope_workflow_id is null or scope_workflow_id = $2)
+       and (scope_agent_id is null or scope_agent_id = $3::text::uuid)
+     order by policy_id";
+
+/// The parameters of [`IN_SCOPE`].
+pub fn scope_params(project_id: &str, workflow_id: &str, agent_id: Option<&str>) -> [V; 3] {
+    [
+        V::Uuid(project_id.into()),
+        V::Uuid(workflow_id.into()),
+        agent_id.map_or(V::Null, |a| V::Text(a.into())),
+    ]
+}
+
+/// The policies [`IN_SCOPE`] read.
+pub fn from_rows(rows: &[sparkops_core::db::Row]) -> Result<Vec<Policy>, ApiError> {
     rows.iter()
         .map(|r| {
             let id = r.text(0)?;
@@ -88,9 +90,21 @@ pub fn in_scope(
                 id,
                 name: r.text(1)?,
                 rules,
+                workflow_scoped: r.bool(3)?,
             })
         })
         .collect()
+}
+
+/// The enabled policies in scope of a step of `workflow_id` (and, for an agent step, of
+/// `agent_id`).
+pub fn in_scope(
+    db: &Db,
+    project_id: &str,
+    workflow_id: &str,
+    agent_id: Option<&str>,
+) -> Result<Vec<Policy>, ApiError> {
+    from_rows(&db.query(IN_SCOPE, &scope_params(project_id, workflow_id, agent_id))?)
 }
 
 /// Every policy naming allowed models must allow `model`.
@@ -177,10 +191,19 @@ pub struct Reservation {
     amount: Option<Usd>,
 }
 
-/// The start of the budget's window containing `now`; the Unix epoch for `total`.
-fn window_key(p: &Policy, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let budget = p.rules.budget.as_ref()?;
-    Some(window_start(budget.window, now).unwrap_or(DateTime::UNIX_EPOCH))
+/// Where the budget window that contains `now` began (UTC); the Unix epoch for `total`,
+/// which has one window for ever. `budget_usage` rows are keyed by it.
+pub fn window_start(window: Window, now: DateTime<Utc>) -> DateTime<Utc> {
+    let start = match window {
+        Window::Total => None,
+        Window::Day => Utc
+            .with_ymd_and_hms(now.year(), now.month(), now.day(), 0, 0, 0)
+            .single(),
+        Window::Month => Utc
+            .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+            .single(),
+    };
+    start.unwrap_or(DateTime::UNIX_EPOCH)
 }
 
 /// Reserves `worst` (the call's worst-case cost; `None` when the model has no price)
@@ -218,7 +241,7 @@ pub fn reserve(
     let result = core_db::transaction(db, |tx| {
         for p in &budgets {
             let budget = p.rules.budget.as_ref().expect("filtered");
-            let start = window_key(p, now).expect("a budget");
+            let start = window_start(budget.window, now);
             tx.execute(
                 &format!(
                     "insert into budget_usage (policy_id, window_start) values ($1, $2{AS_TIMESTAMPTZ})

@@ -321,14 +321,7 @@ fn update<R: Resource>(
         })
         .collect();
     if !errors.is_empty() {
-        return Err(ApiError::Validation {
-            detail: errors
-                .iter()
-                .map(|e| format!("{}: {}", e.field, e.message))
-                .collect::<Vec<_>>()
-                .join("; "),
-            errors,
-        });
+        return Err(ApiError::fields(errors));
     }
     let body = ctx.transaction(|tx, ctx| {
         let current = R::to_json(&select_one::<R>(tx, &id, true)?)?;

@@ -20,15 +20,6 @@ pub fn setting(name: &str) -> bool {
     crate::variable(name).is_ok_and(|v| v.trim() == "true")
 }
 
-fn invalid(errors: Vec<FieldError>) -> ApiError {
-    let detail = errors
-        .iter()
-        .map(|e| format!("{}: {}", e.field, e.message))
-        .collect::<Vec<_>>()
-        .join("; ");
-    ApiError::Validation { detail, errors }
-}
-
 /// Calls `tool` (as the tools API answers it) with `input`. `Err(422)` when the call may
 /// not be made (bad input, URL, missing secret); otherwise what happened:
 /// `{"ok", "status"?, "duration_ms", "output"?, "error"?: {"kind", "message"}}`.
@@ -88,7 +79,7 @@ pub fn call(
         }
     }
     if !errors.is_empty() {
-        return Err(invalid(errors));
+        return Err(ApiError::fields(errors));
     }
     let mut url = url.ok_or(ApiError::Internal)?;
     let method = http["method"].as_str().unwrap_or("POST");

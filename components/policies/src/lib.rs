@@ -66,8 +66,7 @@ fn usage(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Api
         let rules = parse_rules(&row.json(2)?)
             .map_err(|e| ApiError::Server(format!("policy {id} does not parse: {e:?}")))?;
         let Some(budget) = rules.budget else { continue };
-        let start = sparkops_platform::admission::window_start(budget.window, now)
-            .unwrap_or(chrono::DateTime::UNIX_EPOCH);
+        let start = sparkops_platform::policies::window_start(budget.window, now);
         let used = ctx.db()?.query(
             &format!(
                 "select spent_usd::text, reserved_usd::text, tokens, calls from budget_usage

@@ -245,21 +245,15 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
     if !schema.is_null()
         && let Err(problems) = sparkops_core::schema::validate(&schema, &input)
     {
-        let errors: Vec<sparkops_core::error::FieldError> = problems
-            .into_iter()
-            .map(|(p, m)| sparkops_core::error::FieldError {
-                field: format!("input{p}"),
-                message: m,
-            })
-            .collect();
-        return Err(ApiError::Validation {
-            detail: errors
-                .iter()
-                .map(|e| format!("{}: {}", e.field, e.message))
-                .collect::<Vec<_>>()
-                .join("; "),
-            errors,
-        });
+        return Err(ApiError::fields(
+            problems
+                .into_iter()
+                .map(|(p, m)| sparkops_core::error::FieldError {
+                    field: format!("input{p}"),
+                    message: m,
+                })
+                .collect(),
+        ));
     }
     let parsed = workflow::parse_saved(&definition).map_err(|e| {
         ApiError::Server(format!(

@@ -351,16 +351,6 @@ async fn a_structured_answer_is_checked_against_response_format() {
     );
 }
 
-/// Fires the sweeper as at `seconds` from now.
-async fn sweep_at(api: &Api, seconds: i64) {
-    let at = chrono::Utc::now().timestamp() + seconds;
-    api.app
-        .inner
-        .handle_cron("sweeper", at as u64)
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn provider_rate_limits_and_errors_are_retried_with_backoff_and_a_bad_request_is_not() {
     let provider = FakeServer::answering(
@@ -407,16 +397,16 @@ async fn provider_rate_limits_and_errors_are_retried_with_backoff_and_a_bad_requ
         next.timestamp() - chrono::Utc::now().timestamp() >= 25,
         "{first}"
     );
-    sweep_at(&api, 10).await;
+    api.sweep_at(10).await;
     assert_eq!(step().await["attempt"], 1);
-    sweep_at(&api, 40).await;
+    api.sweep_at(40).await;
     let second = common::eventually(async || {
         let s = step().await;
         (s["status"] == "retrying" && s["attempt"] == 2).then_some(s)
     })
     .await;
     assert_eq!(second["error"]["kind"], "provider-error");
-    sweep_at(&api, 120).await;
+    api.sweep_at(120).await;
     let done = common::eventually(async || {
         let s = step().await;
         (s["status"] == "succeeded").then_some(s)
@@ -836,9 +826,9 @@ async fn a_hold_whose_call_never_settled_is_released_by_the_sweeper() {
             .to_string()
     };
     assert_eq!(reserved().await, "0.500000");
-    sweep_at(&api, 60).await;
+    api.sweep_at(60).await;
     assert_eq!(reserved().await, "0.500000");
-    sweep_at(&api, 3600).await;
+    api.sweep_at(3600).await;
     assert_eq!(reserved().await, "0.000000");
     // What was spent stays spent.
     let spent: String = db

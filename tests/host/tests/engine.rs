@@ -269,16 +269,6 @@ async fn a_tool_that_rejects_the_call_fails_the_step_and_the_run_without_retryin
 
 // ---- The sweeper: retries, lost hosts, timeouts -----------------------------------------------
 
-/// Fires the sweeper as at `seconds` from now (tests choose the time; nothing waits for it).
-async fn sweep_at(api: &Api, seconds: i64) {
-    let at = chrono::Utc::now().timestamp() + seconds;
-    api.app
-        .inner
-        .handle_cron("sweeper", at as u64)
-        .await
-        .unwrap();
-}
-
 async fn tool(api: &Api, who: &User, p: &str, url: String) -> Value {
     tool_named(api, who, p, "weather", url).await
 }
@@ -346,9 +336,9 @@ async fn a_failed_call_is_retried_after_its_backoff_and_the_run_succeeds() {
         (&json!(1), &json!("tool-error"))
     );
     // Before the backoff has passed the sweeper leaves it; after, the second attempt runs.
-    sweep_at(&api, 30).await;
+    api.sweep_at(30).await;
     assert_eq!(step_of(&api, &ada, id, "call").await["status"], "retrying");
-    sweep_at(&api, 120).await;
+    api.sweep_at(120).await;
     let run = wait_status(&api, &ada, id, "succeeded").await;
     assert_eq!(run["output"], json!({"call": {"ok": 1}}));
     let step = step_of(&api, &ada, id, "call").await;
@@ -382,7 +372,7 @@ async fn a_step_whose_host_died_is_taken_back_and_run_again_once() {
     let id = run["id"].as_str().unwrap().to_string();
     common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
     // An hour later the lease is long gone: the sweeper gives the step a new attempt.
-    sweep_at(&api, 3600).await;
+    api.sweep_at(3600).await;
     let run = wait_status(&api, &ada, &id, "succeeded").await;
     assert_eq!(run["status"], "succeeded");
     let step = step_of(&api, &ada, &id, "call").await;
@@ -438,7 +428,7 @@ async fn a_run_past_its_timeout_ends_timed_out() {
     let run = api.start_run(&ada.access, &wf["id"], json!({})).await;
     let id = run["id"].as_str().unwrap();
     common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
-    sweep_at(&api, 30).await;
+    api.sweep_at(30).await;
     assert_eq!(
         api.call(
             "GET",
@@ -450,7 +440,7 @@ async fn a_run_past_its_timeout_ends_timed_out() {
         .json()["status"],
         "running"
     );
-    sweep_at(&api, 120).await;
+    api.sweep_at(120).await;
     let run = wait_status(&api, &ada, id, "timed_out").await;
     assert_eq!(run["error"]["kind"], "timeout");
     assert_eq!(step_of(&api, &ada, id, "call").await["status"], "cancelled");
@@ -537,9 +527,9 @@ async fn only_named_approvers_decide_and_an_undecided_approval_times_out() {
         403
     );
     // Nobody decides: past the deadline the sweeper fails the step, and the run with it.
-    sweep_at(&api, 300).await;
+    api.sweep_at(300).await;
     assert_eq!(step_of(&api, &ada, &id, "gate").await["status"], "waiting");
-    sweep_at(&api, 900).await;
+    api.sweep_at(900).await;
     let run = wait_status(&api, &ada, &id, "failed").await;
     assert_eq!(run["status"], "failed");
     assert_eq!(
@@ -599,7 +589,7 @@ async fn a_lost_host_uses_up_an_attempt_and_the_last_one_fails_the_step() {
     let id = run["id"].as_str().unwrap().to_string();
     common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
     // The only attempt's lease is long gone: no new attempt, the step and the run fail.
-    sweep_at(&api, 3600).await;
+    api.sweep_at(3600).await;
     let run = wait_status(&api, &ada, &id, "failed").await;
     assert_eq!(run["status"], "failed");
     let step = step_of(&api, &ada, &id, "call").await;
@@ -884,7 +874,7 @@ async fn with_every_nudge_lost_runs_still_finish_through_the_sweeper() {
     // ...until the sweeper ticks; each tick advances every run one decision further.
     let mut ticks = 0;
     for _ in 0..40 {
-        sweep_at(&api, 0).await;
+        api.sweep_at(0).await;
         ticks += 1;
         let mut done = 0;
         for id in &runs {
@@ -1051,10 +1041,10 @@ async fn retention_removes_old_step_payloads_and_keeps_the_record() {
     let run = run_to_end(&api, &ada, &wf, json!({"v": 42})).await;
     let id = run["id"].as_str().unwrap();
     // Inside the 30 days of the default retention, nothing is removed.
-    sweep_at(&api, 29 * 86_400).await;
+    api.sweep_at(29 * 86_400).await;
     let step = step_of(&api, &ada, id, "only").await;
     assert_eq!(step["output"], json!({"secret-ish": 42}));
-    sweep_at(&api, 31 * 86_400).await;
+    api.sweep_at(31 * 86_400).await;
     let step = step_of(&api, &ada, id, "only").await;
     assert_eq!(
         (&step["status"], &step["input"], &step["output"]),

@@ -327,6 +327,17 @@ impl Api {
         all
     }
 
+    /// Fires the sweeper as at `seconds` from now (tests choose the time; nothing waits
+    /// for the clock).
+    pub async fn sweep_at(&self, seconds: i64) {
+        let at = chrono::Utc::now().timestamp() + seconds;
+        self.app
+            .inner
+            .handle_cron("sweeper", at as u64)
+            .await
+            .unwrap();
+    }
+
     /// Sends a request with a bearer token and extra headers.
     pub async fn call_with(
         &self,
