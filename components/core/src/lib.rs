@@ -15,6 +15,7 @@ pub mod input;
 pub mod llm;
 pub mod money;
 pub mod netcheck;
+pub mod otlp;
 pub mod page;
 pub mod patch;
 pub mod policy;

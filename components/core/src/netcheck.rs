@@ -27,7 +27,7 @@ impl std::fmt::Display for UrlError {
             UrlError::Credentials => write!(f, "must not carry a user name or password"),
             UrlError::Internal(h) => write!(
                 f,
-                "points at an internal address ({h}); tools may only call public hosts"
+                "points at an internal address ({h}); only public hosts may be called"
             ),
         }
     }

@@ -644,6 +644,10 @@ fn schemas() -> Value {
     let money = json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]{1,6})?$", "description": "USD as a decimal string"});
     let uuid = json!({"type": "string", "format": "uuid"});
     let time = json!({"type": "string", "format": "date-time"});
+    let trace_endpoint = json!({"type": ["string", "null"], "format": "uri",
+        "description": "OTLP/HTTP traces endpoint (e.g. https://app.langwatch.ai/api/otel/v1/traces); \
+            each finished run is exported as a trace, authorised by the project secret \
+            otlp.api_key (Bearer) or otlp.authorization; null stops the export"});
     let agent = json!({
         "name": {"type": "string", "maxLength": 200}, "description": {"type": ["string", "null"]},
         "model": {"type": "string", "description": "provider/model, e.g. openai/gpt-4o-mini"},
@@ -727,9 +731,10 @@ fn schemas() -> Value {
         "ApiKey": {"type": "object", "properties": {"id": uuid, "name": s("string"), "prefix": s("string"), "project_id": uuid,
             "role": s("string"), "expires_at": {"type": ["string", "null"]}, "created_at": time}},
         "ApiKeyCreated": {"type": "object", "properties": {"id": uuid, "prefix": s("string"), "secret": {"type": "string", "description": "Shown once"}}},
-        "ProjectInput": {"type": "object", "required": ["name"], "properties": {"name": s("string"), "slug": s("string"), "description": s("string")}},
+        "ProjectInput": {"type": "object", "required": ["name"], "properties": {"name": s("string"), "slug": s("string"), "description": s("string"),
+            "trace_endpoint": trace_endpoint.clone()}},
         "Project": {"type": "object", "properties": {"id": uuid, "name": s("string"), "slug": s("string"), "description": {"type": ["string", "null"]},
-            "version": s("integer"), "role": s("string"), "created_at": time, "updated_at": time}},
+            "version": s("integer"), "role": s("string"), "created_at": time, "updated_at": time, "trace_endpoint": trace_endpoint}},
         "MemberInput": {"type": "object", "required": ["email", "role"], "properties": {"email": s("string"), "role": {"enum": ["owner", "admin", "member", "viewer"]}}},
         "RoleInput": {"type": "object", "required": ["role"], "properties": {"role": {"enum": ["owner", "admin", "member", "viewer"]}}},
         "Member": {"type": "object", "properties": {"user_id": uuid, "email": s("string"), "name": s("string"), "role": s("string"), "created_at": time}},

@@ -16,6 +16,7 @@ pub mod ratelimit;
 pub mod resource;
 pub mod schedule_fire;
 pub mod tool_call;
+pub mod traces;
 
 /// Reads a component variable, naming it in the error when it is missing.
 pub fn variable(name: &str) -> Result<String, String> {

@@ -259,7 +259,8 @@ fn claim(
     Ok(claimed)
 }
 
-/// Ends the run: steps not finished are cancelled, and the run's end is an event.
+/// Ends the run: steps not finished are cancelled, the run's end is an event, and its trace
+/// is queued for export when the project exports traces.
 pub fn finish(
     tx: &Tx<'_, Db>,
     run_id: &str,
@@ -283,5 +284,5 @@ pub fn finish(
         ],
     )?;
     engine::event(tx, run_id, &format!("run.{status}"), None, error)?;
-    Ok(())
+    crate::traces::enqueue(tx, run_id)
 }

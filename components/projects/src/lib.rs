@@ -16,6 +16,7 @@ use sparkops_platform::http::{HttpRequest, Reply};
 use sparkops_platform::pipeline::{self, Ctx, Principal, ProjectAccess};
 use sparkops_platform::random_array;
 use sparkops_platform::resource;
+use sparkops_platform::traces;
 use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
 
@@ -61,7 +62,7 @@ fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
 }
 
 const PROJECT_COLUMNS: &str = "p.project_id::text, p.name, p.slug, p.description, p.version, \
-     (p.created_at at time zone 'UTC'), (p.updated_at at time zone 'UTC')";
+     (p.created_at at time zone 'UTC'), (p.updated_at at time zone 'UTC'), p.trace_endpoint";
 
 fn project_json(row: &Row, role: Option<&str>) -> Result<Value, ApiError> {
     let mut v = json!({
@@ -72,6 +73,7 @@ fn project_json(row: &Row, role: Option<&str>) -> Result<Value, ApiError> {
         "version": row.int(4)?,
         "created_at": rfc3339(row.timestamp(5)?),
         "updated_at": rfc3339(row.timestamp(6)?),
+        "trace_endpoint": row.opt_text(7)?,
     });
     if let Some(role) = role {
         v["role"] = json!(role);
@@ -102,15 +104,18 @@ fn list(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiE
             V::Int64(page.limit + 1),
         ],
     )?;
-    resource::page_reply(&page, &rows, |r| project_json(r, r.text(7).ok().as_deref()))
+    resource::page_reply(&page, &rows, |r| project_json(r, r.text(8).ok().as_deref()))
 }
 
-/// Reads `name`, `slug` and `description` for a create (`required`) or a merge patch.
+/// Reads `name`, `slug`, `description` and `trace_endpoint` for a create (`required`) or a
+/// merge patch.
 struct ProjectFields {
     name: Option<String>,
     slug: Option<Slug>,
     /// `Some(None)` clears it.
     description: Option<Option<String>>,
+    /// Where finished runs' traces go (OTLP/HTTP JSON); `Some(None)` stops the export.
+    trace_endpoint: Option<Option<String>>,
 }
 
 fn read_fields(body: &mut Body, required: bool) -> ProjectFields {
@@ -135,10 +140,21 @@ fn read_fields(body: &mut Body, required: bool) -> ProjectFields {
     } else {
         None
     };
+    let had_endpoint = body.has("trace_endpoint");
+    let endpoint =
+        body.opt_str("trace_endpoint", 2000)
+            .and_then(|raw| match traces::check_endpoint(&raw) {
+                Ok(url) => Some(url.to_string()),
+                Err(e) => {
+                    body.error("trace_endpoint", e);
+                    None
+                }
+            });
     ProjectFields {
         name,
         slug,
         description,
+        trace_endpoint: had_endpoint.then_some(endpoint),
     }
 }
 
@@ -166,9 +182,9 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
         let rows = tx
             .query(
                 &format!(
-                    "insert into projects (project_id, owner_id, name, slug, description, created_at, updated_at)
-                     values ($1, $2, $3, $4, $5, $6{AS_TIMESTAMPTZ}, $6{AS_TIMESTAMPTZ})
-                     returning project_id::text, name, slug, description, version, {}, {}",
+                    "insert into projects (project_id, owner_id, name, slug, description, trace_endpoint, created_at, updated_at)
+                     values ($1, $2, $3, $4, $5, $7, $6{AS_TIMESTAMPTZ}, $6{AS_TIMESTAMPTZ})
+                     returning project_id::text, name, slug, description, version, {}, {}, trace_endpoint",
                     utc("created_at"),
                     utc("updated_at")
                 ),
@@ -179,6 +195,7 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
                     V::Text(slug.as_str().to_string()),
                     fields.description.flatten().map(V::Text).unwrap_or(V::Null),
                     V::Timestamp(ctx.now),
+                    fields.trace_endpoint.clone().flatten().map(V::Text).unwrap_or(V::Null),
                 ],
             )
             .map_err(slug_taken)?;
@@ -220,10 +237,11 @@ fn update(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result
                         name = coalesce($2, name),
                         slug = coalesce($3, slug),
                         description = case when $4 then $5 else description end,
+                        trace_endpoint = case when $8 then $9 else trace_endpoint end,
                         version = version + 1,
                         updated_at = $6{AS_TIMESTAMPTZ}
                      where project_id = $1 and deleted_at is null and ($7::int8 is null or version = $7::int8)
-                     returning project_id::text, name, slug, description, version, {}, {}",
+                     returning project_id::text, name, slug, description, version, {}, {}, trace_endpoint",
                     utc("created_at"),
                     utc("updated_at")
                 ),
@@ -235,6 +253,8 @@ fn update(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result
                     fields.description.clone().flatten().map(V::Text).unwrap_or(V::Null),
                     V::Timestamp(ctx.now),
                     expected.map(V::Int64).unwrap_or(V::Null),
+                    V::Bool(fields.trace_endpoint.is_some()),
+                    fields.trace_endpoint.clone().flatten().map(V::Text).unwrap_or(V::Null),
                 ],
             )
             .map_err(slug_taken)?;

@@ -237,19 +237,19 @@ async fn tool_urls_headers_and_schemas_are_checked() {
     let cases = [
         (
             json!({"url": "http://127.0.0.1:8080/x"}),
-            "http.url: points at an internal address (127.0.0.1); tools may only call public hosts",
+            "http.url: points at an internal address (127.0.0.1); only public hosts may be called",
         ),
         (
             json!({"url": "https://2130706433/x"}),
-            "http.url: points at an internal address (127.0.0.1); tools may only call public hosts",
+            "http.url: points at an internal address (127.0.0.1); only public hosts may be called",
         ),
         (
             json!({"url": "https://[::ffff:10.0.0.1]/"}),
-            "http.url: points at an internal address ([::ffff:a00:1]); tools may only call public hosts",
+            "http.url: points at an internal address ([::ffff:a00:1]); only public hosts may be called",
         ),
         (
             json!({"url": "https://169.254.169.254/latest/meta-data"}),
-            "http.url: points at an internal address (169.254.169.254); tools may only call public hosts",
+            "http.url: points at an internal address (169.254.169.254); only public hosts may be called",
         ),
         (
             json!({"url": "http://api.weather.example/"}),

@@ -330,12 +330,47 @@ impl Api {
     /// Fires the sweeper as at `seconds` from now (tests choose the time; nothing waits
     /// for the clock).
     pub async fn sweep_at(&self, seconds: i64) {
-        let at = chrono::Utc::now().timestamp() + seconds;
+        self.tick("sweeper", chrono::Utc::now().timestamp() + seconds)
+            .await;
+    }
+
+    /// Fires a cron component (`sweeper`, `scheduler`, `exporter`) once, as at Unix time
+    /// `at`.
+    pub async fn tick(&self, component: &str, at: i64) {
         self.app
             .inner
-            .handle_cron("sweeper", at as u64)
+            .handle_cron(component, at as u64)
             .await
             .unwrap();
+    }
+
+    /// Waits until run `id` has finished; the run.
+    pub async fn finished_run(&self, token: &str, id: &str) -> Value {
+        let path = format!("/api/v1/runs/{id}");
+        eventually(async || {
+            let run = self.call("GET", &path, Some(token), None).await.json();
+            (!["queued", "running", "waiting", "cancelling"]
+                .contains(&run["status"].as_str().unwrap()))
+            .then_some(run)
+        })
+        .await
+    }
+
+    /// Starts a run of `workflow_id` and waits until it has finished; the run.
+    pub async fn run_to_end(&self, token: &str, workflow_id: &str, input: Value) -> Value {
+        let run = self
+            .start_run(token, &Value::String(workflow_id.into()), input)
+            .await;
+        self.finished_run(token, run["id"].as_str().unwrap()).await
+    }
+
+    /// A run's `steps` or `events` (one page of them, oldest first).
+    pub async fn run_items(&self, token: &str, run: &Value, what: &str) -> Vec<Value> {
+        let path = format!("/api/v1/runs/{}/{what}", run["id"].as_str().unwrap());
+        self.call("GET", &path, Some(token), None).await.json()["items"]
+            .as_array()
+            .unwrap()
+            .clone()
     }
 
     /// Sends a request with a bearer token and extra headers.

@@ -1,0 +1,32 @@
+//! The trace exporter, a cron component: every tick it sends the due entries of the trace
+//! outbox (`trace_exports`) to their projects' OTLP collectors
+//! ([`sparkops_platform::traces`]). It is the only component that calls collectors, so
+//! only it holds the secrets master key and an open outbound allow-list besides the
+//! executor.
+//!
+//! "Now" is the tick's time, so tests fire it at the times they choose.
+// wit-bindgen's export glue is `unsafe` by nature.
+#![allow(unsafe_code)]
+
+use chrono::{DateTime, Utc};
+use sparkops_platform::pipeline::Ctx;
+use sparkops_platform::traces;
+
+wit_bindgen::generate!({
+    path: "../wit",
+    world: "fermyon:spin-cron/spin-cron",
+});
+
+struct Exporter;
+
+impl Guest for Exporter {
+    fn handle_cron_event(metadata: Metadata) -> Result<(), Error> {
+        let now = DateTime::<Utc>::from_timestamp(metadata.timestamp as i64, 0)
+            .ok_or_else(|| Error::Other("the tick's time is out of range".into()))?;
+        let mut ctx = Ctx::new(format!("export-{}", metadata.timestamp));
+        traces::export_due(&mut ctx, now)
+            .map_err(|e| Error::Other(format!("{e:?} {:?}", e.cause())))
+    }
+}
+
+export!(Exporter);

@@ -1,0 +1,754 @@
+//! Trace export end to end: runs through the real components, the `exporter` cron
+//! component, and a fake OTLP/HTTP collector on loopback (LangWatch's
+//! `/api/otel/v1/traces`). Every payload is read by a strict model of the OTLP JSON
+//! encoding (`ExportTraceServiceRequest`): unknown fields, wrong value types, malformed
+//! ids or times fail the test.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{Answer, Api, FakeServer, User, openai};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+// ---- The OTLP/HTTP JSON encoding, strictly -------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ExportTraceServiceRequest {
+    resource_spans: Vec<ResourceSpans>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ResourceSpans {
+    resource: Resource,
+    scope_spans: Vec<ScopeSpans>,
+    #[serde(default)]
+    schema_url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Resource {
+    attributes: Vec<KeyValue>,
+    #[serde(default)]
+    dropped_attributes_count: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ScopeSpans {
+    scope: Scope,
+    spans: Vec<Span>,
+    #[serde(default)]
+    schema_url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Scope {
+    name: String,
+    #[serde(default)]
+    version: String,
+    #[serde(default)]
+    attributes: Vec<KeyValue>,
+}
+
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Span {
+    trace_id: String,
+    span_id: String,
+    #[serde(default)]
+    parent_span_id: String,
+    #[serde(default)]
+    trace_state: String,
+    name: String,
+    kind: i32,
+    /// fixed64: a decimal string in the JSON encoding.
+    start_time_unix_nano: String,
+    end_time_unix_nano: String,
+    #[serde(default)]
+    attributes: Vec<KeyValue>,
+    #[serde(default)]
+    events: Vec<Value>,
+    #[serde(default)]
+    links: Vec<Value>,
+    #[serde(default)]
+    status: Status,
+    #[serde(default)]
+    flags: u32,
+    #[serde(default)]
+    dropped_attributes_count: u32,
+    #[serde(default)]
+    dropped_events_count: u32,
+    #[serde(default)]
+    dropped_links_count: u32,
+}
+
+#[derive(Deserialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct Status {
+    #[serde(default)]
+    code: i32,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+struct KeyValue {
+    key: String,
+    value: AnyValue,
+}
+
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+enum AnyValue {
+    StringValue(String),
+    BoolValue(bool),
+    /// int64: a decimal string in the JSON encoding.
+    IntValue(String),
+    DoubleValue(f64),
+    ArrayValue {
+        values: Vec<AnyValue>,
+    },
+    KvlistValue {
+        values: Vec<Value>,
+    },
+    BytesValue(String),
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && s.bytes().any(|b| b != b'0')
+}
+
+impl Span {
+    fn start(&self) -> u64 {
+        self.start_time_unix_nano.parse().unwrap()
+    }
+
+    fn end(&self) -> u64 {
+        self.end_time_unix_nano.parse().unwrap()
+    }
+
+    fn attr(&self, key: &str) -> Option<&AnyValue> {
+        self.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .map(|a| &a.value)
+    }
+
+    fn int(&self, key: &str) -> i64 {
+        match self.attr(key) {
+            Some(AnyValue::IntValue(s)) => s.parse().unwrap(),
+            other => panic!("{}: {key} is {other:?}", self.name),
+        }
+    }
+
+    fn double(&self, key: &str) -> f64 {
+        match self.attr(key) {
+            Some(AnyValue::DoubleValue(d)) => *d,
+            other => panic!("{}: {key} is {other:?}", self.name),
+        }
+    }
+
+    fn str(&self, key: &str) -> &str {
+        match self.attr(key) {
+            Some(AnyValue::StringValue(s)) => s,
+            other => panic!("{}: {key} is {other:?}", self.name),
+        }
+    }
+}
+
+/// One export request, checked against the OTLP encoding: the resource's attributes and
+/// every span.
+fn parse_export(body: &[u8]) -> (HashMap<String, AnyValue>, Vec<Span>) {
+    let req: ExportTraceServiceRequest =
+        serde_json::from_slice(body).expect("the body is an OTLP ExportTraceServiceRequest");
+    assert_eq!(req.resource_spans.len(), 1);
+    let rs = &req.resource_spans[0];
+    let resource: HashMap<String, AnyValue> = rs
+        .resource
+        .attributes
+        .iter()
+        .map(|kv| (kv.key.clone(), kv.value.clone()))
+        .collect();
+    let mut spans = vec![];
+    for ss in &rs.scope_spans {
+        assert!(!ss.scope.name.is_empty());
+        spans.extend(ss.spans.iter().cloned());
+    }
+    for s in &spans {
+        assert!(is_hex(&s.trace_id, 32), "traceId {}", s.trace_id);
+        assert!(is_hex(&s.span_id, 16), "spanId {}", s.span_id);
+        assert!(
+            s.parent_span_id.is_empty() || is_hex(&s.parent_span_id, 16),
+            "parentSpanId {}",
+            s.parent_span_id
+        );
+        assert!((0..=5).contains(&s.kind), "kind {}", s.kind);
+        assert!((0..=2).contains(&s.status.code), "status {:?}", s.status);
+        assert!(s.start() > 1_700_000_000_000_000_000, "{}", s.name);
+        assert!(s.end() >= s.start(), "{} ends before it starts", s.name);
+        assert!(!s.name.is_empty());
+        for kv in &s.attributes {
+            if let AnyValue::IntValue(i) = &kv.value {
+                i.parse::<i64>().expect("intValue is an int64 string");
+            }
+        }
+    }
+    (resource, spans)
+}
+
+/// The spans of one trace as a tree: its root, and each span's children by start time.
+struct Tree {
+    root: Span,
+    children: HashMap<String, Vec<Span>>,
+}
+
+impl Tree {
+    fn of(trace_id: &str, spans: &[Span]) -> Self {
+        let spans: Vec<&Span> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
+        let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+        assert_eq!(ids.len(), spans.len(), "span ids are unique");
+        let roots: Vec<&&Span> = spans
+            .iter()
+            .filter(|s| s.parent_span_id.is_empty())
+            .collect();
+        assert_eq!(roots.len(), 1, "one root span");
+        let by_id: HashMap<&str, &Span> = spans.iter().map(|s| (s.span_id.as_str(), *s)).collect();
+        let mut children: HashMap<String, Vec<Span>> = HashMap::new();
+        for s in spans.iter().filter(|s| !s.parent_span_id.is_empty()) {
+            let parent = by_id
+                .get(s.parent_span_id.as_str())
+                .unwrap_or_else(|| panic!("{}'s parent is not in the trace", s.name));
+            assert!(
+                s.start() >= parent.start() && s.end() <= parent.end(),
+                "{} [{}, {}] lies outside its parent {} [{}, {}]",
+                s.name,
+                s.start(),
+                s.end(),
+                parent.name,
+                parent.start(),
+                parent.end()
+            );
+            children
+                .entry(s.parent_span_id.clone())
+                .or_default()
+                .push((*s).clone());
+        }
+        for c in children.values_mut() {
+            c.sort_by_key(|s| (s.start(), s.name.clone()));
+        }
+        Self {
+            root: (**roots[0]).clone(),
+            children,
+        }
+    }
+
+    fn children(&self, of: &Span) -> Vec<Span> {
+        self.children.get(&of.span_id).cloned().unwrap_or_default()
+    }
+}
+
+// ---- Helpers -------------------------------------------------------------------------------
+
+const LANGWATCH_PATH: &str = "/api/otel/v1/traces";
+
+async fn api(provider: Option<&FakeServer>) -> Api {
+    let providers = provider.map(|p| format!("fake={}", p.url("/v1")));
+    let mut vars = vec![
+        ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
+        ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
+        ("SPIN_VARIABLE_MODEL_PROVIDER_KEYS", "fake=sk-app-key"),
+    ];
+    if let Some(p) = &providers {
+        vars.push(("SPIN_VARIABLE_MODEL_PROVIDERS", p.as_str()));
+    }
+    Api::start_with(&vars).await
+}
+
+async fn project(api: &Api, who: &User, name: &str) -> String {
+    api.create_project(who, json!({"name": name})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Points the project's traces at `collector` and stores `secret` as project secret `name`.
+async fn export_to(api: &Api, who: &User, p: &str, collector: &FakeServer, secret: (&str, &str)) {
+    let res = api
+        .call(
+            "PATCH",
+            &format!("/api/v1/projects/{p}"),
+            Some(&who.access),
+            Some(json!({"trace_endpoint": collector.url(LANGWATCH_PATH)})),
+        )
+        .await;
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    let res = api
+        .call(
+            "PUT",
+            &format!("/api/v1/projects/{p}/secrets/{}", secret.0),
+            Some(&who.access),
+            Some(json!({"value": secret.1})),
+        )
+        .await;
+    assert_eq!(res.status, 204);
+}
+
+async fn create(api: &Api, who: &User, path: &str, body: Value) -> String {
+    api.create(&who.access, path, body).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A workflow with one tool step calling `url`.
+async fn tool_workflow(api: &Api, who: &User, p: &str, url: String) -> String {
+    let tool = create(
+        api,
+        who,
+        "/api/v1/tools",
+        json!({"project_id": p, "name": "echo", "description": "echoes",
+            "input_schema": {"type": "object"}, "http": {"method": "POST", "url": url}}),
+    )
+    .await;
+    create(
+        api,
+        who,
+        "/api/v1/workflows",
+        json!({"project_id": p, "name": "echo once", "definition": {"steps": [
+            {"key": "echo", "kind": "tool", "tool_id": tool, "input": {}}]}}),
+    )
+    .await
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// The outbox row of a run: (status, attempts, last_error, seconds from `from` to the next
+/// attempt).
+async fn export_row(api: &Api, run: &Value, from: i64) -> (String, i32, Option<String>, i64) {
+    let id = uuid::Uuid::parse_str(run["id"].as_str().unwrap()).unwrap();
+    let row = api
+        .env
+        .db()
+        .await
+        .query_one(
+            "select status, attempts, last_error, extract(epoch from next_attempt_at)::int8
+             from trace_exports where run_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    (
+        row.get(0),
+        row.get(1),
+        row.get(2),
+        row.get::<_, i64>(3) - from,
+    )
+}
+
+fn trace_id(run: &Value) -> String {
+    run["id"].as_str().unwrap().replace('-', "")
+}
+
+// ---- Tests ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_finished_run_reaches_the_collector_once_as_a_well_formed_trace() {
+    let provider = FakeServer::answering(
+        vec![
+            openai::tool_calls(&[("c1", "weather", json!({"city": "Oslo"}))], 100, 20),
+            openai::text("It is 3 degrees in Oslo.", 150, 30),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let weather = FakeServer::start(200, json!({"temp": 3}), Duration::ZERO).await;
+    let collector = FakeServer::start(200, json!({}), Duration::ZERO).await;
+    let api = api(Some(&provider)).await;
+    let ada = api.register("ada").await;
+    let p = project(&api, &ada, "Traced").await;
+    export_to(
+        &api,
+        &ada,
+        &p,
+        &collector,
+        ("otlp.api_key", "lw-project-key-123"),
+    )
+    .await;
+    let res = api
+        .call(
+            "PUT",
+            &format!("/api/v1/models/prices/fake/small?project_id={p}"),
+            Some(&ada.access),
+            Some(json!({"input_per_mtok_usd": "1", "output_per_mtok_usd": "2"})),
+        )
+        .await;
+    assert!(res.status < 300);
+    let tool = create(
+        &api,
+        &ada,
+        "/api/v1/tools",
+        json!({"project_id": p, "name": "weather", "description": "the weather",
+            "input_schema": {"type": "object"}, "http": {"method": "POST", "url": weather.url("/w")}}),
+    )
+    .await;
+    let agent = create(
+        &api,
+        &ada,
+        "/api/v1/agents",
+        json!({"project_id": p, "name": "forecaster", "model": "fake/small",
+            "system_prompt": "Be terse.", "tool_ids": [tool]}),
+    )
+    .await;
+    let wf = create(
+        &api,
+        &ada,
+        "/api/v1/workflows",
+        json!({"project_id": p, "name": "forecast", "definition": {"steps": [
+            {"key": "ask", "kind": "agent", "agent_id": agent, "input": "{{ input.q }}"},
+            {"key": "log", "kind": "tool", "tool_id": tool, "input": {"city": "Oslo"}, "depends_on": ["ask"]}]}}),
+    )
+    .await;
+    let run = api
+        .run_to_end(&ada.access, &wf, json!({"q": "Weather in Oslo?"}))
+        .await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+
+    api.tick("exporter", now()).await;
+    let sent = common::eventually(async || {
+        let r = collector.received();
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert_eq!(sent.len(), 1);
+    let req = &sent[0];
+    assert_eq!(req.method, "POST");
+    assert_eq!(req.uri, LANGWATCH_PATH);
+    assert_eq!(req.headers["authorization"], "Bearer lw-project-key-123");
+    assert_eq!(req.headers["content-type"], "application/json");
+
+    let (resource, spans) = parse_export(&req.body);
+    assert_eq!(
+        resource["service.name"],
+        AnyValue::StringValue("sparkops".into())
+    );
+    assert_eq!(
+        resource["sparkops.project_id"],
+        AnyValue::StringValue(p.clone())
+    );
+    assert!(spans.iter().all(|s| s.trace_id == trace_id(&run)));
+    let tree = Tree::of(&trace_id(&run), &spans);
+    assert_eq!(spans.len(), 6, "run, 2 steps, 2 model calls, 1 tool call");
+
+    // The root: the run, with its totals.
+    let root = &tree.root;
+    assert_eq!(root.name, "workflow forecast");
+    assert_eq!(root.status.code, 1);
+    assert_eq!(root.str("sparkops.run_id"), run["id"].as_str().unwrap());
+    assert_eq!(root.int("gen_ai.usage.input_tokens"), 250);
+    assert_eq!(root.int("gen_ai.usage.output_tokens"), 50);
+    // 250 tokens at 1 USD and 50 at 2 USD per million.
+    assert!((root.double("sparkops.cost_usd") - 0.00035).abs() < 1e-12);
+
+    // The steps, in order, under the root.
+    let steps = tree.children(root);
+    let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["invoke_agent forecaster", "execute_tool weather"]);
+    let (ask, log) = (&steps[0], &steps[1]);
+    assert_eq!(ask.str("sparkops.step.key"), "ask");
+    assert_eq!(ask.str("gen_ai.agent.id"), agent);
+    assert_eq!(ask.str("gen_ai.request.model"), "small");
+    assert_eq!(ask.int("gen_ai.usage.input_tokens"), 250);
+    assert_eq!(log.str("sparkops.step.key"), "log");
+    assert_eq!(log.str("gen_ai.tool.name"), "weather");
+    assert!(log.start() >= ask.end(), "log depends on ask");
+    assert!(tree.children(log).is_empty());
+
+    // Under the agent step: model call, tool call, model call.
+    let calls = tree.children(ask);
+    let names: Vec<&str> = calls.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["chat small", "execute_tool weather", "chat small"]);
+    assert!(calls.iter().all(|c| c.kind == 3), "calls are client spans");
+    assert_eq!(calls[0].int("gen_ai.usage.input_tokens"), 100);
+    assert_eq!(calls[0].int("gen_ai.usage.output_tokens"), 20);
+    assert_eq!(calls[2].int("gen_ai.usage.input_tokens"), 150);
+    assert_eq!(calls[0].str("gen_ai.provider.name"), "fake");
+    assert!((calls[0].double("sparkops.cost_usd") - 0.00014).abs() < 1e-12);
+    assert!((calls[2].double("sparkops.cost_usd") - 0.00021).abs() < 1e-12);
+    assert_eq!(calls[1].str("gen_ai.tool.call.id"), "c1");
+    assert_eq!(calls[1].status.code, 1);
+
+    // The key is never in the trace or the logs; the export happens once.
+    let body = String::from_utf8_lossy(&req.body);
+    assert!(!body.contains("lw-project-key-123"));
+    assert!(!body.contains("sk-app-key"));
+    assert!(!api.guest_logs().contains("lw-project-key-123"));
+    assert_eq!(export_row(&api, &run, 0).await.0, "exported");
+    api.tick("exporter", now() + 3600).await;
+    assert_eq!(collector.received().len(), 1);
+}
+
+#[tokio::test]
+async fn a_failing_collector_is_retried_with_backoff_and_never_fails_the_run() {
+    let collector = FakeServer::answering(
+        vec![
+            Answer {
+                status: 503,
+                body: json!({"message": "overloaded"}),
+                headers: vec![("retry-after", "30".into())],
+            },
+            Answer {
+                status: 503,
+                body: json!({"message": "still overloaded"}),
+                headers: vec![],
+            },
+            Answer {
+                status: 200,
+                body: json!({"partialSuccess": {}}),
+                headers: vec![],
+            },
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let echo = FakeServer::start(200, json!({"ok": true}), Duration::ZERO).await;
+    let api = api(None).await;
+    let ada = api.register("ada").await;
+    let p = project(&api, &ada, "Flaky collector").await;
+    export_to(&api, &ada, &p, &collector, ("otlp.api_key", "k")).await;
+    let wf = tool_workflow(&api, &ada, &p, echo.url("/echo")).await;
+    let run = api.run_to_end(&ada.access, &wf, json!({})).await;
+    assert_eq!(run["status"], "succeeded");
+
+    // The exporter's own ticks run too: whichever tick comes first makes attempt 1, within
+    // a couple of seconds of t0.
+    let t0 = now();
+    api.tick("exporter", t0).await;
+    common::eventually(async || (collector.received().len() == 1).then_some(())).await;
+    let (status, attempts, error, next) = export_row(&api, &run, t0).await;
+    assert_eq!((status.as_str(), attempts), ("pending", 1));
+    assert!(error.unwrap().contains("503"));
+    assert!(
+        (27..=33).contains(&next),
+        "Retry-After: 30 is honoured ({next})"
+    );
+
+    api.tick("exporter", t0 + 20).await;
+    assert_eq!(collector.received().len(), 1, "not due before Retry-After");
+    api.tick("exporter", t0 + 35).await;
+    assert_eq!(collector.received().len(), 2);
+    let (status, attempts, _, next) = export_row(&api, &run, t0 + 35).await;
+    assert_eq!((status.as_str(), attempts), ("pending", 2));
+    assert_eq!(next, 10, "second retry waits 5 s * 2");
+    api.tick("exporter", t0 + 40).await;
+    assert_eq!(collector.received().len(), 2);
+    api.tick("exporter", t0 + 46).await;
+    let sent = collector.received();
+    assert_eq!(sent.len(), 3);
+    assert_eq!(export_row(&api, &run, 0).await.0, "exported");
+    // Every attempt sent the same spans, so a collector that did get an earlier one
+    // de-duplicates them.
+    assert_eq!(sent[0].body, sent[2].body);
+    let run = api
+        .finished_run(&ada.access, run["id"].as_str().unwrap())
+        .await;
+    assert_eq!(run["status"], "succeeded");
+    assert!(run["error"].is_null());
+}
+
+#[tokio::test]
+async fn an_unreachable_collector_is_given_up_after_the_last_attempt() {
+    // A port nothing listens on: connection refused on every attempt.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}{LANGWATCH_PATH}", closed.local_addr().unwrap());
+    drop(closed);
+    let echo = FakeServer::start(200, json!({"ok": true}), Duration::ZERO).await;
+    let api = api(None).await;
+    let ada = api.register("ada").await;
+    let p = project(&api, &ada, "Gone collector").await;
+    let res = api
+        .call(
+            "PATCH",
+            &format!("/api/v1/projects/{p}"),
+            Some(&ada.access),
+            Some(json!({"trace_endpoint": endpoint})),
+        )
+        .await;
+    assert_eq!(res.status, 200);
+    let wf = tool_workflow(&api, &ada, &p, echo.url("/echo")).await;
+    let run = api.run_to_end(&ada.access, &wf, json!({})).await;
+    assert_eq!(run["status"], "succeeded");
+    let t0 = now();
+    api.tick("exporter", t0).await;
+    let (status, attempts, error, _) = export_row(&api, &run, t0).await;
+    assert_eq!((status.as_str(), attempts), ("pending", 1));
+    assert!(
+        error.unwrap().contains("failed"),
+        "a connection error is retried"
+    );
+    // Nine more attempts, each after its backoff (at most 300 s).
+    for i in 1..=9 {
+        api.tick("exporter", t0 + 301 * i).await;
+    }
+    let (status, attempts, _, _) = export_row(&api, &run, t0).await;
+    assert_eq!((status.as_str(), attempts), ("failed", 10));
+    api.tick("exporter", t0 + 10_000).await;
+    assert_eq!(
+        export_row(&api, &run, t0).await.1,
+        10,
+        "no attempt after giving up"
+    );
+    let run = api
+        .finished_run(&ada.access, run["id"].as_str().unwrap())
+        .await;
+    assert_eq!(run["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn a_refusing_collector_is_not_retried_and_each_project_sends_only_its_own_runs() {
+    let refusing = FakeServer::start(401, json!({"error": "bad key"}), Duration::ZERO).await;
+    let accepting = FakeServer::start(200, json!({}), Duration::ZERO).await;
+    let echo = FakeServer::start(200, json!({"ok": true}), Duration::ZERO).await;
+    let api = api(None).await;
+    let ada = api.register("ada").await;
+    let (a, b, c) = (
+        project(&api, &ada, "A").await,
+        project(&api, &ada, "B").await,
+        project(&api, &ada, "C").await,
+    );
+    export_to(&api, &ada, &a, &refusing, ("otlp.api_key", "wrong-key")).await;
+    // Langfuse-style: the whole Authorization value.
+    export_to(
+        &api,
+        &ada,
+        &b,
+        &accepting,
+        ("otlp.authorization", "Basic cGs6c2s="),
+    )
+    .await;
+    let mut runs = HashMap::new();
+    for p in [&a, &b, &c] {
+        let wf = tool_workflow(&api, &ada, p, echo.url("/echo")).await;
+        let run = api.run_to_end(&ada.access, &wf, json!({})).await;
+        assert_eq!(run["status"], "succeeded");
+        runs.insert(p.clone(), run);
+    }
+    let t0 = now();
+    api.tick("exporter", t0).await;
+    common::eventually(async || {
+        (refusing.received().len() == 1 && accepting.received().len() == 1).then_some(())
+    })
+    .await;
+
+    let (status, attempts, error, _) = export_row(&api, &runs[&a], t0).await;
+    assert_eq!((status.as_str(), attempts), ("failed", 1));
+    assert!(error.unwrap().contains("401"));
+    let (_, spans) = parse_export(&refusing.received()[0].body);
+    assert!(spans.iter().all(|s| s.trace_id == trace_id(&runs[&a])));
+
+    let sent = &accepting.received()[0];
+    assert_eq!(sent.headers["authorization"], "Basic cGs6c2s=");
+    let (resource, spans) = parse_export(&sent.body);
+    assert_eq!(
+        resource["sparkops.project_id"],
+        AnyValue::StringValue(b.clone())
+    );
+    assert!(!spans.is_empty());
+    assert!(spans.iter().all(|s| s.trace_id == trace_id(&runs[&b])));
+    assert_eq!(export_row(&api, &runs[&b], t0).await.0, "exported");
+
+    // C exports nothing: no outbox row at all.
+    let c_rows: i64 = api
+        .env
+        .db()
+        .await
+        .query_one(
+            "select count(*) from trace_exports where project_id = $1",
+            &[&uuid::Uuid::parse_str(&c).unwrap()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(c_rows, 0);
+
+    for at in [t0 + 600, t0 + 7200] {
+        api.tick("exporter", at).await;
+    }
+    assert_eq!(refusing.received().len(), 1, "a 401 is not retried");
+    assert_eq!(accepting.received().len(), 1);
+}
+
+#[tokio::test]
+async fn the_trace_endpoint_is_checked_and_only_admins_set_it() {
+    let api = Api::start().await;
+    let ada = api.register("ada").await;
+    let bob = api.register("bob").await;
+    let p = project(&api, &ada, "Settings").await;
+    api.add_member(&ada, &p, &bob, "member").await;
+    let path = format!("/api/v1/projects/{p}");
+    let patch = async |who: &User, endpoint: Value| {
+        api.call(
+            "PATCH",
+            &path,
+            Some(&who.access),
+            Some(json!({"trace_endpoint": endpoint})),
+        )
+        .await
+    };
+    let good = "https://app.langwatch.ai/api/otel/v1/traces";
+    let res = patch(&ada, json!(good)).await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.json()["trace_endpoint"], good);
+
+    for (bad, says) in [
+        (json!("not a url"), "not a valid URL"),
+        (
+            json!("ftp://collector.example.com/v1/traces"),
+            "http or https",
+        ),
+        (json!("http://collector.example.com/v1/traces"), "https"),
+        (
+            json!("https://127.0.0.1:4318/v1/traces"),
+            "internal address",
+        ),
+        (
+            json!("https://user:pw@collector.example.com/"),
+            "user name or password",
+        ),
+        (json!(42), "trace_endpoint"),
+    ] {
+        let res = patch(&ada, bad.clone()).await;
+        assert_eq!(res.status, 422, "{bad}");
+        let problem = res.json();
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("trace_endpoint") && detail.contains(says),
+            "{bad}: {detail}"
+        );
+    }
+    assert_eq!(
+        patch(&bob, json!("https://evil.example.com/")).await.status,
+        403
+    );
+    let shown = api.call("GET", &path, Some(&bob.access), None).await.json();
+    assert_eq!(
+        shown["trace_endpoint"], good,
+        "refused changes changed nothing"
+    );
+
+    let res = patch(&ada, Value::Null).await;
+    assert_eq!(res.status, 200);
+    assert!(res.json()["trace_endpoint"].is_null());
+}
