@@ -18,7 +18,8 @@ use sparkops_core::template;
 use sparkops_core::workflow::{Step, StepKind};
 use sparkops_platform::engine;
 use sparkops_platform::pipeline::Ctx;
-use sparkops_platform::{agent, policies, tool_call};
+use sparkops_platform::tool_call::{self, setting};
+use sparkops_platform::{agent, policies};
 use spin_sdk::http::{Fields, IncomingRequest, OutgoingResponse, ResponseOutparam};
 use spin_sdk::http_component;
 
@@ -42,8 +43,8 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         .await;
     };
     let mut ctx = Ctx::new(format!("step-{run_id}-{step}"));
-    let attempt = match holds_lease(&mut ctx, run_id, step, lease) {
-        Ok(Some(attempt)) => attempt,
+    let (attempt, project_id) = match holds_lease(&mut ctx, run_id, step, lease) {
+        Ok(Some(held)) => held,
         Ok(None) => return respond(out, 409, json!({"error": "the lease is not held"})).await,
         Err(e) => {
             log("checking a lease", run_id, step, &format!("{e:?}"));
@@ -69,13 +70,21 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
     });
     let elapsed = started.elapsed().as_millis() as i64;
     let error_kind = done.result.as_ref().err().map(|(k, _)| k.clone());
+    // Contents (prompts, answers, tool data) are logged only when the operator opts in.
+    let payloads = setting("log_step_payloads")
+        .then(|| (done.input.clone(), done.result.as_ref().ok().cloned()));
     match record(&mut ctx, run_id, step, lease, attempt, done, elapsed) {
-        // One line per step attempt: ids, outcome and timing, never inputs or outputs.
-        Ok(status) => eprintln!(
-            "{}",
-            json!({"level": "info", "msg": "step", "run_id": run_id, "step": step, "attempt": attempt,
-                "status": status, "error_kind": error_kind, "duration_ms": elapsed})
-        ),
+        // One line per step attempt: ids, outcome and timing.
+        Ok(status) => {
+            let mut line = json!({"level": "info", "msg": "step", "request_id": ctx.request_id,
+                "project_id": project_id, "run_id": run_id, "step": step, "attempt": attempt,
+                "status": status, "error_kind": error_kind, "duration_ms": elapsed});
+            if let Some((input, output)) = payloads {
+                line["input"] = input;
+                line["output"] = output.unwrap_or_default();
+            }
+            eprintln!("{line}");
+        }
         Err(e) => log("recording a step", run_id, step, &format!("{e:?}")),
     }
     sparkops_platform::nudge::run(run_id);
@@ -100,27 +109,27 @@ async fn respond(out: ResponseOutparam, status: u16, body: Value) {
     let _ = sink.close().await;
 }
 
-/// The attempt the lease is for, while it holds.
+/// The attempt the lease is for and the run's project, while the lease holds.
 fn holds_lease(
     ctx: &mut Ctx,
     run_id: &str,
     step: &str,
     lease: &str,
-) -> Result<Option<i64>, ApiError> {
+) -> Result<Option<(i64, String)>, ApiError> {
     let rows = ctx.db()?.query(
-        "select attempt from run_steps
-         where run_id = $1::text::uuid and step_key = $2 and status = 'running'
-           and lease_id = $3::text::uuid and lease_expires_at > now()",
+        "select s.attempt, r.project_id::text from run_steps s join runs r on r.run_id = s.run_id
+         where s.run_id = $1::text::uuid and s.step_key = $2 and s.status = 'running'
+           and s.lease_id = $3::text::uuid and s.lease_expires_at > now()",
         &[
             V::Text(run_id.into()),
             V::Text(step.into()),
             V::Text(lease.into()),
         ],
     )?;
-    rows.first()
-        .map(|r| r.int(0))
-        .transpose()
-        .map_err(Into::into)
+    Ok(match rows.first() {
+        Some(r) => Some((r.int(0)?, r.text(1)?)),
+        None => None,
+    })
 }
 
 /// How a step ended: its rendered input, and its output or `(error kind, message)`.

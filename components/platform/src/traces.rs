@@ -286,7 +286,7 @@ fn load(db: &Db, runs: &[String]) -> Result<Vec<Trace>, ApiError> {
             utc("r.created_at"),
             utc("r.finished_at"),
         ),
-        &[ids.clone()],
+        std::slice::from_ref(&ids),
     )?;
     let step_rows = db.query(
         &format!(
@@ -301,7 +301,7 @@ fn load(db: &Db, runs: &[String]) -> Result<Vec<Trace>, ApiError> {
             utc("s.started_at"),
             utc("s.finished_at"),
         ),
-        &[ids.clone()],
+        std::slice::from_ref(&ids),
     )?;
     let call_rows = db.query(
         &format!(

@@ -86,47 +86,6 @@ async fn workflow(api: &Api, who: &User, p: &str, steps: &[(&str, &str)], retry:
         .to_string()
 }
 
-async fn run_to_end(api: &Api, who: &User, wf: &str, q: &str) -> Value {
-    let run = api
-        .start_run(&who.access, &json!(wf), json!({"q": q}))
-        .await;
-    let path = format!("/api/v1/runs/{}", run["id"].as_str().unwrap());
-    common::eventually(async || {
-        let run = api.call("GET", &path, Some(&who.access), None).await.json();
-        (!["queued", "running", "waiting", "cancelling"].contains(&run["status"].as_str().unwrap()))
-            .then_some(run)
-    })
-    .await
-}
-
-async fn steps(api: &Api, who: &User, run: &Value) -> Vec<Value> {
-    api.call(
-        "GET",
-        &format!("/api/v1/runs/{}/steps", run["id"].as_str().unwrap()),
-        Some(&who.access),
-        None,
-    )
-    .await
-    .json()["items"]
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-async fn events(api: &Api, who: &User, run: &Value) -> Vec<Value> {
-    api.call(
-        "GET",
-        &format!("/api/v1/runs/{}/events", run["id"].as_str().unwrap()),
-        Some(&who.access),
-        None,
-    )
-    .await
-    .json()["items"]
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 fn body(r: &common::Recorded) -> Value {
     serde_json::from_slice(&r.body).unwrap()
 }
@@ -151,7 +110,13 @@ async fn an_agent_calls_two_tools_then_answers_with_its_tokens_and_cost_recorded
     price(&api, &ada, &p, "fake/small", "2", "8").await;
     let a = agent(&api, &ada, &p, json!({"tool_ids": [city, weather]})).await;
     let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
-    let run = run_to_end(&api, &ada, &wf, "What is the weather up north?").await;
+    let run = api
+        .run_to_end(
+            &ada.access,
+            &wf,
+            json!({"q": "What is the weather up north?"}),
+        )
+        .await;
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(run["output"], json!({"ask": "It is 3 degrees in Oslo."}));
     let run_id = run["id"].as_str().unwrap();
@@ -213,12 +178,12 @@ async fn an_agent_calls_two_tools_then_answers_with_its_tokens_and_cost_recorded
         ),
         (&json!(450), &json!(75), &json!("0.001500"), &json!(0))
     );
-    let step = &steps(&api, &ada, &run).await[0];
+    let step = &api.run_items(&ada.access, &run, "steps").await[0];
     assert_eq!(
         (&step["tokens_in"], &step["tokens_out"], &step["cost_usd"]),
         (&json!(450), &json!(75), &json!("0.001500"))
     );
-    let events = events(&api, &ada, &run).await;
+    let events = api.run_items(&ada.access, &run, "events").await;
     let calls: Vec<&Value> = events
         .iter()
         .filter(|e| e["kind"] == "model.called")
@@ -252,7 +217,9 @@ async fn an_agent_calls_two_tools_then_answers_with_its_tokens_and_cost_recorded
         )
         .await;
     assert_eq!(res.status, 204, "{}", String::from_utf8_lossy(&res.body));
-    let again = run_to_end(&api, &ada, &wf, "again").await;
+    let again = api
+        .run_to_end(&ada.access, &wf, json!({"q": "again"}))
+        .await;
     assert_eq!(again["status"], "succeeded");
     assert_eq!(
         provider.received()[3].headers["authorization"],
@@ -270,11 +237,51 @@ async fn an_agent_calls_two_tools_then_answers_with_its_tokens_and_cost_recorded
         (
             &step_line["step"],
             &step_line["status"],
-            &step_line["attempt"]
+            &step_line["attempt"],
+            &step_line["project_id"],
         ),
-        (&json!("ask"), &json!("succeeded"), &json!(1))
+        (&json!("ask"), &json!("succeeded"), &json!(1), &json!(p))
     );
+    assert!(
+        step_line["request_id"]
+            .as_str()
+            .is_some_and(|r| r.contains(run_id))
+    );
+    assert!(step_line["duration_ms"].as_i64().is_some());
+    assert!(step_line.get("input").is_none() && step_line.get("output").is_none());
     assert!(!logs.contains("weather up north") && !logs.contains("3 degrees"));
+}
+
+#[tokio::test]
+async fn step_contents_are_logged_only_when_the_operator_opts_in() {
+    let provider = FakeServer::answering(
+        vec![openai::text("It is 3 degrees in Oslo.", 10, 5)],
+        Duration::ZERO,
+    )
+    .await;
+    let providers = format!("fake={}", provider.url("/v1"));
+    let api = Api::start_with(&[
+        ("SPIN_VARIABLE_MODEL_PROVIDERS", providers.as_str()),
+        ("SPIN_VARIABLE_MODEL_PROVIDER_KEYS", "fake=sk-app-key"),
+        ("SPIN_VARIABLE_LOG_STEP_PAYLOADS", "true"),
+    ])
+    .await;
+    let (ada, p) = project(&api).await;
+    let a = agent(&api, &ada, &p, json!({})).await;
+    let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
+    let run = api
+        .run_to_end(&ada.access, &wf, json!({"q": "Weather in Oslo?"}))
+        .await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let logs = api.guest_logs();
+    let step_line: Value = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["msg"] == "step" && l["run_id"] == run["id"])
+        .expect("a step log line");
+    assert_eq!(step_line["input"], "Weather in Oslo?");
+    assert_eq!(step_line["output"], "It is 3 degrees in Oslo.");
+    assert!(!logs.contains("sk-app-key"), "keys stay out either way");
 }
 
 #[tokio::test]
@@ -296,9 +303,9 @@ async fn an_agent_that_never_stops_calling_tools_fails_at_max_iterations() {
     )
     .await;
     let wf = workflow(&api, &ada, &p, &[("loop", &a)], json!({"max_attempts": 3})).await;
-    let run = run_to_end(&api, &ada, &wf, "go").await;
+    let run = api.run_to_end(&ada.access, &wf, json!({"q": "go"})).await;
     assert_eq!(run["status"], "failed");
-    let step = &steps(&api, &ada, &run).await[0];
+    let step = &api.run_items(&ada.access, &run, "steps").await[0];
     // Not retried: another attempt would loop the same way.
     assert_eq!(
         (&step["error"]["kind"], &step["attempt"]),
@@ -328,7 +335,9 @@ async fn a_structured_answer_is_checked_against_response_format() {
         "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"}}});
     let a = agent(&api, &ada, &p, json!({"response_format": schema})).await;
     let wf = workflow(&api, &ada, &p, &[("judge", &a)], json!({"max_attempts": 1})).await;
-    let good = run_to_end(&api, &ada, &wf, "is it?").await;
+    let good = api
+        .run_to_end(&ada.access, &wf, json!({"q": "is it?"}))
+        .await;
     assert_eq!(good["status"], "succeeded", "{good}");
     assert_eq!(
         good["output"],
@@ -338,9 +347,11 @@ async fn a_structured_answer_is_checked_against_response_format() {
         body(&provider.received()[0])["response_format"],
         json!({"type": "json_schema", "json_schema": {"name": "output", "schema": schema}})
     );
-    let bad = run_to_end(&api, &ada, &wf, "is it?").await;
+    let bad = api
+        .run_to_end(&ada.access, &wf, json!({"q": "is it?"}))
+        .await;
     assert_eq!(bad["status"], "failed");
-    let step = &steps(&api, &ada, &bad).await[0];
+    let step = &api.run_items(&ada.access, &bad, "steps").await[0];
     assert_eq!(step["error"]["kind"], "validation");
     assert!(
         step["error"]["message"]
@@ -417,9 +428,9 @@ async fn provider_rate_limits_and_errors_are_retried_with_backoff_and_a_bad_requ
         (&json!(3), &json!("done"))
     );
     // A 400 is the request's fault: failed at once, no retry.
-    let bad = run_to_end(&api, &ada, &wf, "bad").await;
+    let bad = api.run_to_end(&ada.access, &wf, json!({"q": "bad"})).await;
     assert_eq!(bad["status"], "failed");
-    let s = &steps(&api, &ada, &bad).await[0];
+    let s = &api.run_items(&ada.access, &bad, "steps").await[0];
     assert_eq!(
         (&s["error"]["kind"], &s["attempt"]),
         (&json!("validation"), &json!(1))
@@ -563,14 +574,14 @@ async fn each_policy_rule_refuses_exactly_what_it_names_across_scopes() {
         let ada = &ada;
         async move {
             assert_eq!(run["status"], "failed", "{run}");
-            let steps = steps(api, ada, &run).await;
+            let steps = api.run_items(&ada.access, &run, "steps").await;
             let failed = steps
                 .iter()
                 .find(|s| s["status"] == "failed")
                 .unwrap()
                 .clone();
             assert_eq!(failed["error"]["kind"], "policy-violation");
-            let events = events(api, ada, &run).await;
+            let events = api.run_items(&ada.access, &run, "events").await;
             let v = events
                 .iter()
                 .find(|e| e["kind"] == "policy.violation")
@@ -585,7 +596,7 @@ async fn each_policy_rule_refuses_exactly_what_it_names_across_scopes() {
 
     // The model rule: refused before any call.
     let wf = workflow(&api, &ada, &p, &[("ask", &big)], json!({"max_attempts": 1})).await;
-    let (message, data) = refusal(run_to_end(&api, &ada, &wf, "x").await).await;
+    let (message, data) = refusal(api.run_to_end(&ada.access, &wf, json!({"q": "x"})).await).await;
     assert!(
         message.contains("Small only") && message.contains("allowed_models"),
         "{message}"
@@ -598,7 +609,7 @@ async fn each_policy_rule_refuses_exactly_what_it_names_across_scopes() {
 
     // The tool rule: the allowed tool runs, the other is refused and never called.
     let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
-    let (message, data) = refusal(run_to_end(&api, &ada, &wf, "x").await).await;
+    let (message, data) = refusal(api.run_to_end(&ada.access, &wf, json!({"q": "x"})).await).await;
     assert!(
         message.contains("One tool") && message.contains(&forbidden),
         "{message}"
@@ -632,7 +643,7 @@ async fn each_policy_rule_refuses_exactly_what_it_names_across_scopes() {
         ),
     )
     .await;
-    let (message, data) = refusal(run_to_end(&api, &ada, &wf, "x").await).await;
+    let (message, data) = refusal(api.run_to_end(&ada.access, &wf, json!({"q": "x"})).await).await;
     assert!(
         message.contains("One step") && message.contains("max_steps_per_run"),
         "{message}"
@@ -664,7 +675,9 @@ async fn each_policy_rule_refuses_exactly_what_it_names_across_scopes() {
     )
     .await;
     let before = provider.received().len();
-    let run = run_to_end(&api, &ada, &tokens_wf, "x").await;
+    let run = api
+        .run_to_end(&ada.access, &tokens_wf, json!({"q": "x"}))
+        .await;
     let (message, _) = refusal(run.clone()).await;
     assert!(
         message.contains("Few tokens") && message.contains("max_tokens_per_run"),
@@ -685,7 +698,7 @@ async fn each_policy_rule_refuses_exactly_what_it_names_across_scopes() {
     )
     .await;
     assert_eq!(
-        run_to_end(&api, &ada, &free, "x").await["status"],
+        api.run_to_end(&ada.access, &free, json!({"q": "x"})).await["status"],
         "succeeded"
     );
 }
@@ -717,9 +730,9 @@ async fn tool_steps_meet_the_same_tool_and_step_rules() {
         json!({"project_id": p, "name": "Only ok", "scope": {"workflow_id": wf}, "rules": {"allowed_tools": [ok]}}),
     )
     .await;
-    let run = run_to_end(&api, &ada, &wf, "x").await;
+    let run = api.run_to_end(&ada.access, &wf, json!({"q": "x"})).await;
     assert_eq!(run["status"], "failed");
-    let steps = steps(&api, &ada, &run).await;
+    let steps = api.run_items(&ada.access, &run, "steps").await;
     let b = steps.iter().find(|s| s["key"] == "b").unwrap();
     assert_eq!(
         (&b["error"]["kind"], &b["attempt"]),
@@ -728,7 +741,7 @@ async fn tool_steps_meet_the_same_tool_and_step_rules() {
     assert!(b["error"]["message"].as_str().unwrap().contains("Only ok"));
     assert_eq!((ok_fake.received().len(), no_fake.received().len()), (1, 0));
     assert!(
-        events(&api, &ada, &run)
+        api.run_items(&ada.access, &run, "events")
             .await
             .iter()
             .any(|e| e["kind"] == "policy.violation" && e["step"] == "b")
@@ -751,10 +764,10 @@ async fn an_alert_budget_never_blocks_and_alerts_once_when_crossed() {
     let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
     let mut alerts = Vec::new();
     for _ in 0..3 {
-        let run = run_to_end(&api, &ada, &wf, "x").await;
+        let run = api.run_to_end(&ada.access, &wf, json!({"q": "x"})).await;
         assert_eq!(run["status"], "succeeded", "{run}");
         alerts.push(
-            events(&api, &ada, &run)
+            api.run_items(&ada.access, &run, "events")
                 .await
                 .iter()
                 .filter(|e| e["kind"] == "budget.alert")
@@ -798,7 +811,7 @@ async fn a_hold_whose_call_never_settled_is_released_by_the_sweeper() {
     let policy_id = policy["id"].as_str().unwrap().to_string();
     let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
     assert_eq!(
-        run_to_end(&api, &ada, &wf, "x").await["status"],
+        api.run_to_end(&ada.access, &wf, json!({"q": "x"})).await["status"],
         "succeeded"
     );
     // A call whose host died after reserving: its hold stays until it expires.
@@ -870,7 +883,7 @@ async fn a_step_token_limit_cuts_max_tokens_and_refuses_the_call_after_it_is_use
     )
     .await;
     let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
-    let run = run_to_end(&api, &ada, &wf, "x").await;
+    let run = api.run_to_end(&ada.access, &wf, json!({"q": "x"})).await;
     assert_eq!(run["status"], "failed");
     // The one call allowed asked for no more than the 400 tokens the step may use.
     let sent = provider.received();
@@ -878,7 +891,7 @@ async fn a_step_token_limit_cuts_max_tokens_and_refuses_the_call_after_it_is_use
     let asked = body(&sent[0])["max_tokens"].as_i64().unwrap();
     assert!((1..400).contains(&asked), "max_tokens {asked}");
     // It used all 400: the next call is refused.
-    let step = &steps(&api, &ada, &run).await[0];
+    let step = &api.run_items(&ada.access, &run, "steps").await[0];
     assert_eq!(step["error"]["kind"], "policy-violation");
     let message = step["error"]["message"].as_str().unwrap();
     assert!(

@@ -37,18 +37,6 @@ async fn workflow(api: &Api, who: &User, p: &str, steps: Value) -> String {
     wf["id"].as_str().unwrap().to_string()
 }
 
-/// Starts a run and waits until it is finished; the run.
-async fn run_to_end(api: &Api, who: &User, wf: &str, input: Value) -> Value {
-    let run = api.start_run(&who.access, &json!(wf), input).await;
-    let path = format!("/api/v1/runs/{}", run["id"].as_str().unwrap());
-    common::eventually(async || {
-        let run = api.call("GET", &path, Some(&who.access), None).await.json();
-        (!["queued", "running", "waiting", "cancelling"].contains(&run["status"].as_str().unwrap()))
-            .then_some(run)
-    })
-    .await
-}
-
 async fn step_statuses(api: &Api, who: &User, run: &Value) -> Vec<(String, String)> {
     let steps = api
         .call(
@@ -89,7 +77,7 @@ async fn a_diamond_fans_out_and_in_to_the_right_output() {
         cond("join", &["left", "right"], json!({"l": "{{ steps.left.output.from }}", "r": "{{ steps.right.output.from }}", "n": "{{ steps.left.output.n }}"})),
     ]))
     .await;
-    let run = run_to_end(&api, &ada, &wf, json!({"n": 7})).await;
+    let run = api.run_to_end(&ada.access, &wf, json!({"n": 7})).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(
         run["output"],
@@ -139,7 +127,7 @@ async fn when_skips_the_branch_not_taken_and_its_dependants() {
         cond("join", &["yes", "no"], json!({"yes": "{{ steps.yes.output.said }}"})),
     ]))
     .await;
-    let run = run_to_end(&api, &ada, &wf, json!({"big": true})).await;
+    let run = api.run_to_end(&ada.access, &wf, json!({"big": true})).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(
         step_statuses(&api, &ada, &run).await,
@@ -241,7 +229,7 @@ async fn a_tool_that_rejects_the_call_fails_the_step_and_the_run_without_retryin
         ]),
     )
     .await;
-    let run = run_to_end(&api, &ada, &wf, json!({})).await;
+    let run = api.run_to_end(&ada.access, &wf, json!({})).await;
     assert_eq!(run["status"], "failed", "{run}");
     assert_eq!(
         step_statuses(&api, &ada, &run).await,
@@ -564,7 +552,7 @@ async fn a_step_timeout_shorter_than_the_tools_bounds_the_call() {
         "timeout_ms": 300, "retry": {"max_attempts": 1}}]),
     )
     .await;
-    let run = run_to_end(&api, &ada, &wf, json!({})).await;
+    let run = api.run_to_end(&ada.access, &wf, json!({})).await;
     assert_eq!(run["status"], "failed", "{run}");
     let step = step_of(&api, &ada, run["id"].as_str().unwrap(), "call").await;
     assert_eq!(step["error"]["kind"], "timeout", "{step}");
@@ -624,7 +612,9 @@ async fn retry_from_failed_reuses_what_succeeded_and_from_start_runs_everything(
          "input": {"city": "{{ steps.lookup.output.city }}"}},
     ]))
     .await;
-    let failed = run_to_end(&api, &ada, &wf, json!({"q": "north"})).await;
+    let failed = api
+        .run_to_end(&ada.access, &wf, json!({"q": "north"}))
+        .await;
     assert_eq!(failed["status"], "failed", "{failed}");
     let failed_id = failed["id"].as_str().unwrap();
     let retry_path = format!("/api/v1/runs/{failed_id}/retry");
@@ -1038,7 +1028,7 @@ async fn retention_removes_old_step_payloads_and_keeps_the_record() {
         json!([cond("only", &[], json!({"secret-ish": "{{ input.v }}"}))]),
     )
     .await;
-    let run = run_to_end(&api, &ada, &wf, json!({"v": 42})).await;
+    let run = api.run_to_end(&ada.access, &wf, json!({"v": 42})).await;
     let id = run["id"].as_str().unwrap();
     // Inside the 30 days of the default retention, nothing is removed.
     api.sweep_at(29 * 86_400).await;

@@ -17,16 +17,6 @@ async fn project(api: &Api, name: &str) -> (User, String) {
     (who, p)
 }
 
-async fn run_to_end(api: &Api, who: &User, wf: &str) -> Value {
-    let run = api.start_run(&who.access, &json!(wf), json!({})).await;
-    let path = format!("/api/v1/runs/{}", run["id"].as_str().unwrap());
-    common::eventually(async || {
-        let run = api.call("GET", &path, Some(&who.access), None).await.json();
-        (["succeeded", "failed"].contains(&run["status"].as_str().unwrap())).then_some(run)
-    })
-    .await
-}
-
 async fn create(api: &Api, who: &User, path: &str, body: Value) -> String {
     api.create(&who.access, path, body).await["id"]
         .as_str()
@@ -76,11 +66,14 @@ async fn known_runs(api: &Api, name: &str) -> (User, String, String, String, Str
     .await;
     for _ in 0..3 {
         assert_eq!(
-            run_to_end(api, &who, &agent_wf).await["status"],
+            api.run_to_end(&who.access, &agent_wf, json!({})).await["status"],
             "succeeded"
         );
     }
-    assert_eq!(run_to_end(api, &who, &tool_wf).await["status"], "failed");
+    assert_eq!(
+        api.run_to_end(&who.access, &tool_wf, json!({})).await["status"],
+        "failed"
+    );
     (who, p, agent_wf, tool_wf, agent, tool)
 }
 

@@ -68,11 +68,7 @@ async fn set_next(api: &Api, id: &str, at: DateTime<Utc>) {
 
 /// Fires the scheduler as at `at`.
 async fn tick(api: &Api, at: DateTime<Utc>) {
-    api.app
-        .inner
-        .handle_cron("scheduler", at.timestamp() as u64)
-        .await
-        .unwrap();
+    api.tick("scheduler", at.timestamp()).await;
 }
 
 fn utc(s: &str) -> DateTime<Utc> {

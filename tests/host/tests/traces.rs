@@ -15,12 +15,14 @@ use serde_json::{Value, json};
 
 // ---- The OTLP/HTTP JSON encoding, strictly -------------------------------------------------
 
+#[allow(dead_code)] // Fields the schema allows are accepted; not all are checked.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ExportTraceServiceRequest {
     resource_spans: Vec<ResourceSpans>,
 }
 
+#[allow(dead_code)] // Fields the schema allows are accepted; not all are checked.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ResourceSpans {
@@ -30,6 +32,7 @@ struct ResourceSpans {
     schema_url: String,
 }
 
+#[allow(dead_code)] // Fields the schema allows are accepted; not all are checked.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Resource {
@@ -38,6 +41,7 @@ struct Resource {
     dropped_attributes_count: u32,
 }
 
+#[allow(dead_code)] // Fields the schema allows are accepted; not all are checked.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ScopeSpans {
@@ -47,6 +51,7 @@ struct ScopeSpans {
     schema_url: String,
 }
 
+#[allow(dead_code)] // Fields the schema allows are accepted; not all are checked.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Scope {
@@ -57,6 +62,7 @@ struct Scope {
     attributes: Vec<KeyValue>,
 }
 
+#[allow(dead_code)] // Fields the schema allows are accepted; not all are checked.
 #[derive(Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Span {
@@ -89,6 +95,7 @@ struct Span {
     dropped_links_count: u32,
 }
 
+#[allow(dead_code)] // Fields the schema allows are accepted; not all are checked.
 #[derive(Deserialize, Clone, Debug, Default)]
 #[serde(deny_unknown_fields)]
 struct Status {
@@ -98,6 +105,7 @@ struct Status {
     message: String,
 }
 
+#[allow(dead_code)] // Fields the schema allows are accepted; not all are checked.
 #[derive(Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 struct KeyValue {
@@ -105,21 +113,24 @@ struct KeyValue {
     value: AnyValue,
 }
 
+#[allow(dead_code)] // Fields the schema allows are accepted; not all are checked.
 #[derive(Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
 enum AnyValue {
-    StringValue(String),
-    BoolValue(bool),
+    #[serde(rename = "stringValue")]
+    Str(String),
+    #[serde(rename = "boolValue")]
+    Bool(bool),
     /// int64: a decimal string in the JSON encoding.
-    IntValue(String),
-    DoubleValue(f64),
-    ArrayValue {
-        values: Vec<AnyValue>,
-    },
-    KvlistValue {
-        values: Vec<Value>,
-    },
-    BytesValue(String),
+    #[serde(rename = "intValue")]
+    Int(String),
+    #[serde(rename = "doubleValue")]
+    Double(f64),
+    #[serde(rename = "arrayValue")]
+    Array { values: Vec<AnyValue> },
+    #[serde(rename = "kvlistValue")]
+    Kvlist { values: Vec<Value> },
+    #[serde(rename = "bytesValue")]
+    Bytes(String),
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -147,21 +158,21 @@ impl Span {
 
     fn int(&self, key: &str) -> i64 {
         match self.attr(key) {
-            Some(AnyValue::IntValue(s)) => s.parse().unwrap(),
+            Some(AnyValue::Int(s)) => s.parse().unwrap(),
             other => panic!("{}: {key} is {other:?}", self.name),
         }
     }
 
     fn double(&self, key: &str) -> f64 {
         match self.attr(key) {
-            Some(AnyValue::DoubleValue(d)) => *d,
+            Some(AnyValue::Double(d)) => *d,
             other => panic!("{}: {key} is {other:?}", self.name),
         }
     }
 
     fn str(&self, key: &str) -> &str {
         match self.attr(key) {
-            Some(AnyValue::StringValue(s)) => s,
+            Some(AnyValue::Str(s)) => s,
             other => panic!("{}: {key} is {other:?}", self.name),
         }
     }
@@ -199,7 +210,7 @@ fn parse_export(body: &[u8]) -> (HashMap<String, AnyValue>, Vec<Span>) {
         assert!(s.end() >= s.start(), "{} ends before it starts", s.name);
         assert!(!s.name.is_empty());
         for kv in &s.attributes {
-            if let AnyValue::IntValue(i) = &kv.value {
+            if let AnyValue::Int(i) = &kv.value {
                 i.parse::<i64>().expect("intValue is an int64 string");
             }
         }
@@ -440,14 +451,8 @@ async fn a_finished_run_reaches_the_collector_once_as_a_well_formed_trace() {
     assert_eq!(req.headers["content-type"], "application/json");
 
     let (resource, spans) = parse_export(&req.body);
-    assert_eq!(
-        resource["service.name"],
-        AnyValue::StringValue("sparkops".into())
-    );
-    assert_eq!(
-        resource["sparkops.project_id"],
-        AnyValue::StringValue(p.clone())
-    );
+    assert_eq!(resource["service.name"], AnyValue::Str("sparkops".into()));
+    assert_eq!(resource["sparkops.project_id"], AnyValue::Str(p.clone()));
     assert!(spans.iter().all(|s| s.trace_id == trace_id(&run)));
     let tree = Tree::of(&trace_id(&run), &spans);
     assert_eq!(spans.len(), 6, "run, 2 steps, 2 model calls, 1 tool call");
@@ -661,10 +666,7 @@ async fn a_refusing_collector_is_not_retried_and_each_project_sends_only_its_own
     let sent = &accepting.received()[0];
     assert_eq!(sent.headers["authorization"], "Basic cGs6c2s=");
     let (resource, spans) = parse_export(&sent.body);
-    assert_eq!(
-        resource["sparkops.project_id"],
-        AnyValue::StringValue(b.clone())
-    );
+    assert_eq!(resource["sparkops.project_id"], AnyValue::Str(b.clone()));
     assert!(!spans.is_empty());
     assert!(spans.iter().all(|s| s.trace_id == trace_id(&runs[&b])));
     assert_eq!(export_row(&api, &runs[&b], t0).await.0, "exported");
