@@ -449,6 +449,21 @@ fn prometheus(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
     )? {
         out.sample("sparkops_schedule_fires_total", &[("outcome", &r.text(0)?)], r.int(1)? as f64);
     }
+    out.family(
+        "sparkops_trace_exports",
+        "gauge",
+        "Run traces waiting to be exported (pending) and given up (failed, kept 7 days).",
+    );
+    for r in one(
+        "select s, (select count(*) from trace_exports where status = s)
+         from unnest(array['pending', 'failed']) s",
+    )? {
+        out.sample(
+            "sparkops_trace_exports",
+            &[("status", &r.text(0)?)],
+            r.int(1)? as f64,
+        );
+    }
     Ok(Reply::text(
         200,
         "text/plain; version=0.0.4; charset=utf-8",

@@ -272,6 +272,19 @@ impl Tree {
 // ---- Helpers -------------------------------------------------------------------------------
 
 const LANGWATCH_PATH: &str = "/api/otel/v1/traces";
+const METRICS_TOKEN: &str = "operator-token-0123456789";
+
+/// The value of a sample line of the Prometheus page, e.g. `sparkops_x{a="b"}`.
+async fn gauge(api: &Api, sample: &str) -> f64 {
+    let page = api.call("GET", "/metrics", Some(METRICS_TOKEN), None).await;
+    assert_eq!(page.status, 200);
+    let text = String::from_utf8(page.body.to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {sample}"))
+        .parse()
+        .unwrap()
+}
 
 async fn api(provider: Option<&FakeServer>) -> Api {
     let providers = provider.map(|p| format!("fake={}", p.url("/v1")));
@@ -279,6 +292,7 @@ async fn api(provider: Option<&FakeServer>) -> Api {
         ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
         ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
         ("SPIN_VARIABLE_MODEL_PROVIDER_KEYS", "fake=sk-app-key"),
+        ("SPIN_VARIABLE_METRICS_TOKEN", METRICS_TOKEN),
     ];
     if let Some(p) = &providers {
         vars.push(("SPIN_VARIABLE_MODEL_PROVIDERS", p.as_str()));
@@ -550,6 +564,10 @@ async fn a_failing_collector_is_retried_with_backoff_and_never_fails_the_run() {
         "Retry-After: 30 is honoured ({next})"
     );
 
+    assert_eq!(
+        gauge(&api, "sparkops_trace_exports{status=\"pending\"}").await,
+        1.0
+    );
     api.tick("exporter", t0 + 20).await;
     assert_eq!(collector.received().len(), 1, "not due before Retry-After");
     api.tick("exporter", t0 + 35).await;
@@ -690,6 +708,14 @@ async fn a_refusing_collector_is_not_retried_and_each_project_sends_only_its_own
     }
     assert_eq!(refusing.received().len(), 1, "a 401 is not retried");
     assert_eq!(accepting.received().len(), 1);
+    assert_eq!(
+        gauge(&api, "sparkops_trace_exports{status=\"failed\"}").await,
+        1.0
+    );
+    assert_eq!(
+        gauge(&api, "sparkops_trace_exports{status=\"pending\"}").await,
+        0.0
+    );
 }
 
 #[tokio::test]
