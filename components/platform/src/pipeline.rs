@@ -56,6 +56,9 @@ pub struct Ctx {
     db: Option<Db>,
     /// The tightest rate-limit decision so far, sent as `RateLimit-*` headers.
     rate: Option<Decision>,
+    /// The project and run the request turned out to be about, for its log line.
+    logged_project: Option<String>,
+    logged_run: Option<String>,
 }
 
 impl Ctx {
@@ -66,6 +69,8 @@ impl Ctx {
             now: chrono::Utc::now(),
             db: None,
             rate: None,
+            logged_project: None,
+            logged_run: None,
         }
     }
 
@@ -192,7 +197,13 @@ impl Ctx {
             None => member_role,
         };
         role.require(action)?;
+        self.logged_project = Some(project_id.clone());
         Ok(ProjectAccess { project_id, role })
+    }
+
+    /// Names the run this request is about in its log line.
+    pub fn log_run(&mut self, run_id: &str) {
+        self.logged_run = Some(run_id.to_string());
     }
 
     /// Counts one request under `key`; over the limit is `429`. The tighter of the limits
@@ -559,6 +570,8 @@ async fn run(
             "level": "info",
             "msg": "request",
             "request_id": id,
+            "project_id": ctx.logged_project,
+            "run_id": ctx.logged_run,
             "method": format!("{method:?}"),
             "path": path,
             "status": status,

@@ -141,6 +141,7 @@ fn access(
         ApiError::NotFound(_) => not_found(),
         other => other,
     })?;
+    ctx.log_run(&id);
     Ok((id, access))
 }
 
@@ -281,6 +282,7 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
         Ok(Reply::created(load(tx, &id)?, format!("/api/v1/runs/{id}")))
     })?;
     if let Some(id) = reply.body.as_ref().and_then(|b| b["id"].as_str()) {
+        ctx.log_run(id);
         sparkops_platform::nudge::run(id);
     }
     Ok(reply)
@@ -387,6 +389,7 @@ fn retry(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
         Ok(Reply::created(load(tx, &new_id)?, format!("/api/v1/runs/{new_id}")))
     })?;
     if let Some(id) = reply.body.as_ref().and_then(|b| b["id"].as_str()) {
+        ctx.log_run(id);
         sparkops_platform::nudge::run(id);
     }
     Ok(reply)

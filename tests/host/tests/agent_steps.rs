@@ -249,6 +249,21 @@ async fn an_agent_calls_two_tools_then_answers_with_its_tokens_and_cost_recorded
     );
     assert!(step_line["duration_ms"].as_i64().is_some());
     assert!(step_line.get("input").is_none() && step_line.get("output").is_none());
+    // Request lines name the project and run they were about.
+    let run_path = format!("/api/v1/runs/{run_id}");
+    let request_line: Value = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["msg"] == "request" && l["path"] == run_path.as_str())
+        .expect("a request log line");
+    assert_eq!(
+        (
+            &request_line["project_id"],
+            &request_line["run_id"],
+            &request_line["status"]
+        ),
+        (&json!(p), &json!(run_id), &json!(200))
+    );
     assert!(!logs.contains("weather up north") && !logs.contains("3 degrees"));
 }
 
