@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use serde_json::{Value, json};
 use sparkops_host::{AppOptions, RunningApp};
 
@@ -182,34 +183,24 @@ async fn bench(
             samples.push(started.elapsed());
         }
         samples.sort();
-        // Throughput: `batch` runs started by CLIENTS concurrent clients.
-        let started = Instant::now();
-        let mut ids = Vec::new();
-        let mut tasks = tokio::task::JoinSet::new();
-        for c in 0..CLIENTS {
-            let (client, wf) = (client.clone(), wf.clone());
-            let count = batch / CLIENTS + usize::from(c < batch % CLIENTS);
-            tasks.spawn(async move {
-                let mut ids = Vec::new();
-                for _ in 0..count {
-                    ids.push(client.start(&wf).await?);
-                }
-                Ok::<_, anyhow::Error>(ids)
-            });
-        }
-        while let Some(r) = tasks.join_next().await {
-            ids.extend(r??);
-        }
-        wait_succeeded(&db, &ids, Duration::from_secs(300)).await?;
-        let elapsed = started.elapsed();
+        let (runs, elapsed) = throughput(&db, &client, wf, batch).await?;
         println!(
-            "| engine: {steps}-step workflow | {} | {:.1} ms | {:.1} ms | {:.0} |",
-            ids.len(),
+            "| engine: {steps}-step workflow | {runs} | {:.1} ms | {:.1} ms | {:.0} |",
             ms(samples[samples.len() / 2]),
             ms(samples[samples.len() * 95 / 100]),
-            (ids.len() * steps) as f64 / elapsed.as_secs_f64()
+            (runs * steps) as f64 / elapsed.as_secs_f64()
         );
     }
+    traces(
+        &app,
+        &db,
+        &client,
+        &project,
+        &workflows[1].1,
+        tool_addr,
+        batch,
+    )
+    .await?;
     let tps = pgbench(&db, database_url, &state, &tool).await?;
     println!(
         "| Postgres ceiling: pgbench, one step's statements per transaction | | | | {tps:.0} |"
@@ -218,6 +209,105 @@ async fn bench(
     app.shutdown().await;
     let _ = std::fs::remove_dir_all(&state);
     Ok(())
+}
+
+/// Throughput: `batch` runs of `wf` started by CLIENTS concurrent clients, until all have
+/// succeeded. The runs, and how long they took.
+async fn throughput(
+    db: &tokio_postgres::Client,
+    client: &Client,
+    wf: &Value,
+    batch: usize,
+) -> Result<(usize, Duration)> {
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..CLIENTS {
+        let (client, wf) = (client.clone(), wf.clone());
+        let count = batch / CLIENTS + usize::from(c < batch % CLIENTS);
+        tasks.spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..count {
+                ids.push(client.start(&wf).await?);
+            }
+            Ok::<_, anyhow::Error>(ids)
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        ids.extend(r??);
+    }
+    wait_succeeded(db, &ids, Duration::from_secs(300)).await?;
+    Ok((ids.len(), started.elapsed()))
+}
+
+/// The 10-step workflow again with the project exporting traces (to a no-op collector on
+/// loopback), beside the rows above; then how fast one exporter drains the outbox when
+/// fired back to back (the app's own 2 s ticks run too).
+async fn traces(
+    app: &RunningApp,
+    db: &tokio_postgres::Client,
+    client: &Client,
+    project: &Value,
+    wf: &Value,
+    collector: std::net::SocketAddr,
+    batch: usize,
+) -> Result<()> {
+    let project = project.as_str().context("a project")?;
+    client
+        .call(
+            "PATCH",
+            &format!("/api/v1/projects/{project}"),
+            json!({"trace_endpoint": format!("http://{collector}/v1/traces")}),
+        )
+        .await?;
+    let (runs, elapsed) = throughput(db, client, wf, batch).await?;
+    println!(
+        "| engine: 10-step workflow, traces exported | {runs} | | | {:.0} |",
+        (runs * 10) as f64 / elapsed.as_secs_f64()
+    );
+    // The app's own ticks have sent some already: send them all again, timed.
+    db.batch_execute(
+        "update trace_exports set status = 'pending', attempts = 0, exported_at = null,
+            next_attempt_at = now() - interval '1 second'",
+    )
+    .await?;
+    let started = Instant::now();
+    loop {
+        app.inner
+            .handle_cron("exporter", chrono::Utc::now().timestamp() as u64)
+            .await?;
+        let row = db
+            .query_one(
+                "select count(*) filter (where status = 'pending'),
+                        count(*) filter (where status = 'exported'),
+                        count(*) filter (where status = 'failed')
+                 from trace_exports",
+                &[],
+            )
+            .await?;
+        let (pending, exported, failed): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        if failed > 0 {
+            bail!("{failed} trace exports failed");
+        }
+        if pending == 0 {
+            let secs = started.elapsed().as_secs_f64();
+            println!();
+            println!(
+                "Trace export: {exported} runs (11 spans each) drained in {:.0} ms: {:.0} runs/s, {:.0} spans/s",
+                secs * 1000.0,
+                exported as f64 / secs,
+                (exported * 11) as f64 / secs
+            );
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let error: Option<String> = db
+                .query_one("select max(last_error) from trace_exports", &[])
+                .await?
+                .get(0);
+            bail!("{pending} trace exports still pending after 120 s: {error:?}");
+        }
+    }
 }
 
 /// `/metrics/summary` and `/metrics/steps` over a million generated steps (100,000 runs of
@@ -424,18 +514,19 @@ commit;
     Ok(tps)
 }
 
-/// A tool that answers `{}` at once, on loopback.
+/// A tool (and an OTLP collector) that reads the request and answers `{}`, on loopback.
 async fn noop_tool() -> Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
+                let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async {
+                    req.into_body().collect().await?;
                     let mut res = http::Response::new(Full::new(Bytes::from_static(b"{}")));
                     res.headers_mut()
                         .insert("content-type", "application/json".parse().unwrap());
-                    Ok::<_, std::convert::Infallible>(res)
+                    Ok::<_, hyper::Error>(res)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
