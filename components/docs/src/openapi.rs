@@ -795,7 +795,11 @@ fn schemas() -> Value {
             "unpriced_calls": s("integer"), "started_at": {"type": ["string", "null"]}, "finished_at": {"type": ["string", "null"]},
             "duration_ms": {"type": ["integer", "null"]}, "created_at": time, "updated_at": time,
             "steps": {"type": "object", "additionalProperties": {"type": "integer"}, "description": "Step counts by status"},
-            "payloads_pruned_at": {"type": ["string", "null"], "description": "When retention removed the steps' inputs and outputs"}}},
+            "payloads_pruned_at": {"type": ["string", "null"], "description": "When retention removed the steps' inputs and outputs"},
+            "trace_export": {"type": ["object", "null"], "description": "GET /runs/{id} only, when the project exports traces: \
+                status (pending, exported, failed), attempts, last_error, exported_at",
+                "properties": {"status": {"enum": ["pending", "exported", "failed"]}, "attempts": s("integer"),
+                    "last_error": {"type": ["string", "null"]}, "exported_at": {"type": ["string", "null"]}}}}},
         "RunStepList": {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object", "properties": {
             "key": s("string"), "kind": s("string"), "status": s("string"), "attempt": s("integer"), "input": {}, "output": {}, "error": {},
             "tokens_in": s("integer"), "tokens_out": s("integer"), "cost_usd": {"type": ["string", "null"]},

@@ -155,7 +155,29 @@ fn load(tx: &Tx<'_, Db>, id: &str) -> Result<Value, ApiError> {
 
 fn get(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
     let (id, _) = access(ctx, who, id, Action::Read)?;
-    Ok(Reply::ok(ctx.transaction(|tx, _| load(tx, &id))?))
+    let mut run = ctx.transaction(|tx, _| load(tx, &id))?;
+    run["trace_export"] = trace_export(ctx, &id)?;
+    Ok(Reply::ok(run))
+}
+
+/// Where the run's trace export stands, when its project exports traces.
+fn trace_export(ctx: &mut Ctx, id: &str) -> Result<Value, ApiError> {
+    let rows = ctx.db()?.query(
+        &format!(
+            "select status, attempts, last_error, {} from trace_exports where run_id = $1",
+            utc("exported_at")
+        ),
+        &[V::Uuid(id.into())],
+    )?;
+    let Some(r) = rows.first() else {
+        return Ok(Value::Null);
+    };
+    Ok(json!({
+        "status": r.text(0)?,
+        "attempts": r.int(1)?,
+        "last_error": r.opt_text(2)?,
+        "exported_at": r.opt_timestamp(3)?.map(rfc3339),
+    }))
 }
 
 fn list(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiError> {

@@ -589,6 +589,13 @@ async fn a_failing_collector_is_retried_with_backoff_and_never_fails_the_run() {
         .await;
     assert_eq!(run["status"], "succeeded");
     assert!(run["error"].is_null());
+    // The run shows where its export stands.
+    let export = &run["trace_export"];
+    assert_eq!(
+        (&export["status"], &export["attempts"]),
+        (&json!("exported"), &json!(3))
+    );
+    assert!(export["last_error"].is_null() && export["exported_at"].is_string());
 }
 
 #[tokio::test]
@@ -675,9 +682,16 @@ async fn a_refusing_collector_is_not_retried_and_each_project_sends_only_its_own
     })
     .await;
 
-    let (status, attempts, error, _) = export_row(&api, &runs[&a], t0).await;
-    assert_eq!((status.as_str(), attempts), ("failed", 1));
-    assert!(error.unwrap().contains("401"));
+    let run_a = api
+        .finished_run(&ada.access, runs[&a]["id"].as_str().unwrap())
+        .await;
+    let export = &run_a["trace_export"];
+    assert_eq!(
+        (&export["status"], &export["attempts"]),
+        (&json!("failed"), &json!(1))
+    );
+    assert!(export["last_error"].as_str().unwrap().contains("401"));
+    assert!(export["exported_at"].is_null());
     let (_, spans) = parse_export(&refusing.received()[0].body);
     assert!(spans.iter().all(|s| s.trace_id == trace_id(&runs[&a])));
 
@@ -702,6 +716,10 @@ async fn a_refusing_collector_is_not_retried_and_each_project_sends_only_its_own
         .unwrap()
         .get(0);
     assert_eq!(c_rows, 0);
+    let run_c = api
+        .finished_run(&ada.access, runs[&c]["id"].as_str().unwrap())
+        .await;
+    assert!(run_c["trace_export"].is_null());
 
     for at in [t0 + 600, t0 + 7200] {
         api.tick("exporter", at).await;
