@@ -330,16 +330,15 @@ fn me(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
 const KEY_COLUMNS: &str = "api_key_id::text, project_id::text, name, prefix, role";
 
 fn key_json(row: &Row) -> Result<Value, ApiError> {
-    let time = |i: usize| row.timestamp(i).ok().map(rfc3339);
     Ok(json!({
         "id": row.text(0)?,
         "project_id": row.text(1)?,
         "name": row.text(2)?,
         "prefix": row.text(3)?,
         "role": row.text(4)?,
-        "created_at": time(5),
-        "expires_at": time(6),
-        "revoked_at": time(7),
+        "created_at": row.time_json(5)?,
+        "expires_at": row.time_json(6)?,
+        "revoked_at": row.time_json(7)?,
     }))
 }
 

@@ -108,6 +108,11 @@ impl Row {
         }
     }
 
+    /// A nullable time column (selected with [`utc`]) as RFC 3339 JSON, or `null`.
+    pub fn time_json(&self, i: usize) -> Result<serde_json::Value, DbError> {
+        Ok(self.opt_timestamp(i)?.map(crate::time::rfc3339).into())
+    }
+
     /// A `jsonb` column; SQL `null` reads as JSON `null`.
     pub fn json(&self, i: usize) -> Result<serde_json::Value, DbError> {
         match self.at(i)? {

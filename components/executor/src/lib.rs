@@ -192,7 +192,7 @@ fn execute(ctx: &mut Ctx, run_id: &str, key: &str) -> Result<Done, ApiError> {
             // The policies in scope first: the tool must be allowed, the run within its steps.
             let tool_id = step.tool_id.clone().unwrap_or_default();
             let policies = policies::in_scope(ctx.db()?, &project_id, &workflow_id, None)?;
-            let started = engine::started_steps(ctx.db()?, run_id)?;
+            let started = policies::started_steps(ctx.db()?, &policies, run_id)?;
             if let Err(v) = policies::check_steps(&policies, started)
                 .and_then(|()| policies::check_tool(&policies, &tool_id))
             {

@@ -242,7 +242,7 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
         scope.workflow_id,
         Some(scope.agent_id),
     )?;
-    let started = engine::started_steps(ctx.db()?, scope.run_id)?;
+    let started = policies::started_steps(ctx.db()?, &policies, scope.run_id)?;
     if let Err(v) = policies::check_steps(&policies, started)
         .and_then(|()| policies::check_model(&policies, &agent.model))
     {

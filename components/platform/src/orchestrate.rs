@@ -91,23 +91,25 @@ pub fn advance(tx: &Tx<'_, Db>, run_id: &str) -> Result<Vec<(String, String)>, A
         _ => return Ok(Vec::new()),
     }
     let definition = engine::definition(tx, run_id)?;
+    // The steps are read once: under the run's lock nothing else changes them, so each
+    // decision is applied to the copy here as well as to the table.
+    let (mut statuses, outputs) = engine::steps(tx, run_id)?;
+    let scope = RunScope {
+        input: &input,
+        outputs: &outputs,
+    };
     // Skipping a step can settle its dependants, so decide until nothing changes.
     loop {
-        let (statuses, outputs) = engine::steps(tx, run_id)?;
-        let scope = RunScope {
-            input: &input,
-            outputs: &outputs,
-        };
         let decisions = run::decide(&definition, &statuses, &scope);
         if decisions.is_empty() {
             break;
         }
         for (key, decision) in decisions {
-            let (status, reason) = match decision {
-                Decision::Ready => ("ready", Value::Null),
-                Decision::Skip(why) => ("skipped", json!({"reason": why})),
+            let (status, new, reason) = match decision {
+                Decision::Ready => ("ready", StepStatus::Ready, Value::Null),
+                Decision::Skip(why) => ("skipped", StepStatus::Skipped, json!({"reason": why})),
             };
-            tx.execute(
+            let changed = tx.execute(
                 "update run_steps set status = $3, error = $4, updated_at = now()
                  where run_id = $1 and step_key = $2 and status = 'pending'",
                 &[
@@ -121,12 +123,17 @@ pub fn advance(tx: &Tx<'_, Db>, run_id: &str) -> Result<Vec<(String, String)>, A
                     },
                 ],
             )?;
-            if status == "skipped" {
+            if changed != 1 {
+                return Err(ApiError::Server(format!(
+                    "step {key} of run {run_id} changed under the run's lock"
+                )));
+            }
+            if new == StepStatus::Skipped {
                 engine::event(tx, run_id, "step.skipped", Some(&key), reason)?;
             }
+            statuses.insert(key, new);
         }
     }
-    let (statuses, outputs) = engine::steps(tx, run_id)?;
     match run::outcome(&statuses) {
         Some(Outcome::Succeeded) => {
             // The run's output: what the steps no other step depends on produced.
@@ -167,22 +174,24 @@ pub fn advance(tx: &Tx<'_, Db>, run_id: &str) -> Result<Vec<(String, String)>, A
         }
         None => {}
     }
-    claim(tx, run_id, &definition)
+    let mut ready: Vec<String> = statuses
+        .into_iter()
+        .filter(|(_, s)| *s == StepStatus::Ready)
+        .map(|(k, _)| k)
+        .collect();
+    ready.sort();
+    claim(tx, run_id, &definition, ready)
 }
 
-/// Claims every ready step with a fresh lease, as one conditional update per step.
+/// Claims the `ready` steps with a fresh lease, as one conditional update per step.
 fn claim(
     tx: &Tx<'_, Db>,
     run_id: &str,
     definition: &sparkops_core::workflow::Definition,
+    ready: Vec<String>,
 ) -> Result<Vec<(String, String)>, ApiError> {
     let mut claimed = Vec::new();
-    let ready = tx.query(
-        "select step_key from run_steps where run_id = $1 and status = 'ready' order by step_key",
-        &[V::Uuid(run_id.into())],
-    )?;
-    for row in ready {
-        let key = row.text(0)?;
+    for key in ready {
         let step = definition.steps.iter().find(|s| s.key == key);
         // An approval step needs no executor: it waits for a person, until its deadline.
         let approval = match step {

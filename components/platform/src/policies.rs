@@ -139,6 +139,16 @@ pub fn check_tool(policies: &[Policy], tool_id: &str) -> Result<(), Violation> {
     Ok(())
 }
 
+/// The run's started steps as [`check_steps`] needs them: counted only when a policy limits
+/// them, since the count is a query on the path of every call.
+pub fn started_steps(db: &Db, policies: &[Policy], run_id: &str) -> Result<i64, ApiError> {
+    if policies.iter().any(|p| p.rules.max_steps_per_run.is_some()) {
+        crate::engine::started_steps(db, run_id)
+    } else {
+        Ok(0)
+    }
+}
+
 /// `max_steps_per_run`: the run may have started at most this many steps, this one included.
 pub fn check_steps(policies: &[Policy], started: i64) -> Result<(), Violation> {
     for p in policies {

@@ -11,7 +11,7 @@ use sparkops_core::error::ApiError;
 use sparkops_core::ids::parse_uuid;
 use sparkops_core::input::Body;
 use sparkops_core::roles::Action;
-use sparkops_core::time::{parse_rfc3339, rfc3339};
+use sparkops_core::time::parse_rfc3339;
 use sparkops_core::workflow;
 use sparkops_platform::admission::admit;
 use sparkops_platform::db::Db;
@@ -82,11 +82,6 @@ const RUN_COLUMNS: &str = "r.run_id::text, r.project_id::text, r.workflow_id::te
         (select status, count(*) as n from run_steps where run_id = r.run_id group by status) s), \
      (r.payloads_pruned_at at time zone 'UTC')";
 
-/// A nullable time column as RFC 3339 or `null`.
-fn time(row: &Row, i: usize) -> Result<Value, ApiError> {
-    Ok(json!(row.opt_timestamp(i)?.map(rfc3339)))
-}
-
 fn run_json(row: &Row) -> Result<Value, ApiError> {
     let duration_ms = match (row.opt_timestamp(15)?, row.opt_timestamp(16)?) {
         (Some(s), Some(f)) => Some((f - s).num_milliseconds()),
@@ -103,19 +98,19 @@ fn run_json(row: &Row) -> Result<Value, ApiError> {
         "error": row.json(7)?,
         "retry_of": row.opt_text(8)?,
         "schedule_id": row.opt_text(9)?,
-        "scheduled_for": time(row, 10)?,
+        "scheduled_for": row.time_json(10)?,
         "tokens_in": row.int(11)?,
         "tokens_out": row.int(12)?,
         "cost_usd": sparkops_core::money::Usd::parse(&row.text(13)?).map(|u| u.to_fixed()).map_err(ApiError::Server)?,
         "unpriced_calls": row.int(14)?,
-        "started_at": time(row, 15)?,
-        "finished_at": time(row, 16)?,
+        "started_at": row.time_json(15)?,
+        "finished_at": row.time_json(16)?,
         "duration_ms": duration_ms,
-        "created_at": time(row, 17)?,
-        "updated_at": time(row, 18)?,
+        "created_at": row.time_json(17)?,
+        "updated_at": row.time_json(18)?,
         "steps": row.json(19)?,
         // Set once retention has removed the steps' inputs and outputs.
-        "payloads_pruned_at": time(row, 20)?,
+        "payloads_pruned_at": row.time_json(20)?,
     }))
 }
 
@@ -176,7 +171,7 @@ fn trace_export(ctx: &mut Ctx, id: &str) -> Result<Value, ApiError> {
         "status": r.text(0)?,
         "attempts": r.int(1)?,
         "last_error": r.opt_text(2)?,
-        "exported_at": r.opt_timestamp(3)?.map(rfc3339),
+        "exported_at": r.time_json(3)?,
     }))
 }
 
@@ -444,10 +439,10 @@ fn steps(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
                 "tokens_in": r.int(7)?,
                 "tokens_out": r.int(8)?,
                 "cost_usd": r.opt_text(9)?,
-                "started_at": time(r, 10)?,
-                "finished_at": time(r, 11)?,
+                "started_at": r.time_json(10)?,
+                "finished_at": r.time_json(11)?,
                 "duration_ms": r.int(12).ok(),
-                "next_attempt_at": time(r, 13)?,
+                "next_attempt_at": r.time_json(13)?,
             }))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
@@ -486,7 +481,7 @@ fn events_after(ctx: &mut Ctx, id: &str, after: i32, limit: i64) -> Result<Vec<V
                 "kind": r.text(1)?,
                 "step": r.opt_text(2)?,
                 "data": r.json(3)?,
-                "at": time(r, 4)?,
+                "at": r.time_json(4)?,
             }))
         })
         .collect()

@@ -77,8 +77,6 @@ impl Resource for Schedule {
 
     fn to_json(row: &Row) -> Result<Value, ApiError> {
         let mut m = common_json(row)?;
-        let time =
-            |i: usize| -> Result<Value, ApiError> { Ok(json!(row.opt_timestamp(i)?.map(rfc3339))) };
         for (k, v) in [
             ("workflow_id", json!(row.text(5)?)),
             ("cron", json!(row.text(6)?)),
@@ -87,8 +85,8 @@ impl Resource for Schedule {
             ("enabled", json!(row.bool(9)?)),
             ("overlap", json!(row.text(10)?)),
             ("catchup_window_s", json!(row.int(11)?)),
-            ("next_fire_at", time(12)?),
-            ("last_fired_at", time(13)?),
+            ("next_fire_at", row.time_json(12)?),
+            ("last_fired_at", row.time_json(13)?),
         ] {
             m.insert(k.into(), v);
         }
@@ -287,21 +285,18 @@ fn fires(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
          from schedule_fires where schedule_id = $1 order by fire_at desc limit $2",
         &[V::Uuid(id), V::Int64(limit)],
     )?;
-    let time = |r: &Row, i: usize| -> Result<Value, ApiError> {
-        Ok(json!(r.opt_timestamp(i)?.map(rfc3339)))
-    };
     let items = rows
         .iter()
         .map(|r| {
             Ok(json!({
-                "fire_at": time(r, 0)?,
+                "fire_at": r.time_json(0)?,
                 "outcome": r.text(1)?,
                 "reason": r.opt_text(2)?,
                 "run_id": r.opt_text(3)?,
                 "manual": r.bool(4)?,
-                "missed_until": time(r, 5)?,
+                "missed_until": r.time_json(5)?,
                 "missed_count": r.int(6)?,
-                "recorded_at": time(r, 7)?,
+                "recorded_at": r.time_json(7)?,
             }))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
