@@ -30,19 +30,6 @@ async fn project(api: &Api) -> (User, String) {
     (ada, p)
 }
 
-/// Sets the project's price of `model` (USD per million tokens).
-async fn price(api: &Api, who: &User, p: &str, model: &str, input: &str, output: &str) {
-    let res = api
-        .call(
-            "PUT",
-            &format!("/api/v1/models/prices/{model}?project_id={p}"),
-            Some(&who.access),
-            Some(json!({"input_per_mtok_usd": input, "output_per_mtok_usd": output})),
-        )
-        .await;
-    assert!(res.status < 300, "{}", String::from_utf8_lossy(&res.body));
-}
-
 async fn tool(api: &Api, who: &User, p: &str, name: &str, url: String) -> String {
     let t = api
         .create(
@@ -107,7 +94,7 @@ async fn an_agent_calls_two_tools_then_answers_with_its_tokens_and_cost_recorded
     let weather_fake = FakeServer::start(200, json!({"temp": 3}), Duration::ZERO).await;
     let city = tool(&api, &ada, &p, "city", city_fake.url("/")).await;
     let weather = tool(&api, &ada, &p, "weather", weather_fake.url("/")).await;
-    price(&api, &ada, &p, "fake/small", "2", "8").await;
+    api.set_price(&ada.access, &p, "fake/small", "2", "8").await;
     let a = agent(&api, &ada, &p, json!({"tool_ids": [city, weather]})).await;
     let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
     let run = api
@@ -460,7 +447,8 @@ async fn fifty_agent_steps_at_once_never_spend_past_a_blocking_budget() {
         FakeServer::answering(vec![openai::text("ok", 0, 1000)], Duration::from_millis(50)).await;
     let api = api(&provider).await;
     let (ada, p) = project(&api).await;
-    price(&api, &ada, &p, "fake/small", "0", "10").await;
+    api.set_price(&ada.access, &p, "fake/small", "0", "10")
+        .await;
     let a = agent(&api, &ada, &p, json!({"max_tokens": 1000})).await;
     let policy = api
         .create(
@@ -768,7 +756,8 @@ async fn an_alert_budget_never_blocks_and_alerts_once_when_crossed() {
     let provider = FakeServer::answering(vec![openai::text("ok", 0, 1000)], Duration::ZERO).await;
     let api = api(&provider).await;
     let (ada, p) = project(&api).await;
-    price(&api, &ada, &p, "fake/small", "0", "10").await;
+    api.set_price(&ada.access, &p, "fake/small", "0", "10")
+        .await;
     let a = agent(&api, &ada, &p, json!({"max_tokens": 1000})).await;
     api.create(
         &ada.access,
@@ -814,7 +803,8 @@ async fn a_hold_whose_call_never_settled_is_released_by_the_sweeper() {
     let provider = FakeServer::answering(vec![openai::text("ok", 0, 100)], Duration::ZERO).await;
     let api = api(&provider).await;
     let (ada, p) = project(&api).await;
-    price(&api, &ada, &p, "fake/small", "0", "10").await;
+    api.set_price(&ada.access, &p, "fake/small", "0", "10")
+        .await;
     let a = agent(&api, &ada, &p, json!({"max_tokens": 100})).await;
     let policy = api
         .create(

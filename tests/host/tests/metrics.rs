@@ -29,15 +29,7 @@ async fn create(api: &Api, who: &User, path: &str, body: Value) -> String {
 /// tool workflow, agent, tool).
 async fn known_runs(api: &Api, name: &str) -> (User, String, String, String, String, String) {
     let (who, p) = project(api, name).await;
-    let res = api
-        .call(
-            "PUT",
-            &format!("/api/v1/models/prices/fake/small?project_id={p}"),
-            Some(&who.access),
-            Some(json!({"input_per_mtok_usd": "1", "output_per_mtok_usd": "2"})),
-        )
-        .await;
-    assert!(res.status < 300);
+    api.set_price(&who.access, &p, "fake/small", "1", "2").await;
     let agent = create(
         api,
         &who,

@@ -412,15 +412,7 @@ async fn a_finished_run_reaches_the_collector_once_as_a_well_formed_trace() {
         ("otlp.api_key", "lw-project-key-123"),
     )
     .await;
-    let res = api
-        .call(
-            "PUT",
-            &format!("/api/v1/models/prices/fake/small?project_id={p}"),
-            Some(&ada.access),
-            Some(json!({"input_per_mtok_usd": "1", "output_per_mtok_usd": "2"})),
-        )
-        .await;
-    assert!(res.status < 300);
+    api.set_price(&ada.access, &p, "fake/small", "1", "2").await;
     let tool = create(
         &api,
         &ada,

@@ -364,6 +364,28 @@ impl Api {
         self.finished_run(token, run["id"].as_str().unwrap()).await
     }
 
+    /// Sets the project's price of `model` (USD per million tokens).
+    pub async fn set_price(
+        &self,
+        token: &str,
+        project: &str,
+        model: &str,
+        input: &str,
+        output: &str,
+    ) {
+        let res = self
+            .call(
+                "PUT",
+                &format!("/api/v1/models/prices/{model}?project_id={project}"),
+                Some(token),
+                Some(
+                    serde_json::json!({"input_per_mtok_usd": input, "output_per_mtok_usd": output}),
+                ),
+            )
+            .await;
+        assert!(res.status < 300, "{}", String::from_utf8_lossy(&res.body));
+    }
+
     /// A run's `steps` or `events` (one page of them, oldest first).
     pub async fn run_items(&self, token: &str, run: &Value, what: &str) -> Vec<Value> {
         let path = format!("/api/v1/runs/{}/{what}", run["id"].as_str().unwrap());
