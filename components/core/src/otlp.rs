@@ -429,6 +429,27 @@ pub fn run_trace(run: &RunRecord, steps: &[StepRecord], calls: &[CallRecord]) ->
     }
 }
 
+/// Traces grouped, in order, into requests of at most `max_spans` spans; a trace larger than
+/// that goes alone. A trace is never split, so each request's outcome is its runs' outcome.
+pub fn requests<K>(traces: Vec<(K, Trace)>, max_spans: usize) -> Vec<Vec<(K, Trace)>> {
+    let mut requests: Vec<Vec<(K, Trace)>> = Vec::new();
+    let mut spans = 0;
+    for (key, trace) in traces {
+        let n = trace.spans.len();
+        match requests.last_mut() {
+            Some(last) if spans + n <= max_spans => {
+                spans += n;
+                last.push((key, trace));
+            }
+            _ => {
+                spans = n;
+                requests.push(vec![(key, trace)]);
+            }
+        }
+    }
+    requests
+}
+
 /// Whether an exporter should try again after the collector answered `status`, per the
 /// OTLP/HTTP specification (429, 502, 503 and 504 are transient; any other error is not).
 pub fn retryable(status: u16) -> bool {
@@ -574,6 +595,32 @@ mod tests {
                 .iter()
                 .any(|(k, _)| *k == "sparkops.cost_usd")
         );
+    }
+
+    #[test]
+    fn requests_hold_whole_traces_up_to_the_span_limit() {
+        let trace = |n: usize| Trace {
+            trace_id: "t".into(),
+            spans: vec![run_span(&run()); n],
+        };
+        let sizes = |reqs: Vec<Vec<(usize, Trace)>>| -> Vec<Vec<usize>> {
+            reqs.into_iter()
+                .map(|r| r.into_iter().map(|(k, _)| k).collect())
+                .collect()
+        };
+        let traces = vec![
+            (0, trace(3)),
+            (1, trace(2)),
+            (2, trace(1)),
+            (3, trace(9)),
+            (4, trace(4)),
+        ];
+        // 3+2+1 fit in 6; 9 is alone though over the limit; then 4.
+        assert_eq!(
+            sizes(requests(traces, 6)),
+            vec![vec![0, 1, 2], vec![3], vec![4]]
+        );
+        assert!(requests(Vec::<(usize, Trace)>::new(), 6).is_empty());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! in the same transaction ([`enqueue`]), so no finished run is missed and none is queued
 //! twice. The `exporter` cron component calls [`export_due`]: it claims due rows under a
 //! lease (replicas never send the same row at once; a crashed exporter's rows come back
-//! when the lease ends), sends each project's runs in batches as one OTLP request, and
+//! when the lease ends), sends each project's runs in OTLP requests of at most 512 spans, and
 //! records the outcome: exported; retried with exponential backoff (honouring
 //! `Retry-After`) after a transient failure; or given up after a refusal or too many
 //! attempts. The run itself is never touched.
@@ -33,8 +33,11 @@ use crate::tool_call::setting;
 
 /// Rows one tick claims; the next tick takes the rest.
 const CLAIM: i64 = 200;
-/// Runs per OTLP request.
-const RUNS_PER_REQUEST: usize = 50;
+/// Runs read and prepared together.
+const RUNS_PER_BATCH: usize = 50;
+/// Spans per OTLP request at most (as OpenTelemetry's batch processors send), unless one
+/// run's trace alone is larger.
+const SPANS_PER_REQUEST: usize = 512;
 /// How long a claimed row is held before another exporter may take it.
 const LEASE_S: i64 = 60;
 /// Attempts before an export is given up.
@@ -98,10 +101,23 @@ pub fn export_due(ctx: &mut Ctx, now: DateTime<Utc>) -> Result<(), ApiError> {
             .push(row.text(1)?);
     }
     for (project_id, runs) in by_project {
-        for batch in runs.chunks(RUNS_PER_REQUEST) {
-            let outcome = export(ctx, &project_id, batch)?;
-            log(&project_id, batch, &outcome);
-            record(ctx.db()?, batch, &outcome, now)?;
+        for batch in runs.chunks(RUNS_PER_BATCH) {
+            // A batch that cannot even be prepared (a secret that no longer opens, a
+            // database error) is retried like a failed send, so its attempts run out, and
+            // the other projects' exports go on.
+            let results = export(ctx, &project_id, batch).unwrap_or_else(|e| {
+                eprintln!(
+                    "{}",
+                    json!({"level": "warn", "msg": "preparing a trace export", "project_id": project_id,
+                        "error": format!("{e:?} {:?}", e.cause())})
+                );
+                let error = "the export could not be prepared (the exporter's log says why)";
+                vec![(batch.to_vec(), Outcome::Retry { error: error.into(), after_s: 0 })]
+            });
+            for (runs, outcome) in results {
+                log(&project_id, &runs, &outcome);
+                record(ctx.db()?, &runs, &outcome, now)?;
+            }
         }
     }
     ctx.db()?.execute(
@@ -166,8 +182,14 @@ fn record(db: &Db, runs: &[String], outcome: &Outcome, now: DateTime<Utc>) -> Re
     Ok(())
 }
 
-/// Sends one batch of a project's runs.
-fn export(ctx: &mut Ctx, project_id: &str, runs: &[String]) -> Result<Outcome, ApiError> {
+/// Sends a batch of a project's runs, in requests of at most [`SPANS_PER_REQUEST`] spans (a
+/// run's trace is never split); what became of each request's runs.
+fn export(
+    ctx: &mut Ctx,
+    project_id: &str,
+    runs: &[String],
+) -> Result<Vec<(Vec<String>, Outcome)>, ApiError> {
+    let everyone = |outcome| Ok(vec![(runs.to_vec(), outcome)]);
     let endpoint = ctx
         .db()?
         .query(
@@ -179,38 +201,57 @@ fn export(ctx: &mut Ctx, project_id: &str, runs: &[String]) -> Result<Outcome, A
         .transpose()?
         .flatten();
     let Some(endpoint) = endpoint else {
-        return Ok(Outcome::GiveUp(
+        return everyone(Outcome::GiveUp(
             "the project no longer exports traces".into(),
         ));
     };
     let url = match check_endpoint(&endpoint) {
         Ok(url) => url,
-        Err(e) => return Ok(Outcome::GiveUp(format!("trace_endpoint {e}"))),
+        Err(e) => return everyone(Outcome::GiveUp(format!("trace_endpoint {e}"))),
     };
     let names = ["otlp.authorization".to_string(), "otlp.api_key".to_string()];
     let secrets = project_secrets(ctx, project_id, &names)?;
-    let traces = load(ctx.db()?, runs)?;
-    let body = otlp::export_request(project_id, &traces).to_string();
     let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
     if let Some(auth) = secrets.get("otlp.authorization") {
         headers.push(("authorization".into(), auth.clone()));
     } else if let Some(key) = secrets.get("otlp.api_key") {
         headers.push(("authorization".into(), format!("Bearer {key}")));
     }
-    // No connection is held while the collector answers.
+    let traces = load(ctx.db()?, runs)?;
+    // No connection is held while collectors answer.
     ctx.release_db();
-    let answer = outbound::send(Call {
-        method: "POST",
-        url: &url,
-        headers,
-        body: Some(body.into_bytes()),
-        timeout: REQUEST_TIMEOUT,
-        max_response_bytes: 64 << 10,
-    });
-    Ok(match answer {
+    let mut results = Vec::new();
+    let missing: Vec<String> = runs
+        .iter()
+        .filter(|r| !traces.iter().any(|(id, _)| id == *r))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        results.push((missing, Outcome::GiveUp("the run is not finished".into())));
+    }
+    for request in otlp::requests(traces, SPANS_PER_REQUEST) {
+        let ids: Vec<String> = request.iter().map(|(id, _)| id.clone()).collect();
+        let traces: Vec<Trace> = request.into_iter().map(|(_, t)| t).collect();
+        let body = otlp::export_request(project_id, &traces).to_string();
+        let answer = outbound::send(Call {
+            method: "POST",
+            url: &url,
+            headers: headers.clone(),
+            body: Some(body.into_bytes()),
+            timeout: REQUEST_TIMEOUT,
+            max_response_bytes: 64 << 10,
+        });
+        results.push((ids, outcome(project_id, answer)));
+    }
+    Ok(results)
+}
+
+/// What a collector's answer means for the runs it was sent (OTLP/HTTP's rules).
+fn outcome(project_id: &str, answer: Result<outbound::Answer, CallError>) -> Outcome {
+    match answer {
         Ok(a) if (200..300).contains(&a.status) => {
             if let Some(rejected) = rejected_spans(&a.body) {
-                // OTLP: a partial success is not retried; the collector said why.
+                // A partial success is not retried; the collector said why.
                 eprintln!(
                     "{}",
                     json!({"level": "warn", "msg": "the collector rejected spans",
@@ -242,7 +283,7 @@ fn export(ctx: &mut Ctx, project_id: &str, runs: &[String]) -> Result<Outcome, A
             error: e.to_string(),
             after_s: 0,
         },
-    })
+    }
 }
 
 /// The endpoint, if the deployment lets it be called (the same rules as tool URLs).
@@ -273,8 +314,8 @@ fn opt_json(row: &Row, i: usize) -> Result<Option<Value>, ApiError> {
     Ok(Some(row.json(i)?).filter(|v| !v.is_null()))
 }
 
-/// The runs' records, as traces.
-fn load(db: &Db, runs: &[String]) -> Result<Vec<Trace>, ApiError> {
+/// The runs' records, as traces, by run id.
+fn load(db: &Db, runs: &[String]) -> Result<Vec<(String, Trace)>, ApiError> {
     let ids = V::Text(runs.join(","));
     let run_rows = db.query(
         &format!(
@@ -365,11 +406,12 @@ fn load(db: &Db, runs: &[String]) -> Result<Vec<Trace>, ApiError> {
             schedule_id: r.opt_text(12)?,
             retry_of: r.opt_text(13)?,
         };
-        traces.push(otlp::run_trace(
+        let trace = otlp::run_trace(
             &run,
             steps.get(&run.run_id).map_or(&[], Vec::as_slice),
             calls.get(&run.run_id).map_or(&[], Vec::as_slice),
-        ));
+        );
+        traces.push((run.run_id, trace));
     }
     Ok(traces)
 }

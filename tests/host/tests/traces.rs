@@ -790,3 +790,149 @@ async fn the_trace_endpoint_is_checked_and_only_admins_set_it() {
     assert_eq!(res.status, 200);
     assert!(res.json()["trace_endpoint"].is_null());
 }
+
+#[tokio::test]
+async fn a_large_batch_goes_in_requests_of_whole_traces_under_the_span_limit() {
+    let collector = FakeServer::start(200, json!({}), Duration::ZERO).await;
+    let echo = FakeServer::start(200, json!({"ok": true}), Duration::ZERO).await;
+    let api = api(None).await;
+    let ada = api.register("ada").await;
+    let p = project(&api, &ada, "Wide runs").await;
+    export_to(&api, &ada, &p, &collector, ("otlp.api_key", "k")).await;
+    let tool = create(
+        &api,
+        &ada,
+        "/api/v1/tools",
+        json!({"project_id": p, "name": "echo", "description": "echoes",
+            "input_schema": {"type": "object"}, "http": {"method": "POST", "url": echo.url("/")}}),
+    )
+    .await;
+    // 50 independent steps: 51 spans a run, so ten runs fill a request of 512 and the
+    // eleventh needs another.
+    let steps: Vec<Value> = (0..50)
+        .map(|i| json!({"key": format!("s{i}"), "kind": "tool", "tool_id": tool, "input": {}}))
+        .collect();
+    let wf = create(
+        &api,
+        &ada,
+        "/api/v1/workflows",
+        json!({"project_id": p, "name": "wide", "definition": {"steps": steps}}),
+    )
+    .await;
+    let mut runs = HashSet::new();
+    for _ in 0..11 {
+        let run = api.start_run(&ada.access, &json!(wf), json!({})).await;
+        runs.insert(run["id"].as_str().unwrap().to_string());
+    }
+    for id in &runs {
+        assert_eq!(
+            api.finished_run(&ada.access, id).await["status"],
+            "succeeded"
+        );
+    }
+    // The exporter's own ticks may have sent some as they finished: send all again at once.
+    common::eventually(async || {
+        let pending: i64 = api
+            .env
+            .db()
+            .await
+            .query_one(
+                "select count(*) from trace_exports where status = 'pending'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (pending == 0).then_some(())
+    })
+    .await;
+    let before = collector.received().len();
+    api.env
+        .db()
+        .await
+        .execute(
+            "update trace_exports set status = 'pending', attempts = 0, exported_at = null,
+                next_attempt_at = now() - interval '1 second'",
+            &[],
+        )
+        .await
+        .unwrap();
+    api.tick("exporter", now()).await;
+    let sent = common::eventually(async || {
+        let r = collector.received();
+        (r.len() >= before + 2).then_some(r)
+    })
+    .await;
+    let requests = &sent[before..];
+    assert_eq!(requests.len(), 2, "eleven runs in two requests");
+    let mut seen = HashSet::new();
+    for r in requests {
+        let (_, spans) = parse_export(&r.body);
+        assert!(spans.len() <= 512, "{} spans in one request", spans.len());
+        let ids: HashSet<String> = spans.iter().map(|s| s.trace_id.clone()).collect();
+        for id in ids {
+            // Whole traces: every run's 51 spans travel together.
+            assert_eq!(spans.iter().filter(|s| s.trace_id == id).count(), 51);
+            assert!(seen.insert(id), "a run is sent once");
+        }
+    }
+    let expected: HashSet<String> = runs.iter().map(|r| r.replace('-', "")).collect();
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test]
+async fn a_project_whose_export_cannot_be_prepared_holds_up_no_other() {
+    let broken = FakeServer::start(200, json!({}), Duration::ZERO).await;
+    let fine = FakeServer::start(200, json!({}), Duration::ZERO).await;
+    let echo = FakeServer::start(200, json!({"ok": true}), Duration::ZERO).await;
+    let api = api(None).await;
+    let ada = api.register("ada").await;
+    let (a, b) = (
+        project(&api, &ada, "Broken key").await,
+        project(&api, &ada, "Fine").await,
+    );
+    export_to(&api, &ada, &a, &broken, ("otlp.api_key", "sealed-key-a")).await;
+    export_to(&api, &ada, &b, &fine, ("otlp.api_key", "sealed-key-b")).await;
+    // A's sealed key no longer opens (as after a master key was dropped too early).
+    api.env
+        .db()
+        .await
+        .execute(
+            "update project_secrets set ciphertext = '\\x00112233'::bytea where project_id = $1",
+            &[&uuid::Uuid::parse_str(&a).unwrap()],
+        )
+        .await
+        .unwrap();
+    let mut runs = HashMap::new();
+    for p in [&a, &b] {
+        let wf = tool_workflow(&api, &ada, p, echo.url("/echo")).await;
+        let run = api.run_to_end(&ada.access, &wf, json!({})).await;
+        assert_eq!(run["status"], "succeeded");
+        runs.insert(p.clone(), run);
+    }
+    let t0 = now();
+    api.tick("exporter", t0).await;
+    common::eventually(async || (fine.received().len() == 1).then_some(())).await;
+    assert_eq!(
+        fine.received()[0].headers["authorization"],
+        "Bearer sealed-key-b"
+    );
+    assert!(broken.received().is_empty());
+    let run_a = api
+        .finished_run(&ada.access, runs[&a]["id"].as_str().unwrap())
+        .await;
+    let export = &run_a["trace_export"];
+    assert_eq!(
+        export["status"], "pending",
+        "retried, so its attempts run out"
+    );
+    assert!(export["attempts"].as_i64().unwrap() >= 1);
+    assert!(
+        export["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("could not be prepared")
+    );
+    assert!(api.guest_logs().contains("preparing a trace export"));
+    assert!(!api.guest_logs().contains("sealed-key"));
+}
