@@ -15,7 +15,7 @@
 //! Langfuse's `Basic ...`); neither is ever logged.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -31,9 +31,9 @@ use crate::outbound::{self, Call, CallError};
 use crate::pipeline::{Ctx, project_secrets};
 use crate::tool_call::setting;
 
-/// Rows one tick claims; the next tick takes the rest.
-const CLAIM: i64 = 200;
-/// Runs read and prepared together.
+/// Runs one tick takes on at most; the next tick takes the rest.
+const PER_TICK: usize = 1000;
+/// Runs claimed, read and prepared together.
 const RUNS_PER_BATCH: usize = 50;
 /// Spans per OTLP request at most (as OpenTelemetry's batch processors send), unless one
 /// run's trace alone is larger.
@@ -46,6 +46,9 @@ pub const MAX_ATTEMPTS: i32 = 10;
 const FIRST_BACKOFF_S: i64 = 5;
 const MAX_BACKOFF_S: i64 = 300;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a tick starts new requests; with one request's timeout on top, well inside
+/// [`LEASE_S`].
+const TICK_BUDGET: Duration = Duration::from_secs(30);
 
 /// Queues the run's trace when its project exports traces. Called in the transaction that
 /// finishes the run.
@@ -71,48 +74,38 @@ enum Outcome {
         after_s: i64,
     },
     GiveUp(String),
+    /// Not tried: the tick ran out of time. Not counted as an attempt.
+    Postponed,
 }
 
-/// Sends every due export, as at `now`.
+/// Sends every due export, as at `now`: a batch claimed at a time, for at most
+/// [`TICK_BUDGET`] (what is left is postponed to the next tick, so no claim outlives its
+/// lease while this tick still holds it).
 pub fn export_due(ctx: &mut Ctx, now: DateTime<Utc>) -> Result<(), ApiError> {
-    let claimed = ctx.db()?.query(
-        &format!(
-            "with due as (
-                select run_id from trace_exports
-                where status = 'pending' and next_attempt_at <= $1{AS_TIMESTAMPTZ}
-                order by next_attempt_at limit $2 for update skip locked)
-             update trace_exports t
-             set attempts = t.attempts + 1,
-                 next_attempt_at = $1{AS_TIMESTAMPTZ} + make_interval(secs => $3)
-             from due where t.run_id = due.run_id
-             returning t.project_id::text, t.run_id::text"
-        ),
-        &[
-            V::Timestamp(now),
-            V::Int64(CLAIM),
-            V::Float64(LEASE_S as f64),
-        ],
-    )?;
-    let mut by_project: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for row in claimed {
-        by_project
-            .entry(row.text(0)?)
-            .or_default()
-            .push(row.text(1)?);
-    }
-    for (project_id, runs) in by_project {
-        for batch in runs.chunks(RUNS_PER_BATCH) {
+    let deadline = Instant::now() + TICK_BUDGET;
+    let mut taken = 0;
+    while taken < PER_TICK && Instant::now() < deadline {
+        let claimed = claim(ctx.db()?, now)?;
+        if claimed.is_empty() {
+            break;
+        }
+        taken += claimed.len();
+        let mut by_project: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (project_id, run_id) in claimed {
+            by_project.entry(project_id).or_default().push(run_id);
+        }
+        for (project_id, runs) in by_project {
             // A batch that cannot even be prepared (a secret that no longer opens, a
             // database error) is retried like a failed send, so its attempts run out, and
             // the other projects' exports go on.
-            let results = export(ctx, &project_id, batch).unwrap_or_else(|e| {
+            let results = export(ctx, &project_id, &runs, deadline).unwrap_or_else(|e| {
                 eprintln!(
                     "{}",
                     json!({"level": "warn", "msg": "preparing a trace export", "project_id": project_id,
                         "error": format!("{e:?} {:?}", e.cause())})
                 );
                 let error = "the export could not be prepared (the exporter's log says why)";
-                vec![(batch.to_vec(), Outcome::Retry { error: error.into(), after_s: 0 })]
+                vec![(runs.clone(), Outcome::Retry { error: error.into(), after_s: 0 })]
             });
             for (runs, outcome) in results {
                 log(&project_id, &runs, &outcome);
@@ -131,11 +124,36 @@ pub fn export_due(ctx: &mut Ctx, now: DateTime<Utc>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Claims up to [`RUNS_PER_BATCH`] due exports for one attempt each, under a lease:
+/// `(project, run)` pairs.
+fn claim(db: &Db, now: DateTime<Utc>) -> Result<Vec<(String, String)>, ApiError> {
+    let rows = db.query(
+        &format!(
+            "with due as (
+                select run_id from trace_exports
+                where status = 'pending' and next_attempt_at <= $1{AS_TIMESTAMPTZ}
+                order by next_attempt_at limit $2 for update skip locked)
+             update trace_exports t
+             set attempts = t.attempts + 1,
+                 next_attempt_at = $1{AS_TIMESTAMPTZ} + make_interval(secs => $3)
+             from due where t.run_id = due.run_id
+             returning t.project_id::text, t.run_id::text"
+        ),
+        &[
+            V::Timestamp(now),
+            V::Int64(RUNS_PER_BATCH as i64),
+            V::Float64(LEASE_S as f64),
+        ],
+    )?;
+    rows.iter().map(|r| Ok((r.text(0)?, r.text(1)?))).collect()
+}
+
 fn log(project_id: &str, runs: &[String], outcome: &Outcome) {
     let (level, result, error) = match outcome {
         Outcome::Exported => ("info", "exported", None),
         Outcome::Retry { error, .. } => ("warn", "retry", Some(error)),
         Outcome::GiveUp(error) => ("warn", "given up", Some(error)),
+        Outcome::Postponed => ("info", "postponed", None),
     };
     eprintln!(
         "{}",
@@ -173,6 +191,13 @@ fn record(db: &Db, runs: &[String], outcome: &Outcome, now: DateTime<Utc>) -> Re
                 V::Float64(FIRST_BACKOFF_S as f64),
             ],
         )?,
+        Outcome::Postponed => db.execute(
+            &format!(
+                "update trace_exports set attempts = attempts - 1, next_attempt_at = $2{AS_TIMESTAMPTZ}
+                 where run_id = any(string_to_array($1, ',')::uuid[]) and status = 'pending'"
+            ),
+            &[ids, at],
+        )?,
         Outcome::GiveUp(error) => db.execute(
             "update trace_exports set status = 'failed', last_error = $2
              where run_id = any(string_to_array($1, ',')::uuid[]) and status = 'pending'",
@@ -188,6 +213,7 @@ fn export(
     ctx: &mut Ctx,
     project_id: &str,
     runs: &[String],
+    deadline: Instant,
 ) -> Result<Vec<(Vec<String>, Outcome)>, ApiError> {
     let everyone = |outcome| Ok(vec![(runs.to_vec(), outcome)]);
     let endpoint = ctx
@@ -231,6 +257,10 @@ fn export(
     }
     for request in otlp::requests(traces, SPANS_PER_REQUEST) {
         let ids: Vec<String> = request.iter().map(|(id, _)| id.clone()).collect();
+        if Instant::now() >= deadline {
+            results.push((ids, Outcome::Postponed));
+            continue;
+        }
         let traces: Vec<Trace> = request.into_iter().map(|(_, t)| t).collect();
         let body = otlp::export_request(project_id, &traces).to_string();
         let answer = outbound::send(Call {

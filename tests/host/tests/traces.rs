@@ -936,3 +936,67 @@ async fn a_project_whose_export_cannot_be_prepared_holds_up_no_other() {
     assert!(api.guest_logs().contains("preparing a trace export"));
     assert!(!api.guest_logs().contains("sealed-key"));
 }
+
+#[tokio::test]
+async fn a_tick_stops_starting_requests_after_its_budget_and_postpones_the_rest() {
+    // Every request to this collector times out (10 s), so three fill a tick's 30 s.
+    let slow = FakeServer::start(200, json!({}), Duration::from_secs(12)).await;
+    let echo = FakeServer::start(200, json!({"ok": true}), Duration::ZERO).await;
+    let api = api(None).await;
+    let ada = api.register("ada").await;
+    let mut projects = Vec::new();
+    for i in 0..4 {
+        let p = project(&api, &ada, &format!("Slow {i}")).await;
+        let wf = tool_workflow(&api, &ada, &p, echo.url("/echo")).await;
+        let run = api.run_to_end(&ada.access, &wf, json!({})).await;
+        assert_eq!(run["status"], "succeeded");
+        export_to(&api, &ada, &p, &slow, ("otlp.api_key", "k")).await;
+        projects.push(p);
+    }
+    // The runs finished before their projects exported traces: queue them by hand, due an
+    // hour from now, when only the test's own tick comes.
+    let at = now() + 3600;
+    api.env
+        .db()
+        .await
+        .execute(
+            "insert into trace_exports (run_id, project_id, next_attempt_at)
+             select run_id, project_id, to_timestamp($1) from runs",
+            &[&(at as f64)],
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    api.tick("exporter", at).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(55),
+        "the tick ended within its lease"
+    );
+    assert_eq!(
+        slow.received().len(),
+        3,
+        "no request starts after the budget"
+    );
+    let rows = api
+        .env
+        .db()
+        .await
+        .query(
+            "select attempts, last_error, extract(epoch from next_attempt_at)::int8 - $1
+             from trace_exports order by attempts",
+            &[&at],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(i32, Option<String>, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    // Postponed: no attempt counted, due at once.
+    assert_eq!(rows[0], (0, None, 0));
+    for (attempts, error, next) in &rows[1..] {
+        assert_eq!(*attempts, 1);
+        assert!(error.as_deref().unwrap().contains("timeout"), "{error:?}");
+        assert!(*next >= 5, "retried after backoff");
+    }
+}
