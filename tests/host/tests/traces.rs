@@ -336,16 +336,21 @@ async fn create(api: &Api, who: &User, path: &str, body: Value) -> String {
         .to_string()
 }
 
-/// A workflow with one tool step calling `url`.
-async fn tool_workflow(api: &Api, who: &User, p: &str, url: String) -> String {
-    let tool = create(
+/// A tool named `name` that POSTs to `url`.
+async fn tool(api: &Api, who: &User, p: &str, name: &str, url: String) -> String {
+    create(
         api,
         who,
         "/api/v1/tools",
-        json!({"project_id": p, "name": "echo", "description": "echoes",
+        json!({"project_id": p, "name": name, "description": format!("the {name} tool"),
             "input_schema": {"type": "object"}, "http": {"method": "POST", "url": url}}),
     )
-    .await;
+    .await
+}
+
+/// A workflow with one tool step calling `url`.
+async fn tool_workflow(api: &Api, who: &User, p: &str, url: String) -> String {
+    let tool = tool(api, who, p, "echo", url).await;
     create(
         api,
         who,
@@ -413,14 +418,7 @@ async fn a_finished_run_reaches_the_collector_once_as_a_well_formed_trace() {
     )
     .await;
     api.set_price(&ada.access, &p, "fake/small", "1", "2").await;
-    let tool = create(
-        &api,
-        &ada,
-        "/api/v1/tools",
-        json!({"project_id": p, "name": "weather", "description": "the weather",
-            "input_schema": {"type": "object"}, "http": {"method": "POST", "url": weather.url("/w")}}),
-    )
-    .await;
+    let tool = tool(&api, &ada, &p, "weather", weather.url("/w")).await;
     let agent = create(
         &api,
         &ada,
@@ -799,14 +797,7 @@ async fn a_large_batch_goes_in_requests_of_whole_traces_under_the_span_limit() {
     let ada = api.register("ada").await;
     let p = project(&api, &ada, "Wide runs").await;
     export_to(&api, &ada, &p, &collector, ("otlp.api_key", "k")).await;
-    let tool = create(
-        &api,
-        &ada,
-        "/api/v1/tools",
-        json!({"project_id": p, "name": "echo", "description": "echoes",
-            "input_schema": {"type": "object"}, "http": {"method": "POST", "url": echo.url("/")}}),
-    )
-    .await;
+    let tool = tool(&api, &ada, &p, "echo", echo.url("/")).await;
     // 50 independent steps: 51 spans a run, so ten runs fill a request of 512 and the
     // eleventh needs another.
     let steps: Vec<Value> = (0..50)
