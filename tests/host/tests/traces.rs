@@ -348,17 +348,20 @@ async fn tool(api: &Api, who: &User, p: &str, name: &str, url: String) -> String
     .await
 }
 
-/// A workflow with one tool step calling `url`.
-async fn tool_workflow(api: &Api, who: &User, p: &str, url: String) -> String {
+/// A succeeded run of a new workflow with one tool step calling `url`.
+async fn tool_run(api: &Api, who: &User, p: &str, url: String) -> Value {
     let tool = tool(api, who, p, "echo", url).await;
-    create(
+    let wf = create(
         api,
         who,
         "/api/v1/workflows",
         json!({"project_id": p, "name": "echo once", "definition": {"steps": [
             {"key": "echo", "kind": "tool", "tool_id": tool, "input": {}}]}}),
     )
-    .await
+    .await;
+    let run = api.run_to_end(&who.access, &wf, json!({})).await;
+    assert_eq!(run["status"], "succeeded");
+    run
 }
 
 fn now() -> i64 {
@@ -537,9 +540,7 @@ async fn a_failing_collector_is_retried_with_backoff_and_never_fails_the_run() {
     let ada = api.register("ada").await;
     let p = project(&api, &ada, "Flaky collector").await;
     export_to(&api, &ada, &p, &collector, ("otlp.api_key", "k")).await;
-    let wf = tool_workflow(&api, &ada, &p, echo.url("/echo")).await;
-    let run = api.run_to_end(&ada.access, &wf, json!({})).await;
-    assert_eq!(run["status"], "succeeded");
+    let run = tool_run(&api, &ada, &p, echo.url("/echo")).await;
 
     // The exporter's own ticks run too: whichever tick comes first makes attempt 1, within
     // a couple of seconds of t0.
@@ -607,9 +608,7 @@ async fn an_unreachable_collector_is_given_up_after_the_last_attempt() {
         )
         .await;
     assert_eq!(res.status, 200);
-    let wf = tool_workflow(&api, &ada, &p, echo.url("/echo")).await;
-    let run = api.run_to_end(&ada.access, &wf, json!({})).await;
-    assert_eq!(run["status"], "succeeded");
+    let run = tool_run(&api, &ada, &p, echo.url("/echo")).await;
     let t0 = now();
     api.tick("exporter", t0).await;
     let (status, attempts, error, _) = export_row(&api, &run, t0).await;
@@ -660,9 +659,7 @@ async fn a_refusing_collector_is_not_retried_and_each_project_sends_only_its_own
     .await;
     let mut runs = HashMap::new();
     for p in [&a, &b, &c] {
-        let wf = tool_workflow(&api, &ada, p, echo.url("/echo")).await;
-        let run = api.run_to_end(&ada.access, &wf, json!({})).await;
-        assert_eq!(run["status"], "succeeded");
+        let run = tool_run(&api, &ada, p, echo.url("/echo")).await;
         runs.insert(p.clone(), run);
     }
     let t0 = now();
@@ -896,9 +893,7 @@ async fn a_project_whose_export_cannot_be_prepared_holds_up_no_other() {
         .unwrap();
     let mut runs = HashMap::new();
     for p in [&a, &b] {
-        let wf = tool_workflow(&api, &ada, p, echo.url("/echo")).await;
-        let run = api.run_to_end(&ada.access, &wf, json!({})).await;
-        assert_eq!(run["status"], "succeeded");
+        let run = tool_run(&api, &ada, p, echo.url("/echo")).await;
         runs.insert(p.clone(), run);
     }
     let t0 = now();
@@ -938,9 +933,7 @@ async fn a_tick_stops_starting_requests_after_its_budget_and_postpones_the_rest(
     let mut projects = Vec::new();
     for i in 0..4 {
         let p = project(&api, &ada, &format!("Slow {i}")).await;
-        let wf = tool_workflow(&api, &ada, &p, echo.url("/echo")).await;
-        let run = api.run_to_end(&ada.access, &wf, json!({})).await;
-        assert_eq!(run["status"], "succeeded");
+        tool_run(&api, &ada, &p, echo.url("/echo")).await;
         export_to(&api, &ada, &p, &slow, ("otlp.api_key", "k")).await;
         projects.push(p);
     }
