@@ -8,7 +8,6 @@
 // wit-bindgen's export glue is `unsafe` by nature.
 #![allow(unsafe_code)]
 
-use chrono::{DateTime, Utc};
 use sparkops_platform::pipeline::Ctx;
 use sparkops_platform::traces;
 
@@ -21,11 +20,9 @@ struct Exporter;
 
 impl Guest for Exporter {
     fn handle_cron_event(metadata: Metadata) -> Result<(), Error> {
-        let now = DateTime::<Utc>::from_timestamp(metadata.timestamp as i64, 0)
-            .ok_or_else(|| Error::Other("the tick's time is out of range".into()))?;
         let mut ctx = Ctx::new(format!("export-{}", metadata.timestamp));
-        traces::export_due(&mut ctx, now)
-            .map_err(|e| Error::Other(format!("{e:?} {:?}", e.cause())))
+        sparkops_platform::on_tick(metadata.timestamp, |now| traces::export_due(&mut ctx, now))
+            .map_err(Error::Other)
     }
 }
 

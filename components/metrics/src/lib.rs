@@ -293,34 +293,23 @@ fn prometheus(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
     for r in one("select count(*) from runs")? {
         out.sample("sparkops_runs_started_total", &[], r.int(0)? as f64);
     }
-    out.family(
+    out.counts(
         "sparkops_runs_finished_total",
         "counter",
         "Runs ended, by status.",
-    );
-    for r in one(&format!(
-        "select s, (select count(*) from runs where status = s) from unnest(array{RUN_FINALS_ARRAY}) s"
-    ))? {
-        out.sample(
-            "sparkops_runs_finished_total",
-            &[("status", &r.text(0)?)],
-            r.int(1)? as f64,
-        );
-    }
-    out.family(
+        "status",
+        &one(&format!(
+            "select s, (select count(*) from runs where status = s) from unnest(array{RUN_FINALS_ARRAY}) s"
+        ))?,
+    )?;
+    out.counts(
         "sparkops_runs_active",
         "gauge",
         "Runs not finished, by status.",
-    );
-    for r in one("select s, (select count(*) from runs where status = s)
-         from unnest(array['queued', 'running', 'waiting', 'cancelling']) s")?
-    {
-        out.sample(
-            "sparkops_runs_active",
-            &[("status", &r.text(0)?)],
-            r.int(1)? as f64,
-        );
-    }
+        "status",
+        &one("select s, (select count(*) from runs where status = s)
+             from unnest(array['queued', 'running', 'waiting', 'cancelling']) s")?,
+    )?;
     out.family(
         "sparkops_step_duration_seconds",
         "histogram",
@@ -438,32 +427,26 @@ fn prometheus(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
             r.text(1)?.parse().unwrap_or(0.0),
         );
     }
-    out.family(
+    out.counts(
         "sparkops_schedule_fires_total",
         "counter",
         "Schedule fire times, by outcome.",
-    );
-    for r in one(
-        "select o, (select coalesce(sum(missed_count), 0) from schedule_fires where outcome = o)::bigint
-         from unnest(array['started', 'skipped', 'refused', 'failed']) o",
-    )? {
-        out.sample("sparkops_schedule_fires_total", &[("outcome", &r.text(0)?)], r.int(1)? as f64);
-    }
-    out.family(
+        "outcome",
+        &one(
+            "select o, (select coalesce(sum(missed_count), 0) from schedule_fires where outcome = o)::bigint
+             from unnest(array['started', 'skipped', 'refused', 'failed']) o",
+        )?,
+    )?;
+    out.counts(
         "sparkops_trace_exports",
         "gauge",
         "Run traces waiting to be exported (pending) and given up (failed, kept 7 days).",
-    );
-    for r in one(
-        "select s, (select count(*) from trace_exports where status = s)
-         from unnest(array['pending', 'failed']) s",
-    )? {
-        out.sample(
-            "sparkops_trace_exports",
-            &[("status", &r.text(0)?)],
-            r.int(1)? as f64,
-        );
-    }
+        "status",
+        &one(
+            "select s, (select count(*) from trace_exports where status = s)
+             from unnest(array['pending', 'failed']) s",
+        )?,
+    )?;
     Ok(Reply::text(
         200,
         "text/plain; version=0.0.4; charset=utf-8",
@@ -482,6 +465,23 @@ struct Exposition {
 impl Exposition {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
         self.text += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+    }
+
+    /// A family with one sample per row: the label `label` from column 0, the count from
+    /// column 1.
+    fn counts(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        label: &str,
+        rows: &[sparkops_core::db::Row],
+    ) -> Result<(), ApiError> {
+        self.family(name, kind, help);
+        for r in rows {
+            self.sample(name, &[(label, &r.text(0)?)], r.int(1)? as f64);
+        }
+        Ok(())
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {

@@ -18,6 +18,17 @@ pub mod schedule_fire;
 pub mod tool_call;
 pub mod traces;
 
+/// A cron component's tick: `work` as at the tick's time (`timestamp`, Unix seconds), its
+/// failure as the text the cron handler answers with.
+pub fn on_tick(
+    timestamp: u64,
+    work: impl FnOnce(chrono::DateTime<chrono::Utc>) -> Result<(), sparkops_core::error::ApiError>,
+) -> Result<(), String> {
+    let now = chrono::DateTime::from_timestamp(timestamp as i64, 0)
+        .ok_or("the tick's time is out of range")?;
+    work(now).map_err(|e| format!("{e:?} {:?}", e.cause()))
+}
+
 /// Reads a component variable, naming it in the error when it is missing.
 pub fn variable(name: &str) -> Result<String, String> {
     spin_sdk::variables::get(name).map_err(|e| format!("variable `{name}`: {e}"))

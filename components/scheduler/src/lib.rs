@@ -32,9 +32,7 @@ struct Scheduler;
 
 impl Guest for Scheduler {
     fn handle_cron_event(metadata: Metadata) -> Result<(), Error> {
-        let now = DateTime::<Utc>::from_timestamp(metadata.timestamp as i64, 0)
-            .ok_or_else(|| Error::Other("the tick's time is out of range".into()))?;
-        tick(now).map_err(|e| Error::Other(format!("{e:?} {:?}", e.cause())))
+        sparkops_platform::on_tick(metadata.timestamp, tick).map_err(Error::Other)
     }
 }
 

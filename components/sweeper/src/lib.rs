@@ -33,9 +33,7 @@ struct Sweeper;
 
 impl Guest for Sweeper {
     fn handle_cron_event(metadata: Metadata) -> Result<(), Error> {
-        let now = DateTime::<Utc>::from_timestamp(metadata.timestamp as i64, 0)
-            .ok_or_else(|| Error::Other("the tick's time is out of range".into()))?;
-        sweep(now).map_err(|e| Error::Other(format!("{e:?} {:?}", e.cause())))
+        sparkops_platform::on_tick(metadata.timestamp, sweep).map_err(Error::Other)
     }
 }
 
