@@ -9,18 +9,6 @@ use std::time::Duration;
 use common::{Api, FakeServer, User, openai};
 use serde_json::{Value, json};
 
-/// The app, with `provider` configured as the model provider `fake`.
-async fn api(provider: &FakeServer) -> Api {
-    let providers = format!("fake={}", provider.url("/v1"));
-    Api::start_with(&[
-        ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
-        ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
-        ("SPIN_VARIABLE_MODEL_PROVIDERS", providers.as_str()),
-        ("SPIN_VARIABLE_MODEL_PROVIDER_KEYS", "fake=sk-app-key"),
-    ])
-    .await
-}
-
 async fn project(api: &Api) -> (User, String) {
     let ada = api.register("ada").await;
     let p = api.create_project(&ada, json!({"name": "Agents"})).await["id"]
@@ -88,7 +76,7 @@ async fn an_agent_calls_two_tools_then_answers_with_its_tokens_and_cost_recorded
         Duration::ZERO,
     )
     .await;
-    let api = api(&provider).await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
     let (ada, p) = project(&api).await;
     let city_fake = FakeServer::start(200, json!({"city": "Oslo"}), Duration::ZERO).await;
     let weather_fake = FakeServer::start(200, json!({"temp": 3}), Duration::ZERO).await;
@@ -261,12 +249,10 @@ async fn step_contents_are_logged_only_when_the_operator_opts_in() {
         Duration::ZERO,
     )
     .await;
-    let providers = format!("fake={}", provider.url("/v1"));
-    let api = Api::start_with(&[
-        ("SPIN_VARIABLE_MODEL_PROVIDERS", providers.as_str()),
-        ("SPIN_VARIABLE_MODEL_PROVIDER_KEYS", "fake=sk-app-key"),
-        ("SPIN_VARIABLE_LOG_STEP_PAYLOADS", "true"),
-    ])
+    let api = Api::for_fakes(
+        Some(&provider),
+        &[("SPIN_VARIABLE_LOG_STEP_PAYLOADS", "true")],
+    )
     .await;
     let (ada, p) = project(&api).await;
     let a = agent(&api, &ada, &p, json!({})).await;
@@ -293,7 +279,7 @@ async fn an_agent_that_never_stops_calling_tools_fails_at_max_iterations() {
         Duration::ZERO,
     )
     .await;
-    let api = api(&provider).await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
     let (ada, p) = project(&api).await;
     let echo = FakeServer::start(200, json!({}), Duration::ZERO).await;
     let echo = tool(&api, &ada, &p, "echo", echo.url("/")).await;
@@ -331,7 +317,7 @@ async fn a_structured_answer_is_checked_against_response_format() {
         Duration::ZERO,
     )
     .await;
-    let api = api(&provider).await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
     let (ada, p) = project(&api).await;
     let schema = json!({"type": "object", "required": ["answer"],
         "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"}}});
@@ -376,7 +362,7 @@ async fn provider_rate_limits_and_errors_are_retried_with_backoff_and_a_bad_requ
         Duration::ZERO,
     )
     .await;
-    let api = api(&provider).await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
     let (ada, p) = project(&api).await;
     let a = agent(&api, &ada, &p, json!({})).await;
     let retry = json!({"max_attempts": 5, "initial_interval_ms": 1000, "backoff_coefficient": 2, "max_interval_ms": 60000});
@@ -445,7 +431,7 @@ async fn fifty_agent_steps_at_once_never_spend_past_a_blocking_budget() {
     // Each call costs exactly its worst case: 1000 completion tokens at 10 USD/M = 0.01.
     let provider =
         FakeServer::answering(vec![openai::text("ok", 0, 1000)], Duration::from_millis(50)).await;
-    let api = api(&provider).await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
     let (ada, p) = project(&api).await;
     api.set_price(&ada.access, &p, "fake/small", "0", "10")
         .await;
@@ -533,7 +519,7 @@ async fn each_policy_rule_refuses_exactly_what_it_names_across_scopes() {
         Duration::ZERO,
     )
     .await;
-    let api = api(&provider).await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
     let (ada, p) = project(&api).await;
     let allowed_fake = FakeServer::start(200, json!({"ok": 1}), Duration::ZERO).await;
     let forbidden_fake = FakeServer::start(200, json!({"ok": 2}), Duration::ZERO).await;
@@ -709,7 +695,7 @@ async fn each_policy_rule_refuses_exactly_what_it_names_across_scopes() {
 #[tokio::test]
 async fn tool_steps_meet_the_same_tool_and_step_rules() {
     let provider = FakeServer::start(500, json!({}), Duration::ZERO).await;
-    let api = api(&provider).await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
     let (ada, p) = project(&api).await;
     let ok_fake = FakeServer::start(200, json!({"ok": true}), Duration::ZERO).await;
     let no_fake = FakeServer::start(200, json!({"ok": false}), Duration::ZERO).await;
@@ -754,7 +740,7 @@ async fn tool_steps_meet_the_same_tool_and_step_rules() {
 #[tokio::test]
 async fn an_alert_budget_never_blocks_and_alerts_once_when_crossed() {
     let provider = FakeServer::answering(vec![openai::text("ok", 0, 1000)], Duration::ZERO).await;
-    let api = api(&provider).await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
     let (ada, p) = project(&api).await;
     api.set_price(&ada.access, &p, "fake/small", "0", "10")
         .await;
@@ -801,7 +787,7 @@ async fn an_alert_budget_never_blocks_and_alerts_once_when_crossed() {
 #[tokio::test]
 async fn a_hold_whose_call_never_settled_is_released_by_the_sweeper() {
     let provider = FakeServer::answering(vec![openai::text("ok", 0, 100)], Duration::ZERO).await;
-    let api = api(&provider).await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
     let (ada, p) = project(&api).await;
     api.set_price(&ada.access, &p, "fake/small", "0", "10")
         .await;
@@ -870,7 +856,7 @@ async fn a_step_token_limit_cuts_max_tokens_and_refuses_the_call_after_it_is_use
         Duration::ZERO,
     )
     .await;
-    let api = api(&provider).await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
     let (ada, p) = project(&api).await;
     let echo_fake = FakeServer::start(200, json!({}), Duration::ZERO).await;
     let echo = tool(&api, &ada, &p, "echo", echo_fake.url("/")).await;

@@ -9,14 +9,6 @@ use std::time::Duration;
 use common::{Api, FakeServer, User};
 use serde_json::{Value, json};
 
-async fn api() -> Api {
-    Api::start_with(&[
-        ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
-        ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
-    ])
-    .await
-}
-
 async fn project(api: &Api) -> (User, String) {
     let ada = api.register("ada").await;
     let p = api.create_project(&ada, json!({"name": "Engine"})).await["id"]
@@ -68,7 +60,7 @@ fn cond(key: &str, deps: &[&str], input: Value) -> Value {
 
 #[tokio::test]
 async fn a_diamond_fans_out_and_in_to_the_right_output() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let wf = workflow(&api, &ada, &p, json!([
         cond("start", &[], json!({"n": "{{ input.n }}"})),
@@ -117,7 +109,7 @@ async fn a_diamond_fans_out_and_in_to_the_right_output() {
 
 #[tokio::test]
 async fn when_skips_the_branch_not_taken_and_its_dependants() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let wf = workflow(&api, &ada, &p, json!([
         cond("check", &[], json!({"big": "{{ input.big }}"})),
@@ -145,7 +137,7 @@ async fn when_skips_the_branch_not_taken_and_its_dependants() {
 
 #[tokio::test]
 async fn a_tool_step_calls_the_tool_once_with_a_stable_idempotency_key_despite_repeated_nudges() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let fake = FakeServer::start(200, json!({"temp_c": 4.5}), Duration::from_millis(300)).await;
     let tool = api
@@ -212,7 +204,7 @@ async fn a_tool_step_calls_the_tool_once_with_a_stable_idempotency_key_despite_r
 
 #[tokio::test]
 async fn a_tool_that_rejects_the_call_fails_the_step_and_the_run_without_retrying() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let fake = FakeServer::start(400, json!({"error": "bad city"}), Duration::ZERO).await;
     let tool = api
@@ -301,7 +293,7 @@ async fn wait_status(api: &Api, who: &User, run_id: &str, want: &str) -> Value {
 
 #[tokio::test]
 async fn a_failed_call_is_retried_after_its_backoff_and_the_run_succeeds() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let fake = FakeServer::scripted(
         vec![(503, json!({"error": "busy"})), (200, json!({"ok": 1}))],
@@ -340,7 +332,7 @@ async fn a_failed_call_is_retried_after_its_backoff_and_the_run_succeeds() {
 
 #[tokio::test]
 async fn a_step_whose_host_died_is_taken_back_and_run_again_once() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     // The first call hangs past its lease (its host "dies"); the second answers at once.
     let fake = FakeServer::scripted(
@@ -405,7 +397,7 @@ async fn a_step_whose_host_died_is_taken_back_and_run_again_once() {
 
 #[tokio::test]
 async fn a_run_past_its_timeout_ends_timed_out() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let fake = FakeServer::start(200, json!({}), Duration::from_secs(2)).await;
     let tool = tool(&api, &ada, &p, fake.url("/")).await;
@@ -453,7 +445,7 @@ async fn waiting_run(api: &Api, who: &User, p: &str, approval: Value) -> String 
 
 #[tokio::test]
 async fn an_approval_holds_the_run_until_approved_or_rejected() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let id = waiting_run(&api, &ada, &p, json!({"timeout_s": 3600})).await;
     let approve = |id: &str, body: Value| {
@@ -492,7 +484,7 @@ async fn an_approval_holds_the_run_until_approved_or_rejected() {
 
 #[tokio::test]
 async fn only_named_approvers_decide_and_an_undecided_approval_times_out() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let mia = api.register("mia").await;
     api.add_member(&ada, &p, &mia, "member").await;
@@ -540,7 +532,7 @@ async fn only_named_approvers_decide_and_an_undecided_approval_times_out() {
 
 #[tokio::test]
 async fn a_step_timeout_shorter_than_the_tools_bounds_the_call() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let fake = FakeServer::start(200, json!({"late": true}), Duration::from_secs(3)).await;
     let tool = tool(&api, &ada, &p, fake.url("/")).await;
@@ -561,7 +553,7 @@ async fn a_step_timeout_shorter_than_the_tools_bounds_the_call() {
 
 #[tokio::test]
 async fn a_lost_host_uses_up_an_attempt_and_the_last_one_fails_the_step() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let fake = FakeServer::start(200, json!({}), Duration::from_secs(3)).await;
     let tool = tool(&api, &ada, &p, fake.url("/")).await;
@@ -595,7 +587,7 @@ async fn a_lost_host_uses_up_an_attempt_and_the_last_one_fails_the_step() {
 
 #[tokio::test]
 async fn retry_from_failed_reuses_what_succeeded_and_from_start_runs_everything() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let first = FakeServer::start(200, json!({"city": "Oslo"}), Duration::ZERO).await;
     // The second tool refuses the first call (not retried) and answers every later one.
@@ -712,7 +704,7 @@ async fn retry_from_failed_reuses_what_succeeded_and_from_start_runs_everything(
 
 #[tokio::test]
 async fn only_a_finished_run_is_retried_and_only_by_a_writer_of_its_project() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let id = waiting_run(&api, &ada, &p, json!({"timeout_s": 3600})).await;
     let path = format!("/api/v1/runs/{id}/retry");
@@ -751,7 +743,7 @@ async fn only_a_finished_run_is_retried_and_only_by_a_writer_of_its_project() {
 
 #[tokio::test]
 async fn the_event_stream_delivers_every_event_in_order_and_resumes_after_a_disconnect() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let id = waiting_run(&api, &ada, &p, json!({"timeout_s": 3600})).await;
     let url = api.app.url(&format!("/api/v1/runs/{id}/events"));
@@ -831,7 +823,7 @@ async fn the_event_stream_delivers_every_event_in_order_and_resumes_after_a_disc
 
 #[tokio::test]
 async fn with_every_nudge_lost_runs_still_finish_through_the_sweeper() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let fake = FakeServer::start(200, json!({"ok": true}), Duration::ZERO).await;
     let tool = tool(&api, &ada, &p, fake.url("/")).await;
@@ -912,7 +904,7 @@ async fn with_every_nudge_lost_runs_still_finish_through_the_sweeper() {
 
 #[tokio::test]
 async fn two_hundred_runs_started_at_once_all_finish_with_every_step_run_once() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let fake = FakeServer::start(200, json!({"ok": true}), Duration::ZERO).await;
     let tool = tool(&api, &ada, &p, fake.url("/")).await;
@@ -974,7 +966,7 @@ async fn two_hundred_runs_started_at_once_all_finish_with_every_step_run_once() 
 
 #[tokio::test]
 async fn a_slow_tool_in_one_run_does_not_hold_up_another_runs_steps() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let slow = FakeServer::start(200, json!({"slow": true}), Duration::from_secs(5)).await;
     let fast = FakeServer::start(200, json!({"fast": true}), Duration::ZERO).await;
@@ -1019,7 +1011,7 @@ async fn a_slow_tool_in_one_run_does_not_hold_up_another_runs_steps() {
 
 #[tokio::test]
 async fn retention_removes_old_step_payloads_and_keeps_the_record() {
-    let api = api().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let wf = workflow(
         &api,

@@ -91,13 +91,7 @@ fn only(report: &Value) -> Value {
 #[tokio::test]
 async fn summaries_count_exactly_the_runs_made_in_each_grouping_range_and_tenant() {
     let provider = FakeServer::answering(vec![openai::text("ok", 100, 50)], Duration::ZERO).await;
-    let providers = format!("fake={}", provider.url("/v1"));
-    let api = Api::start_with(&[
-        ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
-        ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
-        ("SPIN_VARIABLE_MODEL_PROVIDERS", providers.as_str()),
-    ])
-    .await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
     let (ada, p, agent_wf, tool_wf, agent, tool) = known_runs(&api, "ada").await;
     // Another tenant's runs never count in ada's figures.
     let (bob, q, ..) = known_runs(&api, "bob").await;
@@ -436,13 +430,10 @@ fn value(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
 #[tokio::test]
 async fn the_prometheus_endpoint_parses_and_its_counters_move_as_runs_happen() {
     let provider = FakeServer::answering(vec![openai::text("ok", 100, 50)], Duration::ZERO).await;
-    let providers = format!("fake={}", provider.url("/v1"));
-    let api = Api::start_with(&[
-        ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
-        ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
-        ("SPIN_VARIABLE_MODEL_PROVIDERS", providers.as_str()),
-        ("SPIN_VARIABLE_METRICS_TOKEN", "operator-token-123"),
-    ])
+    let api = Api::for_fakes(
+        Some(&provider),
+        &[("SPIN_VARIABLE_METRICS_TOKEN", "operator-token-123")],
+    )
     .await;
     let scrape = || async {
         let res = common::request(

@@ -325,18 +325,9 @@ async fn internal_tool_urls_are_allowed_only_by_configuration() {
     assert_eq!(tool["http"]["url"], "http://127.0.0.1:9/hook");
 }
 
-/// An app whose tools may call plain-http loopback fakes.
-async fn api_for_fakes() -> Api {
-    Api::start_with(&[
-        ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
-        ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
-    ])
-    .await
-}
-
 #[tokio::test]
 async fn testing_a_tool_makes_the_real_call_with_its_secret_and_checks() {
-    let api = api_for_fakes().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let fake =
         common::FakeServer::start(200, json!({"temp_c": 4.5}), std::time::Duration::ZERO).await;
@@ -422,7 +413,7 @@ async fn testing_a_tool_makes_the_real_call_with_its_secret_and_checks() {
 
 #[tokio::test]
 async fn a_tool_test_reports_bad_statuses_bad_outputs_and_timeouts() {
-    let api = api_for_fakes().await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let failing =
         common::FakeServer::start(503, json!({"error": "down"}), std::time::Duration::ZERO).await;

@@ -226,11 +226,7 @@ async fn starts_are_idempotent_and_lists_filter() {
 
 #[tokio::test]
 async fn cancelling_a_running_run_abandons_its_steps_and_a_finished_run_is_409() {
-    let api = Api::start_with(&[
-        ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
-        ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
-    ])
-    .await;
+    let api = Api::for_fakes(None, &[]).await;
     let (ada, p, quick) = workflow(&api).await;
     let slow = common::FakeServer::start(
         200,

@@ -287,17 +287,7 @@ async fn gauge(api: &Api, sample: &str) -> f64 {
 }
 
 async fn api(provider: Option<&FakeServer>) -> Api {
-    let providers = provider.map(|p| format!("fake={}", p.url("/v1")));
-    let mut vars = vec![
-        ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
-        ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
-        ("SPIN_VARIABLE_MODEL_PROVIDER_KEYS", "fake=sk-app-key"),
-        ("SPIN_VARIABLE_METRICS_TOKEN", METRICS_TOKEN),
-    ];
-    if let Some(p) = &providers {
-        vars.push(("SPIN_VARIABLE_MODEL_PROVIDERS", p.as_str()));
-    }
-    Api::start_with(&vars).await
+    Api::for_fakes(provider, &[("SPIN_VARIABLE_METRICS_TOKEN", METRICS_TOKEN)]).await
 }
 
 async fn project(api: &Api, who: &User, name: &str) -> String {

@@ -292,6 +292,22 @@ impl Api {
         }
     }
 
+    /// Starts an app whose tools may call plain-http loopback fakes, with `provider` (when
+    /// given) as the model provider `fake` (app key `sk-app-key`), and `extra` settings.
+    pub async fn for_fakes(provider: Option<&FakeServer>, extra: &[(&str, &str)]) -> Self {
+        let providers = provider.map(|p| format!("fake={}", p.url("/v1")));
+        let mut vars = vec![
+            ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
+            ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
+        ];
+        if let Some(p) = &providers {
+            vars.push(("SPIN_VARIABLE_MODEL_PROVIDERS", p.as_str()));
+            vars.push(("SPIN_VARIABLE_MODEL_PROVIDER_KEYS", "fake=sk-app-key"));
+        }
+        vars.extend_from_slice(extra);
+        Self::start_with(&vars).await
+    }
+
     /// Sends a request with an optional bearer token.
     pub async fn call(
         &self,
