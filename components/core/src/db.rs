@@ -108,6 +108,20 @@ impl Row {
         }
     }
 
+    /// A `numeric` money column (selected as text) in USD.
+    pub fn usd(&self, i: usize) -> Result<crate::money::Usd, DbError> {
+        crate::money::Usd::parse(&self.text(i)?)
+            .map_err(|e| DbError::new("", format!("column {i}: {e}")))
+    }
+
+    /// A nullable money column.
+    pub fn opt_usd(&self, i: usize) -> Result<Option<crate::money::Usd>, DbError> {
+        match self.at(i)? {
+            Value::Null => Ok(None),
+            _ => self.usd(i).map(Some),
+        }
+    }
+
     /// A nullable time column (selected with [`utc`]) as RFC 3339 JSON, or `null`.
     pub fn time_json(&self, i: usize) -> Result<serde_json::Value, DbError> {
         Ok(self.opt_timestamp(i)?.map(crate::time::rfc3339).into())

@@ -15,7 +15,6 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::{Map, Value, json};
 use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Value as V};
 use sparkops_core::error::ApiError;
-use sparkops_core::money::Usd;
 use sparkops_core::roles::Action;
 use sparkops_core::time::{parse_rfc3339, rfc3339};
 use sparkops_platform::http::{HttpRequest, Reply};
@@ -228,7 +227,7 @@ fn aggregate(
             continue;
         }
         let (succeeded, finished) = (r.int(4)?, r.int(5)?);
-        let cost = Usd::parse(&r.text(11)?).map_err(ApiError::Server)?;
+        let cost = r.usd(11)?;
         let mut item = match r.json(0)? {
             Value::Object(m) => m,
             _ => Map::new(),

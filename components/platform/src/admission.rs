@@ -84,11 +84,8 @@ pub fn admit(
             )?;
             let spent = rows
                 .first()
-                .map(|r| r.text(0))
+                .map(|r| r.usd(0))
                 .transpose()?
-                .map(|s| Usd::parse(&s))
-                .transpose()
-                .map_err(ApiError::Server)?
                 .unwrap_or(Usd::ZERO);
             if spent >= budget.limit_usd {
                 return refuse(

@@ -155,10 +155,9 @@ fn price(db: &Db, project_id: &str, model: &str) -> Result<Option<Price>, ApiErr
     let Some(r) = rows.first() else {
         return Ok(None);
     };
-    let usd = |s: String| Usd::parse(&s).map_err(ApiError::Server);
     Ok(Some(Price {
-        input_per_mtok: usd(r.text(0)?)?,
-        output_per_mtok: usd(r.text(1)?)?,
+        input_per_mtok: r.usd(0)?,
+        output_per_mtok: r.usd(1)?,
     }))
 }
 

@@ -382,10 +382,9 @@ pub fn settle(
             let Some(budget) = h.policy.rules.budget.as_ref().filter(|b| !b.block) else {
                 continue;
             };
-            let Some(spent) = rows.first().map(|r| r.text(0)).transpose()? else {
+            let Some(spent) = rows.first().map(|r| r.usd(0)).transpose()? else {
                 continue;
             };
-            let spent = Usd::parse(&spent).map_err(ApiError::Server)?;
             if spent >= budget.limit_usd && spent - cost < budget.limit_usd {
                 alerts.push(violation(
                     &h.policy,

@@ -22,7 +22,6 @@ use serde_json::{Value, json};
 use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Row, Tx, Value as V, utc};
 use sparkops_core::error::ApiError;
 use sparkops_core::llm;
-use sparkops_core::money::Usd;
 use sparkops_core::netcheck::check_tool_url;
 use sparkops_core::otlp::{self, CallRecord, RunRecord, StepRecord, Trace};
 
@@ -334,12 +333,6 @@ fn rejected_spans(body: &[u8]) -> Option<i64> {
         .filter(|n| *n > 0)
 }
 
-fn usd(row: &Row, i: usize) -> Result<Option<Usd>, ApiError> {
-    row.opt_text(i)?
-        .map(|s| Usd::parse(&s).map_err(ApiError::Server))
-        .transpose()
-}
-
 fn opt_json(row: &Row, i: usize) -> Result<Option<Value>, ApiError> {
     Ok(Some(row.json(i)?).filter(|v| !v.is_null()))
 }
@@ -401,7 +394,7 @@ fn load(db: &Db, runs: &[String]) -> Result<Vec<(String, Trace)>, ApiError> {
             finished_at: r.opt_timestamp(6)?,
             tokens_in: r.int(7)?,
             tokens_out: r.int(8)?,
-            cost_usd: usd(r, 9)?,
+            cost_usd: r.opt_usd(9)?,
             error: opt_json(r, 10)?,
             agent: named(11, 12)?,
             tool: named(13, 14)?,
@@ -431,7 +424,7 @@ fn load(db: &Db, runs: &[String]) -> Result<Vec<(String, Trace)>, ApiError> {
             finished_at: r.timestamp(7)?,
             tokens_in: r.int(8)?,
             tokens_out: r.int(9)?,
-            cost_usd: usd(r, 10)?.unwrap_or(Usd::ZERO),
+            cost_usd: r.usd(10)?,
             unpriced_calls: r.int(11)?,
             schedule_id: r.opt_text(12)?,
             retry_of: r.opt_text(13)?,

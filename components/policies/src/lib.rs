@@ -74,9 +74,8 @@ fn usage(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Api
             ),
             &[V::Uuid(id.clone()), V::Timestamp(start)],
         )?;
-        let usd = |s: String| Usd::parse(&s).map_err(ApiError::Server);
         let (spent, reserved, tokens, calls) = match used.first() {
-            Some(u) => (usd(u.text(0)?)?, usd(u.text(1)?)?, u.int(2)?, u.int(3)?),
+            Some(u) => (u.usd(0)?, u.usd(1)?, u.int(2)?, u.int(3)?),
             None => (Usd::ZERO, Usd::ZERO, 0, 0),
         };
         let left = (budget.limit_usd - spent - reserved).max(Usd::ZERO);
@@ -234,11 +233,7 @@ fn read_scope(
 // ---- Model prices ---------------------------------------------------------------------------
 
 fn price_json(row: &Row) -> Result<Value, ApiError> {
-    let usd = |i: usize| -> Result<String, ApiError> {
-        Ok(Usd::parse(&row.text(i)?)
-            .map_err(|_| ApiError::Internal)?
-            .to_fixed())
-    };
+    let usd = |i: usize| -> Result<String, ApiError> { Ok(row.usd(i)?.to_fixed()) };
     Ok(json!({
         "model": row.text(0)?,
         "input_per_mtok_usd": usd(1)?,

@@ -101,7 +101,7 @@ fn run_json(row: &Row) -> Result<Value, ApiError> {
         "scheduled_for": row.time_json(10)?,
         "tokens_in": row.int(11)?,
         "tokens_out": row.int(12)?,
-        "cost_usd": sparkops_core::money::Usd::parse(&row.text(13)?).map(|u| u.to_fixed()).map_err(ApiError::Server)?,
+        "cost_usd": row.usd(13)?.to_fixed(),
         "unpriced_calls": row.int(14)?,
         "started_at": row.time_json(15)?,
         "finished_at": row.time_json(16)?,
