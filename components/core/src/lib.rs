@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod cron;
 pub mod db;
+pub mod dispatch;
 pub mod error;
 pub mod expr;
 pub mod health;

@@ -1,5 +1,6 @@
-//! The executor (DESIGN.md section 5): a private route the orchestrator reaches by service
-//! chaining. It checks the step's lease, answers `202` at once, and goes on to run the step
+//! The executor (DESIGN.md section 5): a route of the app's own endpoint that runs a claimed
+//! step for a signed dispatch ([`sparkops_core::dispatch`]) and nothing else. It checks the
+//! signature and the step's lease, answers `202` at once, and goes on to run the step
 //! (Spin keeps a guest running after it has set its response), so steps of many runs
 //! proceed in parallel instances. The result, with an event, is written in one transaction
 //! that only lands while the lease still holds: a step cancelled or taken back meanwhile
@@ -12,6 +13,7 @@ use std::time::Instant;
 use futures::SinkExt;
 use serde_json::{Value, json};
 use sparkops_core::db::{Connection as _, Value as V};
+use sparkops_core::dispatch;
 use sparkops_core::error::ApiError;
 use sparkops_core::run::{self, RunScope};
 use sparkops_core::template;
@@ -19,39 +21,61 @@ use sparkops_core::workflow::{Step, StepKind};
 use sparkops_platform::engine;
 use sparkops_platform::pipeline::Ctx;
 use sparkops_platform::tool_call::{self, setting};
+use sparkops_platform::variable;
 use sparkops_platform::{agent, policies};
-use spin_sdk::http::{Fields, IncomingRequest, OutgoingResponse, ResponseOutparam};
+use spin_sdk::http::{Fields, IncomingRequest, Method, OutgoingResponse, ResponseOutparam};
 use spin_sdk::http_component;
 
 #[http_component]
 async fn handle(req: IncomingRequest, out: ResponseOutparam) {
-    let body = match sparkops_platform::http::HttpRequest::read(req).await {
-        Ok(r) => r.body,
-        Err(_) => return respond(out, 400, json!({"error": "unreadable request"})).await,
+    let request_id = sparkops_platform::http::request_id(None);
+    let req = match sparkops_platform::http::HttpRequest::read(req).await {
+        Ok(r) => r,
+        Err(e) => return refuse(out, &e, &request_id).await,
     };
-    let claim: Value = serde_json::from_slice(&body).unwrap_or_default();
+    if req.path != dispatch::PATH {
+        let e = ApiError::NotFound("no such route".into());
+        return refuse(out, &e, &request_id).await;
+    }
+    if req.method != Method::Post {
+        let e = ApiError::MethodNotAllowed {
+            allow: vec!["POST"],
+        };
+        return refuse(out, &e, &request_id).await;
+    }
+    let key = match variable("jwt_secret") {
+        Ok(secret) => dispatch::key(&secret),
+        Err(e) => return refuse(out, &ApiError::Server(e), &request_id).await,
+    };
+    let now = chrono::Utc::now().timestamp();
+    if let Err(refusal) = dispatch::verify(&key, req.header(dispatch::HEADER), &req.body, now) {
+        let e = ApiError::Unauthenticated(format!("not a signed dispatch ({refusal:?})"));
+        return refuse(out, &e, &request_id).await;
+    }
+    let claim: Value = serde_json::from_slice(&req.body).unwrap_or_default();
     let (Some(run_id), Some(step), Some(lease)) = (
         claim["run_id"].as_str(),
         claim["step_key"].as_str(),
         claim["lease_id"].as_str(),
     ) else {
-        return respond(
-            out,
-            400,
-            json!({"error": "run_id, step_key and lease_id are required"}),
-        )
-        .await;
+        let e = ApiError::BadRequest("run_id, step_key and lease_id are required".into());
+        return refuse(out, &e, &request_id).await;
     };
     let mut ctx = Ctx::new(format!("step-{run_id}-{step}"));
     let (attempt, project_id) = match holds_lease(&mut ctx, run_id, step, lease) {
         Ok(Some(held)) => held,
-        Ok(None) => return respond(out, 409, json!({"error": "the lease is not held"})).await,
+        Ok(None) => {
+            let e = ApiError::Conflict("the lease is not held".into());
+            return refuse(out, &e, &request_id).await;
+        }
         Err(e) => {
             log("checking a lease", run_id, step, &format!("{e:?}"));
-            return respond(out, 500, json!({"error": "internal"})).await;
+            return refuse(out, &e, &request_id).await;
         }
     };
-    respond(out, 202, json!({"accepted": true})).await;
+    let accepted = json!({"accepted": true}).to_string();
+    let headers = vec![("content-type", "application/json".to_string())];
+    respond(out, 202, headers, accepted, &request_id).await;
     let started = Instant::now();
     let done = execute(&mut ctx, run_id, step).unwrap_or_else(|e| {
         log(
@@ -97,14 +121,31 @@ fn log(doing: &str, run_id: &str, step: &str, error: &str) {
     );
 }
 
-async fn respond(out: ResponseOutparam, status: u16, body: Value) {
-    let headers = Fields::from_list(&[("content-type".to_string(), b"application/json".to_vec())])
-        .expect("a valid header");
-    let response = OutgoingResponse::new(headers);
+/// Answers with `err` as problem+json, like every other route.
+async fn refuse(out: ResponseOutparam, err: &ApiError, request_id: &str) {
+    let body = serde_json::to_string(&err.problem(dispatch::PATH, request_id)).unwrap_or_default();
+    let mut headers = vec![("content-type", "application/problem+json".to_string())];
+    headers.extend(err.headers());
+    respond(out, err.status(), headers, body, request_id).await
+}
+
+async fn respond(
+    out: ResponseOutparam,
+    status: u16,
+    headers: Vec<(&str, String)>,
+    body: String,
+    request_id: &str,
+) {
+    let entries: Vec<(String, Vec<u8>)> = headers
+        .into_iter()
+        .chain([("x-request-id", request_id.to_string())])
+        .map(|(k, v)| (k.to_string(), v.into_bytes()))
+        .collect();
+    let response = OutgoingResponse::new(Fields::from_list(&entries).expect("valid headers"));
     let _ = response.set_status_code(status);
     let mut sink = response.take_body();
     out.set(response);
-    let _ = sink.send(body.to_string().into_bytes()).await;
+    let _ = sink.send(body.into_bytes()).await;
     // End the body now: the caller has its answer while the step runs on.
     let _ = sink.close().await;
 }

@@ -2,14 +2,15 @@
 //! the sweeper (for runs whose nudges were lost). In one transaction under the run's row
 //! lock it finishes a cancelling run, marks pending steps ready or skipped
 //! (`sparkops_core::run::decide`), finishes the run when nothing is left, and claims the
-//! ready steps with a lease; then it hands each claimed step to the executor (a private
-//! route reached by service chaining) and never calls a model or a tool itself. Advancing
+//! ready steps with a lease; then it hands each claimed step to the executor (a signed
+//! request to the app's own endpoint) and never calls a model or a tool itself. Advancing
 //! twice finds nothing new to claim the second time.
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use sparkops_core::db::{self as core_db, Tx, Value as V};
+use sparkops_core::dispatch;
 use sparkops_core::error::ApiError;
 use sparkops_core::run::{self, Decision, Outcome, RunScope, StepStatus};
 use sparkops_core::workflow::{Approval, StepKind};
@@ -34,22 +35,39 @@ pub fn advance_run(db: &Db, run_id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Hands a claimed step to the executor. A failed hand-off leaves the step claimed: its
-/// lease runs out and the sweeper gives it a new attempt.
+/// Hands a claimed step to the executor: a signed `POST` to the app's own public endpoint
+/// (`dispatch_url`; see [`sparkops_core::dispatch`] for why not service chaining). A failed
+/// hand-off leaves the step claimed: its lease runs out and the sweeper gives it a new
+/// attempt.
 fn dispatch(run_id: &str, step: &str, lease: &str) {
-    let body = json!({"run_id": run_id, "step_key": step, "lease_id": lease}).to_string();
-    let url = url::Url::parse("http://executor.spin.internal/steps").expect("a valid URL");
     let warn = |msg: &str, detail: Value| {
         eprintln!(
             "{}",
             json!({"level": "warn", "msg": msg, "run_id": run_id, "step": step, "detail": detail})
         )
     };
+    let settings = crate::variable("dispatch_url").and_then(|base| {
+        let url = url::Url::parse(base.trim_end_matches('/'))
+            .and_then(|u| u.join(dispatch::PATH))
+            .map_err(|e| format!("variable `dispatch_url`: {e}"))?;
+        Ok((url, dispatch::key(&crate::variable("jwt_secret")?)))
+    });
+    let (url, key) = match settings {
+        Ok(s) => s,
+        Err(e) => return warn("cannot dispatch", json!(e)),
+    };
+    let body = json!({"run_id": run_id, "step_key": step, "lease_id": lease})
+        .to_string()
+        .into_bytes();
+    let signature = dispatch::sign(&key, chrono::Utc::now().timestamp(), &body);
     match outbound::send(Call {
         method: "POST",
         url: &url,
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: Some(body.into_bytes()),
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            (dispatch::HEADER.into(), signature),
+        ],
+        body: Some(body),
         timeout: Duration::from_secs(10),
         max_response_bytes: 4096,
     }) {

@@ -98,11 +98,21 @@ fn method(m: &str) -> Method {
 pub fn send(call: Call<'_>) -> Result<Answer, CallError> {
     let started = Instant::now();
     let bad = |what: &str| CallError::Connection(format!("the request could not be built: {what}"));
-    let entries: Vec<(String, Vec<u8>)> = call
+    let mut entries: Vec<(String, Vec<u8>)> = call
         .headers
         .iter()
         .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
         .collect();
+    // wasi-http sends a body chunked unless it has a length, and some servers and gateways
+    // read a chunked body as empty: every body here is whole, so say how long it is.
+    if let Some(bytes) = &call.body
+        && !call
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+    {
+        entries.push(("content-length".into(), bytes.len().to_string().into_bytes()));
+    }
     let headers = Fields::from_list(&entries).map_err(|e| bad(&format!("{e:?}")))?;
     let request = OutgoingRequest::new(headers);
     let url = call.url;

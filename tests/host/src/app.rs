@@ -86,7 +86,7 @@ pub struct RunningApp {
     triggers: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn new_engine(cache_dir: &Path) -> Result<Engine> {
+fn new_engine() -> Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true);
     let mut pool = PoolingAllocationConfig::default();
@@ -97,10 +97,87 @@ fn new_engine(cache_dir: &Path) -> Result<Engine> {
         .total_stacks(MAX_CONCURRENT_INSTANCES)
         .max_memory_size(MAX_INSTANCE_MEMORY);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    let mut cache = wasmtime::CacheConfig::new();
-    cache.with_directory(cache_dir);
-    config.cache(Some(wasmtime::Cache::new(cache)?));
     Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot start wasmtime: {e}"))
+}
+
+/// Why a connection was closed without an answer.
+#[derive(Debug)]
+struct RefusedChainingHost;
+
+impl std::fmt::Display for RefusedChainingHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an inbound request named a service-chaining host")
+    }
+}
+
+impl std::error::Error for RefusedChainingHost {}
+
+/// Whether the request's `Host` is `<id>.spin.internal` (with or without a port).
+fn names_chaining_host<B>(req: &Request<B>) -> bool {
+    let Some(authority) = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok())
+    else {
+        return false;
+    };
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    host.split_once('.').is_some_and(|(_, rest)| rest == "spin.internal")
+}
+
+/// Spin's loader marks the whole app as needing local service chaining when any component
+/// names a `*.spin.internal` host, and only the HTTP trigger supports that: the Redis and
+/// cron triggers refuse such an app at start-up (`ensure_needs_only`), with this message.
+fn refuse_unsupported_chaining(manifest: &Manifest) -> Result<()> {
+    let chaining = manifest.component.values().any(|c| {
+        c.allowed_outbound_hosts
+            .iter()
+            .any(|h| crate::outbound::is_chaining_rule(h))
+    });
+    let refusing = [
+        ("cron", !manifest.trigger.cron.is_empty()),
+        ("redis", !manifest.trigger.redis.is_empty()),
+    ];
+    if let Some((trigger, _)) = refusing.iter().find(|(_, present)| chaining && *present) {
+        bail!(
+            "This application requires the following features that are not available in this version of the '{trigger}' trigger: local_service_chaining"
+        );
+    }
+    Ok(())
+}
+
+/// A component compiled by this engine, from `cache_dir` when these exact bytes were compiled
+/// before by a compatible engine (same wasmtime, settings and CPU features), so a restart or
+/// a test's fresh app skips Cranelift. The file is written whole and renamed into place, so
+/// a concurrent start never reads half of one; an unreadable file is compiled again.
+fn compile_cached(engine: &Engine, bytes: &[u8], cache_dir: &Path) -> Result<Component> {
+    use sha2::{Digest, Sha256};
+    use std::hash::{Hash, Hasher};
+
+    let mut compat = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut compat);
+    let digest = Sha256::digest(bytes);
+    let key: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let path = cache_dir.join(format!("{key}-{:016x}.cwasm", compat.finish()));
+    if path.is_file() {
+        // SAFETY: the file is one this host wrote with `Component::serialize` for an engine
+        // with the same compatibility hash, in the host's own state folder; wasmtime
+        // checks its header and refuses anything from another version or configuration.
+        #[allow(unsafe_code)]
+        let cached = unsafe { Component::deserialize_file(engine, &path) };
+        if let Ok(component) = cached {
+            return Ok(component);
+        }
+    }
+    let component = Component::new(engine, bytes)?;
+    if std::fs::create_dir_all(cache_dir).is_ok() {
+        let tmp = path.with_extension(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
+        let written = component
+            .serialize()
+            .ok()
+            .and_then(|compiled| std::fs::write(&tmp, compiled).ok());
+        if written.is_some() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok(component)
 }
 
 fn empty(status: StatusCode) -> Response<HyperOutgoingBody> {
@@ -120,6 +197,7 @@ impl AppInner {
             Some(p) => RuntimeConfig::load(p)?,
             None => RuntimeConfig::default(),
         };
+        refuse_unsupported_chaining(&manifest)?;
         let app_vars = AppVariables::resolve(&manifest, |k| options.env.get(k).cloned())?;
         std::fs::create_dir_all(&options.state_dir).with_context(|| {
             format!("cannot create state folder {}", options.state_dir.display())
@@ -128,7 +206,7 @@ impl AppInner {
             .cache_dir
             .clone()
             .unwrap_or_else(|| options.state_dir.join("compiled"));
-        let engine = new_engine(&cache_dir)?;
+        let engine = new_engine()?;
 
         let mut linker: Linker<InstanceState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -169,7 +247,7 @@ impl AppInner {
                     source.display()
                 )
             })?;
-            let component = Component::new(&engine, &bytes).map_err(|e| {
+            let component = compile_cached(&engine, &bytes, &cache_dir).map_err(|e| {
                 anyhow::anyhow!(
                     "component `{id}`: {} is not a valid component: {e}",
                     source.display()
@@ -289,9 +367,13 @@ impl AppInner {
                     let service = hyper::service::service_fn(move |req| {
                         let app = app.clone();
                         async move {
-                            Ok::<_, std::convert::Infallible>(
-                                app.handle_external(req, client).await,
-                            )
+                            // Spin (3.6.3, checked) answers a request whose `Host` names a
+                            // service-chaining host with no response at all: the
+                            // connection is closed.
+                            if names_chaining_host(&req) {
+                                return Err(RefusedChainingHost);
+                            }
+                            Ok(app.handle_external(req, client).await)
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -447,7 +529,7 @@ impl AppInner {
         }
         let req = Request::from_parts(parts, body);
 
-        let mut store = self.new_store(runtime);
+        let mut store = self.new_store(runtime, true);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let prepared = store
             .data_mut()
@@ -498,7 +580,9 @@ impl AppInner {
         }
     }
 
-    fn new_store(&self, runtime: &Arc<ComponentRuntime>) -> Store<InstanceState> {
+    /// A store for one instance; `http_triggered` instances may chain to other components
+    /// (Spin installs its chaining interceptor only in the HTTP trigger).
+    fn new_store(&self, runtime: &Arc<ComponentRuntime>, http_triggered: bool) -> Store<InstanceState> {
         let mut store = Store::new(
             &self.engine,
             InstanceState::new(
@@ -506,6 +590,7 @@ impl AppInner {
                 self.shared.clone(),
                 self.network.clone(),
                 self.guest_output,
+                http_triggered,
             ),
         );
         store.limiter(|s| s.limiter());
@@ -529,7 +614,7 @@ impl AppInner {
         let export = pick(&loaded.exports)
             .cloned()
             .with_context(|| format!("component `{id}` does not export this trigger's handler"))?;
-        let mut store = self.new_store(&loaded.runtime);
+        let mut store = self.new_store(&loaded.runtime, false);
         let instance = loaded.pre.instantiate_async(&mut store).await?;
         Ok((store, instance, export))
     }

@@ -31,7 +31,6 @@ enum PortPattern {
 /// The rules of one component.
 #[derive(Debug, Clone, Default)]
 pub struct AllowedHosts {
-    allow_all: bool,
     entries: Vec<AllowedHost>,
 }
 
@@ -44,6 +43,26 @@ pub fn default_port(scheme: &str) -> Option<u16> {
         "redis" => Some(6379),
         "mysql" => Some(3306),
         _ => None,
+    }
+}
+
+/// Whether an `allowed_outbound_hosts` entry names a service-chaining host
+/// (`http://<id>.spin.internal` or `http://*.spin.internal`), as Spin's loader decides it:
+/// on the entry as written, so a templated entry never counts and neither does `*`.
+pub fn is_chaining_rule(rule: &str) -> bool {
+    if rule.contains("{{") {
+        return false;
+    }
+    match AllowedHost::parse(rule) {
+        Ok(AllowedHost {
+            host: HostPattern::Exact(h),
+            ..
+        }) => h.ends_with(".spin.internal"),
+        Ok(AllowedHost {
+            host: HostPattern::Subdomains(d),
+            ..
+        }) => d == "spin.internal",
+        _ => false,
     }
 }
 
@@ -135,12 +154,15 @@ fn split_host_port(s: &str) -> (&str, Option<&str>) {
 }
 
 impl AllowedHosts {
-    /// Builds the rules from already-rendered entries; `insecure:allow-all` allows anything.
+    /// Builds the rules from already-rendered entries.
     pub fn parse(rules: &[String]) -> Result<Self> {
         let mut out = Self::default();
         for rule in rules {
             if rule == "insecure:allow-all" {
-                out.allow_all = true;
+                // Spin 3 refuses it outright.
+                bail!(
+                    "'insecure:allow-all' is not allowed - use '*://*:*' instead if you really want to allow all outbound traffic"
+                );
             } else {
                 out.entries.push(AllowedHost::parse(rule)?);
             }
@@ -150,9 +172,6 @@ impl AllowedHosts {
 
     /// Whether a connection to `scheme://host:port` is allowed (`port` defaulted by scheme).
     pub fn allows(&self, scheme: &str, host: &str, port: Option<u16>) -> bool {
-        if self.allow_all {
-            return true;
-        }
         let Some(port) = port.or_else(|| default_port(scheme)) else {
             return false;
         };
@@ -272,6 +291,7 @@ mod tests {
             "https://a.com/path",
             "foo://a.com",
             "http://a:9..3",
+            "insecure:allow-all",
         ] {
             assert!(AllowedHosts::parse(&[bad.to_string()]).is_err(), "{bad}");
         }
@@ -284,5 +304,16 @@ mod tests {
         assert!(b.blocks("10.1.2.3".parse().unwrap()));
         assert!(b.blocks("::ffff:192.168.0.1".parse().unwrap()));
         assert!(!b.blocks("93.184.216.34".parse().unwrap()));
+    }
+
+    #[test]
+    fn chaining_rules_are_named_hosts_and_the_subdomain_wildcard_of_spin_internal() {
+        assert!(is_chaining_rule("http://executor.spin.internal"));
+        assert!(is_chaining_rule("http://*.spin.internal"));
+        assert!(!is_chaining_rule("http://*:*"));
+        assert!(!is_chaining_rule("*://*:*"));
+        assert!(!is_chaining_rule("http://spin.internal.example.com"));
+        assert!(!is_chaining_rule("{{ dispatch_url }}"));
+        assert!(!is_chaining_rule("postgres://{{ database_host }}"));
     }
 }

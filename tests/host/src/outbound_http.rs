@@ -1,7 +1,8 @@
 //! Outgoing HTTP from a component: denied with `HttpRequestDenied` unless its
-//! `allowed_outbound_hosts` allows the URL; `http://<component>.spin.internal` chains to
-//! another component in-process (Spin's local service chaining), `http://self` to the app's
-//! own router; other hosts pass the runtime config's `block_networks` check first.
+//! `allowed_outbound_hosts` allows the URL; from an HTTP-triggered instance
+//! `http://<component>.spin.internal` chains to another component in-process (Spin's local
+//! service chaining), `http://self` to the app's own router; other hosts pass the runtime
+//! config's `block_networks` check first.
 
 use std::sync::Arc;
 
@@ -17,6 +18,9 @@ pub struct OutboundHttp {
     component: Arc<ComponentRuntime>,
     app: Arc<AppShared>,
     network: Arc<BlockedNetworks>,
+    /// Spin chains only from HTTP-triggered instances; from a Redis or cron instance a
+    /// `*.spin.internal` URL (allowed by a wildcard) goes to the network and fails there.
+    chaining: bool,
 }
 
 type ResponseFuture = Box<
@@ -43,11 +47,13 @@ impl OutboundHttp {
         component: Arc<ComponentRuntime>,
         app: Arc<AppShared>,
         network: Arc<BlockedNetworks>,
+        chaining: bool,
     ) -> Self {
         Self {
             component,
             app,
             network,
+            chaining,
         }
     }
 
@@ -65,10 +71,12 @@ impl OutboundHttp {
             );
             return Err(Error::HttpRequestDenied);
         }
-        if let Some(id) = host.strip_suffix(INTERNAL_SUFFIX) {
+        if let Some(id) = host.strip_suffix(INTERNAL_SUFFIX)
+            && self.chaining
+        {
             return Ok(Target::Component(id.to_string()));
         }
-        if host == "self" || host == "self.alt" {
+        if (host == "self" || host == "self.alt") && self.chaining {
             return Ok(Target::SelfApp);
         }
         Ok(Target::Network)

@@ -87,6 +87,7 @@ impl InstanceState {
         app: Arc<AppShared>,
         network: Arc<crate::outbound::BlockedNetworks>,
         guest_output: bool,
+        http_triggered: bool,
     ) -> Self {
         let mut wasi = WasiCtx::builder();
         if guest_output {
@@ -98,7 +99,7 @@ impl InstanceState {
             wasi.env(k, v);
         }
         Self {
-            hooks: OutboundHttp::new(component.clone(), app.clone(), network),
+            hooks: OutboundHttp::new(component.clone(), app.clone(), network, http_triggered),
             component,
             app,
             table: ResourceTable::new(),

@@ -3,11 +3,9 @@
 //! message, one message at a time per subscription, and a failing handler that does not
 //! stop the trigger. Plus the start-up errors of bad trigger settings.
 
-mod common;
-
 use std::time::Duration;
 
-use common::TestEnv;
+use crate::common::TestEnv;
 use redis::AsyncCommands;
 use serde_json::json;
 use sparkops_host::RunningApp;
@@ -97,9 +95,9 @@ async fn a_failing_handler_does_not_stop_the_trigger_and_other_channels_are_sepa
 async fn bad_trigger_settings_are_one_clear_start_up_error() {
     let env = TestEnv::new().await;
     let dir = env.options(MANIFEST, None).state_dir;
-    let base = std::fs::read_to_string(common::workspace().join(MANIFEST)).unwrap();
-    let fixture = common::workspace().join("target/wasm32-wasip2/release/triggers_fixture.wasm");
-    let health = common::workspace().join("target/wasm32-wasip2/release/health.wasm");
+    let base = std::fs::read_to_string(crate::common::workspace().join(MANIFEST)).unwrap();
+    let fixture = crate::common::workspace().join("target/wasm32-wasip2/release/triggers_fixture.wasm");
+    let health = crate::common::workspace().join("target/wasm32-wasip2/release/health.wasm");
     let cases = [
         (
             base.replace("[application.trigger.redis]\naddress = \"{{ redis_url }}\"\n", ""),
@@ -190,7 +188,7 @@ async fn the_schedule_ticks_on_its_own_with_each_tick_time() {
     let mut r = redis(&env).await;
     // Every second: within a bounded wait, two ticks have fired, each at a whole second.
     let started = chrono::Utc::now().timestamp();
-    common::eventually(async || (count(&mut r, &format!("{tag}:ticks")).await >= 2).then_some(()))
+    crate::common::eventually(async || (count(&mut r, &format!("{tag}:ticks")).await >= 2).then_some(()))
         .await;
     let last = count(&mut r, &format!("{tag}:last")).await;
     assert!(
@@ -198,4 +196,103 @@ async fn the_schedule_ticks_on_its_own_with_each_tick_time() {
         "the last tick ({last}) is after the start ({started})"
     );
     drop(app);
+}
+
+// ---- Service chaining, as Spin 3.6 allows it ---------------------------------------------
+
+async fn fetched(r: &mut redis::aio::MultiplexedConnection, tag: &str) -> String {
+    crate::common::eventually(async || {
+        r.get::<_, Option<String>>(format!("{tag}:fetch"))
+            .await
+            .unwrap()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_redis_triggered_instance_cannot_chain_even_where_a_wildcard_allows_the_host() {
+    let env = TestEnv::new().await;
+    let channel = unique("jobs");
+    let app = start(&env, &channel).await;
+    let mut r = redis(&env).await;
+    // The network is open to it (`http://*:*`): the app's own route answers.
+    let open = unique("t");
+    let url = app.url("/web/echo/x");
+    let msg = json!({"tag": open, "fetch": url});
+    let _: i64 = r.publish(&channel, msg.to_string()).await.unwrap();
+    assert_eq!(fetched(&mut r, &open).await, "status 200");
+    // A chaining URL is not intercepted outside the HTTP trigger: it goes to the network,
+    // where no such host exists, as under Spin.
+    let chained = unique("t");
+    let msg = json!({"tag": chained, "fetch": "http://web.spin.internal/echo/x"});
+    let _: i64 = r.publish(&channel, msg.to_string()).await.unwrap();
+    let outcome = fetched(&mut r, &chained).await;
+    assert!(outcome.starts_with("error"), "{outcome}");
+}
+
+#[tokio::test]
+async fn a_cron_triggered_instance_cannot_chain_even_where_a_wildcard_allows_the_host() {
+    let env = TestEnv::new().await;
+    let tag = unique("cron");
+    let mut options = env.options("tests/fixtures/cron/spin.toml", None);
+    options.env.insert("SPIN_VARIABLE_TAG".into(), tag.clone());
+    options.env.insert(
+        "SPIN_VARIABLE_FETCH_URL".into(),
+        "http://web.spin.internal/echo/x".into(),
+    );
+    let app = RunningApp::start(&options).await.expect("the cron app starts");
+    app.inner.handle_cron("tick", 1_700_000_123).await.unwrap();
+    let mut r = redis(&env).await;
+    let outcome = fetched(&mut r, &tag).await;
+    assert!(outcome.starts_with("error"), "{outcome}");
+}
+
+#[tokio::test]
+async fn an_app_with_redis_or_cron_triggers_may_not_name_a_chaining_host_anywhere() {
+    let env = TestEnv::new().await;
+    let dir = env.options(MANIFEST, None).state_dir;
+    let target = crate::common::workspace().join("target/wasm32-wasip2/release");
+    // Named by the HTTP component (whose trigger supports chaining), by the Redis one, as a
+    // wildcard: Spin marks the whole app as needing chaining, and the Redis and cron
+    // triggers refuse it.
+    let cases = [
+        (
+            MANIFEST,
+            "[component.web.variables]",
+            "allowed_outbound_hosts = [\"http://first.spin.internal\"]\n\n[component.web.variables]",
+            "redis",
+        ),
+        (
+            MANIFEST,
+            "\"http://*:*\"]",
+            "\"http://*.spin.internal\"]",
+            "redis",
+        ),
+        (
+            "tests/fixtures/cron/spin.toml",
+            "\"http://*:*\"]",
+            "\"http://web.spin.internal\"]",
+            "cron",
+        ),
+    ];
+    for (i, (manifest, from, to, trigger)) in cases.into_iter().enumerate() {
+        let text = std::fs::read_to_string(crate::common::workspace().join(manifest)).unwrap();
+        assert!(text.contains(from), "case {i}");
+        let text = text
+            .replace(from, to)
+            .replace("../../../target/wasm32-wasip2/release", &target.display().to_string());
+        let path = dir.join(format!("chaining-{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let mut options = env.options(manifest, None);
+        options.manifest = path;
+        options.env.insert("SPIN_VARIABLE_TAG".into(), "t".into());
+        let err = match RunningApp::start(&options).await {
+            Ok(_) => panic!("case {i} started"),
+            Err(e) => format!("{e:#}"),
+        };
+        let want = format!(
+            "This application requires the following features that are not available in this version of the '{trigger}' trigger: local_service_chaining"
+        );
+        assert!(err.contains(&want), "case {i}: {err}");
+    }
 }

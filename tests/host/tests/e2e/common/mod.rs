@@ -134,16 +134,41 @@ impl TestEnv {
             std::fs::write(&path, text).unwrap();
             path
         });
+        // The app hands steps to its executor through its own address (`dispatch_url`), so
+        // the address is chosen before the app starts.
+        let listen = free_local_address();
+        let mut env = self.variables();
+        env.insert(
+            "SPIN_VARIABLE_DISPATCH_URL".into(),
+            format!("http://{listen}"),
+        );
         AppOptions {
             manifest: workspace().join(manifest),
             runtime_config,
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listen,
             state_dir,
             // Compiled code is shared by every test: compiling once is the slow part.
             cache_dir: Some(workspace().join("target/host-test-cache")),
-            env: self.variables(),
+            env,
             // Guests' log lines only when asked for.
             guest_output: std::env::var_os("TEST_LOG").is_some(),
+        }
+    }
+}
+
+/// A loopback address with a free port below the kernel's ephemeral range (which starts at
+/// 32768), so no outgoing connection can take it between this check and the app's bind;
+/// a process-wide counter keeps two apps of this process from being handed the same one.
+pub fn free_local_address() -> std::net::SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = std::process::id() % 97 * 100;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + ((offset + n) % 12_000) as u16;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
         }
     }
 }
@@ -211,8 +236,10 @@ pub async fn request_raw(
         tokio::spawn(conn);
         let mut builder = http::Request::builder()
             .method(method)
-            .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-            .header("host", &authority);
+            .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            builder = builder.header("host", &authority);
+        }
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
@@ -256,6 +283,21 @@ pub struct Api {
     pub env: TestEnv,
     pub app: RunningApp,
     state_dir: PathBuf,
+    client: Client,
+}
+
+/// The API's HTTP helpers, for an app in this process ([`Api`] derefs to it) or one served
+/// elsewhere (the real-Spin smoke).
+pub struct Client {
+    base: String,
+}
+
+impl std::ops::Deref for Api {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
 }
 
 /// A registered user's credentials.
@@ -286,6 +328,7 @@ impl Api {
         }
         let app = RunningApp::start(&options).await.expect("the app starts");
         Self {
+            client: Client::new(app.url("")),
             env,
             app,
             state_dir: options.state_dir,
@@ -306,31 +349,6 @@ impl Api {
         }
         vars.extend_from_slice(extra);
         Self::start_with(&vars).await
-    }
-
-    /// Sends a request with an optional bearer token.
-    pub async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> Reply {
-        let auth = token.map(|t| format!("Bearer {t}"));
-        let headers: Vec<(&str, &str)> =
-            auth.iter().map(|a| ("authorization", a.as_str())).collect();
-        request(method, &self.app.url(path), &headers, body).await
-    }
-
-    /// The status of a request with an optional bearer token.
-    pub async fn status(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> u16 {
-        self.call(method, path, token, body).await.status
     }
 
     /// Everything the components have written to stdout and stderr so far (the host's
@@ -358,6 +376,83 @@ impl Api {
             .handle_cron(component, at as u64)
             .await
             .unwrap();
+    }
+
+    /// A digest of every row of the project-resource tables, to show a request changed nothing.
+    pub async fn snapshot(&self) -> Vec<String> {
+        let db = self.env.db().await;
+        let mut digests = Vec::new();
+        for table in [
+            "projects",
+            "memberships",
+            "agents",
+            "agent_tools",
+            "tools",
+            "workflows",
+            "workflow_versions",
+            "policies",
+            "schedules",
+            "model_prices",
+            "project_secrets",
+        ] {
+            let row = db
+                .query_one(
+                    &format!("select md5(coalesce(string_agg(t::text, ',' order by t::text), '')) from {table} t"),
+                    &[],
+                )
+                .await
+                .unwrap();
+            digests.push(format!("{table}:{}", row.get::<_, String>(0)));
+        }
+        digests
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        self.env
+            .db()
+            .await
+            .query_one(&format!("select count(*) from {table}"), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+}
+
+impl Client {
+    /// A client of the app served at `base` (e.g. `http://127.0.0.1:3000`).
+    pub fn new(base: impl Into<String>) -> Self {
+        Self { base: base.into() }
+    }
+
+    /// The URL of `path` on the app.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a request with an optional bearer token.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Reply {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        request(method, &self.url(path), &headers, body).await
+    }
+
+    /// The status of a request with an optional bearer token.
+    pub async fn status(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> u16 {
+        self.call(method, path, token, body).await.status
     }
 
     /// Waits until run `id` has finished; the run.
@@ -423,36 +518,7 @@ impl Api {
         let auth = format!("Bearer {token}");
         let mut headers: Vec<(&str, &str)> = vec![("authorization", auth.as_str())];
         headers.extend_from_slice(extra);
-        request(method, &self.app.url(path), &headers, body).await
-    }
-
-    /// A digest of every row of the project-resource tables, to show a request changed nothing.
-    pub async fn snapshot(&self) -> Vec<String> {
-        let db = self.env.db().await;
-        let mut digests = Vec::new();
-        for table in [
-            "projects",
-            "memberships",
-            "agents",
-            "agent_tools",
-            "tools",
-            "workflows",
-            "workflow_versions",
-            "policies",
-            "schedules",
-            "model_prices",
-            "project_secrets",
-        ] {
-            let row = db
-                .query_one(
-                    &format!("select md5(coalesce(string_agg(t::text, ',' order by t::text), '')) from {table} t"),
-                    &[],
-                )
-                .await
-                .unwrap();
-            digests.push(format!("{table}:{}", row.get::<_, String>(0)));
-        }
-        digests
+        request(method, &self.url(path), &headers, body).await
     }
 
     pub async fn register(&self, name: &str) -> User {
@@ -561,16 +627,6 @@ impl Api {
             .await;
         assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
         res.json()
-    }
-
-    pub async fn count(&self, table: &str) -> i64 {
-        self.env
-            .db()
-            .await
-            .query_one(&format!("select count(*) from {table}"), &[])
-            .await
-            .unwrap()
-            .get(0)
     }
 }
 

@@ -1,11 +1,10 @@
-//! The API documentation: `/openapi.json` checked against the contract in API.md and
-//! against the app itself, and the Swagger UI and ReDoc pages with their own scripts.
-
-mod common;
+//! The API documentation: `/openapi.json` checked both ways against the contract the repo
+//! carries (`components/docs/API.md`) and against the app itself, and the Swagger UI and
+//! ReDoc pages with their own scripts.
 
 use std::collections::BTreeSet;
 
-use common::Api;
+use crate::common::Api;
 use serde_json::Value;
 
 /// Routes of API.md that later issues build (the run engine, schedules that fire, budgets'
@@ -24,9 +23,9 @@ const ROOT: [&str; 6] = [
 
 /// Every `METHOD /path` of API.md's code blocks, as served paths.
 fn contract_routes() -> BTreeSet<String> {
-    let path = common::workspace().join("../shared/API.md");
+    let path = crate::common::workspace().join("components/docs/API.md");
     let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{} must be beside the checkout: {e}", path.display()));
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let mut routes = BTreeSet::new();
     let mut in_code = false;
     for line in text.lines() {

@@ -1,8 +1,6 @@
 //! The `admin create-user` command, checked through the API it prepares for.
 
-mod common;
-
-use common::Api;
+use crate::common::Api;
 use serde_json::json;
 use sparkops_host::admin;
 

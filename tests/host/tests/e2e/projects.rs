@@ -1,8 +1,6 @@
 //! Projects, members and the tenancy matrix, end to end.
 
-mod common;
-
-use common::{Api, User};
+use crate::common::{Api, User};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -29,7 +27,7 @@ async fn a_project_is_created_read_updated_and_soft_deleted() {
     let got = api.call("GET", &url, Some(&ada.access), None).await.json();
     assert_eq!(got, p);
 
-    let stale = common::request(
+    let stale = crate::common::request(
         "PATCH",
         &api.app.url(&url),
         &[
@@ -40,7 +38,7 @@ async fn a_project_is_created_read_updated_and_soft_deleted() {
     )
     .await;
     assert_eq!(stale.status, 412);
-    let patched = common::request(
+    let patched = crate::common::request(
         "PATCH",
         &api.app.url(&url),
         &[

@@ -1,11 +1,9 @@
 //! Accounts end to end: register, login, refresh rotation and reuse detection, logout,
 //! token tampering, API keys, rate limits and bad input, through the real components.
 
-mod common;
-
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use common::{Api, TEST_JWT_SECRET, request};
+use crate::common::{Api, TEST_JWT_SECRET, request};
 use jwt_simple::prelude::*;
 use serde_json::json;
 
@@ -80,9 +78,9 @@ async fn login_works_with_json_and_the_oauth2_form() {
     assert!(res.json()["access_token"].is_string());
 }
 
-async fn form_post(api: &Api, path: &str, form: &str) -> common::Reply {
+async fn form_post(api: &Api, path: &str, form: &str) -> crate::common::Reply {
     let headers = [("content-type", "application/x-www-form-urlencoded")];
-    common::request_raw(
+    crate::common::request_raw(
         "POST",
         &api.app.url(path),
         &headers,
@@ -442,7 +440,7 @@ async fn malformed_json_and_oversized_bodies_are_refused() {
     let url = api.app.url("/api/v1/auth/register");
     let raw = async |body: Vec<u8>| {
         let headers = [("content-type", "application/json")];
-        common::request_raw("POST", &url, &headers, body)
+        crate::common::request_raw("POST", &url, &headers, body)
             .await
             .map(|r| r.status)
             .unwrap()
@@ -457,7 +455,7 @@ async fn malformed_json_and_oversized_bodies_are_refused() {
 
 // ---- API keys --------------------------------------------------------------------------------
 
-async fn project_of(api: &Api, owner: &common::User) -> String {
+async fn project_of(api: &Api, owner: &crate::common::User) -> String {
     let project = api.create_project(owner, json!({"name": "Agents"})).await;
     project["id"].as_str().unwrap().to_string()
 }

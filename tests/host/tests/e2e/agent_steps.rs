@@ -2,11 +2,9 @@
 //! with function tools, usage, errors, `Retry-After`), fake tools, the real components, a
 //! real Postgres and Redis. Tokens, costs, policies and budgets as a run records them.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Api, FakeServer, User, openai};
+use crate::common::{Api, FakeServer, User, openai};
 use serde_json::{Value, json};
 
 async fn project(api: &Api) -> (User, String) {
@@ -61,7 +59,7 @@ async fn workflow(api: &Api, who: &User, p: &str, steps: &[(&str, &str)], retry:
         .to_string()
 }
 
-fn body(r: &common::Recorded) -> Value {
+fn body(r: &crate::common::Recorded) -> Value {
     serde_json::from_slice(&r.body).unwrap()
 }
 
@@ -383,7 +381,7 @@ async fn provider_rate_limits_and_errors_are_retried_with_backoff_and_a_bad_requ
             .json();
         s["items"][0].clone()
     };
-    let first = common::eventually(async || {
+    let first = crate::common::eventually(async || {
         let s = step().await;
         (s["status"] == "retrying").then_some(s)
     })
@@ -399,14 +397,14 @@ async fn provider_rate_limits_and_errors_are_retried_with_backoff_and_a_bad_requ
     api.sweep_at(10).await;
     assert_eq!(step().await["attempt"], 1);
     api.sweep_at(40).await;
-    let second = common::eventually(async || {
+    let second = crate::common::eventually(async || {
         let s = step().await;
         (s["status"] == "retrying" && s["attempt"] == 2).then_some(s)
     })
     .await;
     assert_eq!(second["error"]["kind"], "provider-error");
     api.sweep_at(120).await;
-    let done = common::eventually(async || {
+    let done = crate::common::eventually(async || {
         let s = step().await;
         (s["status"] == "succeeded").then_some(s)
     })

@@ -1,8 +1,6 @@
 //! The migration runner against a real Postgres.
 
-mod common;
-
-use common::{TestEnv, connect};
+use crate::common::{TestEnv, connect};
 use sparkops_host::migrate;
 
 fn dir_with(files: &[(&str, &str)]) -> tempdir::Dir {
@@ -165,7 +163,7 @@ async fn badly_named_files_are_refused() {
 #[tokio::test]
 async fn the_projects_migrations_apply_cleanly() {
     let (_env, url) = empty_database().await;
-    let report = migrate::run(&url, &common::workspace().join("migrations"))
+    let report = migrate::run(&url, &crate::common::workspace().join("migrations"))
         .await
         .unwrap();
     assert!(!report.applied.is_empty());

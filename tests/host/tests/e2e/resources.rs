@@ -1,9 +1,7 @@
 //! The resource APIs end to end: agents, tools, workflows, policies, schedules, model prices
 //! and project secrets, through the real components and a real Postgres.
 
-mod common;
-
-use common::{Api, User};
+use crate::common::{Api, User};
 use serde_json::{Value, json};
 
 /// A project owned by a new user, with the owner.
@@ -23,7 +21,7 @@ fn weather_tool(p: &str) -> Value {
     })
 }
 
-fn fields(res: &common::Reply) -> Vec<String> {
+fn fields(res: &crate::common::Reply) -> Vec<String> {
     assert_eq!(res.status, 422, "{}", String::from_utf8_lossy(&res.body));
     let body = res.json();
     assert_eq!(body["type"], "https://sparkops.dev/problems/validation");
@@ -330,7 +328,7 @@ async fn testing_a_tool_makes_the_real_call_with_its_secret_and_checks() {
     let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let fake =
-        common::FakeServer::start(200, json!({"temp_c": 4.5}), std::time::Duration::ZERO).await;
+        crate::common::FakeServer::start(200, json!({"temp_c": 4.5}), std::time::Duration::ZERO).await;
     let mut body = weather_tool(&p);
     body["http"] = json!({"method": "POST", "url": fake.url("/weather?units=metric"),
         "headers": {"Authorization": "{{ secret.WEATHER_KEY }}", "X-Team": "ops"}});
@@ -416,10 +414,10 @@ async fn a_tool_test_reports_bad_statuses_bad_outputs_and_timeouts() {
     let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let failing =
-        common::FakeServer::start(503, json!({"error": "down"}), std::time::Duration::ZERO).await;
+        crate::common::FakeServer::start(503, json!({"error": "down"}), std::time::Duration::ZERO).await;
     let wrong =
-        common::FakeServer::start(200, json!({"temp": "warm"}), std::time::Duration::ZERO).await;
-    let slow = common::FakeServer::start(200, json!({}), std::time::Duration::from_secs(3)).await;
+        crate::common::FakeServer::start(200, json!({"temp": "warm"}), std::time::Duration::ZERO).await;
+    let slow = crate::common::FakeServer::start(200, json!({}), std::time::Duration::from_secs(3)).await;
     let cases = [
         ("failing", failing.url("/"), 30_000, "http-status"),
         ("wrong", wrong.url("/"), 30_000, "validation"),

@@ -2,9 +2,7 @@
 //! the version pinned, idempotent), listing and reading runs with their steps and event
 //! log, cancelling, and the nudge each start publishes. Execution is the orchestrator's.
 
-mod common;
-
-use common::{Api, User};
+use crate::common::{Api, User};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -204,7 +202,7 @@ async fn starts_are_idempotent_and_lists_filter() {
         .json();
     assert_eq!(all["items"].as_array().unwrap().len(), 2);
     assert_eq!(all["items"][0]["id"], second["id"], "newest first");
-    let done = common::eventually(async || {
+    let done = crate::common::eventually(async || {
         let done = api
             .call("GET", &list("&status=succeeded"), Some(&ada.access), None)
             .await
@@ -228,7 +226,7 @@ async fn starts_are_idempotent_and_lists_filter() {
 async fn cancelling_a_running_run_abandons_its_steps_and_a_finished_run_is_409() {
     let api = Api::for_fakes(None, &[]).await;
     let (ada, p, quick) = workflow(&api).await;
-    let slow = common::FakeServer::start(
+    let slow = crate::common::FakeServer::start(
         200,
         json!({"late": true}),
         std::time::Duration::from_secs(2),
@@ -255,7 +253,7 @@ async fn cancelling_a_running_run_abandons_its_steps_and_a_finished_run_is_409()
     let run = api.start_run(&ada.access, &wf["id"], json!({})).await;
     let id = run["id"].as_str().unwrap();
     // Wait until the tool has the call, then cancel.
-    common::eventually(async || (!slow.received().is_empty()).then_some(())).await;
+    crate::common::eventually(async || (!slow.received().is_empty()).then_some(())).await;
     let cancel = api
         .call(
             "PATCH",
@@ -278,7 +276,7 @@ async fn cancelling_a_running_run_abandons_its_steps_and_a_finished_run_is_409()
         202
     );
     let path = format!("/api/v1/runs/{id}");
-    common::eventually(async || {
+    crate::common::eventually(async || {
         (api.call("GET", &path, Some(&ada.access), None).await.json()["status"] == "cancelled")
             .then_some(())
     })
@@ -327,7 +325,7 @@ async fn cancelling_a_running_run_abandons_its_steps_and_a_finished_run_is_409()
         .start_run(&ada.access, &json!(quick), json!({"city": "Oslo"}))
         .await;
     let done_path = format!("/api/v1/runs/{}", done["id"].as_str().unwrap());
-    common::eventually(async || {
+    crate::common::eventually(async || {
         (api.call("GET", &done_path, Some(&ada.access), None)
             .await
             .json()["status"]

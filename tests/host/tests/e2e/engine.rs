@@ -2,11 +2,9 @@
 //! orchestrator and their steps run by the private executor, against a real Postgres and
 //! Redis and fake tools on loopback.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Api, FakeServer, User};
+use crate::common::{Api, FakeServer, User};
 use serde_json::{Value, json};
 
 async fn project(api: &Api) -> (User, String) {
@@ -171,7 +169,7 @@ async fn a_tool_step_calls_the_tool_once_with_a_stable_idempotency_key_despite_r
         .unwrap();
     }
     let path = format!("/api/v1/runs/{id}");
-    let run = common::eventually(async || {
+    let run = crate::common::eventually(async || {
         let run = api.call("GET", &path, Some(&ada.access), None).await.json();
         (run["status"] == "succeeded" || run["status"] == "failed").then_some(run)
     })
@@ -284,7 +282,7 @@ async fn step_of(api: &Api, who: &User, run_id: &str, key: &str) -> Value {
 
 async fn wait_status(api: &Api, who: &User, run_id: &str, want: &str) -> Value {
     let path = format!("/api/v1/runs/{run_id}");
-    common::eventually(async || {
+    crate::common::eventually(async || {
         let run = api.call("GET", &path, Some(&who.access), None).await.json();
         (run["status"] == want).then_some(run)
     })
@@ -306,7 +304,7 @@ async fn a_failed_call_is_retried_after_its_backoff_and_the_run_succeeds() {
     .await;
     let run = api.start_run(&ada.access, &json!(wf), json!({})).await;
     let id = run["id"].as_str().unwrap();
-    let waiting = common::eventually(async || {
+    let waiting = crate::common::eventually(async || {
         let s = step_of(&api, &ada, id, "call").await;
         (s["status"] == "retrying").then_some(s)
     })
@@ -350,7 +348,7 @@ async fn a_step_whose_host_died_is_taken_back_and_run_again_once() {
     .await;
     let run = api.start_run(&ada.access, &json!(wf), json!({})).await;
     let id = run["id"].as_str().unwrap().to_string();
-    common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
+    crate::common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
     // An hour later the lease is long gone: the sweeper gives the step a new attempt.
     api.sweep_at(3600).await;
     let run = wait_status(&api, &ada, &id, "succeeded").await;
@@ -407,7 +405,7 @@ async fn a_run_past_its_timeout_ends_timed_out() {
         .await;
     let run = api.start_run(&ada.access, &wf["id"], json!({})).await;
     let id = run["id"].as_str().unwrap();
-    common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
+    crate::common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
     api.sweep_at(30).await;
     assert_eq!(
         api.call(
@@ -567,7 +565,7 @@ async fn a_lost_host_uses_up_an_attempt_and_the_last_one_fails_the_step() {
     .await;
     let run = api.start_run(&ada.access, &json!(wf), json!({})).await;
     let id = run["id"].as_str().unwrap().to_string();
-    common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
+    crate::common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
     // The only attempt's lease is long gone: no new attempt, the step and the run fail.
     api.sweep_at(3600).await;
     let run = wait_status(&api, &ada, &id, "failed").await;
@@ -749,7 +747,7 @@ async fn the_event_stream_delivers_every_event_in_order_and_resumes_after_a_disc
     let url = api.app.url(&format!("/api/v1/runs/{id}/events"));
     let auth = format!("Bearer {}", ada.access);
     // Live: the client reads up to the approval wait, then hangs up.
-    let first = common::read_sse(&url, &[("authorization", &auth)], |events| {
+    let first = crate::common::read_sse(&url, &[("authorization", &auth)], |events| {
         events.iter().any(|e| e.event == "step.waiting")
     })
     .await;
@@ -768,7 +766,7 @@ async fn the_event_stream_delivers_every_event_in_order_and_resumes_after_a_disc
         .await;
     assert_eq!(res.status, 200);
     // Resumed after the last event seen, the stream delivers the rest and ends with the run.
-    let rest = common::read_sse(
+    let rest = crate::common::read_sse(
         &url,
         &[("authorization", &auth), ("last-event-id", &last_seen)],
         |_| false,
@@ -776,7 +774,7 @@ async fn the_event_stream_delivers_every_event_in_order_and_resumes_after_a_disc
     .await;
     assert!(rest.ended);
     assert_eq!(rest.events.last().unwrap().event, "run.succeeded");
-    let streamed: Vec<common::SseEvent> = first.events.into_iter().chain(rest.events).collect();
+    let streamed: Vec<crate::common::SseEvent> = first.events.into_iter().chain(rest.events).collect();
     // Exactly the stored log, in order, each once.
     let log = api
         .call(
@@ -805,12 +803,12 @@ async fn the_event_stream_delivers_every_event_in_order_and_resumes_after_a_disc
         .collect();
     assert_eq!(seen, stored);
     // A finished run's stream is its whole log, then the end.
-    let replay = common::read_sse(&url, &[("authorization", &auth)], |_| false).await;
+    let replay = crate::common::read_sse(&url, &[("authorization", &auth)], |_| false).await;
     assert!(replay.ended);
     assert_eq!(replay.events.len(), stored.len());
     // No access, no stream.
     let eve = api.register("eve").await;
-    let denied = common::read_sse(
+    let denied = crate::common::read_sse(
         &url,
         &[("authorization", &format!("Bearer {}", eve.access))],
         |_| false,
@@ -988,7 +986,7 @@ async fn a_slow_tool_in_one_run_does_not_hold_up_another_runs_steps() {
     let slow_run = api.start_run(&ada.access, &json!(slow_wf), json!({})).await;
     let slow_id = slow_run["id"].as_str().unwrap();
     // The slow call is in flight...
-    common::eventually(async || (!slow.received().is_empty()).then_some(())).await;
+    crate::common::eventually(async || (!slow.received().is_empty()).then_some(())).await;
     let fast_run = api.start_run(&ada.access, &json!(fast_wf), json!({})).await;
     // ...and the other run's three steps all finish while it still is.
     let done = wait_status(&api, &ada, fast_run["id"].as_str().unwrap(), "succeeded").await;

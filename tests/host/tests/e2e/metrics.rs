@@ -1,11 +1,9 @@
 //! The metrics APIs against runs whose numbers are known: made through the API, with a fake
 //! OpenAI-compatible provider whose usage and a project price fix every token and cent.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Api, FakeServer, User, openai};
+use crate::common::{Api, FakeServer, User, openai};
 use serde_json::{Value, json};
 
 async fn project(api: &Api, name: &str) -> (User, String) {
@@ -436,7 +434,7 @@ async fn the_prometheus_endpoint_parses_and_its_counters_move_as_runs_happen() {
     )
     .await;
     let scrape = || async {
-        let res = common::request(
+        let res = crate::common::request(
             "GET",
             &api.app.url("/metrics"),
             &[("authorization", "Bearer operator-token-123")],
@@ -453,13 +451,13 @@ async fn the_prometheus_endpoint_parses_and_its_counters_move_as_runs_happen() {
     };
     // Operators only.
     assert_eq!(
-        common::request("GET", &api.app.url("/metrics"), &[], None)
+        crate::common::request("GET", &api.app.url("/metrics"), &[], None)
             .await
             .status,
         401
     );
     assert_eq!(
-        common::request(
+        crate::common::request(
             "GET",
             &api.app.url("/metrics"),
             &[("authorization", "Bearer operator-token-124")],

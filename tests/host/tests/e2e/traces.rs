@@ -4,12 +4,10 @@
 //! encoding (`ExportTraceServiceRequest`): unknown fields, wrong value types, malformed
 //! ids or times fail the test.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{Answer, Api, FakeServer, User, openai};
+use crate::common::{Answer, Api, FakeServer, User, openai};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -435,7 +433,7 @@ async fn a_finished_run_reaches_the_collector_once_as_a_well_formed_trace() {
     assert_eq!(run["status"], "succeeded", "{run}");
 
     api.tick("exporter", now()).await;
-    let sent = common::eventually(async || {
+    let sent = crate::common::eventually(async || {
         let r = collector.received();
         (!r.is_empty()).then_some(r)
     })
@@ -536,7 +534,7 @@ async fn a_failing_collector_is_retried_with_backoff_and_never_fails_the_run() {
     // a couple of seconds of t0.
     let t0 = now();
     api.tick("exporter", t0).await;
-    common::eventually(async || (collector.received().len() == 1).then_some(())).await;
+    crate::common::eventually(async || (collector.received().len() == 1).then_some(())).await;
     let (status, attempts, error, next) = export_row(&api, &run, t0).await;
     assert_eq!((status.as_str(), attempts), ("pending", 1));
     assert!(error.unwrap().contains("503"));
@@ -654,7 +652,7 @@ async fn a_refusing_collector_is_not_retried_and_each_project_sends_only_its_own
     }
     let t0 = now();
     api.tick("exporter", t0).await;
-    common::eventually(async || {
+    crate::common::eventually(async || {
         (refusing.received().len() == 1 && accepting.received().len() == 1).then_some(())
     })
     .await;
@@ -809,7 +807,7 @@ async fn a_large_batch_goes_in_requests_of_whole_traces_under_the_span_limit() {
         );
     }
     // The exporter's own ticks may have sent some as they finished: send all again at once.
-    common::eventually(async || {
+    crate::common::eventually(async || {
         let pending: i64 = api
             .env
             .db()
@@ -836,7 +834,7 @@ async fn a_large_batch_goes_in_requests_of_whole_traces_under_the_span_limit() {
         .await
         .unwrap();
     api.tick("exporter", now()).await;
-    let sent = common::eventually(async || {
+    let sent = crate::common::eventually(async || {
         let r = collector.received();
         (r.len() >= before + 2).then_some(r)
     })
@@ -888,7 +886,7 @@ async fn a_project_whose_export_cannot_be_prepared_holds_up_no_other() {
     }
     let t0 = now();
     api.tick("exporter", t0).await;
-    common::eventually(async || (fine.received().len() == 1).then_some(())).await;
+    crate::common::eventually(async || (fine.received().len() == 1).then_some(())).await;
     assert_eq!(
         fine.received()[0].headers["authorization"],
         "Bearer sealed-key-b"

@@ -1,11 +1,9 @@
 //! Host conformance: a real compiled guest (tests/fixtures/conformance) exercises every
 //! interface through the host, against a real Postgres and Redis.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::{TestEnv, eventually, get, post, request};
+use crate::common::{TestEnv, eventually, get, post, request};
 use serde_json::{Value, json};
 use sparkops_host::RunningApp;
 
@@ -175,6 +173,22 @@ async fn a_private_component_is_reached_by_service_chaining() {
     let echo: Value = serde_json::from_str(res["body"].as_str().unwrap()).unwrap();
     assert_eq!(echo["component"], "internal");
     assert_eq!(echo["path"], "/echo/chained");
+}
+
+#[tokio::test]
+async fn an_outside_request_naming_a_chaining_host_gets_no_answer() {
+    let (_env, app) = app().await;
+    // As Spin 3.6.3 does: the connection is closed without a response, whatever the path.
+    for (path, host) in [
+        ("/echo/x", "internal.spin.internal"),
+        ("/main/echo/y", "main.spin.internal:80"),
+    ] {
+        let res = crate::common::request_raw("GET", &app.url(path), &[("host", host)], vec![]).await;
+        assert!(res.is_err(), "{path} with Host {host} was answered: {res:?}");
+    }
+    // Any other Host is served.
+    let res = request("GET", &app.url("/main/echo/y"), &[("host", "example.com")], None).await;
+    assert_eq!(res.json()["headers"]["spin-full-url"], "http://example.com/main/echo/y");
 }
 
 #[tokio::test]

@@ -2,10 +2,8 @@
 //! chosen times (it takes "now" from the tick), real Postgres and Redis. Schedules are set
 //! to fire in 2027, so the host's own once-a-second ticks (at today's time) never touch them.
 
-mod common;
-
 use chrono::{DateTime, Duration, Utc};
-use common::{Api, User};
+use crate::common::{Api, User};
 use serde_json::{Value, json};
 
 async fn project(api: &Api) -> (User, String) {
@@ -320,7 +318,7 @@ async fn each_overlap_policy_does_what_it_says() {
     let (_, runs) = overlap_case(&api, &ada, &p, "cancel_previous").await;
     assert_eq!(runs.len(), 2);
     let first = format!("/api/v1/runs/{}", runs[0]["id"].as_str().unwrap());
-    common::eventually(async || {
+    crate::common::eventually(async || {
         let run = api
             .call("GET", &first, Some(&ada.access), None)
             .await
@@ -329,7 +327,7 @@ async fn each_overlap_policy_does_what_it_says() {
     })
     .await;
     let second = format!("/api/v1/runs/{}", runs[1]["id"].as_str().unwrap());
-    common::eventually(async || {
+    crate::common::eventually(async || {
         let run = api
             .call("GET", &second, Some(&ada.access), None)
             .await

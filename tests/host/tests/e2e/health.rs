@@ -1,10 +1,8 @@
 //! The `health` component end to end: the real spin.toml, real Postgres and Redis.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 
-use common::{TestEnv, eventually, get, request};
+use crate::common::{TestEnv, eventually, get, request};
 use serde_json::json;
 use sparkops_host::RunningApp;
 

@@ -24,6 +24,9 @@ use sparkops_host::{AppOptions, RunningApp};
 const CLIENTS: usize = 8;
 const LATENCY_SAMPLES: usize = 30;
 
+/// The app's address, fixed because the app dispatches steps to itself through it.
+const BENCH_LISTEN: &str = "127.0.0.1:3102";
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let admin_url = std::env::var("DATABASE_URL").context("DATABASE_URL")?;
@@ -96,6 +99,7 @@ async fn bench(
         ("TOOLS_ALLOW_PRIVATE_HOSTS", "true".into()),
         ("RATE_LIMIT_PER_MINUTE", "100000000".into()),
         ("RATE_LIMIT_IP_PER_MINUTE", "100000000".into()),
+        ("DISPATCH_URL", format!("http://{BENCH_LISTEN}")),
     ]
     .into_iter()
     .map(|(k, v)| (format!("SPIN_VARIABLE_{k}"), v))
@@ -103,7 +107,7 @@ async fn bench(
     let app = RunningApp::start(&AppOptions {
         manifest: root.join("spin.toml"),
         runtime_config: Some(config),
-        listen: "127.0.0.1:0".parse()?,
+        listen: BENCH_LISTEN.parse()?,
         state_dir: state.clone(),
         cache_dir: Some(root.join("target/host-test-cache")),
         env,

@@ -1,0 +1,22 @@
+//! The end-to-end suites: the real compiled components served by the host, against a real
+//! Postgres and Redis, with third parties as fakes on loopback. One test binary with a
+//! module per suite, so wasmtime is linked once rather than once per suite.
+
+mod common;
+
+mod accounts;
+mod admin;
+mod agent_steps;
+mod conformance;
+mod docs;
+mod engine;
+mod health;
+mod metrics;
+mod migrations;
+mod projects;
+mod resources;
+mod runs;
+mod scheduler;
+mod spin_smoke;
+mod traces;
+mod triggers;
