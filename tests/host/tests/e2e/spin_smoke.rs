@@ -93,7 +93,8 @@ async fn spin_up(spin: &PathBuf, env: &TestEnv) -> (SpinUp, Client) {
     let client = Client::new(format!("http://{}", options.listen));
     // The first start compiles every component; later ones read Spin's cache.
     for _ in 0..600 {
-        if client.status("GET", "/healthz", None, None).await == 200 {
+        let listening = tokio::net::TcpStream::connect(options.listen).await.is_ok();
+        if listening && client.status("GET", "/healthz", None, None).await == 200 {
             return (up, client);
         }
         if let Ok(Some(status)) = up.child.try_wait() {
@@ -206,13 +207,16 @@ async fn the_app_runs_end_to_end_under_real_spin() {
     let failed = api.start_run(&ada.access, &retried_wf, json!({})).await;
     let fid = failed["id"].as_str().unwrap();
     wait_status(&api, &ada, fid, "failed").await;
-    let retry = api
-        .create(
-            &ada.access,
+    let res = api
+        .call(
+            "POST",
             &format!("/api/v1/runs/{fid}/retry"),
-            json!({"from": "failed"}),
+            Some(&ada.access),
+            Some(json!({"from": "failed"})),
         )
         .await;
+    assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
+    let retry = res.json();
     assert_eq!(retry["retry_of"], json!(fid));
     wait_status(&api, &ada, retry["id"].as_str().unwrap(), "succeeded").await;
     assert_eq!(flaky.received().len(), 2);

@@ -96,7 +96,7 @@ async fn bad_trigger_settings_are_one_clear_start_up_error() {
     let env = TestEnv::new().await;
     let dir = env.options(MANIFEST, None).state_dir;
     let base = std::fs::read_to_string(crate::common::workspace().join(MANIFEST)).unwrap();
-    let fixture = crate::common::workspace().join("target/wasm32-wasip2/release/triggers_fixture.wasm");
+    let target = crate::common::workspace().join("target/wasm32-wasip2/release");
     let health = crate::common::workspace().join("target/wasm32-wasip2/release/health.wasm");
     let cases = [
         (
@@ -121,8 +121,8 @@ async fn bad_trigger_settings_are_one_clear_start_up_error() {
     ];
     for (i, (text, want)) in cases.into_iter().enumerate() {
         let text = text.replace(
-            "../../../target/wasm32-wasip2/release/triggers_fixture.wasm",
-            &fixture.display().to_string(),
+            "../../../target/wasm32-wasip2/release",
+            &target.display().to_string(),
         );
         let manifest = dir.join(format!("spin-{i}.toml"));
         std::fs::write(&manifest, text).unwrap();
