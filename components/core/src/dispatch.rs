@@ -132,11 +132,25 @@ mod tests {
     #[test]
     fn a_missing_or_malformed_header_is_refused() {
         let k = key("secret");
-        for header in [None, Some(""), Some("v1=00"), Some("t=1000"), Some("t=x,v1=00"), Some("t=1000,v1=00,x=1")] {
-            assert_eq!(verify(&k, header, BODY, 1_000), Err(Refusal::Malformed), "{header:?}");
+        for header in [
+            None,
+            Some(""),
+            Some("v1=00"),
+            Some("t=1000"),
+            Some("t=x,v1=00"),
+            Some("t=1000,v1=00,x=1"),
+        ] {
+            assert_eq!(
+                verify(&k, header, BODY, 1_000),
+                Err(Refusal::Malformed),
+                "{header:?}"
+            );
         }
         let short = format!("t=1000,v1={}", &sign(&k, 1_000, BODY)[10..40]);
-        assert_eq!(verify(&k, Some(&short), BODY, 1_000), Err(Refusal::BadSignature));
+        assert_eq!(
+            verify(&k, Some(&short), BODY, 1_000),
+            Err(Refusal::BadSignature)
+        );
     }
 
     #[test]

@@ -111,7 +111,10 @@ pub fn send(call: Call<'_>) -> Result<Answer, CallError> {
             .iter()
             .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
     {
-        entries.push(("content-length".into(), bytes.len().to_string().into_bytes()));
+        entries.push((
+            "content-length".into(),
+            bytes.len().to_string().into_bytes(),
+        ));
     }
     let headers = Fields::from_list(&entries).map_err(|e| bad(&format!("{e:?}")))?;
     let request = OutgoingRequest::new(headers);

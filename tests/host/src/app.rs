@@ -114,12 +114,16 @@ impl std::error::Error for RefusedChainingHost {}
 
 /// Whether the request's `Host` is `<id>.spin.internal` (with or without a port).
 fn names_chaining_host<B>(req: &Request<B>) -> bool {
-    let Some(authority) = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok())
+    let Some(authority) = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
     else {
         return false;
     };
     let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-    host.split_once('.').is_some_and(|(_, rest)| rest == "spin.internal")
+    host.split_once('.')
+        .is_some_and(|(_, rest)| rest == "spin.internal")
 }
 
 /// Spin's loader marks the whole app as needing local service chaining when any component
@@ -582,7 +586,11 @@ impl AppInner {
 
     /// A store for one instance; `http_triggered` instances may chain to other components
     /// (Spin installs its chaining interceptor only in the HTTP trigger).
-    fn new_store(&self, runtime: &Arc<ComponentRuntime>, http_triggered: bool) -> Store<InstanceState> {
+    fn new_store(
+        &self,
+        runtime: &Arc<ComponentRuntime>,
+        http_triggered: bool,
+    ) -> Store<InstanceState> {
         let mut store = Store::new(
             &self.engine,
             InstanceState::new(

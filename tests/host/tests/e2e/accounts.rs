@@ -1,9 +1,9 @@
 //! Accounts end to end: register, login, refresh rotation and reuse detection, logout,
 //! token tampering, API keys, rate limits and bad input, through the real components.
 
+use crate::common::{Api, TEST_JWT_SECRET, request};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use crate::common::{Api, TEST_JWT_SECRET, request};
 use jwt_simple::prelude::*;
 use serde_json::json;
 

@@ -183,12 +183,25 @@ async fn an_outside_request_naming_a_chaining_host_gets_no_answer() {
         ("/echo/x", "internal.spin.internal"),
         ("/main/echo/y", "main.spin.internal:80"),
     ] {
-        let res = crate::common::request_raw("GET", &app.url(path), &[("host", host)], vec![]).await;
-        assert!(res.is_err(), "{path} with Host {host} was answered: {res:?}");
+        let res =
+            crate::common::request_raw("GET", &app.url(path), &[("host", host)], vec![]).await;
+        assert!(
+            res.is_err(),
+            "{path} with Host {host} was answered: {res:?}"
+        );
     }
     // Any other Host is served.
-    let res = request("GET", &app.url("/main/echo/y"), &[("host", "example.com")], None).await;
-    assert_eq!(res.json()["headers"]["spin-full-url"], "http://example.com/main/echo/y");
+    let res = request(
+        "GET",
+        &app.url("/main/echo/y"),
+        &[("host", "example.com")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        res.json()["headers"]["spin-full-url"],
+        "http://example.com/main/echo/y"
+    );
 }
 
 #[tokio::test]

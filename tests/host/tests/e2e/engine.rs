@@ -774,7 +774,8 @@ async fn the_event_stream_delivers_every_event_in_order_and_resumes_after_a_disc
     .await;
     assert!(rest.ended);
     assert_eq!(rest.events.last().unwrap().event, "run.succeeded");
-    let streamed: Vec<crate::common::SseEvent> = first.events.into_iter().chain(rest.events).collect();
+    let streamed: Vec<crate::common::SseEvent> =
+        first.events.into_iter().chain(rest.events).collect();
     // Exactly the stored log, in order, each once.
     let log = api
         .call(

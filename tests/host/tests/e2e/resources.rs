@@ -328,7 +328,8 @@ async fn testing_a_tool_makes_the_real_call_with_its_secret_and_checks() {
     let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let fake =
-        crate::common::FakeServer::start(200, json!({"temp_c": 4.5}), std::time::Duration::ZERO).await;
+        crate::common::FakeServer::start(200, json!({"temp_c": 4.5}), std::time::Duration::ZERO)
+            .await;
     let mut body = weather_tool(&p);
     body["http"] = json!({"method": "POST", "url": fake.url("/weather?units=metric"),
         "headers": {"Authorization": "{{ secret.WEATHER_KEY }}", "X-Team": "ops"}});
@@ -414,10 +415,13 @@ async fn a_tool_test_reports_bad_statuses_bad_outputs_and_timeouts() {
     let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let failing =
-        crate::common::FakeServer::start(503, json!({"error": "down"}), std::time::Duration::ZERO).await;
+        crate::common::FakeServer::start(503, json!({"error": "down"}), std::time::Duration::ZERO)
+            .await;
     let wrong =
-        crate::common::FakeServer::start(200, json!({"temp": "warm"}), std::time::Duration::ZERO).await;
-    let slow = crate::common::FakeServer::start(200, json!({}), std::time::Duration::from_secs(3)).await;
+        crate::common::FakeServer::start(200, json!({"temp": "warm"}), std::time::Duration::ZERO)
+            .await;
+    let slow =
+        crate::common::FakeServer::start(200, json!({}), std::time::Duration::from_secs(3)).await;
     let cases = [
         ("failing", failing.url("/"), 30_000, "http-status"),
         ("wrong", wrong.url("/"), 30_000, "validation"),

@@ -2,8 +2,8 @@
 //! chosen times (it takes "now" from the tick), real Postgres and Redis. Schedules are set
 //! to fire in 2027, so the host's own once-a-second ticks (at today's time) never touch them.
 
-use chrono::{DateTime, Duration, Utc};
 use crate::common::{Api, User};
+use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 
 async fn project(api: &Api) -> (User, String) {

@@ -37,7 +37,10 @@ fn ensure_cron_plugin(spin: &PathBuf) {
         .stdout(Stdio::null())
         .status()
         .expect("the plugin installer runs");
-    assert!(status.success() && installed(spin), "cannot install trigger-cron");
+    assert!(
+        status.success() && installed(spin),
+        "cannot install trigger-cron"
+    );
 }
 
 /// `spin up` and the trigger processes it starts, stopped (as one process group) on drop.
@@ -154,10 +157,17 @@ async fn the_app_runs_end_to_end_under_real_spin() {
          "input": {"t": "{{ steps.right.output.temp_c }}"}},
     ]))
     .await;
-    let run = api.start_run(&ada.access, &wf, json!({"city": "Oslo"})).await;
+    let run = api
+        .start_run(&ada.access, &wf, json!({"city": "Oslo"}))
+        .await;
     let id = run["id"].as_str().unwrap();
     let done = wait_status(&api, &ada, id, "succeeded").await;
-    assert_eq!(done["output"]["report"], json!({"t": 21}), "{done}\n{}", up.log());
+    assert_eq!(
+        done["output"]["report"],
+        json!({"t": 21}),
+        "{done}\n{}",
+        up.log()
+    );
     let keys = fake.idempotency_keys();
     assert_eq!(keys.len(), 3, "{keys:?}");
     let unique: std::collections::HashSet<&String> = keys.iter().collect();
@@ -177,7 +187,12 @@ async fn the_app_runs_end_to_end_under_real_spin() {
     wait_status(&api, &ada, wid, "waiting").await;
     let path = format!("/api/v1/runs/{wid}/steps/gate/approve");
     let res = api
-        .call("POST", &path, Some(&ada.access), Some(json!({"approved": true})))
+        .call(
+            "POST",
+            &path,
+            Some(&ada.access),
+            Some(json!({"approved": true})),
+        )
         .await;
     assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
     let approved = wait_status(&api, &ada, wid, "succeeded").await;
@@ -188,7 +203,12 @@ async fn the_app_runs_end_to_end_under_real_spin() {
     let oid = other["id"].as_str().unwrap();
     wait_status(&api, &ada, oid, "waiting").await;
     let res = api
-        .call("PATCH", &format!("/api/v1/runs/{oid}/cancel"), Some(&ada.access), None)
+        .call(
+            "PATCH",
+            &format!("/api/v1/runs/{oid}/cancel"),
+            Some(&ada.access),
+            None,
+        )
         .await;
     assert_eq!(res.status, 202, "{}", String::from_utf8_lossy(&res.body));
     wait_status(&api, &ada, oid, "cancelled").await;
@@ -230,7 +250,10 @@ async fn the_app_runs_end_to_end_under_real_spin() {
                 "overlap": "allow", "input": {}}),
         )
         .await;
-    let path = format!("/api/v1/runs?project_id={p}&schedule_id={}", sched["id"].as_str().unwrap());
+    let path = format!(
+        "/api/v1/runs?project_id={p}&schedule_id={}",
+        sched["id"].as_str().unwrap()
+    );
     eventually(async || {
         let runs = api.call("GET", &path, Some(&ada.access), None).await.json();
         (!runs["items"].as_array()?.is_empty()).then_some(())

@@ -188,8 +188,10 @@ async fn the_schedule_ticks_on_its_own_with_each_tick_time() {
     let mut r = redis(&env).await;
     // Every second: within a bounded wait, two ticks have fired, each at a whole second.
     let started = chrono::Utc::now().timestamp();
-    crate::common::eventually(async || (count(&mut r, &format!("{tag}:ticks")).await >= 2).then_some(()))
-        .await;
+    crate::common::eventually(async || {
+        (count(&mut r, &format!("{tag}:ticks")).await >= 2).then_some(())
+    })
+    .await;
     let last = count(&mut r, &format!("{tag}:last")).await;
     assert!(
         last > started,
@@ -240,7 +242,9 @@ async fn a_cron_triggered_instance_cannot_chain_even_where_a_wildcard_allows_the
         "SPIN_VARIABLE_FETCH_URL".into(),
         "http://web.spin.internal/echo/x".into(),
     );
-    let app = RunningApp::start(&options).await.expect("the cron app starts");
+    let app = RunningApp::start(&options)
+        .await
+        .expect("the cron app starts");
     app.inner.handle_cron("tick", 1_700_000_123).await.unwrap();
     let mut r = redis(&env).await;
     let outcome = fetched(&mut r, &tag).await;
@@ -278,9 +282,10 @@ async fn an_app_with_redis_or_cron_triggers_may_not_name_a_chaining_host_anywher
     for (i, (manifest, from, to, trigger)) in cases.into_iter().enumerate() {
         let text = std::fs::read_to_string(crate::common::workspace().join(manifest)).unwrap();
         assert!(text.contains(from), "case {i}");
-        let text = text
-            .replace(from, to)
-            .replace("../../../target/wasm32-wasip2/release", &target.display().to_string());
+        let text = text.replace(from, to).replace(
+            "../../../target/wasm32-wasip2/release",
+            &target.display().to_string(),
+        );
         let path = dir.join(format!("chaining-{i}.toml"));
         std::fs::write(&path, text).unwrap();
         let mut options = env.options(manifest, None);

@@ -416,7 +416,6 @@ impl Api {
             .unwrap()
             .get(0)
     }
-
 }
 
 impl Client {
