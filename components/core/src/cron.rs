@@ -178,16 +178,30 @@ impl Schedule {
     /// The first fire time strictly after `after`.
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         // A gap can move a local time up to a few hours later, so start a day early.
-        let start = after.with_timezone(&self.tz).naive_local().date() - Duration::days(1);
+        let after_local = after.with_timezone(&self.tz).naive_local();
+        let start = after_local.date() - Duration::days(1);
+        // A local time this far before `after`'s cannot resolve to an instant after it
+        // (offsets change by at most a couple of hours), so whole hours and minutes before
+        // it are skipped without asking the zone: an every-second cron stays cheap.
+        let floor = after_local - Duration::hours(3);
         for offset in 0..SEARCH_DAYS {
             let day = start + Duration::days(offset);
-            if !self.day_matches(day) {
+            if !self.day_matches(day) || day.and_hms_opt(23, 59, 59)? < floor {
                 continue;
             }
             for &h in &self.hours {
+                if day.and_hms_opt(h, 59, 59)? < floor {
+                    continue;
+                }
                 for &m in &self.minutes {
+                    if day.and_hms_opt(h, m, 59)? < floor {
+                        continue;
+                    }
                     for &s in &self.seconds {
                         let local = day.and_hms_opt(h, m, s)?;
+                        if local < floor {
+                            continue;
+                        }
                         if let Some(t) = self.resolve(local)
                             && t > after
                         {
@@ -333,5 +347,18 @@ mod tests {
                 .next_after(utc("2026-01-01T00:00:00Z")),
             None
         );
+    }
+
+    #[test]
+    fn an_every_second_cron_lists_a_hundred_fire_times_in_order() {
+        let s = Schedule::parse("* * * * * *", "Europe/Berlin").unwrap();
+        let after = utc("2026-06-01T21:59:58Z");
+        let times = s.upcoming(after, 100);
+        assert_eq!(times.len(), 100);
+        // Across local midnight, where a day-by-day search starts a new day.
+        assert_eq!(times[0], utc("2026-06-01T21:59:59Z"));
+        for pair in times.windows(2) {
+            assert_eq!(pair[1] - pair[0], Duration::seconds(1));
+        }
     }
 }

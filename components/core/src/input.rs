@@ -16,6 +16,34 @@ pub struct Body {
     errors: Vec<FieldError>,
 }
 
+/// The path (`input.items[2].name`) of the first string in `value`, key or value, that holds
+/// a NUL character: Postgres stores neither `text` nor `jsonb` with one, so it is refused at
+/// the edge, naming the field, before anything is written.
+pub fn nul_field(value: &Value, path: &str) -> Option<String> {
+    let here = || if path.is_empty() { "body" } else { path }.to_string();
+    let child = |key: &str| match path {
+        "" => key.to_string(),
+        _ => format!("{path}.{key}"),
+    };
+    match value {
+        Value::String(s) if s.contains('\0') => Some(here()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_field(v, &format!("{}[{i}]", here()))),
+        Value::Object(map) => map.iter().find_map(|(k, v)| match k.contains('\0') {
+            true => Some(child(&k.replace('\0', "\\u0000"))),
+            false => nul_field(v, &child(k)),
+        }),
+        _ => None,
+    }
+}
+
+/// The `422` for a NUL character in `field`.
+pub fn nul_error(field: &str) -> ApiError {
+    ApiError::field(field, "must not contain the NUL character (\\u0000)")
+}
+
 impl Body {
     /// Parses a JSON object; anything else is a `422` on `body`.
     pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
@@ -25,6 +53,9 @@ impl Body {
     }
 
     pub fn from_value(value: Value) -> Result<Self, ApiError> {
+        if let Some(field) = nul_field(&value, "") {
+            return Err(nul_error(&field));
+        }
         match value {
             Value::Object(map) => Ok(Self {
                 map,
@@ -42,6 +73,9 @@ impl Body {
         for pair in text.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             map.insert(percent_decode(k)?, Value::String(percent_decode(v)?));
+        }
+        if let Some(field) = nul_field(&Value::Object(map.clone()), "") {
+            return Err(nul_error(&field));
         }
         Ok(Self {
             map,
@@ -386,6 +420,32 @@ impl Slug {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_nul_character_anywhere_is_refused_naming_its_field() {
+        let cases = [
+            (json!({"email": "a\u{0}b@example.com"}), "email"),
+            (
+                json!({"input": {"items": [1, {"name": "x\u{0}"}]}}),
+                "input.items[1].name",
+            ),
+            (json!({"input": {"k\u{0}": 1}}), "input.k\\u0000"),
+            (json!(["\u{0}"]), "body[0]"),
+        ];
+        for (body, field) in cases {
+            assert_eq!(nul_field(&body, "").as_deref(), Some(field), "{body}");
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let Err(ApiError::Validation { errors, .. }) = Body::parse(&bytes) else {
+                panic!("{body} was accepted")
+            };
+            assert_eq!(errors[0].field, field);
+        }
+        assert_eq!(nul_field(&json!({"a": ["ok", {"b": "fine"}]}), ""), None);
+        let Err(ApiError::Validation { errors, .. }) = Body::from_form(b"username=a%00b") else {
+            panic!("a form with NUL was accepted")
+        };
+        assert_eq!(errors[0].field, "username");
+    }
 
     #[test]
     fn every_problem_is_reported_with_its_field() {

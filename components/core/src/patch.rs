@@ -1,4 +1,5 @@
-//! JSON merge patch (RFC 7386), the body of every `PATCH` (API.md "Writes").
+//! JSON merge patch (RFC 7386), the body of every `PATCH` (API.md "Writes"), and the
+//! `If-Match` precondition that guards it (RFC 9110 13.1.1).
 
 use serde_json::Value;
 
@@ -20,6 +21,49 @@ pub fn merge(target: &mut Value, patch: &Value) {
             fields.remove(key);
         } else {
             merge(fields.entry(key.clone()).or_insert(Value::Null), change);
+        }
+    }
+}
+
+/// An `If-Match` header: `*`, or a list of entity tags. Versions are the strong tags
+/// (`"3"`); a weak tag (`W/"3"`) is kept only to be counted, since If-Match compares
+/// strongly and a weak tag never matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IfMatch {
+    Any,
+    Tags(Vec<i64>),
+}
+
+impl IfMatch {
+    /// Parses the header; `Err` when it is not `*` or a comma-separated list of quoted tags.
+    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+        const FORMAT: &str = "must be * or an entity tag such as \"3\"";
+        if raw.trim() == "*" {
+            return Ok(IfMatch::Any);
+        }
+        let mut strong = Vec::new();
+        for tag in raw.split(',').map(str::trim) {
+            let (weak, quoted) = match tag.strip_prefix("W/") {
+                Some(rest) => (true, rest),
+                None => (false, tag),
+            };
+            let inner = quoted
+                .strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .ok_or(FORMAT)?;
+            let version = inner.parse::<i64>().map_err(|_| FORMAT)?;
+            if !weak {
+                strong.push(version);
+            }
+        }
+        Ok(IfMatch::Tags(strong))
+    }
+
+    /// Whether a resource at `version` meets the precondition.
+    pub fn matches(&self, version: i64) -> bool {
+        match self {
+            IfMatch::Any => true,
+            IfMatch::Tags(versions) => versions.contains(&version),
         }
     }
 }
@@ -78,6 +122,19 @@ mod tests {
         for (mut target, patch, want) in cases {
             merge(&mut target, &patch);
             assert_eq!(target, want, "patch {patch}");
+        }
+    }
+
+    #[test]
+    fn if_match_compares_strongly_so_a_weak_tag_never_matches() {
+        assert!(IfMatch::parse("\"3\"").unwrap().matches(3));
+        assert!(!IfMatch::parse("\"3\"").unwrap().matches(4));
+        assert!(!IfMatch::parse("W/\"3\"").unwrap().matches(3));
+        assert!(IfMatch::parse("W/\"3\", \"3\"").unwrap().matches(3));
+        assert!(IfMatch::parse("\"2\", \"3\"").unwrap().matches(3));
+        assert!(IfMatch::parse("*").unwrap().matches(7));
+        for bad in ["3", "\"x\"", "W/3", "", "\"3"] {
+            assert!(IfMatch::parse(bad).is_err(), "{bad}");
         }
     }
 }

@@ -509,7 +509,11 @@ fn operation(o: &Op) -> Value {
         .path
         .split('/')
         .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
-        .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+        .map(|name| match name {
+            "model" => json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"},
+                "description": "provider/model, with its slash percent-encoded (openai%2Fgpt-4o-mini)"}),
+            _ => json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}),
+        })
         .collect();
     parameters.extend(o.query.iter().map(|q| query_parameter(q)));
     let public = PUBLIC.contains(&o.path);
@@ -564,7 +568,7 @@ fn operation(o: &Op) -> Value {
         v["parameters"]
             .as_array_mut()
             .expect("made as an array")
-            .push(json!({"name": "If-Match", "in": "header", "required": false, "schema": {"type": "string"}, "description": "The version you read, e.g. \"3\"; a stale one is 412"}));
+            .push(json!({"name": "If-Match", "in": "header", "required": false, "schema": {"type": "string"}, "description": "The version you read as a strong entity tag, e.g. \"3\" (or *); a stale one, or only weak tags (W/\"3\"), is 412"}));
     }
     if o.method == "POST" && o.status == 201 {
         v["parameters"]

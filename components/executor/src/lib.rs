@@ -107,7 +107,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
                 line["input"] = input;
                 line["output"] = output.unwrap_or_default();
             }
-            eprintln!("{line}");
+            sparkops_platform::log_line(&line);
         }
         Err(e) => log("recording a step", run_id, step, &format!("{e:?}")),
     }
@@ -115,9 +115,8 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
 }
 
 fn log(doing: &str, run_id: &str, step: &str, error: &str) {
-    eprintln!(
-        "{}",
-        json!({"level": "warn", "msg": doing, "run_id": run_id, "step": step, "error": error})
+    sparkops_platform::log_line(
+        &json!({"level": "warn", "msg": doing, "run_id": run_id, "step": step, "error": error}),
     );
 }
 

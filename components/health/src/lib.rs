@@ -83,10 +83,8 @@ fn redis_up() -> bool {
 /// Logs why a dependency is down (the response only names it) and says whether it is up.
 fn log_down(name: &str, err: Option<&impl std::fmt::Display>) -> bool {
     if let Some(e) = err {
-        eprintln!(
-            "{{\"level\":\"warn\",\"msg\":\"readiness check failed\",\"check\":\"{name}\",\"error\":{:?}}}",
-            e.to_string()
-        );
+        sparkops_platform::log_line(&serde_json::json!({"level": "warn",
+            "msg": "readiness check failed", "check": name, "error": e.to_string()}));
     }
     err.is_none()
 }

@@ -51,6 +51,17 @@ impl HttpRequest {
                 limit: MAX_BODY_BYTES,
             });
         }
+        // A NUL in a query parameter can reach a `text` column or a comparison with one,
+        // which Postgres refuses: a 422 naming the parameter, as for bodies.
+        for pair in query.split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if decode_query(k).contains('\0') || decode_query(v).contains('\0') {
+                return Err(sparkops_core::input::nul_error(&format!(
+                    "query.{}",
+                    decode_query(k)
+                )));
+            }
+        }
         let mut body = Vec::new();
         let mut stream = incoming.into_body_stream();
         while let Some(chunk) = stream.next().await {
@@ -113,18 +124,33 @@ impl HttpRequest {
 }
 
 fn decode_query(v: &str) -> String {
+    percent_decode(v, true)
+}
+
+/// A path segment, percent-decoded (`openai%2Fgpt-4o` is `openai/gpt-4o`).
+pub fn decode_segment(v: &str) -> String {
+    percent_decode(v, false)
+}
+
+/// `%XX` escapes decoded (and `+` as a space in query strings); a `%` not followed by two
+/// hex digits stays as it is.
+fn percent_decode(v: &str, plus_is_space: bool) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let bytes = v.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&v[i + 1..i + 3], 16) {
-                Ok(b) => {
-                    out.push(b);
+            b'+' if plus_is_space => out.push(b' '),
+            b'%' => match (
+                bytes.get(i + 1).and_then(|b| hex(*b)),
+                bytes.get(i + 2).and_then(|b| hex(*b)),
+            ) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
                     i += 2;
                 }
-                Err(_) => out.push(b'%'),
+                _ => out.push(b'%'),
             },
             b => out.push(b),
         }

@@ -29,6 +29,15 @@ pub fn on_tick(
     work(now).map_err(|e| format!("{e:?} {:?}", e.cause()))
 }
 
+/// Writes one JSON log line to stderr in a single write, so lines of instances running at
+/// once never splice into each other (a formatted `eprintln!` writes in pieces).
+pub fn log_line(line: &serde_json::Value) {
+    use std::io::Write;
+    let mut text = line.to_string();
+    text.push('\n');
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
 /// Reads a component variable, naming it in the error when it is missing.
 pub fn variable(name: &str) -> Result<String, String> {
     spin_sdk::variables::get(name).map_err(|e| format!("variable `{name}`: {e}"))

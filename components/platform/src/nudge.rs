@@ -9,9 +9,8 @@ use spin_sdk::redis::Connection;
 /// delays the run.
 pub fn run(run_id: &str) {
     if let Err(e) = publish(run_id) {
-        eprintln!(
-            "{}",
-            serde_json::json!({"level": "warn", "msg": "nudge failed", "run_id": run_id, "error": e})
+        crate::log_line(
+            &serde_json::json!({"level": "warn", "msg": "nudge failed", "run_id": run_id, "error": e}),
         );
     }
 }

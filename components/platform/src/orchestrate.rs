@@ -41,9 +41,8 @@ pub fn advance_run(db: &Db, run_id: &str) -> Result<(), ApiError> {
 /// attempt.
 fn dispatch(run_id: &str, step: &str, lease: &str) {
     let warn = |msg: &str, detail: Value| {
-        eprintln!(
-            "{}",
-            json!({"level": "warn", "msg": msg, "run_id": run_id, "step": step, "detail": detail})
+        crate::log_line(
+            &json!({"level": "warn", "msg": msg, "run_id": run_id, "step": step, "detail": detail}),
         )
     };
     let settings = crate::variable("dispatch_url").and_then(|base| {

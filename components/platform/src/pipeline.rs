@@ -386,10 +386,7 @@ pub fn internal<E: std::fmt::Display>(doing: &'static str) -> impl Fn(E) -> ApiE
 }
 
 fn log_warn(msg: &str, err: &dyn std::fmt::Display) {
-    eprintln!(
-        "{}",
-        json!({"level": "warn", "msg": msg, "error": err.to_string()})
-    );
+    crate::log_line(&json!({"level": "warn", "msg": msg, "error": err.to_string()}));
 }
 
 /// CORS headers for an allowed `Origin` (the `cors_allowed_origins` variable, comma
@@ -564,20 +561,17 @@ async fn run(
         }
     };
     let status = *response.status();
-    eprintln!(
-        "{}",
-        json!({
-            "level": "info",
-            "msg": "request",
-            "request_id": id,
-            "project_id": ctx.logged_project,
-            "run_id": ctx.logged_run,
-            "method": format!("{method:?}"),
-            "path": path,
-            "status": status,
-            "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
-        })
-    );
+    crate::log_line(&json!({
+        "level": "info",
+        "msg": "request",
+        "request_id": id,
+        "project_id": ctx.logged_project,
+        "run_id": ctx.logged_run,
+        "method": format!("{method:?}"),
+        "path": path,
+        "status": status,
+        "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
+    }));
     (response, ctx, stream)
 }
 

@@ -12,6 +12,7 @@ use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Row, Tx, Value as V};
 use sparkops_core::error::{ApiError, FieldError};
 use sparkops_core::ids::parse_uuid;
 use sparkops_core::page::PageRequest;
+use sparkops_core::patch::IfMatch;
 use sparkops_core::roles::Action;
 use spin_sdk::http::Method;
 
@@ -284,16 +285,10 @@ fn create<R: Resource>(
     })
 }
 
-/// `If-Match: "<version>"`, when sent.
-pub fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
+/// The `If-Match` precondition, when sent.
+pub fn if_match(req: &HttpRequest) -> Result<Option<IfMatch>, ApiError> {
     req.header("if-match")
-        .map(|v| {
-            v.trim()
-                .trim_start_matches("W/")
-                .trim_matches('"')
-                .parse::<i64>()
-                .map_err(|_| ApiError::field("If-Match", "must be a version, e.g. \"3\""))
-        })
+        .map(|v| IfMatch::parse(v).map_err(|m| ApiError::field("If-Match", m)))
         .transpose()
 }
 
@@ -326,11 +321,11 @@ fn update<R: Resource>(
     let body = ctx.transaction(|tx, ctx| {
         let current = R::to_json(&select_one::<R>(tx, &id, true)?)?;
         let version = current["version"].as_i64().ok_or(ApiError::Internal)?;
-        if let Some(want) = expected
-            && want != version
+        if let Some(want) = &expected
+            && !want.matches(version)
         {
             return Err(ApiError::PreconditionFailed(format!(
-                "the {} is at version {version}, not {want}",
+                "the {} is at version {version}, which If-Match does not name (weak tags never match)",
                 R::NOUN
             )));
         }

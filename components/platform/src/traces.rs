@@ -98,9 +98,7 @@ pub fn export_due(ctx: &mut Ctx, now: DateTime<Utc>) -> Result<(), ApiError> {
             // database error) is retried like a failed send, so its attempts run out, and
             // the other projects' exports go on.
             let results = export(ctx, &project_id, &runs, deadline).unwrap_or_else(|e| {
-                eprintln!(
-                    "{}",
-                    json!({"level": "warn", "msg": "preparing a trace export", "project_id": project_id,
+                crate::log_line(&json!({"level": "warn", "msg": "preparing a trace export", "project_id": project_id,
                         "error": format!("{e:?} {:?}", e.cause())})
                 );
                 let error = "the export could not be prepared (the exporter's log says why)";
@@ -154,10 +152,9 @@ fn log(project_id: &str, runs: &[String], outcome: &Outcome) {
         Outcome::GiveUp(error) => ("warn", "given up", Some(error)),
         Outcome::Postponed => ("info", "postponed", None),
     };
-    eprintln!(
-        "{}",
-        json!({"level": level, "msg": "trace export", "project_id": project_id,
-            "runs": runs.len(), "first_run_id": runs.first(), "result": result, "error": error})
+    crate::log_line(
+        &json!({"level": level, "msg": "trace export", "project_id": project_id,
+            "runs": runs.len(), "first_run_id": runs.first(), "result": result, "error": error}),
     );
 }
 
@@ -281,10 +278,9 @@ fn outcome(project_id: &str, answer: Result<outbound::Answer, CallError>) -> Out
         Ok(a) if (200..300).contains(&a.status) => {
             if let Some(rejected) = rejected_spans(&a.body) {
                 // A partial success is not retried; the collector said why.
-                eprintln!(
-                    "{}",
-                    json!({"level": "warn", "msg": "the collector rejected spans",
-                        "project_id": project_id, "rejected_spans": rejected})
+                crate::log_line(
+                    &json!({"level": "warn", "msg": "the collector rejected spans",
+                        "project_id": project_id, "rejected_spans": rejected}),
                 );
             }
             Outcome::Exported

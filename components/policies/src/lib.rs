@@ -29,7 +29,13 @@ async fn handle(req: IncomingRequest) -> Response {
 fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
     let who = ctx.authenticate(req)?;
     if let Some(segments) = req.segments("/api/v1/models/prices") {
-        let model = segments.join("/");
+        // A model's name holds a slash (`openai/gpt-4o-mini`): it may come as two segments
+        // or percent-encoded as one (`openai%2Fgpt-4o-mini`), as clients encode path values.
+        let model = segments
+            .iter()
+            .map(|s| sparkops_platform::http::decode_segment(s))
+            .collect::<Vec<_>>()
+            .join("/");
         return match (&req.method, model.is_empty()) {
             (Method::Get, true) => prices(ctx, req, &who),
             (Method::Put, false) => set_price(ctx, req, &who, &model),

@@ -8,6 +8,7 @@ use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Row, Tx, Value as V, ut
 use sparkops_core::error::ApiError;
 use sparkops_core::ids::parse_uuid;
 use sparkops_core::input::{Body, Email, Slug};
+use sparkops_core::patch::IfMatch;
 use sparkops_core::roles::{Action, Role};
 use sparkops_core::time::rfc3339;
 use sparkops_core::tool::check_secret_name;
@@ -240,7 +241,8 @@ fn update(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result
                         trace_endpoint = case when $8 then $9 else trace_endpoint end,
                         version = version + 1,
                         updated_at = $6{AS_TIMESTAMPTZ}
-                     where project_id = $1 and deleted_at is null and ($7::int8 is null or version = $7::int8)
+                     where project_id = $1 and deleted_at is null
+                       and ($7::text is null or version = any(string_to_array($7::text, ',')::int8[]))
                      returning project_id::text, name, slug, description, version, {}, {}, trace_endpoint",
                     utc("created_at"),
                     utc("updated_at")
@@ -252,19 +254,36 @@ fn update(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result
                     V::Bool(fields.description.is_some()),
                     fields.description.clone().flatten().map(V::Text).unwrap_or(V::Null),
                     V::Timestamp(ctx.now),
-                    expected.map(V::Int64).unwrap_or(V::Null),
+                    if_match_versions(&expected),
                     V::Bool(fields.trace_endpoint.is_some()),
                     fields.trace_endpoint.clone().flatten().map(V::Text).unwrap_or(V::Null),
                 ],
             )
             .map_err(slug_taken)?;
         rows.into_iter().next().ok_or_else(|| {
-            ApiError::PreconditionFailed(format!("the project is no longer at version {}", expected.unwrap_or_default()))
+            ApiError::PreconditionFailed(
+                "the project's version is not one If-Match names (weak tags never match)".into(),
+            )
         })
     })?;
     let version = row.int(4)?;
     Ok(Reply::ok(project_json(&row, Some(access.role.as_str()))?)
         .header("etag", format!("\"{version}\"")))
+}
+
+/// The versions `If-Match` accepts, as the comma-separated text the update compares with;
+/// `NULL` when any version will do.
+fn if_match_versions(expected: &Option<IfMatch>) -> V {
+    match expected {
+        None | Some(IfMatch::Any) => V::Null,
+        Some(IfMatch::Tags(versions)) => V::Text(
+            versions
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+    }
 }
 
 fn delete(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {

@@ -61,10 +61,9 @@ fn tick(now: DateTime<Utc>) -> Result<(), ApiError> {
         let id = row.text(0)?;
         match core_db::transaction(&db, |tx| fire_due(tx, &id, now)) {
             Ok(nudges) => nudges.iter().for_each(|r| sparkops_platform::nudge::run(r)),
-            Err(e) => eprintln!(
-                "{}",
-                json!({"level": "warn", "msg": "firing a schedule", "schedule_id": id,
-                    "error": format!("{e:?} {:?}", e.cause())})
+            Err(e) => sparkops_platform::log_line(
+                &json!({"level": "warn", "msg": "firing a schedule", "schedule_id": id,
+                    "error": format!("{e:?} {:?}", e.cause())}),
             ),
         }
     }

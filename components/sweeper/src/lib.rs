@@ -94,9 +94,8 @@ fn sweep(now: DateTime<Utc>) -> Result<(), ApiError> {
     }
     for run in &touched {
         if let Err(e) = orchestrate::advance_run(&db, run) {
-            eprintln!(
-                "{}",
-                json!({"level": "warn", "msg": "advancing a run", "run_id": run, "error": format!("{e:?} {:?}", e.cause())})
+            sparkops_platform::log_line(
+                &json!({"level": "warn", "msg": "advancing a run", "run_id": run, "error": format!("{e:?} {:?}", e.cause())}),
             );
         }
     }

@@ -150,8 +150,15 @@ fn refuse_unsupported_chaining(manifest: &Manifest) -> Result<()> {
 /// A component compiled by this engine, from `cache_dir` when these exact bytes were compiled
 /// before by a compatible engine (same wasmtime, settings and CPU features), so a restart or
 /// a test's fresh app skips Cranelift. The file is written whole and renamed into place, so
-/// a concurrent start never reads half of one; an unreadable file is compiled again.
-fn compile_cached(engine: &Engine, bytes: &[u8], cache_dir: &Path) -> Result<Component> {
+/// a concurrent start never reads half of one; an unreadable file is compiled again. Files
+/// are named after the source (`<stem>-<sha256>-<engine>.cwasm`), and writing one removes
+/// the older builds of the same source, so the folder holds one build per source.
+fn compile_cached(
+    engine: &Engine,
+    bytes: &[u8],
+    cache_dir: &Path,
+    source: &Path,
+) -> Result<Component> {
     use sha2::{Digest, Sha256};
     use std::hash::{Hash, Hasher};
 
@@ -159,7 +166,12 @@ fn compile_cached(engine: &Engine, bytes: &[u8], cache_dir: &Path) -> Result<Com
     engine.precompile_compatibility_hash().hash(&mut compat);
     let digest = Sha256::digest(bytes);
     let key: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    let path = cache_dir.join(format!("{key}-{:016x}.cwasm", compat.finish()));
+    let stem = source
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = format!("{stem}-{key}-{:016x}.cwasm", compat.finish());
+    let path = cache_dir.join(&name);
     if path.is_file() {
         // SAFETY: the file is one this host wrote with `Component::serialize` for an engine
         // with the same compatibility hash, in the host's own state folder; wasmtime
@@ -177,8 +189,18 @@ fn compile_cached(engine: &Engine, bytes: &[u8], cache_dir: &Path) -> Result<Com
             .serialize()
             .ok()
             .and_then(|compiled| std::fs::write(&tmp, compiled).ok());
-        if written.is_some() {
-            let _ = std::fs::rename(&tmp, &path);
+        if written.is_some() && std::fs::rename(&tmp, &path).is_ok() {
+            let older = std::fs::read_dir(cache_dir).into_iter().flatten().flatten();
+            for entry in older {
+                let file = entry.file_name().to_string_lossy().into_owned();
+                let same_source = file.strip_prefix(&stem).is_some_and(|rest| {
+                    // `<stem>-<64 hex>-<16 hex>.cwasm`, so `a` never matches `a_b-...`.
+                    rest.len() == 1 + 64 + 1 + 16 + 6 && rest.starts_with('-')
+                });
+                if same_source && file != name && file.ends_with(".cwasm") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
         }
     }
     Ok(component)
@@ -251,7 +273,7 @@ impl AppInner {
                     source.display()
                 )
             })?;
-            let component = compile_cached(&engine, &bytes, &cache_dir).map_err(|e| {
+            let component = compile_cached(&engine, &bytes, &cache_dir, &source).map_err(|e| {
                 anyhow::anyhow!(
                     "component `{id}`: {} is not a valid component: {e}",
                     source.display()

@@ -11,6 +11,7 @@ mod conformance;
 mod docs;
 mod engine;
 mod health;
+mod hostile;
 mod metrics;
 mod migrations;
 mod projects;

@@ -38,6 +38,17 @@ async fn a_project_is_created_read_updated_and_soft_deleted() {
     )
     .await;
     assert_eq!(stale.status, 412);
+    let weak = crate::common::request(
+        "PATCH",
+        &api.app.url(&url),
+        &[
+            ("authorization", &format!("Bearer {}", ada.access)),
+            ("if-match", "W/\"1\""),
+        ],
+        Some(json!({"name": "Renamed"})),
+    )
+    .await;
+    assert_eq!(weak.status, 412, "a weak tag never matches");
     let patched = crate::common::request(
         "PATCH",
         &api.app.url(&url),

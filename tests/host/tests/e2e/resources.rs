@@ -86,12 +86,26 @@ async fn an_agent_is_created_read_patched_with_if_match_and_soft_deleted() {
         )
         .await;
     assert_eq!(stale.status, 412);
+    // If-Match compares strongly (RFC 9110 13.1.1): a weak tag of the current version does
+    // not match; a malformed one is a 422.
+    for (tag, status) in [("W/\"1\"", 412), ("1", 422)] {
+        let res = api
+            .call_with(
+                "PATCH",
+                &path,
+                &ada.access,
+                &[("if-match", tag)],
+                Some(patch.clone()),
+            )
+            .await;
+        assert_eq!(res.status, status, "{tag}");
+    }
     let res = api
         .call_with(
             "PATCH",
             &path,
             &ada.access,
-            &[("if-match", "\"1\"")],
+            &[("if-match", "W/\"1\", \"1\"")],
             Some(patch),
         )
         .await;
@@ -864,6 +878,26 @@ async fn model_prices_have_defaults_and_per_project_overrides() {
     assert_eq!(
         price(&mine, "openai/gpt-4o-mini"),
         json!({"model": "openai/gpt-4o-mini", "input_per_mtok_usd": "0.100000", "output_per_mtok_usd": "0.400000", "source": "project"})
+    );
+    // The name may also come percent-encoded as one segment, as clients encode path values.
+    let encoded = format!("/api/v1/models/prices/openai%2Fgpt-4o-mini?project_id={p}");
+    let body = json!({"input_per_mtok_usd": "0.2", "output_per_mtok_usd": "0.8"});
+    let set = api
+        .call("PUT", &encoded, Some(&ada.access), Some(body))
+        .await;
+    assert_eq!(set.status, 200, "{}", String::from_utf8_lossy(&set.body));
+    let mine = api
+        .call(
+            "GET",
+            &format!("/api/v1/models/prices?project_id={p}"),
+            Some(&ada.access),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(
+        price(&mine, "openai/gpt-4o-mini")["input_per_mtok_usd"],
+        "0.200000"
     );
     // Other projects still see the default.
     let defaults_again = api
