@@ -45,6 +45,9 @@ pub struct Faults {
     /// Redis `PUBLISH` from guests succeeds and reaches no subscriber: every message lost,
     /// as Redis pub/sub (at most once) can lose them.
     pub drop_redis_publishes: std::sync::atomic::AtomicBool,
+    /// The cron schedules skip their ticks (as if no periodic replica were running); a
+    /// test still fires a component itself with `handle_cron`.
+    pub pause_cron: std::sync::atomic::AtomicBool,
 }
 
 impl AppShared {

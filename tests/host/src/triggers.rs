@@ -183,6 +183,13 @@ pub async fn run_cron(app: std::sync::Weak<crate::AppInner>, schedule: CronSched
         let wait = (next - now).to_std().unwrap_or_default();
         tokio::time::sleep(wait).await;
         let Some(app) = app.upgrade() else { return };
+        if app
+            .faults()
+            .pause_cron
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            continue;
+        }
         let _busy = app.activity.start();
         if let Err(e) = app
             .handle_cron(&schedule.component, next.timestamp() as u64)

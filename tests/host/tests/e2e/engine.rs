@@ -837,10 +837,13 @@ async fn with_every_nudge_lost_runs_still_finish_through_the_sweeper() {
         ]),
     )
     .await;
-    api.app
-        .inner
-        .faults()
+    let faults = api.app.inner.faults();
+    faults
         .drop_redis_publishes
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    // The sweeper moves only when this test fires it, not on its own 5-second schedule.
+    faults
+        .pause_cron
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let wf = json!(wf);
     let runs: Vec<String> =
