@@ -120,10 +120,7 @@ pub const DUMMY_PASSWORD_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c3BhcmtvcH
 
 /// SHA-256 of a token, hex: how refresh tokens and API keys are stored.
 pub fn token_hash(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::ids::hex(&Sha256::digest(token.as_bytes()))
 }
 
 /// An opaque refresh token from 32 random bytes.

@@ -11,6 +11,8 @@
 
 use hmac_sha256::HMAC;
 
+use crate::ids::hex;
+
 /// The header that carries a dispatch's signature.
 pub const HEADER: &str = "x-sparkops-dispatch";
 /// The path of the executor's route under `dispatch_url`.
@@ -79,10 +81,6 @@ fn mac(key: &[u8; 32], t: i64, body: &[u8]) -> [u8; 32] {
     h.update(b".");
     h.update(body);
     h.finalize()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

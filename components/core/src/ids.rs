@@ -2,6 +2,11 @@
 
 use crate::error::ApiError;
 
+/// `bytes` as lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A UUIDv7 from a Unix time in milliseconds and 10 random bytes (RFC 9562 section 5.7).
 pub fn uuid_v7(unix_ms: u64, random: [u8; 10]) -> String {
     let mut b = [0u8; 16];
@@ -9,7 +14,7 @@ pub fn uuid_v7(unix_ms: u64, random: [u8; 10]) -> String {
     b[6..].copy_from_slice(&random);
     b[6] = 0x70 | (b[6] & 0x0f); // version 7
     b[8] = 0x80 | (b[8] & 0x3f); // variant 10
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let h = hex(&b);
     format!(
         "{}-{}-{}-{}-{}",
         &h[..8],

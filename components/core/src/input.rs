@@ -74,14 +74,8 @@ impl Body {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             map.insert(percent_decode(k)?, Value::String(percent_decode(v)?));
         }
-        if let Some(field) = nul_field(&Value::Object(map.clone()), "") {
-            return Err(nul_error(&field));
-        }
-        Ok(Self {
-            map,
-            seen: BTreeSet::new(),
-            errors: Vec::new(),
-        })
+        // The same checks as a JSON body (a NUL anywhere is refused).
+        Self::from_value(Value::Object(map))
     }
 
     pub fn error(&mut self, field: &str, message: impl Into<String>) {

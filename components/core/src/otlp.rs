@@ -108,7 +108,7 @@ pub fn span_id(run_id: &str, path: &str) -> String {
     if id == [0; 8] {
         id[7] = 1;
     }
-    id.iter().map(|b| format!("{b:02x}")).collect()
+    crate::ids::hex(&id)
 }
 
 fn nanos(t: DateTime<Utc>) -> String {

@@ -55,11 +55,10 @@ impl HttpRequest {
         // which Postgres refuses: a 422 naming the parameter, as for bodies.
         for pair in query.split('&') {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if decode_query(k).contains('\0') || decode_query(v).contains('\0') {
-                return Err(sparkops_core::input::nul_error(&format!(
-                    "query.{}",
-                    decode_query(k)
-                )));
+            let name = decode_query(k);
+            if name.contains('\0') || decode_query(v).contains('\0') {
+                let field = format!("query.{}", name.replace('\0', "\\u0000"));
+                return Err(sparkops_core::input::nul_error(&field));
             }
         }
         let mut body = Vec::new();

@@ -50,7 +50,7 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
 
 /// `n` random bytes as lowercase hex.
 pub fn random_hex(n: usize) -> String {
-    random_bytes(n).iter().map(|b| format!("{b:02x}")).collect()
+    sparkops_core::ids::hex(&random_bytes(n))
 }
 
 /// `N` random bytes as an array.

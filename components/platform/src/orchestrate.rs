@@ -29,50 +29,71 @@ pub const DEFAULT_STEP_TIMEOUT_MS: i64 = 300_000;
 /// Advances `run_id` and hands what it claimed to the executor.
 pub fn advance_run(db: &Db, run_id: &str) -> Result<(), ApiError> {
     let claimed = core_db::transaction(db, |tx| advance(tx, run_id))?;
-    for (step, lease) in claimed {
-        dispatch(run_id, &step, &lease);
+    if claimed.is_empty() {
+        return Ok(());
+    }
+    // The settings are read once for every step this advance claimed.
+    match Dispatcher::from_settings() {
+        Ok(dispatcher) => {
+            for (step, lease) in &claimed {
+                dispatcher.send(run_id, step, lease);
+            }
+        }
+        Err(e) => {
+            crate::log_line(
+                &json!({"level": "warn", "msg": "cannot dispatch", "run_id": run_id,
+                "steps": claimed.len(), "detail": e}),
+            );
+        }
     }
     Ok(())
 }
 
-/// Hands a claimed step to the executor: a signed `POST` to the app's own public endpoint
+/// Hands claimed steps to the executor: a signed `POST` to the app's own public endpoint
 /// (`dispatch_url`; see [`sparkops_core::dispatch`] for why not service chaining). A failed
 /// hand-off leaves the step claimed: its lease runs out and the sweeper gives it a new
 /// attempt.
-fn dispatch(run_id: &str, step: &str, lease: &str) {
-    let warn = |msg: &str, detail: Value| {
-        crate::log_line(
-            &json!({"level": "warn", "msg": msg, "run_id": run_id, "step": step, "detail": detail}),
-        )
-    };
-    let settings = crate::variable("dispatch_url").and_then(|base| {
+struct Dispatcher {
+    url: url::Url,
+    key: [u8; 32],
+}
+
+impl Dispatcher {
+    /// The executor's URL under `dispatch_url`, and the key derived from `jwt_secret`.
+    fn from_settings() -> Result<Self, String> {
+        let base = crate::variable("dispatch_url")?;
         let url = url::Url::parse(base.trim_end_matches('/'))
             .and_then(|u| u.join(dispatch::PATH))
             .map_err(|e| format!("variable `dispatch_url`: {e}"))?;
-        Ok((url, dispatch::key(&crate::variable("jwt_secret")?)))
-    });
-    let (url, key) = match settings {
-        Ok(s) => s,
-        Err(e) => return warn("cannot dispatch", json!(e)),
-    };
-    let body = json!({"run_id": run_id, "step_key": step, "lease_id": lease})
-        .to_string()
-        .into_bytes();
-    let signature = dispatch::sign(&key, chrono::Utc::now().timestamp(), &body);
-    match outbound::send(Call {
-        method: "POST",
-        url: &url,
-        headers: vec![
-            ("content-type".into(), "application/json".into()),
-            (dispatch::HEADER.into(), signature),
-        ],
-        body: Some(body),
-        timeout: Duration::from_secs(10),
-        max_response_bytes: 4096,
-    }) {
-        Ok(res) if res.status == 202 => {}
-        Ok(res) => warn("executor refused a step", json!(res.status)),
-        Err(e) => warn("executor unreachable", json!(e.to_string())),
+        let key = dispatch::key(&crate::variable("jwt_secret")?);
+        Ok(Self { url, key })
+    }
+
+    fn send(&self, run_id: &str, step: &str, lease: &str) {
+        let warn = |msg: &str, detail: Value| {
+            crate::log_line(
+                &json!({"level": "warn", "msg": msg, "run_id": run_id, "step": step, "detail": detail}),
+            )
+        };
+        let body = json!({"run_id": run_id, "step_key": step, "lease_id": lease})
+            .to_string()
+            .into_bytes();
+        let signature = dispatch::sign(&self.key, chrono::Utc::now().timestamp(), &body);
+        match outbound::send(Call {
+            method: "POST",
+            url: &self.url,
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                (dispatch::HEADER.into(), signature),
+            ],
+            body: Some(body),
+            timeout: Duration::from_secs(10),
+            max_response_bytes: 4096,
+        }) {
+            Ok(res) if res.status == 202 => {}
+            Ok(res) => warn("executor refused a step", json!(res.status)),
+            Err(e) => warn("executor unreachable", json!(e.to_string())),
+        }
     }
 }
 

@@ -114,16 +114,11 @@ impl std::error::Error for RefusedChainingHost {}
 
 /// Whether the request's `Host` is `<id>.spin.internal` (with or without a port).
 fn names_chaining_host<B>(req: &Request<B>) -> bool {
-    let Some(authority) = req
-        .headers()
+    req.headers()
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
-    else {
-        return false;
-    };
-    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-    host.split_once('.')
-        .is_some_and(|(_, rest)| rest == "spin.internal")
+        .and_then(crate::outbound::chaining_target)
+        .is_some()
 }
 
 /// Spin's loader marks the whole app as needing local service chaining when any component
@@ -165,7 +160,7 @@ fn compile_cached(
     let mut compat = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut compat);
     let digest = Sha256::digest(bytes);
-    let key: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let key = sparkops_core::ids::hex(&digest);
     let stem = source
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

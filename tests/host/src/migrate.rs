@@ -39,7 +39,7 @@ pub fn read_dir(dir: &Path) -> Result<Vec<Migration>> {
             .parse()
             .with_context(|| format!("migration {file}: name it NNNN_<name>.sql"))?;
         let sql = std::fs::read_to_string(&path)?;
-        let checksum = hex(&Sha256::digest(sql.as_bytes()));
+        let checksum = sparkops_core::ids::hex(&Sha256::digest(sql.as_bytes()));
         out.push(Migration {
             version,
             name: name.to_string(),
@@ -57,10 +57,6 @@ pub fn read_dir(dir: &Path) -> Result<Vec<Migration>> {
         );
     }
     Ok(out)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What a run did.

@@ -46,6 +46,14 @@ pub fn default_port(scheme: &str) -> Option<u16> {
     }
 }
 
+/// The component a service-chaining host names (`<id>.spin.internal`, a port allowed),
+/// parsed as Spin parses it: the first label, when the rest is exactly `spin.internal`.
+pub fn chaining_target(host: &str) -> Option<&str> {
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let (id, rest) = host.split_once('.')?;
+    (rest == "spin.internal").then_some(id)
+}
+
 /// Whether an `allowed_outbound_hosts` entry names a service-chaining host
 /// (`http://<id>.spin.internal` or `http://*.spin.internal`), as Spin's loader decides it:
 /// on the entry as written, so a templated entry never counts and neither does `*`.
@@ -315,5 +323,17 @@ mod tests {
         assert!(!is_chaining_rule("http://spin.internal.example.com"));
         assert!(!is_chaining_rule("{{ dispatch_url }}"));
         assert!(!is_chaining_rule("postgres://{{ database_host }}"));
+    }
+
+    #[test]
+    fn a_chaining_host_names_its_first_label_as_spin_parses_it() {
+        assert_eq!(chaining_target("executor.spin.internal"), Some("executor"));
+        assert_eq!(
+            chaining_target("executor.spin.internal:80"),
+            Some("executor")
+        );
+        assert_eq!(chaining_target("a.b.spin.internal"), None);
+        assert_eq!(chaining_target("spin.internal"), None);
+        assert_eq!(chaining_target("executor.spin.internal.example.com"), None);
     }
 }

@@ -12,8 +12,6 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 use crate::outbound::BlockedNetworks;
 use crate::state::{AppShared, ComponentRuntime};
 
-const INTERNAL_SUFFIX: &str = ".spin.internal";
-
 pub struct OutboundHttp {
     component: Arc<ComponentRuntime>,
     app: Arc<AppShared>,
@@ -71,7 +69,7 @@ impl OutboundHttp {
             );
             return Err(Error::HttpRequestDenied);
         }
-        if let Some(id) = host.strip_suffix(INTERNAL_SUFFIX)
+        if let Some(id) = crate::outbound::chaining_target(&host)
             && self.chaining
         {
             return Ok(Target::Component(id.to_string()));
