@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::common::{Api, FakeServer, User};
+use crate::common::{Api, Client, FakeServer, User};
 use serde_json::{Value, json};
 
 async fn project(api: &Api) -> (User, String) {
@@ -16,7 +16,7 @@ async fn project(api: &Api) -> (User, String) {
     (ada, p)
 }
 
-async fn workflow(api: &Api, who: &User, p: &str, steps: Value) -> String {
+pub(crate) async fn workflow(api: &Client, who: &User, p: &str, steps: Value) -> String {
     let wf = api
         .create(
             &who.access,
@@ -251,7 +251,13 @@ async fn tool(api: &Api, who: &User, p: &str, url: String) -> Value {
     tool_named(api, who, p, "weather", url).await
 }
 
-async fn tool_named(api: &Api, who: &User, p: &str, name: &str, url: String) -> Value {
+pub(crate) async fn tool_named(
+    api: &Client,
+    who: &User,
+    p: &str,
+    name: &str,
+    url: String,
+) -> Value {
     api.create(
         &who.access,
         "/api/v1/tools",
@@ -280,7 +286,7 @@ async fn step_of(api: &Api, who: &User, run_id: &str, key: &str) -> Value {
         .clone()
 }
 
-async fn wait_status(api: &Api, who: &User, run_id: &str, want: &str) -> Value {
+pub(crate) async fn wait_status(api: &Client, who: &User, run_id: &str, want: &str) -> Value {
     let path = format!("/api/v1/runs/{run_id}");
     crate::common::eventually(async || {
         let run = api.call("GET", &path, Some(&who.access), None).await.json();

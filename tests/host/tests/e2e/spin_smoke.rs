@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::common::{Client, FakeServer, TestEnv, User, eventually};
-use serde_json::{Value, json};
+use crate::common::{Client, FakeServer, TestEnv, eventually};
+use crate::engine::{tool_named, wait_status, workflow};
+use serde_json::json;
 
 fn spin_binary() -> Option<PathBuf> {
     let path = std::env::var_os("SPARKOPS_SPIN")
@@ -108,27 +109,6 @@ async fn spin_up(spin: &PathBuf, env: &TestEnv) -> (SpinUp, Client) {
     panic!("spin up did not answer /healthz:\n{}", up.log());
 }
 
-async fn wait_status(api: &Client, who: &User, id: &str, want: &str) -> Value {
-    let path = format!("/api/v1/runs/{id}");
-    eventually(async || {
-        let run = api.call("GET", &path, Some(&who.access), None).await.json();
-        (run["status"] == want).then_some(run)
-    })
-    .await
-}
-
-async fn workflow(api: &Client, who: &User, p: &str, steps: Value) -> Value {
-    let name = format!("W {}", uuid::Uuid::new_v4());
-    let body = json!({"project_id": p, "name": name, "definition": {"steps": steps}});
-    api.create(&who.access, "/api/v1/workflows", body).await["id"].clone()
-}
-
-async fn tool(api: &Client, who: &User, p: &str, name: &str, url: String) -> Value {
-    let body = json!({"project_id": p, "name": name, "description": name,
-        "input_schema": {"type": "object"}, "http": {"method": "POST", "url": url}});
-    api.create(&who.access, "/api/v1/tools", body).await["id"].clone()
-}
-
 #[tokio::test]
 async fn the_app_runs_end_to_end_under_real_spin() {
     let Some(spin) = spin_binary() else {
@@ -146,8 +126,8 @@ async fn the_app_runs_end_to_end_under_real_spin() {
 
     // A chain, a fan-out/fan-in and a condition, each tool called exactly once.
     let fake = FakeServer::start(200, json!({"temp_c": 21}), Duration::ZERO).await;
-    let t = tool(&api, &ada, &p, "weather", fake.url("/weather")).await;
-    let wf = workflow(&api, &ada, &p, json!([
+    let t = tool_named(&api, &ada, &p, "weather", fake.url("/weather")).await["id"].clone();
+    let wf = json!(workflow(&api, &ada, &p, json!([
         {"key": "fetch", "kind": "tool", "tool_id": t, "input": {"city": "{{ input.city }}"}},
         {"key": "left", "kind": "tool", "tool_id": t, "depends_on": ["fetch"], "input": {"side": "left"}},
         {"key": "right", "kind": "tool", "tool_id": t, "depends_on": ["fetch"], "input": {"side": "right"}},
@@ -156,7 +136,7 @@ async fn the_app_runs_end_to_end_under_real_spin() {
         {"key": "report", "kind": "condition", "depends_on": ["left", "right"],
          "input": {"t": "{{ steps.right.output.temp_c }}"}},
     ]))
-    .await;
+    .await);
     let run = api
         .start_run(&ada.access, &wf, json!({"city": "Oslo"}))
         .await;
@@ -177,11 +157,11 @@ async fn the_app_runs_end_to_end_under_real_spin() {
     assert_eq!(hot["status"], "skipped");
 
     // An approval: the run waits, is approved, and goes on.
-    let gate = workflow(&api, &ada, &p, json!([
+    let gate = json!(workflow(&api, &ada, &p, json!([
         {"key": "gate", "kind": "approval", "input": {}, "approval": {"timeout_s": 3600}},
         {"key": "after", "kind": "condition", "depends_on": ["gate"], "input": {"ok": "{{ steps.gate.output.approved }}"}},
     ]))
-    .await;
+    .await);
     let waiting = api.start_run(&ada.access, &gate, json!({})).await;
     let wid = waiting["id"].as_str().unwrap();
     wait_status(&api, &ada, wid, "waiting").await;
@@ -219,11 +199,11 @@ async fn the_app_runs_end_to_end_under_real_spin() {
         Duration::ZERO,
     )
     .await;
-    let f = tool(&api, &ada, &p, "flaky", flaky.url("/flaky")).await;
-    let retried_wf = workflow(&api, &ada, &p, json!([
+    let f = tool_named(&api, &ada, &p, "flaky", flaky.url("/flaky")).await["id"].clone();
+    let retried_wf = json!(workflow(&api, &ada, &p, json!([
         {"key": "call", "kind": "tool", "tool_id": f, "input": {}, "retry": {"max_attempts": 1}},
     ]))
-    .await;
+    .await);
     let failed = api.start_run(&ada.access, &retried_wf, json!({})).await;
     let fid = failed["id"].as_str().unwrap();
     wait_status(&api, &ada, fid, "failed").await;
