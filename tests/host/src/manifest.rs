@@ -161,6 +161,18 @@ impl Manifest {
                 self.spin_manifest_version
             );
         }
+        for id in self.component.keys() {
+            check_kebab_id(id).with_context(|| format!("bad manifest: component `{id}`"))?;
+        }
+        for (id, component) in &self.component {
+            for label in &component.key_value_stores {
+                if check_kebab_id(label).is_err() && crate::variables::check_name(label).is_err() {
+                    bail!(
+                        "bad manifest: component `{id}`: key-value store label `{label}` must be kebab-case or snake_case"
+                    );
+                }
+            }
+        }
         for name in self.variables.keys() {
             crate::variables::check_name(name)
                 .with_context(|| format!("bad manifest: variable `{name}`"))?;
@@ -188,5 +200,49 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+}
+
+/// Checks an identifier the way Spin 3.6.3 checks component ids (kebab-case): `-`-separated
+/// words, none empty, each starting with an ASCII letter, made of letters and digits and
+/// either all lowercase or all uppercase (`api-v2` and `API-v2` pass; `my_comp`, `a--b`,
+/// `a-1` and `Comp` do not).
+pub fn check_kebab_id(id: &str) -> Result<()> {
+    if id.contains('_') {
+        bail!("`{id}`: words must be separated with `-`, not `_`");
+    }
+    for word in id.split('-') {
+        if !word.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            bail!("`{id}`: `-`-separated words must not be empty and must start with a letter");
+        }
+        let lower = word
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let upper = word
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit());
+        if !lower && !upper {
+            bail!(
+                "`{id}`: each `-`-separated word must be all lowercase or all uppercase letters and digits"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_kebab_id;
+
+    #[test]
+    fn component_ids_follow_spin_rules() {
+        for good in ["c", "api-v2", "COMP", "A-B", "ab-C", "a-b1"] {
+            assert!(check_kebab_id(good).is_ok(), "{good} should pass");
+        }
+        for bad in [
+            "", "Comp", "my_comp", "comp-", "-a", "a--b", "a-1", "1comp", "a.b",
+        ] {
+            assert!(check_kebab_id(bad).is_err(), "{bad} should be rejected");
+        }
     }
 }

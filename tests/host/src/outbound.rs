@@ -20,6 +20,8 @@ enum HostPattern {
     /// `*.example.com`: any subdomain, not the bare domain.
     Subdomains(String),
     Exact(String),
+    /// `10.0.0.0/8`: any IP literal inside the network (never a name that resolves there).
+    Cidr(IpNet),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,9 +82,6 @@ impl AllowedHost {
         let (scheme, rest) = rule.split_once("://").with_context(|| {
             format!("allowed outbound host `{rule}` needs a scheme, as in `https://{rule}`")
         })?;
-        if rest.contains('/') {
-            bail!("allowed outbound host `{rule}` must not have a path");
-        }
         let scheme = match scheme {
             "*" => None,
             s if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '+') => {
@@ -91,14 +90,16 @@ impl AllowedHost {
             _ => bail!("allowed outbound host `{rule}` has an invalid scheme"),
         };
         let (host, port) = split_host_port(rest);
-        let host = match host {
-            "" => bail!("allowed outbound host `{rule}` has no host"),
-            "*" => HostPattern::Any,
-            h if h.starts_with("*.") => HostPattern::Subdomains(h[2..].to_ascii_lowercase()),
-            h if h.contains('*') => bail!(
+        let host = match (host.parse::<IpNet>(), host) {
+            (Ok(net), _) => HostPattern::Cidr(net),
+            _ if rest.contains('/') => bail!("allowed outbound host `{rule}` must not have a path"),
+            (_, "") => bail!("allowed outbound host `{rule}` has no host"),
+            (_, "*") => HostPattern::Any,
+            (_, h) if h.starts_with("*.") => HostPattern::Subdomains(h[2..].to_ascii_lowercase()),
+            (_, h) if h.contains('*') => bail!(
                 "allowed outbound host `{rule}`: `*` must be the whole host or its first label"
             ),
-            h => HostPattern::Exact(h.trim_matches(['[', ']']).to_ascii_lowercase()),
+            (_, h) => HostPattern::Exact(h.trim_matches(['[', ']']).to_ascii_lowercase()),
         };
         let port = match port {
             Some("*") => PortPattern::Any,
@@ -139,6 +140,7 @@ impl AllowedHost {
             HostPattern::Subdomains(d) => host
                 .strip_suffix(d.as_str())
                 .is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('.')),
+            HostPattern::Cidr(net) => host.parse::<IpAddr>().is_ok_and(|ip| net.contains(&ip)),
         };
         let port_ok = match self.port {
             PortPattern::Any => true,
@@ -289,6 +291,17 @@ mod tests {
         assert!(r.allows("http", "localhost", Some(8000)));
         assert!(r.allows("http", "localhost", Some(8001)));
         assert!(!r.allows("http", "localhost", Some(8002)));
+    }
+
+    #[test]
+    fn a_cidr_rule_covers_ip_literals_in_its_network_only() {
+        let r = rules(&["http://10.0.0.0/8", "*://fd00::/8:*"]);
+        assert!(r.allows("http", "10.1.2.3", None));
+        assert!(!r.allows("http", "10.1.2.3", Some(8080)));
+        assert!(!r.allows("http", "11.0.0.1", None));
+        assert!(!r.allows("http", "ten.example.com", None));
+        assert!(r.allows("https", "[fd12::1]", Some(9)));
+        assert!(!r.allows("https", "[fe80::1]", Some(9)));
     }
 
     #[test]

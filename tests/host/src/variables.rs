@@ -10,18 +10,18 @@ use crate::bindings::fermyon::spin2_0_0::variables::{self, Error};
 use crate::manifest::Manifest;
 use crate::state::InstanceState;
 
-/// Checks a variable name the way Spin does: lowercase ASCII letters, digits and `_`,
-/// starting with a letter.
+/// Checks a variable name the way Spin 3.6.3 does (a lowercase snake_case identifier):
+/// `_`-separated words, none empty, each starting with a lowercase ASCII letter and made of
+/// lowercase letters and digits (`db_url2` passes; `foo_`, `foo__bar`, `foo_1`, `Db` do not).
 pub fn check_name(name: &str) -> Result<()> {
-    let mut chars = name.chars();
-    let starts_with_letter = chars.next().is_some_and(|c| c.is_ascii_lowercase());
-    if !starts_with_letter
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-    {
+    let word_ok = |w: &str| {
+        w.starts_with(|c: char| c.is_ascii_lowercase())
+            && w.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    };
+    if !name.split('_').all(word_ok) {
         bail!(
-            "invalid variable name `{name}`: use lowercase letters, digits and `_`, starting with a letter"
+            "invalid variable name `{name}`: use `_`-separated words of lowercase letters and digits, each starting with a letter"
         );
     }
     Ok(())
@@ -159,7 +159,7 @@ mod tests {
     #[test]
     fn variable_names_follow_spin_rules() {
         assert!(check_name("db_url2").is_ok());
-        for bad in ["", "Db", "2x", "a-b", "_a"] {
+        for bad in ["", "Db", "2x", "a-b", "_a", "a_", "a__b", "a_1", "FOO"] {
             assert!(check_name(bad).is_err(), "{bad} should be rejected");
         }
     }

@@ -365,6 +365,43 @@ async fn outbound_http_reaches_an_allowed_host_only() {
 }
 
 #[tokio::test]
+async fn a_cidr_rule_allows_ip_literals_in_its_network_but_not_host_names() {
+    // Spin 3.6.3 accepts `http://127.0.0.0/8:*` (an IP network) where a path is refused.
+    let env = TestEnv::new().await;
+    let fake = fake_server().await;
+    let app = start(
+        &env,
+        &[("SPIN_VARIABLE_OUTBOUND_HOST", "127.0.0.0/8:*")],
+        "",
+    )
+    .await;
+
+    let by_address = post(
+        &app,
+        "/main/http",
+        json!({"url": format!("http://{fake}/ping")}),
+    )
+    .await
+    .json();
+    assert_eq!(by_address, json!({"status": 200, "body": "pong"}));
+
+    let by_name = post(
+        &app,
+        "/main/http",
+        json!({"url": format!("http://localhost:{}/ping", fake.port())}),
+    )
+    .await
+    .json();
+    assert!(
+        by_name["error"]
+            .as_str()
+            .unwrap()
+            .contains("HttpRequestDenied"),
+        "{by_name}"
+    );
+}
+
+#[tokio::test]
 async fn block_networks_refuses_an_allowed_host_in_a_blocked_range() {
     let env = TestEnv::new().await;
     let fake = fake_server().await;
@@ -917,6 +954,35 @@ async fn start_up_errors_are_one_clear_line() {
             (
                 "spin_manifest_version = 2\n[application]\nname = \"x\"\n[[trigger.http]]\nroute = \"/\"\ncomponent = \"ghost\"\n",
                 "component `ghost`, which is not defined",
+            ),
+        ),
+        // Found by running these manifests under Spin 3.6.3, which refuses each at start-up.
+        (
+            "component-id-not-kebab-case",
+            (
+                "spin_manifest_version = 2\n[application]\nname = \"x\"\n[[trigger.http]]\nroute = \"/\"\ncomponent = \"my_comp\"\n[component.my_comp]\nsource = \"x.wasm\"\n",
+                "component `my_comp`",
+            ),
+        ),
+        (
+            "variable-with-an-empty-word",
+            (
+                "spin_manifest_version = 2\n[application]\nname = \"x\"\n[variables]\nfoo__bar = { default = \"a\" }\n",
+                "invalid variable name `foo__bar`",
+            ),
+        ),
+        (
+            "component-variable-with-an-empty-word",
+            (
+                "spin_manifest_version = 2\n[application]\nname = \"x\"\n[[trigger.http]]\nroute = \"/\"\ncomponent = \"c\"\n[component.c]\nsource = \"x.wasm\"\n[component.c.variables]\nfoo_ = \"a\"\n",
+                "invalid variable name `foo_`",
+            ),
+        ),
+        (
+            "store-label-with-a-space",
+            (
+                "spin_manifest_version = 2\n[application]\nname = \"x\"\n[[trigger.http]]\nroute = \"/\"\ncomponent = \"c\"\n[component.c]\nsource = \"x.wasm\"\nkey_value_stores = [\"Foo Bar\"]\n",
+                "label `Foo Bar` must be kebab-case or snake_case",
             ),
         ),
     ]);
