@@ -188,6 +188,7 @@ impl ApiError {
     }
 }
 
+#[cfg(feature = "full")]
 impl From<crate::db::DbError> for ApiError {
     fn from(e: crate::db::DbError) -> Self {
         ApiError::Server(e.to_string())
@@ -218,6 +219,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "full")]
     fn an_internal_error_says_nothing_about_its_cause() {
         let p = ApiError::from(crate::db::DbError::new(
             "42P01",

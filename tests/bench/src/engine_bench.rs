@@ -73,7 +73,7 @@ async fn bench(
     name: &str,
     batch: usize,
 ) -> Result<()> {
-    sparkops_host::migrate::run(database_url, &root.join("migrations")).await?;
+    sparkops_ops::migrate::run(database_url, &root.join("migrations")).await?;
     let state = std::env::temp_dir().join(format!("sparkops-{name}"));
     std::fs::create_dir_all(&state)?;
     let config = state.join("runtime-config.toml");

@@ -2,11 +2,9 @@
 //! uses: it reads the real `spin.toml` and Spin's runtime-config format and runs the compiled
 //! components, so the project can run and be tested where the `spin` CLI cannot be installed.
 
-pub mod admin;
 pub mod app;
 pub mod key_value;
 pub mod manifest;
-pub mod migrate;
 pub mod outbound;
 pub mod outbound_http;
 pub mod postgres;

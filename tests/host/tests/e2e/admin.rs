@@ -2,7 +2,7 @@
 
 use crate::common::Api;
 use serde_json::json;
-use sparkops_host::admin;
+use sparkops_ops::admin;
 
 #[tokio::test]
 async fn a_created_user_logs_in_and_owns_its_project() {

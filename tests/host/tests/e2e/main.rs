@@ -8,6 +8,7 @@ mod accounts;
 mod admin;
 mod agent_steps;
 mod conformance;
+mod demo;
 mod docs;
 mod engine;
 mod health;

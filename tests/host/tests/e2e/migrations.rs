@@ -1,7 +1,7 @@
 //! The migration runner against a real Postgres.
 
 use crate::common::{TestEnv, connect};
-use sparkops_host::migrate;
+use sparkops_ops::migrate;
 
 fn dir_with(files: &[(&str, &str)]) -> tempdir::Dir {
     let dir = tempdir::Dir::new();

@@ -67,7 +67,7 @@ impl TestEnv {
             admin_url,
             state_dir,
         };
-        sparkops_host::migrate::run(&env.database_url, &workspace().join("migrations"))
+        sparkops_ops::migrate::run(&env.database_url, &workspace().join("migrations"))
             .await
             .unwrap();
         env

@@ -171,3 +171,17 @@ fn db_message(e: &tokio_postgres::Error) -> String {
         None => e.to_string(),
     }
 }
+
+/// Applies pending migrations and prints what it did, a line per migration applied.
+pub async fn run_and_report(database_url: &str, dir: &Path) -> Result<()> {
+    let report = run(database_url, dir).await?;
+    for name in &report.applied {
+        println!("applied migration {name}");
+    }
+    println!(
+        "migrations: {} applied now, {} already applied",
+        report.applied.len(),
+        report.already
+    );
+    Ok(())
+}
