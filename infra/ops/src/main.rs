@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sparkops_ops::{admin, migrate};
 
@@ -19,16 +20,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Apply pending migrations.
+    /// Apply pending migrations (`up`, the default), undo the newest N (`down [N]`, 1 by
+    /// default), or list every migration's state (`status`).
     Migrate {
-        #[arg(long, env = "DATABASE_URL")]
-        database_url: String,
-        #[arg(long, default_value = "migrations")]
+        #[command(subcommand)]
+        action: Option<MigrateAction>,
+        #[arg(long, env = "DATABASE_URL", global = true)]
+        database_url: Option<String>,
+        #[arg(long, default_value = "migrations", global = true)]
         dir: PathBuf,
     },
     /// Administration: `admin create-user` makes an account (and a project it owns).
     #[command(subcommand)]
     Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum MigrateAction {
+    /// Apply what is pending, in order.
+    Up,
+    /// Undo the newest applied migrations, newest first; refused before anything is undone
+    /// when one of them is irreversible or has no down file.
+    Down {
+        #[arg(default_value_t = 1)]
+        steps: usize,
+    },
+    /// Applied or pending, checksum drift, files missing, reversibility.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -69,8 +87,35 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Migrate { database_url, dir } => {
-            migrate::run_and_report(&database_url, &dir).await
+        Command::Migrate {
+            action,
+            database_url,
+            dir,
+        } => {
+            let database_url =
+                database_url.context("set --database-url or DATABASE_URL for the database")?;
+            match action.unwrap_or(MigrateAction::Up) {
+                MigrateAction::Up => migrate::run_and_report(&database_url, &dir).await,
+                MigrateAction::Down { steps } => {
+                    for label in migrate::down(&database_url, &dir, steps).await? {
+                        println!("undid migration {label}");
+                    }
+                    Ok(())
+                }
+                MigrateAction::Status => {
+                    for s in migrate::status(&database_url, &dir).await? {
+                        let state = match (&s.applied_at, s.missing, s.drifted) {
+                            (_, true, _) => "applied, file missing".to_string(),
+                            (Some(at), _, true) => format!("applied {at}, file changed since"),
+                            (Some(at), _, false) => format!("applied {at}"),
+                            (None, _, _) => "pending".to_string(),
+                        };
+                        let undo = if s.reversible { "" } else { " (irreversible)" };
+                        println!("{}  {state}{undo}", s.label);
+                    }
+                    Ok(())
+                }
+            }
         }
         Command::Admin(AdminCommand::CreateUser {
             database_url,

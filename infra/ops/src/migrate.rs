@@ -1,7 +1,13 @@
 //! Applies `migrations/NNNN_<name>.sql` in order, each once, each in its own transaction,
 //! recorded with a SHA-256 checksum. An applied file that changed is refused; concurrent
-//! runs serialise on an advisory lock.
+//! runs (up, down, or both) serialise on an advisory lock.
+//!
+//! Each migration has a down file, `NNNN_<name>.down.sql`, that undoes it; `down` runs them
+//! newest first, each in its own transaction. A down file whose first line is
+//! `-- irreversible` (a migration that destroys what it cannot restore) stops `down` before
+//! anything is undone.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -10,18 +16,47 @@ use sha2::{Digest, Sha256};
 /// The advisory-lock key all migration runs share ("sparkops" in ASCII).
 const LOCK_KEY: i64 = 0x7370_6172_6b6f_7073;
 
-/// One migration file.
+/// One migration: its up file and, when there is one, its down file.
 #[derive(Debug, Clone)]
 pub struct Migration {
     pub version: i32,
     pub name: String,
     pub sql: String,
     pub checksum: String,
+    pub down: Option<Down>,
 }
 
-/// Reads and orders the migrations in `dir`; names must be `NNNN_<name>.sql`, numbers unique.
+/// A migration's down file.
+#[derive(Debug, Clone)]
+pub struct Down {
+    pub sql: String,
+    /// Marked `-- irreversible` on its first line: `down` refuses to pass it.
+    pub irreversible: bool,
+}
+
+impl Migration {
+    /// `NNNN_<name>`, as files and messages name it.
+    pub fn label(&self) -> String {
+        format!("{:04}_{}", self.version, self.name)
+    }
+}
+
+/// Splits `NNNN_<name>` into its number and name.
+fn parse_stem(file: &str, stem: &str) -> Result<(i32, String)> {
+    let (number, name) = stem
+        .split_once('_')
+        .with_context(|| format!("migration {file}: name it NNNN_<name>.sql"))?;
+    let version = number
+        .parse()
+        .with_context(|| format!("migration {file}: name it NNNN_<name>.sql"))?;
+    Ok((version, name.to_string()))
+}
+
+/// Reads and orders the migrations in `dir`: `NNNN_<name>.sql`, numbers unique, each with
+/// an optional `NNNN_<name>.down.sql`; a down file without its up file is refused.
 pub fn read_dir(dir: &Path) -> Result<Vec<Migration>> {
     let mut out = Vec::new();
+    let mut downs = std::collections::HashMap::new();
     let entries = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read migrations folder {}", dir.display()))?;
     for entry in entries {
@@ -29,23 +64,27 @@ pub fn read_dir(dir: &Path) -> Result<Vec<Migration>> {
         let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
             continue;
         };
-        let Some(stem) = file.strip_suffix(".sql") else {
-            continue;
-        };
-        let (number, name) = stem
-            .split_once('_')
-            .with_context(|| format!("migration {file}: name it NNNN_<name>.sql"))?;
-        let version: i32 = number
-            .parse()
-            .with_context(|| format!("migration {file}: name it NNNN_<name>.sql"))?;
-        let sql = std::fs::read_to_string(&path)?;
-        let checksum = sparkops_core::ids::hex(&Sha256::digest(sql.as_bytes()));
-        out.push(Migration {
-            version,
-            name: name.to_string(),
-            sql,
-            checksum,
-        });
+        let sql = || std::fs::read_to_string(&path);
+        if let Some(stem) = file.strip_suffix(".down.sql") {
+            let (version, name) = parse_stem(file, stem)?;
+            let sql = sql()?;
+            let irreversible = sql
+                .lines()
+                .next()
+                .is_some_and(|l| l.trim() == "-- irreversible");
+            downs.insert((version, name), Down { sql, irreversible });
+        } else if let Some(stem) = file.strip_suffix(".sql") {
+            let (version, name) = parse_stem(file, stem)?;
+            let sql = sql()?;
+            let checksum = sparkops_core::ids::hex(&Sha256::digest(sql.as_bytes()));
+            out.push(Migration {
+                version,
+                name,
+                sql,
+                checksum,
+                down: None,
+            });
+        }
     }
     out.sort_by_key(|m| m.version);
     if let Some(w) = out.windows(2).find(|w| w[0].version == w[1].version) {
@@ -55,6 +94,12 @@ pub fn read_dir(dir: &Path) -> Result<Vec<Migration>> {
             w[0].name,
             w[1].name
         );
+    }
+    for m in &mut out {
+        m.down = downs.remove(&(m.version, m.name.clone()));
+    }
+    if let Some(((version, name), _)) = downs.into_iter().next() {
+        bail!("{version:04}_{name}.down.sql has no {version:04}_{name}.sql to undo");
     }
     Ok(out)
 }
@@ -97,20 +142,36 @@ pub fn redact(url: &str) -> String {
 }
 
 async fn apply(client: &mut tokio_postgres::Client, migrations: &[Migration]) -> Result<Report> {
-    client
-        .execute("select pg_advisory_lock($1)", &[&LOCK_KEY])
-        .await?;
+    lock(client).await?;
     let result = apply_locked(client, migrations).await;
-    client
-        .execute("select pg_advisory_unlock($1)", &[&LOCK_KEY])
-        .await?;
+    unlock(client).await?;
     result
 }
 
-async fn apply_locked(
-    client: &mut tokio_postgres::Client,
-    migrations: &[Migration],
-) -> Result<Report> {
+async fn lock(client: &tokio_postgres::Client) -> Result<()> {
+    client
+        .execute("select pg_advisory_lock($1)", &[&LOCK_KEY])
+        .await?;
+    Ok(())
+}
+
+async fn unlock(client: &tokio_postgres::Client) -> Result<()> {
+    client
+        .execute("select pg_advisory_unlock($1)", &[&LOCK_KEY])
+        .await?;
+    Ok(())
+}
+
+/// A row of `schema_migrations`.
+struct Applied {
+    version: i32,
+    name: String,
+    checksum: String,
+    applied_at: String,
+}
+
+/// What `schema_migrations` records (made when missing), by version.
+async fn applied(client: &tokio_postgres::Client) -> Result<BTreeMap<i32, Applied>> {
     client
         .batch_execute(
             "create table if not exists schema_migrations (
@@ -122,24 +183,41 @@ async fn apply_locked(
         .await?;
     let rows = client
         .query(
-            "select version, name, checksum from schema_migrations order by version",
+            "select version, name, checksum,
+                    to_char(applied_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+             from schema_migrations order by version",
             &[],
         )
         .await?;
-    let applied: std::collections::HashMap<i32, (String, String)> = rows
+    Ok(rows
         .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
+        .map(|r| {
+            let a = Applied {
+                version: r.get(0),
+                name: r.get(1),
+                checksum: r.get(2),
+                applied_at: r.get(3),
+            };
+            (a.version, a)
+        })
+        .collect())
+}
+
+async fn apply_locked(
+    client: &mut tokio_postgres::Client,
+    migrations: &[Migration],
+) -> Result<Report> {
+    let applied = applied(client).await?;
     let mut report = Report::default();
     for m in migrations {
-        if let Some((name, checksum)) = applied.get(&m.version) {
-            if *checksum != m.checksum {
+        if let Some(a) = applied.get(&m.version) {
+            if a.checksum != m.checksum {
                 bail!(
-                    "migration {:04}_{}.sql was changed after it was applied (applied as {:04}_{name}.sql); \
+                    "migration {}.sql was changed after it was applied (applied as {:04}_{}.sql); \
                      applied migrations are never edited: add a new one",
-                    m.version,
-                    m.name,
-                    m.version
+                    m.label(),
+                    a.version,
+                    a.name
                 );
             }
             report.already += 1;
@@ -160,7 +238,7 @@ async fn apply_locked(
         )
         .await?;
         tx.commit().await?;
-        report.applied.push(format!("{:04}_{}", m.version, m.name));
+        report.applied.push(m.label());
     }
     Ok(report)
 }
@@ -184,4 +262,109 @@ pub async fn run_and_report(database_url: &str, dir: &Path) -> Result<()> {
         report.already
     );
     Ok(())
+}
+
+/// Undoes the newest `steps` applied migrations, newest first, each with its down file in
+/// its own transaction, and returns their labels. Refuses before undoing anything when one
+/// of them has no down file, is marked irreversible, or is not in `dir`.
+pub async fn down(database_url: &str, dir: &Path, steps: usize) -> Result<Vec<String>> {
+    let migrations = read_dir(dir)?;
+    let mut client = connect(database_url).await?;
+    lock(&client).await?;
+    let result = down_locked(&mut client, &migrations, steps).await;
+    unlock(&client).await?;
+    result
+}
+
+async fn down_locked(
+    client: &mut tokio_postgres::Client,
+    migrations: &[Migration],
+    steps: usize,
+) -> Result<Vec<String>> {
+    let applied = applied(client).await?;
+    let by_version: BTreeMap<i32, &Migration> = migrations.iter().map(|m| (m.version, m)).collect();
+    let mut plan = Vec::new();
+    for a in applied.values().rev().take(steps) {
+        let Some(m) = by_version.get(&a.version) else {
+            bail!(
+                "migration {:04}_{} is applied but not in the migrations folder: nothing to undo it with",
+                a.version,
+                a.name
+            );
+        };
+        match &m.down {
+            None => bail!(
+                "{}.sql has no down file ({}.down.sql): nothing was undone",
+                m.label(),
+                m.label()
+            ),
+            Some(d) if d.irreversible => bail!(
+                "{} is marked irreversible: nothing was undone (down stops before it)",
+                m.label()
+            ),
+            Some(d) => plan.push((m, d)),
+        }
+    }
+    let mut undone = Vec::new();
+    for (m, d) in plan {
+        let tx = client.transaction().await?;
+        tx.batch_execute(&d.sql)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}.down.sql failed: {}", m.label(), db_message(&e)))?;
+        tx.execute(
+            "delete from schema_migrations where version = $1",
+            &[&m.version],
+        )
+        .await?;
+        tx.commit().await?;
+        undone.push(m.label());
+    }
+    Ok(undone)
+}
+
+/// One migration's state, for `status`.
+#[derive(Debug, PartialEq)]
+pub struct Status {
+    pub label: String,
+    /// When it was applied (UTC, RFC 3339); `None` while pending.
+    pub applied_at: Option<String>,
+    /// Applied, but its file changed since.
+    pub drifted: bool,
+    /// Applied, but its file is gone from the folder.
+    pub missing: bool,
+    pub reversible: bool,
+}
+
+/// Every migration in `dir` and every applied one, in order: applied or pending, checksum
+/// drift, missing files, whether it can be undone.
+pub async fn status(database_url: &str, dir: &Path) -> Result<Vec<Status>> {
+    let migrations = read_dir(dir)?;
+    let client = connect(database_url).await?;
+    let mut applied = applied(&client).await?;
+    let mut out: Vec<(i32, Status)> = migrations
+        .iter()
+        .map(|m| {
+            let a = applied.remove(&m.version);
+            let status = Status {
+                label: m.label(),
+                drifted: a.as_ref().is_some_and(|a| a.checksum != m.checksum),
+                applied_at: a.map(|a| a.applied_at),
+                missing: false,
+                reversible: m.down.as_ref().is_some_and(|d| !d.irreversible),
+            };
+            (m.version, status)
+        })
+        .collect();
+    out.extend(applied.into_values().map(|a| {
+        let status = Status {
+            label: format!("{:04}_{}", a.version, a.name),
+            applied_at: Some(a.applied_at),
+            drifted: false,
+            missing: true,
+            reversible: false,
+        };
+        (a.version, status)
+    }));
+    out.sort_by_key(|(v, _)| *v);
+    Ok(out.into_iter().map(|(_, s)| s).collect())
 }

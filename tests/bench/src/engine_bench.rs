@@ -112,6 +112,8 @@ async fn bench(
         cache_dir: Some(root.join("target/host-test-cache")),
         env,
         guest_output: false,
+        components: Vec::new(),
+        like_spinkube: false,
     })
     .await?;
     let tool_addr = noop_tool().await?;

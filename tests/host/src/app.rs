@@ -48,6 +48,10 @@ pub struct AppOptions {
     pub env: HashMap<String, String>,
     /// Pass the guests' stdout and stderr through (their log lines); off keeps tests quiet.
     pub guest_output: bool,
+    /// Serve only these components and their triggers (`spin up -c`); all when empty.
+    pub components: Vec<String>,
+    /// Refuse what SpinKube's runtime refuses (a cron trigger), as a deployment there would.
+    pub like_spinkube: bool,
 }
 
 /// Instances that may exist at once (requests in flight plus guests running on after
@@ -213,7 +217,13 @@ fn empty(status: StatusCode) -> Response<HyperOutgoingBody> {
 impl AppInner {
     /// Builds the app: every start-up problem is one error with one clear line.
     pub async fn load(options: &AppOptions) -> Result<Arc<Self>> {
-        let (manifest, base) = Manifest::load(&options.manifest)?;
+        let (mut manifest, base) = Manifest::load(&options.manifest)?;
+        if !options.components.is_empty() {
+            manifest.retain_components(&options.components)?;
+        }
+        if options.like_spinkube {
+            manifest.refuse_what_spinkube_refuses()?;
+        }
         let runtime_config = match &options.runtime_config {
             Some(p) => RuntimeConfig::load(p)?,
             None => RuntimeConfig::default(),

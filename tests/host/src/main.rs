@@ -35,6 +35,13 @@ enum Command {
         database_url: Option<String>,
         #[arg(long, default_value = "migrations")]
         migrations: PathBuf,
+        /// Serve only this component and its triggers (repeatable), as `spin up -c`.
+        #[arg(long = "component-id", short = 'c')]
+        components: Vec<String>,
+        /// Refuse what SpinKube's runtime refuses (trigger types other than http and redis
+        /// here), to check a deployment's component set before it ships.
+        #[arg(long)]
+        like_spinkube: bool,
     },
 }
 
@@ -58,6 +65,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             database_url,
             migrations,
+            components,
+            like_spinkube,
         } => {
             if let Some(url) = &database_url {
                 migrate::run_and_report(url, &migrations).await?;
@@ -70,6 +79,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cache_dir: None,
                 env: std::env::vars().collect(),
                 guest_output: true,
+                components,
+                like_spinkube,
             };
             let app = RunningApp::start(&options).await?;
             println!("serving on http://{}", app.addr);

@@ -203,6 +203,59 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// Keeps only `retain` and their triggers, as `spin up -c <id> ...` and the SpinKube
+    /// shim's selective deployment do: every named component must exist, and a retained
+    /// component may not chain to one left out.
+    pub fn retain_components(&mut self, retain: &[String]) -> Result<()> {
+        for id in retain {
+            if !self.component.contains_key(id) {
+                bail!("Specified component \"{id}\" not found in application");
+            }
+        }
+        for id in retain {
+            for rule in &self.component[id].allowed_outbound_hosts {
+                if !crate::outbound::is_chaining_rule(rule) {
+                    continue;
+                }
+                let target = rule
+                    .split_once("://")
+                    .map_or(rule.as_str(), |(_, rest)| rest)
+                    .split('.')
+                    .next()
+                    .unwrap_or_default();
+                if target == "*" {
+                    bail!(
+                        "Component selected with '--component {id}' cannot use wildcard service chaining: allowed_outbound_hosts = [\"http://*.spin.internal\"]"
+                    );
+                }
+                if !retain.iter().any(|r| r == target) {
+                    bail!(
+                        "Component selected with '--component {id}' cannot use service chaining to unselected component: allowed_outbound_hosts = [\"http://{target}.spin.internal\"]"
+                    );
+                }
+            }
+        }
+        let kept = |c: &String| retain.contains(c);
+        self.component.retain(|id, _| kept(id));
+        self.trigger.http.retain(|t| kept(&t.component));
+        self.trigger.redis.retain(|t| kept(&t.component));
+        self.trigger.cron.retain(|t| kept(&t.component));
+        Ok(())
+    }
+
+    /// Refuses, as SpinKube's runtime (containerd-shim-spin) does, an app with a trigger
+    /// type other than http, redis, sqs, mqtt and command: here, cron.
+    pub fn refuse_what_spinkube_refuses(&self) -> Result<()> {
+        if !self.trigger.cron.is_empty() {
+            bail!(
+                "Only Http, Redis, MQTT, SQS, and Command triggers are currently supported. Found unsupported trigger: \"cron\""
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Checks an identifier the way Spin 3.6.3 checks component ids (kebab-case): `-`-separated
 /// words, none empty, each starting with an ASCII letter, made of letters and digits and
 /// either all lowercase or all uppercase (`api-v2` and `API-v2` pass; `my_comp`, `a--b`,

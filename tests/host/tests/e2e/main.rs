@@ -9,6 +9,7 @@ mod admin;
 mod agent_steps;
 mod conformance;
 mod demo;
+mod deployment;
 mod docs;
 mod engine;
 mod health;

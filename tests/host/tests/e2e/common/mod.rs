@@ -152,6 +152,8 @@ impl TestEnv {
             env,
             // Guests' log lines only when asked for.
             guest_output: std::env::var_os("TEST_LOG").is_some(),
+            components: Vec::new(),
+            like_spinkube: false,
         }
     }
 }
@@ -317,6 +319,15 @@ impl Api {
 
     /// Starts with extra `SPIN_VARIABLE_*` settings.
     pub async fn start_with(vars: &[(&str, &str)]) -> Self {
+        Self::start_adjusted(vars, |_| {}).await
+    }
+
+    /// Starts with extra settings and `adjust` applied to the options (a component
+    /// selection, the SpinKube trigger rule).
+    pub async fn start_adjusted(
+        vars: &[(&str, &str)],
+        adjust: impl FnOnce(&mut AppOptions),
+    ) -> Self {
         let env = TestEnv::new().await;
         let config = format!(
             "[key_value_store.default]\ntype = \"redis\"\nurl = \"{}\"\n",
@@ -326,6 +337,7 @@ impl Api {
         for (k, v) in vars {
             options.env.insert(k.to_string(), v.to_string());
         }
+        adjust(&mut options);
         let app = RunningApp::start(&options).await.expect("the app starts");
         Self {
             client: Client::new(app.url("")),

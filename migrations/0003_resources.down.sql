@@ -1,0 +1,9 @@
+drop table project_secrets;
+drop table model_prices;
+drop table schedules;
+drop table policies;
+drop table workflow_versions;
+drop table workflows;
+drop table agent_tools;
+drop table agents;
+drop table tools;

@@ -1,0 +1,2 @@
+drop table trace_exports;
+alter table projects drop column trace_endpoint;
