@@ -115,7 +115,7 @@ pub struct Report {
 pub async fn run(database_url: &str, dir: &Path) -> Result<Report> {
     let migrations = read_dir(dir)?;
     let mut client = connect(database_url).await?;
-    apply(&mut client, &migrations).await
+    locked(&mut client, async |c| apply_locked(c, &migrations).await).await
 }
 
 /// A client for `database_url` (its connection driven by a task); an unreachable database
@@ -141,25 +141,19 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-async fn apply(client: &mut tokio_postgres::Client, migrations: &[Migration]) -> Result<Report> {
-    lock(client).await?;
-    let result = apply_locked(client, migrations).await;
-    unlock(client).await?;
-    result
-}
-
-async fn lock(client: &tokio_postgres::Client) -> Result<()> {
+/// Runs `work` holding the advisory lock that every migration run (up or down) shares.
+async fn locked<T>(
+    client: &mut tokio_postgres::Client,
+    work: impl AsyncFnOnce(&mut tokio_postgres::Client) -> Result<T>,
+) -> Result<T> {
     client
         .execute("select pg_advisory_lock($1)", &[&LOCK_KEY])
         .await?;
-    Ok(())
-}
-
-async fn unlock(client: &tokio_postgres::Client) -> Result<()> {
+    let result = work(client).await;
     client
         .execute("select pg_advisory_unlock($1)", &[&LOCK_KEY])
         .await?;
-    Ok(())
+    result
 }
 
 /// A row of `schema_migrations`.
@@ -270,10 +264,10 @@ pub async fn run_and_report(database_url: &str, dir: &Path) -> Result<()> {
 pub async fn down(database_url: &str, dir: &Path, steps: usize) -> Result<Vec<String>> {
     let migrations = read_dir(dir)?;
     let mut client = connect(database_url).await?;
-    lock(&client).await?;
-    let result = down_locked(&mut client, &migrations, steps).await;
-    unlock(&client).await?;
-    result
+    locked(&mut client, async |c| {
+        down_locked(c, &migrations, steps).await
+    })
+    .await
 }
 
 async fn down_locked(

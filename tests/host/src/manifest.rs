@@ -161,10 +161,8 @@ impl Manifest {
                 self.spin_manifest_version
             );
         }
-        for id in self.component.keys() {
-            check_kebab_id(id).with_context(|| format!("bad manifest: component `{id}`"))?;
-        }
         for (id, component) in &self.component {
+            check_kebab_id(id).with_context(|| format!("bad manifest: component `{id}`"))?;
             for label in &component.key_value_stores {
                 if check_kebab_id(label).is_err() && crate::variables::check_name(label).is_err() {
                     bail!(
@@ -215,15 +213,13 @@ impl Manifest {
         }
         for id in retain {
             for rule in &self.component[id].allowed_outbound_hosts {
-                if !crate::outbound::is_chaining_rule(rule) {
-                    continue;
-                }
                 let target = rule
                     .split_once("://")
-                    .map_or(rule.as_str(), |(_, rest)| rest)
-                    .split('.')
-                    .next()
-                    .unwrap_or_default();
+                    .filter(|_| crate::outbound::is_chaining_rule(rule))
+                    .and_then(|(_, host)| crate::outbound::chaining_target(host));
+                let Some(target) = target else {
+                    continue;
+                };
                 if target == "*" {
                     bail!(
                         "Component selected with '--component {id}' cannot use wildcard service chaining: allowed_outbound_hosts = [\"http://*.spin.internal\"]"
@@ -285,7 +281,68 @@ pub fn check_kebab_id(id: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::check_kebab_id;
+    use super::{Manifest, check_kebab_id};
+
+    fn manifest() -> Manifest {
+        toml::from_str(
+            r#"
+            spin_manifest_version = 2
+            [application]
+            name = "x"
+            [[trigger.http]]
+            route = "/a"
+            component = "a"
+            [[trigger.http]]
+            route = { private = true }
+            component = "b"
+            [[trigger.http]]
+            route = "/c"
+            component = "c"
+            [component.a]
+            source = "a.wasm"
+            allowed_outbound_hosts = ["http://b.spin.internal:80"]
+            [component.b]
+            source = "b.wasm"
+            [component.c]
+            source = "c.wasm"
+            allowed_outbound_hosts = ["http://*.spin.internal"]
+            "#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn retaining_keeps_the_named_components_and_refuses_chaining_to_one_left_out() {
+        let err = manifest().retain_components(&["a".into()]).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "unselected component: allowed_outbound_hosts = [\"http://b.spin.internal\"]"
+            ),
+            "{err}"
+        );
+        let err = manifest().retain_components(&["c".into()]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cannot use wildcard service chaining"),
+            "{err}"
+        );
+        let err = manifest().retain_components(&["d".into()]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Specified component \"d\" not found in application"
+        );
+
+        let mut m = manifest();
+        m.retain_components(&["a".into(), "b".into()]).unwrap();
+        assert_eq!(m.component.keys().collect::<Vec<_>>(), ["a", "b"]);
+        let routed: Vec<&str> = m
+            .trigger
+            .http
+            .iter()
+            .map(|t| t.component.as_str())
+            .collect();
+        assert_eq!(routed, ["a", "b"]);
+    }
 
     #[test]
     fn component_ids_follow_spin_rules() {

@@ -5,7 +5,7 @@
 
 use std::process::{Command, Stdio};
 
-use crate::common::{Api, eventually, free_local_address, workspace};
+use crate::common::{Api, TempDir, eventually, free_local_address, workspace};
 
 /// Kills the demo services when the test ends, however it ends.
 struct Services(std::process::Child);
@@ -47,7 +47,8 @@ async fn the_offline_demo_seeds_through_the_api_and_its_run_succeeds() {
             .expect("the demo services start"),
     );
     let base = format!("http://{addr}");
-    eventually(async || answers_200(&format!("{base}/healthz")).await.then_some(())).await;
+    // Ready once it accepts connections (Python binds before it serves).
+    eventually(async || tokio::net::TcpStream::connect(addr).await.ok()).await;
     let providers = format!("demo={base}/v1");
     let api = Api::start_with(&[
         ("SPIN_VARIABLE_MODEL_PROVIDERS", providers.as_str()),
@@ -55,15 +56,15 @@ async fn the_offline_demo_seeds_through_the_api_and_its_run_succeeds() {
         ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
     ])
     .await;
-    let data = tempfile_dir();
+    let data = TempDir::new();
 
-    let (ok, first) = seed(&api, &base, &data).await;
+    let (ok, first) = seed(&api, &base, data.path()).await;
     assert!(ok, "{first}");
     assert!(
         first.contains("search: succeeded") && first.contains("summarise: succeeded"),
         "{first}"
     );
-    let (ok, again) = seed(&api, &base, &data).await;
+    let (ok, again) = seed(&api, &base, data.path()).await;
     assert!(ok, "{again}");
 
     let db = api.env.db().await;
@@ -87,29 +88,4 @@ async fn the_offline_demo_seeds_through_the_api_and_its_run_succeeds() {
     // The provider's usage is what the runs recorded, never zero.
     assert!(count("select coalesce(sum(tokens_in), 0)::int8 from run_steps").await > 0);
     drop(services);
-}
-
-/// Whether a GET of `url` answers 200 (the services' health check), over plain TCP.
-async fn answers_200(url: &str) -> bool {
-    let Some(rest) = url.strip_prefix("http://") else {
-        return false;
-    };
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let Ok(mut stream) = tokio::net::TcpStream::connect(host).await else {
-        return false;
-    };
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return false;
-    }
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer).await;
-    answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200")
-}
-
-fn tempfile_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("sparkops-demo-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }

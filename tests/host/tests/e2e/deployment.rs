@@ -123,15 +123,7 @@ async fn split_in_two_deployments_runs_finish_and_schedules_fire() {
         )
         .await;
     let due = Utc::now() + Duration::days(400);
-    api.env
-        .db()
-        .await
-        .execute(
-            "update schedules set next_fire_at = $2 where schedule_id = $1::text::uuid",
-            &[&schedule["id"].as_str().unwrap(), &due],
-        )
-        .await
-        .unwrap();
+    crate::scheduler::set_next(&api, schedule["id"].as_str().unwrap(), due).await;
     cron_part
         .inner
         .handle_cron("scheduler", (due + Duration::seconds(1)).timestamp() as u64)

@@ -2,35 +2,15 @@
 
 use std::time::Duration;
 
-use crate::common::{TestEnv, connect};
+use crate::common::{TempDir, TestEnv, connect};
 use sparkops_ops::migrate;
 
-fn dir_with(files: &[(&str, &str)]) -> tempdir::Dir {
-    let dir = tempdir::Dir::new();
+fn dir_with(files: &[(&str, &str)]) -> TempDir {
+    let dir = TempDir::new();
     for (name, sql) in files {
         std::fs::write(dir.path().join(name), sql).unwrap();
     }
     dir
-}
-
-mod tempdir {
-    pub struct Dir(std::path::PathBuf);
-    impl Dir {
-        pub fn new() -> Self {
-            let p = std::env::temp_dir()
-                .join(format!("sparkops-mig-{}", uuid::Uuid::new_v4().simple()));
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-        pub fn path(&self) -> &std::path::Path {
-            &self.0
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 async fn empty_database() -> (TestEnv, String) {
@@ -350,7 +330,7 @@ async fn every_migration_has_a_down_file_and_up_down_up_keeps_the_schema_with_ro
     let url = api.env.database_url.clone();
     fill_every_table(&api).await;
     let db = api.env.db().await;
-    let empty: Vec<String> = db
+    let tables: Vec<String> = db
         .query(
             "select table_name::text from information_schema.tables
              where table_schema = 'public' and table_type = 'BASE TABLE'
@@ -361,9 +341,9 @@ async fn every_migration_has_a_down_file_and_up_down_up_keeps_the_schema_with_ro
         .unwrap()
         .iter()
         .map(|r| r.get::<_, String>(0))
-        .collect::<Vec<_>>();
+        .collect();
     let mut without_rows = Vec::new();
-    for table in &empty {
+    for table in &tables {
         let n: i64 = db
             .query_one(&format!("select count(*) from {table}"), &[])
             .await

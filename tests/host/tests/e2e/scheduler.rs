@@ -52,7 +52,8 @@ async fn schedule(
     id
 }
 
-async fn set_next(api: &Api, id: &str, at: DateTime<Utc>) {
+/// Sets a schedule's next fire time, as if the scheduler had been waiting for it.
+pub(crate) async fn set_next(api: &Api, id: &str, at: DateTime<Utc>) {
     api.env
         .db()
         .await

@@ -158,6 +158,28 @@ impl TestEnv {
     }
 }
 
+/// A folder of its own under the system's temporary folder, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let p =
+            std::env::temp_dir().join(format!("sparkops-tmp-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A loopback address with a free port below the kernel's ephemeral range (which starts at
 /// 32768), so no outgoing connection can take it between this check and the app's bind;
 /// a process-wide counter keeps two apps of this process from being handed the same one.
