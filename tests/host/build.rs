@@ -47,7 +47,12 @@ fn main() {
         }}
     ",
     world: "platform",
-    imports: {{ default: async }},
+    // Spin 3.6.3 ends the whole invocation when a Redis connection goes to an address
+    // `block_networks` blocks (its host code panics); the host traps there too.
+    imports: {{
+        "fermyon:spin/redis.[static]connection.open": async | trappable,
+        default: async,
+    }},
     exports: {{ default: async }},
     with: {{
         "fermyon:spin/key-value@2.0.0.store": crate::key_value::Store,

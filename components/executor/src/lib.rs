@@ -330,6 +330,9 @@ fn call_tool(
         (Some("http-status"), Some(429)) => "rate-limited",
         (Some("http-status"), Some(s)) if (400..500).contains(&s) && s != 408 => "validation",
         (Some("validation"), _) => "validation",
+        // A destination the runtime refuses (`block_networks`, allowed hosts) is refused
+        // on every attempt: a policy matter, not retried by default.
+        (Some("denied"), _) => "policy-violation",
         _ => "tool-error",
     };
     Ok(fail(kind, message))

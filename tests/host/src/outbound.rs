@@ -240,21 +240,30 @@ impl BlockedNetworks {
     }
 }
 
+/// Not globally routable, as Spin's `private` takes it (IANA's special-purpose ranges).
 fn is_private(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
             v4.is_private()
                 || v4.is_loopback()
                 || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64 // 100.64/10, CGNAT
+                || a == 0 // "this network", 0.0.0.0/8
+                || a == 100 && (b & 0xc0) == 64 // shared address space (CGNAT), 100.64/10
+                || (a, b, c) == (192, 0, 0) // IETF protocol assignments
+                || (a, b, c) == (192, 0, 2) // documentation
+                || (a, b, c) == (198, 51, 100)
+                || (a, b, c) == (203, 0, 113)
+                || a == 198 && (b & 0xfe) == 18 // benchmarking, 198.18/15
+                || a >= 240 // reserved, and the broadcast address
         }
         IpAddr::V6(v6) => {
+            let s = v6.segments();
             v6.is_loopback()
                 || v6.is_unspecified()
-                || (v6.segments()[0] & 0xfe00) == 0xfc00 // unique local
-                || (v6.segments()[0] & 0xffc0) == 0xfe80 // link local
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link local
+                || (s[0], s[1]) == (0x2001, 0xdb8) // documentation
         }
     }
 }
@@ -265,6 +274,37 @@ mod tests {
 
     fn rules(r: &[&str]) -> AllowedHosts {
         AllowedHosts::parse(&r.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn private_is_every_range_that_is_not_globally_routable() {
+        let private = BlockedNetworks::parse(&["private".into()]).unwrap();
+        for ip in [
+            "0.0.0.1",
+            "10.1.2.3",
+            "100.64.0.1",
+            "127.0.0.1",
+            "169.254.169.254",
+            "172.31.0.1",
+            "192.0.0.8",
+            "192.0.2.1",
+            "192.168.0.1",
+            "198.18.0.1",
+            "198.51.100.2",
+            "203.0.113.3",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "2001:db8::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(private.blocks(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["1.1.1.1", "100.128.0.1", "198.20.0.1", "2606:4700::1111"] {
+            assert!(!private.blocks(ip.parse().unwrap()), "{ip}");
+        }
     }
 
     #[test]

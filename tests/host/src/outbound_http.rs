@@ -55,6 +55,11 @@ impl OutboundHttp {
         }
     }
 
+    /// The runtime config's blocked networks, which apply to outbound Redis too.
+    pub fn network(&self) -> &BlockedNetworks {
+        &self.network
+    }
+
     fn target(&self, uri: &http::Uri) -> Result<Target, Error> {
         let scheme = uri.scheme_str().unwrap_or("http");
         let host = uri.host().unwrap_or_default().to_ascii_lowercase();

@@ -55,19 +55,52 @@ fn to_results(value: Value) -> Vec<RedisResult> {
     }
 }
 
+/// The addresses `address` resolves to when `block_networks` blocks every one of them (as
+/// Spin: one allowed address is enough to connect).
+async fn blocked_addresses(
+    network: &crate::outbound::BlockedNetworks,
+    address: &str,
+) -> Option<Vec<std::net::SocketAddr>> {
+    if network.is_empty() {
+        return None;
+    }
+    let url = url::Url::parse(address).ok()?;
+    let host = url.host_str()?.trim_matches(['[', ']']);
+    let addrs: Vec<_> = tokio::net::lookup_host((host, url.port().unwrap_or(6379)))
+        .await
+        .ok()?
+        .collect();
+    let all_blocked = !addrs.is_empty() && addrs.iter().all(|a| network.blocks(a.ip()));
+    all_blocked.then_some(addrs)
+}
+
 impl redis::Host for InstanceState {}
 
 impl redis::HostConnection for InstanceState {
-    async fn open(&mut self, address: String) -> Result<Resource<Connection>, Error> {
+    async fn open(
+        &mut self,
+        address: String,
+    ) -> wasmtime::Result<Result<Resource<Connection>, Error>> {
         if !self.component.allowed_hosts.allows_url(&address) {
             eprintln!(
                 "component `{}` tried to connect to Redis at a host not in allowed_outbound_hosts",
                 self.component.id
             );
-            return Err(Error::InvalidAddress);
+            return Ok(Err(Error::InvalidAddress));
         }
-        let conn = self.app.redis_connection(&address).await?;
-        self.table.push(Connection { conn }).map_err(other)
+        // Spin checks `block_networks` for outbound Redis as for HTTP (not for Postgres),
+        // and a refused address ends the invocation rather than returning an error.
+        if let Some(blocked) = blocked_addresses(self.blocked_networks(), &address).await {
+            wasmtime::bail!(
+                "destination IP prohibited by runtime config: Redis at {blocked:?} (component `{}`)",
+                self.component.id
+            );
+        }
+        Ok(async {
+            let conn = self.app.redis_connection(&address).await?;
+            self.table.push(Connection { conn }).map_err(other)
+        }
+        .await)
     }
 
     async fn publish(

@@ -115,6 +115,11 @@ impl InstanceState {
         }
     }
 
+    /// The runtime config's `block_networks`.
+    pub fn blocked_networks(&self) -> &crate::outbound::BlockedNetworks {
+        self.hooks.network()
+    }
+
     pub fn limiter(&mut self) -> &mut dyn ResourceLimiter {
         &mut self.limits
     }

@@ -428,6 +428,46 @@ async fn block_networks_refuses_an_allowed_host_in_a_blocked_range() {
     );
 }
 
+/// As Spin 3.6.3 does (checked under `../shared/tools/spin`): `block_networks` applies to
+/// outbound Redis, where a blocked address ends the invocation, and not to Postgres.
+#[tokio::test]
+async fn block_networks_ends_a_redis_call_to_a_blocked_address_but_not_postgres() {
+    let env = TestEnv::new().await;
+    let config = "[outbound_networking]\nblock_networks = [\"private\"]\n";
+    let app = start(&env, &[], config).await;
+    let redis = post(
+        &app,
+        "/main/redis",
+        json!({"commands": [["execute", "PING", []]]}),
+    )
+    .await;
+    assert_eq!(
+        redis.status,
+        500,
+        "{}",
+        String::from_utf8_lossy(&redis.body)
+    );
+    assert_eq!(
+        select_one(&app, "select $1::int4 + 1", json!({"int32": 41})).await,
+        json!({"int32": 42})
+    );
+    // The same app without the rule reaches the same Redis.
+    let open = start(&env, &[], "").await;
+    let ok = post(
+        &open,
+        "/main/redis",
+        json!({"commands": [["execute", "PING", []]]}),
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(
+        ok.json()["results"][0],
+        json!([{"status": "PONG"}]),
+        "{}",
+        ok.json()
+    );
+}
+
 // ---- Key-value -----------------------------------------------------------------------------
 
 const STORES: &str = "[key_value_store.other]\ntype = \"spin\"\n";

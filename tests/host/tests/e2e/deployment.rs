@@ -1,31 +1,45 @@
-//! The app split the way a SpinKube deployment runs it: the HTTP and Redis components on the
-//! shim (which refuses a cron trigger), the periodic (cron) components as a second
-//! deployment of the Spin CLI, both over one database and Redis. Runs and schedules still
-//! complete with the parts running separately.
+//! The app split the way `infra/kubernetes` deploys it (parts read from the manifests):
+//! the API and the engine as SpinApps on the shim (which refuses a cron trigger), the
+//! periodic components under the Spin CLI, each part with its own runtime config, all over
+//! one database and Redis. Runs and schedules complete with the parts running separately,
+//! replicas of a part duplicate nothing, and the exporter part's `block_networks` holds where
+//! the app's own URL rules are switched off.
+
+use std::time::Duration as StdDuration;
 
 use chrono::{Duration, Utc};
 use serde_json::json;
 use sparkops_host::RunningApp;
-use sparkops_host::manifest::Manifest;
 
-use crate::common::{Api, free_local_address, workspace};
+use crate::common::{Api, FakeServer, TestEnv, free_local_address};
+use crate::kubernetes::{Part, parts};
 
-/// The app's components, split into those with a cron trigger and the rest.
-fn parts() -> (Vec<String>, Vec<String>) {
-    let (manifest, _) = Manifest::load(&workspace().join("spin.toml")).unwrap();
-    let periodic: Vec<String> = manifest
-        .trigger
-        .cron
-        .iter()
-        .map(|t| t.component.clone())
-        .collect();
-    let rest = manifest
-        .component
-        .keys()
-        .filter(|id| !periodic.contains(id))
-        .cloned()
-        .collect();
-    (rest, periodic)
+/// The deployed part that runs `component`.
+fn part_with(component: &str) -> Part {
+    parts()
+        .into_iter()
+        .find(|p| p.components.iter().any(|c| c == component))
+        .unwrap_or_else(|| panic!("no part runs {component}"))
+}
+
+/// Starts one replica of `part` against `env`'s services, handing steps to `api`, with the
+/// app's own URL rules switched off (a forgotten setting) so only the runtime config blocks.
+async fn start_part(env: &TestEnv, part: &Part, api: &RunningApp) -> RunningApp {
+    let mut options = env.options("spin.toml", Some(&part.runtime_config_for(&env.redis_url)));
+    options.listen = free_local_address();
+    options
+        .env
+        .insert("SPIN_VARIABLE_DISPATCH_URL".into(), api.url(""));
+    for rule in ["TOOLS_ALLOW_HTTP", "TOOLS_ALLOW_PRIVATE_HOSTS"] {
+        options
+            .env
+            .insert(format!("SPIN_VARIABLE_{rule}"), "true".into());
+    }
+    options.components = part.components.clone();
+    options.like_spinkube = part.on_shim();
+    RunningApp::start(&options)
+        .await
+        .unwrap_or_else(|e| panic!("{} starts: {e:#}", part.name))
 }
 
 #[tokio::test]
@@ -58,89 +72,147 @@ async fn selecting_a_component_that_does_not_exist_is_refused() {
 }
 
 #[tokio::test]
-async fn split_in_two_deployments_runs_finish_and_schedules_fire() {
-    let (api_part, periodic) = parts();
-    assert_eq!(
-        periodic.len(),
-        3,
-        "scheduler, sweeper, exporter: {periodic:?}"
+async fn the_deployed_parts_finish_runs_and_fire_schedules_once() {
+    let (api_part, engine, ticks, exporter) = (
+        part_with("executor"),
+        part_with("orchestrator"),
+        part_with("scheduler"),
+        part_with("exporter"),
     );
-    let api = Api::start_adjusted(&[], |o| {
-        o.components = api_part.clone();
-        o.like_spinkube = true;
-    })
+    assert!(api_part.on_shim() && engine.on_shim());
+    assert!(!ticks.on_shim() && !exporter.on_shim());
+    // The app's own URL rules off (a forgotten setting): the runtime config still blocks.
+    let api = Api::start_adjusted(
+        &[
+            ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
+            ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
+        ],
+        |o| {
+            let redis = o.env["SPIN_VARIABLE_REDIS_URL"].clone();
+            let path = o.state_dir.join("api-runtime-config.toml");
+            std::fs::write(&path, api_part.runtime_config_for(&redis)).unwrap();
+            o.runtime_config = Some(path);
+            o.components = api_part.components.clone();
+            o.like_spinkube = true;
+        },
+    )
     .await;
-    // The periodic part: only the cron components, the same database and Redis, handing
-    // steps to the API part's executor route.
-    let mut options = api.env.options(
-        "spin.toml",
-        Some(&format!(
-            "[key_value_store.default]\ntype = \"redis\"\nurl = \"{}\"\n",
-            api.env.redis_url
-        )),
-    );
-    options.listen = free_local_address();
-    options
-        .env
-        .insert("SPIN_VARIABLE_DISPATCH_URL".into(), api.app.url(""));
-    options.components = periodic;
-    let cron_part = RunningApp::start(&options)
-        .await
-        .expect("the periodic part starts");
-    // Neither part serves the other's work: the periodic part has no routes.
-    let probe = crate::common::get(&cron_part, "/healthz").await;
-    assert_eq!(probe.status, 404);
+    // Two engine replicas (each receives every nudge), three of the ticks, one exporter.
+    let mut others = Vec::new();
+    for part in [&engine, &engine, &ticks, &ticks, &ticks, &exporter] {
+        others.push(start_part(&api.env, part, &api.app).await);
+    }
+    // A part without HTTP components serves nothing.
+    assert_eq!(crate::common::get(&others[0], "/healthz").await.status, 404);
 
     let ada = api.register("ada").await;
     let p = api.create_project(&ada, json!({"name": "Split"})).await["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let wf = api
-        .create(
-            &ada.access,
-            "/api/v1/workflows",
-            json!({"project_id": p, "name": "w", "definition": {"steps": [
-                {"key": "a", "kind": "condition", "input": {}},
-                {"key": "b", "kind": "condition", "input": {}, "depends_on": ["a"]}]}}),
+    let chain = crate::engine::workflow(
+        &api,
+        &ada,
+        &p,
+        json!([
+        {"key": "a", "kind": "condition", "input": {}},
+        {"key": "b", "kind": "condition", "input": {}, "depends_on": ["a"]},
+        {"key": "c", "kind": "condition", "input": {}, "depends_on": ["b"]}]),
+    )
+    .await;
+    let chain = json!(chain);
+
+    // Runs started on the API part finish through the engine part; with two engine
+    // replicas every step still ran exactly once.
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        runs.push(api.start_run(&ada.access, &chain, json!({})).await["id"].clone());
+    }
+    for run in &runs {
+        let done = api.finished_run(&ada.access, run.as_str().unwrap()).await;
+        assert_eq!(done["status"], "succeeded");
+    }
+    let db = api.env.db().await;
+    let attempts: Vec<i32> = db
+        .query("select attempt from run_steps", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(attempts, vec![1; 12], "every step of 4 runs once");
+    let started: i64 = db
+        .query_one(
+            "select count(*) from run_events where kind = 'step.started'",
+            &[],
         )
-        .await["id"]
-        .clone();
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(started, 12);
 
-    // A run started by the API part finishes through the API part's orchestrator.
-    let run = api.start_run(&ada.access, &wf, json!({})).await;
-    let done = api
-        .finished_run(&ada.access, run["id"].as_str().unwrap())
-        .await;
-    assert_eq!(done["status"], "succeeded");
-
-    // A schedule fires only when the periodic part ticks, and its run finishes.
+    // Three ticks replicas firing the same second make one run of a due schedule.
     let schedule = api
         .create(
             &ada.access,
             "/api/v1/schedules",
-            json!({"project_id": p, "workflow_id": wf, "cron": "0 3 * * *", "input": {}}),
+            json!({"project_id": p, "workflow_id": chain, "cron": "0 3 * * *", "input": {}}),
         )
         .await;
+    let id = schedule["id"].as_str().unwrap();
     let due = Utc::now() + Duration::days(400);
-    crate::scheduler::set_next(&api, schedule["id"].as_str().unwrap(), due).await;
-    cron_part
-        .inner
-        .handle_cron("scheduler", (due + Duration::seconds(1)).timestamp() as u64)
-        .await
-        .unwrap();
-    let fired = api
-        .env
-        .db()
-        .await
-        .query_one(
+    crate::scheduler::set_next(&api, id, due).await;
+    let at = (due + Duration::seconds(1)).timestamp() as u64;
+    let fires = others[2..5]
+        .iter()
+        .map(|replica| replica.inner.handle_cron("scheduler", at));
+    for fired in futures::future::join_all(fires).await {
+        fired.unwrap();
+    }
+    let fired: Vec<String> = db
+        .query(
             "select run_id::text from runs where schedule_id = $1::text::uuid",
-            &[&schedule["id"].as_str().unwrap()],
+            &[&id],
         )
         .await
         .unwrap()
-        .get::<_, String>(0);
-    let done = api.finished_run(&ada.access, &fired).await;
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(fired.len(), 1, "one run for one fire time: {fired:?}");
+    let done = api.finished_run(&ada.access, &fired[0]).await;
     assert_eq!(done["status"], "succeeded");
-    cron_part.shutdown().await;
+
+    // The exporter part's block_networks: an OTLP endpoint on a private address is refused
+    // when the trace goes out, though the app's own URL rules (switched off here) let the
+    // project save it; nothing reaches the address.
+    let collector = FakeServer::start(200, json!({}), StdDuration::ZERO).await;
+    let res = api
+        .call(
+            "PATCH",
+            &format!("/api/v1/projects/{p}"),
+            Some(&ada.access),
+            Some(json!({"trace_endpoint": collector.url("/v1/traces")})),
+        )
+        .await;
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    let traced = api
+        .run_to_end(&ada.access, chain.as_str().unwrap(), json!({}))
+        .await;
+    let at = Utc::now().timestamp() as u64 + 5;
+    others[5].inner.handle_cron("exporter", at).await.unwrap();
+    let row = db
+        .query_one(
+            "select status, last_error from trace_exports where run_id = $1::text::uuid",
+            &[&traced["id"].as_str().unwrap()],
+        )
+        .await
+        .unwrap();
+    let (status, error): (String, Option<String>) = (row.get(0), row.get(1));
+    assert_eq!(status, "failed", "{error:?}");
+    assert!(error.unwrap().contains("blocked network"));
+    assert!(collector.received().is_empty());
+    for part in others {
+        part.shutdown().await;
+    }
 }

@@ -14,6 +14,7 @@ mod docs;
 mod engine;
 mod health;
 mod hostile;
+mod kubernetes;
 mod metrics;
 mod migrations;
 mod projects;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::common::{Client, FakeServer, TestEnv, eventually};
 use crate::engine::{tool_named, wait_status, workflow};
+use crate::kubernetes::{Part, parts};
 use serde_json::json;
 
 fn spin_binary() -> Option<PathBuf> {
@@ -240,4 +241,236 @@ async fn the_app_runs_end_to_end_under_real_spin() {
     })
     .await;
     drop(up);
+}
+
+/// Starts `program args` with the test's variables and `extra`, its output in `log`, as one
+/// process group.
+fn spawn(program: &PathBuf, args: &[String], env: &TestEnv, extra: &[(&str, String)]) -> SpinUp {
+    use std::os::unix::process::CommandExt;
+    let options = env.options("spin.toml", None);
+    let log = options.state_dir.join("spin.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new(program)
+        .args(args)
+        .envs(&options.env)
+        .envs(extra.iter().map(|(k, v)| (k.to_string(), v.clone())))
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .expect("spin starts");
+    SpinUp { child, log }
+}
+
+/// A deployed part's runtime config for this test's Redis, written beside its state.
+fn part_config(env: &TestEnv, part: &Part) -> String {
+    let path = env
+        .options("spin.toml", Some(&part.runtime_config_for(&env.redis_url)))
+        .runtime_config
+        .unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn component_args(flag: &str, part: &Part) -> Vec<String> {
+    part.components
+        .iter()
+        .flat_map(|c| [flag.to_string(), c.clone()])
+        .collect()
+}
+
+/// The parts of `infra/kubernetes` under the real Spin CLI, one process each, as deployed:
+/// the API and engine parts (on SpinKube, the shim; here Spin's own selective deployment)
+/// and the periodic parts through the spin-cron image's entry point with the arguments
+/// spin-operator gives it, each with its runtime config.
+#[tokio::test]
+async fn the_deployed_parts_work_together_under_real_spin() {
+    let Some(spin) = spin_binary() else {
+        eprintln!(
+            "SKIPPED the real-Spin deployment: ../shared/tools/spin is not beside the checkout"
+        );
+        return;
+    };
+    ensure_cron_plugin(&spin);
+    let part = |c: &str| {
+        parts()
+            .into_iter()
+            .find(|p| p.components.iter().any(|x| x == c))
+            .unwrap()
+    };
+    let (api_part, engine, ticks, exporter) = (
+        part("executor"),
+        part("orchestrator"),
+        part("scheduler"),
+        part("exporter"),
+    );
+    let env = TestEnv::new().await;
+    let manifest = crate::common::workspace()
+        .join("spin.toml")
+        .to_string_lossy()
+        .into_owned();
+    let listen = crate::common::free_local_address();
+    let dispatch = ("SPIN_VARIABLE_DISPATCH_URL", format!("http://{listen}"));
+    let state = |name: &str| {
+        let dir = std::env::temp_dir().join(format!("sparkops-{}-{name}", env.runs_channel()));
+        [
+            "--state-dir".to_string(),
+            dir.to_string_lossy().into_owned(),
+        ]
+    };
+
+    // The app's own URL rules off (the project may point traces at loopback): the exporter
+    // part's block_networks is what refuses.
+    let mut args = vec![
+        "up".into(),
+        "--from".into(),
+        manifest.clone(),
+        "--listen".into(),
+    ];
+    args.push(listen.to_string());
+    args.extend(["--runtime-config-file".into(), part_config(&env, &api_part)]);
+    args.extend(component_args("-c", &api_part));
+    args.extend(state("api"));
+    let mut api_up = spawn(
+        &spin,
+        &args,
+        &env,
+        &[
+            dispatch.clone(),
+            ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true".into()),
+            ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true".into()),
+        ],
+    );
+
+    // The engine part has no HTTP trigger, so no --listen (Spin refuses it there).
+    let mut args = vec!["up".into(), "--from".into(), manifest.clone()];
+    args.extend(["--runtime-config-file".into(), part_config(&env, &engine)]);
+    args.extend(component_args("-c", &engine));
+    args.extend(state("engine"));
+    let mut engine_up = spawn(&spin, &args, &env, std::slice::from_ref(&dispatch));
+
+    // spin-operator's arguments for a Spin-CLI executor, through the image's entry point.
+    let entry = crate::common::workspace().join("infra/spin-cron/spin-up-periodic");
+    let mut args: Vec<String> = ["up", "--listen", "0.0.0.0:80", "-f", &manifest]
+        .map(String::from)
+        .into();
+    args.extend(["--runtime-config-file".into(), part_config(&env, &ticks)]);
+    args.extend(component_args("--component-id", &ticks));
+    args.extend(state("ticks"));
+    let path = format!(
+        "{}:{}",
+        spin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut ticks_up = spawn(&entry, &args, &env, &[dispatch, ("PATH", path.clone())]);
+    let mut args: Vec<String> = ["up", "--listen", "0.0.0.0:80", "-f", &manifest]
+        .map(String::from)
+        .into();
+    args.extend(["--runtime-config-file".into(), part_config(&env, &exporter)]);
+    args.extend(component_args("--component-id", &exporter));
+    args.extend(state("exporter"));
+    let mut exporter_up = spawn(
+        &entry,
+        &args,
+        &env,
+        &[
+            ("PATH", path),
+            ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true".into()),
+            ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true".into()),
+        ],
+    );
+
+    let api = Client::new(format!("http://{listen}"));
+    for attempt in 0.. {
+        let listening = tokio::net::TcpStream::connect(listen).await.is_ok();
+        if listening && api.status("GET", "/healthz", None, None).await == 200 {
+            break;
+        }
+        assert!(
+            attempt < 600,
+            "the API part did not answer:\n{}",
+            api_up.log()
+        );
+        for up in [&mut api_up, &mut engine_up, &mut ticks_up, &mut exporter_up] {
+            if let Ok(Some(status)) = up.child.try_wait() {
+                panic!("a part exited with {status}:\n{}", up.log());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ada = api.register("ada").await;
+    let p = api.create_project(&ada, json!({"name": "Parts"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The engine part hands steps to the API part over a loopback (private) address.
+    let chain = json!(
+        workflow(
+            &api,
+            &ada,
+            &p,
+            json!([
+        {"key": "a", "kind": "condition", "input": {}},
+        {"key": "b", "kind": "condition", "depends_on": ["a"], "input": {}}])
+        )
+        .await
+    );
+    let run = api.start_run(&ada.access, &chain, json!({})).await;
+    let logs = || {
+        [&api_up, &engine_up, &ticks_up, &exporter_up]
+            .map(|u| u.log())
+            .join("\n")
+    };
+    let done = wait_status(&api, &ada, run["id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!(done["status"], "succeeded", "{}", logs());
+
+    // The exporter part runs behind block_networks: a trace to a private address is refused
+    // (by Spin, after the app's own rules let the project save it), while Postgres on
+    // loopback serves it all along.
+    let collector = FakeServer::start(200, json!({}), Duration::ZERO).await;
+    let res = api
+        .call(
+            "PATCH",
+            &format!("/api/v1/projects/{p}"),
+            Some(&ada.access),
+            Some(json!({"trace_endpoint": collector.url("/v1/traces")})),
+        )
+        .await;
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    let traced = api.start_run(&ada.access, &chain, json!({})).await;
+    wait_status(&api, &ada, traced["id"].as_str().unwrap(), "succeeded").await;
+    let db = env.db().await;
+    let error: String = eventually(async || {
+        let row = db
+            .query_opt(
+                "select last_error from trace_exports where run_id = $1::text::uuid and status = 'failed'",
+                &[&traced["id"].as_str().unwrap()],
+            )
+            .await
+            .unwrap()?;
+        row.get(0)
+    })
+    .await;
+    assert!(error.contains("blocked network"), "{error}\n{}", logs());
+    assert!(collector.received().is_empty());
+
+    // The periodic part fires a schedule by itself.
+    let sched = api
+        .create(
+            &ada.access,
+            "/api/v1/schedules",
+            json!({"project_id": p, "workflow_id": chain, "cron": "* * * * * *",
+                "overlap": "allow", "input": {}}),
+        )
+        .await;
+    let path = format!(
+        "/api/v1/runs?project_id={p}&schedule_id={}&status=succeeded",
+        sched["id"].as_str().unwrap()
+    );
+    eventually(async || {
+        let runs = api.call("GET", &path, Some(&ada.access), None).await.json();
+        (!runs["items"].as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    drop((api_up, engine_up, ticks_up, exporter_up));
 }
