@@ -187,15 +187,8 @@ async fn the_deployed_parts_finish_runs_and_fire_schedules_once() {
     // when the trace goes out, though the app's own URL rules (switched off here) let the
     // project save it; nothing reaches the address.
     let collector = FakeServer::start(200, json!({}), StdDuration::ZERO).await;
-    let res = api
-        .call(
-            "PATCH",
-            &format!("/api/v1/projects/{p}"),
-            Some(&ada.access),
-            Some(json!({"trace_endpoint": collector.url("/v1/traces")})),
-        )
+    api.set_trace_endpoint(&ada, &p, &collector.url("/v1/traces"))
         .await;
-    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
     let traced = api
         .run_to_end(&ada.access, chain.as_str().unwrap(), json!({}))
         .await;

@@ -407,15 +407,8 @@ async fn fill_every_table(api: &crate::common::Api) {
         .await;
     assert_eq!(res.status, 204);
     let collector = crate::common::FakeServer::start(200, json!({}), Duration::ZERO).await;
-    let res = api
-        .call(
-            "PATCH",
-            &format!("/api/v1/projects/{p}"),
-            Some(&ada.access),
-            Some(json!({"trace_endpoint": collector.url("/v1/traces")})),
-        )
+    api.set_trace_endpoint(&ada, &p, &collector.url("/v1/traces"))
         .await;
-    assert_eq!(res.status, 200);
     api.set_price(&ada.access, &p, "fake/small", "1", "1").await;
     let tool = api
         .create(

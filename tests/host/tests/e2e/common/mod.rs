@@ -588,6 +588,19 @@ impl Client {
         project
     }
 
+    /// Points `project`'s traces at `url`, as `who` (an admin of it).
+    pub async fn set_trace_endpoint(&self, who: &User, project: &str, url: &str) {
+        let res = self
+            .call(
+                "PATCH",
+                &format!("/api/v1/projects/{project}"),
+                Some(&who.access),
+                Some(serde_json::json!({"trace_endpoint": url})),
+            )
+            .await;
+        assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    }
+
     /// Starts a run of `workflow_id` with `input` as `token`; the run as created.
     pub async fn start_run(&self, token: &str, workflow_id: &Value, input: Value) -> Value {
         let body = serde_json::json!({"workflow_id": workflow_id, "input": input});
