@@ -9,10 +9,17 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::common::{Client, FakeServer, TestEnv, User, eventually};
+use crate::common::{Client, FakeServer, TestEnv, User, eventually_for};
 use crate::engine::{tool_named, wait_status, workflow};
 use crate::kubernetes::{Part, parts};
 use serde_json::{Value, json};
+
+/// How many times (200 ms apart) a test asks whether Spin answers yet: about 5 minutes.
+const SPIN_START_POLLS: u32 = 1500;
+
+/// How long a cron component under Spin may take to do what a test waits for: the parts
+/// start (and on a cold cache compile) concurrently.
+const SPIN_CRON_WAIT: Duration = Duration::from_secs(120);
 
 fn spin_binary() -> Option<PathBuf> {
     let path = std::env::var_os("SPARKOPS_SPIN")
@@ -96,8 +103,9 @@ async fn spin_up(spin: &PathBuf, env: &TestEnv) -> (SpinUp, Client) {
         .expect("spin up starts");
     let mut up = SpinUp { child, log };
     let client = Client::new(format!("http://{}", options.listen));
-    // The first start compiles every component; later ones read Spin's cache.
-    for _ in 0..600 {
+    // The first start compiles every component; later ones read Spin's cache. On a cold
+    // cache, with the other real-Spin test compiling too, that takes minutes on 2 cores.
+    for _ in 0..SPIN_START_POLLS {
         let listening = tokio::net::TcpStream::connect(options.listen).await.is_ok();
         if listening && client.status("GET", "/healthz", None, None).await == 200 {
             return (up, client);
@@ -240,7 +248,7 @@ async fn fires_by_itself(api: &Client, who: &User, p: &str, workflow: &Value, st
         .await;
     let schedule = sched["id"].as_str().unwrap();
     let path = format!("/api/v1/runs?project_id={p}&schedule_id={schedule}");
-    eventually(async || {
+    eventually_for(SPIN_CRON_WAIT, async || {
         let runs = api.call("GET", &path, Some(&who.access), None).await.json();
         let fired = runs["items"]
             .as_array()?
@@ -394,7 +402,7 @@ async fn the_deployed_parts_work_together_under_real_spin() {
             break;
         }
         assert!(
-            attempt < 600,
+            attempt < SPIN_START_POLLS,
             "the API part did not answer:\n{}",
             api_up.log()
         );
@@ -405,6 +413,20 @@ async fn the_deployed_parts_work_together_under_real_spin() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The engine part listens for nudges before the first run starts.
+    let redis = redis::Client::open(env.redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let channel = env.runs_channel();
+    eventually_for(SPIN_CRON_WAIT, async || {
+        let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        (subscribers > 0).then_some(())
+    })
+    .await;
     let ada = api.register("ada").await;
     let p = api.create_project(&ada, json!({"name": "Parts"})).await["id"]
         .as_str()
@@ -441,7 +463,7 @@ async fn the_deployed_parts_work_together_under_real_spin() {
     let traced = api.start_run(&ada.access, &chain, json!({})).await;
     wait_status(&api, &ada, traced["id"].as_str().unwrap(), "succeeded").await;
     let db = env.db().await;
-    let error: String = eventually(async || {
+    let error: String = eventually_for(SPIN_CRON_WAIT, async || {
         let row = db
             .query_opt(
                 "select last_error from trace_exports where run_id = $1::text::uuid and status = 'failed'",

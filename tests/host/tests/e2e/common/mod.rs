@@ -292,14 +292,20 @@ pub async fn post(app: &RunningApp, path: &str, body: Value) -> Reply {
 }
 
 /// Polls `check` every 20 ms for at most 10 s; behaviour is asserted, never timing.
-pub async fn eventually<T>(mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    for _ in 0..500 {
+pub async fn eventually<T>(check: impl AsyncFnMut() -> Option<T>) -> T {
+    eventually_for(Duration::from_secs(10), check).await
+}
+
+/// As [`eventually`], for at most `limit`.
+pub async fn eventually_for<T>(limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
         if let Some(v) = check().await {
             return v;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("condition not reached within 10 s");
+    panic!("condition not reached within {limit:?}");
 }
 
 /// The real app (spin.toml) for one test, with helpers that speak its API.
