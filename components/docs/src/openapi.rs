@@ -651,7 +651,8 @@ fn schemas() -> Value {
     let trace_endpoint = json!({"type": ["string", "null"], "format": "uri",
         "description": "OTLP/HTTP traces endpoint (e.g. https://app.langwatch.ai/api/otel/v1/traces); \
             each finished run is exported as a trace, authorised by the project secret \
-            otlp.api_key (Bearer) or otlp.authorization; null stops the export"});
+            otlp.api_key (Bearer) or otlp.authorization, with a header for each secret \
+            otlp.header.<name>; null stops the export"});
     let agent = json!({
         "name": {"type": "string", "maxLength": 200}, "description": {"type": ["string", "null"]},
         "model": {"type": "string", "description": "provider/model, e.g. openai/gpt-4o-mini"},

@@ -12,7 +12,8 @@
 //!
 //! The key comes from the project secret `otlp.api_key` (sent as a bearer token, as
 //! LangWatch expects) or `otlp.authorization` (the whole `Authorization` value, e.g.
-//! Langfuse's `Basic ...`); neither is ever logged.
+//! Langfuse's `Basic ...`); secrets `otlp.header.<name>` add headers a collector wants (e.g.
+//! Langfuse's `x-langfuse-ingestion-version`). None is ever logged.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -120,6 +121,19 @@ pub fn export_due(ctx: &mut Ctx, now: DateTime<Utc>) -> Result<(), ApiError> {
     )?;
     Ok(())
 }
+
+/// The prefix of the project secrets sent as extra export headers.
+const HEADER_SECRET: &str = "otlp.header.";
+/// Headers the export sets itself, or the connection owns, which no secret replaces.
+const RESERVED_HEADERS: [&str; 7] = [
+    "authorization",
+    "connection",
+    "content-length",
+    "content-type",
+    "host",
+    "te",
+    "transfer-encoding",
+];
 
 /// Claims up to [`RUNS_PER_BATCH`] due exports for one attempt each, under a lease:
 /// `(project, run)` pairs.
@@ -231,7 +245,15 @@ fn export(
         Ok(url) => url,
         Err(e) => return everyone(Outcome::GiveUp(format!("trace_endpoint {e}"))),
     };
-    let names = ["otlp.authorization".to_string(), "otlp.api_key".to_string()];
+    // Extra headers a collector wants (Langfuse: `x-langfuse-ingestion-version: 4`) are
+    // project secrets `otlp.header.<name>`.
+    let mut names = vec!["otlp.authorization".to_string(), "otlp.api_key".to_string()];
+    for row in ctx.db()?.query(
+        "select name from project_secrets where project_id = $1 and starts_with(name, $2)",
+        &[V::Uuid(project_id.into()), V::Text(HEADER_SECRET.into())],
+    )? {
+        names.push(row.text(0)?);
+    }
     let secrets = project_secrets(ctx, project_id, &names)?;
     let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
     if let Some(auth) = secrets.get("otlp.authorization") {
@@ -239,6 +261,16 @@ fn export(
     } else if let Some(key) = secrets.get("otlp.api_key") {
         headers.push(("authorization".into(), format!("Bearer {key}")));
     }
+    let mut extra: Vec<(String, String)> = secrets
+        .iter()
+        .filter_map(|(name, value)| {
+            let header = name.strip_prefix(HEADER_SECRET)?.to_ascii_lowercase();
+            let allowed = !header.is_empty() && !RESERVED_HEADERS.contains(&header.as_str());
+            allowed.then(|| (header, value.clone()))
+        })
+        .collect();
+    extra.sort();
+    headers.extend(extra);
     let traces = load(ctx.db()?, runs)?;
     // No connection is held while collectors answer.
     ctx.release_db();

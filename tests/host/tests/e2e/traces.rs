@@ -636,7 +636,8 @@ async fn a_refusing_collector_is_not_retried_and_each_project_sends_only_its_own
         project(&api, &ada, "C").await,
     );
     export_to(&api, &ada, &a, &refusing, ("otlp.api_key", "wrong-key")).await;
-    // Langfuse-style: the whole Authorization value.
+    // Langfuse-style: the whole Authorization value, and Langfuse's ingestion header as a
+    // `otlp.header.` secret (one naming a header the export owns is not sent).
     export_to(
         &api,
         &ada,
@@ -645,6 +646,20 @@ async fn a_refusing_collector_is_not_retried_and_each_project_sends_only_its_own
         ("otlp.authorization", "Basic cGs6c2s="),
     )
     .await;
+    for (name, value) in [
+        ("otlp.header.X-Langfuse-Ingestion-Version", "4"),
+        ("otlp.header.content-type", "text/plain"),
+    ] {
+        let res = api
+            .call(
+                "PUT",
+                &format!("/api/v1/projects/{b}/secrets/{name}"),
+                Some(&ada.access),
+                Some(json!({"value": value})),
+            )
+            .await;
+        assert_eq!(res.status, 204);
+    }
     let mut runs = HashMap::new();
     for p in [&a, &b, &c] {
         let run = tool_run(&api, &ada, p, echo.url("/echo")).await;
@@ -672,6 +687,11 @@ async fn a_refusing_collector_is_not_retried_and_each_project_sends_only_its_own
 
     let sent = &accepting.received()[0];
     assert_eq!(sent.headers["authorization"], "Basic cGs6c2s=");
+    assert_eq!(sent.headers["x-langfuse-ingestion-version"], "4");
+    assert_eq!(sent.headers["content-type"], "application/json");
+    assert_eq!(sent.headers.get_all("content-type").iter().count(), 1);
+    let other = &refusing.received()[0];
+    assert!(other.headers.get("x-langfuse-ingestion-version").is_none());
     let (resource, spans) = parse_export(&sent.body);
     assert_eq!(resource["sparkops.project_id"], AnyValue::Str(b.clone()));
     assert!(!spans.is_empty());
