@@ -602,11 +602,27 @@ pub fn project_secrets(
     if names.is_empty() {
         return Ok(Default::default());
     }
+    project_secrets_and_prefixed(ctx, project_id, names, None)
+}
+
+/// As [`project_secrets`], with every secret whose name starts with `prefix` too, in the
+/// same query.
+pub fn project_secrets_and_prefixed(
+    ctx: &mut Ctx,
+    project_id: &str,
+    names: &[String],
+    prefix: Option<&str>,
+) -> Result<std::collections::HashMap<String, String>, ApiError> {
     let keys = master_keys()?;
     let rows = ctx.db()?.query(
         "select name, ciphertext, nonce, key_id from project_secrets
-         where project_id = $1 and name = any(string_to_array($2, ','))",
-        &[V::Uuid(project_id.into()), V::Text(names.join(","))],
+         where project_id = $1
+           and (name = any(string_to_array($2, ',')) or starts_with(name, $3))",
+        &[
+            V::Uuid(project_id.into()),
+            V::Text(names.join(",")),
+            prefix.map_or(V::Null, |p| V::Text(p.into())),
+        ],
     )?;
     let mut out = std::collections::HashMap::new();
     for row in rows {

@@ -28,7 +28,7 @@ use sparkops_core::otlp::{self, CallRecord, RunRecord, StepRecord, Trace};
 
 use crate::db::Db;
 use crate::outbound::{self, Call, CallError};
-use crate::pipeline::{Ctx, project_secrets};
+use crate::pipeline::{Ctx, project_secrets_and_prefixed};
 use crate::tool_call::setting;
 
 /// Runs one tick takes on at most; the next tick takes the rest.
@@ -247,14 +247,8 @@ fn export(
     };
     // Extra headers a collector wants (Langfuse: `x-langfuse-ingestion-version: 4`) are
     // project secrets `otlp.header.<name>`.
-    let mut names = vec!["otlp.authorization".to_string(), "otlp.api_key".to_string()];
-    for row in ctx.db()?.query(
-        "select name from project_secrets where project_id = $1 and starts_with(name, $2)",
-        &[V::Uuid(project_id.into()), V::Text(HEADER_SECRET.into())],
-    )? {
-        names.push(row.text(0)?);
-    }
-    let secrets = project_secrets(ctx, project_id, &names)?;
+    let names = ["otlp.authorization".to_string(), "otlp.api_key".to_string()];
+    let secrets = project_secrets_and_prefixed(ctx, project_id, &names, Some(HEADER_SECRET))?;
     let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
     if let Some(auth) = secrets.get("otlp.authorization") {
         headers.push(("authorization".into(), auth.clone()));

@@ -231,6 +231,27 @@ impl BlockedNetworks {
         self.nets.is_empty() && !self.private
     }
 
+    /// The addresses `host` (a name or an IP literal, bracketed or not) resolves to on
+    /// `port` that these networks block, and how many it resolves to in all: no lookup is
+    /// made when nothing is blocked.
+    pub async fn blocked_addresses(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> std::io::Result<(Vec<std::net::SocketAddr>, usize)> {
+        if self.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let host = host.trim_matches(['[', ']']);
+        let resolved: Vec<_> = tokio::net::lookup_host((host, port)).await?.collect();
+        let total = resolved.len();
+        let blocked = resolved
+            .into_iter()
+            .filter(|a| self.blocks(a.ip()))
+            .collect();
+        Ok((blocked, total))
+    }
+
     pub fn blocks(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),

@@ -55,25 +55,6 @@ fn to_results(value: Value) -> Vec<RedisResult> {
     }
 }
 
-/// The addresses `address` resolves to when `block_networks` blocks every one of them (as
-/// Spin: one allowed address is enough to connect).
-async fn blocked_addresses(
-    network: &crate::outbound::BlockedNetworks,
-    address: &str,
-) -> Option<Vec<std::net::SocketAddr>> {
-    if network.is_empty() {
-        return None;
-    }
-    let url = url::Url::parse(address).ok()?;
-    let host = url.host_str()?.trim_matches(['[', ']']);
-    let addrs: Vec<_> = tokio::net::lookup_host((host, url.port().unwrap_or(6379)))
-        .await
-        .ok()?
-        .collect();
-    let all_blocked = !addrs.is_empty() && addrs.iter().all(|a| network.blocks(a.ip()));
-    all_blocked.then_some(addrs)
-}
-
 impl redis::Host for InstanceState {}
 
 impl redis::HostConnection for InstanceState {
@@ -88,19 +69,27 @@ impl redis::HostConnection for InstanceState {
             );
             return Ok(Err(Error::InvalidAddress));
         }
-        // Spin checks `block_networks` for outbound Redis as for HTTP (not for Postgres),
-        // and a refused address ends the invocation rather than returning an error.
-        if let Some(blocked) = blocked_addresses(self.blocked_networks(), &address).await {
+        // Spin checks `block_networks` for outbound Redis as for HTTP (not for Postgres):
+        // when every address is blocked, the invocation ends rather than getting an error.
+        // (A name that does not resolve fails below, when the connection is made.)
+        let host_port = url::Url::parse(&address)
+            .ok()
+            .and_then(|u| Some((u.host_str()?.to_string(), u.port().unwrap_or(6379))));
+        if let Some((host, port)) = host_port
+            && let Ok((blocked, total)) =
+                self.blocked_networks().blocked_addresses(&host, port).await
+            && total > 0
+            && blocked.len() == total
+        {
             wasmtime::bail!(
                 "destination IP prohibited by runtime config: Redis at {blocked:?} (component `{}`)",
                 self.component.id
             );
         }
-        Ok(async {
-            let conn = self.app.redis_connection(&address).await?;
-            self.table.push(Connection { conn }).map_err(other)
-        }
-        .await)
+        Ok(match self.app.redis_connection(&address).await {
+            Ok(conn) => self.table.push(Connection { conn }).map_err(other),
+            Err(e) => Err(e),
+        })
     }
 
     async fn publish(

@@ -12,15 +12,7 @@ use serde_json::json;
 use sparkops_host::RunningApp;
 
 use crate::common::{Api, FakeServer, TestEnv, free_local_address};
-use crate::kubernetes::{Part, parts};
-
-/// The deployed part that runs `component`.
-fn part_with(component: &str) -> Part {
-    parts()
-        .into_iter()
-        .find(|p| p.components.iter().any(|c| c == component))
-        .unwrap_or_else(|| panic!("no part runs {component}"))
-}
+use crate::kubernetes::{Part, part_running};
 
 /// Starts one replica of `part` against `env`'s services, handing steps to `api`, with the
 /// app's own URL rules switched off (a forgotten setting) so only the runtime config blocks.
@@ -74,10 +66,10 @@ async fn selecting_a_component_that_does_not_exist_is_refused() {
 #[tokio::test]
 async fn the_deployed_parts_finish_runs_and_fire_schedules_once() {
     let (api_part, engine, ticks, exporter) = (
-        part_with("executor"),
-        part_with("orchestrator"),
-        part_with("scheduler"),
-        part_with("exporter"),
+        part_running("executor"),
+        part_running("orchestrator"),
+        part_running("scheduler"),
+        part_running("exporter"),
     );
     assert!(api_part.on_shim() && engine.on_shim());
     assert!(!ticks.on_shim() && !exporter.on_shim());

@@ -261,6 +261,14 @@ pub fn parts() -> Vec<Part> {
     Deployment::load().parts()
 }
 
+/// The deployed part that runs `component`.
+pub fn part_running(component: &str) -> Part {
+    parts()
+        .into_iter()
+        .find(|p| p.components.iter().any(|c| c == component))
+        .unwrap_or_else(|| panic!("no part runs {component}"))
+}
+
 fn app_manifest() -> Manifest {
     Manifest::load(&workspace().join("spin.toml")).unwrap().0
 }
@@ -350,10 +358,7 @@ fn every_setting_a_part_needs_is_fed() {
 
 #[test]
 fn steps_are_handed_to_the_part_that_runs_the_executor() {
-    let executor_part = parts()
-        .into_iter()
-        .find(|p| p.components.iter().any(|c| c == "executor"))
-        .unwrap();
+    let executor_part = part_running("executor");
     assert!(executor_part.on_shim());
     let deployment = Deployment::load();
     let namespace = deployment.kustomization["namespace"].as_str().unwrap();

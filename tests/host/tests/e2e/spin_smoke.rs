@@ -5,13 +5,15 @@
 //!
 //! A clone without the tool skips it and says so on stderr (`infra/dev test` repeats it).
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::common::{Client, FakeServer, TestEnv, User, eventually_for};
+use crate::common::{Client, FakeServer, TempDir, TestEnv, User, eventually_for};
 use crate::engine::{tool_named, wait_status, workflow};
-use crate::kubernetes::{Part, parts};
+use crate::kubernetes::{Part, part_running};
 use serde_json::{Value, json};
 
 /// How many times (200 ms apart) a test asks whether Spin answers yet: about 5 minutes.
@@ -74,48 +76,76 @@ impl Drop for SpinUp {
     }
 }
 
-async fn spin_up(spin: &PathBuf, env: &TestEnv) -> (SpinUp, Client) {
+/// The app's own URL rules switched off: tools and collectors on loopback are allowed.
+fn open_url_rules() -> [(String, String); 2] {
+    ["TOOLS_ALLOW_HTTP", "TOOLS_ALLOW_PRIVATE_HOSTS"]
+        .map(|v| (format!("SPIN_VARIABLE_{v}"), "true".into()))
+}
+
+/// Starts `program args` with `vars` as its whole environment besides the inherited one,
+/// its output in `dir/spin.log`, as one process group.
+fn spawn(program: &Path, args: &[String], vars: &HashMap<String, String>, dir: &Path) -> SpinUp {
     use std::os::unix::process::CommandExt;
+    let log = dir.join("spin.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new(program)
+        .args(args)
+        .envs(vars)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .expect("spin starts");
+    SpinUp { child, log }
+}
+
+/// A client of the app on `listen` once it answers `/healthz`; fails when one of `ups`
+/// exits first. The first start compiles every component (later ones read Spin's cache): on
+/// a cold cache, with the other real-Spin test compiling too, that takes minutes on 2 cores.
+async fn wait_for_health(listen: SocketAddr, ups: &mut [&mut SpinUp]) -> Client {
+    let client = Client::new(format!("http://{listen}"));
+    for _ in 0..SPIN_START_POLLS {
+        let listening = tokio::net::TcpStream::connect(listen).await.is_ok();
+        if listening && client.status("GET", "/healthz", None, None).await == 200 {
+            return client;
+        }
+        for up in ups.iter_mut() {
+            if let Ok(Some(status)) = up.child.try_wait() {
+                panic!("spin exited with {status}:\n{}", up.log());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let logs: Vec<String> = ups.iter().map(|u| u.log()).collect();
+    panic!(
+        "nothing answered /healthz on {listen}:\n{}",
+        logs.join("\n")
+    );
+}
+
+async fn spin_up(spin: &Path, env: &TestEnv) -> (SpinUp, Client) {
     let config = format!(
         "[key_value_store.default]\ntype = \"redis\"\nurl = \"{}\"\n",
         env.redis_url
     );
     let options = env.options("spin.toml", Some(&config));
-    let log = options.state_dir.join("spin.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(spin)
-        .arg("up")
-        .arg("--from")
-        .arg(&options.manifest)
-        .arg("--runtime-config-file")
-        .arg(options.runtime_config.as_ref().unwrap())
-        .arg("--listen")
-        .arg(options.listen.to_string())
-        .arg("--state-dir")
-        .arg(options.state_dir.join("spin"))
-        .envs(&options.env)
-        .env("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true")
-        .env("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .process_group(0)
-        .spawn()
-        .expect("spin up starts");
-    let mut up = SpinUp { child, log };
-    let client = Client::new(format!("http://{}", options.listen));
-    // The first start compiles every component; later ones read Spin's cache. On a cold
-    // cache, with the other real-Spin test compiling too, that takes minutes on 2 cores.
-    for _ in 0..SPIN_START_POLLS {
-        let listening = tokio::net::TcpStream::connect(options.listen).await.is_ok();
-        if listening && client.status("GET", "/healthz", None, None).await == 200 {
-            return (up, client);
-        }
-        if let Ok(Some(status)) = up.child.try_wait() {
-            panic!("spin up exited with {status}:\n{}", up.log());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("spin up did not answer /healthz:\n{}", up.log());
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let args = [
+        "up".into(),
+        "--from".into(),
+        path(&options.manifest),
+        "--runtime-config-file".into(),
+        path(options.runtime_config.as_ref().unwrap()),
+        "--listen".into(),
+        options.listen.to_string(),
+        "--state-dir".into(),
+        path(&options.state_dir.join("spin")),
+    ];
+    let mut vars = options.env.clone();
+    vars.extend(open_url_rules());
+    let mut up = spawn(spin, &args, &vars, &options.state_dir);
+    let client = wait_for_health(options.listen, &mut [&mut up]).await;
+    (up, client)
 }
 
 #[tokio::test]
@@ -259,41 +289,6 @@ async fn fires_by_itself(api: &Client, who: &User, p: &str, workflow: &Value, st
     .await;
 }
 
-/// Starts `program args` with the test's variables and `extra`, its output in `log`, as one
-/// process group.
-fn spawn(program: &PathBuf, args: &[String], env: &TestEnv, extra: &[(&str, String)]) -> SpinUp {
-    use std::os::unix::process::CommandExt;
-    let options = env.options("spin.toml", None);
-    let log = options.state_dir.join("spin.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(program)
-        .args(args)
-        .envs(&options.env)
-        .envs(extra.iter().map(|(k, v)| (k.to_string(), v.clone())))
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .process_group(0)
-        .spawn()
-        .expect("spin starts");
-    SpinUp { child, log }
-}
-
-/// A deployed part's runtime config for this test's Redis, written beside its state.
-fn part_config(env: &TestEnv, part: &Part) -> String {
-    let path = env
-        .options("spin.toml", Some(&part.runtime_config_for(&env.redis_url)))
-        .runtime_config
-        .unwrap();
-    path.to_string_lossy().into_owned()
-}
-
-fn component_args(flag: &str, part: &Part) -> Vec<String> {
-    part.components
-        .iter()
-        .flat_map(|c| [flag.to_string(), c.clone()])
-        .collect()
-}
-
 /// The parts of `infra/kubernetes` under the real Spin CLI, one process each, as deployed:
 /// the API and engine parts (on SpinKube, the shim; here Spin's own selective deployment)
 /// and the periodic parts through the spin-cron image's entry point with the arguments
@@ -307,17 +302,11 @@ async fn the_deployed_parts_work_together_under_real_spin() {
         return;
     };
     ensure_cron_plugin(&spin);
-    let part = |c: &str| {
-        parts()
-            .into_iter()
-            .find(|p| p.components.iter().any(|x| x == c))
-            .unwrap()
-    };
     let (api_part, engine, ticks, exporter) = (
-        part("executor"),
-        part("orchestrator"),
-        part("scheduler"),
-        part("exporter"),
+        part_running("executor"),
+        part_running("orchestrator"),
+        part_running("scheduler"),
+        part_running("exporter"),
     );
     let env = TestEnv::new().await;
     let manifest = crate::common::workspace()
@@ -325,94 +314,62 @@ async fn the_deployed_parts_work_together_under_real_spin() {
         .to_string_lossy()
         .into_owned();
     let listen = crate::common::free_local_address();
-    let dispatch = ("SPIN_VARIABLE_DISPATCH_URL", format!("http://{listen}"));
-    let state = |name: &str| {
-        let dir = std::env::temp_dir().join(format!("sparkops-{}-{name}", env.runs_channel()));
-        [
-            "--state-dir".to_string(),
-            dir.to_string_lossy().into_owned(),
-        ]
-    };
-
-    // The app's own URL rules off (the project may point traces at loopback): the exporter
-    // part's block_networks is what refuses.
-    let mut args = vec![
-        "up".into(),
-        "--from".into(),
-        manifest.clone(),
-        "--listen".into(),
-    ];
-    args.push(listen.to_string());
-    args.extend(["--runtime-config-file".into(), part_config(&env, &api_part)]);
-    args.extend(component_args("-c", &api_part));
-    args.extend(state("api"));
-    let mut api_up = spawn(
-        &spin,
-        &args,
-        &env,
-        &[
-            dispatch.clone(),
-            ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true".into()),
-            ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true".into()),
-        ],
+    // Every part gets the same settings: where steps go, the app's own URL rules off (the
+    // project may point traces at loopback: the exporter's block_networks is what refuses),
+    // and Spin on the PATH for the spin-cron entry point.
+    let mut vars = env.variables();
+    vars.insert(
+        "SPIN_VARIABLE_DISPATCH_URL".into(),
+        format!("http://{listen}"),
     );
-
+    vars.extend(open_url_rules());
+    vars.insert(
+        "PATH".into(),
+        format!(
+            "{}:{}",
+            spin.parent().unwrap().display(),
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    );
+    let dirs = TempDir::new();
+    // `lead` and then the part's runtime config, a state folder, and `flag <component>` for
+    // each of its components.
+    let start = |program: &Path, lead: &[&str], flag: &str, part: &Part| {
+        let dir = dirs.path().join(&part.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("runtime-config.toml");
+        std::fs::write(&config, part.runtime_config_for(&env.redis_url)).unwrap();
+        let mut args: Vec<String> = lead.iter().map(|a| a.to_string()).collect();
+        args.extend([
+            "--runtime-config-file".into(),
+            config.to_string_lossy().into_owned(),
+            "--state-dir".into(),
+            dir.join("spin").to_string_lossy().into_owned(),
+        ]);
+        for c in &part.components {
+            args.extend([flag.to_string(), c.clone()]);
+        }
+        spawn(program, &args, &vars, &dir)
+    };
+    let address = listen.to_string();
+    let mut api_up = start(
+        &spin,
+        &["up", "--from", &manifest, "--listen", &address],
+        "-c",
+        &api_part,
+    );
     // The engine part has no HTTP trigger, so no --listen (Spin refuses it there).
-    let mut args = vec!["up".into(), "--from".into(), manifest.clone()];
-    args.extend(["--runtime-config-file".into(), part_config(&env, &engine)]);
-    args.extend(component_args("-c", &engine));
-    args.extend(state("engine"));
-    let mut engine_up = spawn(&spin, &args, &env, std::slice::from_ref(&dispatch));
-
+    let mut engine_up = start(&spin, &["up", "--from", &manifest], "-c", &engine);
     // spin-operator's arguments for a Spin-CLI executor, through the image's entry point.
     let entry = crate::common::workspace().join("infra/spin-cron/spin-up-periodic");
-    let mut args: Vec<String> = ["up", "--listen", "0.0.0.0:80", "-f", &manifest]
-        .map(String::from)
-        .into();
-    args.extend(["--runtime-config-file".into(), part_config(&env, &ticks)]);
-    args.extend(component_args("--component-id", &ticks));
-    args.extend(state("ticks"));
-    let path = format!(
-        "{}:{}",
-        spin.parent().unwrap().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let mut ticks_up = spawn(&entry, &args, &env, &[dispatch, ("PATH", path.clone())]);
-    let mut args: Vec<String> = ["up", "--listen", "0.0.0.0:80", "-f", &manifest]
-        .map(String::from)
-        .into();
-    args.extend(["--runtime-config-file".into(), part_config(&env, &exporter)]);
-    args.extend(component_args("--component-id", &exporter));
-    args.extend(state("exporter"));
-    let mut exporter_up = spawn(
-        &entry,
-        &args,
-        &env,
-        &[
-            ("PATH", path),
-            ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true".into()),
-            ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true".into()),
-        ],
-    );
-
-    let api = Client::new(format!("http://{listen}"));
-    for attempt in 0.. {
-        let listening = tokio::net::TcpStream::connect(listen).await.is_ok();
-        if listening && api.status("GET", "/healthz", None, None).await == 200 {
-            break;
-        }
-        assert!(
-            attempt < SPIN_START_POLLS,
-            "the API part did not answer:\n{}",
-            api_up.log()
-        );
-        for up in [&mut api_up, &mut engine_up, &mut ticks_up, &mut exporter_up] {
-            if let Ok(Some(status)) = up.child.try_wait() {
-                panic!("a part exited with {status}:\n{}", up.log());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let operator = ["up", "--listen", "0.0.0.0:80", "-f", &manifest];
+    let mut ticks_up = start(&entry, &operator, "--component-id", &ticks);
+    let mut exporter_up = start(&entry, &operator, "--component-id", &exporter);
+    let api = wait_for_health(
+        listen,
+        &mut [&mut api_up, &mut engine_up, &mut ticks_up, &mut exporter_up],
+    )
+    .await;
     // The engine part listens for nudges before the first run starts.
     let redis = redis::Client::open(env.redis_url.as_str()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
