@@ -181,6 +181,25 @@ impl<C: Connection + ?Sized> Tx<'_, C> {
     }
 }
 
+/// Reading, inside a transaction or not: for helpers that only read, so callers may pass a
+/// connection or a [`Tx`] (a [`Tx`] is not a [`Connection`], which would let
+/// [`transaction`] nest).
+pub trait Read {
+    fn read(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError>;
+}
+
+impl<C: Connection + ?Sized> Read for C {
+    fn read(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
+        self.query(sql, params)
+    }
+}
+
+impl<C: Connection + ?Sized> Read for Tx<'_, C> {
+    fn read(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
+        self.query(sql, params)
+    }
+}
+
 /// Runs `f` in a transaction: `COMMIT` when it returns `Ok`, `ROLLBACK` on any error
 /// (including a failed `COMMIT`), so the connection never goes back to the pool mid-transaction.
 pub fn transaction<C, T, E>(conn: &C, f: impl FnOnce(&Tx<'_, C>) -> Result<T, E>) -> Result<T, E>

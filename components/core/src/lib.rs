@@ -4,7 +4,7 @@
 //! Errors: handlers return [`error::ApiError`], which maps to one RFC 9457 problem
 //! document; database code returns [`db::DbError`], which converts into it.
 //!
-//! Without the default `full` feature only `cron`, `error`, `ids` and `time` remain: what
+//! Without the default `full` feature only `cron`, `error`, `ids`, `status` and `time` remain: what
 //! the native host needs, without JSON Schema, JWT, Argon2 or AES-GCM in its build.
 
 #[cfg(feature = "full")]
@@ -46,6 +46,7 @@ pub mod run;
 pub mod schema;
 #[cfg(feature = "full")]
 pub mod secrets;
+pub mod status;
 #[cfg(feature = "full")]
 pub mod template;
 pub mod time;

@@ -8,6 +8,7 @@ use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
 use crate::money::Usd;
+use crate::status::ErrorKind;
 
 /// A provider: its name (the `provider` of `provider/model`) and its API base URL.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,17 +169,17 @@ pub fn estimate_prompt_tokens(messages: &[Value], tools: &[FunctionTool]) -> u64
 
 /// The error kind of a provider's refusal, and how long it asked to wait (`Retry-After`,
 /// seconds or an HTTP date is not parsed: seconds only).
-pub fn classify(status: u16, retry_after: Option<&str>) -> (&'static str, Option<u64>) {
+pub fn classify(status: u16, retry_after: Option<&str>) -> (ErrorKind, Option<u64>) {
     let wait = retry_after
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s >= 0.0)
         .map(|s| (s * 1000.0).min(3_600_000.0) as u64);
     match status {
-        429 => ("rate-limited", wait),
-        408 => ("timeout", wait),
-        500..=599 => ("provider-error", wait),
+        429 => (ErrorKind::RateLimited, wait),
+        408 => (ErrorKind::Timeout, wait),
+        500..=599 => (ErrorKind::ProviderError, wait),
         // The request itself is wrong (bad model, bad key, too long): trying again is the same.
-        _ => ("validation", None),
+        _ => (ErrorKind::Validation, None),
     }
 }
 
@@ -295,10 +296,13 @@ mod tests {
 
     #[test]
     fn refusals_are_sorted_into_retryable_kinds_and_retry_after_is_read() {
-        assert_eq!(classify(429, Some("2")), ("rate-limited", Some(2000)));
-        assert_eq!(classify(503, None), ("provider-error", None));
-        assert_eq!(classify(400, Some("5")), ("validation", None));
-        assert_eq!(classify(401, None).0, "validation");
+        assert_eq!(
+            classify(429, Some("2")),
+            (ErrorKind::RateLimited, Some(2000))
+        );
+        assert_eq!(classify(503, None), (ErrorKind::ProviderError, None));
+        assert_eq!(classify(400, Some("5")), (ErrorKind::Validation, None));
+        assert_eq!(classify(401, None).0, ErrorKind::Validation);
     }
 
     #[test]

@@ -15,64 +15,10 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
+use crate::status::ErrorKind;
+pub use crate::status::StepStatus;
 use crate::template::Scope;
 use crate::workflow::{Definition, RetryPolicy};
-
-/// A step's status (API.md "Runs").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum StepStatus {
-    Pending,
-    Ready,
-    Running,
-    /// Waiting for `next_attempt_at`.
-    Retrying,
-    /// Waiting for an approval.
-    Waiting,
-    Succeeded,
-    Failed,
-    Skipped,
-    Cancelled,
-}
-
-impl StepStatus {
-    pub const ALL: [StepStatus; 9] = [
-        Self::Pending,
-        Self::Ready,
-        Self::Running,
-        Self::Retrying,
-        Self::Waiting,
-        Self::Succeeded,
-        Self::Failed,
-        Self::Skipped,
-        Self::Cancelled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Ready => "ready",
-            Self::Running => "running",
-            Self::Retrying => "retrying",
-            Self::Waiting => "waiting",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-            Self::Skipped => "skipped",
-            Self::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|x| x.as_str() == s)
-    }
-
-    /// Finished for good.
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            Self::Succeeded | Self::Failed | Self::Skipped | Self::Cancelled
-        )
-    }
-}
 
 /// What to do with a pending step now.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,8 +114,13 @@ pub fn outcome(statuses: &HashMap<String, StepStatus>) -> Option<Outcome> {
 /// `initial_interval_ms` by `backoff_coefficient`, capped at `max_interval_ms`, then
 /// jittered down by up to 20% (`jitter` in 0..=1 from the caller's randomness) so retries
 /// of many runs do not arrive together.
-pub fn retry_delay_ms(policy: &RetryPolicy, attempt: u32, kind: &str, jitter: f64) -> Option<u64> {
-    if attempt >= policy.max_attempts || policy.non_retryable.iter().any(|k| k == kind) {
+pub fn retry_delay_ms(
+    policy: &RetryPolicy,
+    attempt: u32,
+    kind: ErrorKind,
+    jitter: f64,
+) -> Option<u64> {
+    if attempt >= policy.max_attempts || policy.non_retryable.contains(&kind) {
         return None;
     }
     let exponent = attempt.saturating_sub(1).min(64) as i32;
@@ -322,24 +273,16 @@ mod tests {
             initial_interval_ms: 1000,
             backoff_coefficient: 2.0,
             max_interval_ms: 5000,
-            non_retryable: vec!["validation".into()],
+            non_retryable: vec![ErrorKind::Validation],
         };
         let delays: Vec<Option<u64>> = (1..=5)
-            .map(|a| retry_delay_ms(&p, a, "timeout", 0.0))
+            .map(|a| retry_delay_ms(&p, a, ErrorKind::Timeout, 0.0))
             .collect();
         assert_eq!(
             delays,
             [Some(1000), Some(2000), Some(4000), Some(5000), None]
         );
-        assert_eq!(retry_delay_ms(&p, 2, "timeout", 1.0), Some(1600));
-        assert_eq!(retry_delay_ms(&p, 1, "validation", 0.0), None);
-    }
-
-    #[test]
-    fn statuses_round_trip_their_names() {
-        for s in StepStatus::ALL {
-            assert_eq!(StepStatus::parse(s.as_str()), Some(s));
-        }
-        assert!(Succeeded.is_final() && !Retrying.is_final());
+        assert_eq!(retry_delay_ms(&p, 2, ErrorKind::Timeout, 1.0), Some(1600));
+        assert_eq!(retry_delay_ms(&p, 1, ErrorKind::Validation, 0.0), None);
     }
 }

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde_json::Value;
 
 use crate::error::{ApiError, FieldError};
+pub use crate::status::ErrorKind;
 use crate::template::{self, Source};
 
 pub const MAX_STEPS: usize = 200;
@@ -49,7 +50,7 @@ pub struct RetryPolicy {
     pub initial_interval_ms: u64,
     pub backoff_coefficient: f64,
     pub max_interval_ms: u64,
-    pub non_retryable: Vec<String>,
+    pub non_retryable: Vec<ErrorKind>,
 }
 
 impl Default for RetryPolicy {
@@ -59,22 +60,10 @@ impl Default for RetryPolicy {
             initial_interval_ms: 1_000,
             backoff_coefficient: 2.0,
             max_interval_ms: 60_000,
-            non_retryable: vec!["policy-violation".into(), "validation".into()],
+            non_retryable: vec![ErrorKind::PolicyViolation, ErrorKind::Validation],
         }
     }
 }
-
-/// Error kinds a step can fail with, which `non_retryable` may name.
-pub const ERROR_KINDS: [&str; 8] = [
-    "policy-violation",
-    "validation",
-    "timeout",
-    "tool-error",
-    "provider-error",
-    "rate-limited",
-    "cancelled",
-    "not-implemented",
-];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Approval {
@@ -175,11 +164,11 @@ fn parse_retry(v: &Value, path: &str, errors: &mut Errors) -> RetryPolicy {
                 Some(kinds) => {
                     retry.non_retryable.clear();
                     for (i, kind) in kinds.iter().enumerate() {
-                        match kind.as_str().filter(|k| ERROR_KINDS.contains(k)) {
-                            Some(k) => retry.non_retryable.push(k.to_string()),
+                        match kind.as_str().and_then(ErrorKind::parse) {
+                            Some(k) => retry.non_retryable.push(k),
                             None => errors.add(
                                 format!("{p}[{i}]"),
-                                format!("must be one of {}", ERROR_KINDS.join(", ")),
+                                format!("must be one of {}", crate::status::names(ErrorKind::ALL)),
                             ),
                         }
                     }
@@ -648,7 +637,7 @@ mod tests {
 
     #[test]
     fn bad_definitions_report_each_error_with_its_exact_path() {
-        let kinds = format!("must be one of {}", ERROR_KINDS.join(", "));
+        let kinds = format!("must be one of {}", crate::status::names(ErrorKind::ALL));
         let not_a_tool = format!("no tool {AGENT} in this project");
         let table: Vec<(Value, Vec<(&str, &str)>)> = vec![
             (

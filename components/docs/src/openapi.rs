@@ -3,6 +3,12 @@
 //! against the app (every documented route is served).
 
 use serde_json::{Map, Value, json};
+use sparkops_core::status::RunStatus;
+
+/// Every run status, as the API spells it.
+fn run_statuses() -> Vec<&'static str> {
+    RunStatus::ALL.iter().map(|s| s.as_str()).collect()
+}
 
 /// One operation.
 struct Op {
@@ -477,10 +483,7 @@ fn query_parameter(name: &str) -> Value {
             json!({"type": "boolean"}),
             "Only enabled (or disabled) ones",
         ),
-        "status" => (
-            json!({"enum": ["queued", "running", "waiting", "succeeded", "failed", "timed_out", "cancelling", "cancelled"]}),
-            "Only runs in this status",
-        ),
+        "status" => (json!({"enum": run_statuses()}), "Only runs in this status"),
         "after" => (
             json!({"type": "integer", "minimum": 0}),
             "Events after this sequence number (or Last-Event-ID)",
@@ -794,7 +797,7 @@ fn schemas() -> Value {
             "version": {"type": "integer", "minimum": 1, "description": "Defaults to the current version"}}},
         "Run": {"type": "object", "properties": {
             "id": uuid, "project_id": uuid, "workflow_id": uuid, "workflow_version": s("integer"),
-            "status": {"enum": ["queued", "running", "waiting", "succeeded", "failed", "timed_out", "cancelling", "cancelled"]},
+            "status": {"enum": run_statuses()},
             "input": {}, "output": {}, "error": {}, "retry_of": {"type": ["string", "null"]}, "schedule_id": {"type": ["string", "null"]},
             "scheduled_for": {"type": ["string", "null"]}, "tokens_in": s("integer"), "tokens_out": s("integer"), "cost_usd": money,
             "unpriced_calls": s("integer"), "started_at": {"type": ["string", "null"]}, "finished_at": {"type": ["string", "null"]},

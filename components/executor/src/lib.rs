@@ -4,7 +4,8 @@
 //! (Spin keeps a guest running after it has set its response), so steps of many runs
 //! proceed in parallel instances. The result, with an event, is written in one transaction
 //! that only lands while the lease still holds: a step cancelled or taken back meanwhile
-//! keeps its newer state. Then it nudges the run.
+//! keeps its newer state; the same transaction advances the run, and the steps it made
+//! ready are dispatched from here.
 // `#[http_component]` expands to the ABI export glue, which is `unsafe` by nature.
 #![allow(unsafe_code)]
 
@@ -15,10 +16,11 @@ use serde_json::{Value, json};
 use sparkops_core::db::{Connection as _, Value as V};
 use sparkops_core::dispatch;
 use sparkops_core::error::ApiError;
-use sparkops_core::run::{self, RunScope};
+use sparkops_core::run::RunScope;
 use sparkops_core::template;
 use sparkops_core::workflow::{Step, StepKind};
-use sparkops_platform::engine;
+use sparkops_platform::engine::step::{Failure, Lease, Leased, Recorded};
+use sparkops_platform::engine::{self, ErrorKind, store};
 use sparkops_platform::pipeline::Ctx;
 use sparkops_platform::tool_call::{self, setting};
 use sparkops_platform::variable;
@@ -62,7 +64,17 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         return refuse(out, &e, &request_id).await;
     };
     let mut ctx = Ctx::new(format!("step-{run_id}-{step}"));
-    let (attempt, project_id) = match holds_lease(&mut ctx, run_id, step, lease) {
+    let lease = Lease {
+        run_id,
+        step_key: step,
+        lease_id: lease,
+    };
+    let held = ctx.db().and_then(|db| engine::step::leased(db, &lease));
+    let Leased {
+        attempt,
+        project_id,
+        workflow_id,
+    } = match held {
         Ok(Some(held)) => held,
         Ok(None) => {
             let e = ApiError::Conflict("the lease is not held".into());
@@ -77,7 +89,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
     let headers = vec![("content-type", "application/json".to_string())];
     respond(out, 202, headers, accepted, &request_id).await;
     let started = Instant::now();
-    let done = execute(&mut ctx, run_id, step).unwrap_or_else(|e| {
+    let done = execute(&mut ctx, run_id, step, &project_id, &workflow_id).unwrap_or_else(|e| {
         log(
             "running a step",
             run_id,
@@ -86,32 +98,97 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         );
         Done {
             input: Value::Null,
-            result: fail("internal", "the step could not be run"),
-            final_attempt: false,
+            result: Err(Failure::new(
+                ErrorKind::Internal,
+                "the step could not be run",
+            )),
             retry: Default::default(),
-            retry_after_ms: None,
         }
     });
     let elapsed = started.elapsed().as_millis() as i64;
-    let error_kind = done.result.as_ref().err().map(|(k, _)| k.clone());
+    let error_kind = done.result.as_ref().err().map(|f| f.kind.as_str());
     // Contents (prompts, answers, tool data) are logged only when the operator opts in.
     let payloads = setting("log_step_payloads")
         .then(|| (done.input.clone(), done.result.as_ref().ok().cloned()));
-    match record(&mut ctx, run_id, step, lease, attempt, done, elapsed) {
+    let attempt_done = engine::step::Attempt {
+        lease,
+        attempt,
+        input: done.input,
+        result: done.result,
+        duration_ms: elapsed,
+        retry: &done.retry,
+        jitter: sparkops_platform::random_array::<1>()[0] as f64 / 255.0,
+    };
+    match settle(&mut ctx, &attempt_done) {
         // One line per step attempt: ids, outcome and timing.
-        Ok(status) => {
+        Ok(recorded) => {
             let mut line = json!({"level": "info", "msg": "step", "request_id": ctx.request_id,
                 "project_id": project_id, "run_id": run_id, "step": step, "attempt": attempt,
-                "status": status, "error_kind": error_kind, "duration_ms": elapsed});
+                "status": recorded.as_str(), "error_kind": error_kind, "duration_ms": elapsed});
             if let Some((input, output)) = payloads {
                 line["input"] = input;
                 line["output"] = output.unwrap_or_default();
             }
             sparkops_platform::log_line(&line);
         }
-        Err(e) => log("recording a step", run_id, step, &format!("{e:?}")),
+        Err(e) => {
+            log(
+                "recording a step",
+                run_id,
+                step,
+                &format!("{e:?} {:?}", e.cause()),
+            );
+            sparkops_platform::nudge::run(run_id);
+        }
     }
-    sparkops_platform::nudge::run(run_id);
+}
+
+/// Waits before each new try of a result's transaction: long enough together (4.2 s) for a
+/// database that restarts or fails over to come back.
+const SETTLE_BACKOFF_MS: [u64; 3] = [200, 1_000, 3_000];
+
+/// Records the attempt and, in the same transaction, advances the run; then hands what
+/// became ready to executors, so the next step starts without a hop through the nudge
+/// channel. A failed transaction (the database restarting, a lost connection) is tried
+/// again on a fresh connection; when it keeps failing, the result alone is recorded and
+/// the run nudged, so a result is never lost to the decision after it.
+fn settle(ctx: &mut Ctx, a: &engine::step::Attempt<'_>) -> Result<Recorded, ApiError> {
+    let run_id = a.lease.run_id;
+    let together = |ctx: &mut Ctx| {
+        ctx.transaction(|tx, _| {
+            let recorded = engine::step::record(tx, a)?;
+            let claimed = match recorded {
+                Recorded::Discarded => Vec::new(),
+                _ => engine::advance(tx, run_id)?,
+            };
+            Ok((recorded, claimed))
+        })
+    };
+    let mut outcome = together(ctx);
+    for wait_ms in SETTLE_BACKOFF_MS {
+        let Err(e) = &outcome else { break };
+        log(
+            "recording a step (will try again)",
+            run_id,
+            a.lease.step_key,
+            &format!("{e:?} {:?}", e.cause()),
+        );
+        ctx.release_db();
+        sparkops_platform::sleep(std::time::Duration::from_millis(wait_ms));
+        outcome = together(ctx);
+    }
+    match outcome {
+        Ok((recorded, claimed)) => {
+            ctx.dispatch(run_id, &claimed);
+            Ok(recorded)
+        }
+        Err(_) => {
+            ctx.release_db();
+            let recorded = ctx.transaction(|tx, _| engine::step::record(tx, a))?;
+            sparkops_platform::nudge::run(run_id);
+            Ok(recorded)
+        }
+    }
 }
 
 fn log(doing: &str, run_id: &str, step: &str, error: &str) {
@@ -149,106 +226,70 @@ async fn respond(
     let _ = sink.close().await;
 }
 
-/// The attempt the lease is for and the run's project, while the lease holds.
-fn holds_lease(
-    ctx: &mut Ctx,
-    run_id: &str,
-    step: &str,
-    lease: &str,
-) -> Result<Option<(i64, String)>, ApiError> {
-    let rows = ctx.db()?.query(
-        "select s.attempt, r.project_id::text from run_steps s join runs r on r.run_id = s.run_id
-         where s.run_id = $1::text::uuid and s.step_key = $2 and s.status = 'running'
-           and s.lease_id = $3::text::uuid and s.lease_expires_at > now()",
-        &[
-            V::Text(run_id.into()),
-            V::Text(step.into()),
-            V::Text(lease.into()),
-        ],
-    )?;
-    Ok(match rows.first() {
-        Some(r) => Some((r.int(0)?, r.text(1)?)),
-        None => None,
-    })
-}
-
-/// How a step ended: its rendered input, and its output or `(error kind, message)`.
+/// How a step ended: its rendered input, its output or failure, and its retry policy.
 struct Done {
     input: Value,
-    result: Result<Value, (String, String)>,
-    /// The step's retry policy allows no further attempt whatever the kind.
-    final_attempt: bool,
+    result: Result<Value, Failure>,
     retry: sparkops_core::workflow::RetryPolicy,
-    /// The least wait before another attempt that the other side asked for (`Retry-After`).
-    retry_after_ms: Option<u64>,
 }
 
-/// An agent step's time limit when the step sets none (the orchestrator's lease allows it).
-const DEFAULT_STEP_TIMEOUT_MS: u64 = sparkops_platform::orchestrate::DEFAULT_STEP_TIMEOUT_MS as u64;
+/// An agent step's time limit when the step sets none (the engine's lease allows it).
+const DEFAULT_STEP_TIMEOUT_MS: u64 = engine::advance::DEFAULT_STEP_TIMEOUT_MS as u64;
 
-fn fail(kind: &str, message: impl Into<String>) -> Result<Value, (String, String)> {
-    Err((kind.to_string(), message.into()))
-}
-
-fn execute(ctx: &mut Ctx, run_id: &str, key: &str) -> Result<Done, ApiError> {
-    let (definition, (_, outputs), input, project_id, workflow_id) = ctx.transaction(|tx, _| {
-        let rows = tx.query(
-            "select input, project_id::text, workflow_id::text from runs where run_id = $1",
-            &[V::Uuid(run_id.into())],
-        )?;
-        let row = rows.first().ok_or(ApiError::Internal)?;
-        Ok((
-            engine::definition(tx, run_id)?,
-            engine::steps(tx, run_id)?,
-            row.json(0)?,
-            row.text(1)?,
-            row.text(2)?,
-        ))
-    })?;
+fn execute(
+    ctx: &mut Ctx,
+    run_id: &str,
+    key: &str,
+    project_id: &str,
+    workflow_id: &str,
+) -> Result<Done, ApiError> {
+    let store::Plan { input, definition } = store::plan(ctx.db()?, run_id)?;
+    let (_, outputs) = store::states(&store::steps(ctx.db()?, run_id)?);
     let step = definition
         .steps
         .iter()
         .find(|s| s.key == key)
         .cloned()
-        .ok_or(ApiError::Internal)?;
+        .ok_or_else(|| ApiError::Server(format!("run {run_id} has no step {key}")))?;
     let scope = RunScope {
         input: &input,
         outputs: &outputs,
     };
-    let done = |input: Value, result, final_attempt| Done {
+    let done = |input: Value, result| Done {
         input,
         result,
-        final_attempt,
         retry: step.retry.clone(),
-        retry_after_ms: None,
     };
     let rendered = match template::render(&step.input, &scope) {
         Ok(v) => v,
-        Err(m) => return Ok(done(Value::Null, fail("validation", m), true)),
+        Err(m) => {
+            let failure = Failure::new(ErrorKind::Validation, m).final_attempt();
+            return Ok(done(Value::Null, Err(failure)));
+        }
     };
     Ok(match step.kind {
-        StepKind::Condition => done(rendered.clone(), Ok(rendered), false),
+        StepKind::Condition => done(rendered.clone(), Ok(rendered)),
         StepKind::Tool => {
             // The policies in scope first: the tool must be allowed, the run within its steps.
             let tool_id = step.tool_id.clone().unwrap_or_default();
-            let policies = policies::in_scope(ctx.db()?, &project_id, &workflow_id, None)?;
+            let policies = policies::in_scope(ctx.db()?, project_id, workflow_id, None)?;
             let started = policies::started_steps(ctx.db()?, &policies, run_id)?;
             if let Err(v) = policies::check_steps(&policies, started)
                 .and_then(|()| policies::check_tool(&policies, &tool_id))
             {
                 ctx.transaction(|tx, _| {
-                    engine::lock_run(tx, run_id)?;
-                    engine::event(tx, run_id, "policy.violation", Some(key), v.event())
+                    engine::note(tx, run_id, "policy.violation", Some(key), v.event())
                 })?;
-                return Ok(done(rendered, fail("policy-violation", v.message()), true));
+                let failure = Failure::new(ErrorKind::PolicyViolation, v.message()).final_attempt();
+                return Ok(done(rendered, Err(failure)));
             }
-            let result = call_tool(ctx, &project_id, &step, run_id, &rendered)?;
-            done(rendered, result, false)
+            let result = call_tool(ctx, project_id, &step, run_id, &rendered)?;
+            done(rendered, result)
         }
         StepKind::Agent => {
             let scope = agent::StepScope {
-                project_id: &project_id,
-                workflow_id: &workflow_id,
+                project_id,
+                workflow_id,
                 run_id,
                 step_key: key,
                 agent_id: step.agent_id.as_deref().unwrap_or_default(),
@@ -257,26 +298,16 @@ fn execute(ctx: &mut Ctx, run_id: &str, key: &str) -> Result<Done, ApiError> {
                         step.timeout_ms.unwrap_or(DEFAULT_STEP_TIMEOUT_MS),
                     ),
             };
-            let outcome = agent::run(ctx, &scope, &rendered)?;
-            Done {
-                input: rendered,
-                result: outcome.result,
-                final_attempt: outcome.final_attempt,
-                retry: step.retry.clone(),
-                retry_after_ms: outcome.retry_after_ms,
-            }
+            let result = agent::run(ctx, &scope, &rendered)?;
+            done(rendered, result)
         }
-        StepKind::Approval => done(
-            rendered,
-            fail(
-                "not-implemented",
-                format!(
-                    "{} steps are not available in this version",
-                    step.kind.as_str()
-                ),
-            ),
-            true,
-        ),
+        // The engine never leases an approval step (it waits for a person), so a dispatch
+        // of one is a bug somewhere else.
+        StepKind::Approval => {
+            return Err(ApiError::Server(format!(
+                "step {key} of run {run_id} is an approval: it is decided, not run"
+            )));
+        }
     })
 }
 
@@ -287,7 +318,7 @@ fn call_tool(
     step: &Step,
     run_id: &str,
     input: &Value,
-) -> Result<Result<Value, (String, String)>, ApiError> {
+) -> Result<Result<Value, Failure>, ApiError> {
     let tool_id = step.tool_id.clone().unwrap_or_default();
     let rows = ctx.db()?.query(
         "select method, url, headers, timeout_ms, input_schema, output_schema from tools
@@ -295,10 +326,11 @@ fn call_tool(
         &[V::Uuid(tool_id.clone()), V::Uuid(project_id.into())],
     )?;
     let Some(t) = rows.first() else {
-        return Ok(fail(
-            "validation",
+        let gone = Failure::new(
+            ErrorKind::Validation,
             format!("tool {tool_id} no longer exists"),
-        ));
+        );
+        return Ok(Err(gone));
     };
     // The step's own timeout, when shorter, bounds the call too.
     let tool_timeout_ms = t.int(3)?;
@@ -314,7 +346,9 @@ fn call_tool(
     let key = format!("{run_id}:{}", step.key);
     let answer = match tool_call::call(ctx, project_id, &tool, input, &key) {
         Ok(a) => a,
-        Err(ApiError::Validation { detail, .. }) => return Ok(fail("validation", detail)),
+        Err(ApiError::Validation { detail, .. }) => {
+            return Ok(Err(Failure::new(ErrorKind::Validation, detail)));
+        }
         Err(e) => return Err(e),
     };
     if answer["ok"] == true {
@@ -326,93 +360,16 @@ fn call_tool(
         .to_string();
     let status = answer["status"].as_u64();
     let kind = match (answer["error"]["kind"].as_str(), status) {
-        (Some("timeout"), _) => "timeout",
-        (Some("http-status"), Some(429)) => "rate-limited",
-        (Some("http-status"), Some(s)) if (400..500).contains(&s) && s != 408 => "validation",
-        (Some("validation"), _) => "validation",
+        (Some("timeout"), _) => ErrorKind::Timeout,
+        (Some("http-status"), Some(429)) => ErrorKind::RateLimited,
+        (Some("http-status"), Some(s)) if (400..500).contains(&s) && s != 408 => {
+            ErrorKind::Validation
+        }
+        (Some("validation"), _) => ErrorKind::Validation,
         // A destination the runtime refuses (`block_networks`, allowed hosts) is refused
         // on every attempt: a policy matter, not retried by default.
-        (Some("denied"), _) => "policy-violation",
-        _ => "tool-error",
+        (Some("denied"), _) => ErrorKind::PolicyViolation,
+        _ => ErrorKind::ToolError,
     };
-    Ok(fail(kind, message))
-}
-
-/// Writes the step's end (or its next attempt) and an event, while the lease holds.
-fn record(
-    ctx: &mut Ctx,
-    run_id: &str,
-    key: &str,
-    lease: &str,
-    attempt: i64,
-    done: Done,
-    duration_ms: i64,
-) -> Result<&'static str, ApiError> {
-    let (status, error, next_ms) = match &done.result {
-        Ok(_) => ("succeeded", Value::Null, None),
-        Err((kind, message)) => {
-            let jitter = sparkops_platform::random_array::<1>()[0] as f64 / 255.0;
-            let next = if done.final_attempt {
-                None
-            } else {
-                run::retry_delay_ms(&done.retry, attempt as u32, kind, jitter)
-                    .map(|d| d.max(done.retry_after_ms.unwrap_or(0)))
-            };
-            let status = if next.is_some() { "retrying" } else { "failed" };
-            (status, json!({"kind": kind, "message": message}), next)
-        }
-    };
-    let params = [
-        V::Uuid(run_id.into()),
-        V::Text(key.into()),
-        V::Uuid(lease.into()),
-        V::Text(status.into()),
-        done.input.into_json(),
-        done.result.ok().into_json(),
-        Some(error.clone()).filter(|e| !e.is_null()).into_json(),
-        V::Int64(duration_ms),
-        V::Float64(next_ms.unwrap_or(0) as f64),
-    ];
-    ctx.transaction(|tx, _| {
-        engine::lock_run(tx, run_id)?;
-        let updated = tx.execute(
-            "update run_steps set status = $4, input = $5, output = $6, error = $7, duration_ms = $8,
-                lease_id = null, lease_expires_at = null, updated_at = now(),
-                finished_at = case when $4 = 'retrying' then null else now() end,
-                next_attempt_at = case when $4 = 'retrying' then now() + make_interval(secs => $9::float8 / 1000) else null end
-             where run_id = $1 and step_key = $2 and lease_id = $3 and status = 'running'",
-            &params,
-        )?;
-        if updated == 1 {
-            let mut data = json!({"attempt": attempt, "duration_ms": duration_ms});
-            if !error.is_null() {
-                data["error"] = error;
-            }
-            engine::event(tx, run_id, &format!("step.{status}"), Some(key), data)?;
-            return Ok(status);
-        }
-        // The lease was lost meanwhile (cancelled, taken back): the result is not recorded.
-        Ok("discarded")
-    })
-}
-
-/// A JSON value bound as `jsonb`, SQL `null` for JSON `null`.
-trait IntoJson {
-    fn into_json(self) -> V;
-}
-
-impl IntoJson for Value {
-    fn into_json(self) -> V {
-        if self.is_null() {
-            V::Null
-        } else {
-            V::Json(self)
-        }
-    }
-}
-
-impl IntoJson for Option<Value> {
-    fn into_json(self) -> V {
-        self.map(IntoJson::into_json).unwrap_or(V::Null)
-    }
+    Ok(Err(Failure::new(kind, message)))
 }

@@ -16,6 +16,7 @@ use serde_json::{Map, Value, json};
 use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::roles::Action;
+use sparkops_core::status::{RunStatus, sql_array};
 use sparkops_core::time::{parse_rfc3339, rfc3339};
 use sparkops_platform::http::{HttpRequest, Reply};
 use sparkops_platform::pipeline::{self, Ctx, Principal};
@@ -298,7 +299,8 @@ fn prometheus(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
         "Runs ended, by status.",
         "status",
         &one(&format!(
-            "select s, (select count(*) from runs where status = s) from unnest(array{RUN_FINALS_ARRAY}) s"
+            "select s, (select count(*) from runs where status = s) from unnest({}) s",
+            sql_array(RunStatus::FINAL)
         ))?,
     )?;
     out.counts(
@@ -306,8 +308,10 @@ fn prometheus(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
         "gauge",
         "Runs not finished, by status.",
         "status",
-        &one("select s, (select count(*) from runs where status = s)
-             from unnest(array['queued', 'running', 'waiting', 'cancelling']) s")?,
+        &one(&format!(
+            "select s, (select count(*) from runs where status = s) from unnest({}) s",
+            sql_array(RunStatus::UNFINISHED)
+        ))?,
     )?;
     out.family(
         "sparkops_step_duration_seconds",
@@ -452,8 +456,6 @@ fn prometheus(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
         out.text,
     ))
 }
-
-const RUN_FINALS_ARRAY: &str = "['succeeded', 'failed', 'timed_out', 'cancelled']";
 
 /// The Prometheus text format, written family by family.
 #[derive(Default)]

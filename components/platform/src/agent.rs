@@ -25,6 +25,8 @@ use crate::engine;
 use crate::outbound::{self, Call};
 use crate::pipeline::{Ctx, project_secrets};
 use crate::policies::{self, RefusedOr, Violation};
+use sparkops_engine::ErrorKind;
+use sparkops_engine::step::Failure;
 
 /// Where an agent step runs.
 pub struct StepScope<'a> {
@@ -37,28 +39,22 @@ pub struct StepScope<'a> {
     pub deadline: Instant,
 }
 
-/// How the step ended: its output, or an error kind and message, and how long the provider
-/// asked to wait before another attempt.
-pub struct Outcome {
-    pub result: Result<Value, (String, String)>,
-    pub retry_after_ms: Option<u64>,
-    /// No attempt can do better (`max_iterations`, a policy, an invalid configuration).
-    pub final_attempt: bool,
+/// How the step ended: its output, or how it failed (with how long the provider asked to
+/// wait before another attempt, and whether any attempt could do better).
+pub type Outcome = Result<Value, Failure>;
+
+fn fail(kind: ErrorKind, message: impl Into<String>, final_attempt: bool) -> Outcome {
+    let failure = Failure::new(kind, message);
+    Err(if final_attempt {
+        failure.final_attempt()
+    } else {
+        failure
+    })
 }
 
-impl Outcome {
-    fn fail(kind: &str, message: impl Into<String>, final_attempt: bool) -> Self {
-        Outcome {
-            result: Err((kind.to_string(), message.into())),
-            retry_after_ms: None,
-            final_attempt,
-        }
-    }
-
-    fn violation(ctx: &mut Ctx, scope: &StepScope, v: &Violation) -> Result<Self, ApiError> {
-        record_event(ctx, scope, "policy.violation", v.event())?;
-        Ok(Self::fail("policy-violation", v.message(), true))
-    }
+fn violation(ctx: &mut Ctx, scope: &StepScope, v: &Violation) -> Result<Outcome, ApiError> {
+    record_event(ctx, scope, "policy.violation", v.event())?;
+    Ok(fail(ErrorKind::PolicyViolation, v.message(), true))
 }
 
 /// The largest answer read from a provider.
@@ -163,10 +159,7 @@ fn price(db: &Db, project_id: &str, model: &str) -> Result<Option<Price>, ApiErr
 
 /// Appends an event to the run, under its lock.
 fn record_event(ctx: &mut Ctx, s: &StepScope, kind: &str, data: Value) -> Result<(), ApiError> {
-    ctx.transaction(|tx, _| {
-        engine::lock_run(tx, s.run_id)?;
-        engine::event(tx, s.run_id, kind, Some(s.step_key), data)
-    })
+    ctx.transaction(|tx, _| engine::note(tx, s.run_id, kind, Some(s.step_key), data))
 }
 
 /// Adds a model call's tokens and cost to the step and the run, with its event.
@@ -178,59 +171,34 @@ fn record_usage(
     cost: Option<Usd>,
     data: Value,
 ) -> Result<(), ApiError> {
-    let (tin, tout) = (c.prompt_tokens as i64, c.completion_tokens as i64);
-    let cost_param = cost.map_or(V::Null, |c| V::Decimal(c.to_fixed()));
-    ctx.transaction(|tx, _| {
-        engine::lock_run(tx, s.run_id)?;
-        tx.execute(
-            "update run_steps set tokens_in = tokens_in + $3, tokens_out = tokens_out + $4,
-                cost_usd = case when $5::numeric is null then cost_usd else coalesce(cost_usd, 0) + $5::numeric end,
-                model = $6
-             where run_id = $1 and step_key = $2",
-            &[
-                V::Uuid(s.run_id.into()),
-                V::Text(s.step_key.into()),
-                V::Int64(tin),
-                V::Int64(tout),
-                cost_param.clone(),
-                V::Text(model.into()),
-            ],
-        )?;
-        tx.execute(
-            "update runs set tokens_in = tokens_in + $2, tokens_out = tokens_out + $3,
-                cost_usd = cost_usd + coalesce($4::numeric, 0), unpriced_calls = unpriced_calls + $5
-             where run_id = $1",
-            &[
-                V::Uuid(s.run_id.into()),
-                V::Int64(tin),
-                V::Int64(tout),
-                cost_param.clone(),
-                V::Int32(i32::from(cost.is_none())),
-            ],
-        )?;
-        engine::event(tx, s.run_id, "model.called", Some(s.step_key), data)
-    })
+    let usage = engine::step::Usage {
+        model,
+        tokens_in: c.prompt_tokens as i64,
+        tokens_out: c.completion_tokens as i64,
+        cost,
+    };
+    ctx.transaction(|tx, _| engine::step::add_usage(tx, s.run_id, s.step_key, &usage, data))
 }
 
 /// Runs the agent step with `input` (the rendered step input).
 pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, ApiError> {
     let Some(agent) = load_agent(ctx, scope)? else {
-        return Ok(Outcome::fail(
-            "validation",
+        return Ok(fail(
+            ErrorKind::Validation,
             format!("agent {} no longer exists", scope.agent_id),
             true,
         ));
     };
     let Some((provider_name, model_name)) = llm::split_model(&agent.model) else {
-        return Ok(Outcome::fail(
-            "validation",
+        return Ok(fail(
+            ErrorKind::Validation,
             "the agent's model is not provider/model",
             true,
         ));
     };
     let Some((base_url, key)) = provider(ctx, scope.project_id, provider_name)? else {
-        return Ok(Outcome::fail(
-            "validation",
+        return Ok(fail(
+            ErrorKind::Validation,
             format!("no provider `{provider_name}` is configured (model_providers)"),
             true,
         ));
@@ -245,7 +213,7 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
     if let Err(v) = policies::check_steps(&policies, started)
         .and_then(|()| policies::check_model(&policies, &agent.model))
     {
-        return Outcome::violation(ctx, scope, &v);
+        return violation(ctx, scope, &v);
     }
     let price = price(ctx.db()?, scope.project_id, &agent.model)?;
     let url = url::Url::parse(&format!("{base_url}/chat/completions"))
@@ -274,7 +242,7 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
             .unwrap_or((0, 0));
         let estimate = llm::estimate_prompt_tokens(&messages, &functions) as i64;
         let max_tokens = match policies::token_room(&policies, step_used, run_used) {
-            Err(v) => return Outcome::violation(ctx, scope, &v),
+            Err(v) => return violation(ctx, scope, &v),
             Ok(None) => agent.max_tokens,
             Ok(Some(room)) => agent.max_tokens.min(room - estimate).max(1),
         };
@@ -286,9 +254,16 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
             .saturating_duration_since(Instant::now())
             .as_millis() as i64;
         let expires_at = chrono::Utc::now() + chrono::Duration::milliseconds(left_ms + 60_000);
-        let reservation = match policies::reserve(ctx.db()?, &policies, now, worst, expires_at) {
+        let reservation = match policies::reserve(
+            ctx.db()?,
+            crate::new_id(),
+            &policies,
+            now,
+            worst,
+            expires_at,
+        ) {
             Ok(r) => r,
-            Err(RefusedOr::Refused(v)) => return Outcome::violation(ctx, scope, &v),
+            Err(RefusedOr::Refused(v)) => return violation(ctx, scope, &v),
             Err(RefusedOr::Error(e)) => return Err(e),
         };
         let body = llm::chat_request(
@@ -306,7 +281,7 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
         let left = scope.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             policies::settle(ctx.db()?, &reservation, None, 0)?;
-            return Ok(Outcome::fail("timeout", "the step's time ran out", false));
+            return Ok(fail(ErrorKind::Timeout, "the step's time ran out", false));
         }
         ctx.release_db();
         let t0 = Instant::now();
@@ -323,15 +298,11 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
             Err(e) => {
                 policies::settle(ctx.db()?, &reservation, None, 0)?;
                 let kind = if e.kind() == "timeout" {
-                    "timeout"
+                    ErrorKind::Timeout
                 } else {
-                    "provider-error"
+                    ErrorKind::ProviderError
                 };
-                return Ok(Outcome::fail(
-                    kind,
-                    format!("provider {provider_name}: {e}"),
-                    false,
-                ));
+                return Ok(fail(kind, format!("provider {provider_name}: {e}"), false));
             }
             Ok(a) => a,
         };
@@ -347,17 +318,16 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
                 .chars()
                 .take(300)
                 .collect();
-            return Ok(Outcome {
-                result: Err((
-                    kind.into(),
+            return Ok(Err(Failure {
+                retry_after_ms: wait,
+                ..Failure::new(
+                    kind,
                     format!(
                         "provider {provider_name} answered {}: {detail}",
                         answer.status
                     ),
-                )),
-                retry_after_ms: wait,
-                final_attempt: false,
-            });
+                )
+            }));
         }
         let completion = match serde_json::from_slice::<Value>(&answer.body)
             .map_err(|e| e.to_string())
@@ -366,8 +336,8 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
             Ok(c) => c,
             Err(e) => {
                 policies::settle(ctx.db()?, &reservation, None, 0)?;
-                return Ok(Outcome::fail(
-                    "provider-error",
+                return Ok(fail(
+                    ErrorKind::ProviderError,
                     format!("provider {provider_name}: not a chat completion: {e}"),
                     false,
                 ));
@@ -397,13 +367,13 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
         for call in &completion.tool_calls {
             let content = match call_tool(ctx, scope, &agent, &policies, call)? {
                 Ok(content) => content,
-                Err(v) => return Outcome::violation(ctx, scope, &v),
+                Err(v) => return violation(ctx, scope, &v),
             };
             messages.push(json!({"role": "tool", "tool_call_id": call.id, "content": content}));
         }
     }
-    Ok(Outcome::fail(
-        "max-iterations",
+    Ok(fail(
+        ErrorKind::MaxIterations,
         format!(
             "the model still asked for tools after {} iterations",
             agent.max_iterations
@@ -415,30 +385,22 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
 /// The final answer as the step's output: text, or JSON checked against `response_format`.
 fn finish(agent: &Agent, content: String) -> Outcome {
     let Some(schema) = &agent.response_format else {
-        return Outcome {
-            result: Ok(Value::String(content)),
-            retry_after_ms: None,
-            final_attempt: false,
-        };
+        return Ok(Value::String(content));
     };
     let parsed: Value = match serde_json::from_str(&content) {
         Ok(v) => v,
         Err(e) => {
-            return Outcome::fail(
-                "validation",
+            return fail(
+                ErrorKind::Validation,
                 format!("the answer is not the JSON response_format asks for: {e}"),
                 false,
             );
         }
     };
     match sparkops_core::schema::validate(schema, &parsed) {
-        Ok(()) => Outcome {
-            result: Ok(parsed),
-            retry_after_ms: None,
-            final_attempt: false,
-        },
-        Err(problems) => Outcome::fail(
-            "validation",
+        Ok(()) => Ok(parsed),
+        Err(problems) => fail(
+            ErrorKind::Validation,
             format!(
                 "the answer does not match response_format: {}",
                 problems

@@ -1,17 +1,18 @@
 //! The thin layer between Spark-Ops components and Spin: Postgres through pg4 behind the
 //! shared library's [`sparkops_core::db::Connection`], the HTTP edge, and the request
-//! pipeline every API component runs. Business logic stays in `sparkops-core`.
+//! pipeline every API component runs. Business logic stays in `sparkops-core`, and the run
+//! lifecycle in `sparkops-engine` (re-exported here as [`engine`] and [`policies`]).
 
-pub mod admission;
+pub use sparkops_engine as engine;
+pub use sparkops_engine::policies;
+
 pub mod agent;
 pub mod db;
-pub mod engine;
 pub mod http;
 pub mod nudge;
 pub mod orchestrate;
 pub mod outbound;
 pub mod pipeline;
-pub mod policies;
 pub mod ratelimit;
 pub mod resource;
 pub mod schedule_fire;

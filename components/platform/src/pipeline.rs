@@ -88,6 +88,16 @@ impl Ctx {
         self.db = None;
     }
 
+    /// Hands the steps an advance of `run_id` claimed to executors, after giving the
+    /// connection back: an executor needs one to accept a step, and a request holding one
+    /// while it waits for executors could hold the last of the pool.
+    pub fn dispatch(&mut self, run_id: &str, claimed: &[sparkops_engine::Claim]) {
+        if !claimed.is_empty() {
+            self.release_db();
+            crate::orchestrate::dispatch(run_id, claimed);
+        }
+    }
+
     /// Authenticates `Authorization: Bearer <JWT | sk_...>` or `X-API-Key: sk_...`, then
     /// counts the request against the principal's rate limit.
     pub fn authenticate(&mut self, req: &HttpRequest) -> Result<Principal, ApiError> {

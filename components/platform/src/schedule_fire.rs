@@ -1,7 +1,8 @@
 //! One fire of a schedule (API.md "Schedules"), shared by the scheduler (cron fires) and
-//! `POST /schedules/{id}/trigger` (manual ones): the overlap policy, the run-start policies,
-//! the input against the workflow's current `input_schema`, then the run, pinned to the
-//! workflow's current version and marked with its schedule and fire time. Every outcome,
+//! `POST /schedules/{id}/trigger` (manual ones): the overlap policy, then the engine's one
+//! start path (the input against the workflow's current `input_schema`, the run-start
+//! policies, the run pinned to the workflow's current version and marked with its schedule
+//! and fire time). Every outcome,
 //! a run or the reason there is none, is recorded in `schedule_fires`.
 //!
 //! The caller holds the schedule's row lock, so a fire time is handled once even when
@@ -12,10 +13,10 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sparkops_core::db::{AS_TIMESTAMPTZ, Tx, Value as V};
 use sparkops_core::error::ApiError;
-use sparkops_core::workflow;
+use sparkops_core::status::{RunStatus, sql_list};
+use sparkops_engine::{self as engine, Cancel, NewRun, Origin, StartError};
 
 use crate::db::Db;
-use crate::engine::{self, NewRun};
 
 /// A schedule, as firing it needs it.
 pub struct Schedule {
@@ -59,9 +60,6 @@ impl Fired {
     }
 }
 
-/// Statuses of a run still going, for the overlap policy.
-const UNFINISHED: &str = "('queued', 'running', 'waiting', 'cancelling')";
-
 /// Fires `schedule` for the time `at`. Returns the outcome and the runs to nudge (the new
 /// one, and those `cancel_previous` cancelled).
 pub fn fire(
@@ -84,20 +82,14 @@ fn start(
     now: DateTime<Utc>,
     nudges: &mut Vec<String>,
 ) -> Result<Fired, ApiError> {
-    let rows = tx.query(
-        "select w.version, w.timeout_s, v.definition, v.input_schema from workflows w
-         join workflow_versions v on v.workflow_id = w.workflow_id and v.version = w.version
-         join projects p on p.project_id = w.project_id
-         where w.workflow_id = $1 and w.deleted_at is null and p.deleted_at is null",
-        &[V::Uuid(s.workflow_id.clone())],
-    )?;
-    let Some(workflow) = rows.first() else {
+    let Some(workflow) = engine::start::workflow(tx, &s.workflow_id, None)? else {
         return Ok(Fired::Gone);
     };
     let unfinished: Vec<String> = tx
         .query(
             &format!(
-                "select run_id::text from runs where schedule_id = $1 and status in {UNFINISHED} order by run_id"
+                "select run_id::text from runs where schedule_id = $1 and status in {} order by run_id",
+                sql_list(RunStatus::UNFINISHED)
             ),
             &[V::Uuid(s.schedule_id.clone())],
         )?
@@ -111,73 +103,42 @@ fn start(
             )));
         }
         ("cancel_previous", Some(_)) => {
+            let reason =
+                json!({"reason": "a later fire of its schedule (overlap cancel_previous)"});
             for run in &unfinished {
-                engine::lock_run(tx, run)?;
-                let cancelled = tx.execute(
-                    "update runs set status = 'cancelling', updated_at = now()
-                     where run_id = $1 and status in ('queued', 'running', 'waiting')",
-                    &[V::Uuid(run.clone())],
-                )?;
-                if cancelled == 1 {
-                    engine::event(
-                        tx,
-                        run,
-                        "run.cancelling",
-                        None,
-                        json!({"reason": "a later fire of its schedule (overlap cancel_previous)"}),
-                    )?;
+                if engine::cancel(tx, run, reason.clone())? == Cancel::Cancelling {
                     nudges.push(run.clone());
                 }
             }
         }
         _ => {}
     }
-    if let Err(e) = crate::admission::admit(tx, &s.project_id, &s.workflow_id, now) {
-        return match e {
-            ApiError::PolicyViolation(m) => Ok(Fired::Refused(m)),
-            other => Err(other),
-        };
-    }
-    let (version, timeout_s) = (workflow.int(0)?, workflow.int(1).ok());
-    let (definition, schema) = (workflow.json(2)?, workflow.json(3)?);
-    if !schema.is_null()
-        && let Err(problems) = sparkops_core::schema::validate(&schema, &s.input)
-    {
-        let detail: Vec<String> = problems
-            .into_iter()
-            .map(|(p, m)| format!("input{p}: {m}"))
-            .collect();
-        return Ok(Fired::Failed(format!(
-            "the schedule's input does not fit the workflow: {}",
-            detail.join("; ")
-        )));
-    }
-    let definition = workflow::parse_saved(&definition).map_err(|e| {
-        ApiError::Server(format!(
-            "workflow {} v{version} does not parse: {e:?}",
-            s.workflow_id
-        ))
-    })?;
     let run_id = crate::new_id();
     let run = NewRun {
         run_id: &run_id,
-        project_id: &s.project_id,
-        workflow_id: &s.workflow_id,
-        version: version as i32,
-        definition: &definition,
+        workflow: &workflow,
         input: &s.input,
-        created_by: None,
+        origin: Origin::Schedule {
+            schedule_id: &s.schedule_id,
+            at,
+        },
         now,
-        timeout_s,
-        retry_of: None,
-        schedule: Some((&s.schedule_id, at)),
-        reused: Default::default(),
     };
-    engine::insert_run(
-        tx,
-        &run,
-        json!({"workflow_version": version, "schedule_id": s.schedule_id, "scheduled_for": sparkops_core::time::rfc3339(at)}),
-    )?;
+    match engine::start(tx, &run) {
+        Ok(()) => {}
+        Err(StartError::Refused(m)) => return Ok(Fired::Refused(m)),
+        Err(StartError::BadInput(problems)) => {
+            let detail: Vec<String> = problems
+                .into_iter()
+                .map(|p| format!("{}: {}", p.field, p.message))
+                .collect();
+            return Ok(Fired::Failed(format!(
+                "the schedule's input does not fit the workflow: {}",
+                detail.join("; ")
+            )));
+        }
+        Err(StartError::Failed(e)) => return Err(e),
+    }
     tx.execute(
         &format!(
             "update schedules set last_fired_at = greatest(last_fired_at, $2{AS_TIMESTAMPTZ}) where schedule_id = $1"

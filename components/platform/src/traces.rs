@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Row, Tx, Value as V, utc};
+use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Row, Value as V, utc};
 use sparkops_core::error::ApiError;
 use sparkops_core::llm;
 use sparkops_core::netcheck::check_tool_url;
@@ -49,20 +49,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a tick starts new requests; with one request's timeout on top, well inside
 /// [`LEASE_S`].
 const TICK_BUDGET: Duration = Duration::from_secs(30);
-
-/// Queues the run's trace when its project exports traces. Called in the transaction that
-/// finishes the run.
-pub fn enqueue(tx: &Tx<'_, Db>, run_id: &str) -> Result<(), ApiError> {
-    // Due at once: ticks carry whole seconds, so due from the start of this second.
-    tx.execute(
-        "insert into trace_exports (run_id, project_id, next_attempt_at)
-         select r.run_id, r.project_id, date_trunc('second', now()) from runs r join projects p on p.project_id = r.project_id
-         where r.run_id = $1 and p.trace_endpoint is not null and p.deleted_at is null
-         on conflict (run_id) do nothing",
-        &[V::Uuid(run_id.into())],
-    )?;
-    Ok(())
-}
 
 /// What became of one request's runs.
 #[derive(Debug)]

@@ -1,7 +1,8 @@
 //! Runs (API.md "Runs"): start a workflow at its current (or a chosen) version with an input
 //! checked against the workflow's `input_schema`, list and inspect runs with their totals,
-//! their steps and their ordered event log, and cancel them. The orchestrator advances
-//! them; this component only records intent and nudges it.
+//! their steps and their ordered event log, cancel, retry and approve them. Each change is
+//! the engine's, and the request advances the run in the same transaction and dispatches
+//! the steps it made ready.
 // `#[http_component]` expands to the ABI export glue, which is `unsafe` by nature.
 #![allow(unsafe_code)]
 
@@ -11,11 +12,10 @@ use sparkops_core::error::ApiError;
 use sparkops_core::ids::parse_uuid;
 use sparkops_core::input::Body;
 use sparkops_core::roles::Action;
+use sparkops_core::status;
 use sparkops_core::time::parse_rfc3339;
-use sparkops_core::workflow;
-use sparkops_platform::admission::admit;
 use sparkops_platform::db::Db;
-use sparkops_platform::engine::{NewRun, event, insert_run};
+use sparkops_platform::engine::{self, Cancel, NewRun, Origin, RunStatus};
 use sparkops_platform::http::{HttpRequest, Reply};
 use sparkops_platform::pipeline::{self, BodyStream, Ctx, Principal, ProjectAccess, Served};
 use sparkops_platform::resource::{page_reply, project_of_request};
@@ -195,20 +195,10 @@ fn list(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiE
         }
     }
     if let Some(status) = req.query_param("status") {
-        const STATUSES: [&str; 8] = [
-            "queued",
-            "running",
-            "waiting",
-            "succeeded",
-            "failed",
-            "timed_out",
-            "cancelling",
-            "cancelled",
-        ];
-        if !STATUSES.contains(&status.as_str()) {
+        if RunStatus::parse(&status).is_none() {
             return Err(ApiError::field(
                 "status",
-                format!("must be one of {}", STATUSES.join(", ")),
+                format!("must be one of {}", status::names(RunStatus::ALL)),
             ));
         }
         params.push(V::Text(status));
@@ -240,67 +230,41 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
     let workflow_id = workflow_id.ok_or(ApiError::Internal)?;
     let not_found = || ApiError::NotFound(format!("no workflow {workflow_id}"));
     let rows = ctx.db()?.query(
-        "select project_id::text, version, timeout_s from workflows where workflow_id = $1 and deleted_at is null",
+        "select project_id::text from workflows where workflow_id = $1 and deleted_at is null",
         &[V::Uuid(workflow_id.clone())],
     )?;
-    let row = rows.first().ok_or_else(not_found)?;
-    let (project_id, current, timeout_s) = (row.text(0)?, row.int(1)?, row.int(2).ok());
+    let project_id = rows.first().ok_or_else(not_found)?.text(0)?;
     let access = ctx
         .project(who, &project_id, Action::Write)
         .map_err(|e| match e {
             ApiError::NotFound(_) => not_found(),
             other => other,
         })?;
-    let version = version.unwrap_or(current);
-    let rows = ctx.db()?.query(
-        "select definition, input_schema from workflow_versions where workflow_id = $1 and version = $2",
-        &[V::Uuid(workflow_id.clone()), V::Int32(version as i32)],
-    )?;
-    let row = rows.first().ok_or_else(|| {
-        ApiError::field("version", format!("the workflow has no version {version}"))
-    })?;
-    let (definition, schema) = (row.json(0)?, row.json(1)?);
-    if !schema.is_null()
-        && let Err(problems) = sparkops_core::schema::validate(&schema, &input)
-    {
-        return Err(ApiError::fields(
-            problems
-                .into_iter()
-                .map(|(p, m)| sparkops_core::error::FieldError {
-                    field: format!("input{p}"),
-                    message: m,
-                })
-                .collect(),
-        ));
-    }
-    let parsed = workflow::parse_saved(&definition).map_err(|e| {
-        ApiError::Server(format!(
-            "workflow {workflow_id} v{version} does not parse: {e:?}"
-        ))
-    })?;
+    let workflow = engine::start::workflow(ctx.db()?, &workflow_id, version.map(|v| v as i32))?
+        .filter(|w| w.project_id == access.project_id)
+        .ok_or_else(not_found)?;
+    let mut claimed = Vec::new();
     let reply = ctx.create_once(req, who, |tx, ctx| {
-        admit(tx, &access.project_id, &workflow_id, ctx.now)?;
         let id = ctx.new_id();
         let run = NewRun {
             run_id: &id,
-            project_id: &access.project_id,
-            workflow_id: &workflow_id,
-            version: version as i32,
-            definition: &parsed,
+            workflow: &workflow,
             input: &input,
-            created_by: Some(&who.user_id),
+            origin: Origin::Api {
+                user_id: &who.user_id,
+            },
             now: ctx.now,
-            timeout_s,
-            retry_of: None,
-            schedule: None,
-            reused: Default::default(),
         };
-        insert_run(tx, &run, json!({"workflow_version": version}))?;
-        Ok(Reply::created(load(tx, &id)?, format!("/api/v1/runs/{id}")))
+        engine::start(tx, &run)?;
+        // The reply is the run as it started (queued); the same transaction then advances
+        // it, so its first steps are dispatched from here, not through the nudge channel.
+        let reply = Reply::created(load(tx, &id)?, format!("/api/v1/runs/{id}"));
+        claimed = engine::advance(tx, &id)?;
+        Ok(reply)
     })?;
     if let Some(id) = reply.body.as_ref().and_then(|b| b["id"].as_str()) {
         ctx.log_run(id);
-        sparkops_platform::nudge::run(id);
+        ctx.dispatch(id, &claimed);
     }
     Ok(reply)
 }
@@ -310,23 +274,21 @@ fn cancel(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
     // Cancelling twice is the same request: the second finds the run cancelling (or
     // cancelled) already and answers as the first did.
     let run = ctx.transaction(|tx, _| {
-        let rows = tx.query(
-            "update runs set status = 'cancelling', updated_at = now()
-             where run_id = $1 and status in ('queued', 'running', 'waiting') returning status",
-            &[V::Uuid(id.clone())],
-        )?;
+        let cancelled = engine::cancel(tx, &id, json!({}))?;
         let run = load(tx, &id)?;
-        if !rows.is_empty() {
-            event(tx, &id, "run.cancelling", None, json!({}))?;
-        } else if run["status"] != "cancelling" && run["status"] != "cancelled" {
-            return Err(ApiError::Conflict(format!(
-                "the run is already {}",
-                run["status"].as_str().unwrap_or("finished")
-            )));
+        // The run as the request left it (cancelling); the advance in the same
+        // transaction then cancels what is left.
+        if cancelled == Cancel::Cancelling {
+            engine::advance(tx, &id)?;
         }
-        Ok(run)
+        match cancelled {
+            Cancel::Cancelling | Cancel::Already => Ok(run),
+            Cancel::Finished(status) => {
+                Err(ApiError::Conflict(format!("the run is already {status}")))
+            }
+            Cancel::NotFound => Err(ApiError::NotFound(format!("no run {id}"))),
+        }
     })?;
-    sparkops_platform::nudge::run(&id);
     Ok(Reply::json(202, run))
 }
 
@@ -335,7 +297,7 @@ fn cancel(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
 /// produced and runs the rest; `from: "start"` runs everything again. Only a finished run
 /// is retried, and only an unsuccessful one from `failed`.
 fn retry(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<Reply, ApiError> {
-    let (id, access) = access(ctx, who, id, Action::Write)?;
+    let (id, _) = access(ctx, who, id, Action::Write)?;
     let mut b = if req.body.iter().all(u8::is_ascii_whitespace) {
         Body::from_value(json!({}))?
     } else {
@@ -343,24 +305,29 @@ fn retry(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
     };
     let from = b.one_of("from", &["failed", "start"], "failed");
     b.finish()?;
+    let mut claimed = Vec::new();
     let reply = ctx.create_once(req, who, |tx, ctx| {
         let rows = tx.query(
-            "select r.status, r.workflow_id::text, r.workflow_version, r.input, w.timeout_s,
-                    w.deleted_at is not null, r.payloads_pruned_at is not null
-             from runs r join workflows w on w.workflow_id = r.workflow_id where r.run_id = $1",
+            "select r.status, r.workflow_id::text, r.workflow_version, r.input, r.payloads_pruned_at is not null
+             from runs r where r.run_id = $1",
             &[V::Uuid(id.clone())],
         )?;
         let row = rows.first().ok_or(ApiError::Internal)?;
-        let (status, workflow_id, version, input) =
-            (row.text(0)?, row.text(1)?, row.int(2)?, row.json(3)?);
-        let (timeout_s, deleted, pruned) = (row.int(4).ok(), row.bool(5)?, row.bool(6)?);
+        let (status, workflow_id, version, input, pruned) = (
+            row.text(0)?,
+            row.text(1)?,
+            row.int(2)?,
+            row.json(3)?,
+            row.bool(4)?,
+        );
         let conflict = |m: String| Err(ApiError::Conflict(m));
-        if ["queued", "running", "waiting", "cancelling"].contains(&status.as_str()) {
+        if RunStatus::parse(&status).is_some_and(|s| !s.is_final()) {
             return conflict(format!("the run is still {status}: retry it once it has ended"));
         }
-        if deleted {
+        let Some(workflow) = engine::start::workflow(tx, &workflow_id, Some(version as i32))?
+        else {
             return conflict("its workflow was deleted".into());
-        }
+        };
         let mut reused = std::collections::HashMap::new();
         if from == "failed" {
             if status == "succeeded" {
@@ -381,33 +348,27 @@ fn retry(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
                 reused.insert(r.text(0)?, (r.json(1)?, r.json(2)?));
             }
         }
-        admit(tx, &access.project_id, &workflow_id, ctx.now)?;
-        let definition = sparkops_platform::engine::definition(tx, &id)?;
         let new_id = ctx.new_id();
         let run = NewRun {
             run_id: &new_id,
-            project_id: &access.project_id,
-            workflow_id: &workflow_id,
-            version: version as i32,
-            definition: &definition,
+            workflow: &workflow,
             input: &input,
-            created_by: Some(&who.user_id),
+            origin: Origin::Retry {
+                user_id: &who.user_id,
+                of: &id,
+                from,
+                reused,
+            },
             now: ctx.now,
-            timeout_s,
-            retry_of: Some(&id),
-            schedule: None,
-            reused,
         };
-        insert_run(
-            tx,
-            &run,
-            json!({"workflow_version": version, "retry_of": id, "from": from}),
-        )?;
-        Ok(Reply::created(load(tx, &new_id)?, format!("/api/v1/runs/{new_id}")))
+        engine::start(tx, &run)?;
+        let reply = Reply::created(load(tx, &new_id)?, format!("/api/v1/runs/{new_id}"));
+        claimed = engine::advance(tx, &new_id)?;
+        Ok(reply)
     })?;
     if let Some(id) = reply.body.as_ref().and_then(|b| b["id"].as_str()) {
         ctx.log_run(id);
-        sparkops_platform::nudge::run(id);
+        ctx.dispatch(id, &claimed);
     }
     Ok(reply)
 }
@@ -595,49 +556,19 @@ fn approve(
     let comment = b.opt_str("comment", 2000);
     b.finish()?;
     let approved = approved.ok_or(ApiError::Internal)?;
+    let decision = engine::step::Decision {
+        user_id: &who.user_id,
+        approved,
+        comment: comment.as_deref(),
+    };
     let step = ctx.transaction(|tx, _| {
-        sparkops_platform::engine::lock_run(tx, &id)?;
-        let rows = tx.query(
-            "select status from run_steps where run_id = $1 and step_key = $2 for update",
-            &[V::Uuid(id.clone()), V::Text(key.into())],
-        )?;
-        let status = rows
-            .first()
-            .map(|r| r.text(0))
-            .transpose()?
-            .ok_or_else(|| ApiError::NotFound(format!("no step {key} in run {id}")))?;
-        if status != "waiting" {
-            return Err(ApiError::Conflict(format!(
-                "the step is {status}, not waiting for an approval"
-            )));
-        }
-        let definition = sparkops_platform::engine::definition(tx, &id)?;
-        let approvers = definition
-            .steps
-            .iter()
-            .find(|s| s.key == key)
-            .and_then(|s| s.approval.as_ref())
-            .map(|a| a.approvers.clone())
-            .unwrap_or_default();
-        if !approvers.is_empty() && !approvers.contains(&who.user_id) {
-            return Err(ApiError::Forbidden("you are not an approver of this step".into()));
-        }
-        let decision = json!({"approved": approved, "by": who.user_id, "comment": comment});
-        let (status, output, error, kind) = if approved {
-            ("succeeded", V::Json(decision.clone()), V::Null, "step.approved")
-        } else {
-            let message = comment.clone().unwrap_or_else(|| "rejected".into());
-            ("failed", V::Null, V::Json(json!({"kind": "rejected", "message": message})), "step.rejected")
-        };
-        tx.execute(
-            "update run_steps set status = $3, output = $4, error = $5, finished_at = now(), updated_at = now(),
-                duration_ms = (extract(epoch from now() - started_at) * 1000)::bigint
-             where run_id = $1 and step_key = $2",
-            &[V::Uuid(id.clone()), V::Text(key.into()), V::Text(status.into()), output, error],
-        )?;
-        event(tx, &id, kind, Some(key), decision.clone())?;
-        Ok(json!({"key": key, "status": status, "decision": decision}))
+        let (status, decision) = engine::step::decide_approval(tx, &id, key, &decision)?;
+        let claimed = engine::advance(tx, &id)?;
+        Ok((
+            json!({"key": key, "status": status.as_str(), "decision": decision}),
+            claimed,
+        ))
     })?;
-    sparkops_platform::nudge::run(&id);
-    Ok(Reply::ok(step))
+    ctx.dispatch(&id, &step.1);
+    Ok(Reply::ok(step.0))
 }

@@ -121,6 +121,15 @@ impl WasiHttpHooks for OutboundHttp {
         fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> ResponseFuture {
         drop(fut);
+        let lost = self
+            .app
+            .faults
+            .drop_dispatches
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && request.headers().contains_key("x-sparkops-dispatch");
+        if lost {
+            return Box::new(async { Err(Error::ConnectionRefused) });
+        }
         let target = self.target(request.uri());
         let app = self.app.clone();
         let network = self.network.clone();

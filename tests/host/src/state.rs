@@ -48,6 +48,9 @@ pub struct Faults {
     /// The cron schedules skip their ticks (as if no periodic replica were running); a
     /// test still fires a component itself with `handle_cron`.
     pub pause_cron: std::sync::atomic::AtomicBool,
+    /// Outgoing requests that carry a step dispatch (`x-sparkops-dispatch`) fail as a refused
+    /// connection: the executor's host died before it accepted the step.
+    pub drop_dispatches: std::sync::atomic::AtomicBool,
 }
 
 impl AppShared {

@@ -827,7 +827,7 @@ async fn the_event_stream_delivers_every_event_in_order_and_resumes_after_a_disc
 // ---- Durability and concurrency ----------------------------------------------------------
 
 #[tokio::test]
-async fn with_every_nudge_lost_runs_still_finish_through_the_sweeper() {
+async fn with_every_nudge_and_the_first_dispatches_lost_runs_still_finish_through_the_sweeper() {
     let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
     let fake = FakeServer::start(200, json!({"ok": true}), Duration::ZERO).await;
@@ -844,13 +844,11 @@ async fn with_every_nudge_lost_runs_still_finish_through_the_sweeper() {
     )
     .await;
     let faults = api.app.inner.faults();
-    faults
-        .drop_redis_publishes
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    faults.drop_redis_publishes.store(true, relaxed);
+    faults.drop_dispatches.store(true, relaxed);
     // The sweeper moves only when this test fires it, not on its own 5-second schedule.
-    faults
-        .pause_cron
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    faults.pause_cron.store(true, relaxed);
     let wf = json!(wf);
     let runs: Vec<String> =
         futures::future::join_all((0..3).map(|_| api.start_run(&ada.access, &wf, json!({}))))
@@ -858,14 +856,19 @@ async fn with_every_nudge_lost_runs_still_finish_through_the_sweeper() {
             .iter()
             .map(|r| r["id"].as_str().unwrap().to_string())
             .collect();
-    // Nothing moves without a nudge...
+    // Each run's first step is claimed, and its hand-off to an executor is lost: nothing
+    // runs, and a sweep before the lease runs out leaves the claim alone.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.sweep_at(0).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(fake.received().is_empty());
-    // ...until the sweeper ticks; each tick advances every run one decision further.
-    let mut ticks = 0;
-    for _ in 0..40 {
-        api.sweep_at(0).await;
-        ticks += 1;
+    // Executors answer again (nudges stay lost): one sweep past the lease takes the steps
+    // back and dispatches them, and each result dispatches what comes next.
+    faults.drop_dispatches.store(false, relaxed);
+    let lease_s = 300 + 30;
+    api.sweep_at(lease_s + 1).await;
+    let ticks = 1;
+    for _ in 0..100 {
         let mut done = 0;
         for id in &runs {
             let run = api

@@ -11,12 +11,10 @@
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde_json::{Value, json};
-use sparkops_core::db::{self as core_db, AS_TIMESTAMPTZ, Connection as _, Value as V};
+use sparkops_core::db::{self as core_db, AS_TIMESTAMPTZ, Connection, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::money::Usd;
 use sparkops_core::policy::{self, Rules, Window, glob_matches};
-
-use crate::db::Db;
 
 /// One enabled policy in scope.
 #[derive(Debug, Clone)]
@@ -98,8 +96,8 @@ pub fn from_rows(rows: &[sparkops_core::db::Row]) -> Result<Vec<Policy>, ApiErro
 
 /// The enabled policies in scope of a step of `workflow_id` (and, for an agent step, of
 /// `agent_id`).
-pub fn in_scope(
-    db: &Db,
+pub fn in_scope<C: Connection + ?Sized>(
+    db: &C,
     project_id: &str,
     workflow_id: &str,
     agent_id: Option<&str>,
@@ -141,9 +139,13 @@ pub fn check_tool(policies: &[Policy], tool_id: &str) -> Result<(), Violation> {
 
 /// The run's started steps as [`check_steps`] needs them: counted only when a policy limits
 /// them, since the count is a query on the path of every call.
-pub fn started_steps(db: &Db, policies: &[Policy], run_id: &str) -> Result<i64, ApiError> {
+pub fn started_steps<R: sparkops_core::db::Read + ?Sized>(
+    db: &R,
+    policies: &[Policy],
+    run_id: &str,
+) -> Result<i64, ApiError> {
     if policies.iter().any(|p| p.rules.max_steps_per_run.is_some()) {
-        crate::engine::started_steps(db, run_id)
+        crate::store::started_steps(db, run_id)
     } else {
         Ok(0)
     }
@@ -216,13 +218,14 @@ pub fn window_start(window: Window, now: DateTime<Utc>) -> DateTime<Utc> {
     start.unwrap_or(DateTime::UNIX_EPOCH)
 }
 
-/// Reserves `worst` (the call's worst-case cost; `None` when the model has no price)
+/// Reserves, as `reservation_id` (a fresh UUID), `worst` (the call's worst-case cost; `None` when the model has no price)
 /// against every budget in scope, atomically: all or none. A blocking budget refuses an
 /// unpriced call and a call that would take spend plus reservations past its limit. The
 /// hold is recorded until `expires_at`, when the sweeper releases it if the call never
 /// settled (its host died).
-pub fn reserve(
-    db: &Db,
+pub fn reserve<C: Connection + ?Sized>(
+    db: &C,
+    reservation_id: String,
     policies: &[Policy],
     now: DateTime<Utc>,
     worst: Option<Usd>,
@@ -246,7 +249,7 @@ pub fn reserve(
         }
     }
     let amount = worst.unwrap_or(Usd::ZERO);
-    let id = crate::new_id();
+    let id = reservation_id;
     let mut windows = Vec::new();
     let result = core_db::transaction(db, |tx| {
         for p in &budgets {
@@ -344,8 +347,8 @@ struct Held {
 /// Turns a reservation into spend: `cost` (`None`: the call failed before costing
 /// anything, or the model is unpriced) and `tokens`. Returns the `alert` budgets this call
 /// took past their limit (each alerts once per window, when it is crossed).
-pub fn settle(
-    db: &Db,
+pub fn settle<C: Connection + ?Sized>(
+    db: &C,
     reservation: &Reservation,
     cost: Option<Usd>,
     tokens: i64,
@@ -404,7 +407,11 @@ pub fn settle(
 
 /// Releases the holds of calls that never settled (their host died) once they expire:
 /// what they reserved is free again. The sweeper calls it.
-pub fn release_expired(db: &Db, now: DateTime<Utc>, limit: i64) -> Result<u64, ApiError> {
+pub fn release_expired<C: Connection + ?Sized>(
+    db: &C,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<u64, ApiError> {
     core_db::transaction(db, |tx| {
         let released = tx.query(
             &format!(

@@ -1,0 +1,266 @@
+//! Advancing a run (DESIGN.md section 5): in one transaction under the run's row lock it
+//! finishes a cancelling run, marks pending steps ready or skipped
+//! ([`sparkops_core::run::decide`]), finishes the run when nothing is left, and claims the
+//! ready steps: a lease for each step an executor runs, a deadline for each approval. It
+//! never calls a model or a tool. Advancing twice finds nothing new to claim the second
+//! time.
+
+use serde_json::{Value, json};
+use sparkops_core::db::{Connection, Tx, Value as V};
+use sparkops_core::error::ApiError;
+use sparkops_core::run::{self, Decision, Outcome, RunScope};
+use sparkops_core::status::{RunStatus, StepStatus, sql_list};
+use sparkops_core::workflow::{Approval, Definition, StepKind};
+
+use crate::store::{self, event};
+
+/// How long a claimed step may run before the sweeper takes it back, beyond its timeout.
+pub const LEASE_MARGIN_MS: i64 = 30_000;
+/// An approval step's wait when its definition sets none: a day.
+pub const DEFAULT_APPROVAL_S: u64 = 86_400;
+/// A step's timeout when its definition sets none.
+pub const DEFAULT_STEP_TIMEOUT_MS: i64 = 300_000;
+
+/// A step an advance claimed for an executor: dispatch it with its lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub step_key: String,
+    pub lease_id: String,
+}
+
+/// Advances the run; the steps claimed for executors.
+pub fn advance<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+) -> Result<Vec<Claim>, ApiError> {
+    match store::lock_run(tx, run_id)? {
+        Some(RunStatus::Cancelling) => {
+            finish(
+                tx,
+                run_id,
+                RunStatus::Cancelled,
+                None,
+                json!({"reason": "cancelled by request"}),
+            )?;
+            return Ok(Vec::new());
+        }
+        Some(RunStatus::Queued) => {
+            tx.execute(
+                "update runs set status = 'running', started_at = now(), updated_at = now() where run_id = $1",
+                &[V::Uuid(run_id.into())],
+            )?;
+            event(tx, run_id, "run.started", None, json!({}))?;
+        }
+        Some(RunStatus::Running | RunStatus::Waiting) => {}
+        _ => return Ok(Vec::new()),
+    }
+    let store::Plan { input, definition } = store::plan(tx, run_id)?;
+    // The steps are read once: under the run's lock nothing else changes them, so each
+    // decision is applied to the copy here as well as to the table.
+    let (mut statuses, outputs) = store::states(&store::steps(tx, run_id)?);
+    let scope = RunScope {
+        input: &input,
+        outputs: &outputs,
+    };
+    // Skipping a step can settle its dependants, so decide until nothing changes.
+    loop {
+        let decisions = run::decide(&definition, &statuses, &scope);
+        if decisions.is_empty() {
+            break;
+        }
+        for (key, decision) in decisions {
+            let (new, reason) = match decision {
+                Decision::Ready => (StepStatus::Ready, Value::Null),
+                Decision::Skip(why) => (StepStatus::Skipped, json!({"reason": why})),
+            };
+            let changed = tx.execute(
+                "update run_steps set status = $3, error = $4, updated_at = now()
+                 where run_id = $1 and step_key = $2 and status = 'pending'",
+                &[
+                    V::Uuid(run_id.into()),
+                    V::Text(key.clone()),
+                    V::Text(new.as_str().into()),
+                    store::json_or_null(&reason),
+                ],
+            )?;
+            if changed != 1 {
+                return Err(ApiError::Server(format!(
+                    "step {key} of run {run_id} changed under the run's lock"
+                )));
+            }
+            if new == StepStatus::Skipped {
+                event(tx, run_id, "step.skipped", Some(&key), reason)?;
+            }
+            statuses.insert(key, new);
+        }
+    }
+    match run::outcome(&statuses) {
+        Some(Outcome::Succeeded) => {
+            // The run's output: what the steps no other step depends on produced.
+            let leaves: serde_json::Map<String, Value> = definition
+                .steps
+                .iter()
+                .filter(|s| {
+                    !definition
+                        .steps
+                        .iter()
+                        .any(|o| o.depends_on.contains(&s.key))
+                })
+                .filter_map(|s| outputs.get(&s.key).map(|o| (s.key.clone(), o.clone())))
+                .collect();
+            finish(
+                tx,
+                run_id,
+                RunStatus::Succeeded,
+                Some(Value::Object(leaves)),
+                Value::Null,
+            )?;
+            return Ok(Vec::new());
+        }
+        Some(Outcome::Failed) => {
+            let mut failed: Vec<&String> = statuses
+                .iter()
+                .filter(|(_, s)| **s == StepStatus::Failed)
+                .map(|(k, _)| k)
+                .collect();
+            failed.sort();
+            finish(
+                tx,
+                run_id,
+                RunStatus::Failed,
+                None,
+                json!({"reason": "a step failed", "steps": failed}),
+            )?;
+            return Ok(Vec::new());
+        }
+        None => {}
+    }
+    let mut ready: Vec<String> = statuses
+        .into_iter()
+        .filter(|(_, s)| *s == StepStatus::Ready)
+        .map(|(k, _)| k)
+        .collect();
+    ready.sort();
+    claim(tx, run_id, &definition, ready)
+}
+
+/// Claims the `ready` steps, as one conditional update per step: an approval step starts
+/// waiting until its deadline, any other gets a fresh lease for an executor.
+fn claim<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    definition: &Definition,
+    ready: Vec<String>,
+) -> Result<Vec<Claim>, ApiError> {
+    let mut claimed = Vec::new();
+    for key in ready {
+        let step = definition.steps.iter().find(|s| s.key == key);
+        if let Some(s) = step.filter(|s| s.kind == StepKind::Approval) {
+            let approval = s.approval.clone().unwrap_or(Approval {
+                timeout_s: DEFAULT_APPROVAL_S,
+                approvers: Vec::new(),
+            });
+            let waiting = tx.execute(
+                "update run_steps set status = 'waiting', attempt = attempt + 1,
+                    deadline_at = now() + make_interval(secs => $3::float8),
+                    started_at = coalesce(started_at, now()), updated_at = now()
+                 where run_id = $1 and step_key = $2 and status = 'ready'",
+                &[
+                    V::Uuid(run_id.into()),
+                    V::Text(key.clone()),
+                    V::Float64(approval.timeout_s as f64),
+                ],
+            )?;
+            if waiting == 1 {
+                event(
+                    tx,
+                    run_id,
+                    "step.waiting",
+                    Some(&key),
+                    json!({"timeout_s": approval.timeout_s, "approvers": approval.approvers}),
+                )?;
+            }
+            continue;
+        }
+        let timeout = step
+            .and_then(|s| s.timeout_ms)
+            .map_or(DEFAULT_STEP_TIMEOUT_MS, |t| t as i64);
+        let rows = tx.query(
+            "update run_steps set status = 'running', attempt = attempt + 1, lease_id = gen_random_uuid(),
+                lease_expires_at = now() + make_interval(secs => $3::float8 / 1000),
+                started_at = coalesce(started_at, now()), updated_at = now()
+             where run_id = $1 and step_key = $2 and status = 'ready'
+             returning attempt, lease_id::text",
+            &[
+                V::Uuid(run_id.into()),
+                V::Text(key.clone()),
+                V::Float64((timeout + LEASE_MARGIN_MS) as f64),
+            ],
+        )?;
+        if let Some(r) = rows.first() {
+            event(
+                tx,
+                run_id,
+                "step.started",
+                Some(&key),
+                json!({"attempt": r.int(0)?}),
+            )?;
+            claimed.push(Claim {
+                step_key: key,
+                lease_id: r.text(1)?,
+            });
+        }
+    }
+    // A run with nothing in flight but a step awaiting approval is waiting.
+    tx.execute(
+        "update runs r set status = case when exists (
+                select 1 from run_steps s where s.run_id = r.run_id and s.status = 'waiting')
+            and not exists (
+                select 1 from run_steps s where s.run_id = r.run_id and s.status in ('ready', 'running', 'retrying'))
+            then 'waiting' else 'running' end, updated_at = now()
+         where r.run_id = $1 and r.status in ('running', 'waiting')",
+        &[V::Uuid(run_id.into())],
+    )?;
+    Ok(claimed)
+}
+
+/// Ends the run with `status` (a final one): steps not finished are cancelled, the end is
+/// an event, and the run's trace is queued for export when its project exports traces.
+/// The caller holds the run's lock.
+pub fn finish<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    status: RunStatus,
+    output: Option<Value>,
+    error: Value,
+) -> Result<(), ApiError> {
+    debug_assert!(status.is_final());
+    tx.execute(
+        &format!(
+            "update run_steps set status = 'cancelled', lease_id = null, finished_at = now(), updated_at = now()
+             where run_id = $1 and status in {}",
+            sql_list(StepStatus::UNFINISHED)
+        ),
+        &[V::Uuid(run_id.into())],
+    )?;
+    tx.execute(
+        "update runs set status = $2, output = $3, error = $4, finished_at = now(), updated_at = now()
+         where run_id = $1",
+        &[
+            V::Uuid(run_id.into()),
+            V::Text(status.as_str().into()),
+            output.map_or(V::Null, V::Json),
+            store::json_or_null(&error),
+        ],
+    )?;
+    event(tx, run_id, &format!("run.{status}"), None, error)?;
+    // Due at once: ticks carry whole seconds, so due from the start of this second.
+    tx.execute(
+        "insert into trace_exports (run_id, project_id, next_attempt_at)
+         select r.run_id, r.project_id, date_trunc('second', now()) from runs r join projects p on p.project_id = r.project_id
+         where r.run_id = $1 and p.trace_endpoint is not null and p.deleted_at is null
+         on conflict (run_id) do nothing",
+        &[V::Uuid(run_id.into())],
+    )?;
+    Ok(())
+}

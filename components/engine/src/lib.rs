@@ -1,0 +1,42 @@
+//! The run lifecycle (DESIGN.md section 5; API.md "Runs"): every transition of a run and
+//! its steps, and nothing else. No Spin or WASI here: each function takes a
+//! [`sparkops_core::db::Connection`] (or a [`Tx`] of one), so components call it over
+//! pg4 and the native suite (`tests/engine.rs`) over a real Postgres.
+//!
+//! | Transition | Function | Who calls it |
+//! |---|---|---|
+//! | start (input check, admission, insert) | [`start::start`] | `POST /runs`, retry, schedule fires |
+//! | advance (decide, finish, claim) | [`advance::advance`] | orchestrator, sweeper |
+//! | record an attempt, schedule a retry | [`step::record`] | executor |
+//! | a model call's usage | [`step::add_usage`] | agent steps |
+//! | take back an expired lease | [`step::take_back`] | sweeper |
+//! | wake a due retry | [`step::wake_retry`] | sweeper |
+//! | approve or reject | [`step::decide_approval`] | `POST /runs/{id}/steps/{key}/approve` |
+//! | an approval's deadline | [`step::expire_approval`] | sweeper |
+//! | cancel | [`lifecycle::cancel`] | `POST /runs/{id}/cancel`, schedule overlap |
+//! | time out | [`lifecycle::time_out`] | sweeper |
+//! | finish | [`advance::finish`] | advance, time out |
+//! | prune payloads | [`lifecycle::prune`] | sweeper |
+//!
+//! Lock order, the same everywhere so transitions queue and never deadlock: the project's
+//! row (only admission under a concurrency limit), then the run's row
+//! ([`store::lock_run`], the first statement of every change to a run or its steps), then
+//! its step rows. Every change to a step is conditional on the status it expects, so a
+//! repeated, late or raced transition changes nothing.
+//!
+//! Statuses and error kinds are [`RunStatus`], [`StepStatus`] and [`ErrorKind`] (in
+//! `sparkops_core::status`, where workflow validation reads them too).
+
+pub mod advance;
+pub mod lifecycle;
+pub mod policies;
+pub mod start;
+pub mod step;
+pub mod store;
+
+pub use advance::{Claim, advance, finish};
+pub use lifecycle::{Cancel, cancel};
+pub use sparkops_core::db::Tx;
+pub use sparkops_core::status::{ErrorKind, RunStatus, StepStatus};
+pub use start::{NewRun, Origin, StartError, Workflow, start};
+pub use store::{event, lock_run, note};

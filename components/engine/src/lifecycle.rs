@@ -1,0 +1,166 @@
+//! A run's transitions from outside its steps: cancelled by request, timed out, swept
+//! (what a periodic tick finds to do), and its payloads pruned after retention.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sparkops_core::db::{AS_TIMESTAMPTZ, Connection, Tx, Value as V, transaction};
+use sparkops_core::error::ApiError;
+use sparkops_core::status::{RunStatus, StepStatus, sql_list};
+
+use crate::advance::finish;
+use crate::step;
+use crate::store::{event, lock_run};
+
+/// What a cancel request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// The run is now cancelling: the next advance cancels what is left.
+    Cancelling,
+    /// It was cancelling or cancelled already: the same request again.
+    Already,
+    /// It had finished otherwise (succeeded, failed, timed out).
+    Finished(RunStatus),
+    /// No such run.
+    NotFound,
+}
+
+/// Asks the run to stop, with `data` (the reason) on its `run.cancelling` event.
+pub fn cancel<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    data: Value,
+) -> Result<Cancel, ApiError> {
+    Ok(match lock_run(tx, run_id)? {
+        None => Cancel::NotFound,
+        Some(s) if RunStatus::CANCELLABLE.contains(&s) => {
+            tx.execute(
+                "update runs set status = 'cancelling', updated_at = now() where run_id = $1",
+                &[V::Uuid(run_id.into())],
+            )?;
+            event(tx, run_id, "run.cancelling", None, data)?;
+            Cancel::Cancelling
+        }
+        Some(RunStatus::Cancelling | RunStatus::Cancelled) => Cancel::Already,
+        Some(other) => Cancel::Finished(other),
+    })
+}
+
+/// Ends the run as `timed_out` when it is still unfinished and its deadline passed before
+/// `at`. `true` when it did.
+pub fn time_out<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    at: DateTime<Utc>,
+) -> Result<bool, ApiError> {
+    if !matches!(lock_run(tx, run_id)?, Some(s) if RunStatus::CANCELLABLE.contains(&s)) {
+        return Ok(false);
+    }
+    let overdue = tx.query(
+        &format!("select 1 from runs where run_id = $1 and deadline_at < $2{AS_TIMESTAMPTZ}"),
+        &[V::Uuid(run_id.into()), V::Timestamp(at)],
+    )?;
+    if overdue.is_empty() {
+        return Ok(false);
+    }
+    finish(
+        tx,
+        run_id,
+        RunStatus::TimedOut,
+        None,
+        json!({"kind": "timeout", "message": "the run passed its timeout"}),
+    )?;
+    Ok(true)
+}
+
+/// One periodic sweep at `at`, at most `batch` rows per kind of work: expired leases taken
+/// back, due retries woken, approvals past their deadline failed, runs past theirs timed
+/// out. Returns the runs to advance: those it changed, and every run with something to
+/// decide (nothing in flight, or cancelling), so a lost nudge costs one tick. Each change
+/// is its own transaction under the run's lock and safe to repeat: replicas all sweep.
+pub fn sweep<C: Connection + ?Sized>(
+    db: &C,
+    at: DateTime<Utc>,
+    batch: i64,
+) -> Result<BTreeSet<String>, ApiError> {
+    let mut touched = BTreeSet::new();
+    let due = |sql: &str| -> Result<Vec<(String, String)>, ApiError> {
+        db.query(
+            &sql.replace("{TS}", AS_TIMESTAMPTZ),
+            &[V::Timestamp(at), V::Int64(batch)],
+        )?
+        .iter()
+        .map(|r| Ok((r.text(0)?, r.text(1)?)))
+        .collect()
+    };
+    for (run, key) in due("select run_id::text, step_key from run_steps
+         where status = 'running' and lease_expires_at < $1{TS} limit $2")?
+    {
+        transaction(db, |tx| step::take_back(tx, &run, &key, at))?;
+        touched.insert(run);
+    }
+    for (run, key) in due("select run_id::text, step_key from run_steps
+         where status = 'retrying' and next_attempt_at <= $1{TS} limit $2")?
+    {
+        transaction(db, |tx| step::wake_retry(tx, &run, &key))?;
+        touched.insert(run);
+    }
+    for (run, key) in due("select run_id::text, step_key from run_steps
+         where status = 'waiting' and deadline_at < $1{TS} limit $2")?
+    {
+        transaction(db, |tx| step::expire_approval(tx, &run, &key))?;
+        touched.insert(run);
+    }
+    let overdue = db.query(
+        &format!(
+            "select run_id::text from runs
+             where status in {} and deadline_at < $1{AS_TIMESTAMPTZ} limit $2",
+            sql_list(RunStatus::CANCELLABLE)
+        ),
+        &[V::Timestamp(at), V::Int64(batch)],
+    )?;
+    for row in overdue {
+        let run = row.text(0)?;
+        transaction(db, |tx| time_out(tx, &run, at))?;
+    }
+    let undecided = db.query(
+        &format!(
+            "select r.run_id::text from runs r
+             where r.status = 'cancelling'
+                or (r.status in ('queued', 'running') and not exists (
+                    select 1 from run_steps s where s.run_id = r.run_id and s.status in {}))
+             limit $1",
+            sql_list(StepStatus::IN_FLIGHT)
+        ),
+        &[V::Int64(batch)],
+    )?;
+    for row in undecided {
+        touched.insert(row.text(0)?);
+    }
+    Ok(touched)
+}
+
+/// Removes the inputs and outputs of the steps of runs finished before `cutoff`, at most
+/// `batch` runs, marking them pruned at `now`. Returns how many runs it pruned.
+pub fn prune<C: Connection + ?Sized>(
+    db: &C,
+    cutoff: DateTime<Utc>,
+    now: DateTime<Utc>,
+    batch: i64,
+) -> Result<u64, ApiError> {
+    Ok(db.execute(
+        &format!(
+            "with victims as (
+                select run_id from runs
+                where finished_at is not null and payloads_pruned_at is null and finished_at < $1{AS_TIMESTAMPTZ}
+                order by finished_at limit $2 for update skip locked
+             ), steps as (
+                update run_steps s set input = null, output = null, updated_at = now()
+                from victims v where s.run_id = v.run_id
+             )
+             update runs r set payloads_pruned_at = $3{AS_TIMESTAMPTZ} from victims v where r.run_id = v.run_id"
+        ),
+        &[V::Timestamp(cutoff), V::Int64(batch), V::Timestamp(now)],
+    )?)
+}

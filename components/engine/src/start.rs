@@ -1,0 +1,335 @@
+//! Starting a run: one path for `POST /runs`, retries and schedule fires, with one order of
+//! checks. The input against the workflow version's `input_schema` first (it reads
+//! nothing), then the policies on starting runs (API.md "Policies": rules "are checked ...
+//! when a run is created"), then the run with its steps and its `run.queued` event.
+//!
+//! Admission: the enabled policies in scope of the run (the whole project, or its
+//! workflow) apply together and the most restrictive wins: `max_concurrent_runs` counts
+//! the runs in scope not yet finished, and a blocking `budget` refuses once its window's
+//! spend (the ledger, `budget_usage`) has reached the limit. With a concurrency limit in
+//! scope the project's row is locked first, so two starts at once cannot both take the
+//! last slot.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sparkops_core::db::{AS_TIMESTAMPTZ, Connection, DbError, Read, Tx, Value as V};
+use sparkops_core::error::{ApiError, FieldError};
+use sparkops_core::money::Usd;
+use sparkops_core::status::{RunStatus, sql_list};
+use sparkops_core::workflow::{self, Definition};
+
+use crate::policies;
+use crate::store::{event, json_or_null};
+
+/// A workflow version a run can pin.
+#[derive(Debug, Clone)]
+pub struct Workflow {
+    pub workflow_id: String,
+    pub project_id: String,
+    pub version: i32,
+    pub definition: Definition,
+    pub input_schema: Value,
+    /// The workflow's run timeout.
+    pub timeout_s: Option<i64>,
+}
+
+/// Reads version `version` (the current one when `None`) of a workflow that is not
+/// deleted, in a project that is not deleted. `Ok(None)` when there is no such workflow;
+/// `Err` naming the field `version` when the workflow has no such version.
+pub fn workflow<R: Read + ?Sized>(
+    db: &R,
+    workflow_id: &str,
+    version: Option<i32>,
+) -> Result<Option<Workflow>, ApiError> {
+    let rows = db.read(
+        "select w.project_id::text, v.version, w.timeout_s, v.definition, v.input_schema
+         from workflows w join projects p on p.project_id = w.project_id
+         left join workflow_versions v on v.workflow_id = w.workflow_id and v.version = coalesce($2, w.version)
+         where w.workflow_id = $1 and w.deleted_at is null and p.deleted_at is null",
+        &[
+            V::Uuid(workflow_id.into()),
+            version.map_or(V::Null, V::Int32),
+        ],
+    )?;
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
+    let Ok(pinned) = row.int(1) else {
+        let version = version.unwrap_or_default();
+        return Err(ApiError::field(
+            "version",
+            format!("the workflow has no version {version}"),
+        ));
+    };
+    let definition = workflow::parse_saved(&row.json(3)?).map_err(|e| {
+        ApiError::Server(format!(
+            "workflow {workflow_id} v{pinned} does not parse: {e:?}"
+        ))
+    })?;
+    Ok(Some(Workflow {
+        workflow_id: workflow_id.into(),
+        project_id: row.text(0)?,
+        version: pinned as i32,
+        definition,
+        input_schema: row.json(4)?,
+        timeout_s: row.int(2).ok(),
+    }))
+}
+
+/// Where a run comes from.
+#[derive(Debug, Clone)]
+pub enum Origin<'a> {
+    /// `POST /runs` by a user.
+    Api { user_id: &'a str },
+    /// `POST /runs/{id}/retry`.
+    Retry {
+        user_id: &'a str,
+        of: &'a str,
+        /// `failed` or `start`.
+        from: &'a str,
+        /// Steps that start succeeded with these `(input, output)`: a retry from `failed`
+        /// reuses what the earlier run's succeeded steps produced (their cost is not
+        /// counted again).
+        reused: HashMap<String, (Value, Value)>,
+    },
+    /// A fire of a schedule for the time `at`.
+    Schedule {
+        schedule_id: &'a str,
+        at: DateTime<Utc>,
+    },
+}
+
+/// A run to start.
+pub struct NewRun<'a> {
+    pub run_id: &'a str,
+    pub workflow: &'a Workflow,
+    pub input: &'a Value,
+    pub origin: Origin<'a>,
+    pub now: DateTime<Utc>,
+}
+
+/// Why a run did not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// The input does not fit the workflow's `input_schema`: `(path under input, message)`.
+    BadInput(Vec<FieldError>),
+    /// A policy on starting runs refused it: the policy, rule and detail.
+    Refused(String),
+    Failed(ApiError),
+}
+
+impl From<DbError> for StartError {
+    fn from(e: DbError) -> Self {
+        StartError::Failed(e.into())
+    }
+}
+
+impl From<ApiError> for StartError {
+    fn from(e: ApiError) -> Self {
+        StartError::Failed(e)
+    }
+}
+
+impl From<StartError> for ApiError {
+    fn from(e: StartError) -> Self {
+        match e {
+            StartError::BadInput(problems) => ApiError::fields(problems),
+            StartError::Refused(m) => ApiError::PolicyViolation(m),
+            StartError::Failed(e) => e,
+        }
+    }
+}
+
+/// Starts `run`: checks its input and the policies, then inserts it queued with its steps
+/// and its `run.queued` event. The caller then advances it (or nudges the engine).
+pub fn start<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<(), StartError> {
+    let w = run.workflow;
+    if !w.input_schema.is_null()
+        && let Err(problems) = sparkops_core::schema::validate(&w.input_schema, run.input)
+    {
+        return Err(StartError::BadInput(
+            problems
+                .into_iter()
+                .map(|(path, message)| FieldError {
+                    field: format!("input{path}"),
+                    message,
+                })
+                .collect(),
+        ));
+    }
+    admit(tx, &w.project_id, &w.workflow_id, run.now)?;
+    insert(tx, run)?;
+    Ok(())
+}
+
+fn insert<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<(), ApiError> {
+    let w = run.workflow;
+    let id = || V::Uuid(run.run_id.into());
+    let deadline = w.timeout_s.map(|s| run.now + chrono::Duration::seconds(s));
+    let (created_by, retry_of, schedule, mut data, reused) = match &run.origin {
+        Origin::Api { user_id } => (
+            Some(*user_id),
+            None,
+            None,
+            json!({"workflow_version": w.version}),
+            None,
+        ),
+        Origin::Retry {
+            user_id,
+            of,
+            from,
+            reused,
+        } => (
+            Some(*user_id),
+            Some(*of),
+            None,
+            json!({"workflow_version": w.version, "retry_of": of, "from": from}),
+            Some(reused),
+        ),
+        Origin::Schedule { schedule_id, at } => (
+            None,
+            None,
+            Some((*schedule_id, *at)),
+            json!({"workflow_version": w.version, "schedule_id": schedule_id,
+                "scheduled_for": sparkops_core::time::rfc3339(*at)}),
+            None,
+        ),
+    };
+    tx.execute(
+        &format!(
+            "insert into runs (run_id, project_id, workflow_id, workflow_version, input, created_by,
+                deadline_at, retry_of, schedule_id, scheduled_for, created_at, updated_at)
+             values ($1, $2, $3, $4, $5, $6, $7{AS_TIMESTAMPTZ}, $8, $9, $10{AS_TIMESTAMPTZ},
+                $11{AS_TIMESTAMPTZ}, $11{AS_TIMESTAMPTZ})"
+        ),
+        &[
+            id(),
+            V::Uuid(w.project_id.clone()),
+            V::Uuid(w.workflow_id.clone()),
+            V::Int32(w.version),
+            V::Json(run.input.clone()),
+            created_by.map_or(V::Null, |u| V::Uuid(u.into())),
+            deadline.map_or(V::Null, V::Timestamp),
+            retry_of.map_or(V::Null, |r| V::Uuid(r.into())),
+            schedule.map_or(V::Null, |(s, _)| V::Uuid(s.into())),
+            schedule.map_or(V::Null, |(_, t)| V::Timestamp(t)),
+            V::Timestamp(run.now),
+        ],
+    )?;
+    let mut reused_keys = Vec::new();
+    for step in &w.definition.steps {
+        let kind = V::Text(step.kind.as_str().into());
+        // What the metrics group steps by.
+        let agent = step.agent_id.clone().map_or(V::Null, V::Text);
+        let tool = step.tool_id.clone().map_or(V::Null, V::Text);
+        match reused.and_then(|r| r.get(&step.key)) {
+            None => tx.execute(
+                "insert into run_steps (run_id, step_key, kind, agent_id, tool_id)
+                 values ($1, $2, $3, $4::text::uuid, $5::text::uuid)",
+                &[id(), V::Text(step.key.clone()), kind, agent, tool],
+            )?,
+            Some((input, output)) => {
+                reused_keys.push(step.key.clone());
+                tx.execute(
+                    "insert into run_steps (run_id, step_key, kind, agent_id, tool_id, status, input, output, finished_at)
+                     values ($1, $2, $3, $4::text::uuid, $5::text::uuid, 'succeeded', $6, $7, now())",
+                    &[
+                        id(),
+                        V::Text(step.key.clone()),
+                        kind,
+                        agent,
+                        tool,
+                        json_or_null(input),
+                        json_or_null(output),
+                    ],
+                )?
+            }
+        };
+    }
+    if !reused_keys.is_empty() {
+        data["reused"] = json!(reused_keys);
+    }
+    event(tx, run.run_id, "run.queued", None, data)
+}
+
+/// `Ok` when a run of `workflow_id` may start now; `Refused` naming the first rule that
+/// refuses it.
+fn admit<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    project_id: &str,
+    workflow_id: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StartError> {
+    let policies = policies::from_rows(&tx.query(
+        policies::IN_SCOPE,
+        &policies::scope_params(project_id, workflow_id, None),
+    )?)?;
+    if policies
+        .iter()
+        .any(|p| p.rules.max_concurrent_runs.is_some())
+    {
+        tx.query(
+            "select 1 from projects where project_id = $1 for no key update",
+            &[V::Uuid(project_id.into())],
+        )?;
+    }
+    let unfinished = sql_list(RunStatus::UNFINISHED);
+    for p in &policies {
+        let rules = &p.rules;
+        let refuse = |rule: &'static str, detail: String| {
+            Err(StartError::Refused(
+                policies::violation(p, rule, detail).message(),
+            ))
+        };
+        // The runs a policy's rules count: its workflow's, or the whole project's.
+        let (filter, params) = if p.workflow_scoped {
+            (
+                "project_id = $1 and workflow_id = $2",
+                vec![V::Uuid(project_id.into()), V::Uuid(workflow_id.into())],
+            )
+        } else {
+            ("project_id = $1", vec![V::Uuid(project_id.into())])
+        };
+        if let Some(limit) = rules.max_concurrent_runs {
+            let rows = tx.query(
+                &format!("select count(*) from runs where {filter} and status in {unfinished}"),
+                &params,
+            )?;
+            let running = rows.first().map(|r| r.int(0)).transpose()?.unwrap_or(0);
+            if running >= limit {
+                return refuse(
+                    "max_concurrent_runs",
+                    format!("{running} runs are unfinished and the limit is {limit}"),
+                );
+            }
+        }
+        if let Some(budget) = rules.budget.as_ref().filter(|b| b.block) {
+            let start = policies::window_start(budget.window, now);
+            let rows = tx.query(
+                &format!(
+                    "select spent_usd::text from budget_usage where policy_id = $1 and window_start = $2{AS_TIMESTAMPTZ}"
+                ),
+                &[V::Uuid(p.id.clone()), V::Timestamp(start)],
+            )?;
+            let spent = rows
+                .first()
+                .map(|r| r.usd(0))
+                .transpose()?
+                .unwrap_or(Usd::ZERO);
+            if spent >= budget.limit_usd {
+                return refuse(
+                    "budget",
+                    format!(
+                        "{} USD spent this {} of a {} USD limit",
+                        spent.to_fixed(),
+                        budget.window.as_str(),
+                        budget.limit_usd.to_fixed()
+                    ),
+                );
+            }
+        }
+    }
+    Ok(())
+}

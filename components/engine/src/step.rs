@@ -1,0 +1,444 @@
+//! A step's transitions after it was claimed: its attempt's result recorded (or its next
+//! attempt scheduled), a model call's usage, its lease taken back when its host died, a
+//! due retry woken, an approval decided or past its deadline. Each takes the run's lock
+//! first and changes the step only from the status it expects, so a late or repeated
+//! change finds nothing to do.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sparkops_core::db::{AS_TIMESTAMPTZ, Connection, Tx, Value as V};
+use sparkops_core::error::ApiError;
+use sparkops_core::money::Usd;
+use sparkops_core::run;
+use sparkops_core::status::{ErrorKind, StepStatus};
+use sparkops_core::workflow::RetryPolicy;
+
+use crate::store::{self, event, json_or_null, lock_run};
+
+/// An executor's hold on a step attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease<'a> {
+    pub run_id: &'a str,
+    pub step_key: &'a str,
+    pub lease_id: &'a str,
+}
+
+/// The attempt a lease is for, while it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leased {
+    pub attempt: i64,
+    pub project_id: String,
+    pub workflow_id: String,
+}
+
+/// The attempt `lease` is for and its run's project and workflow, when the lease still
+/// holds (the step is running under it and it has not expired).
+pub fn leased<C: Connection + ?Sized>(
+    db: &C,
+    lease: &Lease<'_>,
+) -> Result<Option<Leased>, ApiError> {
+    let rows = db.query(
+        "select s.attempt, r.project_id::text, r.workflow_id::text from run_steps s join runs r on r.run_id = s.run_id
+         where s.run_id = $1::text::uuid and s.step_key = $2 and s.status = 'running'
+           and s.lease_id = $3::text::uuid and s.lease_expires_at > now()",
+        &[
+            V::Text(lease.run_id.into()),
+            V::Text(lease.step_key.into()),
+            V::Text(lease.lease_id.into()),
+        ],
+    )?;
+    rows.first()
+        .map(|r| {
+            Ok(Leased {
+                attempt: r.int(0)?,
+                project_id: r.text(1)?,
+                workflow_id: r.text(2)?,
+            })
+        })
+        .transpose()
+}
+
+/// A failed attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// No further attempt whatever the retry policy says (e.g. a policy refusal).
+    pub final_attempt: bool,
+    /// The least wait before another attempt that the other side asked for
+    /// (`Retry-After`).
+    pub retry_after_ms: Option<u64>,
+}
+
+impl Failure {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            final_attempt: false,
+            retry_after_ms: None,
+        }
+    }
+
+    /// The same failure, with no further attempt.
+    pub fn final_attempt(mut self) -> Self {
+        self.final_attempt = true;
+        self
+    }
+
+    pub fn error_json(&self) -> Value {
+        json!({"kind": self.kind.as_str(), "message": self.message})
+    }
+}
+
+/// How an attempt ended, as an executor reports it.
+pub struct Attempt<'a> {
+    pub lease: Lease<'a>,
+    pub attempt: i64,
+    /// The step's rendered input (`null` when it could not be rendered).
+    pub input: Value,
+    pub result: Result<Value, Failure>,
+    pub duration_ms: i64,
+    /// The step's retry policy.
+    pub retry: &'a RetryPolicy,
+    /// 0..=1, from the caller's randomness: spreads retries of many runs.
+    pub jitter: f64,
+}
+
+/// What recording an attempt came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    Succeeded,
+    /// Another attempt is scheduled.
+    Retrying,
+    Failed,
+    /// The lease was lost meanwhile (the run was cancelled or the step taken back): the
+    /// step keeps its newer state.
+    Discarded,
+}
+
+impl Recorded {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Recorded::Succeeded => "succeeded",
+            Recorded::Retrying => "retrying",
+            Recorded::Failed => "failed",
+            Recorded::Discarded => "discarded",
+        }
+    }
+}
+
+/// Records an attempt's end, or schedules the next attempt when the retry policy allows
+/// one, with its event; only while the lease holds.
+pub fn record<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    a: &Attempt<'_>,
+) -> Result<Recorded, ApiError> {
+    let (status, next_ms) = match &a.result {
+        Ok(_) => (StepStatus::Succeeded, None),
+        Err(f) => {
+            let next = (!f.final_attempt)
+                .then(|| run::retry_delay_ms(a.retry, a.attempt as u32, f.kind, a.jitter))
+                .flatten()
+                .map(|d| d.max(f.retry_after_ms.unwrap_or(0)));
+            match next {
+                Some(ms) => (StepStatus::Retrying, Some(ms)),
+                None => (StepStatus::Failed, None),
+            }
+        }
+    };
+    let error = a.result.as_ref().err().map(Failure::error_json);
+    let output = a.result.as_ref().ok().map_or(V::Null, json_or_null);
+    lock_run(tx, a.lease.run_id)?;
+    let updated = tx.execute(
+        "update run_steps set status = $4, input = $5, output = $6, error = $7, duration_ms = $8,
+            lease_id = null, lease_expires_at = null, updated_at = now(),
+            finished_at = case when $4 = 'retrying' then null else now() end,
+            next_attempt_at = case when $4 = 'retrying' then now() + make_interval(secs => $9::float8 / 1000) else null end
+         where run_id = $1 and step_key = $2 and lease_id = $3 and status = 'running'",
+        &[
+            V::Uuid(a.lease.run_id.into()),
+            V::Text(a.lease.step_key.into()),
+            V::Uuid(a.lease.lease_id.into()),
+            V::Text(status.as_str().into()),
+            json_or_null(&a.input),
+            output,
+            error.clone().map_or(V::Null, V::Json),
+            V::Int64(a.duration_ms),
+            V::Float64(next_ms.unwrap_or(0) as f64),
+        ],
+    )?;
+    if updated != 1 {
+        return Ok(Recorded::Discarded);
+    }
+    let mut data = json!({"attempt": a.attempt, "duration_ms": a.duration_ms});
+    if let Some(error) = error {
+        data["error"] = error;
+    }
+    event(
+        tx,
+        a.lease.run_id,
+        &format!("step.{status}"),
+        Some(a.lease.step_key),
+        data,
+    )?;
+    Ok(match status {
+        StepStatus::Succeeded => Recorded::Succeeded,
+        StepStatus::Retrying => Recorded::Retrying,
+        _ => Recorded::Failed,
+    })
+}
+
+/// One model call's usage.
+pub struct Usage<'a> {
+    pub model: &'a str,
+    pub tokens_in: i64,
+    pub tokens_out: i64,
+    /// `None`: the model has no price (counted as an unpriced call, never as free).
+    pub cost: Option<Usd>,
+}
+
+/// Adds a model call's tokens and cost to the step and the run, with a `model.called`
+/// event carrying `data`.
+pub fn add_usage<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    step_key: &str,
+    usage: &Usage<'_>,
+    data: Value,
+) -> Result<(), ApiError> {
+    let cost = usage.cost.map_or(V::Null, |c| V::Decimal(c.to_fixed()));
+    if lock_run(tx, run_id)?.is_none() {
+        return Ok(());
+    }
+    tx.execute(
+        "update run_steps set tokens_in = tokens_in + $3, tokens_out = tokens_out + $4,
+            cost_usd = case when $5::numeric is null then cost_usd else coalesce(cost_usd, 0) + $5::numeric end,
+            model = $6
+         where run_id = $1 and step_key = $2",
+        &[
+            V::Uuid(run_id.into()),
+            V::Text(step_key.into()),
+            V::Int64(usage.tokens_in),
+            V::Int64(usage.tokens_out),
+            cost.clone(),
+            V::Text(usage.model.into()),
+        ],
+    )?;
+    tx.execute(
+        "update runs set tokens_in = tokens_in + $2, tokens_out = tokens_out + $3,
+            cost_usd = cost_usd + coalesce($4::numeric, 0), unpriced_calls = unpriced_calls + $5
+         where run_id = $1",
+        &[
+            V::Uuid(run_id.into()),
+            V::Int64(usage.tokens_in),
+            V::Int64(usage.tokens_out),
+            cost,
+            V::Int32(i32::from(usage.cost.is_none())),
+        ],
+    )?;
+    event(tx, run_id, "model.called", Some(step_key), data)
+}
+
+/// What taking back an expired lease came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakenBack {
+    /// The step is ready for another attempt.
+    Again,
+    /// No attempt left: the step failed with `timeout`.
+    Failed,
+    /// Not expired (any more) under the lock: recorded or taken back meanwhile.
+    Nothing,
+}
+
+/// Takes back the step's lease when it expired before `at` (its host died mid-call): a new
+/// attempt when the retry policy has one left (the lease's length stood in for the
+/// backoff), else the step fails with a `timeout`.
+pub fn take_back<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    step_key: &str,
+    at: DateTime<Utc>,
+) -> Result<TakenBack, ApiError> {
+    if lock_run(tx, run_id)?.is_none() {
+        return Ok(TakenBack::Nothing);
+    }
+    let rows = tx.query(
+        &format!(
+            "select attempt from run_steps where run_id = $1 and step_key = $2
+             and status = 'running' and lease_expires_at < $3{AS_TIMESTAMPTZ}"
+        ),
+        &[
+            V::Uuid(run_id.into()),
+            V::Text(step_key.into()),
+            V::Timestamp(at),
+        ],
+    )?;
+    let Some(attempt) = rows.first().map(|r| r.int(0)).transpose()? else {
+        return Ok(TakenBack::Nothing);
+    };
+    let retry = store::definition(tx, run_id)?
+        .steps
+        .into_iter()
+        .find(|s| s.key == step_key)
+        .map(|s| s.retry)
+        .unwrap_or_default();
+    let ids = [V::Uuid(run_id.into()), V::Text(step_key.into())];
+    if run::retry_delay_ms(&retry, attempt as u32, ErrorKind::Timeout, 0.0).is_some() {
+        tx.execute(
+            "update run_steps set status = 'ready', lease_id = null, lease_expires_at = null, updated_at = now()
+             where run_id = $1 and step_key = $2",
+            &ids,
+        )?;
+        event(
+            tx,
+            run_id,
+            "step.lease_expired",
+            Some(step_key),
+            json!({"attempt": attempt}),
+        )?;
+        return Ok(TakenBack::Again);
+    }
+    let error = Failure::new(
+        ErrorKind::Timeout,
+        "the step's host stopped answering before its lease ran out",
+    )
+    .error_json();
+    let mut params = ids.to_vec();
+    params.push(V::Json(error.clone()));
+    tx.execute(
+        "update run_steps set status = 'failed', error = $3, lease_id = null, lease_expires_at = null,
+            finished_at = now(), updated_at = now(),
+            duration_ms = (extract(epoch from now() - started_at) * 1000)::bigint
+         where run_id = $1 and step_key = $2",
+        &params,
+    )?;
+    event(
+        tx,
+        run_id,
+        "step.failed",
+        Some(step_key),
+        json!({"attempt": attempt, "error": error}),
+    )?;
+    Ok(TakenBack::Failed)
+}
+
+/// A retry whose time has come goes back to `ready` (the next advance claims it as a new
+/// attempt). `false` when it was not retrying any more.
+pub fn wake_retry<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    step_key: &str,
+) -> Result<bool, ApiError> {
+    lock_run(tx, run_id)?;
+    let woken = tx.execute(
+        "update run_steps set status = 'ready', next_attempt_at = null, updated_at = now()
+         where run_id = $1 and step_key = $2 and status = 'retrying'",
+        &[V::Uuid(run_id.into()), V::Text(step_key.into())],
+    )? == 1;
+    if woken {
+        event(tx, run_id, "step.retry_due", Some(step_key), json!({}))?;
+    }
+    Ok(woken)
+}
+
+/// An approval past its deadline fails with `timeout`. `false` when it was not waiting
+/// any more.
+pub fn expire_approval<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    step_key: &str,
+) -> Result<bool, ApiError> {
+    lock_run(tx, run_id)?;
+    let error = Failure::new(
+        ErrorKind::Timeout,
+        "no decision before the approval deadline",
+    )
+    .error_json();
+    let expired = tx.execute(
+        "update run_steps set status = 'failed', finished_at = now(), updated_at = now(), error = $3
+         where run_id = $1 and step_key = $2 and status = 'waiting'",
+        &[
+            V::Uuid(run_id.into()),
+            V::Text(step_key.into()),
+            V::Json(error),
+        ],
+    )? == 1;
+    if expired {
+        event(tx, run_id, "step.timed_out", Some(step_key), json!({}))?;
+    }
+    Ok(expired)
+}
+
+/// A person's decision on a waiting approval step.
+pub struct Decision<'a> {
+    pub user_id: &'a str,
+    pub approved: bool,
+    pub comment: Option<&'a str>,
+}
+
+/// Decides a waiting approval step: it succeeds with the decision as its output, or fails
+/// as `rejected`. Only the step's `approvers` may, when it names any; a decision is taken
+/// once. Returns the step's new status and the decision.
+pub fn decide_approval<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    step_key: &str,
+    d: &Decision<'_>,
+) -> Result<(StepStatus, Value), ApiError> {
+    let no_step = || ApiError::NotFound(format!("no step {step_key} in run {run_id}"));
+    lock_run(tx, run_id)?.ok_or_else(no_step)?;
+    let rows = tx.query(
+        "select status from run_steps where run_id = $1 and step_key = $2",
+        &[V::Uuid(run_id.into()), V::Text(step_key.into())],
+    )?;
+    let status = store::step_status(rows.first().ok_or_else(no_step)?, 0)?;
+    if status != StepStatus::Waiting {
+        return Err(ApiError::Conflict(format!(
+            "the step is {status}, not waiting for an approval"
+        )));
+    }
+    let approvers = store::definition(tx, run_id)?
+        .steps
+        .into_iter()
+        .find(|s| s.key == step_key)
+        .and_then(|s| s.approval)
+        .map(|a| a.approvers)
+        .unwrap_or_default();
+    if !approvers.is_empty() && !approvers.iter().any(|a| a == d.user_id) {
+        return Err(ApiError::Forbidden(
+            "you are not an approver of this step".into(),
+        ));
+    }
+    let decision = json!({"approved": d.approved, "by": d.user_id, "comment": d.comment});
+    let (status, output, error, kind) = if d.approved {
+        (
+            StepStatus::Succeeded,
+            V::Json(decision.clone()),
+            V::Null,
+            "step.approved",
+        )
+    } else {
+        let failure = Failure::new(ErrorKind::Rejected, d.comment.unwrap_or("rejected"));
+        (
+            StepStatus::Failed,
+            V::Null,
+            V::Json(failure.error_json()),
+            "step.rejected",
+        )
+    };
+    tx.execute(
+        "update run_steps set status = $3, output = $4, error = $5, finished_at = now(), updated_at = now(),
+            duration_ms = (extract(epoch from now() - started_at) * 1000)::bigint
+         where run_id = $1 and step_key = $2",
+        &[
+            V::Uuid(run_id.into()),
+            V::Text(step_key.into()),
+            V::Text(status.as_str().into()),
+            output,
+            error,
+        ],
+    )?;
+    event(tx, run_id, kind, Some(step_key), decision.clone())?;
+    Ok((status, decision))
+}

@@ -1,0 +1,165 @@
+//! Reading and locking a run: its row lock, its event log, the definition it pinned and
+//! its steps, decoded into structs.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+use sparkops_core::db::{Connection, Read, Row, Tx, Value as V};
+use sparkops_core::error::ApiError;
+use sparkops_core::status::{RunStatus, StepStatus};
+use sparkops_core::workflow::{self, Definition};
+
+/// Takes the run's row lock and reads its status: the first lock of every change to a run
+/// and its steps, so changes queue and never deadlock. `None` when there is no such run.
+/// (`no key update`: the lock of a row whose key stays; it leaves alone the key-share
+/// locks that foreign-key checks of the run's steps and events take.)
+pub fn lock_run<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+) -> Result<Option<RunStatus>, ApiError> {
+    let rows = tx.query(
+        "select status from runs where run_id = $1 for no key update",
+        &[V::Uuid(run_id.into())],
+    )?;
+    rows.first().map(|r| run_status(r, 0)).transpose()
+}
+
+/// Appends an event to the run's log, numbered under the run's row lock (so a reader
+/// resuming after a number never misses one that commits later). The caller holds the lock.
+pub fn event<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    kind: &str,
+    step: Option<&str>,
+    data: Value,
+) -> Result<(), ApiError> {
+    tx.execute(
+        "with seq as (update runs set event_seq = event_seq + 1 where run_id = $1 returning event_seq)
+         insert into run_events (run_id, seq, kind, step_key, data) select $1, event_seq, $2, $3, $4 from seq",
+        &[
+            V::Uuid(run_id.into()),
+            V::Text(kind.into()),
+            step.map_or(V::Null, |s| V::Text(s.into())),
+            V::Json(data),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Takes the run's lock and appends an event: for what happens beside a step's attempt
+/// (a policy refusal, a model call, a budget alert). Nothing when the run is gone.
+pub fn note<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    kind: &str,
+    step: Option<&str>,
+    data: Value,
+) -> Result<(), ApiError> {
+    if lock_run(tx, run_id)?.is_some() {
+        event(tx, run_id, kind, step, data)?;
+    }
+    Ok(())
+}
+
+/// What deciding a run reads: its input and the definition it pinned.
+pub struct Plan {
+    pub input: Value,
+    pub definition: Definition,
+}
+
+/// The run's input and pinned definition.
+pub fn plan<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Plan, ApiError> {
+    let rows = db.read(
+        "select r.input, v.definition from runs r
+         join workflow_versions v on v.workflow_id = r.workflow_id and v.version = r.workflow_version
+         where r.run_id = $1",
+        &[V::Uuid(run_id.into())],
+    )?;
+    let row = rows
+        .first()
+        .ok_or_else(|| ApiError::Server(format!("run {run_id} has no pinned definition")))?;
+    Ok(Plan {
+        input: row.json(0)?,
+        definition: parse_definition(run_id, &row.json(1)?)?,
+    })
+}
+
+/// The definition a run pinned.
+pub fn definition<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Definition, ApiError> {
+    plan(db, run_id).map(|p| p.definition)
+}
+
+fn parse_definition(run_id: &str, raw: &Value) -> Result<Definition, ApiError> {
+    workflow::parse_saved(raw).map_err(|e| {
+        ApiError::Server(format!(
+            "run {run_id}: its definition does not parse: {e:?}"
+        ))
+    })
+}
+
+/// One step of a run as the engine reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRow {
+    pub key: String,
+    pub status: StepStatus,
+    pub attempt: i64,
+    /// What it produced, when it succeeded.
+    pub output: Value,
+}
+
+/// Every step of the run.
+pub fn steps<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Vec<StepRow>, ApiError> {
+    db.read(
+        "select step_key, status, attempt, output from run_steps where run_id = $1 order by step_key",
+        &[V::Uuid(run_id.into())],
+    )?
+    .iter()
+    .map(|r| {
+        Ok(StepRow {
+            key: r.text(0)?,
+            status: step_status(r, 1)?,
+            attempt: r.int(2)?,
+            output: r.json(3)?,
+        })
+    })
+    .collect()
+}
+
+/// Steps' statuses by key, and the outputs of those that succeeded: what deciding reads.
+pub fn states(steps: &[StepRow]) -> (HashMap<String, StepStatus>, HashMap<String, Value>) {
+    let statuses = steps.iter().map(|s| (s.key.clone(), s.status)).collect();
+    let outputs = steps
+        .iter()
+        .filter(|s| s.status == StepStatus::Succeeded)
+        .map(|s| (s.key.clone(), s.output.clone()))
+        .collect();
+    (statuses, outputs)
+}
+
+/// How many steps of the run have started (at least one attempt), for `max_steps_per_run`.
+pub fn started_steps<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<i64, ApiError> {
+    let rows = db.read(
+        "select count(*) from run_steps where run_id = $1 and attempt > 0",
+        &[V::Uuid(run_id.into())],
+    )?;
+    Ok(rows.first().map(|r| r.int(0)).transpose()?.unwrap_or(0))
+}
+
+pub(crate) fn run_status(row: &Row, i: usize) -> Result<RunStatus, ApiError> {
+    let s = row.text(i)?;
+    RunStatus::parse(&s).ok_or_else(|| ApiError::Server(format!("unknown run status {s:?}")))
+}
+
+pub(crate) fn step_status(row: &Row, i: usize) -> Result<StepStatus, ApiError> {
+    let s = row.text(i)?;
+    StepStatus::parse(&s).ok_or_else(|| ApiError::Server(format!("unknown step status {s:?}")))
+}
+
+/// A JSON value bound as `jsonb`; SQL `null` for JSON `null`.
+pub(crate) fn json_or_null(v: &Value) -> V {
+    if v.is_null() {
+        V::Null
+    } else {
+        V::Json(v.clone())
+    }
+}

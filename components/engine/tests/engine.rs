@@ -1,0 +1,645 @@
+//! The engine against a real Postgres, without wasm or a host: every transition, the lock
+//! order, and races between them (two advances, an advance against a cancel, a late result
+//! against a take-back). Each test has a database of its own.
+
+mod support;
+
+use std::thread;
+
+use chrono::{Duration, Utc};
+use serde_json::{Value, json};
+use sparkops_core::db::{self, Connection as _, Value as V};
+use sparkops_core::error::ApiError;
+use sparkops_core::workflow::RetryPolicy;
+use sparkops_engine::step::{Attempt, Decision, Failure, Lease, Recorded, TakenBack};
+use sparkops_engine::{
+    Cancel, Claim, ErrorKind, NewRun, Origin, RunStatus, StartError, StepStatus, lifecycle, step,
+};
+use support::*;
+
+fn lease<'a>(run: &'a str, claim: &'a Claim) -> Lease<'a> {
+    Lease {
+        run_id: run,
+        step_key: &claim.step_key,
+        lease_id: &claim.lease_id,
+    }
+}
+
+/// Records `result` for the claimed attempt with the default retry policy.
+fn record(db: &Pg, run: &str, claim: &Claim, result: Result<Value, Failure>) -> Recorded {
+    record_with(db, run, claim, result, &RetryPolicy::default())
+}
+
+fn record_with(
+    db: &Pg,
+    run: &str,
+    claim: &Claim,
+    result: Result<Value, Failure>,
+    retry: &RetryPolicy,
+) -> Recorded {
+    let attempt = db
+        .scalar(
+            "select attempt::text from run_steps where run_id = $1 and step_key = $2",
+            &[V::Uuid(run.into()), V::Text(claim.step_key.clone())],
+        )
+        .expect("the step")
+        .parse()
+        .expect("a number");
+    let a = Attempt {
+        lease: lease(run, claim),
+        attempt,
+        input: json!({"in": claim.step_key}),
+        result,
+        duration_ms: 5,
+        retry,
+        jitter: 0.0,
+    };
+    db::transaction(db, |tx| step::record(tx, &a)).expect("recorded")
+}
+
+fn keys(claims: &[Claim]) -> Vec<&str> {
+    claims.iter().map(|c| c.step_key.as_str()).collect()
+}
+
+#[test]
+fn a_run_starts_queued_and_its_first_advance_claims_the_roots() {
+    let db = database();
+    let project = project(&db);
+    let w = workflow(
+        &db,
+        &project,
+        chain(&[("a", &[]), ("b", &[]), ("c", &["a", "b"])]),
+        Value::Null,
+        None,
+    );
+    let run = start(&db, &w, json!({"x": 1}));
+    assert_eq!(run_status(&db, &run), RunStatus::Queued);
+    assert_eq!(kinds(&db, &run), ["run.queued"]);
+    let claims = advance(&db, &run);
+    assert_eq!(keys(&claims), ["a", "b"]);
+    assert_ne!(claims[0].lease_id, claims[1].lease_id);
+    assert_eq!(run_status(&db, &run), RunStatus::Running);
+    assert_eq!(step_status(&db, &run, "c"), StepStatus::Pending);
+    assert_eq!(
+        events(&db, &run),
+        [
+            (1, "run.queued".into(), None),
+            (2, "run.started".into(), None),
+            (3, "step.started".into(), Some("a".into())),
+            (4, "step.started".into(), Some("b".into())),
+        ]
+    );
+    // Advancing again finds nothing new to claim.
+    assert!(advance(&db, &run).is_empty());
+}
+
+#[test]
+fn results_advance_the_chain_and_the_run_succeeds_with_its_leaves_outputs() {
+    let db = database();
+    let project = project(&db);
+    let w = workflow(
+        &db,
+        &project,
+        chain(&[("a", &[]), ("b", &["a"]), ("c", &["a"])]),
+        Value::Null,
+        None,
+    );
+    let run = start(&db, &w, json!({}));
+    let a = advance(&db, &run);
+    assert_eq!(
+        record(&db, &run, &a[0], Ok(json!({"a": 1}))),
+        Recorded::Succeeded
+    );
+    let next = advance(&db, &run);
+    assert_eq!(keys(&next), ["b", "c"]);
+    assert_eq!(
+        record(&db, &run, &next[0], Ok(json!("B"))),
+        Recorded::Succeeded
+    );
+    assert!(advance(&db, &run).is_empty());
+    assert_eq!(run_status(&db, &run), RunStatus::Running);
+    assert_eq!(
+        record(&db, &run, &next[1], Ok(json!("C"))),
+        Recorded::Succeeded
+    );
+    assert!(advance(&db, &run).is_empty());
+    assert_eq!(run_status(&db, &run), RunStatus::Succeeded);
+    let output = db
+        .query(
+            "select output from runs where run_id = $1",
+            &[V::Uuid(run.clone())],
+        )
+        .unwrap()[0]
+        .json(0)
+        .unwrap();
+    assert_eq!(output, json!({"b": "B", "c": "C"}));
+    assert_eq!(kinds(&db, &run).last().unwrap(), "run.succeeded");
+    // A result recorded twice lands once: the lease is gone after the first.
+    assert_eq!(
+        record(&db, &run, &next[1], Ok(json!("again"))),
+        Recorded::Discarded
+    );
+}
+
+#[test]
+fn a_false_when_skips_its_branch_and_the_join_runs_after_the_branch_taken() {
+    let db = database();
+    let project = project(&db);
+    let definition = json!({"steps": [
+        {"key": "check", "kind": "condition", "input": {"ok": "{{ input.ok }}"}},
+        {"key": "yes", "kind": "condition", "depends_on": ["check"], "when": "steps.check.output.ok == true"},
+        {"key": "no", "kind": "condition", "depends_on": ["check"], "when": "steps.check.output.ok == false"},
+        {"key": "join", "kind": "condition", "depends_on": ["yes", "no"]},
+    ]});
+    let w = workflow(&db, &project, definition, Value::Null, None);
+    let run = start(&db, &w, json!({"ok": true}));
+    let check = advance(&db, &run);
+    record(&db, &run, &check[0], Ok(json!({"ok": true})));
+    let branch = advance(&db, &run);
+    assert_eq!(keys(&branch), ["yes"]);
+    assert_eq!(step_status(&db, &run, "no"), StepStatus::Skipped);
+    record(&db, &run, &branch[0], Ok(json!(1)));
+    assert_eq!(keys(&advance(&db, &run)), ["join"]);
+}
+
+#[test]
+fn a_failed_step_fails_the_run_and_cancels_what_did_not_start() {
+    let db = database();
+    let project = project(&db);
+    let w = workflow(
+        &db,
+        &project,
+        chain(&[("a", &[]), ("b", &[]), ("c", &["a"])]),
+        Value::Null,
+        None,
+    );
+    let run = start(&db, &w, json!({}));
+    let claims = advance(&db, &run);
+    let failed = Failure::new(ErrorKind::Validation, "bad").final_attempt();
+    assert_eq!(record(&db, &run, &claims[0], Err(failed)), Recorded::Failed);
+    assert!(advance(&db, &run).is_empty());
+    assert_eq!(run_status(&db, &run), RunStatus::Failed);
+    assert_eq!(step_status(&db, &run, "b"), StepStatus::Cancelled);
+    assert_eq!(step_status(&db, &run, "c"), StepStatus::Cancelled);
+    // b's executor answers late: its lease went with the run's end.
+    assert_eq!(
+        record(&db, &run, &claims[1], Ok(json!(1))),
+        Recorded::Discarded
+    );
+    assert_eq!(step_status(&db, &run, "b"), StepStatus::Cancelled);
+}
+
+#[test]
+fn a_retryable_failure_waits_then_is_claimed_as_a_new_attempt() {
+    let db = database();
+    let project = project(&db);
+    let w = workflow(&db, &project, chain(&[("a", &[])]), Value::Null, None);
+    let run = start(&db, &w, json!({}));
+    let first = advance(&db, &run);
+    let retry = RetryPolicy {
+        max_attempts: 2,
+        initial_interval_ms: 60_000,
+        ..RetryPolicy::default()
+    };
+    let timeout = Failure::new(ErrorKind::Timeout, "slow");
+    assert_eq!(
+        record_with(&db, &run, &first[0], Err(timeout.clone()), &retry),
+        Recorded::Retrying
+    );
+    assert_eq!(step_status(&db, &run, "a"), StepStatus::Retrying);
+    let wait_s = db.count(
+        "select extract(epoch from next_attempt_at - now())::bigint from run_steps where run_id = $1",
+        &[V::Uuid(run.clone())],
+    );
+    assert!((58..=60).contains(&wait_s), "{wait_s}");
+    // Not due yet at the tick's time: the sweeper leaves it; due a minute later.
+    lifecycle::sweep(&db, Utc::now(), 100).unwrap();
+    assert_eq!(step_status(&db, &run, "a"), StepStatus::Retrying);
+    let touched = lifecycle::sweep(&db, Utc::now() + Duration::seconds(61), 100).unwrap();
+    assert!(touched.contains(&run));
+    assert_eq!(step_status(&db, &run, "a"), StepStatus::Ready);
+    let second = advance(&db, &run);
+    assert_eq!(keys(&second), ["a"]);
+    assert_ne!(second[0].lease_id, first[0].lease_id);
+    // The last attempt fails for good.
+    assert_eq!(
+        record_with(&db, &run, &second[0], Err(timeout), &retry),
+        Recorded::Failed
+    );
+    advance(&db, &run);
+    assert_eq!(run_status(&db, &run), RunStatus::Failed);
+    let attempts = db.count(
+        "select attempt::bigint from run_steps where run_id = $1",
+        &[V::Uuid(run.clone())],
+    );
+    assert_eq!(attempts, 2);
+}
+
+#[test]
+fn a_non_retryable_kind_and_retry_after_are_honoured() {
+    let db = database();
+    let project = project(&db);
+    let w = workflow(
+        &db,
+        &project,
+        chain(&[("a", &[]), ("b", &[])]),
+        Value::Null,
+        None,
+    );
+    let run = start(&db, &w, json!({}));
+    let claims = advance(&db, &run);
+    let retry = RetryPolicy {
+        max_attempts: 5,
+        initial_interval_ms: 1_000,
+        non_retryable: vec![ErrorKind::Validation],
+        ..RetryPolicy::default()
+    };
+    let slow = Failure {
+        retry_after_ms: Some(120_000),
+        ..Failure::new(ErrorKind::RateLimited, "429")
+    };
+    assert_eq!(
+        record_with(&db, &run, &claims[0], Err(slow), &retry),
+        Recorded::Retrying
+    );
+    let wait_s = db.count(
+        "select extract(epoch from next_attempt_at - now())::bigint from run_steps where run_id = $1 and step_key = 'a'",
+        &[V::Uuid(run.clone())],
+    );
+    assert!(
+        (118..=120).contains(&wait_s),
+        "Retry-After outweighs the backoff: {wait_s}"
+    );
+    let invalid = Failure::new(ErrorKind::Validation, "no");
+    assert_eq!(
+        record_with(&db, &run, &claims[1], Err(invalid), &retry),
+        Recorded::Failed
+    );
+}
+
+#[test]
+fn input_is_checked_before_policies_and_a_refusal_records_nothing() {
+    let db = database();
+    let project = project(&db);
+    let schema =
+        json!({"type": "object", "required": ["q"], "properties": {"q": {"type": "string"}}});
+    let w = workflow(&db, &project, chain(&[("a", &[])]), schema, None);
+    db.execute(
+        "insert into policies (policy_id, project_id, name, rules) values (gen_random_uuid(), $1, 'one at a time', $2)",
+        &[
+            V::Uuid(project.clone()),
+            V::Json(json!({"max_concurrent_runs": 1})),
+        ],
+    )
+    .unwrap();
+    let first = start(&db, &w, json!({"q": "x"}));
+    let owner = db
+        .scalar(
+            "select owner_id::text from projects where project_id = $1",
+            &[V::Uuid(project.clone())],
+        )
+        .unwrap();
+    let try_start = |input: Value| {
+        let id = uuid::Uuid::new_v4().to_string();
+        let run = NewRun {
+            run_id: &id,
+            workflow: &w,
+            input: &input,
+            origin: Origin::Api { user_id: &owner },
+            now: Utc::now(),
+        };
+        db::transaction(&db, |tx| sparkops_engine::start(tx, &run))
+    };
+    match try_start(json!({"q": 1})) {
+        Err(StartError::BadInput(problems)) => assert_eq!(problems[0].field, "input/q"),
+        other => panic!("{other:?}"),
+    }
+    match try_start(json!({"q": "y"})) {
+        Err(StartError::Refused(m)) => assert!(m.contains("max_concurrent_runs"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(db.count("select count(*) from runs", &[]), 1);
+    // The slot frees when the first run ends.
+    let claims = advance(&db, &first);
+    record(&db, &first, &claims[0], Ok(json!(1)));
+    advance(&db, &first);
+    assert!(try_start(json!({"q": "z"})).is_ok());
+}
+
+#[test]
+fn two_advances_at_once_claim_each_step_once() {
+    let db = database();
+    let project = project(&db);
+    let w = workflow(
+        &db,
+        &project,
+        chain(&[("a", &[]), ("b", &[]), ("c", &[])]),
+        Value::Null,
+        None,
+    );
+    let run = start(&db, &w, json!({}));
+    let other = db.another();
+    // The first advance holds the run's lock while the second queues behind it.
+    db.execute("begin", &[]).unwrap();
+    let first = {
+        let tx_claims = db::transaction(&NoCommit(&db), |tx| sparkops_engine::advance(tx, &run));
+        tx_claims.unwrap()
+    };
+    let second = thread::scope(|s| {
+        let run = &run;
+        let racing = s.spawn(move || advance(&other, run));
+        wait_for_a_blocked_session(&db.another());
+        db.execute("commit", &[]).unwrap();
+        racing.join().unwrap()
+    });
+    assert_eq!(keys(&first), ["a", "b", "c"]);
+    assert!(second.is_empty(), "{second:?}");
+    // Nothing was done twice: one start of the run, one of each step.
+    assert_eq!(
+        kinds(&db, &run),
+        [
+            "run.queued",
+            "run.started",
+            "step.started",
+            "step.started",
+            "step.started"
+        ]
+    );
+}
+
+/// A connection whose `begin` and `commit` are left to the test, so a transaction can be
+/// held open while another session races it.
+struct NoCommit<'a>(&'a Pg);
+
+impl sparkops_core::db::Connection for NoCommit<'_> {
+    fn execute(&self, sql: &str, params: &[V]) -> Result<u64, sparkops_core::db::DbError> {
+        match sql {
+            "begin" | "commit" => Ok(0),
+            _ => self.0.execute(sql, params),
+        }
+    }
+
+    fn query(
+        &self,
+        sql: &str,
+        params: &[V],
+    ) -> Result<Vec<sparkops_core::db::Row>, sparkops_core::db::DbError> {
+        self.0.query(sql, params)
+    }
+}
+
+#[test]
+fn a_cancel_racing_an_advance_wins_and_late_results_are_discarded() {
+    let db = database();
+    let project = project(&db);
+    let w = workflow(
+        &db,
+        &project,
+        chain(&[("a", &[]), ("b", &["a"])]),
+        Value::Null,
+        None,
+    );
+    let run = start(&db, &w, json!({}));
+    let claims = advance(&db, &run);
+    // The cancel holds the run's lock; an advance queues behind it and then finishes the run.
+    db.execute("begin", &[]).unwrap();
+    let cancelled = db::transaction(&NoCommit(&db), |tx| {
+        sparkops_engine::cancel(tx, &run, json!({"reason": "test"}))
+    })
+    .unwrap();
+    assert_eq!(cancelled, Cancel::Cancelling);
+    let other = db.another();
+    let claimed = thread::scope(|s| {
+        let run = &run;
+        let racing = s.spawn(move || advance(&other, run));
+        wait_for_a_blocked_session(&db.another());
+        db.execute("commit", &[]).unwrap();
+        racing.join().unwrap()
+    });
+    assert!(claimed.is_empty());
+    assert_eq!(run_status(&db, &run), RunStatus::Cancelled);
+    assert_eq!(step_status(&db, &run, "a"), StepStatus::Cancelled);
+    assert_eq!(step_status(&db, &run, "b"), StepStatus::Cancelled);
+    assert_eq!(
+        record(&db, &run, &claims[0], Ok(json!(1))),
+        Recorded::Discarded
+    );
+    // Cancelling again is the same request; a run that ended otherwise says how.
+    let again = db::transaction(&db, |tx| sparkops_engine::cancel(tx, &run, json!({}))).unwrap();
+    assert_eq!(again, Cancel::Already);
+    let kinds = kinds(&db, &run);
+    assert_eq!(kinds.iter().filter(|k| *k == "run.cancelling").count(), 1);
+    assert_eq!(kinds.last().unwrap(), "run.cancelled");
+}
+
+#[test]
+fn an_expired_lease_is_taken_back_and_the_late_result_of_the_old_attempt_is_discarded() {
+    let db = database();
+    let project = project(&db);
+    let definition = json!({"steps": [{"key": "a", "kind": "condition", "timeout_ms": 1000,
+        "retry": {"max_attempts": 2}}]});
+    let w = workflow(&db, &project, definition, Value::Null, None);
+    let run = start(&db, &w, json!({}));
+    let first = advance(&db, &run);
+    // The lease is the timeout plus the margin: not expired a second later.
+    let soon = Utc::now() + Duration::seconds(2);
+    let taken = db::transaction(&db, |tx| step::take_back(tx, &run, "a", soon)).unwrap();
+    assert_eq!(taken, TakenBack::Nothing);
+    let later = Utc::now() + Duration::seconds(32);
+    let touched = lifecycle::sweep(&db, later, 100).unwrap();
+    assert!(touched.contains(&run));
+    assert_eq!(step_status(&db, &run, "a"), StepStatus::Ready);
+    let second = advance(&db, &run);
+    assert_eq!(keys(&second), ["a"]);
+    // The dead host's executor was only slow: its result no longer counts.
+    assert_eq!(
+        record(&db, &run, &first[0], Ok(json!("old"))),
+        Recorded::Discarded
+    );
+    assert_eq!(
+        record(&db, &run, &second[0], Ok(json!("new"))),
+        Recorded::Succeeded
+    );
+    advance(&db, &run);
+    assert_eq!(run_status(&db, &run), RunStatus::Succeeded);
+    // Out of attempts, a taken-back step fails with `timeout`.
+    let run = start(&db, &w, json!({}));
+    advance(&db, &run);
+    lifecycle::sweep(&db, later, 100).unwrap();
+    advance(&db, &run);
+    let after_both = Utc::now() + Duration::seconds(64);
+    let taken = db::transaction(&db, |tx| step::take_back(tx, &run, "a", after_both)).unwrap();
+    assert_eq!(taken, TakenBack::Failed);
+    let kind = db.scalar(
+        "select error->>'kind' from run_steps where run_id = $1",
+        &[V::Uuid(run.clone())],
+    );
+    assert_eq!(kind.as_deref(), Some("timeout"));
+}
+
+#[test]
+fn an_approval_waits_for_an_approver_and_is_decided_once() {
+    let db = database();
+    let project = project(&db);
+    let owner = db
+        .scalar(
+            "select owner_id::text from projects where project_id = $1",
+            &[V::Uuid(project.clone())],
+        )
+        .unwrap();
+    let definition = json!({"steps": [
+        {"key": "ask", "kind": "approval", "approval": {"timeout_s": 60, "approvers": [owner]}},
+        {"key": "after", "kind": "condition", "depends_on": ["ask"]},
+    ]});
+    let w = workflow(&db, &project, definition, Value::Null, None);
+    let run = start(&db, &w, json!({}));
+    assert!(
+        advance(&db, &run).is_empty(),
+        "an approval needs no executor"
+    );
+    assert_eq!(step_status(&db, &run, "ask"), StepStatus::Waiting);
+    assert_eq!(run_status(&db, &run), RunStatus::Waiting);
+    let decide = |user: &str, approved: bool| {
+        let d = Decision {
+            user_id: user,
+            approved,
+            comment: Some("ok"),
+        };
+        db::transaction(&db, |tx| step::decide_approval(tx, &run, "ask", &d))
+    };
+    let stranger = uuid::Uuid::new_v4().to_string();
+    assert!(matches!(
+        decide(&stranger, true),
+        Err(ApiError::Forbidden(_))
+    ));
+    let (status, decision) = decide(&owner, true).unwrap();
+    assert_eq!(status, StepStatus::Succeeded);
+    assert_eq!(decision["approved"], true);
+    assert!(matches!(decide(&owner, false), Err(ApiError::Conflict(_))));
+    assert_eq!(keys(&advance(&db, &run)), ["after"]);
+    assert_eq!(run_status(&db, &run), RunStatus::Running);
+}
+
+#[test]
+fn a_rejection_fails_the_run_and_an_approval_past_its_deadline_times_out() {
+    let db = database();
+    let project = project(&db);
+    let definition =
+        json!({"steps": [{"key": "ask", "kind": "approval", "approval": {"timeout_s": 60}}]});
+    let w = workflow(&db, &project, definition, Value::Null, None);
+    let rejected = start(&db, &w, json!({}));
+    advance(&db, &rejected);
+    let no = Decision {
+        user_id: &uuid::Uuid::new_v4().to_string(),
+        approved: false,
+        comment: None,
+    };
+    db::transaction(&db, |tx| step::decide_approval(tx, &rejected, "ask", &no)).unwrap();
+    advance(&db, &rejected);
+    assert_eq!(run_status(&db, &rejected), RunStatus::Failed);
+    let kind = db.scalar(
+        "select error->>'kind' from run_steps where run_id = $1",
+        &[V::Uuid(rejected.clone())],
+    );
+    assert_eq!(kind.as_deref(), Some(ErrorKind::Rejected.as_str()));
+
+    let late = start(&db, &w, json!({}));
+    advance(&db, &late);
+    let touched = lifecycle::sweep(&db, Utc::now() + Duration::seconds(61), 100).unwrap();
+    assert!(touched.contains(&late));
+    assert_eq!(step_status(&db, &late, "ask"), StepStatus::Failed);
+    advance(&db, &late);
+    assert_eq!(run_status(&db, &late), RunStatus::Failed);
+}
+
+#[test]
+fn a_run_past_its_timeout_ends_timed_out_and_queues_its_trace() {
+    let db = database();
+    let project = project(&db);
+    db.execute(
+        "update projects set trace_endpoint = 'http://127.0.0.1:4318' where project_id = $1",
+        &[V::Uuid(project.clone())],
+    )
+    .unwrap();
+    let w = workflow(&db, &project, chain(&[("a", &[])]), Value::Null, Some(10));
+    let run = start(&db, &w, json!({}));
+    let claims = advance(&db, &run);
+    lifecycle::sweep(&db, Utc::now() + Duration::seconds(5), 100).unwrap();
+    assert_eq!(run_status(&db, &run), RunStatus::Running);
+    lifecycle::sweep(&db, Utc::now() + Duration::seconds(11), 100).unwrap();
+    assert_eq!(run_status(&db, &run), RunStatus::TimedOut);
+    assert_eq!(step_status(&db, &run, "a"), StepStatus::Cancelled);
+    assert_eq!(
+        record(&db, &run, &claims[0], Ok(json!(1))),
+        Recorded::Discarded
+    );
+    assert_eq!(
+        db.count(
+            "select count(*) from trace_exports where run_id = $1",
+            &[V::Uuid(run.clone())]
+        ),
+        1
+    );
+}
+
+#[test]
+fn the_sweep_returns_runs_with_something_to_decide() {
+    let db = database();
+    let project = project(&db);
+    let w = workflow(&db, &project, chain(&[("a", &[])]), Value::Null, None);
+    let lost = start(&db, &w, json!({}));
+    let busy = start(&db, &w, json!({}));
+    advance(&db, &busy);
+    let touched = lifecycle::sweep(&db, Utc::now(), 100).unwrap();
+    assert!(touched.contains(&lost), "a queued run whose nudge was lost");
+    assert!(
+        !touched.contains(&busy),
+        "a run with a step in flight waits for it"
+    );
+}
+
+#[test]
+fn retries_reuse_the_succeeded_steps_of_the_run_they_retry() {
+    let db = database();
+    let project = project(&db);
+    let w = workflow(
+        &db,
+        &project,
+        chain(&[("a", &[]), ("b", &["a"])]),
+        Value::Null,
+        None,
+    );
+    let id = uuid::Uuid::new_v4().to_string();
+    let of = start(&db, &w, json!({}));
+    let user = db
+        .scalar(
+            "select owner_id::text from projects where project_id = $1",
+            &[V::Uuid(project.clone())],
+        )
+        .unwrap();
+    let run = NewRun {
+        run_id: &id,
+        workflow: &w,
+        input: &json!({}),
+        origin: Origin::Retry {
+            user_id: &user,
+            of: &of,
+            from: "failed",
+            reused: [("a".to_string(), (json!({"in": 1}), json!({"out": 1})))].into(),
+        },
+        now: Utc::now(),
+    };
+    db::transaction(&db, |tx| sparkops_engine::start(tx, &run)).unwrap();
+    assert_eq!(step_status(&db, &id, "a"), StepStatus::Succeeded);
+    assert_eq!(keys(&advance(&db, &id)), ["b"]);
+    let queued = db
+        .query(
+            "select data from run_events where run_id = $1 and seq = 1",
+            &[V::Uuid(id.clone())],
+        )
+        .unwrap()[0]
+        .json(0)
+        .unwrap();
+    assert_eq!(queued["reused"], json!(["a"]));
+    assert_eq!(queued["retry_of"], json!(of));
+}

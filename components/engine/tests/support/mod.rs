@@ -1,0 +1,344 @@
+//! The native suite's footing: a real Postgres (`SPARKOPS_TEST_DATABASE_URL`), one fresh
+//! database per test copied from a migrated template, and [`Pg`], a blocking client behind
+//! the engine's `Connection` trait with the value mapping the Spin layer's pg4 has.
+
+use std::cell::RefCell;
+use std::sync::{Mutex, OnceLock};
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use postgres::{Client, NoTls};
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use sparkops_core::db::{self, Connection, DbError, Row, Value as V};
+use sparkops_engine::{Claim, RunStatus, StepStatus};
+
+/// One blocking connection, as the engine sees a pg4 one.
+pub struct Pg {
+    client: RefCell<Client>,
+    pub url: String,
+}
+
+impl Pg {
+    pub fn connect(url: &str) -> Pg {
+        Pg {
+            client: RefCell::new(
+                Client::connect(url, NoTls).expect("connect to the test database"),
+            ),
+            url: url.to_string(),
+        }
+    }
+
+    /// Another connection to the same database (another host, another instance).
+    pub fn another(&self) -> Pg {
+        Pg::connect(&self.url)
+    }
+
+    /// Runs `sql` and returns the first column of the first row as text (`None` for no
+    /// row or SQL `null`).
+    pub fn scalar(&self, sql: &str, params: &[V]) -> Option<String> {
+        let rows = self.query(sql, params).expect(sql);
+        rows.first()
+            .and_then(|r| r.opt_text(0).expect("a text column"))
+    }
+
+    pub fn count(&self, sql: &str, params: &[V]) -> i64 {
+        self.query(sql, params).expect(sql)[0]
+            .int(0)
+            .expect("a count")
+    }
+}
+
+impl Connection for Pg {
+    fn execute(&self, sql: &str, params: &[V]) -> Result<u64, DbError> {
+        let params: Vec<Param> = params.iter().map(Param).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+        self.client
+            .borrow_mut()
+            .execute(sql, &refs)
+            .map_err(db_error)
+    }
+
+    fn query(&self, sql: &str, params: &[V]) -> Result<Vec<Row>, DbError> {
+        let params: Vec<Param> = params.iter().map(Param).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+        let rows = self
+            .client
+            .borrow_mut()
+            .query(sql, &refs)
+            .map_err(db_error)?;
+        rows.iter().map(row).collect()
+    }
+}
+
+fn db_error(e: postgres::Error) -> DbError {
+    match e.as_db_error() {
+        Some(d) => DbError {
+            code: d.code().code().to_string(),
+            message: d.message().to_string(),
+            constraint: d.constraint().map(str::to_string),
+        },
+        None => DbError::new("", e.to_string()),
+    }
+}
+
+/// A parameter bound as pg4 binds it: a timestamp as a naive UTC `timestamp`, a UUID, a
+/// decimal and JSON in their binary forms, `null` into any type.
+#[derive(Debug)]
+struct Param<'a>(&'a V);
+
+impl ToSql for Param<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut postgres::types::private::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self.0 {
+            V::Null => Ok(IsNull::Yes),
+            V::Bool(v) => v.to_sql(ty, out),
+            V::Int32(v) => v.to_sql(ty, out),
+            V::Int64(v) => v.to_sql(ty, out),
+            V::Float64(v) => v.to_sql(ty, out),
+            V::Text(v) => v.to_sql(ty, out),
+            V::Bytes(v) => v.to_sql(ty, out),
+            V::Uuid(v) => uuid::Uuid::parse_str(v)?.to_sql(ty, out),
+            V::Json(v) => v.to_sql(ty, out),
+            V::Decimal(v) => Decimal::from_str_exact(v)?.to_sql(ty, out),
+            V::Timestamp(t) => t.naive_utc().to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+fn row(r: &postgres::Row) -> Result<Row, DbError> {
+    let bad = |e: postgres::Error| DbError::new("", e.to_string());
+    let mut out = Vec::new();
+    for (i, col) in r.columns().iter().enumerate() {
+        macro_rules! get {
+            ($t:ty, $f:expr) => {
+                r.try_get::<_, Option<$t>>(i)
+                    .map_err(bad)?
+                    .map_or(V::Null, $f)
+            };
+        }
+        out.push(match *col.type_() {
+            Type::BOOL => get!(bool, V::Bool),
+            Type::INT2 => get!(i16, |v| V::Int32(v.into())),
+            Type::INT4 => get!(i32, V::Int32),
+            Type::INT8 => get!(i64, V::Int64),
+            Type::FLOAT8 => get!(f64, V::Float64),
+            Type::TEXT | Type::VARCHAR | Type::NAME => get!(String, V::Text),
+            Type::UUID => get!(uuid::Uuid, |v| V::Uuid(v.to_string())),
+            Type::JSONB | Type::JSON => get!(Value, V::Json),
+            Type::NUMERIC => get!(Decimal, |v| V::Decimal(v.to_string())),
+            Type::TIMESTAMP => get!(NaiveDateTime, |v| V::Timestamp(v.and_utc())),
+            Type::TIMESTAMPTZ => get!(DateTime<Utc>, V::Timestamp),
+            ref other => return Err(DbError::new("", format!("no mapping for {other}"))),
+        });
+    }
+    Ok(Row(out))
+}
+
+/// A fresh, migrated database of its own for one test.
+pub fn database() -> Pg {
+    static TEMPLATE: OnceLock<String> = OnceLock::new();
+    // CREATE DATABASE ... TEMPLATE refuses while another copy of the template is made.
+    static COPYING: Mutex<()> = Mutex::new(());
+    let base = std::env::var("SPARKOPS_TEST_DATABASE_URL").expect(
+        "SPARKOPS_TEST_DATABASE_URL names a Postgres the suite may create databases in \
+         (infra/dev test sets it)",
+    );
+    let template = TEMPLATE.get_or_init(|| {
+        let name = format!("test_engine_template_{}", short_id());
+        admin(&base)
+            .batch_execute(&format!("create database {name}"))
+            .expect("create the template");
+        let mut client = Client::connect(&with_database(&base, &name), NoTls).expect("connect");
+        for sql in migrations() {
+            client.batch_execute(&sql).expect("a migration applies");
+        }
+        name
+    });
+    let name = format!("test_engine_{}", short_id());
+    {
+        let _one = COPYING.lock().unwrap_or_else(|e| e.into_inner());
+        admin(&base)
+            .batch_execute(&format!("create database {name} template {template}"))
+            .expect("copy the template");
+    }
+    Pg::connect(&with_database(&base, &name))
+}
+
+fn admin(base: &str) -> Client {
+    Client::connect(base, NoTls).expect("connect to SPARKOPS_TEST_DATABASE_URL")
+}
+
+fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+fn with_database(url: &str, name: &str) -> String {
+    let (head, _) = url.rsplit_once('/').expect("a database URL ends in /name");
+    let query = url
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    format!("{head}/{name}{query}")
+}
+
+/// The project's migrations, up files in order.
+fn migrations() -> Vec<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("the migrations folder")
+        .map(|e| e.expect("a migration").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+        .filter(|p| !p.to_string_lossy().ends_with(".down.sql"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|p| std::fs::read_to_string(p).expect("a readable migration"))
+        .collect()
+}
+
+/// A user and a project of theirs.
+pub fn project(db: &Pg) -> String {
+    let user = db
+        .scalar(
+            "insert into users (user_id, email, name, password_hash) values (gen_random_uuid(), $1, 'Ada', 'x') returning user_id::text",
+            &[V::Text(format!("{}@example.com", short_id()))],
+        )
+        .expect("a user");
+    db.scalar(
+        "insert into projects (project_id, owner_id, name, slug) values (gen_random_uuid(), $1, 'P', $2) returning project_id::text",
+        &[V::Uuid(user), V::Text(format!("p-{}", short_id()))],
+    )
+    .expect("a project")
+}
+
+/// A workflow of `project` at version 1 with `definition` and `input_schema`.
+pub fn workflow(
+    db: &Pg,
+    project: &str,
+    definition: Value,
+    input_schema: Value,
+    timeout_s: Option<i32>,
+) -> sparkops_engine::Workflow {
+    let id = db
+        .scalar(
+            "insert into workflows (workflow_id, project_id, name, timeout_s) values (gen_random_uuid(), $1, 'W', $2) returning workflow_id::text",
+            &[V::Uuid(project.into()), timeout_s.map_or(V::Null, V::Int32)],
+        )
+        .expect("a workflow");
+    db.execute(
+        "insert into workflow_versions (workflow_id, version, definition, input_schema) values ($1, 1, $2, $3)",
+        &[
+            V::Uuid(id.clone()),
+            V::Json(definition),
+            if input_schema.is_null() { V::Null } else { V::Json(input_schema) },
+        ],
+    )
+    .expect("a version");
+    sparkops_engine::start::workflow(db, &id, None)
+        .expect("read")
+        .expect("the workflow")
+}
+
+/// A definition of condition steps: `(key, depends_on)`.
+pub fn chain(steps: &[(&str, &[&str])]) -> Value {
+    let steps: Vec<Value> = steps
+        .iter()
+        .map(|(key, deps)| json!({"key": key, "kind": "condition", "input": {"step": key}, "depends_on": deps}))
+        .collect();
+    json!({"steps": steps})
+}
+
+/// Starts a run of `w` by the API and returns its id.
+pub fn start(db: &Pg, w: &sparkops_engine::Workflow, input: Value) -> String {
+    let id = uuid::Uuid::new_v4().to_string();
+    let user = db
+        .scalar(
+            "select owner_id::text from projects where project_id = $1",
+            &[V::Uuid(w.project_id.clone())],
+        )
+        .expect("the owner");
+    let run = sparkops_engine::NewRun {
+        run_id: &id,
+        workflow: w,
+        input: &input,
+        origin: sparkops_engine::Origin::Api { user_id: &user },
+        now: Utc::now(),
+    };
+    db::transaction(db, |tx| sparkops_engine::start(tx, &run)).expect("the run starts");
+    id
+}
+
+/// One advance in its own transaction.
+pub fn advance(db: &Pg, run: &str) -> Vec<Claim> {
+    db::transaction(db, |tx| sparkops_engine::advance(tx, run)).expect("the run advances")
+}
+
+pub fn run_status(db: &Pg, run: &str) -> RunStatus {
+    let s = db
+        .scalar(
+            "select status from runs where run_id = $1",
+            &[V::Uuid(run.into())],
+        )
+        .expect("the run");
+    RunStatus::parse(&s).expect("a run status")
+}
+
+pub fn step_status(db: &Pg, run: &str, key: &str) -> StepStatus {
+    let s = db
+        .scalar(
+            "select status from run_steps where run_id = $1 and step_key = $2",
+            &[V::Uuid(run.into()), V::Text(key.into())],
+        )
+        .expect("the step");
+    StepStatus::parse(&s).expect("a step status")
+}
+
+/// The run's events as `(seq, kind, step)`, in order.
+pub fn events(db: &Pg, run: &str) -> Vec<(i64, String, Option<String>)> {
+    db.query(
+        "select seq, kind, step_key from run_events where run_id = $1 order by seq",
+        &[V::Uuid(run.into())],
+    )
+    .expect("events")
+    .iter()
+    .map(|r| {
+        (
+            r.int(0).unwrap(),
+            r.text(1).unwrap(),
+            r.opt_text(2).unwrap(),
+        )
+    })
+    .collect()
+}
+
+/// The kinds of the run's events, in order.
+pub fn kinds(db: &Pg, run: &str) -> Vec<String> {
+    events(db, run).into_iter().map(|(_, k, _)| k).collect()
+}
+
+/// Waits (bounded) until some session of `db`'s database waits for a lock: how a test
+/// knows a concurrent transaction is queued behind another without sleeping a guess.
+pub fn wait_for_a_blocked_session(db: &Pg) {
+    for _ in 0..2_000 {
+        if db.count(
+            "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'",
+            &[],
+        ) > 0
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("no session came to wait for a lock within 10 s");
+}
