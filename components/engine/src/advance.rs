@@ -5,6 +5,8 @@
 //! never calls a model or a tool. Advancing twice finds nothing new to claim the second
 //! time.
 
+use std::collections::HashMap;
+
 use serde_json::{Value, json};
 use sparkops_core::db::{Connection, Tx, Value as V};
 use sparkops_core::error::ApiError;
@@ -33,7 +35,8 @@ pub fn advance<C: Connection + ?Sized>(
     tx: &Tx<'_, C>,
     run_id: &str,
 ) -> Result<Vec<Claim>, ApiError> {
-    match store::lock_run(tx, run_id)? {
+    let status = store::lock_run(tx, run_id)?;
+    match status {
         Some(RunStatus::Cancelling) => {
             finish(
                 tx,
@@ -54,10 +57,14 @@ pub fn advance<C: Connection + ?Sized>(
         Some(RunStatus::Running | RunStatus::Waiting) => {}
         _ => return Ok(Vec::new()),
     }
-    let store::Plan { input, definition } = store::plan(tx, run_id)?;
+    let store::Snapshot {
+        input,
+        definition,
+        steps,
+    } = store::snapshot(tx, run_id)?;
     // The steps are read once: under the run's lock nothing else changes them, so each
     // decision is applied to the copy here as well as to the table.
-    let (mut statuses, outputs) = store::states(&store::steps(tx, run_id)?);
+    let (mut statuses, outputs) = store::states(&steps);
     let scope = RunScope {
         input: &input,
         outputs: &outputs,
@@ -136,12 +143,36 @@ pub fn advance<C: Connection + ?Sized>(
         None => {}
     }
     let mut ready: Vec<String> = statuses
-        .into_iter()
-        .filter(|(_, s)| *s == StepStatus::Ready)
-        .map(|(k, _)| k)
+        .iter()
+        .filter(|(_, s)| **s == StepStatus::Ready)
+        .map(|(k, _)| k.clone())
         .collect();
     ready.sort();
-    claim(tx, run_id, &definition, ready)
+    let claimed = claim(tx, run_id, &definition, &ready, &mut statuses)?;
+    // A run with nothing in flight but a step awaiting approval is waiting.
+    let waiting = statuses.values().any(|s| *s == StepStatus::Waiting)
+        && !statuses.values().any(|s| {
+            matches!(
+                s,
+                StepStatus::Ready | StepStatus::Running | StepStatus::Retrying
+            )
+        });
+    let now = if waiting {
+        RunStatus::Waiting
+    } else {
+        RunStatus::Running
+    };
+    // A queued run became running above.
+    let was = status
+        .filter(|s| *s != RunStatus::Queued)
+        .unwrap_or(RunStatus::Running);
+    if now != was {
+        tx.execute(
+            "update runs set status = $2, updated_at = now() where run_id = $1",
+            &[V::Uuid(run_id.into()), V::Text(now.as_str().into())],
+        )?;
+    }
+    Ok(claimed)
 }
 
 /// Claims the `ready` steps, as one conditional update per step: an approval step starts
@@ -150,10 +181,11 @@ fn claim<C: Connection + ?Sized>(
     tx: &Tx<'_, C>,
     run_id: &str,
     definition: &Definition,
-    ready: Vec<String>,
+    ready: &[String],
+    statuses: &mut HashMap<String, StepStatus>,
 ) -> Result<Vec<Claim>, ApiError> {
     let mut claimed = Vec::new();
-    for key in ready {
+    for key in ready.iter().cloned() {
         let step = definition.steps.iter().find(|s| s.key == key);
         if let Some(s) = step.filter(|s| s.kind == StepKind::Approval) {
             let approval = s.approval.clone().unwrap_or(Approval {
@@ -172,6 +204,7 @@ fn claim<C: Connection + ?Sized>(
                 ],
             )?;
             if waiting == 1 {
+                statuses.insert(key.clone(), StepStatus::Waiting);
                 event(
                     tx,
                     run_id,
@@ -205,22 +238,13 @@ fn claim<C: Connection + ?Sized>(
                 Some(&key),
                 json!({"attempt": r.int(0)?}),
             )?;
+            statuses.insert(key.clone(), StepStatus::Running);
             claimed.push(Claim {
                 step_key: key,
                 lease_id: r.text(1)?,
             });
         }
     }
-    // A run with nothing in flight but a step awaiting approval is waiting.
-    tx.execute(
-        "update runs r set status = case when exists (
-                select 1 from run_steps s where s.run_id = r.run_id and s.status = 'waiting')
-            and not exists (
-                select 1 from run_steps s where s.run_id = r.run_id and s.status in ('ready', 'running', 'retrying'))
-            then 'waiting' else 'running' end, updated_at = now()
-         where r.run_id = $1 and r.status in ('running', 'waiting')",
-        &[V::Uuid(run_id.into())],
-    )?;
     Ok(claimed)
 }
 

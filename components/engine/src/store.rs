@@ -61,16 +61,21 @@ pub fn note<C: Connection + ?Sized>(
     Ok(())
 }
 
-/// What deciding a run reads: its input and the definition it pinned.
-pub struct Plan {
+/// What deciding a run reads: its input, the definition it pinned and its steps.
+pub struct Snapshot {
     pub input: Value,
     pub definition: Definition,
+    pub steps: Vec<StepRow>,
 }
 
-/// The run's input and pinned definition.
-pub fn plan<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Plan, ApiError> {
+/// The run's input, pinned definition and steps, in one round trip.
+pub fn snapshot<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Snapshot, ApiError> {
     let rows = db.read(
-        "select r.input, v.definition from runs r
+        "select r.input, v.definition, coalesce((
+                select jsonb_agg(jsonb_build_array(s.step_key, s.status, s.attempt,
+                    case when s.status = 'succeeded' then s.output end) order by s.step_key)
+                from run_steps s where s.run_id = r.run_id), '[]'::jsonb)
+         from runs r
          join workflow_versions v on v.workflow_id = r.workflow_id and v.version = r.workflow_version
          where r.run_id = $1",
         &[V::Uuid(run_id.into())],
@@ -78,15 +83,42 @@ pub fn plan<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Plan, ApiError> {
     let row = rows
         .first()
         .ok_or_else(|| ApiError::Server(format!("run {run_id} has no pinned definition")))?;
-    Ok(Plan {
+    let bad = |what: &str| ApiError::Server(format!("run {run_id}: a step's {what} does not read"));
+    let steps = match row.json(2)? {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| {
+                let key = item[0].as_str().ok_or_else(|| bad("key"))?;
+                let status = item[1].as_str().and_then(StepStatus::parse);
+                Ok(StepRow {
+                    key: key.to_string(),
+                    status: status.ok_or_else(|| bad("status"))?,
+                    attempt: item[2].as_i64().ok_or_else(|| bad("attempt"))?,
+                    output: item[3].clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?,
+        _ => return Err(bad("list")),
+    };
+    Ok(Snapshot {
         input: row.json(0)?,
         definition: parse_definition(run_id, &row.json(1)?)?,
+        steps,
     })
 }
 
 /// The definition a run pinned.
 pub fn definition<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Definition, ApiError> {
-    plan(db, run_id).map(|p| p.definition)
+    let rows = db.read(
+        "select v.definition from runs r
+         join workflow_versions v on v.workflow_id = r.workflow_id and v.version = r.workflow_version
+         where r.run_id = $1",
+        &[V::Uuid(run_id.into())],
+    )?;
+    let row = rows
+        .first()
+        .ok_or_else(|| ApiError::Server(format!("run {run_id} has no pinned definition")))?;
+    parse_definition(run_id, &row.json(0)?)
 }
 
 fn parse_definition(run_id: &str, raw: &Value) -> Result<Definition, ApiError> {
@@ -103,26 +135,8 @@ pub struct StepRow {
     pub key: String,
     pub status: StepStatus,
     pub attempt: i64,
-    /// What it produced, when it succeeded.
+    /// What it produced, when it succeeded (`null` otherwise).
     pub output: Value,
-}
-
-/// Every step of the run.
-pub fn steps<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Vec<StepRow>, ApiError> {
-    db.read(
-        "select step_key, status, attempt, output from run_steps where run_id = $1 order by step_key",
-        &[V::Uuid(run_id.into())],
-    )?
-    .iter()
-    .map(|r| {
-        Ok(StepRow {
-            key: r.text(0)?,
-            status: step_status(r, 1)?,
-            attempt: r.int(2)?,
-            output: r.json(3)?,
-        })
-    })
-    .collect()
 }
 
 /// Steps' statuses by key, and the outputs of those that succeeded: what deciding reads.

@@ -243,8 +243,12 @@ fn execute(
     project_id: &str,
     workflow_id: &str,
 ) -> Result<Done, ApiError> {
-    let store::Plan { input, definition } = store::plan(ctx.db()?, run_id)?;
-    let (_, outputs) = store::states(&store::steps(ctx.db()?, run_id)?);
+    let store::Snapshot {
+        input,
+        definition,
+        steps,
+    } = store::snapshot(ctx.db()?, run_id)?;
+    let (_, outputs) = store::states(&steps);
     let step = definition
         .steps
         .iter()
