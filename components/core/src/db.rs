@@ -49,6 +49,14 @@ impl DbError {
         }
     }
 
+    /// The database could not be reached, or went away: SQLSTATE class 08 (connection
+    /// exception), the server shutting down or not accepting connections yet (57P01-57P03),
+    /// or out of connections (53300). Worth trying again shortly; never the request's fault.
+    pub fn is_unavailable(&self) -> bool {
+        self.code.starts_with("08")
+            || ["57P01", "57P02", "57P03", "53300"].contains(&self.code.as_str())
+    }
+
     /// True for a unique-constraint violation on `constraint`.
     pub fn is_unique_violation(&self, constraint: &str) -> bool {
         self.code == "23505" && self.constraint.as_deref() == Some(constraint)

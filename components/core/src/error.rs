@@ -173,10 +173,18 @@ impl ApiError {
                 vec![("retry-after", retry_after_secs.to_string())]
             }
             ApiError::Unauthenticated(_) => vec![("www-authenticate", "Bearer".into())],
+            // A dependency that is down is usually back within seconds (a restart, a
+            // failover).
+            ApiError::Unavailable(_) => {
+                vec![("retry-after", UNAVAILABLE_RETRY_AFTER_S.to_string())]
+            }
             _ => Vec::new(),
         }
     }
 }
+
+/// The `Retry-After` of a `503`.
+pub const UNAVAILABLE_RETRY_AFTER_S: u64 = 2;
 
 impl ApiError {
     /// The server-side cause to log, for `500`s that carry one.
@@ -190,14 +198,33 @@ impl ApiError {
 
 #[cfg(feature = "full")]
 impl From<crate::db::DbError> for ApiError {
+    /// An unreachable database is a `503` the client may retry; anything else is ours.
     fn from(e: crate::db::DbError) -> Self {
-        ApiError::Server(e.to_string())
+        if e.is_unavailable() {
+            ApiError::Unavailable(format!("the database is unavailable ({})", e.code))
+        } else {
+            ApiError::Server(e.to_string())
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_that_cannot_be_reached_is_a_503_to_retry_and_other_failures_a_500() {
+        for code in ["08001", "08006", "57P01", "57P03", "53300"] {
+            let e = ApiError::from(crate::db::DbError::new(code, "gone"));
+            assert_eq!(e.status(), 503, "{code}");
+            assert_eq!(e.headers(), [("retry-after", "2".to_string())]);
+        }
+        for code in ["", "23505", "42P01", "40001"] {
+            let e = ApiError::from(crate::db::DbError::new(code, "broken"));
+            assert_eq!(e.status(), 500, "{code}");
+            assert!(e.headers().is_empty());
+        }
+    }
 
     #[test]
     fn a_field_error_is_a_422_problem_naming_the_field() {

@@ -124,6 +124,26 @@ fn pg_error(e: pg4::PgError) -> DbError {
                 .find(|(k, _)| k == "constraint")
                 .map(|(_, v)| v),
         },
+        // No connection (or it broke mid-query): SQLSTATE class 08, so callers answer 503.
+        pg4::PgError::ConnectionFailed(m) => DbError::new("08001", m),
+        pg4::PgError::QueryFailed(pg4::QueryError::Text(m)) if lost_connection(&m) => {
+            DbError::new("08006", m)
+        }
         other => DbError::new("", other.to_string()),
     }
+}
+
+/// Whether an unstructured query failure says the connection went away (the server
+/// restarted or the pooled client was closed).
+fn lost_connection(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "closed",
+        "connection",
+        "broken pipe",
+        "reset by peer",
+        "timed out",
+    ]
+    .iter()
+    .any(|w| m.contains(w))
 }

@@ -77,7 +77,16 @@ impl Ctx {
     /// The request's database connection, opened on first use.
     pub fn db(&mut self) -> Result<&Db, ApiError> {
         if self.db.is_none() {
-            self.db = Some(Db::open_default().map_err(internal("opening the database"))?);
+            // Logged with its cause; a database that cannot be reached is a 503 to retry.
+            let db = Db::open_default().map_err(|e| {
+                log_warn("opening the database", &e);
+                if e.is_unavailable() {
+                    ApiError::from(e)
+                } else {
+                    ApiError::Internal
+                }
+            })?;
+            self.db = Some(db);
         }
         Ok(self.db.as_ref().expect("just opened"))
     }

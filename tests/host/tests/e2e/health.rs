@@ -136,6 +136,43 @@ async fn readyz_is_a_503_problem_naming_redis_while_redis_is_stopped() {
 }
 
 #[tokio::test]
+async fn a_request_that_cannot_reach_the_database_is_a_503_to_retry_not_a_500() {
+    let env = TestEnv::new().await;
+    // A loopback port nothing listens on: the components' database is down (the host's
+    // own migrations ran against the test's database before).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut options = env.options("spin.toml", None);
+    options.env.insert(
+        "SPIN_VARIABLE_DATABASE_URL".into(),
+        format!("postgres://sparkops@127.0.0.1:{port}/sparkops"),
+    );
+    options.env.insert(
+        "SPIN_VARIABLE_DATABASE_HOST".into(),
+        format!("127.0.0.1:{port}"),
+    );
+    let app = RunningApp::start(&options).await.expect("the app starts");
+    let res = request(
+        "POST",
+        &app.url("/api/v1/auth/login"),
+        &[],
+        Some(json!({"email": "ada@example.com", "password": "correct horse battery"})),
+    )
+    .await;
+    assert_eq!(res.status, 503, "{}", String::from_utf8_lossy(&res.body));
+    assert_eq!(res.header("retry-after"), Some("2"));
+    let body = res.json();
+    assert_eq!(body["type"], "https://sparkops.dev/problems/unavailable");
+    assert!(
+        !body.to_string().contains("127.0.0.1"),
+        "the problem does not leak the address: {body}"
+    );
+}
+
+#[tokio::test]
 async fn readyz_answers_503_rather_than_hang_while_redis_is_unresponsive() {
     let env = TestEnv::new().await;
     let redis = OwnRedis::start().await;
