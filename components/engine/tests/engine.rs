@@ -63,15 +63,7 @@ fn keys(claims: &[Claim]) -> Vec<&str> {
 
 #[test]
 fn a_run_starts_queued_and_its_first_advance_claims_the_roots() {
-    let db = database();
-    let project = project(&db);
-    let w = workflow(
-        &db,
-        &project,
-        chain(&[("a", &[]), ("b", &[]), ("c", &["a", "b"])]),
-        Value::Null,
-        None,
-    );
+    let (db, w) = setup(chain(&[("a", &[]), ("b", &[]), ("c", &["a", "b"])]));
     let run = start(&db, &w, json!({"x": 1}));
     assert_eq!(run_status(&db, &run), RunStatus::Queued);
     assert_eq!(kinds(&db, &run), ["run.queued"]);
@@ -95,15 +87,7 @@ fn a_run_starts_queued_and_its_first_advance_claims_the_roots() {
 
 #[test]
 fn results_advance_the_chain_and_the_run_succeeds_with_its_leaves_outputs() {
-    let db = database();
-    let project = project(&db);
-    let w = workflow(
-        &db,
-        &project,
-        chain(&[("a", &[]), ("b", &["a"]), ("c", &["a"])]),
-        Value::Null,
-        None,
-    );
+    let (db, w) = setup(chain(&[("a", &[]), ("b", &["a"]), ("c", &["a"])]));
     let run = start(&db, &w, json!({}));
     let a = advance(&db, &run);
     assert_eq!(
@@ -164,15 +148,7 @@ fn a_false_when_skips_its_branch_and_the_join_runs_after_the_branch_taken() {
 
 #[test]
 fn a_failed_step_fails_the_run_and_cancels_what_did_not_start() {
-    let db = database();
-    let project = project(&db);
-    let w = workflow(
-        &db,
-        &project,
-        chain(&[("a", &[]), ("b", &[]), ("c", &["a"])]),
-        Value::Null,
-        None,
-    );
+    let (db, w) = setup(chain(&[("a", &[]), ("b", &[]), ("c", &["a"])]));
     let run = start(&db, &w, json!({}));
     let claims = advance(&db, &run);
     let failed = Failure::new(ErrorKind::Validation, "bad").final_attempt();
@@ -237,15 +213,7 @@ fn a_retryable_failure_waits_then_is_claimed_as_a_new_attempt() {
 
 #[test]
 fn a_non_retryable_kind_and_retry_after_are_honoured() {
-    let db = database();
-    let project = project(&db);
-    let w = workflow(
-        &db,
-        &project,
-        chain(&[("a", &[]), ("b", &[])]),
-        Value::Null,
-        None,
-    );
+    let (db, w) = setup(chain(&[("a", &[]), ("b", &[])]));
     let run = start(&db, &w, json!({}));
     let claims = advance(&db, &run);
     let retry = RetryPolicy {
@@ -328,15 +296,7 @@ fn input_is_checked_before_policies_and_a_refusal_records_nothing() {
 
 #[test]
 fn two_advances_at_once_claim_each_step_once() {
-    let db = database();
-    let project = project(&db);
-    let w = workflow(
-        &db,
-        &project,
-        chain(&[("a", &[]), ("b", &[]), ("c", &[])]),
-        Value::Null,
-        None,
-    );
+    let (db, w) = setup(chain(&[("a", &[]), ("b", &[]), ("c", &[])]));
     let run = start(&db, &w, json!({}));
     let other = db.another();
     // The first advance holds the run's lock while the second queues behind it.
@@ -390,15 +350,7 @@ impl sparkops_core::db::Connection for NoCommit<'_> {
 
 #[test]
 fn a_cancel_racing_an_advance_wins_and_late_results_are_discarded() {
-    let db = database();
-    let project = project(&db);
-    let w = workflow(
-        &db,
-        &project,
-        chain(&[("a", &[]), ("b", &["a"])]),
-        Value::Null,
-        None,
-    );
+    let (db, w) = setup(chain(&[("a", &[]), ("b", &["a"])]));
     let run = start(&db, &w, json!({}));
     let claims = advance(&db, &run);
     // The cancel holds the run's lock; an advance queues behind it and then finishes the run.
@@ -600,15 +552,8 @@ fn the_sweep_returns_runs_with_something_to_decide() {
 
 #[test]
 fn retries_reuse_the_succeeded_steps_of_the_run_they_retry() {
-    let db = database();
-    let project = project(&db);
-    let w = workflow(
-        &db,
-        &project,
-        chain(&[("a", &[]), ("b", &["a"])]),
-        Value::Null,
-        None,
-    );
+    let (db, w) = setup(chain(&[("a", &[]), ("b", &["a"])]));
+    let project = w.project_id.clone();
     let id = uuid::Uuid::new_v4().to_string();
     let of = start(&db, &w, json!({}));
     let user = db

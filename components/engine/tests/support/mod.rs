@@ -250,6 +250,15 @@ pub fn workflow(
         .expect("the workflow")
 }
 
+/// A fresh database with a project and a workflow of it with `definition` (no input
+/// schema, no timeout).
+pub fn setup(definition: Value) -> (Pg, sparkops_engine::Workflow) {
+    let db = database();
+    let project = project(&db);
+    let w = workflow(&db, &project, definition, Value::Null, None);
+    (db, w)
+}
+
 /// A definition of condition steps: `(key, depends_on)`.
 pub fn chain(steps: &[(&str, &[&str])]) -> Value {
     let steps: Vec<Value> = steps
