@@ -78,6 +78,9 @@ pub struct AppInner {
     cron: Vec<CronSchedule>,
     /// Trigger handlers in flight, for [`RunningApp::wait_idle`].
     pub activity: Arc<Activity>,
+    /// Why a trigger stopped for good (a Redis subscription lost), once one has.
+    trigger_failure: OnceLock<String>,
+    trigger_failed: tokio::sync::Notify,
 }
 
 /// A running app; dropping it (or calling [`RunningApp::shutdown`]) stops accepting requests.
@@ -367,6 +370,8 @@ impl AppInner {
             redis,
             cron,
             activity: Default::default(),
+            trigger_failure: OnceLock::new(),
+            trigger_failed: tokio::sync::Notify::new(),
         });
         app.shared.app.set(Arc::downgrade(&app)).ok();
         Ok(app)
@@ -706,6 +711,15 @@ impl AppInner {
         Ok(tasks)
     }
 
+    /// Records that a trigger stopped for good, as Spin's trigger ends `spin up` with an
+    /// error when its Redis subscription is lost (crates/trigger-redis: the listener returns
+    /// "disconnected from ..." and the trigger's `run` returns it; Spin does not reconnect,
+    /// its supervisor restarts it).
+    pub fn trigger_stopped(&self, why: String) {
+        let _ = self.trigger_failure.set(why);
+        self.trigger_failed.notify_waiters();
+    }
+
     /// The failures tests can switch on.
     pub fn faults(&self) -> &crate::state::Faults {
         &self.shared.faults
@@ -750,6 +764,18 @@ impl RunningApp {
     }
 
     /// Stops accepting connections and waits for the accept loop to end.
+    /// Waits until a trigger has stopped for good; why. `sparkops up` then exits with it,
+    /// as `spin up` does.
+    pub async fn trigger_failure(&self) -> String {
+        loop {
+            let notified = self.inner.trigger_failed.notified();
+            if let Some(why) = self.inner.trigger_failure.get() {
+                return why.clone();
+            }
+            notified.await;
+        }
+    }
+
     pub async fn shutdown(mut self) {
         for t in &self.triggers {
             t.abort();

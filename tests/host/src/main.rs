@@ -84,10 +84,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let app = RunningApp::start(&options).await?;
             println!("serving on http://{}", app.addr);
-            tokio::signal::ctrl_c().await?;
-            println!("stopping");
-            app.shutdown().await;
-            Ok(())
+            // Like `spin up`: Ctrl-C stops the app; a trigger that stops for good (a lost
+            // Redis subscription) ends it with the error, for a supervisor to restart it.
+            tokio::select! {
+                stopped = tokio::signal::ctrl_c() => {
+                    stopped?;
+                    println!("stopping");
+                    app.shutdown().await;
+                    Ok(())
+                }
+                why = app.trigger_failure() => {
+                    app.shutdown().await;
+                    Err(anyhow::anyhow!("{why}"))
+                }
+            }
         }
     }
 }

@@ -158,6 +158,8 @@ pub async fn run_redis(
         }
     };
     let mut messages = pubsub.into_on_message();
+    // The stream ends when the connection is lost: like Spin, no reconnect; the app is told
+    // and `sparkops up` ends with the error (the orchestrator in a cluster restarts it).
     while let Some(msg) = messages.next().await {
         let channel = msg.get_channel_name().to_string();
         let payload: Vec<u8> = msg.get_payload_bytes().to_vec();
@@ -170,6 +172,18 @@ pub async fn run_redis(
                 );
             }
         }
+    }
+    app.trigger_stopped(format!("disconnected from {}", redacted(&address)));
+}
+
+/// A Redis address without its password, for messages.
+fn redacted(address: &str) -> String {
+    match url::Url::parse(address) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => address.to_string(),
     }
 }
 

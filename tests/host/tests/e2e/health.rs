@@ -136,6 +136,25 @@ async fn readyz_is_a_503_problem_naming_redis_while_redis_is_stopped() {
 }
 
 #[tokio::test]
+async fn a_lost_redis_subscription_ends_the_app_with_the_error_as_spin_does() {
+    let env = TestEnv::new().await;
+    let redis = OwnRedis::start().await;
+    let app = start(&env, &redis.url).await;
+    let waiting =
+        tokio::time::timeout(std::time::Duration::from_millis(500), app.trigger_failure()).await;
+    assert!(
+        waiting.is_err(),
+        "no failure while Redis is up: {waiting:?}"
+    );
+    let url = redis.url.clone();
+    drop(redis);
+    let why = tokio::time::timeout(std::time::Duration::from_secs(10), app.trigger_failure())
+        .await
+        .expect("the trigger reports the lost subscription");
+    assert_eq!(why, format!("disconnected from {url}"));
+}
+
+#[tokio::test]
 async fn a_request_that_cannot_reach_the_database_is_a_503_to_retry_not_a_500() {
     let env = TestEnv::new().await;
     // A loopback port nothing listens on: the components' database is down (the host's
