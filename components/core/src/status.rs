@@ -180,14 +180,18 @@ pub fn names<T: Copy + fmt::Display>(set: &[T]) -> String {
 
 /// The names of `set` as a SQL array, e.g. `array['queued', 'running']`.
 pub fn sql_array<T: Copy + fmt::Display>(set: &[T]) -> String {
-    let names: Vec<String> = set.iter().map(|s| format!("'{s}'")).collect();
-    format!("array[{}]", names.join(", "))
+    format!("array[{}]", quoted(set))
 }
 
 /// A run or step status list as SQL, e.g. `('queued', 'running')`, for `status in ...`.
 pub fn sql_list<T: Copy + fmt::Display>(set: &[T]) -> String {
+    format!("({})", quoted(set))
+}
+
+/// `'a', 'b'`: the names of `set` as SQL string literals (they are fixed identifiers).
+fn quoted<T: Copy + fmt::Display>(set: &[T]) -> String {
     let names: Vec<String> = set.iter().map(|s| format!("'{s}'")).collect();
-    format!("({})", names.join(", "))
+    names.join(", ")
 }
 
 #[cfg(test)]

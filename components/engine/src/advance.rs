@@ -36,6 +36,16 @@ pub fn advance<C: Connection + ?Sized>(
     run_id: &str,
 ) -> Result<Vec<Claim>, ApiError> {
     let status = store::lock_run(tx, run_id)?;
+    advance_locked(tx, run_id, status)
+}
+
+/// [`advance`] for a caller that already holds the run's lock and read its `status` (`None`:
+/// no such run).
+pub(crate) fn advance_locked<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    status: Option<RunStatus>,
+) -> Result<Vec<Claim>, ApiError> {
     match status {
         Some(RunStatus::Cancelling) => {
             finish(

@@ -61,7 +61,7 @@ pub fn violation(p: &Policy, rule: &'static str, detail: String) -> Violation {
 /// The enabled policies of a project that apply to a run of `$2` (the workflow) and, for
 /// an agent step, to the agent `$3` (`null` otherwise: agent-scoped policies then never
 /// match). Read with [`scope_params`], parsed with [`from_rows`].
-pub const IN_SCOPE: &str =
+const IN_SCOPE: &str =
     "select policy_id::text, name, rules, scope_workflow_id is not null from policies
      where project_id = $1 and enabled and deleted_at is null
        and (scope_workflow_id is null or scope_workflow_id = $2)
@@ -69,7 +69,7 @@ pub const IN_SCOPE: &str =
      order by policy_id";
 
 /// The parameters of [`IN_SCOPE`].
-pub fn scope_params(project_id: &str, workflow_id: &str, agent_id: Option<&str>) -> [V; 3] {
+fn scope_params(project_id: &str, workflow_id: &str, agent_id: Option<&str>) -> [V; 3] {
     [
         V::Uuid(project_id.into()),
         V::Uuid(workflow_id.into()),
@@ -78,7 +78,7 @@ pub fn scope_params(project_id: &str, workflow_id: &str, agent_id: Option<&str>)
 }
 
 /// The policies [`IN_SCOPE`] read.
-pub fn from_rows(rows: &[sparkops_core::db::Row]) -> Result<Vec<Policy>, ApiError> {
+fn from_rows(rows: &[sparkops_core::db::Row]) -> Result<Vec<Policy>, ApiError> {
     rows.iter()
         .map(|r| {
             let id = r.text(0)?;
@@ -96,13 +96,13 @@ pub fn from_rows(rows: &[sparkops_core::db::Row]) -> Result<Vec<Policy>, ApiErro
 
 /// The enabled policies in scope of a step of `workflow_id` (and, for an agent step, of
 /// `agent_id`).
-pub fn in_scope<C: Connection + ?Sized>(
-    db: &C,
+pub fn in_scope<R: sparkops_core::db::Read + ?Sized>(
+    db: &R,
     project_id: &str,
     workflow_id: &str,
     agent_id: Option<&str>,
 ) -> Result<Vec<Policy>, ApiError> {
-    from_rows(&db.query(IN_SCOPE, &scope_params(project_id, workflow_id, agent_id))?)
+    from_rows(&db.read(IN_SCOPE, &scope_params(project_id, workflow_id, agent_id))?)
 }
 
 /// Every policy naming allowed models must allow `model`.

@@ -262,10 +262,7 @@ fn admit<C: Connection + ?Sized>(
     workflow_id: &str,
     now: DateTime<Utc>,
 ) -> Result<(), StartError> {
-    let policies = policies::from_rows(&tx.query(
-        policies::IN_SCOPE,
-        &policies::scope_params(project_id, workflow_id, None),
-    )?)?;
+    let policies = policies::in_scope(tx, project_id, workflow_id, None)?;
     if policies
         .iter()
         .any(|p| p.rules.max_concurrent_runs.is_some())

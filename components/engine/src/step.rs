@@ -13,6 +13,7 @@ use sparkops_core::run;
 use sparkops_core::status::{ErrorKind, StepStatus};
 use sparkops_core::workflow::RetryPolicy;
 
+use crate::advance::Claim;
 use crate::store::{self, event, json_or_null, lock_run};
 
 /// An executor's hold on a step attempt.
@@ -134,6 +135,30 @@ pub fn record<C: Connection + ?Sized>(
     tx: &Tx<'_, C>,
     a: &Attempt<'_>,
 ) -> Result<Recorded, ApiError> {
+    lock_run(tx, a.lease.run_id)?;
+    record_locked(tx, a)
+}
+
+/// Records the attempt as [`record`] does and, under the same lock, advances the run: the
+/// executor's one transaction per result, whose claims it then dispatches itself. Nothing
+/// is advanced for a discarded result (the step's newer state is someone else's change).
+pub fn record_and_advance<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    a: &Attempt<'_>,
+) -> Result<(Recorded, Vec<Claim>), ApiError> {
+    let run = lock_run(tx, a.lease.run_id)?;
+    let recorded = record_locked(tx, a)?;
+    let claimed = match recorded {
+        Recorded::Discarded => Vec::new(),
+        _ => crate::advance::advance_locked(tx, a.lease.run_id, run)?,
+    };
+    Ok((recorded, claimed))
+}
+
+fn record_locked<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    a: &Attempt<'_>,
+) -> Result<Recorded, ApiError> {
     let (status, next_ms) = match &a.result {
         Ok(_) => (StepStatus::Succeeded, None),
         Err(f) => {
@@ -149,7 +174,6 @@ pub fn record<C: Connection + ?Sized>(
     };
     let error = a.result.as_ref().err().map(Failure::error_json);
     let output = a.result.as_ref().ok().map_or(V::Null, json_or_null);
-    lock_run(tx, a.lease.run_id)?;
     let updated = tx.execute(
         "update run_steps set status = $4, input = $5, output = $6, error = $7, duration_ms = $8,
             lease_id = null, lease_expires_at = null, updated_at = now(),

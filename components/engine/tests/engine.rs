@@ -126,6 +126,56 @@ fn results_advance_the_chain_and_the_run_succeeds_with_its_leaves_outputs() {
 }
 
 #[test]
+fn recording_and_advancing_in_one_transaction_claims_what_became_ready() {
+    let (db, w) = setup(chain(&[("a", &[]), ("b", &["a"])]));
+    let run = start(&db, &w, json!({}));
+    let a = advance(&db, &run);
+    let retry = RetryPolicy::default();
+    fn attempt<'a>(
+        run: &'a str,
+        claim: &'a Claim,
+        retry: &'a RetryPolicy,
+        result: Result<Value, Failure>,
+    ) -> Attempt<'a> {
+        Attempt {
+            lease: lease(run, claim),
+            attempt: 1,
+            input: json!({}),
+            result,
+            duration_ms: 1,
+            retry,
+            jitter: 0.0,
+        }
+    }
+    let done = attempt(&run, &a[0], &retry, Ok(json!("A")));
+    let (recorded, next) = db::transaction(&db, |tx| step::record_and_advance(tx, &done)).unwrap();
+    assert_eq!(recorded, Recorded::Succeeded);
+    assert_eq!(keys(&next), ["b"]);
+    // The same result again is discarded and advances nothing.
+    let (recorded, next) = db::transaction(&db, |tx| step::record_and_advance(tx, &done)).unwrap();
+    assert_eq!((recorded, next.len()), (Recorded::Discarded, 0));
+    let claim_b = next_claim(&db, &run, "b");
+    let b = attempt(&run, &claim_b, &retry, Ok(json!("B")));
+    let (recorded, next) = db::transaction(&db, |tx| step::record_and_advance(tx, &b)).unwrap();
+    assert_eq!((recorded, next.len()), (Recorded::Succeeded, 0));
+    assert_eq!(run_status(&db, &run), RunStatus::Succeeded);
+}
+
+/// The claim a step holds now, read back from the database.
+fn next_claim(db: &Pg, run: &str, key: &str) -> Claim {
+    let lease_id = db
+        .scalar(
+            "select lease_id::text from run_steps where run_id = $1 and step_key = $2",
+            &[V::Uuid(run.into()), V::Text(key.into())],
+        )
+        .expect("a held lease");
+    Claim {
+        step_key: key.into(),
+        lease_id,
+    }
+}
+
+#[test]
 fn a_false_when_skips_its_branch_and_the_join_runs_after_the_branch_taken() {
     let db = database();
     let project = project(&db);

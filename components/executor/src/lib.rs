@@ -154,16 +154,7 @@ const SETTLE_BACKOFF_MS: [u64; 3] = [200, 1_000, 3_000];
 /// the run nudged, so a result is never lost to the decision after it.
 fn settle(ctx: &mut Ctx, a: &engine::step::Attempt<'_>) -> Result<Recorded, ApiError> {
     let run_id = a.lease.run_id;
-    let together = |ctx: &mut Ctx| {
-        ctx.transaction(|tx, _| {
-            let recorded = engine::step::record(tx, a)?;
-            let claimed = match recorded {
-                Recorded::Discarded => Vec::new(),
-                _ => engine::advance(tx, run_id)?,
-            };
-            Ok((recorded, claimed))
-        })
-    };
+    let together = |ctx: &mut Ctx| ctx.transaction(|tx, _| engine::step::record_and_advance(tx, a));
     let mut outcome = together(ctx);
     for wait_ms in SETTLE_BACKOFF_MS {
         let Err(e) = &outcome else { break };
