@@ -1,9 +1,9 @@
 //! Advancing a run (DESIGN.md section 5): in one transaction under the run's row lock it
 //! finishes a cancelling run, marks pending steps ready or skipped
 //! ([`sparkops_core::run::decide`]), finishes the run when nothing is left, and claims the
-//! ready steps: a lease for each step an executor runs, a deadline for each approval. It
-//! never calls a model or a tool. Advancing twice finds nothing new to claim the second
-//! time.
+//! ready steps: a short lease and an attempt deadline for each step an executor runs, a
+//! deadline for each approval. It never calls a model or a tool. Advancing twice finds
+//! nothing new to claim the second time.
 
 use std::collections::HashMap;
 
@@ -16,7 +16,15 @@ use sparkops_core::workflow::{Approval, Definition, StepKind};
 
 use crate::store::{self, event};
 
-/// How long a claimed step may run before the sweeper takes it back, beyond its timeout.
+/// How long a claim holds without news from its executor: the executor renews it every
+/// [`HEARTBEAT_MS`] while the step runs, so a dead host's step is taken back within a lease
+/// and a sweep (about 20 s) whatever the step's timeout.
+pub const LEASE_MS: i64 = 15_000;
+/// How often a running step's executor renews its lease ([`crate::step::renew`]): three
+/// renewals fit in a lease, so one slow one does not lose it.
+pub const HEARTBEAT_MS: i64 = 5_000;
+/// How long an attempt may hold its lease beyond its timeout, renewed or not: the executor
+/// enforces the timeout itself, and this bounds an attempt whose executor lives but hangs.
 pub const LEASE_MARGIN_MS: i64 = 30_000;
 /// An approval step's wait when its definition sets none: a day.
 pub const DEFAULT_APPROVAL_S: u64 = 86_400;
@@ -228,9 +236,11 @@ fn claim<C: Connection + ?Sized>(
         let timeout = step
             .and_then(|s| s.timeout_ms)
             .map_or(DEFAULT_STEP_TIMEOUT_MS, |t| t as i64);
+        // A short lease, renewed while the step runs, inside the attempt's deadline.
         let rows = tx.query(
             "update run_steps set status = 'running', attempt = attempt + 1, lease_id = gen_random_uuid(),
-                lease_expires_at = now() + make_interval(secs => $3::float8 / 1000),
+                deadline_at = now() + make_interval(secs => $3::float8 / 1000),
+                lease_expires_at = now() + make_interval(secs => least($3::float8, $4::float8) / 1000),
                 started_at = coalesce(started_at, now()), updated_at = now()
              where run_id = $1 and step_key = $2 and status = 'ready'
              returning attempt, lease_id::text",
@@ -238,6 +248,7 @@ fn claim<C: Connection + ?Sized>(
                 V::Uuid(run_id.into()),
                 V::Text(key.clone()),
                 V::Float64((timeout + LEASE_MARGIN_MS) as f64),
+                V::Float64(LEASE_MS as f64),
             ],
         )?;
         if let Some(r) = rows.first() {

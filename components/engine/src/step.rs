@@ -59,6 +59,25 @@ pub fn leased<C: Connection + ?Sized>(
         .transpose()
 }
 
+/// Renews the lease for another [`LEASE_MS`](crate::advance::LEASE_MS), never past the
+/// attempt's deadline: the executor's heartbeat while a step runs. `false` when the lease
+/// no longer holds (the step was cancelled, taken back or ended, or its deadline passed):
+/// whatever the attempt still does will not be recorded, so its executor may stop.
+pub fn renew<C: Connection + ?Sized>(db: &C, lease: &Lease<'_>) -> Result<bool, ApiError> {
+    let renewed = db.execute(
+        "update run_steps set lease_expires_at = least(now() + make_interval(secs => $4::float8 / 1000), deadline_at)
+         where run_id = $1::text::uuid and step_key = $2 and status = 'running'
+           and lease_id = $3::text::uuid and (deadline_at is null or deadline_at > now())",
+        &[
+            V::Text(lease.run_id.into()),
+            V::Text(lease.step_key.into()),
+            V::Text(lease.lease_id.into()),
+            V::Float64(crate::advance::LEASE_MS as f64),
+        ],
+    )?;
+    Ok(renewed == 1)
+}
+
 /// A failed attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
@@ -289,7 +308,8 @@ pub fn take_back<C: Connection + ?Sized>(
     }
     let rows = tx.query(
         &format!(
-            "select attempt from run_steps where run_id = $1 and step_key = $2
+            "select attempt, coalesce(deadline_at < $3{AS_TIMESTAMPTZ}, false) from run_steps
+             where run_id = $1 and step_key = $2
              and status = 'running' and lease_expires_at < $3{AS_TIMESTAMPTZ}"
         ),
         &[
@@ -298,8 +318,19 @@ pub fn take_back<C: Connection + ?Sized>(
             V::Timestamp(at),
         ],
     )?;
-    let Some(attempt) = rows.first().map(|r| r.int(0)).transpose()? else {
+    let Some((attempt, overdue)) = rows
+        .first()
+        .map(|r| Ok::<_, ApiError>((r.int(0)?, r.bool(1)?)))
+        .transpose()?
+    else {
         return Ok(TakenBack::Nothing);
+    };
+    // A lease stops being renewed when its host dies, or at the attempt's deadline when
+    // its executor lives but hangs.
+    let why = if overdue {
+        "the step ran past its timeout without an answer from its host"
+    } else {
+        "the step's host stopped answering before its lease ran out"
     };
     let retry = store::definition(tx, run_id)?
         .steps
@@ -319,15 +350,11 @@ pub fn take_back<C: Connection + ?Sized>(
             run_id,
             "step.lease_expired",
             Some(step_key),
-            json!({"attempt": attempt}),
+            json!({"attempt": attempt, "reason": why}),
         )?;
         return Ok(TakenBack::Again);
     }
-    let error = Failure::new(
-        ErrorKind::Timeout,
-        "the step's host stopped answering before its lease ran out",
-    )
-    .error_json();
+    let error = Failure::new(ErrorKind::Timeout, why).error_json();
     let mut params = ids.to_vec();
     params.push(V::Json(error.clone()));
     tx.execute(

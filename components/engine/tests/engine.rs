@@ -479,6 +479,92 @@ fn an_expired_lease_is_taken_back_and_the_late_result_of_the_old_attempt_is_disc
     assert_eq!(kind.as_deref(), Some("timeout"));
 }
 
+/// Seconds from now to the step's lease expiry.
+fn lease_left_s(db: &Pg, run: &str, key: &str) -> f64 {
+    db.scalar(
+        "select extract(epoch from lease_expires_at - now())::text from run_steps
+         where run_id = $1 and step_key = $2",
+        &[V::Uuid(run.into()), V::Text(key.into())],
+    )
+    .expect("a lease")
+    .parse()
+    .expect("a number")
+}
+
+/// Moves one of the step's times to `seconds` from now, as if time had passed.
+fn set_in(db: &Pg, run: &str, key: &str, column: &str, seconds: i64) {
+    db.execute(
+        &format!(
+            "update run_steps set {column} = now() + make_interval(secs => $3::float8)
+             where run_id = $1 and step_key = $2"
+        ),
+        &[
+            V::Uuid(run.into()),
+            V::Text(key.into()),
+            V::Float64(seconds as f64),
+        ],
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_lease_is_short_whatever_the_timeout_and_renewals_hold_it_until_the_attempts_deadline() {
+    let (db, w) = setup(json!({"steps": [
+        {"key": "a", "kind": "condition", "timeout_ms": 600_000, "retry": {"max_attempts": 2}}]}));
+    let run = start(&db, &w, json!({}));
+    let claim = advance(&db, &run).remove(0);
+    let held = lease(&run, &claim);
+    // Fifteen seconds, not the ten-minute timeout: a dead host's step comes back quickly.
+    let left = lease_left_s(&db, &run, "a");
+    assert!((14.0..=15.0).contains(&left), "{left}");
+    // Near its end, a renewal gives the lease another fifteen seconds.
+    set_in(&db, &run, "a", "lease_expires_at", 1);
+    assert!(step::renew(&db, &held).unwrap());
+    let left = lease_left_s(&db, &run, "a");
+    assert!((14.0..=15.0).contains(&left), "{left}");
+    // Never past the attempt's deadline (its timeout and a margin)...
+    set_in(&db, &run, "a", "deadline_at", 5);
+    assert!(step::renew(&db, &held).unwrap());
+    let left = lease_left_s(&db, &run, "a");
+    assert!((4.0..=5.0).contains(&left), "{left}");
+    // ...and not at all once it has passed: the executor is told to stop.
+    set_in(&db, &run, "a", "deadline_at", -1);
+    set_in(&db, &run, "a", "lease_expires_at", -1);
+    assert!(!step::renew(&db, &held).unwrap());
+    // Taken back after the deadline, the attempt is said to have run past its timeout.
+    let now = Utc::now();
+    assert_eq!(
+        db::transaction(&db, |tx| step::take_back(tx, &run, "a", now)).unwrap(),
+        TakenBack::Again
+    );
+    let reasons = db
+        .scalar(
+            "select string_agg(data->>'reason', '|') from run_events
+             where run_id = $1 and kind = 'step.lease_expired'",
+            &[V::Uuid(run.clone())],
+        )
+        .unwrap();
+    assert!(reasons.contains("past its timeout"), "{reasons}");
+    // The old lease renews nothing; the new attempt's is its own, and a host that stops
+    // renewing it loses the step a lease later, long before the timeout.
+    assert!(!step::renew(&db, &held).unwrap());
+    let second = advance(&db, &run).remove(0);
+    assert!(step::renew(&db, &lease(&run, &second)).unwrap());
+    let after_a_lease = Utc::now() + Duration::seconds(16);
+    assert_eq!(
+        db::transaction(&db, |tx| step::take_back(tx, &run, "a", after_a_lease)).unwrap(),
+        TakenBack::Failed
+    );
+    let error = db
+        .scalar(
+            "select error->>'message' from run_steps where run_id = $1",
+            &[V::Uuid(run.clone())],
+        )
+        .unwrap();
+    assert!(error.contains("stopped answering"), "{error}");
+    assert!(!step::renew(&db, &lease(&run, &second)).unwrap());
+}
+
 #[test]
 fn an_approval_waits_for_an_approver_and_is_decided_once() {
     let db = database();

@@ -2,7 +2,8 @@
 //! step for a signed dispatch ([`sparkops_core::dispatch`]) and nothing else. It checks the
 //! signature and the step's lease, answers `202` at once, and goes on to run the step
 //! (Spin keeps a guest running after it has set its response), so steps of many runs
-//! proceed in parallel instances. The result, with an event, is written in one transaction
+//! proceed in parallel instances. While the step runs, its waits renew the lease
+//! ([`sparkops_platform::heartbeat`]). The result, with an event, is written in one transaction
 //! that only lands while the lease still holds: a step cancelled or taken back meanwhile
 //! keeps its newer state; the same transaction advances the run, and the steps it made
 //! ready are dispatched from here.
@@ -23,8 +24,8 @@ use sparkops_platform::engine::step::{Failure, Lease, Leased, Recorded};
 use sparkops_platform::engine::{self, ErrorKind, store};
 use sparkops_platform::pipeline::Ctx;
 use sparkops_platform::tool_call::{self, setting};
-use sparkops_platform::variable;
 use sparkops_platform::{agent, policies};
+use sparkops_platform::{heartbeat, variable};
 use spin_sdk::http::{Fields, IncomingRequest, Method, OutgoingResponse, ResponseOutparam};
 use spin_sdk::http_component;
 
@@ -88,6 +89,8 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
     let accepted = json!({"accepted": true}).to_string();
     let headers = vec![("content-type", "application/json".to_string())];
     respond(out, 202, headers, accepted, &request_id).await;
+    // From here the step's waits renew its lease, so it may run as long as its timeout.
+    heartbeat::hold(&lease);
     let started = Instant::now();
     let done = execute(&mut ctx, run_id, step, &project_id, &workflow_id).unwrap_or_else(|e| {
         log(
@@ -105,6 +108,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
             retry: Default::default(),
         }
     });
+    heartbeat::release();
     let elapsed = started.elapsed().as_millis() as i64;
     let error_kind = done.result.as_ref().err().map(|f| f.kind.as_str());
     // Contents (prompts, answers, tool data) are logged only when the operator opts in.

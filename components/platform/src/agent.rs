@@ -22,6 +22,7 @@ use sparkops_core::money::Usd;
 
 use crate::db::Db;
 use crate::engine;
+use crate::heartbeat;
 use crate::outbound::{self, Call};
 use crate::pipeline::{Ctx, project_secrets};
 use crate::policies::{self, RefusedOr, Violation};
@@ -229,6 +230,16 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
     messages.push(json!({"role": "user", "content": user}));
     let functions: Vec<FunctionTool> = agent.tools.iter().map(|(f, _, _)| f.clone()).collect();
     for iteration in 1..=agent.max_iterations {
+        // A step cancelled or taken back meanwhile makes no further calls: nothing it
+        // did from here on would be recorded.
+        heartbeat::beat();
+        if heartbeat::lost() {
+            return Ok(fail(
+                ErrorKind::Cancelled,
+                "the step's lease was lost: stopped before the next call",
+                true,
+            ));
+        }
         // Tokens left under the policies' limits bound this call's max_tokens.
         let used = ctx.db()?.query(
             "select s.tokens_in + s.tokens_out, r.tokens_in + r.tokens_out from run_steps s

@@ -8,6 +8,7 @@ pub use sparkops_engine::policies;
 
 pub mod agent;
 pub mod db;
+pub mod heartbeat;
 pub mod http;
 pub mod nudge;
 pub mod orchestrate;

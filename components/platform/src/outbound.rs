@@ -7,11 +7,15 @@
 
 use std::time::{Duration, Instant};
 
+use wasi::clocks::monotonic_clock;
 use wasi::http::outgoing_handler;
 use wasi::http::types::{
     ErrorCode, Fields, Method, OutgoingBody, OutgoingRequest, RequestOptions, Scheme,
 };
+use wasi::io::poll::{self, Pollable};
 use wasi::io::streams::StreamError;
+
+use crate::heartbeat;
 
 /// One outgoing request.
 pub struct Call<'a> {
@@ -94,6 +98,19 @@ fn method(m: &str) -> Method {
     }
 }
 
+/// Blocks until `ready` is, renewing meanwhile the lease of the step this instance runs
+/// (a long call must not look like a dead host).
+fn wait(ready: &Pollable) {
+    while let Some(due) = heartbeat::due_in() {
+        let timer = monotonic_clock::subscribe_duration(due.as_nanos() as u64);
+        if poll::poll(&[ready, &timer]).contains(&0) {
+            return;
+        }
+        heartbeat::beat();
+    }
+    ready.block();
+}
+
 /// Makes the call, blocking this instance until it answers, fails or times out.
 pub fn send(call: Call<'_>) -> Result<Answer, CallError> {
     let started = Instant::now();
@@ -162,7 +179,7 @@ pub fn send(call: Call<'_>) -> Result<Answer, CallError> {
         }
     }
     OutgoingBody::finish(body, None).map_err(from_code)?;
-    pending.subscribe().block();
+    wait(&pending.subscribe());
     let response = match pending.get() {
         Some(Ok(Ok(r))) => r,
         Some(Ok(Err(code))) => return Err(from_code(code)),
@@ -196,7 +213,8 @@ pub fn send(call: Call<'_>) -> Result<Answer, CallError> {
         if started.elapsed() > call.timeout {
             return Err(CallError::Timeout);
         }
-        match stream.blocking_read(64 * 1024) {
+        wait(&stream.subscribe());
+        match stream.read(64 * 1024) {
             Ok(chunk) => {
                 if body.len() + chunk.len() > call.max_response_bytes {
                     return Err(CallError::TooLarge {

@@ -306,6 +306,49 @@ async fn an_agent_that_never_stops_calling_tools_fails_at_max_iterations() {
 }
 
 #[tokio::test]
+async fn an_agent_whose_run_is_cancelled_mid_step_makes_no_further_model_call() {
+    // The model would go on calling the slow tool for ever.
+    let provider = FakeServer::answering(
+        vec![openai::tool_calls(&[("c", "slow", json!({}))], 10, 5)],
+        Duration::ZERO,
+    )
+    .await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
+    let (ada, p) = project(&api).await;
+    let slow = FakeServer::start(200, json!({}), Duration::from_secs(7)).await;
+    let slow_id = tool(&api, &ada, &p, "slow", slow.url("/")).await;
+    let a = agent(
+        &api,
+        &ada,
+        &p,
+        json!({"tool_ids": [slow_id], "max_iterations": 5}),
+    )
+    .await;
+    let wf = workflow(&api, &ada, &p, &[("loop", &a)], json!({"max_attempts": 1})).await;
+    let run = api
+        .start_run(&ada.access, &json!(wf), json!({"q": "go"}))
+        .await;
+    let id = run["id"].as_str().unwrap();
+    crate::common::eventually(async || (!slow.received().is_empty()).then_some(())).await;
+    let cancel = api
+        .call(
+            "PATCH",
+            &format!("/api/v1/runs/{id}/cancel"),
+            Some(&ada.access),
+            None,
+        )
+        .await;
+    assert_eq!(cancel.status, 202);
+    // The heartbeat during the tool call (5 s in) finds the lease gone; when the tool
+    // answers (7 s), the agent stops instead of asking the model again.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(provider.received().len(), 1);
+    assert_eq!(slow.received().len(), 1);
+    let run = api.finished_run(&ada.access, id).await;
+    assert_eq!(run["status"], "cancelled");
+}
+
+#[tokio::test]
 async fn a_structured_answer_is_checked_against_response_format() {
     let provider = FakeServer::answering(
         vec![

@@ -355,8 +355,9 @@ async fn a_step_whose_host_died_is_taken_back_and_run_again_once() {
     let run = api.start_run(&ada.access, &json!(wf), json!({})).await;
     let id = run["id"].as_str().unwrap().to_string();
     crate::common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
-    // An hour later the lease is long gone: the sweeper gives the step a new attempt.
-    api.sweep_at(3600).await;
+    // Its host renews the lease no more: a lease later (15 s, however long the step's
+    // timeout), the sweeper gives the step a new attempt.
+    api.sweep_at(LEASE_S + 1).await;
     let run = wait_status(&api, &ada, &id, "succeeded").await;
     assert_eq!(run["status"], "succeeded");
     let step = step_of(&api, &ada, &id, "call").await;
@@ -397,6 +398,42 @@ async fn a_step_whose_host_died_is_taken_back_and_run_again_once() {
     assert_eq!(successes, 1);
     // Both attempts carry the same key, so the tool can tell the second is a repeat.
     assert_eq!(fake.idempotency_keys(), vec![format!("{id}:call"); 2]);
+}
+
+/// A claimed step's lease, as the engine grants and renews it (`LEASE_MS`).
+const LEASE_S: i64 = 15;
+
+#[tokio::test]
+async fn a_call_longer_than_a_lease_keeps_its_step_through_the_executors_heartbeat() {
+    let api = Api::for_fakes(None, &[]).await;
+    let (ada, p) = project(&api).await;
+    let fake = FakeServer::start(200, json!({"slow": true}), Duration::from_secs(8)).await;
+    let tool = tool(&api, &ada, &p, fake.url("/")).await;
+    let wf = workflow(
+        &api,
+        &ada,
+        &p,
+        json!([{"key": "call", "kind": "tool", "tool_id": tool["id"], "input": {}}]),
+    )
+    .await;
+    api.app
+        .inner
+        .faults()
+        .pause_cron
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let run = api.start_run(&ada.access, &json!(wf), json!({})).await;
+    let id = run["id"].as_str().unwrap().to_string();
+    crate::common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
+    // Past the first renewal (5 s into the call), a sweep as at 17 s after the claim finds
+    // the lease renewed to 20 s: the step stays with its live host. Unrenewed, it would
+    // have run out at 15 s and the step would have been run a second time.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    api.sweep_at(LEASE_S - 4).await;
+    let run = wait_status(&api, &ada, &id, "succeeded").await;
+    assert_eq!(run["output"], json!({"call": {"slow": true}}));
+    let step = step_of(&api, &ada, &id, "call").await;
+    assert_eq!(step["attempt"], 1, "{step}");
+    assert_eq!(fake.received().len(), 1);
 }
 
 #[tokio::test]
@@ -865,8 +902,7 @@ async fn with_every_nudge_and_the_first_dispatches_lost_runs_still_finish_throug
     // Executors answer again (nudges stay lost): one sweep past the lease takes the steps
     // back and dispatches them, and each result dispatches what comes next.
     faults.drop_dispatches.store(false, relaxed);
-    let lease_s = 300 + 30;
-    api.sweep_at(lease_s + 1).await;
+    api.sweep_at(LEASE_S + 1).await;
     let ticks = 1;
     for _ in 0..100 {
         let mut done = 0;
