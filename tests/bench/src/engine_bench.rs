@@ -3,6 +3,9 @@
 //! app (spin.toml) on this host, beside the Postgres ceiling: `pgbench` running the SQL
 //! statements one step costs the orchestrator and the executor, in the same run.
 //!
+//! The 10-step batch again over two replicas of the app on the same database and Redis,
+//! with counts of the work done (each step once, nudges, trigger handlers per replica).
+//!
 //! Then `/metrics/summary` and `/metrics/steps` latency over a million generated steps.
 //!
 //! Usage: engine_bench (from the workspace root; `DATABASE_URL` and `REDIS_URL` name the
@@ -12,6 +15,8 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -27,6 +32,8 @@ const LATENCY_SAMPLES: usize = 30;
 
 /// The app's address, fixed because the app dispatches steps to itself through it.
 const BENCH_LISTEN: &str = "127.0.0.1:3102";
+/// A second replica's, for the replicas row.
+const SECOND_LISTEN: &str = "127.0.0.1:3103";
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -100,24 +107,31 @@ async fn bench(
         ("TOOLS_ALLOW_PRIVATE_HOSTS", "true".into()),
         ("RATE_LIMIT_PER_MINUTE", "100000000".into()),
         ("RATE_LIMIT_IP_PER_MINUTE", "100000000".into()),
-        ("DISPATCH_URL", format!("http://{BENCH_LISTEN}")),
     ]
     .into_iter()
     .map(|(k, v)| (format!("SPIN_VARIABLE_{k}"), v))
     .collect();
-    let app = RunningApp::start(&AppOptions {
-        manifest: root.join("spin.toml"),
-        runtime_config: Some(config),
-        listen: BENCH_LISTEN.parse()?,
-        state_dir: state.clone(),
-        cache_dir: Some(root.join("target/host-test-cache")),
-        env,
-        guest_output: false,
-        components: Vec::new(),
-        like_spinkube: false,
-    })
-    .await?;
-    let tool_addr = noop_tool().await?;
+    // A replica of the app at `listen`, handing claimed steps to its own executor.
+    let replica = |listen: &str| -> Result<AppOptions> {
+        let mut env = env.clone();
+        env.insert(
+            "SPIN_VARIABLE_DISPATCH_URL".into(),
+            format!("http://{listen}"),
+        );
+        Ok(AppOptions {
+            manifest: root.join("spin.toml"),
+            runtime_config: Some(config.clone()),
+            listen: listen.parse()?,
+            state_dir: state.join(listen.replace(':', "-")),
+            cache_dir: Some(root.join("target/host-test-cache")),
+            env,
+            guest_output: false,
+            components: Vec::new(),
+            like_spinkube: false,
+        })
+    };
+    let app = RunningApp::start(&replica(BENCH_LISTEN)?).await?;
+    let (tool_addr, tool_calls) = noop_tool().await?;
     let client = Client {
         base: app.url(""),
         token: String::new(),
@@ -198,6 +212,21 @@ async fn bench(
             (runs * steps) as f64 / elapsed.as_secs_f64()
         );
     }
+    let second = RunningApp::start(&replica(SECOND_LISTEN)?).await?;
+    let clients = [
+        client.clone(),
+        Client {
+            base: second.url(""),
+            ..client.clone()
+        },
+    ];
+    let work = Work {
+        db: &db,
+        redis_url,
+        tool_calls: &tool_calls,
+    };
+    replicas(&work, [&app, &second], &clients, &workflows[1].1, batch).await?;
+    second.shutdown().await;
     traces(
         &app,
         &db,
@@ -229,11 +258,21 @@ async fn throughput(
     wf: &Value,
     batch: usize,
 ) -> Result<(usize, Duration)> {
+    throughput_over(db, std::slice::from_ref(client), wf, batch).await
+}
+
+/// [`throughput`] with the clients spread over `targets` (replicas) in turn.
+async fn throughput_over(
+    db: &tokio_postgres::Client,
+    targets: &[Client],
+    wf: &Value,
+    batch: usize,
+) -> Result<(usize, Duration)> {
     let started = Instant::now();
     let mut ids = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..CLIENTS {
-        let (client, wf) = (client.clone(), wf.clone());
+        let (client, wf) = (targets[c % targets.len()].clone(), wf.clone());
         let count = batch / CLIENTS + usize::from(c < batch % CLIENTS);
         tasks.spawn(async move {
             let mut ids = Vec::new();
@@ -248,6 +287,96 @@ async fn throughput(
     }
     wait_succeeded(db, &ids, Duration::from_secs(300)).await?;
     Ok((ids.len(), started.elapsed()))
+}
+
+/// What the replicas row counts with.
+struct Work<'a> {
+    db: &'a tokio_postgres::Client,
+    redis_url: &'a str,
+    /// Requests the no-op tool has answered.
+    tool_calls: &'a AtomicUsize,
+}
+
+/// The 10-step batch over two replicas (two apps, each with its own address, executor and
+/// Redis subscription, on one database and Redis), clients alternating between them; then
+/// what was done: tool calls and step claims against the batch's steps (each once), the
+/// nudges published (each reaches every replica), and each replica's trigger handlers run
+/// (nudges and cron ticks).
+async fn replicas(
+    work: &Work<'_>,
+    apps: [&RunningApp; 2],
+    clients: &[Client],
+    wf: &Value,
+    batch: usize,
+) -> Result<()> {
+    let started_steps = async || -> Result<i64> {
+        let row = work
+            .db
+            .query_one(
+                "select count(*) from run_events where kind = 'step.started'",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    };
+    let (claims, calls) = (started_steps().await?, work.tool_calls.load(Relaxed));
+    let publishes = redis_publishes(work.redis_url).await?;
+    let handled = apps.map(|a| a.inner.activity.handled());
+    let (runs, elapsed) = throughput_over(work.db, clients, wf, batch).await?;
+    println!(
+        "| engine: 10-step workflow, 2 replicas | {runs} | | | {:.0} |",
+        (runs * 10) as f64 / elapsed.as_secs_f64()
+    );
+    let handled: Vec<usize> = apps
+        .iter()
+        .zip(handled)
+        .map(|(a, before)| a.inner.activity.handled() - before)
+        .collect();
+    println!();
+    println!(
+        "Replicas: {} steps; {} tool calls, {} step claims; {} nudges published; trigger \
+         handlers (nudges and ticks) per replica: {} and {}, in {:.1} s",
+        runs * 10,
+        work.tool_calls.load(Relaxed) - calls,
+        started_steps().await? - claims,
+        redis_publishes(work.redis_url).await? - publishes,
+        handled[0],
+        handled[1],
+        elapsed.as_secs_f64()
+    );
+    println!();
+    Ok(())
+}
+
+/// PUBLISH commands the Redis server has run so far (`INFO commandstats`).
+async fn redis_publishes(redis_url: &str) -> Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = host_port(redis_url)?;
+    let mut stream = tokio::net::TcpStream::connect(&address).await?;
+    stream.write_all(b"INFO commandstats\r\n").await?;
+    // A bulk string: `$<length>\r\n<text>\r\n`.
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let text = loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await??;
+        if n == 0 {
+            bail!("redis closed the connection");
+        }
+        reply.extend_from_slice(&chunk[..n]);
+        let head = reply.iter().position(|b| *b == b'\n');
+        if let Some(head) = head {
+            let length: usize = std::str::from_utf8(&reply[1..head])?.trim().parse()?;
+            if reply.len() >= head + 1 + length {
+                break String::from_utf8_lossy(&reply[head + 1..head + 1 + length]).into_owned();
+            }
+        }
+    };
+    // `cmdstat_publish:calls=12,usec=...`; absent before the first publish.
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(Ok(0), str::parse)?)
 }
 
 /// The 10-step workflow again with the project exporting traces (to a no-op collector on
@@ -521,19 +650,27 @@ commit;
     Ok(tps)
 }
 
-/// A tool (and an OTLP collector) that reads the request and answers `{}`, on loopback.
-async fn noop_tool() -> Result<std::net::SocketAddr> {
+/// A tool (and an OTLP collector) that reads the request and answers `{}`, on loopback;
+/// it counts the requests it answers.
+async fn noop_tool() -> Result<(std::net::SocketAddr, Arc<AtomicUsize>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async {
-                    req.into_body().collect().await?;
-                    let mut res = http::Response::new(Full::new(Bytes::from_static(b"{}")));
-                    res.headers_mut()
-                        .insert("content-type", "application/json".parse().unwrap());
-                    Ok::<_, hyper::Error>(res)
+                let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    let count = count.clone();
+                    async move {
+                        req.into_body().collect().await?;
+                        count.fetch_add(1, Relaxed);
+                        let mut res = http::Response::new(Full::new(Bytes::from_static(b"{}")));
+                        res.headers_mut()
+                            .insert("content-type", "application/json".parse().unwrap());
+                        Ok::<_, hyper::Error>(res)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -541,7 +678,7 @@ async fn noop_tool() -> Result<std::net::SocketAddr> {
             });
         }
     });
-    Ok(addr)
+    Ok((addr, answered))
 }
 
 #[derive(Clone)]

@@ -31,6 +31,10 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = ".spin")]
         state_dir: PathBuf,
+        /// Where compiled components are kept between starts (default: `compiled` in the
+        /// state folder); processes may share one.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
         #[arg(long, env = "DATABASE_URL")]
         database_url: Option<String>,
         #[arg(long, default_value = "migrations")]
@@ -63,6 +67,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             runtime_config_file,
             listen,
             state_dir,
+            cache_dir,
             database_url,
             migrations,
             components,
@@ -76,7 +81,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 runtime_config: runtime_config_file,
                 listen,
                 state_dir,
-                cache_dir: None,
+                cache_dir,
                 env: std::env::vars().collect(),
                 guest_output: true,
                 components,

@@ -18,6 +18,7 @@ mod kubernetes;
 mod metrics;
 mod migrations;
 mod projects;
+mod replicas;
 mod resources;
 mod runs;
 mod scheduler;

@@ -5,19 +5,15 @@
 //!
 //! A clone without the tool skips it and says so on stderr (`infra/dev test` repeats it).
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::common::process::{Process, wait_for_health};
 use crate::common::{Client, FakeServer, TempDir, TestEnv, User, eventually_for};
 use crate::engine::{tool_named, wait_status, workflow};
 use crate::kubernetes::{Part, part_running};
 use serde_json::{Value, json};
-
-/// How many times (200 ms apart) a test asks whether Spin answers yet: about 5 minutes.
-const SPIN_START_POLLS: u32 = 1500;
 
 /// How long a cron component under Spin may take to do what a test waits for: the parts
 /// start (and on a cold cache compile) concurrently.
@@ -54,76 +50,13 @@ fn ensure_cron_plugin(spin: &PathBuf) {
     );
 }
 
-/// `spin up` and the trigger processes it starts, stopped (as one process group) on drop.
-struct SpinUp {
-    child: Child,
-    log: PathBuf,
-}
-
-impl SpinUp {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for SpinUp {
-    fn drop(&mut self) {
-        let group = format!("-{}", self.child.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
-        std::thread::sleep(Duration::from_millis(500));
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-        let _ = self.child.wait();
-    }
-}
-
 /// The app's own URL rules switched off: tools and collectors on loopback are allowed.
 fn open_url_rules() -> [(String, String); 2] {
     ["TOOLS_ALLOW_HTTP", "TOOLS_ALLOW_PRIVATE_HOSTS"]
         .map(|v| (format!("SPIN_VARIABLE_{v}"), "true".into()))
 }
 
-/// Starts `program args` with `vars` as its whole environment besides the inherited one,
-/// its output in `dir/spin.log`, as one process group.
-fn spawn(program: &Path, args: &[String], vars: &HashMap<String, String>, dir: &Path) -> SpinUp {
-    use std::os::unix::process::CommandExt;
-    let log = dir.join("spin.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(program)
-        .args(args)
-        .envs(vars)
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .process_group(0)
-        .spawn()
-        .expect("spin starts");
-    SpinUp { child, log }
-}
-
-/// A client of the app on `listen` once it answers `/healthz`; fails when one of `ups`
-/// exits first. The first start compiles every component (later ones read Spin's cache): on
-/// a cold cache, with the other real-Spin test compiling too, that takes minutes on 2 cores.
-async fn wait_for_health(listen: SocketAddr, ups: &mut [&mut SpinUp]) -> Client {
-    let client = Client::new(format!("http://{listen}"));
-    for _ in 0..SPIN_START_POLLS {
-        let listening = tokio::net::TcpStream::connect(listen).await.is_ok();
-        if listening && client.status("GET", "/healthz", None, None).await == 200 {
-            return client;
-        }
-        for up in ups.iter_mut() {
-            if let Ok(Some(status)) = up.child.try_wait() {
-                panic!("spin exited with {status}:\n{}", up.log());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let logs: Vec<String> = ups.iter().map(|u| u.log()).collect();
-    panic!(
-        "nothing answered /healthz on {listen}:\n{}",
-        logs.join("\n")
-    );
-}
-
-async fn spin_up(spin: &Path, env: &TestEnv) -> (SpinUp, Client) {
+async fn spin_up(spin: &Path, env: &TestEnv) -> (Process, Client) {
     let config = format!(
         "[key_value_store.default]\ntype = \"redis\"\nurl = \"{}\"\n",
         env.redis_url
@@ -143,7 +76,7 @@ async fn spin_up(spin: &Path, env: &TestEnv) -> (SpinUp, Client) {
     ];
     let mut vars = options.env.clone();
     vars.extend(open_url_rules());
-    let mut up = spawn(spin, &args, &vars, &options.state_dir);
+    let mut up = Process::spawn("spin", spin, &args, &vars, &options.state_dir);
     let client = wait_for_health(options.listen, &mut [&mut up]).await;
     (up, client)
 }
@@ -260,6 +193,40 @@ async fn the_app_runs_end_to_end_under_real_spin() {
     wait_status(&api, &ada, retry["id"].as_str().unwrap(), "succeeded").await;
     assert_eq!(flaky.received().len(), 2);
 
+    // A call longer than the first renewal: the executor's heartbeat (a wasi poll over the
+    // call and a timer) renews the step's lease beyond its first 15 s under Spin too.
+    let slow = FakeServer::start(200, json!({"slow": true}), Duration::from_secs(7)).await;
+    let s = tool_named(&api, &ada, &p, "slow", slow.url("/slow")).await["id"].clone();
+    let slow_wf = json!(
+        workflow(
+            &api,
+            &ada,
+            &p,
+            json!([
+                {"key": "call", "kind": "tool", "tool_id": s, "input": {}},
+            ])
+        )
+        .await
+    );
+    let long = api.start_run(&ada.access, &slow_wf, json!({})).await;
+    let lid = long["id"].as_str().unwrap();
+    crate::common::eventually(async || (!slow.received().is_empty()).then_some(())).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let db = env.db().await;
+    let leased_for: f64 = db
+        .query_one(
+            "select extract(epoch from lease_expires_at - started_at)::float8 from run_steps
+             where run_id = $1::text::uuid",
+            &[&lid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(leased_for > 15.0, "not renewed: {leased_for}\n{}", up.log());
+    let done = wait_status(&api, &ada, lid, "succeeded").await;
+    assert_eq!(done["output"], json!({"call": {"slow": true}}));
+    assert_eq!(slow.received().len(), 1);
+
     // The cron components run under the plugin: a schedule fires a run by itself.
     fires_by_itself(&api, &ada, &p, &gate, "queued,running,waiting,succeeded").await;
     drop(up);
@@ -349,7 +316,7 @@ async fn the_deployed_parts_work_together_under_real_spin() {
         for c in &part.components {
             args.extend([flag.to_string(), c.clone()]);
         }
-        spawn(program, &args, &vars, &dir)
+        Process::spawn("spin", program, &args, &vars, &dir)
     };
     let address = listen.to_string();
     let mut api_up = start(

@@ -3,6 +3,8 @@
 //! `SPARKOPS_TEST_REDIS_URL` (`infra/dev test` sets both).
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
