@@ -36,6 +36,8 @@ pub const DEFAULT_STEP_TIMEOUT_MS: i64 = 300_000;
 pub struct Claim {
     pub step_key: String,
     pub lease_id: String,
+    /// The attempt the lease is for (1 for a first run).
+    pub attempt: i64,
 }
 
 /// Advances the run; the steps claimed for executors.
@@ -252,17 +254,19 @@ fn claim<C: Connection + ?Sized>(
             ],
         )?;
         if let Some(r) = rows.first() {
+            let attempt = r.int(0)?;
             event(
                 tx,
                 run_id,
                 "step.started",
                 Some(&key),
-                json!({"attempt": r.int(0)?}),
+                json!({"attempt": attempt}),
             )?;
             statuses.insert(key.clone(), StepStatus::Running);
             claimed.push(Claim {
                 step_key: key,
                 lease_id: r.text(1)?,
+                attempt,
             });
         }
     }

@@ -37,17 +37,9 @@ fn record_with(
     result: Result<Value, Failure>,
     retry: &RetryPolicy,
 ) -> Recorded {
-    let attempt = db
-        .scalar(
-            "select attempt::text from run_steps where run_id = $1 and step_key = $2",
-            &[V::Uuid(run.into()), V::Text(claim.step_key.clone())],
-        )
-        .expect("the step")
-        .parse()
-        .expect("a number");
     let a = Attempt {
         lease: lease(run, claim),
-        attempt,
+        attempt: claim.attempt,
         input: json!({"in": claim.step_key}),
         result,
         duration_ms: 5,
@@ -163,15 +155,17 @@ fn recording_and_advancing_in_one_transaction_claims_what_became_ready() {
 
 /// The claim a step holds now, read back from the database.
 fn next_claim(db: &Pg, run: &str, key: &str) -> Claim {
-    let lease_id = db
+    let held = db
         .scalar(
-            "select lease_id::text from run_steps where run_id = $1 and step_key = $2",
+            "select lease_id::text || ' ' || attempt from run_steps where run_id = $1 and step_key = $2",
             &[V::Uuid(run.into()), V::Text(key.into())],
         )
         .expect("a held lease");
+    let (lease_id, attempt) = held.split_once(' ').unwrap();
     Claim {
         step_key: key.into(),
-        lease_id,
+        lease_id: lease_id.into(),
+        attempt: attempt.parse().unwrap(),
     }
 }
 
@@ -247,6 +241,7 @@ fn a_retryable_failure_waits_then_is_claimed_as_a_new_attempt() {
     let second = advance(&db, &run);
     assert_eq!(keys(&second), ["a"]);
     assert_ne!(second[0].lease_id, first[0].lease_id);
+    assert_eq!((first[0].attempt, second[0].attempt), (1, 2));
     // The last attempt fails for good.
     assert_eq!(
         record_with(&db, &run, &second[0], Err(timeout), &retry),

@@ -5,8 +5,9 @@
 //! proceed in parallel instances. While the step runs, its waits renew the lease
 //! ([`sparkops_platform::heartbeat`]). The result, with an event, is written in one transaction
 //! that only lands while the lease still holds: a step cancelled or taken back meanwhile
-//! keeps its newer state; the same transaction advances the run, and the steps it made
-//! ready are dispatched from here.
+//! keeps its newer state; the same transaction advances the run. Of the steps it made
+//! ready, the first runs next in this same instance (a chain costs no hand-off) and the
+//! others are dispatched from here.
 // `#[http_component]` expands to the ABI export glue, which is `unsafe` by nature.
 #![allow(unsafe_code)]
 
@@ -21,7 +22,7 @@ use sparkops_core::run::RunScope;
 use sparkops_core::template;
 use sparkops_core::workflow::{Step, StepKind};
 use sparkops_platform::engine::step::{Failure, Lease, Leased, Recorded};
-use sparkops_platform::engine::{self, ErrorKind, store};
+use sparkops_platform::engine::{self, Claim, ErrorKind, store};
 use sparkops_platform::pipeline::Ctx;
 use sparkops_platform::tool_call::{self, setting};
 use sparkops_platform::{agent, policies};
@@ -89,10 +90,47 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
     let accepted = json!({"accepted": true}).to_string();
     let headers = vec![("content-type", "application/json".to_string())];
     respond(out, 202, headers, accepted, &request_id).await;
+    // The first step each result makes ready runs next here, in this instance: a chain
+    // moves on without a dispatch, a fresh instance or a lease check (the claim is this
+    // instance's own). The others go to executors.
+    let run = RunOf {
+        run_id,
+        project_id: &project_id,
+        workflow_id: &workflow_id,
+    };
+    let mut next = Some(Claim {
+        step_key: step.into(),
+        lease_id: lease.lease_id.into(),
+        attempt,
+    });
+    while let Some(claim) = next.take() {
+        ctx.request_id = format!("step-{run_id}-{}", claim.step_key);
+        ctx.now = chrono::Utc::now();
+        let mut claimed = run_step(&mut ctx, &run, &claim).into_iter();
+        next = claimed.next();
+        ctx.dispatch(run_id, &claimed.collect::<Vec<_>>());
+    }
+}
+
+/// The run a step belongs to.
+struct RunOf<'a> {
+    run_id: &'a str,
+    project_id: &'a str,
+    workflow_id: &'a str,
+}
+
+/// Runs the claimed step and records its result; the steps the result made ready, claimed.
+fn run_step(ctx: &mut Ctx, run: &RunOf<'_>, claim: &Claim) -> Vec<Claim> {
+    let (run_id, step) = (run.run_id, claim.step_key.as_str());
+    let lease = Lease {
+        run_id,
+        step_key: step,
+        lease_id: &claim.lease_id,
+    };
     // From here the step's waits renew its lease, so it may run as long as its timeout.
     heartbeat::hold(&lease);
     let started = Instant::now();
-    let done = execute(&mut ctx, run_id, step, &project_id, &workflow_id).unwrap_or_else(|e| {
+    let done = execute(ctx, run, step).unwrap_or_else(|e| {
         log(
             "running a step",
             run_id,
@@ -114,26 +152,28 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
     // Contents (prompts, answers, tool data) are logged only when the operator opts in.
     let payloads = setting("log_step_payloads")
         .then(|| (done.input.clone(), done.result.as_ref().ok().cloned()));
-    let attempt_done = engine::step::Attempt {
+    let attempt = engine::step::Attempt {
         lease,
-        attempt,
+        attempt: claim.attempt,
         input: done.input,
         result: done.result,
         duration_ms: elapsed,
         retry: &done.retry,
         jitter: sparkops_platform::random_array::<1>()[0] as f64 / 255.0,
     };
-    match settle(&mut ctx, &attempt_done) {
+    match settle(ctx, &attempt) {
         // One line per step attempt: ids, outcome and timing.
-        Ok(recorded) => {
+        Ok((recorded, claimed)) => {
             let mut line = json!({"level": "info", "msg": "step", "request_id": ctx.request_id,
-                "project_id": project_id, "run_id": run_id, "step": step, "attempt": attempt,
-                "status": recorded.as_str(), "error_kind": error_kind, "duration_ms": elapsed});
+                "project_id": run.project_id, "run_id": run_id, "step": step,
+                "attempt": claim.attempt, "status": recorded.as_str(), "error_kind": error_kind,
+                "duration_ms": elapsed});
             if let Some((input, output)) = payloads {
                 line["input"] = input;
                 line["output"] = output.unwrap_or_default();
             }
             sparkops_platform::log_line(&line);
+            claimed
         }
         Err(e) => {
             log(
@@ -143,6 +183,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
                 &format!("{e:?} {:?}", e.cause()),
             );
             sparkops_platform::nudge::run(run_id);
+            Vec::new()
         }
     }
 }
@@ -151,12 +192,15 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
 /// database that restarts or fails over to come back.
 const SETTLE_BACKOFF_MS: [u64; 3] = [200, 1_000, 3_000];
 
-/// Records the attempt and, in the same transaction, advances the run; then hands what
-/// became ready to executors, so the next step starts without a hop through the nudge
+/// Records the attempt and, in the same transaction, advances the run; the steps that
+/// became ready, claimed, so the next step starts without a hop through the nudge
 /// channel. A failed transaction (the database restarting, a lost connection) is tried
 /// again on a fresh connection; when it keeps failing, the result alone is recorded and
 /// the run nudged, so a result is never lost to the decision after it.
-fn settle(ctx: &mut Ctx, a: &engine::step::Attempt<'_>) -> Result<Recorded, ApiError> {
+fn settle(
+    ctx: &mut Ctx,
+    a: &engine::step::Attempt<'_>,
+) -> Result<(Recorded, Vec<Claim>), ApiError> {
     let run_id = a.lease.run_id;
     let together = |ctx: &mut Ctx| ctx.transaction(|tx, _| engine::step::record_and_advance(tx, a));
     let mut outcome = together(ctx);
@@ -173,15 +217,12 @@ fn settle(ctx: &mut Ctx, a: &engine::step::Attempt<'_>) -> Result<Recorded, ApiE
         outcome = together(ctx);
     }
     match outcome {
-        Ok((recorded, claimed)) => {
-            ctx.dispatch(run_id, &claimed);
-            Ok(recorded)
-        }
+        Ok(settled) => Ok(settled),
         Err(_) => {
             ctx.release_db();
             let recorded = ctx.transaction(|tx, _| engine::step::record(tx, a))?;
             sparkops_platform::nudge::run(run_id);
-            Ok(recorded)
+            Ok((recorded, Vec::new()))
         }
     }
 }
@@ -231,13 +272,12 @@ struct Done {
 /// An agent step's time limit when the step sets none (the engine's lease allows it).
 const DEFAULT_STEP_TIMEOUT_MS: u64 = engine::advance::DEFAULT_STEP_TIMEOUT_MS as u64;
 
-fn execute(
-    ctx: &mut Ctx,
-    run_id: &str,
-    key: &str,
-    project_id: &str,
-    workflow_id: &str,
-) -> Result<Done, ApiError> {
+fn execute(ctx: &mut Ctx, run: &RunOf<'_>, key: &str) -> Result<Done, ApiError> {
+    let RunOf {
+        run_id,
+        project_id,
+        workflow_id,
+    } = *run;
     let store::Snapshot {
         input,
         definition,

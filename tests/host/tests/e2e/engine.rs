@@ -950,6 +950,41 @@ async fn with_every_nudge_and_the_first_dispatches_lost_runs_still_finish_throug
 }
 
 #[tokio::test]
+async fn a_chain_goes_on_in_the_executor_that_ran_its_previous_step_without_a_dispatch() {
+    let api = Api::for_fakes(None, &[]).await;
+    let (ada, p) = project(&api).await;
+    let fake = FakeServer::start(200, json!({"ok": true}), Duration::from_millis(500)).await;
+    let tool = tool(&api, &ada, &p, fake.url("/")).await;
+    let wf = workflow(
+        &api,
+        &ada,
+        &p,
+        json!([
+            {"key": "a", "kind": "tool", "tool_id": tool["id"], "input": {}},
+            {"key": "b", "kind": "tool", "tool_id": tool["id"], "input": {}, "depends_on": ["a"]},
+            {"key": "c", "kind": "tool", "tool_id": tool["id"], "input": {}, "depends_on": ["b"]},
+        ]),
+    )
+    .await;
+    let faults = api.app.inner.faults();
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    faults.pause_cron.store(true, relaxed);
+    faults.drop_redis_publishes.store(true, relaxed);
+    let run = api.start_run(&ada.access, &json!(wf), json!({})).await;
+    let id = run["id"].as_str().unwrap().to_string();
+    // Once the first step's executor has it, no hand-off can arrive any more: no nudge, no
+    // sweep, no dispatch. The chain finishes in that executor all the same.
+    crate::common::eventually(async || (!fake.received().is_empty()).then_some(())).await;
+    faults.drop_dispatches.store(true, relaxed);
+    let run = wait_status(&api, &ada, &id, "succeeded").await;
+    assert_eq!(run["output"], json!({"c": {"ok": true}}));
+    assert_eq!(
+        fake.idempotency_keys(),
+        ["a", "b", "c"].map(|s| format!("{id}:{s}"))
+    );
+}
+
+#[tokio::test]
 async fn two_hundred_runs_started_at_once_all_finish_with_every_step_run_once() {
     let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
