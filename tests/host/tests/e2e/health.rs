@@ -1,55 +1,9 @@
 //! The `health` component end to end: the real spin.toml, real Postgres and Redis.
 
-use std::process::{Child, Command, Stdio};
-
+use crate::common::process::OwnRedis;
 use crate::common::{TestEnv, eventually, get, request};
 use serde_json::json;
 use sparkops_host::RunningApp;
-
-/// A Redis server of the test's own on a free loopback port, stopped on drop.
-struct OwnRedis {
-    child: Child,
-    url: String,
-}
-
-impl OwnRedis {
-    async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port).await
-    }
-
-    async fn start_on(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (infra/dev installs it)");
-        let url = format!("redis://127.0.0.1:{port}");
-        let client = redis::Client::open(url.as_str()).unwrap();
-        eventually(async || client.get_multiplexed_async_connection().await.ok()).await;
-        Self { child, url }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn start(env: &TestEnv, redis_url: &str) -> RunningApp {
     let config = format!("[key_value_store.default]\ntype = \"redis\"\nurl = \"{redis_url}\"\n");

@@ -7,6 +7,7 @@ mod common;
 mod accounts;
 mod admin;
 mod agent_steps;
+mod chaos;
 mod conformance;
 mod demo;
 mod deployment;

@@ -244,21 +244,23 @@ pub async fn request(
 }
 
 /// Sends one request with a raw body over a new connection (with a 30 s bound); `Err` when
-/// the connection failed before a response arrived.
+/// no connection could be made or it failed before a response arrived.
 pub async fn request_raw(
     method: &str,
     url: &str,
     headers: &[(&str, &str)],
     body: Vec<u8>,
-) -> Result<Reply, hyper::Error> {
+) -> Result<Reply, String> {
     let uri: http::Uri = url.parse().unwrap();
     let authority = uri.authority().unwrap().to_string();
     let fut = async {
-        let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
+        let stream = tokio::net::TcpStream::connect(&authority)
+            .await
+            .map_err(|e| format!("connecting to {authority}: {e}"))?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
-                .unwrap();
+                .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
         let mut builder = http::Request::builder()
             .method(method)
@@ -271,9 +273,10 @@ pub async fn request_raw(
         }
         let res = sender
             .send_request(builder.body(Full::new(Bytes::from(body))).unwrap())
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
         let (parts, body) = res.into_parts();
-        let body = body.collect().await?.to_bytes();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
         Ok(Reply {
             status: parts.status.as_u16(),
             headers: parts.headers,
