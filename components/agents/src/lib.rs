@@ -109,7 +109,7 @@ impl Resource for Agent {
         let metadata = b.opt_object("metadata");
         b.finish()?;
         let (Some(name), Some(model), Some(system_prompt)) = (name, model, system_prompt) else {
-            return Err(ApiError::Internal);
+            return Err(ApiError::unchecked_field());
         };
         tx.execute(
             &format!(

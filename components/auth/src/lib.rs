@@ -105,7 +105,7 @@ fn register(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
     let name = body.str("name", 200);
     body.finish()?;
     let (Some(email), Some(password), Some(name)) = (email, password, name) else {
-        return Err(ApiError::Internal);
+        return Err(ApiError::unchecked_field());
     };
 
     let password_hash = auth::hash_password(&password, &random_array::<16>());
@@ -168,7 +168,7 @@ fn login(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
     }
     body.finish()?;
     let (Some(email), Some(password)) = (email, password) else {
-        return Err(ApiError::Internal);
+        return Err(ApiError::unchecked_field());
     };
     let email = email.trim().to_lowercase();
 
@@ -385,7 +385,7 @@ fn create_key(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
     }
     body.finish()?;
     let (Some(name), Some(project_id), Some(role)) = (name, project_id, role) else {
-        return Err(ApiError::Internal);
+        return Err(ApiError::unchecked_field());
     };
     let project = ctx.project(&who, &project_id, Action::Administer)?;
     if who.api_key.is_some() {

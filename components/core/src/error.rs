@@ -42,10 +42,9 @@ pub enum ApiError {
     Unavailable(String),
     /// The caller sent something the route cannot take (a bad `Content-Type`, say).
     BadRequest(String),
-    /// Something broke on our side; the cause is logged, the body says nothing more.
-    Internal,
-    /// As [`ApiError::Internal`], carrying the cause for the log line.
-    Server(String),
+    /// Something broke on our side: the cause is for the log line (the pipeline writes it
+    /// with the request id); the body says nothing more.
+    Internal(String),
 }
 
 /// The JSON body of a problem response.
@@ -95,7 +94,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => 429,
             ApiError::Unavailable(_) => 503,
             ApiError::BadRequest(_) => 400,
-            ApiError::Internal | ApiError::Server(_) => 500,
+            ApiError::Internal(_) => 500,
         }
     }
 
@@ -120,9 +119,7 @@ impl ApiError {
                 "A service the app depends on is unavailable.",
             ),
             ApiError::BadRequest(_) => ("bad-request", "The request cannot be processed."),
-            ApiError::Internal | ApiError::Server(_) => {
-                ("internal", "Something went wrong on our side.")
-            }
+            ApiError::Internal(_) => ("internal", "Something went wrong on our side."),
         }
     }
 
@@ -144,7 +141,7 @@ impl ApiError {
             ApiError::RateLimited { retry_after_secs } => {
                 format!("retry after {retry_after_secs} s")
             }
-            ApiError::Internal | ApiError::Server(_) => "the error has been logged".into(),
+            ApiError::Internal(_) => "the error has been logged".into(),
         }
     }
 
@@ -187,10 +184,21 @@ impl ApiError {
 pub const UNAVAILABLE_RETRY_AFTER_S: u64 = 2;
 
 impl ApiError {
-    /// The server-side cause to log, for `500`s that carry one.
+    /// A `500` for `cause`.
+    pub fn internal(cause: impl Into<String>) -> Self {
+        ApiError::Internal(cause.into())
+    }
+
+    /// A `500` for a required field that passed the body's checks without a value: the
+    /// checks and the handler disagree, which is a bug of ours.
+    pub fn unchecked_field() -> Self {
+        ApiError::internal("a required field passed the body's checks without a value")
+    }
+
+    /// The server-side cause to log, for a `500`.
     pub fn cause(&self) -> Option<&str> {
         match self {
-            ApiError::Server(cause) => Some(cause),
+            ApiError::Internal(cause) => Some(cause),
             _ => None,
         }
     }
@@ -203,7 +211,7 @@ impl From<crate::db::DbError> for ApiError {
         if e.is_unavailable() {
             ApiError::Unavailable(format!("the database is unavailable ({})", e.code))
         } else {
-            ApiError::Server(e.to_string())
+            ApiError::Internal(e.to_string())
         }
     }
 }

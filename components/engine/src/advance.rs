@@ -111,7 +111,7 @@ pub(crate) fn advance_locked<C: Connection + ?Sized>(
                 ],
             )?;
             if changed != 1 {
-                return Err(ApiError::Server(format!(
+                return Err(ApiError::Internal(format!(
                     "step {key} of run {run_id} changed under the run's lock"
                 )));
             }

@@ -83,7 +83,7 @@ fn from_rows(rows: &[sparkops_core::db::Row]) -> Result<Vec<Policy>, ApiError> {
         .map(|r| {
             let id = r.text(0)?;
             let rules = policy::parse_rules(&r.json(2)?)
-                .map_err(|e| ApiError::Server(format!("policy {id} does not parse: {e:?}")))?;
+                .map_err(|e| ApiError::Internal(format!("policy {id} does not parse: {e:?}")))?;
             Ok(Policy {
                 id,
                 name: r.text(1)?,

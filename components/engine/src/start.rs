@@ -64,7 +64,7 @@ pub fn workflow<R: Read + ?Sized>(
         ));
     };
     let definition = workflow::parse_saved(&row.json(3)?).map_err(|e| {
-        ApiError::Server(format!(
+        ApiError::Internal(format!(
             "workflow {workflow_id} v{pinned} does not parse: {e:?}"
         ))
     })?;

@@ -82,8 +82,9 @@ pub fn snapshot<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Snapshot, ApiE
     )?;
     let row = rows
         .first()
-        .ok_or_else(|| ApiError::Server(format!("run {run_id} has no pinned definition")))?;
-    let bad = |what: &str| ApiError::Server(format!("run {run_id}: a step's {what} does not read"));
+        .ok_or_else(|| ApiError::Internal(format!("run {run_id} has no pinned definition")))?;
+    let bad =
+        |what: &str| ApiError::Internal(format!("run {run_id}: a step's {what} does not read"));
     let steps = match row.json(2)? {
         Value::Array(items) => items
             .into_iter()
@@ -117,13 +118,13 @@ pub fn definition<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Definition, 
     )?;
     let row = rows
         .first()
-        .ok_or_else(|| ApiError::Server(format!("run {run_id} has no pinned definition")))?;
+        .ok_or_else(|| ApiError::Internal(format!("run {run_id} has no pinned definition")))?;
     parse_definition(run_id, &row.json(0)?)
 }
 
 fn parse_definition(run_id: &str, raw: &Value) -> Result<Definition, ApiError> {
     workflow::parse_saved(raw).map_err(|e| {
-        ApiError::Server(format!(
+        ApiError::Internal(format!(
             "run {run_id}: its definition does not parse: {e:?}"
         ))
     })
@@ -161,12 +162,12 @@ pub fn started_steps<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<i64, ApiE
 
 pub(crate) fn run_status(row: &Row, i: usize) -> Result<RunStatus, ApiError> {
     let s = row.text(i)?;
-    RunStatus::parse(&s).ok_or_else(|| ApiError::Server(format!("unknown run status {s:?}")))
+    RunStatus::parse(&s).ok_or_else(|| ApiError::Internal(format!("unknown run status {s:?}")))
 }
 
 pub(crate) fn step_status(row: &Row, i: usize) -> Result<StepStatus, ApiError> {
     let s = row.text(i)?;
-    StepStatus::parse(&s).ok_or_else(|| ApiError::Server(format!("unknown step status {s:?}")))
+    StepStatus::parse(&s).ok_or_else(|| ApiError::Internal(format!("unknown step status {s:?}")))
 }
 
 /// A JSON value bound as `jsonb`; SQL `null` for JSON `null`.

@@ -49,7 +49,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
     }
     let key = match variable("jwt_secret") {
         Ok(secret) => dispatch::key(&secret),
-        Err(e) => return refuse(out, &ApiError::Server(e), &request_id).await,
+        Err(e) => return refuse(out, &ApiError::Internal(e), &request_id).await,
     };
     let now = chrono::Utc::now().timestamp();
     if let Err(refusal) = dispatch::verify(&key, req.header(dispatch::HEADER), &req.body, now) {
@@ -131,12 +131,7 @@ fn run_step(ctx: &mut Ctx, run: &RunOf<'_>, claim: &Claim) -> Vec<Claim> {
     heartbeat::hold(&lease);
     let started = Instant::now();
     let done = execute(ctx, run, step).unwrap_or_else(|e| {
-        log(
-            "running a step",
-            run_id,
-            step,
-            &format!("{e:?} {:?}", e.cause()),
-        );
+        log("running a step", run_id, step, &format!("{e:?}"));
         Done {
             input: Value::Null,
             result: Err(Failure::new(
@@ -176,12 +171,7 @@ fn run_step(ctx: &mut Ctx, run: &RunOf<'_>, claim: &Claim) -> Vec<Claim> {
             claimed
         }
         Err(e) => {
-            log(
-                "recording a step",
-                run_id,
-                step,
-                &format!("{e:?} {:?}", e.cause()),
-            );
+            log("recording a step", run_id, step, &format!("{e:?}"));
             sparkops_platform::nudge::run(run_id);
             Vec::new()
         }
@@ -210,7 +200,7 @@ fn settle(
             "recording a step (will try again)",
             run_id,
             a.lease.step_key,
-            &format!("{e:?} {:?}", e.cause()),
+            &format!("{e:?}"),
         );
         ctx.release_db();
         sparkops_platform::sleep(std::time::Duration::from_millis(wait_ms));
@@ -289,7 +279,7 @@ fn execute(ctx: &mut Ctx, run: &RunOf<'_>, key: &str) -> Result<Done, ApiError> 
         .iter()
         .find(|s| s.key == key)
         .cloned()
-        .ok_or_else(|| ApiError::Server(format!("run {run_id} has no step {key}")))?;
+        .ok_or_else(|| ApiError::Internal(format!("run {run_id} has no step {key}")))?;
     let scope = RunScope {
         input: &input,
         outputs: &outputs,
@@ -343,7 +333,7 @@ fn execute(ctx: &mut Ctx, run: &RunOf<'_>, key: &str) -> Result<Done, ApiError> 
         // The engine never leases an approval step (it waits for a person), so a dispatch
         // of one is a bug somewhere else.
         StepKind::Approval => {
-            return Err(ApiError::Server(format!(
+            return Err(ApiError::Internal(format!(
                 "step {key} of run {run_id} is an approval: it is decided, not run"
             )));
         }

@@ -21,5 +21,5 @@ async fn on_nudge(message: bytes::Bytes) -> anyhow::Result<()> {
         sparkops_core::ids::parse_uuid(run_id, "run").map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let db = Db::open_default()?;
     orchestrate::advance_run(&db, &run_id)
-        .map_err(|e: ApiError| anyhow::anyhow!("advancing run {run_id}: {e:?} {:?}", e.cause()))
+        .map_err(|e: ApiError| anyhow::anyhow!("advancing run {run_id}: {e:?}"))
 }

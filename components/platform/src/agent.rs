@@ -125,8 +125,9 @@ fn provider(
     project_id: &str,
     provider: &str,
 ) -> Result<Option<(String, Option<String>)>, ApiError> {
-    let providers = llm::parse_providers(&crate::variable("model_providers").unwrap_or_default())
-        .map_err(|e| ApiError::Server(format!("the model_providers variable: {e}")))?;
+    let providers =
+        llm::parse_providers(&crate::variable("model_providers").unwrap_or_default())
+            .map_err(|e| ApiError::Internal(format!("the model_providers variable: {e}")))?;
     let Some(p) = providers.into_iter().find(|p| p.name == provider) else {
         return Ok(None);
     };
@@ -218,7 +219,7 @@ pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, A
     }
     let price = price(ctx.db()?, scope.project_id, &agent.model)?;
     let url = url::Url::parse(&format!("{base_url}/chat/completions"))
-        .map_err(|e| ApiError::Server(format!("provider {provider_name}: {e}")))?;
+        .map_err(|e| ApiError::Internal(format!("provider {provider_name}: {e}")))?;
     let mut messages = Vec::new();
     if !agent.system_prompt.is_empty() {
         messages.push(json!({"role": "system", "content": agent.system_prompt}));

@@ -84,7 +84,7 @@ pub fn beat() {
                     "",
                 );
             }
-            Err(e) => log("renewing a lease", h, &format!("{e:?} {:?}", e.cause())),
+            Err(e) => log("renewing a lease", h, &format!("{e:?}")),
         }
     });
 }

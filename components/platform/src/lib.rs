@@ -28,7 +28,7 @@ pub fn on_tick(
 ) -> Result<(), String> {
     let now = chrono::DateTime::from_timestamp(timestamp as i64, 0)
         .ok_or("the tick's time is out of range")?;
-    work(now).map_err(|e| format!("{e:?} {:?}", e.cause()))
+    work(now).map_err(|e| format!("{e:?}"))
 }
 
 /// Writes one JSON log line to stderr in a single write, so lines of instances running at

@@ -77,13 +77,14 @@ impl Ctx {
     /// The request's database connection, opened on first use.
     pub fn db(&mut self) -> Result<&Db, ApiError> {
         if self.db.is_none() {
-            // Logged with its cause; a database that cannot be reached is a 503 to retry.
+            // A database that cannot be reached is a 503 to retry, logged here with its
+            // cause; any other failure is a 500, which the pipeline logs.
             let db = Db::open_default().map_err(|e| {
-                log_warn("opening the database", &e);
                 if e.is_unavailable() {
+                    log_warn("opening the database", &e);
                     ApiError::from(e)
                 } else {
-                    ApiError::Internal
+                    ApiError::internal(format!("opening the database: {e}"))
                 }
             })?;
             self.db = Some(db);
@@ -170,7 +171,7 @@ impl Ctx {
             return Err(invalid());
         }
         let role = Role::parse(&row.text(3).map_err(internal("reading an API key"))?)
-            .ok_or(ApiError::Internal)?;
+            .ok_or_else(|| ApiError::internal("an API key has an unknown role"))?;
         Ok(Principal {
             user_id: row.text(4).map_err(internal("reading an API key"))?,
             api_key: Some(ApiKeyGrant {
@@ -339,14 +340,16 @@ fn replay(
             V::Text(key.to_string()),
         ],
     )?;
-    let row = rows.first().ok_or(ApiError::Internal)?;
+    let row = rows
+        .first()
+        .ok_or_else(|| ApiError::internal("the idempotency upsert returned no row"))?;
     if row.text(0)? != request_hash {
         return Err(ApiError::field(
             "Idempotency-Key",
             "was already used with another request body",
         ));
     }
-    let status = row.int(1).map_err(|_| ApiError::Internal)? as u16;
+    let status = row.int(1).map_err(internal("reading a stored answer"))? as u16;
     let body = match &row.0[2] {
         V::Json(v) => Some(v.clone()),
         _ => None,
@@ -365,27 +368,17 @@ fn replay(
 
 /// The access-token key from the `jwt_secret` variable.
 pub fn token_key() -> Result<TokenKey, ApiError> {
-    let secret = crate::variable("jwt_secret").map_err(|e| {
-        log_warn("jwt_secret is not set", &e);
-        ApiError::Internal
-    })?;
-    TokenKey::new(secret.as_bytes()).map_err(|_| {
-        log_warn("jwt_secret is too short", &"it must be at least 32 bytes");
-        ApiError::Internal
-    })
+    let secret = crate::variable("jwt_secret").map_err(ApiError::internal)?;
+    TokenKey::new(secret.as_bytes())
+        .map_err(|_| ApiError::internal("jwt_secret is too short: at least 32 bytes"))
 }
 
 /// The secrets master keys from the `secrets_master_key` variable (`id:base64key`, newest
 /// first, comma separated).
 pub fn master_keys() -> Result<sparkops_core::secrets::MasterKeys, ApiError> {
-    let spec = crate::variable("secrets_master_key").map_err(|e| {
-        log_warn("secrets_master_key is not set", &e);
-        ApiError::Internal
-    })?;
-    sparkops_core::secrets::MasterKeys::parse(&spec).map_err(|e| {
-        log_warn("secrets_master_key is malformed", &format!("{e:?}"));
-        ApiError::Internal
-    })
+    let spec = crate::variable("secrets_master_key").map_err(ApiError::internal)?;
+    sparkops_core::secrets::MasterKeys::parse(&spec)
+        .map_err(|e| ApiError::internal(format!("secrets_master_key is malformed: {e:?}")))
 }
 
 /// A numeric variable, or `default` when unset or unreadable.
@@ -396,12 +389,10 @@ pub fn var_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Maps a failure to `500`, logging what was being done and why it failed.
+/// Maps a failure to a `500` that says what was being done and why it failed (the
+/// pipeline logs it with the request id).
 pub fn internal<E: std::fmt::Display>(doing: &'static str) -> impl Fn(E) -> ApiError {
-    move |e| {
-        log_warn(doing, &e);
-        ApiError::Internal
-    }
+    move |e| ApiError::internal(format!("{doing}: {e}"))
 }
 
 fn log_warn(msg: &str, err: &dyn std::fmt::Display) {
@@ -495,7 +486,7 @@ pub async fn serve_streaming(
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    log_warn("streaming a response", &format!("{e:?} {:?}", e.cause()));
+                    log_warn("streaming a response", &format!("{e:?}"));
                     break;
                 }
             }
@@ -570,7 +561,8 @@ async fn run(
         }
         Err((err, cors)) => {
             if let Some(cause) = err.cause() {
-                log_warn("request failed", &cause);
+                crate::log_line(&json!({"level": "warn", "msg": "request failed",
+                    "request_id": id, "path": path, "error": cause}));
             }
             let mut res = problem(&err, &path, &id);
             for (k, v) in extra.into_iter().chain(cors) {
@@ -646,7 +638,7 @@ pub fn project_secrets_and_prefixed(
     let mut out = std::collections::HashMap::new();
     for row in rows {
         let (V::Bytes(ciphertext), V::Bytes(nonce)) = (&row.0[1], &row.0[2]) else {
-            return Err(ApiError::Server("a secret row is malformed".into()));
+            return Err(ApiError::Internal("a secret row is malformed".into()));
         };
         let name = row.text(0)?;
         let sealed = sparkops_core::secrets::Sealed {
@@ -654,12 +646,12 @@ pub fn project_secrets_and_prefixed(
             nonce: nonce
                 .as_slice()
                 .try_into()
-                .map_err(|_| ApiError::Server("a secret nonce is malformed".into()))?,
+                .map_err(|_| ApiError::Internal("a secret nonce is malformed".into()))?,
             key_id: row.text(3)?,
         };
         let value = keys
             .open(project_id, &name, &sealed)
-            .map_err(|e| ApiError::Server(format!("secret {name} cannot be opened: {e:?}")))?;
+            .map_err(|e| ApiError::Internal(format!("secret {name} cannot be opened: {e:?}")))?;
         out.insert(name, value);
     }
     Ok(out)

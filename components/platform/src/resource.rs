@@ -241,7 +241,9 @@ fn get<R: Resource>(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, A
 }
 
 fn reply_with_etag(body: Value, status: u16) -> Result<Reply, ApiError> {
-    let version = body["version"].as_i64().ok_or(ApiError::Internal)?;
+    let version = body["version"]
+        .as_i64()
+        .ok_or_else(|| ApiError::internal("a versioned resource has no version"))?;
     Ok(Reply::json(status, body).header("etag", format!("\"{version}\"")))
 }
 
@@ -320,7 +322,9 @@ fn update<R: Resource>(
     }
     let body = ctx.transaction(|tx, ctx| {
         let current = R::to_json(&select_one::<R>(tx, &id, true)?)?;
-        let version = current["version"].as_i64().ok_or(ApiError::Internal)?;
+        let version = current["version"]
+            .as_i64()
+            .ok_or_else(|| ApiError::internal("a versioned resource has no version"))?;
         if let Some(want) = &expected
             && !want.matches(version)
         {

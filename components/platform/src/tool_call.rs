@@ -81,7 +81,7 @@ pub fn call(
     if !errors.is_empty() {
         return Err(ApiError::fields(errors));
     }
-    let mut url = url.ok_or(ApiError::Internal)?;
+    let mut url = url.ok_or_else(ApiError::unchecked_field)?;
     let method = http["method"].as_str().unwrap_or("POST");
     let body = if matches!(method, "GET" | "DELETE") {
         if let Some(fields) = input.as_object() {

@@ -86,7 +86,7 @@ pub fn export_due(ctx: &mut Ctx, now: DateTime<Utc>) -> Result<(), ApiError> {
             // the other projects' exports go on.
             let results = export(ctx, &project_id, &runs, deadline).unwrap_or_else(|e| {
                 crate::log_line(&json!({"level": "warn", "msg": "preparing a trace export", "project_id": project_id,
-                        "error": format!("{e:?} {:?}", e.cause())})
+                        "error": format!("{e:?}")})
                 );
                 let error = "the export could not be prepared (the exporter's log says why)";
                 vec![(runs.clone(), Outcome::Retry { error: error.into(), after_s: 0 })]

@@ -70,7 +70,7 @@ fn usage(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Api
     for row in &rows {
         let id = row.text(0)?;
         let rules = parse_rules(&row.json(2)?)
-            .map_err(|e| ApiError::Server(format!("policy {id} does not parse: {e:?}")))?;
+            .map_err(|e| ApiError::Internal(format!("policy {id} does not parse: {e:?}")))?;
         let Some(budget) = rules.budget else { continue };
         let start = sparkops_platform::policies::window_start(budget.window, now);
         let used = ctx.db()?.query(
@@ -174,7 +174,7 @@ impl Resource for Policy {
         }
         b.finish()?;
         let (Some(name), Some(rules)) = (name, rules) else {
-            return Err(ApiError::Internal);
+            return Err(ApiError::unchecked_field());
         };
         tx.execute(
             &format!(
@@ -307,7 +307,7 @@ fn set_price(
     let output = amount(&mut b, "output_per_mtok_usd");
     b.finish()?;
     let (Some(input), Some(output)) = (input, output) else {
-        return Err(ApiError::Internal);
+        return Err(ApiError::unchecked_field());
     };
     let id = ctx.new_id();
     let rows = ctx.transaction(|tx, ctx| {
@@ -330,9 +330,9 @@ fn set_price(
             ],
         )?)
     })?;
-    Ok(Reply::ok(price_json(
-        rows.first().ok_or(ApiError::Internal)?,
-    )?))
+    Ok(Reply::ok(price_json(rows.first().ok_or_else(|| {
+        ApiError::internal("the price upsert returned no row")
+    })?)?))
 }
 
 /// `DELETE /models/prices/{provider/model}?project_id`: back to the default price.

@@ -176,7 +176,7 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
     let mut body = Body::parse(&req.body)?;
     let fields = read_fields(&mut body, true);
     body.finish()?;
-    let name = fields.name.ok_or(ApiError::Internal)?;
+    let name = fields.name.ok_or_else(ApiError::unchecked_field)?;
     let slug = fields.slug.unwrap_or_else(|| Slug::from_name(&name));
     ctx.create_once(req, who, |tx, ctx| {
         let id = ctx.new_id();
@@ -371,7 +371,7 @@ fn add_member(
     let role = body.role("role");
     body.finish()?;
     let (Some(email), Some(role)) = (email, role) else {
-        return Err(ApiError::Internal);
+        return Err(ApiError::unchecked_field());
     };
     check_grant(&access, role)?;
     ctx.create_once(req, who, |tx, _| {
@@ -411,7 +411,7 @@ fn change_role(
     let mut body = Body::parse(&req.body)?;
     let role = body.role("role");
     body.finish()?;
-    let role = role.ok_or(ApiError::Internal)?;
+    let role = role.ok_or_else(ApiError::unchecked_field)?;
     check_grant(&access, role)?;
     let row = ctx.transaction(|tx, _| {
         let owners = lock_and_count_owners(tx, &access.project_id)?;
@@ -429,7 +429,9 @@ fn change_role(
             &format!("{MEMBER_SELECT} where m.project_id = $1 and m.user_id = $2"),
             &[V::Uuid(access.project_id.clone()), V::Uuid(user.clone())],
         )?;
-        rows.into_iter().next().ok_or(ApiError::Internal)
+        rows.into_iter()
+            .next()
+            .ok_or_else(|| ApiError::internal("the member just changed is gone"))
     })?;
     Ok(Reply::ok(member_json(&row)?))
 }
@@ -525,7 +527,7 @@ fn put_secret(
         }
     };
     body.finish()?;
-    let value = value.ok_or(ApiError::Internal)?;
+    let value = value.ok_or_else(ApiError::unchecked_field)?;
     let keys = pipeline::master_keys()?;
     let sealed = keys.seal(&access.project_id, name, &value, random_array());
     ctx.transaction(|tx, ctx| {

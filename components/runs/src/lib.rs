@@ -145,7 +145,10 @@ fn load(tx: &Tx<'_, Db>, id: &str) -> Result<Value, ApiError> {
         &format!("select {RUN_COLUMNS} from runs r where r.run_id = $1"),
         &[V::Uuid(id.into())],
     )?;
-    run_json(rows.first().ok_or(ApiError::Internal)?)
+    run_json(
+        rows.first()
+            .ok_or_else(|| ApiError::internal("the run just written is gone"))?,
+    )
 }
 
 fn get(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
@@ -227,7 +230,7 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
     let input = b.opt_value("input").unwrap_or_else(|| json!({}));
     let version = b.opt_int("version", 1..=i32::MAX as i64);
     b.finish()?;
-    let workflow_id = workflow_id.ok_or(ApiError::Internal)?;
+    let workflow_id = workflow_id.ok_or_else(ApiError::unchecked_field)?;
     let not_found = || ApiError::NotFound(format!("no workflow {workflow_id}"));
     let rows = ctx.db()?.query(
         "select project_id::text from workflows where workflow_id = $1 and deleted_at is null",
@@ -312,7 +315,9 @@ fn retry(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
              from runs r where r.run_id = $1",
             &[V::Uuid(id.clone())],
         )?;
-        let row = rows.first().ok_or(ApiError::Internal)?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ApiError::internal("the run just locked is gone"))?;
         let (status, workflow_id, version, input, pruned) = (
             row.text(0)?,
             row.text(1)?,
@@ -555,7 +560,7 @@ fn approve(
     };
     let comment = b.opt_str("comment", 2000);
     b.finish()?;
-    let approved = approved.ok_or(ApiError::Internal)?;
+    let approved = approved.ok_or_else(ApiError::unchecked_field)?;
     let decision = engine::step::Decision {
         user_id: &who.user_id,
         approved,

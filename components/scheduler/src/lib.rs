@@ -63,7 +63,7 @@ fn tick(now: DateTime<Utc>) -> Result<(), ApiError> {
             Ok(nudges) => nudges.iter().for_each(|r| sparkops_platform::nudge::run(r)),
             Err(e) => sparkops_platform::log_line(
                 &json!({"level": "warn", "msg": "firing a schedule", "schedule_id": id,
-                    "error": format!("{e:?} {:?}", e.cause())}),
+                    "error": format!("{e:?}")}),
             ),
         }
     }
@@ -95,9 +95,11 @@ fn fire_due(tx: &Tx<'_, Db>, id: &str, now: DateTime<Utc>) -> Result<Vec<String>
         overlap: row.text(5)?,
     };
     let window_s = row.int(6)?;
-    let first = row.opt_timestamp(7)?.ok_or(ApiError::Internal)?;
+    let first = row
+        .opt_timestamp(7)?
+        .ok_or_else(|| ApiError::internal("a due schedule has no next fire time"))?;
     let cron = Cron::parse(&row.text(2)?, &row.text(3)?)
-        .map_err(|e| ApiError::Server(format!("schedule {id}: its cron does not parse: {e}")))?;
+        .map_err(|e| ApiError::Internal(format!("schedule {id}: its cron does not parse: {e}")))?;
     let late_limit = Duration::seconds(window_s.max(GRACE_S));
     let mut nudges = Vec::new();
     let (mut at, mut starts) = (Some(first), 0);

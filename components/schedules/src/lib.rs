@@ -128,7 +128,7 @@ impl Resource for Schedule {
         }
         b.finish()?;
         let (Some(workflow_id), Some(cron)) = (workflow_id, cron) else {
-            return Err(ApiError::Internal);
+            return Err(ApiError::unchecked_field());
         };
         tx.execute(
             &format!(
@@ -205,7 +205,7 @@ fn next(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<R
         schedule["cron"].as_str().unwrap_or_default(),
         schedule["timezone"].as_str().unwrap_or_default(),
     )
-    .map_err(|e| ApiError::Server(format!("a stored schedule does not parse: {e}")))?;
+    .map_err(|e| ApiError::Internal(format!("a stored schedule does not parse: {e}")))?;
     let items: Vec<Value> = cron
         .upcoming(ctx.now, count)
         .into_iter()

@@ -43,7 +43,7 @@ fn sweep(now: DateTime<Utc>) -> Result<(), ApiError> {
     for run in &engine::lifecycle::sweep(&db, now, BATCH)? {
         if let Err(e) = orchestrate::advance_run(&db, run) {
             sparkops_platform::log_line(
-                &json!({"level": "warn", "msg": "advancing a run", "run_id": run, "error": format!("{e:?} {:?}", e.cause())}),
+                &json!({"level": "warn", "msg": "advancing a run", "run_id": run, "error": format!("{e:?}")}),
             );
         }
     }

@@ -158,7 +158,7 @@ impl Resource for Tool {
         let (Some(name), Some(description), Some(input_schema), Some(http)) =
             (name, description, input_schema, http)
         else {
-            return Err(ApiError::Internal);
+            return Err(ApiError::unchecked_field());
         };
         tx.execute(
             &format!(

@@ -103,7 +103,7 @@ impl Resource for Workflow {
         }
         b.finish()?;
         let (Some(name), Some(definition)) = (name, definition) else {
-            return Err(ApiError::Internal);
+            return Err(ApiError::unchecked_field());
         };
         workflow::validate_or_422(&definition, &catalog(tx, w.project_id)?)?;
         let rows = tx
@@ -126,7 +126,10 @@ impl Resource for Workflow {
                 ],
             )
             .map_err(name_taken("workflow", "workflows_project_name_key"))?;
-        let version = rows.first().ok_or(ApiError::Internal)?.int(0)?;
+        let version = rows
+            .first()
+            .ok_or_else(|| ApiError::internal("the version insert returned no row"))?
+            .int(0)?;
         tx.execute(
             &format!(
                 "insert into workflow_versions (workflow_id, version, definition, input_schema, created_by, created_at)
@@ -149,7 +152,10 @@ impl Resource for Workflow {
             "select count(*) from schedules where workflow_id = $1 and deleted_at is null",
             &[V::Uuid(id.into())],
         )?;
-        let schedules = rows.first().ok_or(ApiError::Internal)?.int(0)?;
+        let schedules = rows
+            .first()
+            .ok_or_else(|| ApiError::internal("count(*) returned no row"))?
+            .int(0)?;
         Ok((schedules > 0)
             .then(|| format!("the workflow has {schedules} schedule(s); delete them first")))
     }
@@ -165,7 +171,7 @@ fn validate(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, 
     }
     b.finish()?;
     let access = resource::project_of_request(ctx, who, project_id, Action::Read)?;
-    let definition = definition.ok_or(ApiError::Internal)?;
+    let definition = definition.ok_or_else(ApiError::unchecked_field)?;
     let catalog = ctx.transaction(|tx, _| catalog(tx, &access.project_id))?;
     let errors = match workflow::validate(&definition, &catalog) {
         Ok(_) => Vec::new(),
