@@ -13,7 +13,7 @@ use sparkops_core::roles::Action;
 use sparkops_core::time::rfc3339;
 use sparkops_platform::db::Db;
 use sparkops_platform::http::{HttpRequest, Reply};
-use sparkops_platform::pipeline::{self, Ctx, token_key, var_u64};
+use sparkops_platform::pipeline::{self, Ctx, token_key};
 use sparkops_platform::random_array;
 use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
@@ -175,11 +175,11 @@ fn login(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
     let account_key = format!("login:acct:{}", auth::token_hash(&email));
     let ip_key = format!("login:ip:{}", req.client_ip());
     let per_account = Limit {
-        limit: var_u64("login_failures_per_account", 10),
+        limit: sparkops_platform::settings().login_failures_per_account,
         window_secs: LOGIN_WINDOW_SECS,
     };
     let per_ip = Limit {
-        limit: var_u64("login_failures_per_ip", 50),
+        limit: sparkops_platform::settings().login_failures_per_ip,
         window_secs: LOGIN_WINDOW_SECS,
     };
     for (key, limit) in [(&account_key, per_account), (&ip_key, per_ip)] {

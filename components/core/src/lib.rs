@@ -46,6 +46,7 @@ pub mod run;
 pub mod schema;
 #[cfg(feature = "full")]
 pub mod secrets;
+pub mod settings;
 pub mod status;
 #[cfg(feature = "full")]
 pub mod template;

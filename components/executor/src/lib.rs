@@ -24,7 +24,7 @@ use sparkops_core::workflow::{Step, StepKind};
 use sparkops_platform::engine::step::{Failure, Lease, Leased, Recorded};
 use sparkops_platform::engine::{self, Claim, ErrorKind, store};
 use sparkops_platform::pipeline::Ctx;
-use sparkops_platform::tool_call::{self, setting};
+use sparkops_platform::tool_call;
 use sparkops_platform::{agent, policies};
 use sparkops_platform::{heartbeat, variable};
 use spin_sdk::http::{Fields, IncomingRequest, Method, OutgoingResponse, ResponseOutparam};
@@ -145,7 +145,8 @@ fn run_step(ctx: &mut Ctx, run: &RunOf<'_>, claim: &Claim) -> Vec<Claim> {
     let elapsed = started.elapsed().as_millis() as i64;
     let error_kind = done.result.as_ref().err().map(|f| f.kind.as_str());
     // Contents (prompts, answers, tool data) are logged only when the operator opts in.
-    let payloads = setting("log_step_payloads")
+    let payloads = sparkops_platform::settings()
+        .log_step_payloads
         .then(|| (done.input.clone(), done.result.as_ref().ok().cloned()));
     let attempt = engine::step::Attempt {
         lease,

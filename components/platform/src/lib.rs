@@ -40,6 +40,15 @@ pub fn log_line(line: &serde_json::Value) {
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
+/// The app's settings, read from this component's variables on first use (one instance
+/// serves one request, so they are read once per request at most); a setting the
+/// component does not declare takes its default.
+pub fn settings() -> &'static sparkops_core::settings::Settings {
+    static SETTINGS: std::sync::OnceLock<sparkops_core::settings::Settings> =
+        std::sync::OnceLock::new();
+    SETTINGS.get_or_init(|| sparkops_core::settings::Settings::read(|name| variable(name).ok()))
+}
+
 /// Reads a component variable, naming it in the error when it is missing.
 pub fn variable(name: &str) -> Result<String, String> {
     spin_sdk::variables::get(name).map_err(|e| format!("variable `{name}`: {e}"))

@@ -139,7 +139,7 @@ impl Ctx {
             }
         };
         let limit = Limit {
-            limit: var_u64("rate_limit_per_minute", 600),
+            limit: crate::settings().rate_limit_per_minute,
             window_secs: 60,
         };
         self.rate_limit(&format!("p:{}", principal.key()), limit)?;
@@ -381,14 +381,6 @@ pub fn master_keys() -> Result<sparkops_core::secrets::MasterKeys, ApiError> {
         .map_err(|e| ApiError::internal(format!("secrets_master_key is malformed: {e:?}")))
 }
 
-/// A numeric variable, or `default` when unset or unreadable.
-pub fn var_u64(name: &str, default: u64) -> u64 {
-    crate::variable(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Maps a failure to a `500` that says what was being done and why it failed (the
 /// pipeline logs it with the request id).
 pub fn internal<E: std::fmt::Display>(doing: &'static str) -> impl Fn(E) -> ApiError {
@@ -520,7 +512,7 @@ async fn run(
                 Ok((preflight(&cors), cors))
             } else {
                 let ip_limit = Limit {
-                    limit: var_u64("rate_limit_ip_per_minute", 1200),
+                    limit: crate::settings().rate_limit_ip_per_minute,
                     window_secs: 60,
                 };
                 let result = ctx

@@ -15,11 +15,6 @@ use crate::pipeline::{Ctx, project_secrets};
 /// The largest answer a tool call reads.
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
-/// A `"true"` setting variable.
-pub fn setting(name: &str) -> bool {
-    crate::variable(name).is_ok_and(|v| v.trim() == "true")
-}
-
 /// Calls `tool` (as the tools API answers it) with `input`. `Err(422)` when the call may
 /// not be made (bad input, URL, missing secret); otherwise what happened:
 /// `{"ok", "status"?, "duration_ms", "output"?, "error"?: {"kind", "message"}}`.
@@ -40,9 +35,9 @@ pub fn call(
     let http = &tool["http"];
     let url = match check_tool_url(
         http["url"].as_str().unwrap_or_default(),
-        setting("tools_allow_private_hosts"),
+        crate::settings().tools_allow_private_hosts,
     ) {
-        Ok(u) if u.scheme() == "http" && !setting("tools_allow_http") => {
+        Ok(u) if u.scheme() == "http" && !crate::settings().tools_allow_http => {
             error("http.url".into(), "must use https".into());
             None
         }

@@ -29,7 +29,6 @@ use sparkops_core::otlp::{self, CallRecord, RunRecord, StepRecord, Trace};
 use crate::db::Db;
 use crate::outbound::{self, Call, CallError};
 use crate::pipeline::{Ctx, project_secrets_and_prefixed};
-use crate::tool_call::setting;
 
 /// Runs one tick takes on at most; the next tick takes the rest.
 const PER_TICK: usize = 1000;
@@ -325,9 +324,9 @@ fn outcome(project_id: &str, answer: Result<outbound::Answer, CallError>) -> Out
 
 /// The endpoint, if the deployment lets it be called (the same rules as tool URLs).
 pub fn check_endpoint(raw: &str) -> Result<url::Url, String> {
-    let url =
-        check_tool_url(raw, setting("tools_allow_private_hosts")).map_err(|e| e.to_string())?;
-    if url.scheme() == "http" && !setting("tools_allow_http") {
+    let url = check_tool_url(raw, crate::settings().tools_allow_private_hosts)
+        .map_err(|e| e.to_string())?;
+    if url.scheme() == "http" && !crate::settings().tools_allow_http {
         return Err("must use https".into());
     }
     Ok(url)

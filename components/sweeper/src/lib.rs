@@ -50,7 +50,7 @@ fn sweep(now: DateTime<Utc>) -> Result<(), ApiError> {
     sparkops_platform::policies::release_expired(&db, now, BATCH)?;
     // The step payloads of runs finished longer ago than the retention allows
     // (`step_payload_retention_days`, "0" = keep forever), a batch per tick.
-    let days = sparkops_platform::pipeline::var_u64("step_payload_retention_days", 30);
+    let days = sparkops_platform::settings().step_payload_retention_days;
     if days > 0 {
         let cutoff = now - chrono::Duration::days(days.min(36_500) as i64);
         engine::lifecycle::prune(&db, cutoff, now, BATCH)?;

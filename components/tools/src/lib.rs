@@ -16,7 +16,7 @@ use sparkops_platform::http::{HttpRequest, Reply};
 use sparkops_platform::pipeline::{self, Ctx, Principal};
 use sparkops_platform::resource::{self, Resource, Write, common_json, name_taken};
 use sparkops_platform::resource_columns;
-use sparkops_platform::tool_call::{self, setting};
+use sparkops_platform::tool_call;
 use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
 
@@ -82,8 +82,9 @@ fn read_http(b: &mut Body) -> Option<Http> {
         }
     }
     if let Some(url) = &url {
-        match check_tool_url(url, setting("tools_allow_private_hosts")) {
-            Ok(u) if u.scheme() == "http" && !setting("tools_allow_http") => {
+        let settings = sparkops_platform::settings();
+        match check_tool_url(url, settings.tools_allow_private_hosts) {
+            Ok(u) if u.scheme() == "http" && !settings.tools_allow_http => {
                 b.error("http.url", "must use https");
             }
             Ok(_) => {}
