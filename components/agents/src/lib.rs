@@ -10,7 +10,7 @@ use sparkops_core::input::Body;
 use sparkops_core::policy::check_model_name;
 use sparkops_platform::db::Db;
 use sparkops_platform::http::{HttpRequest, Reply};
-use sparkops_platform::pipeline::{self, Ctx};
+use sparkops_platform::pipeline::{self, Ctx, Work};
 use sparkops_platform::resource::{self, Resource, Write, common_json, live_ids, name_taken};
 use sparkops_platform::resource_columns;
 use spin_sdk::http::{IncomingRequest, Response};
@@ -75,7 +75,7 @@ impl Resource for Agent {
         Ok(Value::Object(m))
     }
 
-    fn save(tx: &Tx<'_, Db>, ctx: &Ctx, w: Write<'_>) -> Result<(), ApiError> {
+    fn save(tx: &Tx<'_, Db>, ctx: &Work, w: Write<'_>) -> Result<(), ApiError> {
         let mut b = Body::from_value(w.doc)?;
         let name = b.str("name", 200);
         let description = b.opt_str("description", 2000);

@@ -13,7 +13,7 @@ use sparkops_core::roles::Action;
 use sparkops_core::time::rfc3339;
 use sparkops_platform::db::Db;
 use sparkops_platform::http::{HttpRequest, Reply};
-use sparkops_platform::pipeline::{self, Ctx, token_key};
+use sparkops_platform::pipeline::{self, Ctx, Work, token_key};
 use sparkops_platform::random_array;
 use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
@@ -62,7 +62,7 @@ fn user_json(row: &Row, created_at: chrono::DateTime<chrono::Utc>) -> Result<Val
 }
 
 /// A new refresh token in `family_id`, stored as its hash.
-fn new_refresh_token(tx: &Tx<'_, Db>, family_id: &str, ctx: &Ctx) -> Result<String, ApiError> {
+fn new_refresh_token(tx: &Tx<'_, Db>, family_id: &str, ctx: &Work) -> Result<String, ApiError> {
     let token = auth::refresh_token(&random_array::<32>());
     let expires = ctx.now + chrono::Duration::seconds(REFRESH_TTL_SECS);
     tx.execute(
@@ -75,7 +75,7 @@ fn new_refresh_token(tx: &Tx<'_, Db>, family_id: &str, ctx: &Ctx) -> Result<Stri
 }
 
 /// Starts a session (a refresh-token family) and answers with both tokens.
-fn start_session(tx: &Tx<'_, Db>, ctx: &Ctx, user_id: &str) -> Result<Value, ApiError> {
+fn start_session(tx: &Tx<'_, Db>, ctx: &Work, user_id: &str) -> Result<Value, ApiError> {
     let family_id = ctx.new_id();
     tx.execute(
         "insert into refresh_token_families (family_id, user_id) values ($1, $2)",
@@ -85,7 +85,7 @@ fn start_session(tx: &Tx<'_, Db>, ctx: &Ctx, user_id: &str) -> Result<Value, Api
     tokens(ctx, user_id, refresh_token)
 }
 
-fn tokens(ctx: &Ctx, user_id: &str, refresh_token: String) -> Result<Value, ApiError> {
+fn tokens(ctx: &Work, user_id: &str, refresh_token: String) -> Result<Value, ApiError> {
     let access = token_key()?.issue(user_id, &ctx.new_id(), ctx.now.timestamp() as u64);
     Ok(json!({
         "access_token": access,

@@ -23,8 +23,8 @@ use sparkops_core::template;
 use sparkops_core::workflow::{Step, StepKind};
 use sparkops_platform::engine::step::{Failure, Lease, Leased, Recorded};
 use sparkops_platform::engine::{self, Claim, ErrorKind, store};
-use sparkops_platform::pipeline::Ctx;
 use sparkops_platform::tool_call;
+use sparkops_platform::work::Work;
 use sparkops_platform::{agent, policies};
 use sparkops_platform::{heartbeat, variable};
 use spin_sdk::http::{Fields, IncomingRequest, Method, OutgoingResponse, ResponseOutparam};
@@ -65,7 +65,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         let e = ApiError::BadRequest("run_id, step_key and lease_id are required".into());
         return refuse(out, &e, &request_id).await;
     };
-    let mut ctx = Ctx::new(format!("step-{run_id}-{step}"));
+    let mut ctx = Work::new(format!("step-{run_id}-{step}"));
     let lease = Lease {
         run_id,
         step_key: step,
@@ -120,7 +120,7 @@ struct RunOf<'a> {
 }
 
 /// Runs the claimed step and records its result; the steps the result made ready, claimed.
-fn run_step(ctx: &mut Ctx, run: &RunOf<'_>, claim: &Claim) -> Vec<Claim> {
+fn run_step(ctx: &mut Work, run: &RunOf<'_>, claim: &Claim) -> Vec<Claim> {
     let (run_id, step) = (run.run_id, claim.step_key.as_str());
     let lease = Lease {
         run_id,
@@ -189,11 +189,12 @@ const SETTLE_BACKOFF_MS: [u64; 3] = [200, 1_000, 3_000];
 /// again on a fresh connection; when it keeps failing, the result alone is recorded and
 /// the run nudged, so a result is never lost to the decision after it.
 fn settle(
-    ctx: &mut Ctx,
+    ctx: &mut Work,
     a: &engine::step::Attempt<'_>,
 ) -> Result<(Recorded, Vec<Claim>), ApiError> {
     let run_id = a.lease.run_id;
-    let together = |ctx: &mut Ctx| ctx.transaction(|tx, _| engine::step::record_and_advance(tx, a));
+    let together =
+        |ctx: &mut Work| ctx.transaction(|tx, _| engine::step::record_and_advance(tx, a));
     let mut outcome = together(ctx);
     for wait_ms in SETTLE_BACKOFF_MS {
         let Err(e) = &outcome else { break };
@@ -263,7 +264,7 @@ struct Done {
 /// An agent step's time limit when the step sets none (the engine's lease allows it).
 const DEFAULT_STEP_TIMEOUT_MS: u64 = engine::advance::DEFAULT_STEP_TIMEOUT_MS as u64;
 
-fn execute(ctx: &mut Ctx, run: &RunOf<'_>, key: &str) -> Result<Done, ApiError> {
+fn execute(ctx: &mut Work, run: &RunOf<'_>, key: &str) -> Result<Done, ApiError> {
     let RunOf {
         run_id,
         project_id,
@@ -343,7 +344,7 @@ fn execute(ctx: &mut Ctx, run: &RunOf<'_>, key: &str) -> Result<Done, ApiError> 
 
 /// One tool call, its failures sorted into the error kinds retry policies name.
 fn call_tool(
-    ctx: &mut Ctx,
+    ctx: &mut Work,
     project_id: &str,
     step: &Step,
     run_id: &str,

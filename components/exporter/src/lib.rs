@@ -8,8 +8,8 @@
 // wit-bindgen's export glue is `unsafe` by nature.
 #![allow(unsafe_code)]
 
-use sparkops_platform::pipeline::Ctx;
 use sparkops_platform::traces;
+use sparkops_platform::work::Work;
 
 wit_bindgen::generate!({
     path: "../wit",
@@ -20,7 +20,7 @@ struct Exporter;
 
 impl Guest for Exporter {
     fn handle_cron_event(metadata: Metadata) -> Result<(), Error> {
-        let mut ctx = Ctx::new(format!("export-{}", metadata.timestamp));
+        let mut ctx = Work::new(format!("export-{}", metadata.timestamp));
         sparkops_platform::on_tick(metadata.timestamp, |now| traces::export_due(&mut ctx, now))
             .map_err(Error::Other)
     }

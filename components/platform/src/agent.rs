@@ -24,8 +24,9 @@ use crate::db::Db;
 use crate::engine;
 use crate::heartbeat;
 use crate::outbound::{self, Call};
-use crate::pipeline::{Ctx, project_secrets};
+use crate::pipeline::project_secrets;
 use crate::policies::{self, RefusedOr, Violation};
+use crate::work::Work;
 use sparkops_engine::ErrorKind;
 use sparkops_engine::step::Failure;
 
@@ -53,7 +54,7 @@ fn fail(kind: ErrorKind, message: impl Into<String>, final_attempt: bool) -> Out
     })
 }
 
-fn violation(ctx: &mut Ctx, scope: &StepScope, v: &Violation) -> Result<Outcome, ApiError> {
+fn violation(ctx: &mut Work, scope: &StepScope, v: &Violation) -> Result<Outcome, ApiError> {
     record_event(ctx, scope, "policy.violation", v.event())?;
     Ok(fail(ErrorKind::PolicyViolation, v.message(), true))
 }
@@ -72,7 +73,7 @@ struct Agent {
     tools: Vec<(FunctionTool, String, Value)>,
 }
 
-fn load_agent(ctx: &mut Ctx, scope: &StepScope) -> Result<Option<Agent>, ApiError> {
+fn load_agent(ctx: &mut Work, scope: &StepScope) -> Result<Option<Agent>, ApiError> {
     let db = ctx.db()?;
     let rows = db.query(
         "select model, system_prompt, max_iterations, max_tokens, temperature::float8, response_format
@@ -121,7 +122,7 @@ fn load_agent(ctx: &mut Ctx, scope: &StepScope) -> Result<Option<Agent>, ApiErro
 
 /// The provider's base URL and key for `provider` in this project.
 fn provider(
-    ctx: &mut Ctx,
+    ctx: &mut Work,
     project_id: &str,
     provider: &str,
 ) -> Result<Option<(String, Option<String>)>, ApiError> {
@@ -160,13 +161,13 @@ fn price(db: &Db, project_id: &str, model: &str) -> Result<Option<Price>, ApiErr
 }
 
 /// Appends an event to the run, under its lock.
-fn record_event(ctx: &mut Ctx, s: &StepScope, kind: &str, data: Value) -> Result<(), ApiError> {
+fn record_event(ctx: &mut Work, s: &StepScope, kind: &str, data: Value) -> Result<(), ApiError> {
     ctx.transaction(|tx, _| engine::note(tx, s.run_id, kind, Some(s.step_key), data))
 }
 
 /// Adds a model call's tokens and cost to the step and the run, with its event.
 fn record_usage(
-    ctx: &mut Ctx,
+    ctx: &mut Work,
     s: &StepScope,
     model: &str,
     c: &Completion,
@@ -183,7 +184,7 @@ fn record_usage(
 }
 
 /// Runs the agent step with `input` (the rendered step input).
-pub fn run(ctx: &mut Ctx, scope: &StepScope, input: &Value) -> Result<Outcome, ApiError> {
+pub fn run(ctx: &mut Work, scope: &StepScope, input: &Value) -> Result<Outcome, ApiError> {
     let Some(agent) = load_agent(ctx, scope)? else {
         return Ok(fail(
             ErrorKind::Validation,
@@ -429,7 +430,7 @@ fn finish(agent: &Agent, content: String) -> Outcome {
 /// One tool call the model asked for: what goes back to the model, or the policy that
 /// refuses it.
 fn call_tool(
-    ctx: &mut Ctx,
+    ctx: &mut Work,
     scope: &StepScope,
     agent: &Agent,
     policies: &[policies::Policy],

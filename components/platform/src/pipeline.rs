@@ -16,6 +16,7 @@ use spin_sdk::http::{IncomingRequest, Method, Response};
 
 use crate::db::Db;
 use crate::http::{HttpRequest, Reply, problem, request_id};
+pub use crate::work::Work;
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,11 +50,10 @@ pub struct ProjectAccess {
     pub role: Role,
 }
 
-/// Per-request state and services for handlers.
+/// Per-request state and services for handlers: the [`Work`] every piece of work has
+/// (it derefs to it), plus what only a request needs.
 pub struct Ctx {
-    pub request_id: String,
-    pub now: chrono::DateTime<chrono::Utc>,
-    db: Option<Db>,
+    work: Work,
     /// The tightest rate-limit decision so far, sent as `RateLimit-*` headers.
     rate: Option<Decision>,
     /// The project and run the request turned out to be about, for its log line.
@@ -61,50 +61,28 @@ pub struct Ctx {
     logged_run: Option<String>,
 }
 
+impl std::ops::Deref for Ctx {
+    type Target = Work;
+
+    fn deref(&self) -> &Work {
+        &self.work
+    }
+}
+
+impl std::ops::DerefMut for Ctx {
+    fn deref_mut(&mut self) -> &mut Work {
+        &mut self.work
+    }
+}
+
 impl Ctx {
-    /// A context for one request or one piece of background work.
+    /// The context of the request `request_id`.
     pub fn new(request_id: String) -> Self {
         Self {
-            request_id,
-            now: chrono::Utc::now(),
-            db: None,
+            work: Work::new(request_id),
             rate: None,
             logged_project: None,
             logged_run: None,
-        }
-    }
-
-    /// The request's database connection, opened on first use.
-    pub fn db(&mut self) -> Result<&Db, ApiError> {
-        if self.db.is_none() {
-            // A database that cannot be reached is a 503 to retry, logged here with its
-            // cause; any other failure is a 500, which the pipeline logs.
-            let db = Db::open_default().map_err(|e| {
-                if e.is_unavailable() {
-                    log_warn("opening the database", &e);
-                    ApiError::from(e)
-                } else {
-                    ApiError::internal(format!("opening the database: {e}"))
-                }
-            })?;
-            self.db = Some(db);
-        }
-        Ok(self.db.as_ref().expect("just opened"))
-    }
-
-    /// Gives the request's connection back (to Spin's pool) before slow work that needs
-    /// none, such as an outbound call; the next [`Ctx::db`] opens another.
-    pub fn release_db(&mut self) {
-        self.db = None;
-    }
-
-    /// Hands the steps an advance of `run_id` claimed to executors, after giving the
-    /// connection back: an executor needs one to accept a step, and a request holding one
-    /// while it waits for executors could hold the last of the pool.
-    pub fn dispatch(&mut self, run_id: &str, claimed: &[sparkops_engine::Claim]) {
-        if !claimed.is_empty() {
-            self.release_db();
-            crate::orchestrate::dispatch(run_id, claimed);
         }
     }
 
@@ -244,26 +222,6 @@ impl Ctx {
         decision.check()
     }
 
-    /// A new UUIDv7.
-    pub fn new_id(&self) -> String {
-        let mut random = [0u8; 10];
-        random.copy_from_slice(&crate::random_bytes(10));
-        sparkops_core::ids::uuid_v7(self.now.timestamp_millis() as u64, random)
-    }
-
-    /// Runs `f` in one transaction on the request's connection (see
-    /// [`sparkops_core::db::transaction`]), with the context at hand for ids and time.
-    pub fn transaction<T>(
-        &mut self,
-        f: impl FnOnce(&core_db::Tx<'_, Db>, &Ctx) -> Result<T, ApiError>,
-    ) -> Result<T, ApiError> {
-        self.db()?;
-        let db = self.db.take().expect("opened above");
-        let result = core_db::transaction(&db, |tx| f(tx, self));
-        self.db = Some(db);
-        result
-    }
-
     /// Runs a creating request once per `Idempotency-Key` (24 h): `create` runs in the
     /// transaction that stores its reply, so a retry with the same key and body gets the
     /// first reply back and the write happens once; the same key with another body is `422`.
@@ -272,7 +230,7 @@ impl Ctx {
         &mut self,
         req: &HttpRequest,
         who: &Principal,
-        create: impl FnOnce(&core_db::Tx<'_, Db>, &Ctx) -> Result<Reply, ApiError>,
+        create: impl FnOnce(&core_db::Tx<'_, Db>, &Work) -> Result<Reply, ApiError>,
     ) -> Result<Reply, ApiError> {
         let key = req.header("idempotency-key").map(str::to_string);
         if let Some(k) = &key
@@ -598,7 +556,7 @@ fn preflight(cors: &[(String, String)]) -> Reply {
 /// The values of the project's secrets named in `names` (missing ones are absent), opened
 /// with the master keys. Values live only in memory for the call that needs them.
 pub fn project_secrets(
-    ctx: &mut Ctx,
+    ctx: &mut Work,
     project_id: &str,
     names: &[String],
 ) -> Result<std::collections::HashMap<String, String>, ApiError> {
@@ -611,7 +569,7 @@ pub fn project_secrets(
 /// As [`project_secrets`], with every secret whose name starts with `prefix` too, in the
 /// same query.
 pub fn project_secrets_and_prefixed(
-    ctx: &mut Ctx,
+    ctx: &mut Work,
     project_id: &str,
     names: &[String],
     prefix: Option<&str>,

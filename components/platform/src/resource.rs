@@ -18,7 +18,7 @@ use spin_sdk::http::Method;
 
 use crate::db::Db;
 use crate::http::{HttpRequest, Reply};
-use crate::pipeline::{Ctx, Principal, ProjectAccess};
+use crate::pipeline::{Ctx, Principal, ProjectAccess, Work};
 
 /// How a list filter's query value is bound.
 #[derive(Debug, Clone, Copy)]
@@ -72,7 +72,7 @@ pub trait Resource {
 
     /// Validates `w.doc` whole and writes it as row `w.id` (insert on create, replace on
     /// update, `version` raised by one).
-    fn save(tx: &Tx<'_, Db>, ctx: &Ctx, w: Write<'_>) -> Result<(), ApiError>;
+    fn save(tx: &Tx<'_, Db>, ctx: &Work, w: Write<'_>) -> Result<(), ApiError>;
 
     /// Why the live row `id` cannot be deleted (others still use it), if so.
     fn in_use(_tx: &Tx<'_, Db>, _id: &str) -> Result<Option<String>, ApiError> {

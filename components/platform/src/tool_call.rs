@@ -10,7 +10,8 @@ use sparkops_core::netcheck::check_tool_url;
 use sparkops_core::tool::secret_reference;
 
 use crate::outbound::{self, Call};
-use crate::pipeline::{Ctx, project_secrets};
+use crate::pipeline::project_secrets;
+use crate::work::Work;
 
 /// The largest answer a tool call reads.
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
@@ -19,7 +20,7 @@ pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 /// not be made (bad input, URL, missing secret); otherwise what happened:
 /// `{"ok", "status"?, "duration_ms", "output"?, "error"?: {"kind", "message"}}`.
 pub fn call(
-    ctx: &mut Ctx,
+    ctx: &mut Work,
     project_id: &str,
     tool: &Value,
     input: &Value,

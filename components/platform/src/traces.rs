@@ -28,7 +28,8 @@ use sparkops_core::otlp::{self, CallRecord, RunRecord, StepRecord, Trace};
 
 use crate::db::Db;
 use crate::outbound::{self, Call, CallError};
-use crate::pipeline::{Ctx, project_secrets_and_prefixed};
+use crate::pipeline::project_secrets_and_prefixed;
+use crate::work::Work;
 
 /// Runs one tick takes on at most; the next tick takes the rest.
 const PER_TICK: usize = 1000;
@@ -66,7 +67,7 @@ enum Outcome {
 /// Sends every due export, as at `now`: a batch claimed at a time, for at most
 /// [`TICK_BUDGET`] (what is left is postponed to the next tick, so no claim outlives its
 /// lease while this tick still holds it).
-pub fn export_due(ctx: &mut Ctx, now: DateTime<Utc>) -> Result<(), ApiError> {
+pub fn export_due(ctx: &mut Work, now: DateTime<Utc>) -> Result<(), ApiError> {
     let deadline = Instant::now() + TICK_BUDGET;
     let mut taken = 0;
     while taken < PER_TICK && Instant::now() < deadline {
@@ -205,7 +206,7 @@ fn record(db: &Db, runs: &[String], outcome: &Outcome, now: DateTime<Utc>) -> Re
 /// Sends a batch of a project's runs, in requests of at most [`SPANS_PER_REQUEST`] spans (a
 /// run's trace is never split); what became of each request's runs.
 fn export(
-    ctx: &mut Ctx,
+    ctx: &mut Work,
     project_id: &str,
     runs: &[String],
     deadline: Instant,

@@ -13,7 +13,7 @@ use sparkops_core::policy::{check_model_name, parse_rules};
 use sparkops_core::roles::Action;
 use sparkops_platform::db::Db;
 use sparkops_platform::http::{HttpRequest, Reply};
-use sparkops_platform::pipeline::{self, Ctx, Principal};
+use sparkops_platform::pipeline::{self, Ctx, Principal, Work};
 use sparkops_platform::resource::{
     self, Filter, FilterType, Resource, Write, common_json, live_ids,
 };
@@ -141,7 +141,7 @@ impl Resource for Policy {
         Ok(Value::Object(m))
     }
 
-    fn save(tx: &Tx<'_, Db>, ctx: &Ctx, w: Write<'_>) -> Result<(), ApiError> {
+    fn save(tx: &Tx<'_, Db>, ctx: &Work, w: Write<'_>) -> Result<(), ApiError> {
         let mut b = Body::from_value(w.doc)?;
         let name = b.str("name", 200);
         let enabled = b.bool_or("enabled", true);

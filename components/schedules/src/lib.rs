@@ -13,7 +13,7 @@ use sparkops_core::roles::Action;
 use sparkops_core::time::rfc3339;
 use sparkops_platform::db::Db;
 use sparkops_platform::http::{HttpRequest, Reply};
-use sparkops_platform::pipeline::{self, Ctx, Principal};
+use sparkops_platform::pipeline::{self, Ctx, Principal, Work};
 use sparkops_platform::resource::{self, Filter, FilterType, Resource, Write, common_json};
 use sparkops_platform::resource_columns;
 use sparkops_platform::schedule_fire::{self, Fired};
@@ -93,7 +93,7 @@ impl Resource for Schedule {
         Ok(Value::Object(m))
     }
 
-    fn save(tx: &Tx<'_, Db>, ctx: &Ctx, w: Write<'_>) -> Result<(), ApiError> {
+    fn save(tx: &Tx<'_, Db>, ctx: &Work, w: Write<'_>) -> Result<(), ApiError> {
         let mut b = Body::from_value(w.doc)?;
         let workflow_id = b.opt_uuid("workflow_id");
         if workflow_id.is_none() && b.is_clean() {

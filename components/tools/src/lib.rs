@@ -13,7 +13,7 @@ use sparkops_core::roles::Action;
 use sparkops_core::tool::check_headers;
 use sparkops_platform::db::Db;
 use sparkops_platform::http::{HttpRequest, Reply};
-use sparkops_platform::pipeline::{self, Ctx, Principal};
+use sparkops_platform::pipeline::{self, Ctx, Principal, Work};
 use sparkops_platform::resource::{self, Resource, Write, common_json, name_taken};
 use sparkops_platform::resource_columns;
 use sparkops_platform::tool_call;
@@ -142,7 +142,7 @@ impl Resource for Tool {
         Ok(Value::Object(m))
     }
 
-    fn save(tx: &Tx<'_, Db>, ctx: &Ctx, w: Write<'_>) -> Result<(), ApiError> {
+    fn save(tx: &Tx<'_, Db>, ctx: &Work, w: Write<'_>) -> Result<(), ApiError> {
         let mut b = Body::from_value(w.doc)?;
         let name = b.str("name", 64);
         if let Some(Err(m)) = name.as_deref().map(check_name) {

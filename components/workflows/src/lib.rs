@@ -13,7 +13,7 @@ use sparkops_core::time::rfc3339;
 use sparkops_core::workflow::{self, Catalog};
 use sparkops_platform::db::Db;
 use sparkops_platform::http::{HttpRequest, Reply};
-use sparkops_platform::pipeline::{self, Ctx, Principal};
+use sparkops_platform::pipeline::{self, Ctx, Principal, Work};
 use sparkops_platform::resource::{self, Resource, Write, common_json, name_taken};
 use sparkops_platform::resource_columns;
 use spin_sdk::http::{IncomingRequest, Method, Response};
@@ -91,7 +91,7 @@ impl Resource for Workflow {
         Ok(Value::Object(m))
     }
 
-    fn save(tx: &Tx<'_, Db>, ctx: &Ctx, w: Write<'_>) -> Result<(), ApiError> {
+    fn save(tx: &Tx<'_, Db>, ctx: &Work, w: Write<'_>) -> Result<(), ApiError> {
         let mut b = Body::from_value(w.doc)?;
         let name = b.str("name", 200);
         let description = b.opt_str("description", 2000);
