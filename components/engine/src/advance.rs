@@ -97,7 +97,11 @@ pub(crate) fn advance_locked<C: Connection + ?Sized>(
         }
         for (key, decision) in decisions {
             let (new, reason) = match decision {
-                Decision::Ready => (StepStatus::Ready, Value::Null),
+                // Claimed below, straight from `pending`: no write of its own.
+                Decision::Ready => {
+                    statuses.insert(key, StepStatus::Ready);
+                    continue;
+                }
                 Decision::Skip(why) => (StepStatus::Skipped, json!({"reason": why})),
             };
             let changed = tx.execute(
@@ -115,9 +119,7 @@ pub(crate) fn advance_locked<C: Connection + ?Sized>(
                     "step {key} of run {run_id} changed under the run's lock"
                 )));
             }
-            if new == StepStatus::Skipped {
-                event(tx, run_id, "step.skipped", Some(&key), reason)?;
-            }
+            event(tx, run_id, "step.skipped", Some(&key), reason)?;
             statuses.insert(key, new);
         }
     }
@@ -216,7 +218,7 @@ fn claim<C: Connection + ?Sized>(
                 "update run_steps set status = 'waiting', attempt = attempt + 1,
                     deadline_at = now() + make_interval(secs => $3::float8),
                     started_at = coalesce(started_at, now()), updated_at = now()
-                 where run_id = $1 and step_key = $2 and status = 'ready'",
+                 where run_id = $1 and step_key = $2 and status in ('pending', 'ready')",
                 &[
                     V::Uuid(run_id.into()),
                     V::Text(key.clone()),
@@ -238,14 +240,26 @@ fn claim<C: Connection + ?Sized>(
         let timeout = step
             .and_then(|s| s.timeout_ms)
             .map_or(DEFAULT_STEP_TIMEOUT_MS, |t| t as i64);
-        // A short lease, renewed while the step runs, inside the attempt's deadline.
+        // A short lease, renewed while the step runs, inside the attempt's deadline; the
+        // claim and its `step.started` event in one statement.
         let rows = tx.query(
-            "update run_steps set status = 'running', attempt = attempt + 1, lease_id = gen_random_uuid(),
-                deadline_at = now() + make_interval(secs => $3::float8 / 1000),
-                lease_expires_at = now() + make_interval(secs => least($3::float8, $4::float8) / 1000),
-                started_at = coalesce(started_at, now()), updated_at = now()
-             where run_id = $1 and step_key = $2 and status = 'ready'
-             returning attempt, lease_id::text",
+            "with claimed as (
+                update run_steps set status = 'running', attempt = attempt + 1, lease_id = gen_random_uuid(),
+                    deadline_at = now() + make_interval(secs => $3::float8 / 1000),
+                    lease_expires_at = now() + make_interval(secs => least($3::float8, $4::float8) / 1000),
+                    started_at = coalesce(started_at, now()), updated_at = now()
+                where run_id = $1 and step_key = $2 and status in ('pending', 'ready')
+                returning attempt, lease_id
+             ), seq as (
+                update runs set event_seq = event_seq + 1
+                where run_id = $1 and exists (select 1 from claimed)
+                returning event_seq
+             ), started as (
+                insert into run_events (run_id, seq, kind, step_key, data)
+                select $1, seq.event_seq, 'step.started', $2, jsonb_build_object('attempt', claimed.attempt)
+                from seq, claimed
+             )
+             select attempt, lease_id::text from claimed",
             &[
                 V::Uuid(run_id.into()),
                 V::Text(key.clone()),
@@ -255,13 +269,6 @@ fn claim<C: Connection + ?Sized>(
         )?;
         if let Some(r) = rows.first() {
             let attempt = r.int(0)?;
-            event(
-                tx,
-                run_id,
-                "step.started",
-                Some(&key),
-                json!({"attempt": attempt}),
-            )?;
             statuses.insert(key.clone(), StepStatus::Running);
             claimed.push(Claim {
                 step_key: key,

@@ -193,12 +193,26 @@ fn record_locked<C: Connection + ?Sized>(
     };
     let error = a.result.as_ref().err().map(Failure::error_json);
     let output = a.result.as_ref().ok().map_or(V::Null, json_or_null);
-    let updated = tx.execute(
-        "update run_steps set status = $4, input = $5, output = $6, error = $7, duration_ms = $8,
-            lease_id = null, lease_expires_at = null, updated_at = now(),
-            finished_at = case when $4 = 'retrying' then null else now() end,
-            next_attempt_at = case when $4 = 'retrying' then now() + make_interval(secs => $9::float8 / 1000) else null end
-         where run_id = $1 and step_key = $2 and lease_id = $3 and status = 'running'",
+    let mut data = json!({"attempt": a.attempt, "duration_ms": a.duration_ms});
+    if let Some(error) = &error {
+        data["error"] = error.clone();
+    }
+    // The result and its event in one statement: the event only when the lease held.
+    let recorded = tx.execute(
+        "with done as (
+            update run_steps set status = $4, input = $5, output = $6, error = $7, duration_ms = $8,
+                lease_id = null, lease_expires_at = null, updated_at = now(),
+                finished_at = case when $4 = 'retrying' then null else now() end,
+                next_attempt_at = case when $4 = 'retrying' then now() + make_interval(secs => $9::float8 / 1000) else null end
+            where run_id = $1 and step_key = $2 and lease_id = $3 and status = 'running'
+            returning 1
+         ), seq as (
+            update runs set event_seq = event_seq + 1
+            where run_id = $1 and exists (select 1 from done)
+            returning event_seq
+         )
+         insert into run_events (run_id, seq, kind, step_key, data)
+         select $1, event_seq, $10, $2, $11 from seq",
         &[
             V::Uuid(a.lease.run_id.into()),
             V::Text(a.lease.step_key.into()),
@@ -206,25 +220,16 @@ fn record_locked<C: Connection + ?Sized>(
             V::Text(status.as_str().into()),
             json_or_null(&a.input),
             output,
-            error.clone().map_or(V::Null, V::Json),
+            error.map_or(V::Null, V::Json),
             V::Int64(a.duration_ms),
             V::Float64(next_ms.unwrap_or(0) as f64),
+            V::Text(format!("step.{status}")),
+            V::Json(data),
         ],
     )?;
-    if updated != 1 {
+    if recorded != 1 {
         return Ok(Recorded::Discarded);
     }
-    let mut data = json!({"attempt": a.attempt, "duration_ms": a.duration_ms});
-    if let Some(error) = error {
-        data["error"] = error;
-    }
-    event(
-        tx,
-        a.lease.run_id,
-        &format!("step.{status}"),
-        Some(a.lease.step_key),
-        data,
-    )?;
     Ok(match status {
         StepStatus::Succeeded => Recorded::Succeeded,
         StepStatus::Retrying => Recorded::Retrying,

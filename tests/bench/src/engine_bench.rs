@@ -1,7 +1,7 @@
 //! The run engine's benchmark: run latency (`POST /runs` to `succeeded`) and steps per
 //! second for 1-step and 10-step workflows of no-op tool calls on loopback, through the real
 //! app (spin.toml) on this host, beside the Postgres ceiling: `pgbench` running the SQL
-//! statements one step costs the orchestrator and the executor, in the same run.
+//! statements one chained step costs the executor, in the same run.
 //!
 //! The 10-step batch again over two replicas of the app on the same database and Redis,
 //! with counts of the work done (each step once, nudges, trigger handlers per replica).
@@ -227,6 +227,7 @@ async fn bench(
     };
     replicas(&work, [&app, &second], &clients, &workflows[1].1, batch).await?;
     second.shutdown().await;
+    diamond(&work, &client, &project, &tool).await?;
     traces(
         &app,
         &db,
@@ -258,22 +259,24 @@ async fn throughput(
     wf: &Value,
     batch: usize,
 ) -> Result<(usize, Duration)> {
-    throughput_over(db, std::slice::from_ref(client), wf, batch).await
+    throughput_over(db, std::slice::from_ref(client), CLIENTS, wf, batch).await
 }
 
-/// [`throughput`] with the clients spread over `targets` (replicas) in turn.
+/// [`throughput`] with `clients` concurrent clients spread over `targets` (replicas) in
+/// turn.
 async fn throughput_over(
     db: &tokio_postgres::Client,
     targets: &[Client],
+    clients: usize,
     wf: &Value,
     batch: usize,
 ) -> Result<(usize, Duration)> {
     let started = Instant::now();
     let mut ids = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
-    for c in 0..CLIENTS {
+    for c in 0..clients {
         let (client, wf) = (targets[c % targets.len()].clone(), wf.clone());
-        let count = batch / CLIENTS + usize::from(c < batch % CLIENTS);
+        let count = batch / clients + usize::from(c < batch % clients);
         tasks.spawn(async move {
             let mut ids = Vec::new();
             for _ in 0..count {
@@ -322,7 +325,7 @@ async fn replicas(
     let (claims, calls) = (started_steps().await?, work.tool_calls.load(Relaxed));
     let publishes = redis_publishes(work.redis_url).await?;
     let handled = apps.map(|a| a.inner.activity.handled());
-    let (runs, elapsed) = throughput_over(work.db, clients, wf, batch).await?;
+    let (runs, elapsed) = throughput_over(work.db, clients, CLIENTS, wf, batch).await?;
     println!(
         "| engine: 10-step workflow, 2 replicas | {runs} | | | {:.0} |",
         (runs * 10) as f64 / elapsed.as_secs_f64()
@@ -343,6 +346,65 @@ async fn replicas(
         handled[0],
         handled[1],
         elapsed.as_secs_f64()
+    );
+    println!();
+    Ok(())
+}
+
+/// 200 runs of a 5-step diamond (one step, three in parallel, one joining them) started by
+/// 16 concurrent clients: the total time, with each step claimed and called once, and the
+/// memory of this process (the host runs in it) after the load.
+async fn diamond(work: &Work<'_>, client: &Client, project: &Value, tool: &Value) -> Result<()> {
+    const RUNS: usize = 200;
+    const DIAMOND_CLIENTS: usize = 16;
+    let step = |key: &str, deps: &[&str]| json!({"key": key, "kind": "tool", "tool_id": tool, "input": {}, "depends_on": deps});
+    let wf = client
+        .call(
+            "POST",
+            "/api/v1/workflows",
+            json!({"project_id": project, "name": "diamond", "definition": {"steps": [
+                step("a", &[]), step("b", &["a"]), step("c", &["a"]), step("d", &["a"]),
+                step("e", &["b", "c", "d"]),
+            ]}}),
+        )
+        .await?["id"]
+        .clone();
+    let claims = async || -> Result<i64> {
+        let row = work
+            .db
+            .query_one(
+                "select count(*) from run_events where kind = 'step.started'",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    };
+    let (claimed, called) = (claims().await?, work.tool_calls.load(Relaxed));
+    let (runs, elapsed) = throughput_over(
+        work.db,
+        std::slice::from_ref(client),
+        DIAMOND_CLIENTS,
+        &wf,
+        RUNS,
+    )
+    .await?;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or("?".to_string(), |v| v.trim().to_string())
+    };
+    println!(
+        "Diamond: {runs} runs of 5 steps by {DIAMOND_CLIENTS} clients in {:.1} s ({:.0} steps/s); \
+         {} step claims, {} tool calls; this process (the host and the bench's clients): \
+         resident {}, peak {}",
+        elapsed.as_secs_f64(),
+        (runs * 5) as f64 / elapsed.as_secs_f64(),
+        claims().await? - claimed,
+        work.tool_calls.load(Relaxed) - called,
+        field("VmRSS:"),
+        field("VmHWM:")
     );
     println!();
     Ok(())
@@ -562,9 +624,9 @@ async fn wait_succeeded(
     }
 }
 
-/// Loads `pgbench` with the statements of one step: the orchestrator's advance that claims
-/// it and the executor's lease check, reads and result (with the `ROLLBACK` each pg4
-/// connection opens with), over 200 prepared one-step runs. Its transactions per second.
+/// Loads `pgbench` with the statements of one chained step as the executor runs them (its
+/// reads, then the transaction that records its result and claims the next), over 200
+/// prepared runs. Its transactions per second: the Postgres ceiling for steps per second.
 async fn pgbench(
     db: &tokio_postgres::Client,
     database_url: &str,
@@ -579,46 +641,32 @@ async fn pgbench(
             select gen_random_uuid(), w.project_id, w.workflow_id, 1, '{}'::jsonb, 'running'
             from w, generate_series(1, 200) returning run_id)
          insert into bench_runs (run_id) select run_id from made;
-         insert into run_steps (run_id, step_key, kind) select run_id, 's0', 'tool' from bench_runs;",
+         insert into run_steps (run_id, step_key, kind, status) select run_id, 's0', 'tool', 'running' from bench_runs;",
     )
     .await?;
     let tool_id = tool.as_str().context("a tool id")?;
+    // One chained step as the executor runs it: the step's reads (run snapshot, tool,
+    // policies) on the connection it kept from the step before, then one transaction that
+    // records the result with its event and advances the run (lock, snapshot, the next
+    // claim with its event). The claim takes the same step back from `succeeded` so every
+    // transaction does the same work (the app's claim starts from `pending` or `ready`).
     let script = format!(
         r#"\set n random(1, 200)
 select run_id as rid from bench_runs where n = :n \gset
-rollback;
-begin;
-select status, input from runs where run_id = :rid for update;
-select v.definition from runs r join workflow_versions v on v.workflow_id = r.workflow_id and v.version = r.workflow_version where r.run_id = :rid;
-select step_key, status, output from run_steps where run_id = :rid;
-update run_steps set status = 'ready', error = null, updated_at = now() where run_id = :rid and step_key = 's0';
-update run_steps set status = 'running', attempt = attempt + 1, lease_id = gen_random_uuid(), lease_expires_at = now() + make_interval(secs => 330), started_at = coalesce(started_at, now()), updated_at = now() where run_id = :rid and step_key = 's0' and status = 'ready' returning attempt;
-update runs set event_seq = event_seq + 1 where run_id = :rid;
-insert into run_events (run_id, seq, kind, step_key, data) select run_id, event_seq, 'step.started', 's0', '{{}}' from runs where run_id = :rid;
-update runs r set status = 'running', updated_at = now() where r.run_id = :rid and r.status in ('running', 'waiting');
-commit;
-rollback;
-select attempt from run_steps where run_id = :rid and step_key = 's0' and status = 'running' and lease_expires_at > now();
-begin;
-select input, project_id::text from runs where run_id = :rid;
-select v.definition from runs r join workflow_versions v on v.workflow_id = r.workflow_id and v.version = r.workflow_version where r.run_id = :rid;
-select step_key, status, output from run_steps where run_id = :rid;
-commit;
+select r.input, v.definition, coalesce((select jsonb_agg(jsonb_build_array(s.step_key, s.status, s.attempt, case when s.status = 'succeeded' then s.output end) order by s.step_key) from run_steps s where s.run_id = r.run_id), '[]'::jsonb) from runs r join workflow_versions v on v.workflow_id = r.workflow_id and v.version = r.workflow_version where r.run_id = :rid;
 select method, url, headers, timeout_ms, input_schema, output_schema from tools where tool_id = '{tool_id}' and deleted_at is null;
-rollback;
+select policy_id::text, name, rules, scope_workflow_id is not null from policies where project_id = (select project_id from tools where tool_id = '{tool_id}') and enabled and deleted_at is null and scope_agent_id is null order by policy_id;
 begin;
-select 1 from runs where run_id = :rid for update;
-update run_steps set status = 'succeeded', input = '{{}}', output = '{{}}', error = null, duration_ms = 1, lease_id = null, lease_expires_at = null, updated_at = now(), finished_at = now(), next_attempt_at = null where run_id = :rid and step_key = 's0' and status = 'running';
-update runs set event_seq = event_seq + 1 where run_id = :rid;
-insert into run_events (run_id, seq, kind, step_key, data) select run_id, event_seq, 'step.succeeded', 's0', '{{}}' from runs where run_id = :rid;
+select status from runs where run_id = :rid for no key update;
+with done as (update run_steps set status = 'succeeded', input = '{{}}', output = '{{}}', error = null, duration_ms = 1, lease_id = null, lease_expires_at = null, updated_at = now(), finished_at = now(), next_attempt_at = null where run_id = :rid and step_key = 's0' and status = 'running' returning 1), seq as (update runs set event_seq = event_seq + 1 where run_id = :rid and exists (select 1 from done) returning event_seq) insert into run_events (run_id, seq, kind, step_key, data) select :rid, event_seq, 'step.succeeded', 's0', '{{}}' from seq;
+select r.input, v.definition, coalesce((select jsonb_agg(jsonb_build_array(s.step_key, s.status, s.attempt, case when s.status = 'succeeded' then s.output end) order by s.step_key) from run_steps s where s.run_id = r.run_id), '[]'::jsonb) from runs r join workflow_versions v on v.workflow_id = r.workflow_id and v.version = r.workflow_version where r.run_id = :rid;
+with claimed as (update run_steps set status = 'running', attempt = attempt + 1, lease_id = gen_random_uuid(), deadline_at = now() + make_interval(secs => 330), lease_expires_at = now() + make_interval(secs => 15), started_at = coalesce(started_at, now()), updated_at = now() where run_id = :rid and step_key = 's0' and status in ('pending', 'ready', 'succeeded') returning attempt, lease_id), seq as (update runs set event_seq = event_seq + 1 where run_id = :rid and exists (select 1 from claimed) returning event_seq), started as (insert into run_events (run_id, seq, kind, step_key, data) select :rid, seq.event_seq, 'step.started', 's0', jsonb_build_object('attempt', claimed.attempt) from seq, claimed) select attempt, lease_id::text from claimed;
 commit;
 "#
     );
     let path: PathBuf = state.join("step.sql");
     std::fs::write(&path, script)?;
     let out = std::process::Command::new("pgbench")
-        // Each step's first `ROLLBACK` warns that no transaction is open, as in the app.
-        .env("PGOPTIONS", "-c client_min_messages=error")
         .args([
             "-n",
             "-M",
