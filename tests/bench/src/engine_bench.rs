@@ -312,17 +312,7 @@ async fn replicas(
     wf: &Value,
     batch: usize,
 ) -> Result<()> {
-    let started_steps = async || -> Result<i64> {
-        let row = work
-            .db
-            .query_one(
-                "select count(*) from run_events where kind = 'step.started'",
-                &[],
-            )
-            .await?;
-        Ok(row.get(0))
-    };
-    let (claims, calls) = (started_steps().await?, work.tool_calls.load(Relaxed));
+    let (claims, calls) = (step_claims(work.db).await?, work.tool_calls.load(Relaxed));
     let publishes = redis_publishes(work.redis_url).await?;
     let handled = apps.map(|a| a.inner.activity.handled());
     let (runs, elapsed) = throughput_over(work.db, clients, CLIENTS, wf, batch).await?;
@@ -341,7 +331,7 @@ async fn replicas(
          handlers (nudges and ticks) per replica: {} and {}, in {:.1} s",
         runs * 10,
         work.tool_calls.load(Relaxed) - calls,
-        started_steps().await? - claims,
+        step_claims(work.db).await? - claims,
         redis_publishes(work.redis_url).await? - publishes,
         handled[0],
         handled[1],
@@ -369,17 +359,7 @@ async fn diamond(work: &Work<'_>, client: &Client, project: &Value, tool: &Value
         )
         .await?["id"]
         .clone();
-    let claims = async || -> Result<i64> {
-        let row = work
-            .db
-            .query_one(
-                "select count(*) from run_events where kind = 'step.started'",
-                &[],
-            )
-            .await?;
-        Ok(row.get(0))
-    };
-    let (claimed, called) = (claims().await?, work.tool_calls.load(Relaxed));
+    let (claimed, called) = (step_claims(work.db).await?, work.tool_calls.load(Relaxed));
     let (runs, elapsed) = throughput_over(
         work.db,
         std::slice::from_ref(client),
@@ -401,13 +381,24 @@ async fn diamond(work: &Work<'_>, client: &Client, project: &Value, tool: &Value
          resident {}, peak {}",
         elapsed.as_secs_f64(),
         (runs * 5) as f64 / elapsed.as_secs_f64(),
-        claims().await? - claimed,
+        step_claims(work.db).await? - claimed,
         work.tool_calls.load(Relaxed) - called,
         field("VmRSS:"),
         field("VmHWM:")
     );
     println!();
     Ok(())
+}
+
+/// Steps claimed so far (each claim is a `step.started` event).
+async fn step_claims(db: &tokio_postgres::Client) -> Result<i64> {
+    let row = db
+        .query_one(
+            "select count(*) from run_events where kind = 'step.started'",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// PUBLISH commands the Redis server has run so far (`INFO commandstats`).

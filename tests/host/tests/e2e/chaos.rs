@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::common::process::{OwnPostgres, OwnRedis, Process, free_service_port, wait_for_health};
 use crate::common::{
     Answer, Client, FakeServer, TEST_JWT_SECRET, TEST_MASTER_KEY, TempDir, User, connect,
-    eventually_for, request_raw, workspace,
+    eventually_for, every_run_finished, request_raw, workspace,
 };
 
 const CHAINS: usize = 12;
@@ -236,15 +236,7 @@ async fn runs_survive_a_killed_host_and_restarted_redis_and_postgres_with_every_
         .expect("every run started")
         .unwrap();
     let db = connect(&pg.url).await;
-    eventually_for(Duration::from_secs(180), async || {
-        let left: i64 = db
-            .query_one("select count(*) from runs where finished_at is null", &[])
-            .await
-            .unwrap()
-            .get(0);
-        (left == 0).then_some(())
-    })
-    .await;
+    every_run_finished(&db, Duration::from_secs(180)).await;
     let settled = last_fault.elapsed();
     kills += 1; // the host Redis ended
 

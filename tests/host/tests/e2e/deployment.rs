@@ -133,14 +133,11 @@ async fn the_deployed_parts_finish_runs_and_fire_schedules_once() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(attempts, vec![1; 12], "every step of 4 runs once");
-    let started: i64 = db
-        .query_one(
-            "select count(*) from run_events where kind = 'step.started'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let started = crate::common::count(
+        &db,
+        "select count(*) from run_events where kind = 'step.started'",
+    )
+    .await;
     assert_eq!(started, 12);
 
     // Three ticks replicas firing the same second make one run of a due schedule.

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use sparkops_host::RunningApp;
 
 use crate::common::process::{Process, wait_for_health};
-use crate::common::{Client, FakeServer, TestEnv, User, eventually_for};
+use crate::common::{Client, FakeServer, TestEnv, User, count, every_run_finished};
 use crate::engine::{tool_named, wait_status, workflow};
 
 /// A claimed step's lease, as the engine grants and renews it (`LEASE_MS`).
@@ -48,6 +48,12 @@ async fn host_process(env: &TestEnv, name: &str) -> (Process, Client) {
         path(&options.state_dir.join("host")),
         "--cache-dir".into(),
         path(options.cache_dir.as_ref().unwrap()),
+        // Named, not left to an inherited `DATABASE_URL` (the test command exports the
+        // server's): the test's database, already migrated, so nothing to apply.
+        "--database-url".into(),
+        env.database_url.clone(),
+        "--migrations".into(),
+        path(&crate::common::workspace().join("migrations")),
     ];
     let mut vars = options.env.clone();
     vars.extend(OPEN_URL_RULES.map(|(k, v)| (k.into(), v.into())));
@@ -197,20 +203,8 @@ async fn two_hosts_on_one_database_run_two_hundred_runs_with_every_step_once() {
         .collect()
         .await;
     let db = env.db().await;
-    eventually_for(Duration::from_secs(120), async || {
-        let left: i64 = db
-            .query_one("select count(*) from runs where finished_at is null", &[])
-            .await
-            .unwrap()
-            .get(0);
-        (left == 0).then_some(())
-    })
-    .await;
-    let succeeded: i64 = db
-        .query_one("select count(*) from runs where status = 'succeeded'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    every_run_finished(&db, Duration::from_secs(120)).await;
+    let succeeded = count(&db, "select count(*) from runs where status = 'succeeded'").await;
     assert_eq!(succeeded, 200, "{}\n{}", first.log(), second.log());
     // Every tool step called once (its key is its run and step), every step started once.
     let mut keys = fake.idempotency_keys();
@@ -221,14 +215,11 @@ async fn two_hosts_on_one_database_run_two_hundred_runs_with_every_step_once() {
         .collect();
     want.sort();
     assert_eq!(keys, want);
-    let started: i64 = db
-        .query_one(
-            "select count(*) from run_events where kind = 'step.started'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let started = count(
+        &db,
+        "select count(*) from run_events where kind = 'step.started'",
+    )
+    .await;
     assert_eq!(started, 200 * 4);
     // Both hosts ran steps: each executes what its own requests and results claim.
     let steps_run = |log: String| log.matches(r#""msg":"step""#).count();

@@ -207,6 +207,19 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// One number a query counts (`select count(*) ...`).
+pub async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Waits, for at most `limit`, until every run in the database has finished.
+pub async fn every_run_finished(db: &tokio_postgres::Client, limit: Duration) {
+    eventually_for(limit, async || {
+        (count(db, "select count(*) from runs where finished_at is null").await == 0).then_some(())
+    })
+    .await
+}
+
 /// A response, read whole.
 #[derive(Debug)]
 pub struct Reply {
