@@ -401,7 +401,7 @@ async fn a_step_whose_host_died_is_taken_back_and_run_again_once() {
 }
 
 /// A claimed step's lease, as the engine grants and renews it (`LEASE_MS`).
-const LEASE_S: i64 = 15;
+pub(crate) const LEASE_S: i64 = 15;
 
 #[tokio::test]
 async fn a_call_longer_than_a_lease_keeps_its_step_through_the_executors_heartbeat() {

@@ -12,10 +12,7 @@ use sparkops_host::RunningApp;
 
 use crate::common::process::{Process, wait_for_health};
 use crate::common::{Client, FakeServer, TestEnv, User, count, every_run_finished};
-use crate::engine::{tool_named, wait_status, workflow};
-
-/// A claimed step's lease, as the engine grants and renews it (`LEASE_MS`).
-const LEASE_S: i64 = 15;
+use crate::engine::{LEASE_S, tool_named, wait_status, workflow};
 
 /// The app's Redis-backed key-value store, as every test app has it.
 fn runtime_config(env: &TestEnv) -> String {
