@@ -243,23 +243,18 @@ fn claim<C: Connection + ?Sized>(
         // A short lease, renewed while the step runs, inside the attempt's deadline; the
         // claim and its `step.started` event in one statement.
         let rows = tx.query(
-            "with claimed as (
-                update run_steps set status = 'running', attempt = attempt + 1, lease_id = gen_random_uuid(),
+            &store::change_with_event(
+                "update run_steps set status = 'running', attempt = attempt + 1, lease_id = gen_random_uuid(),
                     deadline_at = now() + make_interval(secs => $3::float8 / 1000),
                     lease_expires_at = now() + make_interval(secs => least($3::float8, $4::float8) / 1000),
                     started_at = coalesce(started_at, now()), updated_at = now()
-                where run_id = $1 and step_key = $2 and status in ('pending', 'ready')
-                returning attempt, lease_id
-             ), seq as (
-                update runs set event_seq = event_seq + 1
-                where run_id = $1 and exists (select 1 from claimed)
-                returning event_seq
-             ), started as (
-                insert into run_events (run_id, seq, kind, step_key, data)
-                select $1, seq.event_seq, 'step.started', $2, jsonb_build_object('attempt', claimed.attempt)
-                from seq, claimed
-             )
-             select attempt, lease_id::text from claimed",
+                 where run_id = $1 and step_key = $2 and status in ('pending', 'ready')
+                 returning attempt, lease_id",
+                "'step.started'",
+                "$2",
+                "jsonb_build_object('attempt', changed.attempt)",
+                "attempt, lease_id::text",
+            ),
             &[
                 V::Uuid(run_id.into()),
                 V::Text(key.clone()),

@@ -198,21 +198,19 @@ fn record_locked<C: Connection + ?Sized>(
         data["error"] = error.clone();
     }
     // The result and its event in one statement: the event only when the lease held.
-    let recorded = tx.execute(
-        "with done as (
-            update run_steps set status = $4, input = $5, output = $6, error = $7, duration_ms = $8,
+    let recorded = tx.query(
+        &store::change_with_event(
+            "update run_steps set status = $4, input = $5, output = $6, error = $7, duration_ms = $8,
                 lease_id = null, lease_expires_at = null, updated_at = now(),
                 finished_at = case when $4 = 'retrying' then null else now() end,
                 next_attempt_at = case when $4 = 'retrying' then now() + make_interval(secs => $9::float8 / 1000) else null end
-            where run_id = $1 and step_key = $2 and lease_id = $3 and status = 'running'
-            returning 1
-         ), seq as (
-            update runs set event_seq = event_seq + 1
-            where run_id = $1 and exists (select 1 from done)
-            returning event_seq
-         )
-         insert into run_events (run_id, seq, kind, step_key, data)
-         select $1, event_seq, $10, $2, $11 from seq",
+             where run_id = $1 and step_key = $2 and lease_id = $3 and status = 'running'
+             returning 1",
+            "$10",
+            "$2",
+            "$11",
+            "1",
+        ),
         &[
             V::Uuid(a.lease.run_id.into()),
             V::Text(a.lease.step_key.into()),
@@ -227,7 +225,7 @@ fn record_locked<C: Connection + ?Sized>(
             V::Json(data),
         ],
     )?;
-    if recorded != 1 {
+    if recorded.is_empty() {
         return Ok(Recorded::Discarded);
     }
     Ok(match status {

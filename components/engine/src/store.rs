@@ -46,6 +46,31 @@ pub fn event<C: Connection + ?Sized>(
     Ok(())
 }
 
+/// One statement that makes `change` to a step (a data-modifying statement with a
+/// `returning` list) and, when it changed a row, appends the event [`event`] would, numbered
+/// the same way; it answers `select {answer} from changed`. `kind`, `step` and `data` are
+/// SQL over the parameters and `changed`'s columns; `$1` is the run's id. The caller holds
+/// the run's lock.
+pub(crate) fn change_with_event(
+    change: &str,
+    kind: &str,
+    step: &str,
+    data: &str,
+    answer: &str,
+) -> String {
+    format!(
+        "with changed as ({change}), seq as (
+            update runs set event_seq = event_seq + 1
+            where run_id = $1 and exists (select 1 from changed)
+            returning event_seq
+         ), logged as (
+            insert into run_events (run_id, seq, kind, step_key, data)
+            select $1, seq.event_seq, {kind}, {step}, {data} from seq, changed
+         )
+         select {answer} from changed"
+    )
+}
+
 /// Takes the run's lock and appends an event: for what happens beside a step's attempt
 /// (a policy refusal, a model call, a budget alert). Nothing when the run is gone.
 pub fn note<C: Connection + ?Sized>(
