@@ -330,14 +330,7 @@ async fn an_agent_whose_run_is_cancelled_mid_step_makes_no_further_model_call() 
         .await;
     let id = run["id"].as_str().unwrap();
     crate::common::eventually(async || (!slow.received().is_empty()).then_some(())).await;
-    let cancel = api
-        .call(
-            "PATCH",
-            &format!("/api/v1/runs/{id}/cancel"),
-            Some(&ada.access),
-            None,
-        )
-        .await;
+    let cancel = api.cancel(&ada.access, id).await;
     assert_eq!(cancel.status, 202);
     // The heartbeat during the tool call (5 s in) finds the lease gone; when the tool
     // answers (7 s), the agent stops instead of asking the model again.

@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 
 use crate::common::process::{OwnPostgres, OwnRedis, Process, free_service_port, wait_for_health};
 use crate::common::{
-    Answer, Client, FakeServer, TEST_JWT_SECRET, TEST_MASTER_KEY, TempDir, User, connect,
-    eventually_for, every_run_finished, request_raw, workspace,
+    Answer, Client, FakeServer, OPEN_URL_RULES, TEST_JWT_SECRET, TEST_MASTER_KEY, TempDir, User,
+    connect, eventually_for, every_run_finished, request_raw, workspace,
 };
 
 const CHAINS: usize = 12;
@@ -74,13 +74,12 @@ impl Host {
             ("JWT_SECRET", TEST_JWT_SECRET.into()),
             ("SECRETS_MASTER_KEY", TEST_MASTER_KEY.into()),
             ("DISPATCH_URL", format!("http://{listen}")),
-            ("TOOLS_ALLOW_HTTP", "true".into()),
-            ("TOOLS_ALLOW_PRIVATE_HOSTS", "true".into()),
             ("RATE_LIMIT_IP_PER_MINUTE", "1000000".into()),
             ("RATE_LIMIT_PER_MINUTE", "1000000".into()),
         ]
         .into_iter()
         .map(|(k, v)| (format!("SPIN_VARIABLE_{k}"), v))
+        .chain(OPEN_URL_RULES.map(|(k, v)| (k.into(), v.into())))
         .collect();
         Self {
             args,

@@ -760,13 +760,7 @@ async fn only_a_finished_run_is_retried_and_only_by_a_writer_of_its_project() {
     let viewer = api.register("vic").await;
     api.add_member(&ada, &p, &viewer, "viewer").await;
     // Cancelled, it can be retried, but not by a viewer.
-    api.call(
-        "PATCH",
-        &format!("/api/v1/runs/{id}/cancel"),
-        Some(&ada.access),
-        None,
-    )
-    .await;
+    api.cancel(&ada.access, &id).await;
     wait_status(&api, &ada, &id, "cancelled").await;
     assert_eq!(
         api.status("POST", &path, Some(&viewer.access), None).await,

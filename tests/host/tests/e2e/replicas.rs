@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use sparkops_host::RunningApp;
 
 use crate::common::process::{Process, wait_for_health};
-use crate::common::{Client, FakeServer, TestEnv, User, count, every_run_finished};
+use crate::common::{Client, FakeServer, OPEN_URL_RULES, TestEnv, User, count, every_run_finished};
 use crate::engine::{LEASE_S, tool_named, wait_status, workflow};
 
 /// The app's Redis-backed key-value store, as every test app has it.
@@ -21,12 +21,6 @@ fn runtime_config(env: &TestEnv) -> String {
         env.redis_url
     )
 }
-
-/// Tools may call plain-http loopback fakes.
-const OPEN_URL_RULES: [(&str, &str); 2] = [
-    ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
-    ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
-];
 
 /// `sparkops up` as a process of its own, serving the app on `env`'s database and Redis;
 /// compiled components come from the tests' shared cache.

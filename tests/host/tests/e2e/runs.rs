@@ -255,27 +255,11 @@ async fn cancelling_a_running_run_abandons_its_steps_and_a_finished_run_is_409()
     let id = run["id"].as_str().unwrap();
     // Wait until the tool has the call, then cancel.
     crate::common::eventually(async || (!slow.received().is_empty()).then_some(())).await;
-    let cancel = api
-        .call(
-            "PATCH",
-            &format!("/api/v1/runs/{id}/cancel"),
-            Some(&ada.access),
-            None,
-        )
-        .await;
+    let cancel = api.cancel(&ada.access, id).await;
     assert_eq!(cancel.status, 202);
     assert_eq!(cancel.json()["status"], "cancelling");
     // Asking again is the same request.
-    assert_eq!(
-        api.status(
-            "PATCH",
-            &format!("/api/v1/runs/{id}/cancel"),
-            Some(&ada.access),
-            None
-        )
-        .await,
-        202
-    );
+    assert_eq!(api.cancel(&ada.access, id).await.status, 202);
     let path = format!("/api/v1/runs/{id}");
     crate::common::eventually(async || {
         (api.call("GET", &path, Some(&ada.access), None).await.json()["status"] == "cancelled")
@@ -312,16 +296,7 @@ async fn cancelling_a_running_run_abandons_its_steps_and_a_finished_run_is_409()
     assert_eq!(kinds.last(), Some(&"run.cancelled"));
     assert!(!kinds.contains(&"step.succeeded"), "{kinds:?}");
     // Cancelling a cancelled run again answers as before; a run that finished otherwise is 409.
-    assert_eq!(
-        api.status(
-            "PATCH",
-            &format!("/api/v1/runs/{id}/cancel"),
-            Some(&ada.access),
-            None
-        )
-        .await,
-        202
-    );
+    assert_eq!(api.cancel(&ada.access, id).await.status, 202);
     let done = api
         .start_run(&ada.access, &json!(quick), json!({"city": "Oslo"}))
         .await;
@@ -396,15 +371,6 @@ async fn runs_are_invisible_to_other_tenants_and_viewers_cannot_start_them() {
         .await,
         200
     );
-    assert_eq!(
-        api.status(
-            "PATCH",
-            &format!("/api/v1/runs/{id}/cancel"),
-            Some(&vic.access),
-            None
-        )
-        .await,
-        403
-    );
+    assert_eq!(api.cancel(&vic.access, id).await.status, 403);
     assert_eq!(api.count("runs").await, 1);
 }

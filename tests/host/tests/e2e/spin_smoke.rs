@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::process::{Process, wait_for_health};
-use crate::common::{Client, FakeServer, TempDir, TestEnv, User, eventually_for};
+use crate::common::{Client, FakeServer, OPEN_URL_RULES, TempDir, TestEnv, User, eventually_for};
 use crate::engine::{tool_named, wait_status, workflow};
 use crate::kubernetes::{Part, part_running};
 use serde_json::{Value, json};
@@ -50,12 +50,6 @@ fn ensure_cron_plugin(spin: &PathBuf) {
     );
 }
 
-/// The app's own URL rules switched off: tools and collectors on loopback are allowed.
-fn open_url_rules() -> [(String, String); 2] {
-    ["TOOLS_ALLOW_HTTP", "TOOLS_ALLOW_PRIVATE_HOSTS"]
-        .map(|v| (format!("SPIN_VARIABLE_{v}"), "true".into()))
-}
-
 async fn spin_up(spin: &Path, env: &TestEnv) -> (Process, Client) {
     let config = format!(
         "[key_value_store.default]\ntype = \"redis\"\nurl = \"{}\"\n",
@@ -75,7 +69,7 @@ async fn spin_up(spin: &Path, env: &TestEnv) -> (Process, Client) {
         path(&options.state_dir.join("spin")),
     ];
     let mut vars = options.env.clone();
-    vars.extend(open_url_rules());
+    vars.extend(OPEN_URL_RULES.map(|(k, v)| (k.into(), v.into())));
     let mut up = Process::spawn("spin", spin, &args, &vars, &options.state_dir);
     let client = wait_for_health(options.listen, &mut [&mut up]).await;
     (up, client)
@@ -154,14 +148,7 @@ async fn the_app_runs_end_to_end_under_real_spin() {
     let other = api.start_run(&ada.access, &gate, json!({})).await;
     let oid = other["id"].as_str().unwrap();
     wait_status(&api, &ada, oid, "waiting").await;
-    let res = api
-        .call(
-            "PATCH",
-            &format!("/api/v1/runs/{oid}/cancel"),
-            Some(&ada.access),
-            None,
-        )
-        .await;
+    let res = api.cancel(&ada.access, oid).await;
     assert_eq!(res.status, 202, "{}", String::from_utf8_lossy(&res.body));
     wait_status(&api, &ada, oid, "cancelled").await;
 
@@ -289,7 +276,7 @@ async fn the_deployed_parts_work_together_under_real_spin() {
         "SPIN_VARIABLE_DISPATCH_URL".into(),
         format!("http://{listen}"),
     );
-    vars.extend(open_url_rules());
+    vars.extend(OPEN_URL_RULES.map(|(k, v)| (k.into(), v.into())));
     vars.insert(
         "PATH".into(),
         format!(

@@ -32,6 +32,13 @@ pub const TEST_JWT_SECRET: &str = "test-secret-0123456789abcdef0123456789abcdef"
 /// The secrets master key of test apps: `id:base64(32 bytes)`.
 pub const TEST_MASTER_KEY: &str = "test1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
+/// The app's own URL rules switched off, so tools and collectors may be plain-http fakes
+/// on loopback.
+pub const OPEN_URL_RULES: [(&str, &str); 2] = [
+    ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
+    ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
+];
+
 /// A database of its own for one test, migrated, plus the shared Redis.
 pub struct TestEnv {
     pub database_url: String,
@@ -397,10 +404,7 @@ impl Api {
     /// given) as the model provider `fake` (app key `sk-app-key`), and `extra` settings.
     pub async fn for_fakes(provider: Option<&FakeServer>, extra: &[(&str, &str)]) -> Self {
         let providers = provider.map(|p| format!("fake={}", p.url("/v1")));
-        let mut vars = vec![
-            ("SPIN_VARIABLE_TOOLS_ALLOW_HTTP", "true"),
-            ("SPIN_VARIABLE_TOOLS_ALLOW_PRIVATE_HOSTS", "true"),
-        ];
+        let mut vars = OPEN_URL_RULES.to_vec();
         if let Some(p) = &providers {
             vars.push(("SPIN_VARIABLE_MODEL_PROVIDERS", p.as_str()));
             vars.push(("SPIN_VARIABLE_MODEL_PROVIDER_KEYS", "fake=sk-app-key"));
@@ -561,6 +565,12 @@ impl Client {
             .as_array()
             .unwrap()
             .clone()
+    }
+
+    /// `PATCH /runs/{id}/cancel` as the holder of `token`.
+    pub async fn cancel(&self, token: &str, run_id: &str) -> Reply {
+        let path = format!("/api/v1/runs/{run_id}/cancel");
+        self.call("PATCH", &path, Some(token), None).await
     }
 
     /// Sends a request with a bearer token and extra headers.
