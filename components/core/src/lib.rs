@@ -54,4 +54,6 @@ pub mod time;
 #[cfg(feature = "full")]
 pub mod tool;
 #[cfg(feature = "full")]
+pub mod webhook;
+#[cfg(feature = "full")]
 pub mod workflow;

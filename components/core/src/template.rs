@@ -185,21 +185,90 @@ pub fn lookup<'a>(scope: &'a impl Scope, r: &Reference) -> Option<&'a Value> {
 
 /// Renders a template against `scope`.
 pub fn render(template: &Value, scope: &impl Scope) -> Result<Value, String> {
+    render_by(template, &|e| {
+        Ok(lookup(scope, &parse_reference(e)?).cloned())
+    })
+}
+
+/// Renders a template whose references are paths into one document from its top, each
+/// starting with one of `roots`: a trigger's `{{ body.pull_request.title }}` or
+/// `{{ headers.x-github-event }}`. A missing field is `null`.
+pub fn render_document(template: &Value, doc: &Value, roots: &[&str]) -> Result<Value, String> {
+    render_by(template, &|e| {
+        let path = document_path(e, roots)?;
+        let mut v = doc;
+        for seg in &path {
+            let next = match seg {
+                Segment::Field(f) => v.get(f),
+                Segment::Index(i) => v.get(*i),
+            };
+            match next {
+                Some(n) => v = n,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(v.clone()))
+    })
+}
+
+/// Every problem of a [`render_document`] template, with the JSON path of its string.
+pub fn check_document(template: &Value, roots: &[&str]) -> Result<(), Vec<PathError>> {
+    let mut errors = Vec::new();
+    walk(
+        template,
+        String::new(),
+        &mut |path, s| match expressions(s) {
+            Ok(exprs) => {
+                for (_, _, e) in exprs {
+                    if let Err(m) = document_path(e, roots) {
+                        errors.push((path.to_string(), m));
+                    }
+                }
+            }
+            Err(m) => errors.push((path.to_string(), m)),
+        },
+    );
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+fn document_path(expr: &str, roots: &[&str]) -> Result<Vec<Segment>, String> {
+    let path = parse_path(expr.trim())?;
+    match path.first() {
+        Some(Segment::Field(f)) if roots.contains(&f.as_str()) => Ok(path),
+        _ => Err(format!(
+            "`{}`: a template here reads {}",
+            expr.trim(),
+            roots
+                .iter()
+                .map(|r| format!("`{r}...`"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )),
+    }
+}
+
+/// Renders a template, `resolve` giving each `{{ }}` expression's value (`None`: missing).
+fn render_by(
+    template: &Value,
+    resolve: &dyn Fn(&str) -> Result<Option<Value>, String>,
+) -> Result<Value, String> {
     Ok(match template {
         Value::String(s) => {
             let exprs = expressions(s)?;
             match exprs.as_slice() {
                 [] => Value::String(s.clone()),
-                [(0, end, e)] if *end == s.len() => lookup(scope, &parse_reference(e)?)
-                    .cloned()
-                    .unwrap_or(Value::Null),
+                [(0, end, e)] if *end == s.len() => resolve(e)?.unwrap_or(Value::Null),
                 _ => {
                     let mut out = String::new();
                     let mut last = 0;
                     for (start, end, e) in exprs {
                         out.push_str(&s[last..start]);
-                        match lookup(scope, &parse_reference(e)?) {
-                            Some(Value::String(text)) => out.push_str(text),
+                        match resolve(e)? {
+                            Some(Value::String(text)) => out.push_str(&text),
                             Some(Value::Null) | None => {}
                             Some(other) => out.push_str(&other.to_string()),
                         }
@@ -213,12 +282,12 @@ pub fn render(template: &Value, scope: &impl Scope) -> Result<Value, String> {
         Value::Array(items) => Value::Array(
             items
                 .iter()
-                .map(|i| render(i, scope))
+                .map(|i| render_by(i, resolve))
                 .collect::<Result<_, _>>()?,
         ),
         Value::Object(map) => Value::Object(
             map.iter()
-                .map(|(k, v)| Ok((k.clone(), render(v, scope)?)))
+                .map(|(k, v)| Ok((k.clone(), render_by(v, resolve)?)))
                 .collect::<Result<_, String>>()?,
         ),
         other => other.clone(),
@@ -308,6 +377,26 @@ mod tests {
         assert_eq!(
             out,
             json!({"n": 3, "tags": ["x", "y"], "msg": "hi ada #3", "missing": null})
+        );
+    }
+
+    #[test]
+    fn document_templates_read_their_roots_typed_or_as_text() {
+        let doc =
+            json!({"body": {"pr": {"title": "Fix", "number": 7}}, "headers": {"x-event": "push"}});
+        let t = json!({"title": "{{ body.pr.title }}", "n": "{{ body.pr.number }}",
+            "what": "{{ headers.x-event }} #{{ body.pr.number }}", "gone": "{{ body.nope.deeper }}"});
+        assert_eq!(
+            render_document(&t, &doc, &["body", "headers"]).unwrap(),
+            json!({"title": "Fix", "n": 7, "what": "push #7", "gone": null})
+        );
+        assert!(check_document(&t, &["body", "headers"]).is_ok());
+        let errors =
+            check_document(&json!({"a": ["{{ input.x }}"]}), &["body", "headers"]).unwrap_err();
+        assert_eq!(errors[0].0, "a[0]");
+        assert!(
+            errors[0].1.contains("`body...` or `headers...`"),
+            "{errors:?}"
         );
     }
 }

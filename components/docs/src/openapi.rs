@@ -66,8 +66,9 @@ const LIST: &[&str] = &[
     "created_before",
 ];
 
-/// Operations that need no credential.
-const PUBLIC: [&str; 8] = [
+/// Operations that need no credential (a trigger's sender signs instead).
+const PUBLIC: [&str; 9] = [
+    "/hooks/{id}",
     "/healthz",
     "/readyz",
     "/openapi.json",
@@ -333,6 +334,7 @@ fn operations() -> Vec<Op> {
                 "project_id",
                 "workflow_id",
                 "schedule_id",
+                "trigger_id",
                 "status",
                 "created_after",
                 "created_before",
@@ -444,6 +446,60 @@ fn operations() -> Vec<Op> {
         ]
     ));
     ops.extend(crud!(
+        "/api/v1/webhooks",
+        "webhooks",
+        "Webhook",
+        "WebhookInput",
+        LIST
+    ));
+    ops.extend([
+        op(
+            "POST",
+            "/api/v1/webhooks/{id}/test",
+            "webhooks",
+            "Queue a webhook.test event for this webhook (202; 409 when disabled)",
+        )
+        .answers(202, Some("WebhookDelivery")),
+        op(
+            "POST",
+            "/api/v1/webhooks/{id}/rotate-secret",
+            "webhooks",
+            "A new signing secret, shown once; the old one signs beside it for overlap_s",
+        )
+        .body("RotateSecretInput")
+        .answers(200, Some("RotatedSecret")),
+        op(
+            "GET",
+            "/api/v1/webhooks/{id}/deliveries",
+            "webhooks",
+            "The delivery history, newest first",
+        )
+        .query(&["status_delivery", "limit", "cursor"])
+        .answers(200, Some("WebhookDeliveryPage")),
+        op(
+            "GET",
+            "/api/v1/webhooks/{id}/deliveries/{delivery_id}",
+            "webhooks",
+            "One delivery, with the payload its attempts send",
+        )
+        .answers(200, Some("WebhookDelivery")),
+        op(
+            "POST",
+            "/hooks/{id}",
+            "triggers",
+            "Start a run of the trigger's workflow from a signed request (no user auth; 401 when the signature fails; a redelivery answers as the first)",
+        )
+        .body("HookBody")
+        .answers(202, Some("HookAccepted")),
+    ]);
+    ops.extend(crud!(
+        "/api/v1/triggers",
+        "triggers",
+        "Trigger",
+        "TriggerInput",
+        LIST
+    ));
+    ops.extend(crud!(
         "/api/v1/schedules",
         "schedules",
         "Schedule",
@@ -484,6 +540,10 @@ fn query_parameter(name: &str) -> Value {
             "Only enabled (or disabled) ones",
         ),
         "status" => (json!({"enum": run_statuses()}), "Only runs in this status"),
+        "status_delivery" => {
+            return json!({"name": "status", "in": "query", "required": false,
+                "schema": {"enum": ["pending", "delivered", "failed"]}, "description": "Only deliveries in this status"});
+        }
         "after" => (
             json!({"type": "integer", "minimum": 0}),
             "Events after this sequence number (or Last-Event-ID)",
@@ -549,6 +609,10 @@ fn operation(o: &Op) -> Value {
     }
     if o.path == "/readyz" {
         errors.push(503);
+    }
+    if o.path == "/hooks/{id}" {
+        // No user credential, but a signature: refused as 401; an unknown trigger is 404.
+        errors.extend([401, 404, 409, 413]);
     }
     errors.sort_unstable();
     for status in errors {
@@ -715,6 +779,35 @@ fn schemas() -> Value {
     let mut schedule_out = schedule.clone();
     schedule_out["next_fire_at"] = json!({"type": ["string", "null"], "format": "date-time"});
     schedule_out["last_fired_at"] = json!({"type": ["string", "null"], "format": "date-time"});
+    let event_types = json!({"type": "array", "minItems": 1, "uniqueItems": true, "items": {"enum": [
+        "run.succeeded", "run.failed", "run.timed_out", "run.cancelled", "step.waiting_approval",
+        "budget.alert", "schedule.skipped", "schedule.refused"]}});
+    let webhook = json!({
+        "url": {"type": "string", "format": "uri", "maxLength": 2048, "description": "https, not an internal address (the tool URL rules)"},
+        "description": {"type": ["string", "null"], "maxLength": 1000},
+        "event_types": event_types, "enabled": {"type": "boolean", "default": true}
+    });
+    let mut webhook_out = webhook.clone();
+    webhook_out["disabled_reason"] = json!({"type": ["string", "null"], "description": "Why the notifier disabled it (failing for 3 days)"});
+    webhook_out["failing_since"] = json!({"type": ["string", "null"], "format": "date-time"});
+    webhook_out["secrets_in_use"] =
+        json!({"type": "integer", "description": "2 while a rotated secret overlaps the new one"});
+    webhook_out["secret"] =
+        json!({"type": "string", "description": "whsec_...: in the create reply only, once"});
+    let trigger = json!({
+        "name": {"type": "string", "maxLength": 200}, "workflow_id": uuid,
+        "input_template": {"description": "JSON whose strings may hold {{ body.path }} and {{ headers.name }}; default \"{{ body }}\"", "default": "{{ body }}"},
+        "verification": {"enum": ["standard_webhooks", "github", "bearer"], "default": "standard_webhooks"},
+        "enabled": {"type": "boolean", "default": true},
+        "secret": {"type": "string", "writeOnly": true, "maxLength": 256,
+            "description": "whsec_... for standard_webhooks, 16 to 256 characters otherwise; made (and shown once) when not given"}
+    });
+    let mut trigger_out = trigger.clone();
+    trigger_out["secret"] = json!({"type": "string", "description": "In the create reply only, when the trigger made it"});
+    trigger_out["url"] = json!({"type": "string", "description": "/hooks/{id}"});
+    trigger_out["refused_count"] = json!({"type": "integer"});
+    trigger_out["last_refused_at"] = json!({"type": ["string", "null"], "format": "date-time"});
+    trigger_out["last_refusal"] = json!({"type": ["string", "null"]});
     let price = json!({"type": "object", "properties": {
         "model": s("string"), "input_per_mtok_usd": money, "output_per_mtok_usd": money,
         "source": {"enum": ["default", "project"]}}});
@@ -767,6 +860,24 @@ fn schemas() -> Value {
         "PolicyInput": input(policy, &["name", "rules"]),
         "Schedule": resource(schedule_out),
         "ScheduleInput": input(schedule, &["workflow_id", "cron"]),
+        "Webhook": resource(webhook_out),
+        "WebhookInput": input(webhook, &["url", "event_types"]),
+        "WebhookDelivery": {"type": "object", "properties": {
+            "id": uuid, "message_id": {"type": "string", "description": "The webhook-id header of every attempt"},
+            "event_type": s("string"), "status": {"enum": ["pending", "delivered", "failed"]}, "attempts": s("integer"),
+            "last_response_status": {"type": ["integer", "null"]}, "last_error": {"type": ["string", "null"]},
+            "created_at": time, "last_attempt_at": {"type": ["string", "null"]}, "delivered_at": {"type": ["string", "null"]},
+            "next_attempt_at": {"type": ["string", "null"]},
+            "payload": {"type": "object", "description": "One delivery only: {type, timestamp, data}, the bytes every attempt signs"}}},
+        "RotateSecretInput": {"type": "object", "additionalProperties": false, "properties": {
+            "overlap_s": {"type": "integer", "minimum": 0, "maximum": 604800, "default": 86400}}},
+        "RotatedSecret": {"type": "object", "properties": {"secret": {"type": "string", "description": "Shown once"},
+            "previous_secret_expires_at": {"type": ["string", "null"]}}},
+        "Trigger": resource(trigger_out),
+        "TriggerInput": input(trigger, &["name", "workflow_id"]),
+        "HookBody": {"description": "The sender's JSON event, signed per the trigger's verification: webhook-id, webhook-timestamp and \
+            webhook-signature (Standard Webhooks); X-Hub-Signature-256 and X-GitHub-Delivery (GitHub); Authorization: Bearer and an optional Idempotency-Key"},
+        "HookAccepted": {"type": "object", "properties": {"run_id": uuid, "trigger_id": uuid, "delivery_id": {"type": ["string", "null"]}}},
         "MetricsReport": {"type": "object", "properties": {"project_id": uuid, "from": time, "to": time,
             "group_by": {"type": ["string", "null"]}, "counted": {"enum": ["runs", "steps"]},
             "items": {"type": "array", "items": {"type": "object", "description": "The group's key fields, then the figures", "properties": {
@@ -804,6 +915,7 @@ fn schemas() -> Value {
             "duration_ms": {"type": ["integer", "null"]}, "created_at": time, "updated_at": time,
             "steps": {"type": "object", "additionalProperties": {"type": "integer"}, "description": "Step counts by status"},
             "payloads_pruned_at": {"type": ["string", "null"], "description": "When retention removed the steps' inputs and outputs"},
+            "trigger_id": {"type": ["string", "null"], "description": "The event trigger that started it"},
             "trace_export": {"type": ["object", "null"], "description": "GET /runs/{id} only, when the project exports traces: \
                 status (pending, exported, failed), attempts, last_error, exported_at",
                 "properties": {"status": {"enum": ["pending", "exported", "failed"]}, "attempts": s("integer"),
@@ -831,6 +943,9 @@ fn schemas() -> Value {
         "Secret",
         "WorkflowVersion",
         "ModelPrice",
+        "Webhook",
+        "WebhookDelivery",
+        "Trigger",
     ] {
         m[format!("{item}Page")] = page(item);
     }

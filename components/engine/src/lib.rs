@@ -17,6 +17,7 @@
 //! | time out | [`lifecycle::time_out`] | sweeper |
 //! | finish | [`advance::finish`] | advance, time out |
 //! | prune payloads | [`lifecycle::prune`] | sweeper |
+//! | queue webhook deliveries | [`store::event`], [`outbox::enqueue`] | every event webhooks hear of |
 //!
 //! Lock order, the same everywhere so transitions queue and never deadlock: the project's
 //! row (only admission under a concurrency limit), then the run's row
@@ -29,6 +30,7 @@
 
 pub mod advance;
 pub mod lifecycle;
+pub mod outbox;
 pub mod policies;
 pub mod start;
 pub mod step;

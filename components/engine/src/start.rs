@@ -99,6 +99,11 @@ pub enum Origin<'a> {
         schedule_id: &'a str,
         at: DateTime<Utc>,
     },
+    /// `POST /hooks/{trigger_id}`: another system's event, with the sender's delivery id.
+    Trigger {
+        trigger_id: &'a str,
+        delivery_id: Option<&'a str>,
+    },
 }
 
 /// A run to start.
@@ -168,6 +173,10 @@ fn insert<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<()
     let w = run.workflow;
     let id = || V::Uuid(run.run_id.into());
     let deadline = w.timeout_s.map(|s| run.now + chrono::Duration::seconds(s));
+    let trigger = match &run.origin {
+        Origin::Trigger { trigger_id, .. } => Some(*trigger_id),
+        _ => None,
+    };
     let (created_by, retry_of, schedule, mut data, reused) = match &run.origin {
         Origin::Api { user_id } => (
             Some(*user_id),
@@ -196,12 +205,23 @@ fn insert<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<()
                 "scheduled_for": sparkops_core::time::rfc3339(*at)}),
             None,
         ),
+        Origin::Trigger {
+            trigger_id,
+            delivery_id,
+        } => (
+            None,
+            None,
+            None,
+            json!({"workflow_version": w.version, "trigger_id": trigger_id,
+                "delivery_id": delivery_id}),
+            None,
+        ),
     };
     tx.execute(
         &format!(
             "insert into runs (run_id, project_id, workflow_id, workflow_version, input, created_by,
-                deadline_at, retry_of, schedule_id, scheduled_for, created_at, updated_at)
-             values ($1, $2, $3, $4, $5, $6, $7{AS_TIMESTAMPTZ}, $8, $9, $10{AS_TIMESTAMPTZ},
+                deadline_at, retry_of, schedule_id, scheduled_for, trigger_id, created_at, updated_at)
+             values ($1, $2, $3, $4, $5, $6, $7{AS_TIMESTAMPTZ}, $8, $9, $10{AS_TIMESTAMPTZ}, $12,
                 $11{AS_TIMESTAMPTZ}, $11{AS_TIMESTAMPTZ})"
         ),
         &[
@@ -216,6 +236,7 @@ fn insert<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<()
             schedule.map_or(V::Null, |(s, _)| V::Uuid(s.into())),
             schedule.map_or(V::Null, |(_, t)| V::Timestamp(t)),
             V::Timestamp(run.now),
+            trigger.map_or(V::Null, |t| V::Uuid(t.into())),
         ],
     )?;
     let mut reused_keys = Vec::new();

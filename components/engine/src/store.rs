@@ -7,7 +7,10 @@ use serde_json::Value;
 use sparkops_core::db::{Connection, Read, Row, Tx, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::status::{RunStatus, StepStatus};
+use sparkops_core::webhook;
 use sparkops_core::workflow::{self, Definition};
+
+use crate::outbox;
 
 /// Takes the run's row lock and reads its status: the first lock of every change to a run
 /// and its steps, so changes queue and never deadlock. `None` when there is no such run.
@@ -33,16 +36,37 @@ pub fn event<C: Connection + ?Sized>(
     step: Option<&str>,
     data: Value,
 ) -> Result<(), ApiError> {
-    tx.execute(
-        "with seq as (update runs set event_seq = event_seq + 1 where run_id = $1 returning event_seq)
-         insert into run_events (run_id, seq, kind, step_key, data) select $1, event_seq, $2, $3, $4 from seq",
-        &[
-            V::Uuid(run_id.into()),
-            V::Text(kind.into()),
-            step.map_or(V::Null, |s| V::Text(s.into())),
-            V::Json(data),
-        ],
-    )?;
+    let mut params = vec![
+        V::Uuid(run_id.into()),
+        V::Text(kind.into()),
+        step.map_or(V::Null, |s| V::Text(s.into())),
+        V::Json(data),
+    ];
+    const LOG: &str = "with seq as (update runs set event_seq = event_seq + 1 where run_id = $1 returning event_seq)
+         insert into run_events (run_id, seq, kind, step_key, data) select $1, event_seq, $2, $3, $4 from seq";
+    match webhook::event_type_of(kind) {
+        None => tx.execute(LOG, &params)?,
+        // An event webhooks are told of: its deliveries are queued by the same statement.
+        Some(event_type) => {
+            params.push(V::Text(event_type.into()));
+            let deliveries = outbox::insert_deliveries(
+                "$5::text",
+                "r.project_id",
+                outbox::RUN_EVENT_DATA,
+                ", runs r",
+            );
+            tx.execute(
+                &format!(
+                    "with seq as (update runs set event_seq = event_seq + 1 where run_id = $1 returning event_seq),
+                     logged as (insert into run_events (run_id, seq, kind, step_key, data)
+                         select $1, event_seq, $2, $3, $4 from seq),
+                     told as ({deliveries} and r.run_id = $1)
+                     select 1"
+                ),
+                &params,
+            )?
+        }
+    };
     Ok(())
 }
 

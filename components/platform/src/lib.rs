@@ -19,6 +19,7 @@ pub mod resource;
 pub mod schedule_fire;
 pub mod tool_call;
 pub mod traces;
+pub mod webhooks;
 pub mod work;
 
 /// A cron component's tick: `work` as at the tick's time (`timestamp`, Unix seconds), its

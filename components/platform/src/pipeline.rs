@@ -233,20 +233,30 @@ impl Ctx {
         create: impl FnOnce(&core_db::Tx<'_, Db>, &Work) -> Result<Reply, ApiError>,
     ) -> Result<Reply, ApiError> {
         let key = req.header("idempotency-key").map(str::to_string);
+        self.create_once_as(req, who.key(), ("Idempotency-Key", key), create)
+    }
+
+    /// [`Ctx::create_once`] for a caller named `principal` (not a user: a trigger's sender),
+    /// with the key from elsewhere than `Idempotency-Key`: `(the header it came from, its
+    /// value)`.
+    pub fn create_once_as(
+        &mut self,
+        req: &HttpRequest,
+        principal: String,
+        (header, key): (&'static str, Option<String>),
+        create: impl FnOnce(&core_db::Tx<'_, Db>, &Work) -> Result<Reply, ApiError>,
+    ) -> Result<Reply, ApiError> {
         if let Some(k) = &key
             && !(1..=255).contains(&k.len())
         {
-            return Err(ApiError::field(
-                "Idempotency-Key",
-                "must be 1 to 255 characters",
-            ));
+            return Err(ApiError::field(header, "must be 1 to 255 characters"));
         }
         let request_hash = auth::token_hash(&format!(
             "{}\n{}",
             req.path,
             String::from_utf8_lossy(&req.body)
         ));
-        let scope = (who.key(), req.path.clone());
+        let scope = (principal, req.path.clone());
         self.transaction(|tx, ctx| {
             let Some(key) = &key else {
                 return create(tx, ctx);
@@ -262,7 +272,7 @@ impl Ctx {
                 &[V::Text(scope.0.clone()), V::Text(scope.1.clone()), V::Text(key.clone()), V::Text(request_hash.clone())],
             )?;
             if inserted == 0 {
-                return replay(tx, &scope, key, &request_hash);
+                return replay(tx, &scope, key, &request_hash, header);
             }
             let reply = create(tx, ctx)?;
             let location = reply.headers.iter().find(|(k, _)| k == "location").map(|(_, v)| v.clone());
@@ -288,6 +298,7 @@ fn replay(
     (principal, route): &(String, String),
     key: &str,
     request_hash: &str,
+    header: &'static str,
 ) -> Result<Reply, ApiError> {
     let rows = tx.query(
         "select request_hash, status, response, location from idempotency_keys
@@ -303,7 +314,7 @@ fn replay(
         .ok_or_else(|| ApiError::internal("the idempotency upsert returned no row"))?;
     if row.text(0)? != request_hash {
         return Err(ApiError::field(
-            "Idempotency-Key",
+            header,
             "was already used with another request body",
         ));
     }

@@ -74,6 +74,17 @@ pub trait Resource {
     /// update, `version` raised by one).
     fn save(tx: &Tx<'_, Db>, ctx: &Work, w: Write<'_>) -> Result<(), ApiError>;
 
+    /// Fields shown once, in the reply to the create that made them (a generated secret):
+    /// written by the resource in the create's transaction, added to the reply after it is
+    /// stored for `Idempotency-Key` replays, so a replay never shows them.
+    fn reveal_on_create(
+        _tx: &Tx<'_, Db>,
+        _project_id: &str,
+        _id: &str,
+    ) -> Result<Map<String, Value>, ApiError> {
+        Ok(Map::new())
+    }
+
     /// Why the live row `id` cannot be deleted (others still use it), if so.
     fn in_use(_tx: &Tx<'_, Db>, _id: &str) -> Result<Option<String>, ApiError> {
         Ok(None)
@@ -268,7 +279,8 @@ fn create<R: Resource>(
         Some(_) => return Err(ApiError::field("project_id", "must be a project id")),
     };
     let access = project_of_request(ctx, who, project_id, R::WRITE)?;
-    ctx.create_once(req, who, |tx, ctx| {
+    let mut revealed = Map::new();
+    let mut reply = ctx.create_once(req, who, |tx, ctx| {
         let id = ctx.new_id();
         R::save(
             tx,
@@ -281,10 +293,15 @@ fn create<R: Resource>(
                 user_id: &who.user_id,
             },
         )?;
+        revealed = R::reveal_on_create(tx, &access.project_id, &id)?;
         let row = select_one::<R>(tx, &id, false)?;
         let location = format!("{}/{id}", R::PATH);
         Ok(reply_with_etag(R::to_json(&row)?, 201)?.header("location", location))
-    })
+    })?;
+    if let Some(Value::Object(body)) = reply.body.as_mut() {
+        body.extend(revealed);
+    }
+    Ok(reply)
 }
 
 /// The `If-Match` precondition, when sent.

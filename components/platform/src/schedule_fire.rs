@@ -157,6 +157,14 @@ fn record(
     manual: bool,
 ) -> Result<(), ApiError> {
     let (outcome, reason, run_id) = fired.outcome();
+    let told = match fired {
+        Fired::Started { .. } => None,
+        Fired::Skipped(_) | Fired::Gone => Some("schedule.skipped"),
+        Fired::Refused(_) | Fired::Failed(_) => Some("schedule.refused"),
+    };
+    if let Some(event_type) = told {
+        tell(tx, schedule_id, event_type, at, outcome, reason, manual)?;
+    }
     tx.execute(
         &format!(
             "insert into schedule_fires (schedule_id, fire_at, outcome, reason, run_id, manual)
@@ -174,6 +182,38 @@ fn record(
     Ok(())
 }
 
+/// Queues the webhook deliveries of a fire that started no run, in the fire's transaction.
+fn tell(
+    tx: &Tx<'_, Db>,
+    schedule_id: &str,
+    event_type: &str,
+    at: DateTime<Utc>,
+    outcome: &str,
+    reason: Option<&str>,
+    manual: bool,
+) -> Result<(), ApiError> {
+    let rows = tx.query(
+        "select project_id::text, workflow_id::text, cron, timezone from schedules where schedule_id = $1",
+        &[V::Uuid(schedule_id.into())],
+    )?;
+    let Some(r) = rows.first() else {
+        return Ok(());
+    };
+    let data = json!({
+        "project_id": r.text(0)?,
+        "schedule_id": schedule_id,
+        "workflow_id": r.text(1)?,
+        "cron": r.text(2)?,
+        "timezone": r.text(3)?,
+        "fire_at": sparkops_core::time::rfc3339(at),
+        "outcome": outcome,
+        "reason": reason,
+        "manual": manual,
+    });
+    engine::outbox::enqueue(tx, &r.text(0)?, event_type, data)?;
+    Ok(())
+}
+
 /// Records fires missed beyond the catch-up window, `first` to `last`, as one row.
 pub fn record_missed(
     tx: &Tx<'_, Db>,
@@ -188,6 +228,15 @@ pub fn record_missed(
     } else {
         format!("missed by more than the catch-up window of {window_s} s")
     };
+    tell(
+        tx,
+        schedule_id,
+        "schedule.skipped",
+        first,
+        "skipped",
+        Some(&reason),
+        false,
+    )?;
     tx.execute(
         &format!(
             "insert into schedule_fires (schedule_id, fire_at, outcome, reason, missed_until, missed_count)

@@ -80,7 +80,7 @@ const RUN_COLUMNS: &str = "r.run_id::text, r.project_id::text, r.workflow_id::te
      (r.created_at at time zone 'UTC'), (r.updated_at at time zone 'UTC'), \
      (select coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb) from \
         (select status, count(*) as n from run_steps where run_id = r.run_id group by status) s), \
-     (r.payloads_pruned_at at time zone 'UTC')";
+     (r.payloads_pruned_at at time zone 'UTC'), r.trigger_id::text";
 
 fn run_json(row: &Row) -> Result<Value, ApiError> {
     let duration_ms = match (row.opt_timestamp(15)?, row.opt_timestamp(16)?) {
@@ -111,6 +111,8 @@ fn run_json(row: &Row) -> Result<Value, ApiError> {
         "steps": row.json(19)?,
         // Set once retention has removed the steps' inputs and outputs.
         "payloads_pruned_at": row.time_json(20)?,
+        // Set for a run an event trigger started (`POST /hooks/{trigger_id}`).
+        "trigger_id": row.opt_text(21)?,
     }))
 }
 
@@ -191,6 +193,7 @@ fn list(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiE
     for (param, column) in [
         ("workflow_id", "r.workflow_id"),
         ("schedule_id", "r.schedule_id"),
+        ("trigger_id", "r.trigger_id"),
     ] {
         if let Some(raw) = req.query_param(param) {
             params.push(V::Uuid(parse_uuid(&raw, param)?));

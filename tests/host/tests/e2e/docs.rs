@@ -125,10 +125,29 @@ async fn the_openapi_document_matches_the_contract_and_the_app() {
     let extra: BTreeSet<String> = documented.difference(&contract).cloned().collect();
     assert_eq!(
         extra,
-        BTreeSet::from([
-            "DELETE /api/v1/models/prices/{}".to_string(),
-            "GET /api/v1/schedules/{}/fires".to_string(),
-        ])
+        BTreeSet::from(
+            [
+                "DELETE /api/v1/models/prices/{}",
+                "GET /api/v1/schedules/{}/fires",
+                // Webhooks and triggers (the README's "Webhooks and triggers").
+                "GET /api/v1/webhooks",
+                "POST /api/v1/webhooks",
+                "GET /api/v1/webhooks/{}",
+                "PATCH /api/v1/webhooks/{}",
+                "DELETE /api/v1/webhooks/{}",
+                "POST /api/v1/webhooks/{}/test",
+                "POST /api/v1/webhooks/{}/rotate-secret",
+                "GET /api/v1/webhooks/{}/deliveries",
+                "GET /api/v1/webhooks/{}/deliveries/{}",
+                "GET /api/v1/triggers",
+                "POST /api/v1/triggers",
+                "GET /api/v1/triggers/{}",
+                "PATCH /api/v1/triggers/{}",
+                "DELETE /api/v1/triggers/{}",
+                "POST /hooks/{}",
+            ]
+            .map(String::from)
+        )
     );
     for route in &pending {
         assert!(
@@ -145,6 +164,7 @@ async fn the_openapi_document_matches_the_contract_and_the_app() {
             .replace("{user_id}", "0191e7a2-1f6e-7fff-bfff-ffffffffffff")
             .replace("{name}", "KEY")
             .replace("{key}", "step")
+            .replace("{delivery_id}", "0191e7a2-1f6e-7fff-bfff-ffffffffffff")
             .replace("{model}", "openai/gpt-4o");
         let res = api.call(method, &path, None, None).await;
         assert!(

@@ -463,6 +463,25 @@ async fn fill_every_table(api: &crate::common::Api) {
     .await;
     let now = chrono::Utc::now().timestamp();
     api.tick("scheduler", now + 120).await;
+    // A webhook (and its secret) with a queued delivery, and a trigger.
+    let hook = api
+        .create(
+            &ada.access,
+            "/api/v1/webhooks",
+            json!({"project_id": p, "url": collector.url("/hook"), "event_types": ["run.failed"]}),
+        )
+        .await;
+    let test = format!("/api/v1/webhooks/{}/test", hook["id"].as_str().unwrap());
+    assert_eq!(
+        api.status("POST", &test, Some(&ada.access), None).await,
+        202
+    );
+    api.create(
+        &ada.access,
+        "/api/v1/triggers",
+        json!({"project_id": p, "name": "t", "workflow_id": wf}),
+    )
+    .await;
     // What no API call leaves behind for long: a budget's spend and an open reservation.
     let db = api.env.db().await;
     db.batch_execute(&format!(

@@ -1,0 +1,414 @@
+//! Outgoing webhooks: the secrets they are signed with, and delivering the outbox.
+//!
+//! Events are queued by the engine in the transaction that makes them
+//! (`sparkops_engine::outbox`). The `notifier` cron component calls [`deliver_due`] every
+//! second: it claims due deliveries under a lease (replicas never send one at once; a
+//! crashed notifier's deliveries come back when the lease ends), signs each attempt per
+//! Standard Webhooks ([`sparkops_core::webhook`]) with every secret in use, and records the
+//! outcome on the delivery and its webhook. Delivery is at least once: an attempt whose
+//! answer was lost is sent again, with the same `webhook-id`, for the receiver to
+//! de-duplicate. A failed attempt is retried with exponential backoff (honouring
+//! `Retry-After`); a webhook failing for [`DISABLE_AFTER_S`] is disabled, saying why.
+//! Redirects are failures, never followed (the URL rules hold for the URL the user saved).
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Tx, Value as V};
+use sparkops_core::error::ApiError;
+use sparkops_core::llm;
+use sparkops_core::secrets::Sealed;
+use sparkops_core::webhook;
+
+use crate::db::Db;
+use crate::outbound::{self, Call, CallError};
+use crate::pipeline::master_keys;
+use crate::work::Work;
+
+/// Deliveries one tick takes on at most; the next tick takes the rest.
+const PER_TICK: usize = 2000;
+const BATCH: i64 = 50;
+/// How long a claimed delivery is held before another notifier may take it.
+const LEASE_S: i64 = 60;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a tick starts new attempts; with one request's timeout on top, well inside
+/// [`LEASE_S`].
+const TICK_BUDGET: Duration = Duration::from_secs(30);
+/// The first retry waits this long; each next one twice as long, up to [`MAX_BACKOFF_S`].
+const FIRST_BACKOFF_S: i64 = 5;
+const MAX_BACKOFF_S: i64 = 3600;
+/// A webhook whose deliveries have failed for this long is disabled, and a delivery this
+/// old is given up.
+pub const DISABLE_AFTER_S: i64 = 3 * 86_400;
+/// How long a rotated-out secret keeps signing, unless the rotation says otherwise.
+pub const DEFAULT_OVERLAP_S: i64 = 86_400;
+
+// ---- Signing secrets -----------------------------------------------------------------------
+
+/// Seals `secret` as the current secret of `owner_id` (a webhook or a trigger); a secret it
+/// replaces keeps working for `overlap_s` seconds (0: not at all).
+pub fn set_secret(
+    tx: &Tx<'_, Db>,
+    project_id: &str,
+    owner_id: &str,
+    secret: &str,
+    overlap_s: i64,
+) -> Result<(), ApiError> {
+    let sealed = master_keys()?.seal(project_id, owner_id, secret, crate::random_array());
+    tx.execute(
+        "update signing_secrets set expires_at = now() + make_interval(secs => $2::float8)
+         where owner_id = $1 and (expires_at is null or expires_at > now() + make_interval(secs => $2::float8))",
+        &[V::Uuid(owner_id.into()), V::Float64(overlap_s as f64)],
+    )?;
+    tx.execute(
+        "insert into signing_secrets (owner_id, project_id, seq, ciphertext, nonce, key_id)
+         select $1, $2, coalesce(max(seq), 0) + 1, $3, $4, $5 from signing_secrets where owner_id = $1",
+        &[
+            V::Uuid(owner_id.into()),
+            V::Uuid(project_id.into()),
+            V::Bytes(sealed.ciphertext),
+            V::Bytes(sealed.nonce.to_vec()),
+            V::Text(sealed.key_id),
+        ],
+    )?;
+    Ok(())
+}
+
+/// The secrets of `owner_id` in use now, newest first.
+pub fn secrets_in_use(db: &Db, project_id: &str, owner_id: &str) -> Result<Vec<String>, ApiError> {
+    let keys = master_keys()?;
+    let rows = db.query(
+        "select ciphertext, nonce, key_id from signing_secrets
+         where owner_id = $1 and (expires_at is null or expires_at > now()) order by seq desc",
+        &[V::Uuid(owner_id.into())],
+    )?;
+    rows.iter()
+        .map(|row| {
+            let (V::Bytes(ciphertext), V::Bytes(nonce)) = (&row.0[0], &row.0[1]) else {
+                return Err(ApiError::internal("a signing secret row is malformed"));
+            };
+            let sealed = Sealed {
+                ciphertext: ciphertext.clone(),
+                nonce: nonce
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| ApiError::internal("a signing secret nonce is malformed"))?,
+                key_id: row.text(2)?,
+            };
+            keys.open(project_id, owner_id, &sealed)
+                .map_err(|e| ApiError::internal(format!("a signing secret does not open: {e:?}")))
+        })
+        .collect()
+}
+
+/// A webhook's URL, if the deployment lets it be called now (the tool URL rules).
+pub fn check_url(raw: &str) -> Result<url::Url, String> {
+    crate::traces::check_endpoint(raw)
+}
+
+// ---- Delivery ------------------------------------------------------------------------------
+
+/// One claimed delivery.
+struct Due {
+    delivery_id: String,
+    webhook_id: String,
+    project_id: String,
+    payload: Value,
+    created_at: DateTime<Utc>,
+}
+
+/// What became of one attempt.
+#[derive(Debug)]
+enum Outcome {
+    Delivered {
+        status: u16,
+    },
+    Failed {
+        status: Option<u16>,
+        error: String,
+        /// At least this long before the next attempt (`Retry-After`).
+        after_s: i64,
+    },
+    /// The webhook is gone or disabled: the delivery ends without an attempt.
+    Dropped(String),
+    /// Not tried: the tick ran out of time. Not counted as an attempt.
+    Postponed,
+}
+
+/// Sends every due delivery, as at `now` (the tick's time).
+pub fn deliver_due(ctx: &mut Work, now: DateTime<Utc>) -> Result<(), ApiError> {
+    let deadline = Instant::now() + TICK_BUDGET;
+    let mut taken = 0;
+    while taken < PER_TICK && Instant::now() < deadline {
+        let claimed = claim(ctx.db()?, now)?;
+        if claimed.is_empty() {
+            break;
+        }
+        taken += claimed.len();
+        for due in claimed {
+            let outcome = if Instant::now() >= deadline {
+                Outcome::Postponed
+            } else {
+                attempt(ctx, &due).unwrap_or_else(|e| Outcome::Failed {
+                    status: None,
+                    error: format!("the delivery could not be prepared: {e:?}"),
+                    after_s: 0,
+                })
+            };
+            log(&due, &outcome);
+            let db = ctx.db()?;
+            sparkops_core::db::transaction(db, |tx| record(tx, &due, &outcome, now))?;
+        }
+    }
+    ctx.db()?.execute(
+        &format!(
+            "delete from webhook_deliveries
+             where status <> 'pending' and created_at < $1{AS_TIMESTAMPTZ} - interval '30 days'"
+        ),
+        &[V::Timestamp(now)],
+    )?;
+    Ok(())
+}
+
+/// Claims up to [`BATCH`] due deliveries for one attempt each, under a lease.
+fn claim(db: &Db, now: DateTime<Utc>) -> Result<Vec<Due>, ApiError> {
+    let rows = db.query(
+        &format!(
+            "with due as (
+                select delivery_id from webhook_deliveries
+                where status = 'pending' and next_attempt_at <= $1{AS_TIMESTAMPTZ}
+                order by next_attempt_at limit $2 for update skip locked)
+             update webhook_deliveries d
+             set attempts = d.attempts + 1,
+                 next_attempt_at = $1{AS_TIMESTAMPTZ} + make_interval(secs => $3)
+             from due where d.delivery_id = due.delivery_id
+             returning d.delivery_id::text, d.webhook_id::text, d.project_id::text, d.payload,
+                 (d.created_at at time zone 'UTC')"
+        ),
+        &[
+            V::Timestamp(now),
+            V::Int64(BATCH),
+            V::Float64(LEASE_S as f64),
+        ],
+    )?;
+    rows.iter()
+        .map(|r| {
+            Ok(Due {
+                delivery_id: r.text(0)?,
+                webhook_id: r.text(1)?,
+                project_id: r.text(2)?,
+                payload: r.json(3)?,
+                created_at: r.timestamp(4)?,
+            })
+        })
+        .collect()
+}
+
+/// One signed attempt of `due`.
+fn attempt(ctx: &mut Work, due: &Due) -> Result<Outcome, ApiError> {
+    let rows = ctx.db()?.query(
+        "select url, enabled and deleted_at is null from webhooks where webhook_id = $1",
+        &[V::Uuid(due.webhook_id.clone())],
+    )?;
+    let Some(row) = rows.first() else {
+        return Ok(Outcome::Dropped("the webhook was deleted".into()));
+    };
+    if !row.bool(1)? {
+        return Ok(Outcome::Dropped(
+            "the webhook was disabled or deleted".into(),
+        ));
+    }
+    let url = match check_url(&row.text(0)?) {
+        Ok(url) => url,
+        Err(e) => {
+            return Ok(Outcome::Failed {
+                status: None,
+                error: format!("denied: the url {e}"),
+                after_s: 0,
+            });
+        }
+    };
+    let keys = secrets_in_use(ctx.db()?, &due.project_id, &due.webhook_id)?
+        .iter()
+        .map(|s| webhook::secret_key(s).map_err(ApiError::internal))
+        .collect::<Result<Vec<_>, _>>()?;
+    // No connection is held while the receiver answers.
+    ctx.release_db();
+    let body = due.payload.to_string().into_bytes();
+    let msg_id = format!("msg_{}", due.delivery_id.replace('-', ""));
+    let timestamp = Utc::now().timestamp();
+    let signature = webhook::signature_header(&keys, &msg_id, timestamp, &body);
+    let answer = outbound::send(Call {
+        method: "POST",
+        url: &url,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("user-agent".into(), "Spark-Ops-Webhooks/1".into()),
+            ("webhook-id".into(), msg_id),
+            ("webhook-timestamp".into(), timestamp.to_string()),
+            ("webhook-signature".into(), signature),
+        ],
+        body: Some(body),
+        timeout: REQUEST_TIMEOUT,
+        max_response_bytes: 16 << 10,
+    });
+    Ok(match answer {
+        Ok(a) if (200..300).contains(&a.status) => Outcome::Delivered { status: a.status },
+        Ok(a) => {
+            let retry_after = a
+                .headers
+                .iter()
+                .find(|(k, _)| k == "retry-after")
+                .map(|(_, v)| v.as_str());
+            let wait_ms = llm::classify(a.status, retry_after).1.unwrap_or(0);
+            let detail: String = String::from_utf8_lossy(&a.body).chars().take(200).collect();
+            Outcome::Failed {
+                status: Some(a.status),
+                error: format!("the receiver answered {}: {detail}", a.status),
+                after_s: (wait_ms / 1000) as i64,
+            }
+        }
+        Err(e @ CallError::Denied(_)) => Outcome::Failed {
+            status: None,
+            error: format!("denied: {e}"),
+            after_s: 0,
+        },
+        Err(e) => Outcome::Failed {
+            status: None,
+            error: e.to_string(),
+            after_s: 0,
+        },
+    })
+}
+
+fn log(due: &Due, outcome: &Outcome) {
+    let (level, result, error) = match outcome {
+        Outcome::Delivered { .. } => ("info", "delivered", None),
+        Outcome::Failed { error, .. } => ("warn", "failed", Some(error.as_str())),
+        Outcome::Dropped(why) => ("info", "dropped", Some(why.as_str())),
+        Outcome::Postponed => ("info", "postponed", None),
+    };
+    crate::log_line(&json!({"level": level, "msg": "webhook delivery",
+        "delivery_id": due.delivery_id, "webhook_id": due.webhook_id,
+        "type": due.payload["type"], "result": result, "error": error}));
+}
+
+/// Records an attempt's outcome on the delivery and on its webhook, under the webhook's row
+/// lock (attempts of one webhook from several ticks then count its failures in turn).
+fn record(
+    tx: &Tx<'_, Db>,
+    due: &Due,
+    outcome: &Outcome,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    let id = V::Uuid(due.delivery_id.clone());
+    let at = V::Timestamp(now);
+    match outcome {
+        Outcome::Postponed => {
+            tx.execute(
+                &format!(
+                    "update webhook_deliveries set attempts = attempts - 1, next_attempt_at = $2{AS_TIMESTAMPTZ}
+                     where delivery_id = $1 and status = 'pending'"
+                ),
+                &[id, at],
+            )?;
+        }
+        Outcome::Dropped(why) => {
+            tx.execute(
+                "update webhook_deliveries set status = 'failed', attempts = attempts - 1, last_error = $2
+                 where delivery_id = $1 and status = 'pending'",
+                &[id, V::Text(why.clone())],
+            )?;
+        }
+        Outcome::Delivered { status } => {
+            tx.execute(
+                &format!(
+                    "update webhook_deliveries set status = 'delivered', delivered_at = $2{AS_TIMESTAMPTZ},
+                        last_attempt_at = $2{AS_TIMESTAMPTZ}, last_response_status = $3, last_error = null
+                     where delivery_id = $1 and status = 'pending'"
+                ),
+                &[id, at, V::Int32(*status as i32)],
+            )?;
+            tx.execute(
+                "update webhooks set failing_since = null where webhook_id = $1 and failing_since is not null",
+                &[V::Uuid(due.webhook_id.clone())],
+            )?;
+        }
+        Outcome::Failed {
+            status,
+            error,
+            after_s,
+        } => {
+            let too_old = now - due.created_at > chrono::Duration::seconds(DISABLE_AFTER_S);
+            tx.execute(
+                &format!(
+                    "update webhook_deliveries set last_error = $3, last_response_status = $4,
+                        last_attempt_at = $2{AS_TIMESTAMPTZ},
+                        status = case when $5 then 'failed' else 'pending' end,
+                        next_attempt_at = $2{AS_TIMESTAMPTZ} + make_interval(secs =>
+                            greatest($6, least($7, $8 * power(2, attempts - 1))))
+                     where delivery_id = $1 and status = 'pending'"
+                ),
+                &[
+                    id,
+                    at.clone(),
+                    V::Text(error.clone()),
+                    status.map_or(V::Null, |s| V::Int32(s as i32)),
+                    V::Bool(too_old),
+                    V::Float64(*after_s as f64),
+                    V::Float64(MAX_BACKOFF_S as f64),
+                    V::Float64(FIRST_BACKOFF_S as f64),
+                ],
+            )?;
+            fail_webhook(tx, &due.webhook_id, error, now)?;
+        }
+    }
+    Ok(())
+}
+
+/// Notes a failed attempt on the webhook; one failing for [`DISABLE_AFTER_S`] is disabled
+/// and its pending deliveries end.
+fn fail_webhook(
+    tx: &Tx<'_, Db>,
+    webhook_id: &str,
+    error: &str,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    let rows = tx.query(
+        &format!(
+            "update webhooks set failing_since = coalesce(failing_since, $2{AS_TIMESTAMPTZ})
+             where webhook_id = $1 and enabled
+             returning (failing_since <= $2{AS_TIMESTAMPTZ} - make_interval(secs => $3))"
+        ),
+        &[
+            V::Uuid(webhook_id.into()),
+            V::Timestamp(now),
+            V::Float64(DISABLE_AFTER_S as f64),
+        ],
+    )?;
+    if !rows
+        .first()
+        .map(|r| r.bool(0))
+        .transpose()?
+        .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    let reason = format!(
+        "disabled after failing for {} days; the last error: {error}",
+        DISABLE_AFTER_S / 86_400
+    );
+    tx.execute(
+        "update webhooks set enabled = false, disabled_reason = $2, updated_at = now(), version = version + 1
+         where webhook_id = $1",
+        &[V::Uuid(webhook_id.into()), V::Text(reason)],
+    )?;
+    tx.execute(
+        "update webhook_deliveries set status = 'failed', last_error = 'the webhook was disabled'
+         where webhook_id = $1 and status = 'pending'",
+        &[V::Uuid(webhook_id.into())],
+    )?;
+    crate::log_line(&json!({"level": "warn", "msg": "webhook disabled", "webhook_id": webhook_id}));
+    Ok(())
+}
