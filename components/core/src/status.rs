@@ -47,6 +47,8 @@ names! {
         Running = "running",
         /// Nothing in flight but a step awaiting an approval.
         Waiting = "waiting",
+        /// Paused by request: starts no new step, and its timeouts stand still.
+        Paused = "paused",
         Succeeded = "succeeded",
         Failed = "failed",
         TimedOut = "timed_out",
@@ -62,8 +64,13 @@ impl RunStatus {
         RunStatus::Queued,
         RunStatus::Running,
         RunStatus::Waiting,
+        RunStatus::Paused,
         RunStatus::Cancelling,
     ];
+    /// A run whose clock runs: it may time out, and its approvals may expire. A paused
+    /// run's does not.
+    pub const TIMED: &'static [RunStatus] =
+        &[RunStatus::Queued, RunStatus::Running, RunStatus::Waiting];
     /// A run that ended: it never changes again.
     pub const FINAL: &'static [RunStatus] = &[
         RunStatus::Succeeded,
@@ -72,7 +79,14 @@ impl RunStatus {
         RunStatus::Cancelled,
     ];
     /// A run a cancel request may stop (`cancelling` is already stopping).
-    pub const CANCELLABLE: &'static [RunStatus] =
+    pub const CANCELLABLE: &'static [RunStatus] = &[
+        RunStatus::Queued,
+        RunStatus::Running,
+        RunStatus::Waiting,
+        RunStatus::Paused,
+    ];
+    /// A run a pause request may pause.
+    pub const PAUSABLE: &'static [RunStatus] =
         &[RunStatus::Queued, RunStatus::Running, RunStatus::Waiting];
 
     pub fn is_final(self) -> bool {
@@ -83,11 +97,13 @@ impl RunStatus {
     pub fn may_become(self, next: RunStatus) -> bool {
         use RunStatus::*;
         match self {
-            Queued => matches!(next, Running | Cancelling | Cancelled | TimedOut),
+            Queued => matches!(next, Running | Paused | Cancelling | Cancelled | TimedOut),
             Running | Waiting => matches!(
                 next,
-                Running | Waiting | Cancelling | Succeeded | Failed | TimedOut | Cancelled
+                Running | Waiting | Paused | Cancelling | Succeeded | Failed | TimedOut | Cancelled
             ),
+            // Resumed (the next advance says running or waiting), or stopped.
+            Paused => matches!(next, Running | Cancelling),
             Cancelling => next == Cancelled,
             Succeeded | Failed | TimedOut | Cancelled => false,
         }
@@ -230,7 +246,7 @@ mod tests {
     fn the_sets_are_what_sql_reads() {
         assert_eq!(
             sql_list(RunStatus::UNFINISHED),
-            "('queued', 'running', 'waiting', 'cancelling')"
+            "('queued', 'running', 'waiting', 'paused', 'cancelling')"
         );
         assert_eq!(
             sql_list(StepStatus::IN_FLIGHT),
@@ -249,7 +265,7 @@ mod tests {
         );
         assert_eq!(
             names(RunStatus::ALL),
-            "queued, running, waiting, succeeded, failed, timed_out, cancelling, cancelled"
+            "queued, running, waiting, paused, succeeded, failed, timed_out, cancelling, cancelled"
         );
     }
 }

@@ -374,6 +374,20 @@ fn operations() -> Vec<Op> {
         .answers(201, Some("Run")),
         op(
             "POST",
+            "/api/v1/runs/{id}/pause",
+            "runs",
+            "Pause a run: no new step starts (running ones finish) and its timeouts stand still (409 when finished or cancelling)",
+        )
+        .answers(200, Some("Run")),
+        op(
+            "POST",
+            "/api/v1/runs/{id}/resume",
+            "runs",
+            "Resume a paused run where it stopped; its deadlines move on by the time it was paused",
+        )
+        .answers(200, Some("Run")),
+        op(
+            "POST",
             "/api/v1/runs/{id}/steps/{key}/approve",
             "runs",
             "Approve or reject a waiting approval step",
@@ -915,6 +929,7 @@ fn schemas() -> Value {
             "duration_ms": {"type": ["integer", "null"]}, "created_at": time, "updated_at": time,
             "steps": {"type": "object", "additionalProperties": {"type": "integer"}, "description": "Step counts by status"},
             "payloads_pruned_at": {"type": ["string", "null"], "description": "When retention removed the steps' inputs and outputs"},
+            "paused_at": {"type": ["string", "null"], "description": "Since when a paused run is paused"},
             "trigger_id": {"type": ["string", "null"], "description": "The event trigger that started it"},
             "trace_export": {"type": ["object", "null"], "description": "GET /runs/{id} only, when the project exports traces: \
                 status (pending, exported, failed), attempts, last_error, exported_at",

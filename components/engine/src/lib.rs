@@ -14,6 +14,7 @@
 //! | approve or reject | [`step::decide_approval`] | `POST /runs/{id}/steps/{key}/approve` |
 //! | an approval's deadline | [`step::expire_approval`] | sweeper |
 //! | cancel | [`lifecycle::cancel`] | `POST /runs/{id}/cancel`, schedule overlap |
+//! | pause, resume | [`lifecycle::pause`], [`lifecycle::resume`] | `POST /runs/{id}/pause`, `/resume` |
 //! | time out | [`lifecycle::time_out`] | sweeper |
 //! | finish | [`advance::finish`] | advance, time out |
 //! | prune payloads | [`lifecycle::prune`] | sweeper |
@@ -37,7 +38,7 @@ pub mod step;
 pub mod store;
 
 pub use advance::{Claim, advance, finish};
-pub use lifecycle::{Cancel, cancel};
+pub use lifecycle::{Cancel, Pause, cancel, pause, resume};
 pub use sparkops_core::db::Tx;
 pub use sparkops_core::status::{ErrorKind, RunStatus, StepStatus};
 pub use start::{NewRun, Origin, StartError, Workflow, start};

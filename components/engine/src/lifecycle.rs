@@ -1,5 +1,6 @@
-//! A run's transitions from outside its steps: cancelled by request, timed out, swept
-//! (what a periodic tick finds to do), and its payloads pruned after retention.
+//! A run's transitions from outside its steps: cancelled, paused and resumed by request,
+//! timed out, swept (what a periodic tick finds to do), and its payloads pruned after
+//! retention.
 
 use std::collections::BTreeSet;
 
@@ -47,6 +48,70 @@ pub fn cancel<C: Connection + ?Sized>(
     })
 }
 
+/// What a pause or resume request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    /// Changed: the run is now paused (or, resumed, running again).
+    Done,
+    /// It was so already: the same request again.
+    Already,
+    /// The run is in a status that cannot change so (finished, cancelling, or not paused).
+    Not(RunStatus),
+    NotFound,
+}
+
+/// Pauses the run: no advance starts a step of it until it is resumed; steps running now
+/// finish and are recorded. Its timeouts stop counting ([`resume`] moves them on).
+pub fn pause<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    data: Value,
+) -> Result<Pause, ApiError> {
+    Ok(match lock_run(tx, run_id)? {
+        None => Pause::NotFound,
+        Some(RunStatus::Paused) => Pause::Already,
+        Some(s) if RunStatus::PAUSABLE.contains(&s) => {
+            tx.execute(
+                "update runs set status = 'paused', paused_at = now(), updated_at = now() where run_id = $1",
+                &[V::Uuid(run_id.into())],
+            )?;
+            event(tx, run_id, "run.paused", None, data)?;
+            Pause::Done
+        }
+        Some(other) => Pause::Not(other),
+    })
+}
+
+/// Resumes a paused run: its deadline and its approvals' deadlines move on by the time it
+/// was paused, and it is running again (the caller then advances it, which claims what
+/// became ready meanwhile, or says it is waiting).
+pub fn resume<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    data: Value,
+) -> Result<Pause, ApiError> {
+    Ok(match lock_run(tx, run_id)? {
+        None => Pause::NotFound,
+        Some(RunStatus::Paused) => {
+            tx.execute(
+                "update run_steps s set deadline_at = s.deadline_at + (now() - r.paused_at), updated_at = now()
+                 from runs r where r.run_id = $1 and s.run_id = r.run_id and s.status = 'waiting'",
+                &[V::Uuid(run_id.into())],
+            )?;
+            tx.execute(
+                "update runs set status = 'running', deadline_at = deadline_at + (now() - paused_at),
+                    paused_at = null, updated_at = now()
+                 where run_id = $1",
+                &[V::Uuid(run_id.into())],
+            )?;
+            event(tx, run_id, "run.resumed", None, data)?;
+            Pause::Done
+        }
+        Some(s) if RunStatus::PAUSABLE.contains(&s) => Pause::Already,
+        Some(other) => Pause::Not(other),
+    })
+}
+
 /// Ends the run as `timed_out` when it is still unfinished and its deadline passed before
 /// `at`. `true` when it did.
 pub fn time_out<C: Connection + ?Sized>(
@@ -54,7 +119,7 @@ pub fn time_out<C: Connection + ?Sized>(
     run_id: &str,
     at: DateTime<Utc>,
 ) -> Result<bool, ApiError> {
-    if !matches!(lock_run(tx, run_id)?, Some(s) if RunStatus::CANCELLABLE.contains(&s)) {
+    if !matches!(lock_run(tx, run_id)?, Some(s) if RunStatus::TIMED.contains(&s)) {
         return Ok(false);
     }
     let overdue = tx.query(
@@ -106,8 +171,10 @@ pub fn sweep<C: Connection + ?Sized>(
         transaction(db, |tx| step::wake_retry(tx, &run, &key))?;
         touched.insert(run);
     }
-    for (run, key) in due("select run_id::text, step_key from run_steps
-         where status = 'waiting' and deadline_at < $1{TS} limit $2")?
+    // A paused run's approvals wait: its clock stands still.
+    for (run, key) in due("select s.run_id::text, s.step_key from run_steps s
+         join runs r on r.run_id = s.run_id
+         where s.status = 'waiting' and s.deadline_at < $1{TS} and r.status <> 'paused' limit $2")?
     {
         transaction(db, |tx| step::expire_approval(tx, &run, &key))?;
         touched.insert(run);
@@ -116,7 +183,7 @@ pub fn sweep<C: Connection + ?Sized>(
         &format!(
             "select run_id::text from runs
              where status in {} and deadline_at < $1{AS_TIMESTAMPTZ} limit $2",
-            sql_list(RunStatus::CANCELLABLE)
+            sql_list(RunStatus::TIMED)
         ),
         &[V::Timestamp(at), V::Int64(batch)],
     )?;

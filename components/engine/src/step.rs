@@ -10,7 +10,7 @@ use sparkops_core::db::{AS_TIMESTAMPTZ, Connection, Tx, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::money::Usd;
 use sparkops_core::run;
-use sparkops_core::status::{ErrorKind, StepStatus};
+use sparkops_core::status::{ErrorKind, RunStatus, StepStatus};
 use sparkops_core::workflow::RetryPolicy;
 
 use crate::advance::Claim;
@@ -403,7 +403,10 @@ pub fn expire_approval<C: Connection + ?Sized>(
     run_id: &str,
     step_key: &str,
 ) -> Result<bool, ApiError> {
-    lock_run(tx, run_id)?;
+    // A paused run's clock stands still: its resume moves the deadline on.
+    if lock_run(tx, run_id)? == Some(RunStatus::Paused) {
+        return Ok(false);
+    }
     let error = Failure::new(
         ErrorKind::Timeout,
         "no decision before the approval deadline",

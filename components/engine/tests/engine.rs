@@ -13,7 +13,8 @@ use sparkops_core::error::ApiError;
 use sparkops_core::workflow::RetryPolicy;
 use sparkops_engine::step::{Attempt, Decision, Failure, Lease, Recorded, TakenBack};
 use sparkops_engine::{
-    Cancel, Claim, ErrorKind, NewRun, Origin, RunStatus, StartError, StepStatus, lifecycle, step,
+    Cancel, Claim, ErrorKind, NewRun, Origin, Pause, RunStatus, StartError, StepStatus, lifecycle,
+    step,
 };
 use support::*;
 
@@ -718,4 +719,93 @@ fn retries_reuse_the_succeeded_steps_of_the_run_they_retry() {
         .unwrap();
     assert_eq!(queued["reused"], json!(["a"]));
     assert_eq!(queued["retry_of"], json!(of));
+}
+
+#[test]
+fn a_paused_run_starts_nothing_and_its_clock_stands_still_until_resumed() {
+    let db = database();
+    let project = project(&db);
+    let w = workflow(
+        &db,
+        &project,
+        chain(&[("a", &[]), ("b", &["a"]), ("c", &["b"])]),
+        Value::Null,
+        Some(60),
+    );
+    let run = start(&db, &w, json!({}));
+    let a = advance(&db, &run);
+    let pause = |run: &str| db::transaction(&db, |tx| lifecycle::pause(tx, run, json!({})));
+    let resume = |run: &str| db::transaction(&db, |tx| lifecycle::resume(tx, run, json!({})));
+    assert_eq!(pause(&run).unwrap(), Pause::Done);
+    assert_eq!(pause(&run).unwrap(), Pause::Already);
+    assert_eq!(run_status(&db, &run), RunStatus::Paused);
+    // The running step finishes and is recorded; nothing new starts.
+    assert_eq!(record(&db, &run, &a[0], Ok(json!(1))), Recorded::Succeeded);
+    assert!(advance(&db, &run).is_empty());
+    assert_eq!(step_status(&db, &run, "b"), StepStatus::Pending);
+    // Past its deadline while paused: not timed out, and a sweep does not advance it.
+    let touched = lifecycle::sweep(&db, Utc::now() + Duration::seconds(120), 100).unwrap();
+    assert!(!touched.contains(&run));
+    assert_eq!(run_status(&db, &run), RunStatus::Paused);
+    let deadline = |db: &Pg| {
+        db.scalar(
+            "select extract(epoch from deadline_at)::text from runs where run_id = $1",
+            &[V::Uuid(run.clone())],
+        )
+        .unwrap()
+        .parse::<f64>()
+        .unwrap()
+    };
+    let before = deadline(&db);
+    thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(resume(&run).unwrap(), Pause::Done);
+    assert_eq!(resume(&run).unwrap(), Pause::Already);
+    // The deadline moved on by the time it was paused.
+    assert!(deadline(&db) - before >= 0.3, "{} {before}", deadline(&db));
+    let b = advance(&db, &run);
+    assert_eq!(keys(&b), ["b"]);
+    record(&db, &run, &b[0], Ok(json!(2)));
+    let c = advance(&db, &run);
+    record(&db, &run, &c[0], Ok(json!(3)));
+    advance(&db, &run);
+    assert_eq!(run_status(&db, &run), RunStatus::Succeeded);
+    let kinds = kinds(&db, &run);
+    let pos = |k: &str| kinds.iter().position(|x| x == k).unwrap();
+    assert!(pos("run.paused") < pos("run.resumed"));
+    // Every step ran once.
+    assert_eq!(
+        db.count(
+            "select count(*) from run_steps where run_id = $1 and attempt = 1 and status = 'succeeded'",
+            &[V::Uuid(run.clone())]
+        ),
+        3
+    );
+    // A finished run can be neither paused nor resumed; a paused one can be cancelled.
+    assert_eq!(pause(&run).unwrap(), Pause::Not(RunStatus::Succeeded));
+    let other = start(&db, &w, json!({}));
+    pause(&other).unwrap();
+    let cancelled = db::transaction(&db, |tx| lifecycle::cancel(tx, &other, json!({}))).unwrap();
+    assert_eq!(cancelled, Cancel::Cancelling);
+    advance(&db, &other);
+    assert_eq!(run_status(&db, &other), RunStatus::Cancelled);
+}
+
+#[test]
+fn a_paused_run_s_approval_does_not_expire_and_its_deadline_moves_on() {
+    let db = database();
+    let project = project(&db);
+    let definition =
+        json!({"steps": [{"key": "ask", "kind": "approval", "approval": {"timeout_s": 60}}]});
+    let w = workflow(&db, &project, definition, Value::Null, None);
+    let run = start(&db, &w, json!({}));
+    advance(&db, &run);
+    assert_eq!(run_status(&db, &run), RunStatus::Waiting);
+    db::transaction(&db, |tx| lifecycle::pause(tx, &run, json!({}))).unwrap();
+    lifecycle::sweep(&db, Utc::now() + Duration::seconds(3600), 100).unwrap();
+    assert_eq!(step_status(&db, &run, "ask"), StepStatus::Waiting);
+    db::transaction(&db, |tx| lifecycle::resume(tx, &run, json!({}))).unwrap();
+    advance(&db, &run);
+    assert_eq!(run_status(&db, &run), RunStatus::Waiting);
+    lifecycle::sweep(&db, Utc::now() + Duration::seconds(61), 100).unwrap();
+    assert_eq!(step_status(&db, &run, "ask"), StepStatus::Failed);
 }

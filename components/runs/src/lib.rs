@@ -15,7 +15,7 @@ use sparkops_core::roles::Action;
 use sparkops_core::status;
 use sparkops_core::time::parse_rfc3339;
 use sparkops_platform::db::Db;
-use sparkops_platform::engine::{self, Cancel, NewRun, Origin, RunStatus};
+use sparkops_platform::engine::{self, Cancel, NewRun, Origin, Pause, RunStatus};
 use sparkops_platform::http::{HttpRequest, Reply};
 use sparkops_platform::pipeline::{self, BodyStream, Ctx, Principal, ProjectAccess, Served};
 use sparkops_platform::resource::{page_reply, project_of_request};
@@ -51,6 +51,8 @@ fn route_reply(
         (Method::Get, [id]) => get(ctx, who, id),
         (Method::Patch, [id, "cancel"]) => cancel(ctx, who, id),
         (Method::Post, [id, "retry"]) => retry(ctx, req, who, id),
+        (Method::Post, [id, "pause"]) => pause(ctx, who, id, true),
+        (Method::Post, [id, "resume"]) => pause(ctx, who, id, false),
         (Method::Get, [id, "steps"]) => steps(ctx, who, id),
         (Method::Get, [id, "events"]) => events(ctx, req, who, id),
         (Method::Post, [id, "steps", key, "approve"]) => approve(ctx, req, who, id, key),
@@ -66,7 +68,7 @@ fn route_reply(
         (_, [_, "cancel"]) => Err(ApiError::MethodNotAllowed {
             allow: vec!["PATCH"],
         }),
-        (_, [_, "retry"]) => Err(ApiError::MethodNotAllowed {
+        (_, [_, "retry" | "pause" | "resume"]) => Err(ApiError::MethodNotAllowed {
             allow: vec!["POST"],
         }),
         _ => Err(ApiError::NotFound(format!("no route {}", req.path))),
@@ -80,7 +82,7 @@ const RUN_COLUMNS: &str = "r.run_id::text, r.project_id::text, r.workflow_id::te
      (r.created_at at time zone 'UTC'), (r.updated_at at time zone 'UTC'), \
      (select coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb) from \
         (select status, count(*) as n from run_steps where run_id = r.run_id group by status) s), \
-     (r.payloads_pruned_at at time zone 'UTC'), r.trigger_id::text";
+     (r.payloads_pruned_at at time zone 'UTC'), r.trigger_id::text, (r.paused_at at time zone 'UTC')";
 
 fn run_json(row: &Row) -> Result<Value, ApiError> {
     let duration_ms = match (row.opt_timestamp(15)?, row.opt_timestamp(16)?) {
@@ -113,6 +115,7 @@ fn run_json(row: &Row) -> Result<Value, ApiError> {
         "payloads_pruned_at": row.time_json(20)?,
         // Set for a run an event trigger started (`POST /hooks/{trigger_id}`).
         "trigger_id": row.opt_text(21)?,
+        "paused_at": row.time_json(22)?,
     }))
 }
 
@@ -296,6 +299,36 @@ fn cancel(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
         }
     })?;
     Ok(Reply::json(202, run))
+}
+
+/// `POST /runs/{id}/pause` and `/resume`: a paused run starts no new step (running ones
+/// finish and are recorded) and its timeouts stand still; resumed, it continues where it
+/// stopped. Pausing a paused run, or resuming a running one, is the same request again.
+fn pause(ctx: &mut Ctx, who: &Principal, id: &str, pausing: bool) -> Result<Reply, ApiError> {
+    let (id, _) = access(ctx, who, id, Action::Write)?;
+    let data = json!({"by": who.user_id});
+    let mut claimed = Vec::new();
+    let run = ctx.transaction(|tx, _| {
+        let outcome = if pausing {
+            engine::pause(tx, &id, data)?
+        } else {
+            engine::resume(tx, &id, data)?
+        };
+        match outcome {
+            Pause::Done if !pausing => claimed = engine::advance(tx, &id)?,
+            Pause::Done | Pause::Already => {}
+            Pause::Not(status) => {
+                let verb = if pausing { "paused" } else { "resumed" };
+                return Err(ApiError::Conflict(format!(
+                    "the run is {status}: it cannot be {verb}"
+                )));
+            }
+            Pause::NotFound => return Err(ApiError::NotFound(format!("no run {id}"))),
+        }
+        load(tx, &id)
+    })?;
+    ctx.dispatch(&id, &claimed);
+    Ok(Reply::ok(run))
 }
 
 /// `POST /runs/{id}/retry {from?}`: a new run of the same workflow version and input,

@@ -145,6 +145,8 @@ async fn the_openapi_document_matches_the_contract_and_the_app() {
                 "PATCH /api/v1/triggers/{}",
                 "DELETE /api/v1/triggers/{}",
                 "POST /hooks/{}",
+                "POST /api/v1/runs/{}/pause",
+                "POST /api/v1/runs/{}/resume",
             ]
             .map(String::from)
         )

@@ -1121,3 +1121,95 @@ async fn retention_removes_old_step_payloads_and_keeps_the_record() {
     assert_eq!(run["status"], "succeeded");
     assert_eq!(run["output"], json!({"only": {"secret-ish": 42}}));
 }
+
+// ---- Pause and resume -----------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_paused_chain_finishes_its_running_step_starts_nothing_and_resumes_where_it_stopped() {
+    let api = Api::for_fakes(None, &[]).await;
+    let (ada, p) = project(&api).await;
+    let fake = FakeServer::start(200, json!({"ok": true}), Duration::from_millis(1500)).await;
+    let tool = tool(&api, &ada, &p, fake.url("/")).await;
+    let step = |key: &str, after: &[&str]| json!({"key": key, "kind": "tool", "tool_id": tool["id"], "input": {"step": key}, "depends_on": after});
+    let wf = api
+        .create(
+            &ada.access,
+            "/api/v1/workflows",
+            json!({"project_id": p, "name": "Chain", "timeout_s": 60,
+            "definition": {"steps": [step("a", &[]), step("b", &["a"]), step("c", &["b"])]}}),
+        )
+        .await;
+    let run = api.start_run(&ada.access, &wf["id"], json!({})).await;
+    let id = run["id"].as_str().unwrap();
+    crate::common::eventually(async || (fake.received().len() == 1).then_some(())).await;
+    let call = |verb: &str| {
+        let path = format!("/api/v1/runs/{id}/{verb}");
+        let token = ada.access.clone();
+        let api = &api;
+        async move { api.call("POST", &path, Some(&token), None).await }
+    };
+    let paused = call("pause").await;
+    assert_eq!(paused.status, 200);
+    assert_eq!(paused.json()["status"], "paused");
+    assert!(paused.json()["paused_at"].is_string());
+    // The running step finishes and is recorded; the next one does not start, whatever
+    // the sweeper finds, and the run's timeout stands still.
+    crate::common::eventually(async || {
+        (step_of(&api, &ada, id, "a").await["status"] == "succeeded").then_some(())
+    })
+    .await;
+    api.sweep_at(0).await;
+    api.sweep_at(120).await;
+    let run = api
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{id}"),
+            Some(&ada.access),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(run["status"], "paused");
+    assert_eq!(step_of(&api, &ada, id, "b").await["status"], "pending");
+    assert_eq!(fake.received().len(), 1);
+    assert_eq!(
+        call("pause").await.status,
+        200,
+        "pausing twice is the same request"
+    );
+
+    let resumed = call("resume").await;
+    assert_eq!(resumed.status, 200);
+    let run = api.finished_run(&ada.access, id).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["paused_at"], Value::Null);
+    // Every step once, in order.
+    let steps: Vec<String> = fake
+        .received()
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<Value>(&r.body).unwrap()["step"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(steps, ["a", "b", "c"]);
+    let events: Vec<String> = api
+        .run_items(&ada.access, &run, "events")
+        .await
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    let at = |k: &str| events.iter().position(|e| e == k).unwrap();
+    assert!(at("run.paused") < at("run.resumed") && at("run.resumed") < at("run.succeeded"));
+    // A finished run is neither paused nor resumed.
+    assert_eq!(call("pause").await.status, 409);
+    assert_eq!(call("resume").await.status, 409);
+    let eve = api.register("eve").await;
+    let path = format!("/api/v1/runs/{id}/pause");
+    assert_eq!(
+        api.status("POST", &path, Some(&eve.access), None).await,
+        404
+    );
+}

@@ -521,7 +521,7 @@ impl Client {
         let path = format!("/api/v1/runs/{id}");
         eventually(async || {
             let run = self.call("GET", &path, Some(token), None).await.json();
-            (!["queued", "running", "waiting", "cancelling"]
+            (!["queued", "running", "waiting", "paused", "cancelling"]
                 .contains(&run["status"].as_str().unwrap()))
             .then_some(run)
         })
