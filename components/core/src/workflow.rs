@@ -68,7 +68,20 @@ impl Default for RetryPolicy {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Approval {
     pub timeout_s: u64,
+    /// Who may decide (user ids); anyone who may write to the project when empty.
     pub approvers: Vec<String>,
+    /// How many distinct approvals pass the step; one rejection fails it.
+    pub quorum: u32,
+}
+
+impl Default for Approval {
+    fn default() -> Self {
+        Approval {
+            timeout_s: 86_400,
+            approvers: Vec::new(),
+            quorum: 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -192,10 +205,7 @@ fn parse_approval(v: &Value, path: &str, errors: &mut Errors) -> Option<Approval
         errors.add(path, "must be an object");
         None
     })?;
-    let mut approval = Approval {
-        timeout_s: 86_400,
-        approvers: Vec::new(),
-    };
+    let mut approval = Approval::default();
     for (k, val) in obj {
         let p = format!("{path}.{k}");
         match k.as_str() {
@@ -220,8 +230,16 @@ fn parse_approval(v: &Value, path: &str, errors: &mut Errors) -> Option<Approval
                     errors.add(p, "must be a list of user ids");
                 }
             }
+            "quorum" => approval.quorum = uint(val, &p, 1, 20, errors).unwrap_or(1) as u32,
             _ => errors.add(p, "unknown field"),
         }
+    }
+    let named = approval.approvers.len();
+    if named > 0 && approval.quorum as usize > named {
+        errors.add(
+            format!("{path}.quorum"),
+            format!("must be at most the number of approvers ({named})"),
+        );
     }
     Some(approval)
 }
@@ -332,10 +350,7 @@ fn parse_step(i: usize, v: &Value, catalog: &Catalog, errors: &mut Errors) -> Op
         .and_then(|t| uint(t, &at("timeout_ms"), 1, 86_400_000, errors));
     let approval = match (kind, obj.get("approval")) {
         (StepKind::Approval, Some(a)) => parse_approval(a, &at("approval"), errors),
-        (StepKind::Approval, None) => Some(Approval {
-            timeout_s: 86_400,
-            approvers: Vec::new(),
-        }),
+        (StepKind::Approval, None) => Some(Approval::default()),
         (_, Some(_)) => {
             errors.add(at("approval"), "only an approval step takes it");
             None
@@ -630,7 +645,8 @@ mod tests {
             d.steps[3].approval,
             Some(Approval {
                 timeout_s: 3600,
-                approvers: vec![]
+                approvers: vec![],
+                quorum: 1
             })
         );
     }
@@ -774,5 +790,20 @@ mod tests {
         assert_eq!(parsed.steps[1].depends_on, ["a"]);
         let cyclic = json!({"steps": [{"key": "a", "kind": "condition", "depends_on": ["a"]}]});
         assert!(parse_saved(&cyclic).is_err());
+    }
+
+    #[test]
+    fn an_approval_quorum_fits_its_approvers() {
+        let a = "0191e7a2-1f6e-7000-8000-000000000001";
+        let b = "0191e7a2-1f6e-7000-8000-000000000002";
+        let def = |approval: Value| json!({"steps": [{"key": "ok", "kind": "approval", "approval": approval}]});
+        let d = validate(&def(json!({"approvers": [a, b], "quorum": 2})), &catalog()).unwrap();
+        assert_eq!(d.steps[0].approval.as_ref().unwrap().quorum, 2);
+        let errors =
+            validate(&def(json!({"approvers": [a], "quorum": 2})), &catalog()).unwrap_err();
+        assert_eq!(errors[0].field, "steps[0].approval.quorum");
+        assert!(validate(&def(json!({"quorum": 0})), &catalog()).is_err());
+        let anyone = validate(&def(json!({"quorum": 3})), &catalog()).unwrap();
+        assert_eq!(anyone.steps[0].approval.as_ref().unwrap().quorum, 3);
     }
 }

@@ -67,8 +67,9 @@ const LIST: &[&str] = &[
 ];
 
 /// Operations that need no credential (a trigger's sender signs instead).
-const PUBLIC: [&str; 9] = [
+const PUBLIC: [&str; 10] = [
     "/hooks/{id}",
+    "/api/v1/approvals/{token}",
     "/healthz",
     "/readyz",
     "/openapi.json",
@@ -498,6 +499,21 @@ fn operations() -> Vec<Op> {
         )
         .answers(200, Some("WebhookDelivery")),
         op(
+            "GET",
+            "/api/v1/approvals/{token}",
+            "approvals",
+            "What an approval link (from a step.waiting_approval webhook) decides; never decides (HTML for a browser)",
+        )
+        .answers(200, Some("ApprovalLink")),
+        op(
+            "POST",
+            "/api/v1/approvals/{token}",
+            "approvals",
+            "Decide the step as the link says, once, without a login (401 not a link, 403 expired, 409 used or no longer waiting)",
+        )
+        .body("ApprovalLinkInput")
+        .answers(200, Some("ApprovalDecision")),
+        op(
             "POST",
             "/hooks/{id}",
             "triggers",
@@ -623,6 +639,9 @@ fn operation(o: &Op) -> Value {
     }
     if o.path == "/readyz" {
         errors.push(503);
+    }
+    if o.path == "/api/v1/approvals/{token}" {
+        errors.extend([401, 403, 404, 409]);
     }
     if o.path == "/hooks/{id}" {
         // No user credential, but a signature: refused as 401; an unknown trigger is 404.
@@ -765,7 +784,9 @@ fn schemas() -> Value {
             "backoff_coefficient": {"type": "number", "minimum": 1}, "max_interval_ms": s("integer"),
             "non_retryable": {"type": "array", "items": s("string")}}},
         "timeout_ms": s("integer"),
-        "approval": {"type": "object", "properties": {"timeout_s": s("integer"), "approvers": {"type": "array", "items": uuid}}}
+        "approval": {"type": "object", "properties": {"timeout_s": s("integer"), "approvers": {"type": "array", "items": uuid},
+            "quorum": {"type": "integer", "minimum": 1, "maximum": 20, "default": 1,
+                "description": "Distinct approvals that pass the step (at most the approvers named); one rejection fails it"}}}
     }});
     let workflow = json!({
         "name": s("string"), "description": {"type": ["string", "null"]},
@@ -891,6 +912,11 @@ fn schemas() -> Value {
         "TriggerInput": input(trigger, &["name", "workflow_id"]),
         "HookBody": {"description": "The sender's JSON event, signed per the trigger's verification: webhook-id, webhook-timestamp and \
             webhook-signature (Standard Webhooks); X-Hub-Signature-256 and X-GitHub-Delivery (GitHub); Authorization: Bearer and an optional Idempotency-Key"},
+        "ApprovalLink": {"type": "object", "properties": {"run_id": uuid, "step_key": s("string"), "workflow": s("string"),
+            "approver": {"type": ["string", "null"]}, "decision": {"enum": ["approve", "reject"]}, "expires_at": time,
+            "step_status": s("string"), "run_status": s("string"), "used": s("boolean")}},
+        "ApprovalLinkInput": {"type": "object", "additionalProperties": false, "properties": {
+            "comment": {"type": "string", "maxLength": 2000}}},
         "HookAccepted": {"type": "object", "properties": {"run_id": uuid, "trigger_id": uuid, "delivery_id": {"type": ["string", "null"]}}},
         "MetricsReport": {"type": "object", "properties": {"project_id": uuid, "from": time, "to": time,
             "group_by": {"type": ["string", "null"]}, "counted": {"enum": ["runs", "steps"]},

@@ -12,7 +12,7 @@ use sparkops_core::db::{Connection, Tx, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::run::{self, Decision, Outcome, RunScope};
 use sparkops_core::status::{RunStatus, StepStatus, sql_list};
-use sparkops_core::workflow::{Approval, Definition, StepKind};
+use sparkops_core::workflow::{Definition, StepKind};
 
 use crate::store::{self, event};
 
@@ -210,10 +210,7 @@ fn claim<C: Connection + ?Sized>(
     for key in ready.iter().cloned() {
         let step = definition.steps.iter().find(|s| s.key == key);
         if let Some(s) = step.filter(|s| s.kind == StepKind::Approval) {
-            let approval = s.approval.clone().unwrap_or(Approval {
-                timeout_s: DEFAULT_APPROVAL_S,
-                approvers: Vec::new(),
-            });
+            let approval = s.approval.clone().unwrap_or_default();
             let waiting = tx.execute(
                 "update run_steps set status = 'waiting', attempt = attempt + 1,
                     deadline_at = now() + make_interval(secs => $3::float8),
@@ -232,7 +229,8 @@ fn claim<C: Connection + ?Sized>(
                     run_id,
                     "step.waiting",
                     Some(&key),
-                    json!({"timeout_s": approval.timeout_s, "approvers": approval.approvers}),
+                    json!({"timeout_s": approval.timeout_s, "approvers": approval.approvers,
+                        "quorum": approval.quorum}),
                 )?;
             }
             continue;

@@ -429,14 +429,22 @@ pub fn expire_approval<C: Connection + ?Sized>(
 
 /// A person's decision on a waiting approval step.
 pub struct Decision<'a> {
+    /// The approver: a user id, or [`LINK_APPROVER`] for a link of a step that names no
+    /// approvers.
     pub user_id: &'a str,
     pub approved: bool,
     pub comment: Option<&'a str>,
+    /// `api` or `link`.
+    pub via: &'a str,
 }
 
-/// Decides a waiting approval step: it succeeds with the decision as its output, or fails
-/// as `rejected`. Only the step's `approvers` may, when it names any; a decision is taken
-/// once. Returns the step's new status and the decision.
+/// Who decided through a link of a step that names no approvers.
+pub const LINK_APPROVER: &str = "link";
+
+/// Decides a waiting approval step for one approver. Only the step's `approvers` may, when
+/// it names any, and each once. A rejection fails the step (`rejected`); approvals pass it
+/// once `quorum` distinct approvers have approved (the output lists them), and until then
+/// it keeps waiting. Returns the step's status after the decision, and the decision.
 pub fn decide_approval<C: Connection + ?Sized>(
     tx: &Tx<'_, C>,
     run_id: &str,
@@ -455,27 +463,51 @@ pub fn decide_approval<C: Connection + ?Sized>(
             "the step is {status}, not waiting for an approval"
         )));
     }
-    let approvers = store::definition(tx, run_id)?
+    let approval = store::definition(tx, run_id)?
         .steps
         .into_iter()
         .find(|s| s.key == step_key)
         .and_then(|s| s.approval)
-        .map(|a| a.approvers)
         .unwrap_or_default();
-    if !approvers.is_empty() && !approvers.iter().any(|a| a == d.user_id) {
+    let named = &approval.approvers;
+    if !named.is_empty() && !named.iter().any(|a| a == d.user_id) {
         return Err(ApiError::Forbidden(
             "you are not an approver of this step".into(),
         ));
     }
-    let decision = json!({"approved": d.approved, "by": d.user_id, "comment": d.comment});
-    let (status, output, error, kind) = if d.approved {
-        (
-            StepStatus::Succeeded,
-            V::Json(decision.clone()),
-            V::Null,
-            "step.approved",
-        )
-    } else {
+    let recorded = tx.execute(
+        "insert into run_step_approvals (run_id, step_key, approver, approved, comment, via)
+         values ($1, $2, $3, $4, $5, $6) on conflict do nothing",
+        &[
+            V::Uuid(run_id.into()),
+            V::Text(step_key.into()),
+            V::Text(d.user_id.into()),
+            V::Bool(d.approved),
+            d.comment.map_or(V::Null, |c| V::Text(c.into())),
+            V::Text(d.via.into()),
+        ],
+    )?;
+    if recorded == 0 {
+        return Err(ApiError::Conflict(
+            "this approver has already decided on this step".into(),
+        ));
+    }
+    let decision =
+        json!({"approved": d.approved, "by": d.user_id, "comment": d.comment, "via": d.via});
+    let approvals = tx.query(
+        "select coalesce(jsonb_agg(jsonb_build_object('by', approver, 'comment', comment, 'via', via,
+                'at', to_char(decided_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))
+                order by decided_at, approver), '[]'::jsonb)
+         from run_step_approvals where run_id = $1 and step_key = $2 and approved",
+        &[V::Uuid(run_id.into()), V::Text(step_key.into())],
+    )?;
+    let approvals = approvals
+        .first()
+        .map(|r| r.json(0))
+        .transpose()?
+        .unwrap_or_else(|| json!([]));
+    let approved_by = approvals.as_array().map_or(0, Vec::len) as u32;
+    let (status, output, error, kind) = if !d.approved {
         let failure = Failure::new(ErrorKind::Rejected, d.comment.unwrap_or("rejected"));
         (
             StepStatus::Failed,
@@ -483,6 +515,22 @@ pub fn decide_approval<C: Connection + ?Sized>(
             V::Json(failure.error_json()),
             "step.rejected",
         )
+    } else if approved_by >= approval.quorum {
+        let mut output = decision.clone();
+        output["approvals"] = approvals;
+        (
+            StepStatus::Succeeded,
+            V::Json(output),
+            V::Null,
+            "step.approved",
+        )
+    } else {
+        // Short of the quorum: the approval is recorded and the step keeps waiting.
+        let mut data = decision.clone();
+        data["approvals"] = json!(approved_by);
+        data["quorum"] = json!(approval.quorum);
+        event(tx, run_id, "step.approval_recorded", Some(step_key), data)?;
+        return Ok((StepStatus::Waiting, decision));
     };
     tx.execute(
         "update run_steps set status = $3, output = $4, error = $5, finished_at = now(), updated_at = now(),

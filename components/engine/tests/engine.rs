@@ -588,6 +588,7 @@ fn an_approval_waits_for_an_approver_and_is_decided_once() {
             user_id: user,
             approved,
             comment: Some("ok"),
+            via: "api",
         };
         db::transaction(&db, |tx| step::decide_approval(tx, &run, "ask", &d))
     };
@@ -617,6 +618,7 @@ fn a_rejection_fails_the_run_and_an_approval_past_its_deadline_times_out() {
         user_id: &uuid::Uuid::new_v4().to_string(),
         approved: false,
         comment: None,
+        via: "api",
     };
     db::transaction(&db, |tx| step::decide_approval(tx, &rejected, "ask", &no)).unwrap();
     advance(&db, &rejected);
@@ -808,4 +810,72 @@ fn a_paused_run_s_approval_does_not_expire_and_its_deadline_moves_on() {
     assert_eq!(run_status(&db, &run), RunStatus::Waiting);
     lifecycle::sweep(&db, Utc::now() + Duration::seconds(61), 100).unwrap();
     assert_eq!(step_status(&db, &run, "ask"), StepStatus::Failed);
+}
+
+#[test]
+fn an_approval_with_a_quorum_waits_for_enough_distinct_approvers_and_one_rejection_fails_it() {
+    let db = database();
+    let project = project(&db);
+    let people: Vec<String> = (0..3).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let definition = json!({"steps": [{"key": "ask", "kind": "approval",
+        "approval": {"timeout_s": 60, "approvers": people, "quorum": 2}}]});
+    let w = workflow(&db, &project, definition, Value::Null, None);
+    let decide = |run: &str, user: &str, approved: bool| {
+        let d = Decision {
+            user_id: user,
+            approved,
+            comment: None,
+            via: "link",
+        };
+        db::transaction(&db, |tx| step::decide_approval(tx, run, "ask", &d))
+    };
+    let run = start(&db, &w, json!({}));
+    advance(&db, &run);
+    assert_eq!(
+        decide(&run, &people[0], true).unwrap().0,
+        StepStatus::Waiting
+    );
+    assert!(matches!(
+        decide(&run, &people[0], true),
+        Err(ApiError::Conflict(_))
+    ));
+    let stranger = uuid::Uuid::new_v4().to_string();
+    assert!(matches!(
+        decide(&run, &stranger, true),
+        Err(ApiError::Forbidden(_))
+    ));
+    assert_eq!(step_status(&db, &run, "ask"), StepStatus::Waiting);
+    assert_eq!(
+        decide(&run, &people[2], true).unwrap().0,
+        StepStatus::Succeeded
+    );
+    let output = db
+        .scalar(
+            "select output::text from run_steps where run_id = $1",
+            &[V::Uuid(run.clone())],
+        )
+        .unwrap();
+    let output: Value = serde_json::from_str(&output).unwrap();
+    let by: Vec<&str> = output["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["by"].as_str().unwrap())
+        .collect();
+    assert_eq!(by.len(), 2);
+    assert!(by.contains(&people[0].as_str()) && by.contains(&people[2].as_str()));
+    assert_eq!(output["approvals"][0]["via"], "link");
+    advance(&db, &run);
+    assert_eq!(run_status(&db, &run), RunStatus::Succeeded);
+    assert!(kinds(&db, &run).contains(&"step.approval_recorded".to_string()));
+
+    let rejected = start(&db, &w, json!({}));
+    advance(&db, &rejected);
+    decide(&rejected, &people[0], true).unwrap();
+    assert_eq!(
+        decide(&rejected, &people[1], false).unwrap().0,
+        StepStatus::Failed
+    );
+    advance(&db, &rejected);
+    assert_eq!(run_status(&db, &rejected), RunStatus::Failed);
 }

@@ -7,8 +7,13 @@
 //! counter. The sender's delivery id (`webhook-id`, `X-GitHub-Delivery`, or
 //! `Idempotency-Key`) makes a redelivery answer what the first delivery did, starting
 //! nothing.
+//!
+//! The same component serves approval links (`/api/v1/approvals/{token}`, [`approval`]):
+//! signed, like a trigger's requests, instead of logged in.
 // `#[http_component]` expands to the ABI export glue, which is `unsafe` by nature.
 #![allow(unsafe_code)]
+
+mod approval;
 
 use serde_json::{Map, Value, json};
 use sparkops_core::db::{Connection as _, Value as V};
@@ -29,6 +34,16 @@ async fn handle(req: IncomingRequest) -> Response {
 }
 
 fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
+    if let Some(segments) = req.segments("/api/v1/approvals") {
+        return match (&req.method, segments.as_slice()) {
+            (Method::Get, [token]) => approval::show(ctx, req, token),
+            (Method::Post, [token]) => approval::decide(ctx, req, token),
+            (_, [_]) => Err(ApiError::MethodNotAllowed {
+                allow: vec!["GET", "POST"],
+            }),
+            _ => Err(ApiError::NotFound(format!("no route {}", req.path))),
+        };
+    }
     match (
         &req.method,
         req.segments("/hooks").unwrap_or_default().as_slice(),

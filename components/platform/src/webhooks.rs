@@ -233,9 +233,9 @@ fn attempt(ctx: &mut Work, due: &Due) -> Result<Outcome, ApiError> {
         .iter()
         .map(|s| webhook::secret_key(s).map_err(ApiError::internal))
         .collect::<Result<Vec<_>, _>>()?;
+    let body = with_links(&due.payload)?.to_string().into_bytes();
     // No connection is held while the receiver answers.
     ctx.release_db();
-    let body = due.payload.to_string().into_bytes();
     let msg_id = format!("msg_{}", due.delivery_id.replace('-', ""));
     let timestamp = Utc::now().timestamp();
     let signature = webhook::signature_header(&keys, &msg_id, timestamp, &body);
@@ -280,6 +280,68 @@ fn attempt(ctx: &mut Work, due: &Due) -> Result<Outcome, ApiError> {
             after_s: 0,
         },
     })
+}
+
+/// The body of a delivery: its payload, and for `step.waiting_approval` the approval links
+/// (`data.links`): per approver the step names (or one pair for anyone, when it names
+/// none), an approve and a reject URL that decide the step without a login, each usable
+/// once, until the approval's deadline. They are derived from the payload and the keys, so
+/// every attempt sends the same bytes.
+fn with_links(payload: &Value) -> Result<Value, ApiError> {
+    if payload["type"] != "step.waiting_approval" {
+        return Ok(payload.clone());
+    }
+    let data = &payload["data"];
+    let (Some(run_id), Some(step_key), Some(timeout_s), Some(at)) = (
+        data["run_id"].as_str(),
+        data["step_key"].as_str(),
+        data["detail"]["timeout_s"].as_i64(),
+        payload["timestamp"]
+            .as_str()
+            .and_then(sparkops_core::time::parse_rfc3339),
+    ) else {
+        return Err(ApiError::internal(
+            "an approval event lacks its run, step or deadline",
+        ));
+    };
+    let expires = at.timestamp() + timeout_s;
+    let mut approvers: Vec<Option<String>> = data["detail"]["approvers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(|s| Some(s.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    if approvers.is_empty() {
+        approvers.push(None);
+    }
+    let key = webhook::link_key(&crate::variable("jwt_secret").map_err(ApiError::internal)?);
+    let base = crate::variable("public_url").map_err(ApiError::internal)?;
+    let base = base.trim_end_matches('/');
+    let link = |approver: &Option<String>, approve: bool| {
+        let claims = webhook::LinkClaims {
+            run_id: run_id.to_string(),
+            step_key: step_key.to_string(),
+            approver: approver.clone(),
+            approve,
+            expires,
+        };
+        format!(
+            "{base}/api/v1/approvals/{}",
+            webhook::link_token(&key, &claims)
+        )
+    };
+    let links: Vec<Value> = approvers
+        .iter()
+        .map(|a| {
+            json!({"approver": a, "approve_url": link(a, true), "reject_url": link(a, false),
+                "expires_at": DateTime::from_timestamp(expires, 0).map(sparkops_core::time::rfc3339)})
+        })
+        .collect();
+    let mut body = payload.clone();
+    body["data"]["links"] = json!(links);
+    Ok(body)
 }
 
 fn log(due: &Due, outcome: &Outcome) {

@@ -601,6 +601,7 @@ fn approve(
         user_id: &who.user_id,
         approved,
         comment: comment.as_deref(),
+        via: "api",
     };
     let step = ctx.transaction(|tx, _| {
         let (status, decision) = engine::step::decide_approval(tx, &id, key, &decision)?;

@@ -146,6 +146,8 @@ async fn the_openapi_document_matches_the_contract_and_the_app() {
                 "DELETE /api/v1/triggers/{}",
                 "POST /hooks/{}",
                 "POST /api/v1/runs/{}/pause",
+                "GET /api/v1/approvals/{}",
+                "POST /api/v1/approvals/{}",
                 "POST /api/v1/runs/{}/resume",
             ]
             .map(String::from)

@@ -773,3 +773,185 @@ async fn webhook_urls_follow_the_tool_url_rules_and_projects_stay_apart() {
         204
     );
 }
+
+// ---- Approvals by link ----------------------------------------------------------------------
+
+/// The path of an approval link (its host is `public_url`, not this test app's).
+fn link_path(url: &Value) -> String {
+    let url = url.as_str().unwrap();
+    format!(
+        "/api/v1/approvals/{}",
+        url.split_once("/api/v1/approvals/").unwrap().1
+    )
+}
+
+/// The links of the approval event for `run`.
+async fn links_for(receiver: &FakeServer, secret: &str, run: &str) -> Vec<Value> {
+    let got = received_until(receiver, secret, |got| {
+        got.iter()
+            .any(|e| e["type"] == "step.waiting_approval" && e["data"]["run_id"] == run)
+    })
+    .await;
+    let event = got
+        .into_iter()
+        .find(|e| e["type"] == "step.waiting_approval" && e["data"]["run_id"] == run)
+        .unwrap();
+    event["data"]["links"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn approval_links_decide_once_each_until_the_quorum_without_a_login() {
+    let api = Api::for_fakes(None, &[]).await;
+    let ada = api.register("ada").await;
+    let (mia, bob) = (api.register("mia").await, api.register("bob").await);
+    let p = project(&api, &ada).await;
+    let receiver = FakeServer::start(200, json!({}), Duration::ZERO).await;
+    let hook = webhook(
+        &api,
+        &ada,
+        &p,
+        receiver.url("/in"),
+        json!(["step.waiting_approval"]),
+    )
+    .await;
+    let secret = hook["secret"].as_str().unwrap().to_string();
+    let gated = |timeout_s: u64| {
+        json!({"definition": {"steps": [
+            {"key": "gate", "kind": "approval", "input": {},
+                "approval": {"timeout_s": timeout_s, "approvers": [mia.id, bob.id], "quorum": 2}},
+            {"key": "after", "kind": "condition", "input": {"ok": "{{ steps.gate.output.approved }}"}, "depends_on": ["gate"]}]}})
+    };
+    let wf = workflow(&api, &ada, &p, gated(3600)).await;
+    let run = api.start_run(&ada.access, &json!(wf), json!({})).await;
+    let run_id = run["id"].as_str().unwrap().to_string();
+    let links = links_for(&receiver, &secret, &run_id).await;
+    assert_eq!(links.len(), 2);
+    let of = |who: &User| {
+        links
+            .iter()
+            .find(|l| l["approver"] == who.id.as_str())
+            .unwrap()
+            .clone()
+    };
+    let (mia_links, bob_links) = (of(&mia), of(&bob));
+    assert!(mia_links["expires_at"].is_string());
+
+    // Looking at a link decides nothing (mail scanners fetch links).
+    let look = api
+        .call("GET", &link_path(&mia_links["approve_url"]), None, None)
+        .await;
+    assert_eq!(look.status, 200);
+    let view = look.json();
+    assert_eq!(
+        (&view["decision"], &view["step_status"], &view["used"]),
+        (&json!("approve"), &json!("waiting"), &json!(false))
+    );
+    let page = crate::common::request(
+        "GET",
+        &api.url(&link_path(&mia_links["approve_url"])),
+        &[("accept", "text/html")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        page.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    assert!(
+        page.header("content-security-policy")
+            .unwrap()
+            .contains("default-src 'none'")
+    );
+    assert!(String::from_utf8_lossy(&page.body).contains("<form method=\"post\">"));
+
+    // Mia approves: one of two, the step waits.
+    let decide = |url: &Value, body: Option<Value>| {
+        let path = link_path(url);
+        let api = &api;
+        async move { api.call("POST", &path, None, body).await }
+    };
+    let res = decide(&mia_links["approve_url"], Some(json!({"comment": "lgtm"}))).await;
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    assert_eq!(res.json()["status"], "waiting");
+    // Her links are spent, both of them.
+    assert_eq!(decide(&mia_links["approve_url"], None).await.status, 409);
+    assert_eq!(decide(&mia_links["reject_url"], None).await.status, 409);
+    // A link whose claims were changed (Bob's, for another step) is no link.
+    let token = link_path(&bob_links["approve_url"])
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let (claims, mac) = token.split_once('.').unwrap();
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut forged: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).unwrap()).unwrap();
+    forged["s"] = json!("after");
+    let forged = format!("{}.{mac}", URL_SAFE_NO_PAD.encode(forged.to_string()));
+    assert_eq!(
+        api.status("POST", &format!("/api/v1/approvals/{forged}"), None, None)
+            .await,
+        401
+    );
+    assert_eq!(
+        api.status("POST", "/api/v1/approvals/garbage", None, None)
+            .await,
+        401
+    );
+    assert_eq!(status_of(&api, &ada, &run_id).await, "waiting");
+
+    // Bob approves: the quorum is met and the run goes on.
+    let res = decide(&bob_links["approve_url"], None).await;
+    assert_eq!(res.json()["status"], "succeeded");
+    let done = api.finished_run(&ada.access, &run_id).await;
+    assert_eq!(done["status"], "succeeded");
+    let steps = api.run_items(&ada.access, &done, "steps").await;
+    let gate = steps.iter().find(|s| s["key"] == "gate").unwrap();
+    let by: HashSet<&str> = gate["output"]["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["by"].as_str().unwrap())
+        .collect();
+    assert_eq!(by, HashSet::from([mia.id.as_str(), bob.id.as_str()]));
+    assert!(
+        gate["output"]["approvals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["via"] == "link")
+    );
+    let comment = gate["output"]["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["by"] == mia.id.as_str())
+        .unwrap();
+    assert_eq!(comment["comment"], "lgtm");
+    // The step is decided: Bob's reject link is spent, and so would be any other.
+    assert_eq!(decide(&bob_links["reject_url"], None).await.status, 409);
+
+    // A rejection by link fails the step at once.
+    let second = api.start_run(&ada.access, &json!(wf), json!({})).await;
+    let second_id = second["id"].as_str().unwrap().to_string();
+    let links = links_for(&receiver, &secret, &second_id).await;
+    let bob_reject = links
+        .iter()
+        .find(|l| l["approver"] == bob.id.as_str())
+        .unwrap()["reject_url"]
+        .clone();
+    let res = decide(&bob_reject, Some(json!({"comment": "not now"}))).await;
+    assert_eq!(res.json()["status"], "failed");
+    assert_eq!(
+        api.finished_run(&ada.access, &second_id).await["status"],
+        "failed"
+    );
+
+    // An expired link decides nothing.
+    let brief = workflow(&api, &ada, &p, gated(1)).await;
+    let third = api.start_run(&ada.access, &json!(brief), json!({})).await;
+    let third_id = third["id"].as_str().unwrap().to_string();
+    let links = links_for(&receiver, &secret, &third_id).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(decide(&links[0]["approve_url"], None).await.status, 403);
+}
