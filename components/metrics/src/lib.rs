@@ -313,6 +313,16 @@ fn prometheus(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
             sql_array(RunStatus::UNFINISHED)
         ))?,
     )?;
+    out.counts(
+        "sparkops_webhook_deliveries",
+        "gauge",
+        "Webhook deliveries kept (30 days), by status: pending ones are due or backing off.",
+        "status",
+        &one(
+            "select s, (select count(*) from webhook_deliveries where status = s)
+             from unnest(array['pending', 'delivered', 'failed']) s",
+        )?,
+    )?;
     out.family(
         "sparkops_step_duration_seconds",
         "histogram",

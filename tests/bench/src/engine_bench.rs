@@ -228,6 +228,7 @@ async fn bench(
     replicas(&work, [&app, &second], &clients, &workflows[1].1, batch).await?;
     second.shutdown().await;
     diamond(&work, &client, &project, &tool).await?;
+    webhooks(&db, &client, &project, &workflows[0].1, batch).await?;
     traces(
         &app,
         &db,
@@ -500,6 +501,141 @@ async fn traces(
             bail!("{pending} trace exports still pending after 120 s: {error:?}");
         }
     }
+}
+
+/// Deliveries queued at once for the outbox's drain rate.
+const DRAIN: i64 = 2000;
+
+/// Webhook delivery with the notifier ticking every second as deployed: the latency from
+/// each run's end (its `run.succeeded` event, written in the transaction that ends it) to
+/// the receiver, p50 and p95; then the outbox's drain rate, [`DRAIN`] deliveries queued at
+/// once until all are delivered.
+async fn webhooks(
+    db: &tokio_postgres::Client,
+    client: &Client,
+    project: &Value,
+    wf: &Value,
+    batch: usize,
+) -> Result<()> {
+    let (addr, arrivals) = receiver().await?;
+    let hook = client
+        .call(
+            "POST",
+            "/api/v1/webhooks",
+            json!({"project_id": project, "url": format!("http://{addr}/in"), "event_types": ["run.succeeded"]}),
+        )
+        .await?;
+    let hook_id = hook["id"].as_str().context("a webhook id")?.to_string();
+    let (runs, _) = throughput(db, client, wf, batch).await?;
+    let limit = Instant::now() + Duration::from_secs(60);
+    while arrivals.lock().unwrap().len() < runs {
+        if Instant::now() > limit {
+            bail!(
+                "{} of {runs} run.succeeded events arrived",
+                arrivals.lock().unwrap().len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let arrived: Vec<(String, f64)> = arrivals.lock().unwrap().drain(..).collect();
+    let mut latencies = Vec::new();
+    for (run_id, at) in &arrived {
+        let row = db
+            .query_one(
+                "select extract(epoch from finished_at)::float8 from runs where run_id = $1::text::uuid",
+                &[run_id],
+            )
+            .await?;
+        latencies.push((at - row.get::<_, f64>(0)) * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+    println!();
+    println!(
+        "Webhook delivery: {} run.succeeded events, run end to receiver: p50 {:.0} ms, p95 {:.0} ms (the notifier ticks every second)",
+        latencies.len(),
+        pct(0.5),
+        pct(0.95)
+    );
+    db.execute(
+        "insert into webhook_deliveries (delivery_id, webhook_id, project_id, event_type, payload, next_attempt_at)
+         select sparkops_uuid_v7(), d.webhook_id, d.project_id, d.event_type, d.payload, now()
+         from (select * from webhook_deliveries where webhook_id = $1::text::uuid limit 1) d, generate_series(1, $2)",
+        &[&hook_id, &DRAIN],
+    )
+    .await?;
+    let started = Instant::now();
+    loop {
+        let pending: i64 = db
+            .query_one(
+                "select count(*) from webhook_deliveries where webhook_id = $1::text::uuid and status = 'pending'",
+                &[&hook_id],
+            )
+            .await?
+            .get(0);
+        if pending == 0 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("{pending} webhook deliveries still pending after 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "Webhook outbox: {DRAIN} deliveries drained in {:.0} ms: {:.0} deliveries/s (signed, one connection each)",
+        secs * 1000.0,
+        DRAIN as f64 / secs
+    );
+    client
+        .call(
+            "PATCH",
+            &format!("/api/v1/webhooks/{hook_id}"),
+            json!({"enabled": false}),
+        )
+        .await?;
+    Ok(())
+}
+
+/// A webhook receiver on loopback: answers 204 and records each event's run and arrival
+/// (Unix seconds).
+async fn receiver() -> Result<(
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<(String, f64)>>>,
+)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = arrivals.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    let log = log.clone();
+                    async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let at = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs_f64())
+                            .unwrap_or_default();
+                        if let Ok(event) = serde_json::from_slice::<Value>(&body)
+                            && let Some(run) = event["data"]["run_id"].as_str()
+                        {
+                            log.lock().unwrap().push((run.to_string(), at));
+                        }
+                        let mut res = http::Response::new(Full::new(Bytes::new()));
+                        *res.status_mut() = http::StatusCode::NO_CONTENT;
+                        Ok::<_, hyper::Error>(res)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, arrivals))
 }
 
 /// `/metrics/summary` and `/metrics/steps` over a million generated steps (100,000 runs of

@@ -482,6 +482,29 @@ async fn fill_every_table(api: &crate::common::Api) {
         json!({"project_id": p, "name": "t", "workflow_id": wf}),
     )
     .await;
+    // An approval decided.
+    let gated = api
+        .create(
+            &ada.access,
+            "/api/v1/workflows",
+            json!({"project_id": p, "name": "gated", "definition": {"steps": [
+                {"key": "gate", "kind": "approval", "input": {}}]}}),
+        )
+        .await["id"]
+        .clone();
+    let run = api.start_run(&ada.access, &gated, json!({})).await;
+    let run = run["id"].as_str().unwrap();
+    crate::engine::wait_status(api, &ada, run, "waiting").await;
+    let approve = format!("/api/v1/runs/{run}/steps/gate/approve");
+    let res = api
+        .call(
+            "POST",
+            &approve,
+            Some(&ada.access),
+            Some(json!({"approved": true})),
+        )
+        .await;
+    assert_eq!(res.status, 200);
     // What no API call leaves behind for long: a budget's spend and an open reservation.
     let db = api.env.db().await;
     db.batch_execute(&format!(

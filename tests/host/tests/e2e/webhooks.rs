@@ -572,7 +572,7 @@ async fn a_webhook_failing_for_three_days_is_disabled_and_says_why() {
 
 #[tokio::test]
 async fn a_slow_receiver_holds_up_no_run() {
-    let api = Api::for_fakes(None, &[]).await;
+    let api = Api::for_fakes(None, &[("SPIN_VARIABLE_METRICS_TOKEN", "scrape-me")]).await;
     let ada = api.register("ada").await;
     let p = project(&api, &ada).await;
     let receiver = FakeServer::start(200, json!({}), Duration::from_secs(8)).await;
@@ -623,6 +623,13 @@ async fn a_slow_receiver_holds_up_no_run() {
     assert!(
         !statuses.contains(&"delivered"),
         "the first is still in flight: {statuses:?}"
+    );
+    // Prometheus sees them waiting.
+    let scraped = api.call("GET", "/metrics", Some("scrape-me"), None).await;
+    let text = String::from_utf8_lossy(&scraped.body).to_string();
+    assert!(
+        text.contains("sparkops_webhook_deliveries{status=\"pending\"} 2"),
+        "{text}"
     );
 }
 
