@@ -560,7 +560,7 @@ async fn webhooks(
     db.execute(
         "insert into webhook_deliveries (delivery_id, webhook_id, project_id, event_type, payload, next_attempt_at)
          select sparkops_uuid_v7(), d.webhook_id, d.project_id, d.event_type, d.payload, now()
-         from (select * from webhook_deliveries where webhook_id = $1::text::uuid limit 1) d, generate_series(1, $2)",
+         from (select * from webhook_deliveries where webhook_id = $1::text::uuid limit 1) d, generate_series(1, $2::bigint)",
         &[&hook_id, &DRAIN],
     )
     .await?;

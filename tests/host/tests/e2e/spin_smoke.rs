@@ -90,6 +90,20 @@ async fn the_app_runs_end_to_end_under_real_spin() {
         .unwrap()
         .to_string();
 
+    // A webhook: the notifier delivers under Spin's cron trigger.
+    let receiver = FakeServer::start(204, json!({}), Duration::ZERO).await;
+    let hook = api
+        .call(
+            "POST",
+            "/api/v1/webhooks",
+            Some(&ada.access),
+            Some(json!({"project_id": p, "url": receiver.url("/in"),
+                "event_types": ["run.succeeded", "step.waiting_approval"]})),
+        )
+        .await;
+    assert_eq!(hook.status, 201, "{}", String::from_utf8_lossy(&hook.body));
+    let secret = hook.json()["secret"].as_str().unwrap().to_string();
+
     // A chain, a fan-out/fan-in and a condition, each tool called exactly once.
     let fake = FakeServer::start(200, json!({"temp_c": 21}), Duration::ZERO).await;
     let t = tool_named(&api, &ada, &p, "weather", fake.url("/weather")).await["id"].clone();
@@ -151,6 +165,72 @@ async fn the_app_runs_end_to_end_under_real_spin() {
     let res = api.cancel(&ada.access, oid).await;
     assert_eq!(res.status, 202, "{}", String::from_utf8_lossy(&res.body));
     wait_status(&api, &ada, oid, "cancelled").await;
+
+    // Webhooks: the first run's end, signed (checked by the spec's own construction), and
+    // an approval decided by the link its event carries.
+    let linked = api.start_run(&ada.access, &gate, json!({})).await;
+    let linked_id = linked["id"].as_str().unwrap().to_string();
+    let events = eventually_for(SPIN_CRON_WAIT, async || {
+        let got: Vec<Value> = receiver
+            .received()
+            .iter()
+            .map(|r| {
+                let h = |n: &str| r.headers[n].to_str().unwrap().to_string();
+                let expected = crate::webhooks::standard_signature(
+                    &secret,
+                    &h("webhook-id"),
+                    h("webhook-timestamp").parse().unwrap(),
+                    &r.body,
+                );
+                assert!(h("webhook-signature").split(' ').any(|s| s == expected));
+                serde_json::from_slice(&r.body).unwrap()
+            })
+            .collect();
+        let has = |t: &str, run: &str| {
+            got.iter()
+                .any(|e| e["type"] == t && e["data"]["run_id"] == run)
+        };
+        (has("run.succeeded", id) && has("step.waiting_approval", &linked_id)).then_some(got)
+    })
+    .await;
+    let approval = events
+        .iter()
+        .find(|e| e["type"] == "step.waiting_approval" && e["data"]["run_id"] == linked_id.as_str())
+        .unwrap();
+    let url = approval["data"]["links"][0]["approve_url"]
+        .as_str()
+        .unwrap();
+    let path = format!(
+        "/api/v1/approvals/{}",
+        url.split_once("/api/v1/approvals/").unwrap().1
+    );
+    let res = api.call("POST", &path, None, None).await;
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    wait_status(&api, &ada, &linked_id, "succeeded").await;
+
+    // A trigger: a signed request from another system starts a run.
+    let trigger = api
+        .call(
+            "POST",
+            "/api/v1/triggers",
+            Some(&ada.access),
+            Some(json!({"project_id": p, "name": "city", "workflow_id": wf,
+                "verification": "bearer", "input_template": {"city": "{{ body.city }}"}})),
+        )
+        .await
+        .json();
+    let auth = format!("Bearer {}", trigger["secret"].as_str().unwrap());
+    let res = crate::common::request(
+        "POST",
+        &api.url(&format!("/hooks/{}", trigger["id"].as_str().unwrap())),
+        &[("authorization", auth.as_str())],
+        Some(json!({"city": "Bergen"})),
+    )
+    .await;
+    assert_eq!(res.status, 202, "{}", String::from_utf8_lossy(&res.body));
+    let started = res.json()["run_id"].as_str().unwrap().to_string();
+    let hooked = wait_status(&api, &ada, &started, "succeeded").await;
+    assert_eq!(hooked["input"], json!({"city": "Bergen"}));
 
     // Retry from failed: the tool fails once, the retried run calls it again and succeeds.
     let flaky = FakeServer::scripted(
