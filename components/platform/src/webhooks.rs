@@ -35,6 +35,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a tick starts new attempts; with one request's timeout on top, well inside
 /// [`LEASE_S`].
 const TICK_BUDGET: Duration = Duration::from_secs(30);
+/// After the due work, a tick keeps looking for new deliveries until it has run this long,
+/// every [`POLL`]: an event then waits about [`POLL`] for its first attempt, not the rest of
+/// a one-second tick.
+const LINGER: Duration = Duration::from_millis(900);
+const POLL: Duration = Duration::from_millis(100);
 /// The first retry waits this long; each next one twice as long, up to [`MAX_BACKOFF_S`].
 const FIRST_BACKOFF_S: i64 = 5;
 const MAX_BACKOFF_S: i64 = 3600;
@@ -138,12 +143,21 @@ enum Outcome {
 
 /// Sends every due delivery, as at `now` (the tick's time).
 pub fn deliver_due(ctx: &mut Work, now: DateTime<Utc>) -> Result<(), ApiError> {
-    let deadline = Instant::now() + TICK_BUDGET;
+    let started = Instant::now();
+    let deadline = started + TICK_BUDGET;
     let mut taken = 0;
     while taken < PER_TICK && Instant::now() < deadline {
+        // The tick's time, moved on by how long it has run.
+        let now = now + chrono::Duration::from_std(started.elapsed()).unwrap_or_default();
         let claimed = claim(ctx.db()?, now)?;
         if claimed.is_empty() {
-            break;
+            if started.elapsed() >= LINGER {
+                break;
+            }
+            // Nothing due: look again shortly, with no connection held meanwhile.
+            ctx.release_db();
+            crate::sleep(POLL);
+            continue;
         }
         taken += claimed.len();
         for due in claimed {

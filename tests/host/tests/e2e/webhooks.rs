@@ -131,14 +131,7 @@ async fn tool(api: &Api, who: &User, p: &str, url: String) -> String {
 }
 
 async fn status_of(api: &Api, who: &User, run: &str) -> String {
-    api.call(
-        "GET",
-        &format!("/api/v1/runs/{run}"),
-        Some(&who.access),
-        None,
-    )
-    .await
-    .json()["status"]
+    get_json(&api, &who, &format!("/api/v1/runs/{run}")).await["status"]
         .as_str()
         .unwrap()
         .to_string()
@@ -161,6 +154,11 @@ async fn received_until(
     .await
 }
 
+/// `GET path` as `who`: the JSON answer.
+async fn get_json(api: &Api, who: &User, path: &str) -> Value {
+    api.call("GET", path, Some(&who.access), None).await.json()
+}
+
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
@@ -179,14 +177,12 @@ async fn test_event(api: &Api, who: &User, hook: &str) -> Value {
 }
 
 async fn delivery(api: &Api, who: &User, hook: &str, id: &str) -> Value {
-    api.call(
-        "GET",
+    get_json(
+        &api,
+        &who,
         &format!("/api/v1/webhooks/{hook}/deliveries/{id}"),
-        Some(&who.access),
-        None,
     )
     .await
-    .json()
 }
 
 // ---- Tests ----------------------------------------------------------------------------------
@@ -272,18 +268,15 @@ async fn every_event_type_reaches_the_receiver_signed() {
     };
     let t = now() + 3600;
     fire(&skip, t).await;
-    let runs = api
-        .call(
-            "GET",
-            &format!(
-                "/api/v1/runs?project_id={p}&schedule_id={}",
-                skip["id"].as_str().unwrap()
-            ),
-            Some(&ada.access),
-            None,
-        )
-        .await
-        .json();
+    let runs = get_json(
+        &api,
+        &ada,
+        &format!(
+            "/api/v1/runs?project_id={p}&schedule_id={}",
+            skip["id"].as_str().unwrap()
+        ),
+    )
+    .await;
     let waiting = runs["items"][0]["id"]
         .as_str()
         .expect("the first fire starts a run")
@@ -474,26 +467,10 @@ async fn a_failing_receiver_gets_the_same_message_until_it_succeeds() {
     // Delivered is final: later ticks send nothing.
     api.tick("notifier", t0 + 10_000).await;
     assert_eq!(receiver.received().len(), 4);
-    let history = api
-        .call(
-            "GET",
-            &format!("/api/v1/webhooks/{id}/deliveries"),
-            Some(&ada.access),
-            None,
-        )
-        .await
-        .json();
+    let history = get_json(&api, &ada, &format!("/api/v1/webhooks/{id}/deliveries")).await;
     assert_eq!(history["items"].as_array().unwrap().len(), 1);
     assert!(history["items"][0].get("payload").is_none());
-    let webhook = api
-        .call(
-            "GET",
-            &format!("/api/v1/webhooks/{id}"),
-            Some(&ada.access),
-            None,
-        )
-        .await
-        .json();
+    let webhook = get_json(&api, &ada, &format!("/api/v1/webhooks/{id}")).await;
     assert_eq!(
         webhook["failing_since"],
         Value::Null,
@@ -515,30 +492,14 @@ async fn a_webhook_failing_for_three_days_is_disabled_and_says_why() {
     for at in [1, 2, 3].map(|n| now() + n * day - 60) {
         api.tick("notifier", at).await;
     }
-    let still = api
-        .call(
-            "GET",
-            &format!("/api/v1/webhooks/{id}"),
-            Some(&ada.access),
-            None,
-        )
-        .await
-        .json();
+    let still = get_json(&api, &ada, &format!("/api/v1/webhooks/{id}")).await;
     assert_eq!(
         (&still["enabled"], &still["disabled_reason"]),
         (&json!(true), &Value::Null)
     );
     assert!(still["failing_since"].is_string());
     api.tick("notifier", now() + 3 * day + 120).await;
-    let off = api
-        .call(
-            "GET",
-            &format!("/api/v1/webhooks/{id}"),
-            Some(&ada.access),
-            None,
-        )
-        .await
-        .json();
+    let off = get_json(&api, &ada, &format!("/api/v1/webhooks/{id}")).await;
     assert_eq!(off["enabled"], false);
     let reason = off["disabled_reason"].as_str().unwrap();
     assert!(
@@ -604,15 +565,7 @@ async fn a_slow_receiver_holds_up_no_run() {
     crate::common::eventually(async || (!receiver.received().is_empty()).then_some(())).await;
     let second = api.run_to_end(&ada.access, &chain, json!({})).await;
     assert_eq!(second["status"], "succeeded");
-    let history = api
-        .call(
-            "GET",
-            &format!("/api/v1/webhooks/{id}/deliveries"),
-            Some(&ada.access),
-            None,
-        )
-        .await
-        .json();
+    let history = get_json(&api, &ada, &format!("/api/v1/webhooks/{id}/deliveries")).await;
     let statuses: Vec<&str> = history["items"]
         .as_array()
         .unwrap()
