@@ -131,7 +131,7 @@ async fn tool(api: &Api, who: &User, p: &str, url: String) -> String {
 }
 
 async fn status_of(api: &Api, who: &User, run: &str) -> String {
-    get_json(&api, &who, &format!("/api/v1/runs/{run}")).await["status"]
+    get_json(api, who, &format!("/api/v1/runs/{run}")).await["status"]
         .as_str()
         .unwrap()
         .to_string()
@@ -178,8 +178,8 @@ async fn test_event(api: &Api, who: &User, hook: &str) -> Value {
 
 async fn delivery(api: &Api, who: &User, hook: &str, id: &str) -> Value {
     get_json(
-        &api,
-        &who,
+        api,
+        who,
         &format!("/api/v1/webhooks/{hook}/deliveries/{id}"),
     )
     .await
