@@ -29,6 +29,34 @@ fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
 
 struct Agent;
 
+/// `fallback_models`: up to five `provider/model` names, none repeated, none the agent's
+/// own model.
+fn read_fallbacks(b: &mut Body, model: Option<&str>) -> Vec<String> {
+    let field = "fallback_models";
+    let mut out: Vec<String> = Vec::new();
+    match b.opt_value(field) {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) if items.len() <= 5 => {
+            for (i, item) in items.iter().enumerate() {
+                let at = format!("{field}[{i}]");
+                match item.as_str() {
+                    None => b.error(&at, "must be a provider/model name"),
+                    Some(name) => match check_model_name(name) {
+                        Err(m) => b.error(&at, m),
+                        Ok(()) if Some(name) == model || out.iter().any(|o| o == name) => b.error(
+                            &at,
+                            "is already in the chain (the model or an earlier fallback)",
+                        ),
+                        Ok(()) => out.push(name.to_string()),
+                    },
+                }
+            }
+        }
+        Some(_) => b.error(field, "must be a list of at most 5 provider/model names"),
+    }
+    out
+}
+
 impl Resource for Agent {
     const NOUN: &'static str = "agent";
     const PATH: &'static str = "/api/v1/agents";
@@ -40,7 +68,7 @@ impl Resource for Agent {
         "r.name, r.description, r.model, r.system_prompt, r.max_iterations, r.max_tokens, \
          r.temperature, r.response_format, r.metadata, \
          (select coalesce(jsonb_agg(t.tool_id::text order by t.position), '[]'::jsonb) \
-          from agent_tools t where t.agent_id = r.agent_id)"
+          from agent_tools t where t.agent_id = r.agent_id), r.fallback_models"
     );
     const FIELDS: &'static [&'static str] = &[
         "name",
@@ -53,6 +81,7 @@ impl Resource for Agent {
         "max_iterations",
         "response_format",
         "metadata",
+        "fallback_models",
     ];
 
     fn to_json(row: &Row) -> Result<Value, ApiError> {
@@ -69,6 +98,7 @@ impl Resource for Agent {
             ("response_format", row.json(12)?),
             ("metadata", row.json(13)?),
             ("tool_ids", row.json(14)?),
+            ("fallback_models", row.json(15)?),
         ] {
             m.insert(k.into(), v);
         }
@@ -107,6 +137,7 @@ impl Resource for Agent {
         let max_iterations = b.opt_int("max_iterations", 1..=50).unwrap_or(10);
         let response_format = b.opt_schema("response_format", false);
         let metadata = b.opt_object("metadata");
+        let fallbacks = read_fallbacks(&mut b, model.as_deref());
         b.finish()?;
         let (Some(name), Some(model), Some(system_prompt)) = (name, model, system_prompt) else {
             return Err(ApiError::unchecked_field());
@@ -114,13 +145,15 @@ impl Resource for Agent {
         tx.execute(
             &format!(
                 "insert into agents (agent_id, project_id, name, description, model, system_prompt,
-                    max_iterations, max_tokens, temperature, response_format, metadata, created_at, updated_at)
-                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9::numeric, $10, $11, $12{AS_TIMESTAMPTZ}, $12{AS_TIMESTAMPTZ})
+                    max_iterations, max_tokens, temperature, response_format, metadata, created_at, updated_at,
+                    fallback_models)
+                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9::numeric, $10, $11, $12{AS_TIMESTAMPTZ}, $12{AS_TIMESTAMPTZ}, $13)
                  on conflict (agent_id) do update set
                     name = excluded.name, description = excluded.description, model = excluded.model,
                     system_prompt = excluded.system_prompt, max_iterations = excluded.max_iterations,
                     max_tokens = excluded.max_tokens, temperature = excluded.temperature,
                     response_format = excluded.response_format, metadata = excluded.metadata,
+                    fallback_models = excluded.fallback_models,
                     version = agents.version + 1, updated_at = excluded.updated_at"
             ),
             &[
@@ -136,6 +169,7 @@ impl Resource for Agent {
                 response_format.map(V::Json).unwrap_or(V::Null),
                 metadata.map(|m| V::Json(m.into())).unwrap_or(V::Null),
                 V::Timestamp(ctx.now),
+                V::Json(json!(fallbacks)),
             ],
         )
         .map_err(name_taken("agent", "agents_project_name_key"))?;

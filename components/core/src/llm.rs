@@ -183,6 +183,19 @@ pub fn classify(status: u16, retry_after: Option<&str>) -> (ErrorKind, Option<u6
     }
 }
 
+/// Whether an error answer says the prompt does not fit the model's context (OpenAI's
+/// `context_length_exceeded`, or the wording providers use): another model, with a longer
+/// context, may take it.
+pub fn is_context_length_refusal(status: u16, body: &[u8]) -> bool {
+    if !(400..500).contains(&status) {
+        return false;
+    }
+    let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+    text.contains("context_length_exceeded")
+        || text.contains("maximum context length")
+        || text.contains("context window")
+}
+
 /// A model's prices, USD per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Price {
@@ -315,5 +328,16 @@ mod tests {
         assert_eq!(price.cost(123, 10).to_fixed(), "0.000024");
         assert_eq!(price.ceiling(123, 10).to_fixed(), "0.000025");
         assert_eq!(price.cost(1_000_000, 1_000_000).to_fixed(), "0.750000");
+    }
+
+    #[test]
+    fn context_length_refusals_are_told_from_other_errors() {
+        let openai = br#"{"error": {"message": "This model's maximum context length is 8192 tokens.", "type": "invalid_request_error", "code": "context_length_exceeded"}}"#;
+        assert!(is_context_length_refusal(400, openai));
+        assert!(!is_context_length_refusal(
+            400,
+            br#"{"error": {"code": "invalid_api_key"}}"#
+        ));
+        assert!(!is_context_length_refusal(500, openai));
     }
 }

@@ -761,7 +761,9 @@ fn schemas() -> Value {
         "tool_ids": {"type": "array", "items": uuid},
         "max_iterations": {"type": "integer", "minimum": 1, "maximum": 50, "default": 10},
         "response_format": {"type": ["object", "null"], "description": "A JSON Schema"},
-        "metadata": {"type": ["object", "null"]}
+        "metadata": {"type": ["object", "null"]},
+        "fallback_models": {"type": "array", "maxItems": 5, "items": s("string"),
+            "description": "provider/model names tried in order when the model's provider fails, limits the rate or refuses the prompt as too long"}
     });
     let http = json!({"type": "object", "required": ["url"], "properties": {
         "method": {"enum": ["GET", "POST", "PUT", "PATCH", "DELETE"], "default": "POST"},

@@ -7,6 +7,14 @@
 //! spend), with a `model.called` event. Every tool call is checked against the allowed
 //! tools and recorded as a `tool.called` event with its own timing.
 //!
+//! **Fallbacks**: an agent's `fallback_models` follow its model in a chain. A call that
+//! fails the way another model may not (the provider errs or is unreachable, limits the
+//! rate, or refuses the prompt as too long for its context) moves to the next model, for
+//! that call and the rest of the step, under the same policies and budgets (a fallback
+//! the policies do not allow, or no provider serves, is skipped with a `model.skipped`
+//! event). Each move is a `model.fallback` event; the model that answered is recorded on
+//! the call's `model.called` event and on the step.
+//!
 //! The provider comes from `model` (`provider/model`): its base URL from the
 //! `model_providers` variable, its key from the `model_provider_keys` secret variable,
 //! unless the project has a secret `provider.<name>.api_key`. Keys are never logged or
@@ -64,6 +72,8 @@ const MAX_ANSWER_BYTES: usize = 4 << 20;
 
 struct Agent {
     model: String,
+    /// Models moved to, in order, when a call fails the way another model may not.
+    fallback_models: Vec<String>,
     system_prompt: String,
     max_iterations: i64,
     max_tokens: i64,
@@ -76,7 +86,8 @@ struct Agent {
 fn load_agent(ctx: &mut Work, scope: &StepScope) -> Result<Option<Agent>, ApiError> {
     let db = ctx.db()?;
     let rows = db.query(
-        "select model, system_prompt, max_iterations, max_tokens, temperature::float8, response_format
+        "select model, system_prompt, max_iterations, max_tokens, temperature::float8, response_format,
+                fallback_models
          from agents where agent_id = $1 and project_id = $2 and deleted_at is null",
         &[V::Uuid(scope.agent_id.into()), V::Uuid(scope.project_id.into())],
     )?;
@@ -106,8 +117,19 @@ fn load_agent(ctx: &mut Work, scope: &StepScope) -> Result<Option<Agent>, ApiErr
             Ok((function, t.text(0)?, call))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
+    let fallback_models = a
+        .json(6)?
+        .as_array()
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(Some(Agent {
         model: a.text(0)?,
+        fallback_models,
         system_prompt: a.text(1)?,
         max_iterations: a.int(2)?,
         max_tokens: a.int(3)?,
@@ -192,19 +214,9 @@ pub fn run(ctx: &mut Work, scope: &StepScope, input: &Value) -> Result<Outcome, 
             true,
         ));
     };
-    let Some((provider_name, model_name)) = llm::split_model(&agent.model) else {
-        return Ok(fail(
-            ErrorKind::Validation,
-            "the agent's model is not provider/model",
-            true,
-        ));
-    };
-    let Some((base_url, key)) = provider(ctx, scope.project_id, provider_name)? else {
-        return Ok(fail(
-            ErrorKind::Validation,
-            format!("no provider `{provider_name}` is configured (model_providers)"),
-            true,
-        ));
+    let primary = match resolve(ctx, scope.project_id, &agent.model)? {
+        Ok(m) => m,
+        Err(why) => return Ok(fail(ErrorKind::Validation, why, true)),
     };
     let policies = policies::in_scope(
         ctx.db()?,
@@ -218,9 +230,27 @@ pub fn run(ctx: &mut Work, scope: &StepScope, input: &Value) -> Result<Outcome, 
     {
         return violation(ctx, scope, &v);
     }
-    let price = price(ctx.db()?, scope.project_id, &agent.model)?;
-    let url = url::Url::parse(&format!("{base_url}/chat/completions"))
-        .map_err(|e| ApiError::Internal(format!("provider {provider_name}: {e}")))?;
+    // The chain: the model, then each fallback the policies allow and a provider serves.
+    let mut models = vec![primary];
+    for name in &agent.fallback_models {
+        let why = match policies::check_model(&policies, name) {
+            Err(v) => v.message(),
+            Ok(()) => match resolve(ctx, scope.project_id, name)? {
+                Ok(m) => {
+                    models.push(m);
+                    continue;
+                }
+                Err(why) => why,
+            },
+        };
+        record_event(
+            ctx,
+            scope,
+            "model.skipped",
+            json!({"model": name, "reason": why}),
+        )?;
+    }
+    let mut current = 0;
     let mut messages = Vec::new();
     if !agent.system_prompt.is_empty() {
         messages.push(json!({"role": "system", "content": agent.system_prompt}));
@@ -259,103 +289,46 @@ pub fn run(ctx: &mut Work, scope: &StepScope, input: &Value) -> Result<Outcome, 
             Ok(None) => agent.max_tokens,
             Ok(Some(room)) => agent.max_tokens.min(room - estimate).max(1),
         };
-        let worst = price.map(|p| p.ceiling(estimate as u64, max_tokens as u64));
-        let now = ctx.now;
-        // The hold outlives the call's time limit by a margin; past it, the sweeper frees it.
-        let left_ms = scope
-            .deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as i64;
-        let expires_at = chrono::Utc::now() + chrono::Duration::milliseconds(left_ms + 60_000);
-        let reservation = match policies::reserve(
-            ctx.db()?,
-            crate::new_id(),
-            &policies,
-            now,
-            worst,
-            expires_at,
-        ) {
-            Ok(r) => r,
-            Err(RefusedOr::Refused(v)) => return violation(ctx, scope, &v),
-            Err(RefusedOr::Error(e)) => return Err(e),
-        };
-        let body = llm::chat_request(
-            model_name,
-            &messages,
-            &functions,
-            max_tokens as u64,
-            agent.temperature,
-            agent.response_format.as_ref(),
-        );
-        let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
-        if let Some(k) = &key {
-            headers.push(("authorization".into(), format!("Bearer {k}")));
-        }
-        let left = scope.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            policies::settle(ctx.db()?, &reservation, None, 0)?;
-            return Ok(fail(ErrorKind::Timeout, "the step's time ran out", false));
-        }
-        ctx.release_db();
-        let t0 = Instant::now();
-        let answer = outbound::send(Call {
-            method: "POST",
-            url: &url,
-            headers,
-            body: Some(body.to_string().into_bytes()),
-            timeout: left,
-            max_response_bytes: MAX_ANSWER_BYTES,
-        });
-        let duration_ms = t0.elapsed().as_millis() as u64;
-        let answer = match answer {
-            Err(e) => {
-                policies::settle(ctx.db()?, &reservation, None, 0)?;
-                let kind = if e.kind() == "timeout" {
-                    ErrorKind::Timeout
-                } else {
-                    ErrorKind::ProviderError
-                };
-                return Ok(fail(kind, format!("provider {provider_name}: {e}"), false));
-            }
-            Ok(a) => a,
-        };
-        if !(200..300).contains(&answer.status) {
-            policies::settle(ctx.db()?, &reservation, None, 0)?;
-            let retry_after = answer
-                .headers
-                .iter()
-                .find(|(k, _)| k == "retry-after")
-                .map(|(_, v)| v.as_str());
-            let (kind, wait) = llm::classify(answer.status, retry_after);
-            let detail: String = String::from_utf8_lossy(&answer.body)
-                .chars()
-                .take(300)
-                .collect();
-            return Ok(Err(Failure {
-                retry_after_ms: wait,
-                ..Failure::new(
-                    kind,
-                    format!(
-                        "provider {provider_name} answered {}: {detail}",
-                        answer.status
-                    ),
-                )
-            }));
-        }
-        let completion = match serde_json::from_slice::<Value>(&answer.body)
-            .map_err(|e| e.to_string())
-            .and_then(|v| llm::parse_completion(&v))
-        {
-            Ok(c) => c,
-            Err(e) => {
-                policies::settle(ctx.db()?, &reservation, None, 0)?;
-                return Ok(fail(
-                    ErrorKind::ProviderError,
-                    format!("provider {provider_name}: not a chat completion: {e}"),
-                    false,
-                ));
+        // The model answering so far first; a failure that another model may not have
+        // moves to the next one, for this call and the rest of the step.
+        let (completion, reservation, duration_ms) = loop {
+            let m = &models[current];
+            match call(
+                ctx,
+                scope,
+                &agent,
+                m,
+                &policies,
+                &messages,
+                &functions,
+                (estimate, max_tokens),
+            )? {
+                Called::Answered {
+                    completion,
+                    reservation,
+                    duration_ms,
+                } => break (completion, reservation, duration_ms),
+                Called::Refused(v) => return violation(ctx, scope, &v),
+                Called::Failed {
+                    failure,
+                    another_may,
+                } => match models.get(current + 1) {
+                    Some(next) if another_may => {
+                        record_event(
+                            ctx,
+                            scope,
+                            "model.fallback",
+                            json!({"from": m.name, "to": next.name, "kind": failure.kind.as_str(),
+                                "error": failure.message, "iteration": iteration}),
+                        )?;
+                        current += 1;
+                    }
+                    _ => return Ok(Err(failure)),
+                },
             }
         };
+        let m = &models[current];
+        let price = m.price;
         let cost = price.map(|p| p.cost(completion.prompt_tokens, completion.completion_tokens));
         let tokens = (completion.prompt_tokens + completion.completion_tokens) as i64;
         for alert in policies::settle(ctx.db()?, &reservation, cost, tokens)? {
@@ -364,11 +337,11 @@ pub fn run(ctx: &mut Work, scope: &StepScope, input: &Value) -> Result<Outcome, 
         record_usage(
             ctx,
             scope,
-            &agent.model,
+            &m.name,
             &completion,
             cost,
             json!({
-                "model": agent.model, "iteration": iteration, "duration_ms": duration_ms,
+                "model": m.name, "fallback": current > 0, "iteration": iteration, "duration_ms": duration_ms,
                 "tokens_in": completion.prompt_tokens, "tokens_out": completion.completion_tokens,
                 "cost_usd": cost.map(|c| c.to_fixed()), "tool_calls": completion.tool_calls.len(),
             }),
@@ -393,6 +366,182 @@ pub fn run(ctx: &mut Work, scope: &StepScope, input: &Value) -> Result<Outcome, 
         ),
         true,
     ))
+}
+
+/// A model of the agent's chain, ready to call.
+struct Model {
+    /// `provider/model`, as agents and policies name it.
+    name: String,
+    provider: String,
+    url: url::Url,
+    key: Option<String>,
+    price: Option<Price>,
+}
+
+/// The provider and price of the model `name`; `Err` saying why it cannot be called.
+fn resolve(
+    ctx: &mut Work,
+    project_id: &str,
+    name: &str,
+) -> Result<Result<Model, String>, ApiError> {
+    let Some((provider_name, _)) = llm::split_model(name) else {
+        return Ok(Err(format!("the model `{name}` is not provider/model")));
+    };
+    let Some((base_url, key)) = provider(ctx, project_id, provider_name)? else {
+        return Ok(Err(format!(
+            "no provider `{provider_name}` is configured (model_providers)"
+        )));
+    };
+    let url = url::Url::parse(&format!("{base_url}/chat/completions"))
+        .map_err(|e| ApiError::Internal(format!("provider {provider_name}: {e}")))?;
+    Ok(Ok(Model {
+        name: name.to_string(),
+        provider: provider_name.to_string(),
+        url,
+        key,
+        price: price(ctx.db()?, project_id, name)?,
+    }))
+}
+
+/// What one model call came to.
+enum Called {
+    Answered {
+        completion: Completion,
+        /// The budget hold, to settle with the call's cost.
+        reservation: policies::Reservation,
+        duration_ms: u64,
+    },
+    /// A policy refused the call (a budget).
+    Refused(Violation),
+    /// The call failed (its hold released); `another_may` when another model might
+    /// answer: the provider failed, limited the rate, or found the prompt too long.
+    Failed { failure: Failure, another_may: bool },
+}
+
+/// One chat completion with model `m`: the worst-case cost reserved against the budgets
+/// first, the hold released when the call fails.
+#[allow(clippy::too_many_arguments)]
+fn call(
+    ctx: &mut Work,
+    scope: &StepScope,
+    agent: &Agent,
+    m: &Model,
+    policies: &[policies::Policy],
+    messages: &[Value],
+    functions: &[FunctionTool],
+    (estimate, max_tokens): (i64, i64),
+) -> Result<Called, ApiError> {
+    let worst = m
+        .price
+        .map(|p| p.ceiling(estimate as u64, max_tokens as u64));
+    // The hold outlives the call's time limit by a margin; past it, the sweeper frees it.
+    let left_ms = scope
+        .deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis() as i64;
+    let expires_at = chrono::Utc::now() + chrono::Duration::milliseconds(left_ms + 60_000);
+    let now = ctx.now;
+    let reservation =
+        match policies::reserve(ctx.db()?, crate::new_id(), policies, now, worst, expires_at) {
+            Ok(r) => r,
+            Err(RefusedOr::Refused(v)) => return Ok(Called::Refused(v)),
+            Err(RefusedOr::Error(e)) => return Err(e),
+        };
+    let model_name = llm::split_model(&m.name).map_or("", |(_, model)| model);
+    let body = llm::chat_request(
+        model_name,
+        messages,
+        functions,
+        max_tokens as u64,
+        agent.temperature,
+        agent.response_format.as_ref(),
+    );
+    let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
+    if let Some(k) = &m.key {
+        headers.push(("authorization".into(), format!("Bearer {k}")));
+    }
+    let failed = |ctx: &mut Work, failure: Failure, another_may: bool| {
+        policies::settle(ctx.db()?, &reservation, None, 0)?;
+        Ok(Called::Failed {
+            failure,
+            another_may,
+        })
+    };
+    let left = scope.deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return failed(
+            ctx,
+            Failure::new(ErrorKind::Timeout, "the step's time ran out"),
+            false,
+        );
+    }
+    ctx.release_db();
+    let t0 = Instant::now();
+    let answer = outbound::send(Call {
+        method: "POST",
+        url: &m.url,
+        headers,
+        body: Some(body.to_string().into_bytes()),
+        timeout: left,
+        max_response_bytes: MAX_ANSWER_BYTES,
+    });
+    let duration_ms = t0.elapsed().as_millis() as u64;
+    let provider_name = &m.provider;
+    let answer = match answer {
+        Err(e) if e.kind() == "timeout" => {
+            let message = format!("provider {provider_name}: {e}");
+            return failed(ctx, Failure::new(ErrorKind::Timeout, message), false);
+        }
+        Err(e) => {
+            let message = format!("provider {provider_name}: {e}");
+            return failed(ctx, Failure::new(ErrorKind::ProviderError, message), true);
+        }
+        Ok(a) => a,
+    };
+    if !(200..300).contains(&answer.status) {
+        let retry_after = answer
+            .headers
+            .iter()
+            .find(|(k, _)| k == "retry-after")
+            .map(|(_, v)| v.as_str());
+        let (kind, wait) = llm::classify(answer.status, retry_after);
+        let detail: String = String::from_utf8_lossy(&answer.body)
+            .chars()
+            .take(300)
+            .collect();
+        let too_long = llm::is_context_length_refusal(answer.status, &answer.body);
+        let another_may =
+            too_long || matches!(kind, ErrorKind::ProviderError | ErrorKind::RateLimited);
+        let failure = Failure {
+            retry_after_ms: wait,
+            ..Failure::new(
+                kind,
+                format!(
+                    "provider {provider_name} answered {}: {detail}",
+                    answer.status
+                ),
+            )
+        };
+        return failed(ctx, failure, another_may);
+    }
+    match serde_json::from_slice::<Value>(&answer.body)
+        .map_err(|e| e.to_string())
+        .and_then(|v| llm::parse_completion(&v))
+    {
+        Ok(completion) => Ok(Called::Answered {
+            completion,
+            reservation,
+            duration_ms,
+        }),
+        Err(e) => failed(
+            ctx,
+            Failure::new(
+                ErrorKind::ProviderError,
+                format!("provider {provider_name}: not a chat completion: {e}"),
+            ),
+            true,
+        ),
+    }
 }
 
 /// The final answer as the step's output: text, or JSON checked against `response_format`.

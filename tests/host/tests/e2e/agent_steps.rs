@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::common::{Api, FakeServer, User, openai};
+use crate::common::{Answer, Api, FakeServer, User, openai};
 use serde_json::{Value, json};
 
 async fn project(api: &Api) -> (User, String) {
@@ -924,4 +924,135 @@ async fn a_step_token_limit_cuts_max_tokens_and_refuses_the_call_after_it_is_use
         "{message}"
     );
     assert_eq!(echo_fake.received().len(), 1);
+}
+
+// ---- Model fallbacks -----------------------------------------------------------------------
+
+/// The `model` of each chat request the provider received.
+fn models_asked(provider: &FakeServer) -> Vec<String> {
+    provider
+        .received()
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<Value>(&r.body).unwrap()["model"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_failing_model_falls_back_to_the_next_and_the_answering_model_is_recorded() {
+    for first in [
+        openai::error(503, None),
+        openai::error(429, Some("7")),
+        Answer {
+            status: 400,
+            body: json!({"error": {"message": "This model's maximum context length is 8192 tokens.",
+                "type": "invalid_request_error", "code": "context_length_exceeded"}}),
+            headers: Vec::new(),
+        },
+    ] {
+        let status = first.status;
+        let provider = FakeServer::answering(
+            vec![first, openai::text("from the fallback", 100, 10)],
+            Duration::ZERO,
+        )
+        .await;
+        let api = Api::for_fakes(Some(&provider), &[]).await;
+        let (ada, p) = project(&api).await;
+        api.set_price(&ada.access, &p, "fake/small", "1", "1").await;
+        api.set_price(&ada.access, &p, "fake/large", "10", "10")
+            .await;
+        let a = agent(&api, &ada, &p, json!({"fallback_models": ["fake/large"]})).await;
+        let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
+        let run = api.run_to_end(&ada.access, &wf, json!({"q": "x"})).await;
+        assert_eq!(run["status"], "succeeded", "{status}: {run}");
+        assert_eq!(run["output"]["ask"], "from the fallback");
+        assert_eq!(models_asked(&provider), ["small", "large"], "{status}");
+        // The answering model's price: 110 tokens at 10 USD per million.
+        assert_eq!(run["cost_usd"], "0.001100");
+        let events = api.run_items(&ada.access, &run, "events").await;
+        let fallback = events
+            .iter()
+            .find(|e| e["kind"] == "model.fallback")
+            .unwrap();
+        assert_eq!(
+            (&fallback["data"]["from"], &fallback["data"]["to"]),
+            (&json!("fake/small"), &json!("fake/large"))
+        );
+        let called: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["kind"] == "model.called")
+            .collect();
+        assert_eq!(called.len(), 1);
+        assert_eq!(
+            (&called[0]["data"]["model"], &called[0]["data"]["fallback"]),
+            (&json!("fake/large"), &json!(true))
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_fallback_the_policies_refuse_is_skipped_and_a_bad_request_does_not_fall_back() {
+    let provider = FakeServer::answering(
+        vec![openai::error(503, None), openai::error(400, None)],
+        Duration::ZERO,
+    )
+    .await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
+    let (ada, p) = project(&api).await;
+    let a = agent(
+        &api,
+        &ada,
+        &p,
+        json!({"fallback_models": ["fake/forbidden", "fake/large"]}),
+    )
+    .await;
+    api.create(
+        &ada.access,
+        "/api/v1/policies",
+        json!({"project_id": p, "name": "Known models", "rules": {"allowed_models": ["fake/small", "fake/large"]}}),
+    )
+    .await;
+    let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
+    let run = api.run_to_end(&ada.access, &wf, json!({"q": "x"})).await;
+    assert_eq!(run["status"], "failed");
+    // small failed (503) and moved on past the refused fallback to large, whose 400 is
+    // the request's own fault: no further model would do better.
+    assert_eq!(models_asked(&provider), ["small", "large"]);
+    let steps = api.run_items(&ada.access, &run, "steps").await;
+    assert_eq!(steps[0]["error"]["kind"], "validation");
+    let events = api.run_items(&ada.access, &run, "events").await;
+    let skipped = events
+        .iter()
+        .find(|e| e["kind"] == "model.skipped")
+        .unwrap();
+    assert_eq!(skipped["data"]["model"], "fake/forbidden");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["kind"] == "model.fallback")
+            .count(),
+        1
+    );
+    // The chain is checked when saved.
+    for bad in [
+        json!(["fake/small"]),
+        json!(["nope"]),
+        json!(["fake/a", "fake/a"]),
+        json!("fake/a"),
+    ] {
+        let res = api
+            .call(
+                "POST",
+                "/api/v1/agents",
+                Some(&ada.access),
+                Some(json!({"project_id": p, "name": "x", "model": "fake/small", "system_prompt": "s",
+                    "fallback_models": bad})),
+            )
+            .await;
+        assert_eq!(res.status, 422, "{bad}");
+    }
 }

@@ -1,0 +1,1 @@
+alter table agents drop column fallback_models;
