@@ -196,6 +196,30 @@ pub fn is_context_length_refusal(status: u16, body: &[u8]) -> bool {
         || text.contains("context window")
 }
 
+/// The most one agent step can cost (a quote): every attempt runs every iteration; each
+/// call's prompt is `base_prompt` plus every earlier answer at `max_tokens` (tool results
+/// are not counted: they are unknown before the run); each answer is `max_tokens` long and
+/// priced at the dearest of `prices` (the model and its fallbacks).
+pub fn worst_case(
+    prices: &[Price],
+    base_prompt: u64,
+    max_tokens: u64,
+    iterations: u64,
+    attempts: u64,
+) -> Usd {
+    let per_attempt = (0..iterations)
+        .map(|i| {
+            let prompt = base_prompt + i * max_tokens;
+            prices
+                .iter()
+                .map(|p| p.ceiling(prompt, max_tokens))
+                .max()
+                .unwrap_or(Usd::ZERO)
+        })
+        .fold(Usd::ZERO, |sum, call| sum + call);
+    Usd::from(per_attempt.decimal() * Decimal::from(attempts))
+}
+
 /// A model's prices, USD per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Price {
@@ -339,5 +363,24 @@ mod tests {
             br#"{"error": {"code": "invalid_api_key"}}"#
         ));
         assert!(!is_context_length_refusal(500, openai));
+    }
+
+    #[test]
+    fn a_worst_case_quote_is_every_attempt_of_every_iteration_at_the_dearest_model() {
+        let usd = |s: &str| Usd::parse(s).unwrap();
+        let cheap = Price {
+            input_per_mtok: usd("1"),
+            output_per_mtok: usd("2"),
+        };
+        let dear = Price {
+            input_per_mtok: usd("2"),
+            output_per_mtok: usd("4"),
+        };
+        // Iteration 1: 1000 in + 100 out = 0.0012; iteration 2: 1100 in + 100 out = 0.0013;
+        // three attempts: 0.0075.
+        assert_eq!(worst_case(&[cheap], 1000, 100, 2, 3), usd("0.0075"));
+        // The dearer fallback doubles every call.
+        assert_eq!(worst_case(&[cheap, dear], 1000, 100, 2, 3), usd("0.015"));
+        assert_eq!(worst_case(&[], 1000, 100, 2, 3), Usd::ZERO);
     }
 }

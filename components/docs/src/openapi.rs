@@ -507,6 +507,14 @@ fn operations() -> Vec<Op> {
         .answers(200, Some("ApprovalLink")),
         op(
             "POST",
+            "/api/v1/workflows/{id}/quote",
+            "workflows",
+            "The worst-case cost of a run of the current version (per step and total) and which budgets it fits in now",
+        )
+        .body("QuoteInput")
+        .answers(200, Some("Quote")),
+        op(
+            "POST",
             "/api/v1/approvals/{token}",
             "approvals",
             "Decide the step as the link says, once, without a login (401 not a link, 403 expired, 409 used or no longer waiting)",
@@ -919,6 +927,16 @@ fn schemas() -> Value {
             "step_status": s("string"), "run_status": s("string"), "used": s("boolean")}},
         "ApprovalLinkInput": {"type": "object", "additionalProperties": false, "properties": {
             "comment": {"type": "string", "maxLength": 2000}}},
+        "QuoteInput": {"type": "object", "additionalProperties": false, "properties": {
+            "input": {"description": "The run input the steps' inputs are rendered from (default {})"}}},
+        "Quote": {"type": "object", "properties": {"workflow_id": uuid, "version": s("integer"), "total_usd": money,
+            "complete": {"type": "boolean", "description": "false when a model has no price (unpriced_models)"},
+            "unpriced_models": {"type": "array", "items": s("string")},
+            "steps": {"type": "array", "items": {"type": "object", "properties": {"key": s("string"), "kind": s("string"),
+                "models": {"type": "array", "items": s("string")}, "prompt_tokens": s("integer"), "max_tokens": s("integer"),
+                "iterations": s("integer"), "attempts": s("integer"), "calls": s("integer"), "worst_usd": money}}},
+            "budgets": {"type": "array", "items": {"type": "object", "properties": {"policy_id": uuid, "name": s("string"),
+                "action": {"enum": ["block", "alert"]}, "remaining_usd": money, "needed_usd": money, "fits": s("boolean")}}}}},
         "HookAccepted": {"type": "object", "properties": {"run_id": uuid, "trigger_id": uuid, "delivery_id": {"type": ["string", "null"]}}},
         "MetricsReport": {"type": "object", "properties": {"project_id": uuid, "from": time, "to": time,
             "group_by": {"type": ["string", "null"]}, "counted": {"enum": ["runs", "steps"]},

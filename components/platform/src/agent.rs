@@ -166,7 +166,7 @@ fn provider(
 }
 
 /// The model's price, the project's own first; `None` when it has none.
-fn price(db: &Db, project_id: &str, model: &str) -> Result<Option<Price>, ApiError> {
+pub fn price(db: &Db, project_id: &str, model: &str) -> Result<Option<Price>, ApiError> {
     let rows = db.query(
         "select input_per_mtok::text, output_per_mtok::text from model_prices
          where model = $1 and (project_id = $2 or project_id is null)

@@ -1056,3 +1056,96 @@ async fn a_fallback_the_policies_refuse_is_skipped_and_a_bad_request_does_not_fa
         assert_eq!(res.status, 422, "{bad}");
     }
 }
+
+// ---- Cost quotes ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_quote_is_the_worst_case_of_every_attempt_and_iteration_checked_by_hand() {
+    let provider = FakeServer::answering(vec![openai::text("ok", 1, 1)], Duration::ZERO).await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
+    let (ada, p) = project(&api).await;
+    api.set_price(&ada.access, &p, "fake/small", "1", "2").await;
+    let a = agent(
+        &api,
+        &ada,
+        &p,
+        json!({"max_tokens": 100, "max_iterations": 2}),
+    )
+    .await;
+    let echo = FakeServer::start(200, json!({}), Duration::ZERO).await;
+    let t = tool(&api, &ada, &p, "echo", echo.url("/")).await;
+    let wf = api
+        .create(&ada.access, "/api/v1/workflows", json!({"project_id": p, "name": "Three", "definition": {"steps": [
+            {"key": "ask", "kind": "agent", "agent_id": a, "input": "{{ input.q }}", "retry": {"max_attempts": 3}},
+            {"key": "save", "kind": "tool", "tool_id": t, "input": {}, "depends_on": ["ask"]},
+            {"key": "check", "kind": "approval", "input": {}, "depends_on": ["save"]}]}}))
+        .await;
+    let wf = wf["id"].as_str().unwrap();
+    api.create(
+        &ada.access,
+        "/api/v1/policies",
+        json!({"project_id": p, "name": "Tiny", "rules": {"budget": {"limit_usd": "0.001", "window": "month"}}}),
+    )
+    .await;
+    let quote = |input: Value| {
+        let path = format!("/api/v1/workflows/{wf}/quote");
+        let token = ada.access.clone();
+        let api = &api;
+        async move {
+            api.call("POST", &path, Some(&token), Some(json!({"input": input})))
+                .await
+        }
+    };
+    let res = quote(json!({"q": "short"})).await;
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    let q = res.json();
+    let ask = &q["steps"][0];
+    let prompt = ask["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt > 0);
+    assert_eq!(
+        (&ask["iterations"], &ask["attempts"], &ask["calls"]),
+        (&json!(2), &json!(3), &json!(6))
+    );
+    // By hand: per attempt, call 1 is `prompt` in and 100 out, call 2 is `prompt + 100` in
+    // and 100 out, at 1 and 2 USD per million: 2 * prompt + 500 micro-dollars; 3 attempts.
+    let micro = 3 * (2 * prompt + 500);
+    let expected = format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000);
+    assert_eq!(ask["worst_usd"], expected.as_str());
+    assert_eq!(q["total_usd"], expected.as_str());
+    assert_eq!(
+        (&q["steps"][1]["worst_usd"], &q["steps"][2]["worst_usd"]),
+        (&json!("0.000000"), &json!("0.000000"))
+    );
+    assert_eq!(q["complete"], true);
+    // The budget has 0.001 left: the worst case (at least 0.0015) does not fit.
+    let budget = &q["budgets"][0];
+    assert_eq!(budget["name"], "Tiny");
+    assert_eq!(
+        (
+            &budget["remaining_usd"],
+            &budget["needed_usd"],
+            &budget["fits"]
+        ),
+        (&json!("0.001000"), &json!(expected), &json!(false))
+    );
+    // A longer input makes a longer prompt; an unpriced fallback makes the quote incomplete.
+    let longer = quote(json!({"q": "a much longer question ".repeat(20)}))
+        .await
+        .json();
+    assert!(longer["steps"][0]["prompt_tokens"].as_u64().unwrap() > prompt);
+    api.call(
+        "PATCH",
+        &format!("/api/v1/agents/{a}"),
+        Some(&ada.access),
+        Some(json!({"fallback_models": ["fake/unpriced"]})),
+    )
+    .await;
+    let partial = quote(json!({"q": "short"})).await.json();
+    assert_eq!(
+        (&partial["complete"], &partial["unpriced_models"]),
+        (&json!(false), &json!(["fake/unpriced"]))
+    );
+    // Quoting runs nothing.
+    assert!(provider.received().is_empty() && echo.received().is_empty());
+    assert_eq!(api.count("runs").await, 0);
+}

@@ -147,6 +147,7 @@ async fn the_openapi_document_matches_the_contract_and_the_app() {
                 "POST /hooks/{}",
                 "POST /api/v1/runs/{}/pause",
                 "GET /api/v1/approvals/{}",
+                "POST /api/v1/workflows/{}/quote",
                 "POST /api/v1/approvals/{}",
                 "POST /api/v1/runs/{}/resume",
             ]
