@@ -52,6 +52,15 @@ impl Body {
         Self::from_value(value)
     }
 
+    /// [`Body::parse`] for a request whose body is optional: an empty one is `{}`.
+    pub fn parse_or_empty(bytes: &[u8]) -> Result<Self, ApiError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            Self::from_value(Value::Object(Map::new()))
+        } else {
+            Self::parse(bytes)
+        }
+    }
+
     pub fn from_value(value: Value) -> Result<Self, ApiError> {
         if let Some(field) = nul_field(&value, "") {
             return Err(nul_error(&field));
@@ -528,5 +537,21 @@ mod tests {
         }
         assert_eq!(Slug::from_name("My  Agents!").as_str(), "my-agents");
         assert_eq!(Slug::from_name("!").as_str(), "xxx");
+    }
+
+    #[test]
+    fn an_optional_body_may_be_empty_but_not_anything_else() {
+        for empty in [&b""[..], b"  \n"] {
+            let b = Body::parse_or_empty(empty).unwrap();
+            assert!(b.finish().is_ok());
+        }
+        assert!(Body::parse_or_empty(b"[]").is_err());
+        assert!(
+            Body::parse_or_empty(b"{\"x\": 1}")
+                .unwrap()
+                .finish()
+                .is_err(),
+            "unknown field"
+        );
     }
 }

@@ -77,12 +77,10 @@ pub fn decide(ctx: &mut Ctx, req: &HttpRequest, token: &str) -> Result<Reply, Ap
     let form = req
         .header("content-type")
         .is_some_and(|t| t.starts_with("application/x-www-form-urlencoded"));
-    let mut b = if req.body.iter().all(u8::is_ascii_whitespace) {
-        Body::from_value(json!({}))?
-    } else if form {
+    let mut b = if form {
         Body::from_form(&req.body)?
     } else {
-        Body::parse(&req.body)?
+        Body::parse_or_empty(&req.body)?
     };
     let comment = b.opt_str("comment", 2000).filter(|c| !c.trim().is_empty());
     b.finish()?;

@@ -337,11 +337,7 @@ fn pause(ctx: &mut Ctx, who: &Principal, id: &str, pausing: bool) -> Result<Repl
 /// is retried, and only an unsuccessful one from `failed`.
 fn retry(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<Reply, ApiError> {
     let (id, _) = access(ctx, who, id, Action::Write)?;
-    let mut b = if req.body.iter().all(u8::is_ascii_whitespace) {
-        Body::from_value(json!({}))?
-    } else {
-        Body::parse(&req.body)?
-    };
+    let mut b = Body::parse_or_empty(&req.body)?;
     let from = b.one_of("from", &["failed", "start"], "failed");
     b.finish()?;
     let mut claimed = Vec::new();

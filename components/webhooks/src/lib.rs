@@ -171,11 +171,7 @@ impl Resource for Webhook {
 /// receiver can switch without losing a delivery.
 fn rotate(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<Reply, ApiError> {
     let (id, access) = resource::access::<Webhook>(ctx, who, id, Action::Write)?;
-    let mut b = if req.body.iter().all(u8::is_ascii_whitespace) {
-        Body::from_value(json!({}))?
-    } else {
-        Body::parse(&req.body)?
-    };
+    let mut b = Body::parse_or_empty(&req.body)?;
     let overlap_s = b
         .opt_int("overlap_s", 0..=7 * 86_400)
         .unwrap_or(DEFAULT_OVERLAP_S);

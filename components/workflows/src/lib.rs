@@ -315,11 +315,7 @@ impl template::Scope for InputOnly<'_> {
 /// run); a model without a price makes the quote incomplete and is named.
 fn quote(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<Reply, ApiError> {
     let (id, access) = resource::access::<Workflow>(ctx, who, id, Action::Read)?;
-    let mut b = if req.body.iter().all(u8::is_ascii_whitespace) {
-        Body::from_value(json!({}))?
-    } else {
-        Body::parse(&req.body)?
-    };
+    let mut b = Body::parse_or_empty(&req.body)?;
     let input = b.opt_value("input").unwrap_or_else(|| json!({}));
     b.finish()?;
     let project = access.project_id.clone();
