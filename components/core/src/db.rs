@@ -238,6 +238,12 @@ pub fn utc(column: &str) -> String {
     format!("({column} at time zone 'UTC')")
 }
 
+/// `expr` (a `timestamptz`) as RFC 3339 text in UTC with microseconds, in SQL: for times
+/// written into JSON by the database itself.
+pub fn rfc3339_sql(expr: &str) -> String {
+    format!("to_char({expr} at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+}
+
 /// Cast to write after a [`Value::Timestamp`] placeholder: `$1::timestamp at time zone 'UTC'`.
 pub const AS_TIMESTAMPTZ: &str = "::timestamp at time zone 'UTC'";
 

@@ -77,6 +77,7 @@ pub struct Approval {
 impl Default for Approval {
     fn default() -> Self {
         Approval {
+            // A day's wait when the definition sets none.
             timeout_s: 86_400,
             approvers: Vec::new(),
             quorum: 1,

@@ -26,8 +26,6 @@ pub const HEARTBEAT_MS: i64 = 5_000;
 /// How long an attempt may hold its lease beyond its timeout, renewed or not: the executor
 /// enforces the timeout itself, and this bounds an attempt whose executor lives but hangs.
 pub const LEASE_MARGIN_MS: i64 = 30_000;
-/// An approval step's wait when its definition sets none: a day.
-pub const DEFAULT_APPROVAL_S: u64 = 86_400;
 /// A step's timeout when its definition sets none.
 pub const DEFAULT_STEP_TIMEOUT_MS: i64 = 300_000;
 

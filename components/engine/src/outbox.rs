@@ -7,19 +7,26 @@
 //! attempt sends the same bytes: `{"type", "timestamp", "data"}`.
 
 use serde_json::Value;
-use sparkops_core::db::{Connection, Tx, Value as V};
+use sparkops_core::db::{Connection, Tx, Value as V, rfc3339_sql};
 use sparkops_core::error::ApiError;
+
+/// The Standard Webhooks body of an event of `event_type` (SQL text) with `data` (a
+/// `jsonb` SQL expression), stamped now: `{"type", "timestamp", "data"}`.
+pub fn payload(event_type: &str, data: &str) -> String {
+    format!(
+        "jsonb_build_object('type', {event_type}, 'timestamp', {}, 'data', {data})",
+        rfc3339_sql("now()")
+    )
+}
 
 /// The deliveries of `$type` (SQL text) with `data` (a `jsonb` SQL expression), one per
 /// enabled live webhook of project `project` (a SQL expression) subscribed to it; `from`
 /// adds the tables the expressions read.
 pub(crate) fn insert_deliveries(event_type: &str, project: &str, data: &str, from: &str) -> String {
+    let payload = payload(event_type, data);
     format!(
         "insert into webhook_deliveries (delivery_id, webhook_id, project_id, event_type, payload, next_attempt_at)
-         select sparkops_uuid_v7(), w.webhook_id, w.project_id, {event_type},
-             jsonb_build_object('type', {event_type},
-                 'timestamp', to_char(now() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-                 'data', {data}),
+         select sparkops_uuid_v7(), w.webhook_id, w.project_id, {event_type}, {payload},
              date_trunc('second', now())
          from webhooks w{from}
          where w.project_id = {project} and w.enabled and w.deleted_at is null

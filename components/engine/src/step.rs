@@ -6,7 +6,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use sparkops_core::db::{AS_TIMESTAMPTZ, Connection, Tx, Value as V};
+use sparkops_core::db::{AS_TIMESTAMPTZ, Connection, Tx, Value as V, rfc3339_sql};
 use sparkops_core::error::ApiError;
 use sparkops_core::money::Usd;
 use sparkops_core::run;
@@ -495,10 +495,12 @@ pub fn decide_approval<C: Connection + ?Sized>(
     let decision =
         json!({"approved": d.approved, "by": d.user_id, "comment": d.comment, "via": d.via});
     let approvals = tx.query(
-        "select coalesce(jsonb_agg(jsonb_build_object('by', approver, 'comment', comment, 'via', via,
-                'at', to_char(decided_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))
-                order by decided_at, approver), '[]'::jsonb)
-         from run_step_approvals where run_id = $1 and step_key = $2 and approved",
+        &format!(
+            "select coalesce(jsonb_agg(jsonb_build_object('by', approver, 'comment', comment, 'via', via,
+                    'at', {}) order by decided_at, approver), '[]'::jsonb)
+             from run_step_approvals where run_id = $1 and step_key = $2 and approved",
+            rfc3339_sql("decided_at")
+        ),
         &[V::Uuid(run_id.into()), V::Text(step_key.into())],
     )?;
     let approvals = approvals

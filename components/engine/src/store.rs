@@ -42,11 +42,9 @@ pub fn event<C: Connection + ?Sized>(
         step.map_or(V::Null, |s| V::Text(s.into())),
         V::Json(data),
     ];
-    const LOG: &str = "with seq as (update runs set event_seq = event_seq + 1 where run_id = $1 returning event_seq)
-         insert into run_events (run_id, seq, kind, step_key, data) select $1, event_seq, $2, $3, $4 from seq";
-    match webhook::event_type_of(kind) {
-        None => tx.execute(LOG, &params)?,
-        // An event webhooks are told of: its deliveries are queued by the same statement.
+    // An event webhooks are told of has its deliveries queued by the same statement.
+    let told = match webhook::event_type_of(kind) {
+        None => String::new(),
         Some(event_type) => {
             params.push(V::Text(event_type.into()));
             let deliveries = outbox::insert_deliveries(
@@ -55,18 +53,18 @@ pub fn event<C: Connection + ?Sized>(
                 outbox::RUN_EVENT_DATA,
                 ", runs r",
             );
-            tx.execute(
-                &format!(
-                    "with seq as (update runs set event_seq = event_seq + 1 where run_id = $1 returning event_seq),
-                     logged as (insert into run_events (run_id, seq, kind, step_key, data)
-                         select $1, event_seq, $2, $3, $4 from seq),
-                     told as ({deliveries} and r.run_id = $1)
-                     select 1"
-                ),
-                &params,
-            )?
+            format!(", told as ({deliveries} and r.run_id = $1)")
         }
     };
+    tx.execute(
+        &format!(
+            "with seq as (update runs set event_seq = event_seq + 1 where run_id = $1 returning event_seq),
+             logged as (insert into run_events (run_id, seq, kind, step_key, data)
+                 select $1, event_seq, $2, $3, $4 from seq){told}
+             select 1"
+        ),
+        &params,
+    )?;
     Ok(())
 }
 

@@ -373,6 +373,8 @@ struct Model {
     /// `provider/model`, as agents and policies name it.
     name: String,
     provider: String,
+    /// The provider's own name for it (after the slash).
+    model: String,
     url: url::Url,
     key: Option<String>,
     price: Option<Price>,
@@ -384,7 +386,7 @@ fn resolve(
     project_id: &str,
     name: &str,
 ) -> Result<Result<Model, String>, ApiError> {
-    let Some((provider_name, _)) = llm::split_model(name) else {
+    let Some((provider_name, model)) = llm::split_model(name) else {
         return Ok(Err(format!("the model `{name}` is not provider/model")));
     };
     let Some((base_url, key)) = provider(ctx, project_id, provider_name)? else {
@@ -397,6 +399,7 @@ fn resolve(
     Ok(Ok(Model {
         name: name.to_string(),
         provider: provider_name.to_string(),
+        model: model.to_string(),
         url,
         key,
         price: price(ctx.db()?, project_id, name)?,
@@ -447,9 +450,8 @@ fn call(
             Err(RefusedOr::Refused(v)) => return Ok(Called::Refused(v)),
             Err(RefusedOr::Error(e)) => return Err(e),
         };
-    let model_name = llm::split_model(&m.name).map_or("", |(_, model)| model);
     let body = llm::chat_request(
-        model_name,
+        &m.model,
         messages,
         functions,
         max_tokens as u64,

@@ -577,6 +577,26 @@ pub fn project_secrets(
     project_secrets_and_prefixed(ctx, project_id, names, None)
 }
 
+/// A sealed value read from columns `at` (ciphertext), `at + 1` (nonce) and `at + 2` (key
+/// id) of `row`.
+pub fn sealed_at(
+    row: &core_db::Row,
+    at: usize,
+) -> Result<sparkops_core::secrets::Sealed, ApiError> {
+    let (Some(V::Bytes(ciphertext)), Some(V::Bytes(nonce))) = (row.0.get(at), row.0.get(at + 1))
+    else {
+        return Err(ApiError::internal("a sealed secret's row is malformed"));
+    };
+    Ok(sparkops_core::secrets::Sealed {
+        ciphertext: ciphertext.clone(),
+        nonce: nonce
+            .as_slice()
+            .try_into()
+            .map_err(|_| ApiError::internal("a sealed secret's nonce is malformed"))?,
+        key_id: row.text(at + 2)?,
+    })
+}
+
 /// As [`project_secrets`], with every secret whose name starts with `prefix` too, in the
 /// same query.
 pub fn project_secrets_and_prefixed(
@@ -598,18 +618,8 @@ pub fn project_secrets_and_prefixed(
     )?;
     let mut out = std::collections::HashMap::new();
     for row in rows {
-        let (V::Bytes(ciphertext), V::Bytes(nonce)) = (&row.0[1], &row.0[2]) else {
-            return Err(ApiError::Internal("a secret row is malformed".into()));
-        };
         let name = row.text(0)?;
-        let sealed = sparkops_core::secrets::Sealed {
-            ciphertext: ciphertext.clone(),
-            nonce: nonce
-                .as_slice()
-                .try_into()
-                .map_err(|_| ApiError::Internal("a secret nonce is malformed".into()))?,
-            key_id: row.text(3)?,
-        };
+        let sealed = sealed_at(&row, 1)?;
         let value = keys
             .open(project_id, &name, &sealed)
             .map_err(|e| ApiError::Internal(format!("secret {name} cannot be opened: {e:?}")))?;

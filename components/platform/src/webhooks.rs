@@ -18,12 +18,11 @@ use serde_json::{Value, json};
 use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Tx, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::llm;
-use sparkops_core::secrets::Sealed;
 use sparkops_core::webhook;
 
 use crate::db::Db;
 use crate::outbound::{self, Call, CallError};
-use crate::pipeline::master_keys;
+use crate::pipeline::{master_keys, sealed_at};
 use crate::work::Work;
 
 /// Deliveries one tick takes on at most; the next tick takes the rest.
@@ -90,18 +89,7 @@ pub fn secrets_in_use(db: &Db, project_id: &str, owner_id: &str) -> Result<Vec<S
     )?;
     rows.iter()
         .map(|row| {
-            let (V::Bytes(ciphertext), V::Bytes(nonce)) = (&row.0[0], &row.0[1]) else {
-                return Err(ApiError::internal("a signing secret row is malformed"));
-            };
-            let sealed = Sealed {
-                ciphertext: ciphertext.clone(),
-                nonce: nonce
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| ApiError::internal("a signing secret nonce is malformed"))?,
-                key_id: row.text(2)?,
-            };
-            keys.open(project_id, owner_id, &sealed)
+            keys.open(project_id, owner_id, &sealed_at(row, 0)?)
                 .map_err(|e| ApiError::internal(format!("a signing secret does not open: {e:?}")))
         })
         .collect()

@@ -21,6 +21,7 @@ use sparkops_core::input::Body;
 use sparkops_core::roles::Action;
 use sparkops_core::webhook::{self, EVENT_TYPES, TEST_EVENT};
 use sparkops_platform::db::Db;
+use sparkops_platform::engine::outbox;
 use sparkops_platform::http::{HttpRequest, Reply};
 use sparkops_platform::pipeline::{self, Ctx, Principal, Work};
 use sparkops_platform::resource::{self, Resource, Write, common_json, page_reply};
@@ -204,14 +205,13 @@ fn test(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
         let rows = tx.query(
             &format!(
                 "insert into webhook_deliveries (delivery_id, webhook_id, project_id, event_type, payload, next_attempt_at)
-                 select $1, webhook_id, project_id, $3,
-                     jsonb_build_object('type', $3::text,
-                         'timestamp', to_char(now() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-                         'data', jsonb_build_object('project_id', project_id, 'webhook_id', webhook_id,
-                             'requested_by', $4::text)),
-                     date_trunc('second', now())
+                 select $1, webhook_id, project_id, $3, {}, date_trunc('second', now())
                  from webhooks where webhook_id = $2 and deleted_at is null and enabled
-                 returning {DELIVERY_COLUMNS}"
+                 returning {DELIVERY_COLUMNS}",
+                outbox::payload(
+                    "$3::text",
+                    "jsonb_build_object('project_id', project_id, 'webhook_id', webhook_id, 'requested_by', $4::text)"
+                )
             ),
             &[
                 V::Uuid(delivery_id.clone()),
