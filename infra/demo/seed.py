@@ -91,6 +91,12 @@ def main(app_url, services_url, data_dir):
         "model": "demo/digest-1",
         "system_prompt": "You summarise search results in three sentences, citing sources.",
     })
+    # A made-up price for the demo model, so costs and budgets show real numbers.
+    api.call("PUT", f"/api/v1/models/prices/demo/digest-1?project_id={pid}",
+             {"input_per_mtok_usd": "3.00", "output_per_mtok_usd": "15.00"})
+    api.find_or_create("/api/v1/policies", pid, "demo-budget", {
+        "rules": {"budget": {"limit_usd": "1.00", "window": "day", "action": "alert"}},
+    })
     workflow = api.find_or_create("/api/v1/workflows", pid, "research-digest", {
         "description": "Search a topic and summarise what comes back.",
         "input_schema": {
@@ -116,11 +122,13 @@ def main(app_url, services_url, data_dir):
         _, run = api.call("GET", f"/api/v1/runs/{run['id']}")
     _, steps = api.call("GET", f"/api/v1/runs/{run['id']}/steps")
     print(f"demo: run {run['id']} {run['status']} "
-          f"({run.get('tokens_in', 0)} tokens in, {run.get('tokens_out', 0)} out)")
+          f"({run.get('tokens_in', 0)} tokens in, {run.get('tokens_out', 0)} out, "
+          f"${run.get('cost_usd')})")
     for step in steps.get("items", []):
         print(f"demo:   {step['key']}: {step['status']}")
-    print(f"demo: sign in as {EMAIL} with the password in {Path(data_dir) / 'demo_password'}; "
-          f"docs at {app_url}/docs")
+    print(f"demo: the console: {app_url.rstrip('/')}/console/runs/{run['id']}")
+    print(f"demo: sign in as {EMAIL} with password {pw} (kept in {Path(data_dir) / 'demo_password'}); "
+          f"API docs at {app_url}/docs")
     return 0 if run["status"] == "succeeded" else 1
 
 

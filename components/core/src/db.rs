@@ -57,6 +57,29 @@ impl DbError {
             || ["57P01", "57P02", "57P03", "53300"].contains(&self.code.as_str())
     }
 
+    /// A server's error as Spin 3.x's pg4 host reports it: text only (`db error: ERROR:
+    /// <message>`, its DETAIL and the error chain), without the SQLSTATE and fields that
+    /// the WIT's structured `db-error` carries (and later hosts send). `None` when the text
+    /// is not a server's error (a connection failure, say). The one condition callers
+    /// branch on, a unique violation, is recognised from the server's message; a server
+    /// that translates its messages (`lc_messages`) has it answered as a plain error.
+    pub fn from_server_text(text: &str) -> Option<Self> {
+        let message = text.strip_prefix("db error: ")?;
+        let first = message.lines().next().unwrap_or_default();
+        let unique = first
+            .split_once("duplicate key value violates unique constraint \"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(name, _)| name.to_string());
+        Some(Self {
+            code: if unique.is_some() { "23505" } else { "" }.to_string(),
+            message: first
+                .trim_start_matches("ERROR: ")
+                .trim_start_matches("FATAL: ")
+                .to_string(),
+            constraint: unique,
+        })
+    }
+
     /// True for a unique-constraint violation on `constraint`.
     pub fn is_unique_violation(&self, constraint: &str) -> bool {
         self.code == "23505" && self.constraint.as_deref() == Some(constraint)
@@ -256,6 +279,27 @@ pub fn from_naive_utc(t: NaiveDateTime) -> DateTime<Utc> {
 mod tests {
     use super::*;
     use std::cell::RefCell;
+
+    /// As Spin 3.6.3 reported a duplicate email (its anyhow chain, shortened).
+    const SPIN3_DUPLICATE: &str = "db error: ERROR: duplicate key value violates unique constraint \"users_email_key\"\nDETAIL: Key (lower(email))=(connection@example.com) already exists.\n\nCaused by:\n    ERROR: duplicate key value violates unique constraint \"users_email_key\"\n\nStack backtrace:\n   0: <unknown>";
+
+    #[test]
+    fn a_unique_violation_reported_as_text_is_recognised_with_its_constraint() {
+        let e = DbError::from_server_text(SPIN3_DUPLICATE).unwrap();
+        assert!(e.is_unique_violation("users_email_key"));
+        assert!(!e.is_unique_violation("projects_owner_slug_key"));
+        assert!(
+            !e.is_unavailable(),
+            "the detail's words are not a lost connection"
+        );
+        assert_eq!(
+            e.message,
+            "duplicate key value violates unique constraint \"users_email_key\""
+        );
+        let other = DbError::from_server_text("db error: ERROR: division by zero").unwrap();
+        assert_eq!((other.code.as_str(), other.constraint), ("", None));
+        assert_eq!(DbError::from_server_text("connection closed"), None);
+    }
 
     /// Records statements; fails any statement containing `fail_on`.
     #[derive(Default)]

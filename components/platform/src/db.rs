@@ -126,8 +126,14 @@ fn pg_error(e: pg4::PgError) -> DbError {
         },
         // No connection (or it broke mid-query): SQLSTATE class 08, so callers answer 503.
         pg4::PgError::ConnectionFailed(m) => DbError::new("08001", m),
-        pg4::PgError::QueryFailed(pg4::QueryError::Text(m)) if lost_connection(&m) => {
-            DbError::new("08006", m)
+        // Spin 3.x reports a server's error met while a `query` runs as text
+        // (`DbError::from_server_text`); other text is a lost connection or the host's own.
+        pg4::PgError::QueryFailed(pg4::QueryError::Text(m)) => {
+            match DbError::from_server_text(&m) {
+                Some(e) => e,
+                None if lost_connection(&m) => DbError::new("08006", m),
+                None => DbError::new("", m),
+            }
         }
         other => DbError::new("", other.to_string()),
     }

@@ -734,6 +734,36 @@ async fn parameter_types_are_strict() {
     }
 }
 
+/// As Spin 3.6.3 answers (checked under `spin up` with this fixture): a statement that
+/// fails as it runs is structured from `execute`, but text from `query` (the server's error
+/// chain), while one that does not prepare is structured from both.
+#[tokio::test]
+async fn a_unique_violation_is_structured_from_execute_and_text_from_query() {
+    let (_env, app) = app().await;
+    let r = pg(
+        &app,
+        json!([
+            {"sql": "create table uq (x int primary key)", "params": [], "execute": true},
+            {"sql": "insert into uq values (1)", "params": [], "execute": true},
+            {"sql": "insert into uq values (1)", "params": [], "execute": true},
+            {"sql": "insert into uq values ($1) returning x", "params": [{"int32": 1}]},
+            {"sql": "select * from no_such_table", "params": []},
+        ]),
+    )
+    .await;
+    assert_eq!(error_of(&r[2])["code"], "23505");
+    let text = &error_of(&r[3]);
+    assert_eq!(text["kind"], "query-failed");
+    assert_eq!(text.get("code"), None, "{text}");
+    assert!(
+        text["message"].as_str().unwrap().starts_with(
+            "db error: ERROR: duplicate key value violates unique constraint \"uq_pkey\"\nDETAIL: Key (x)=(1) already exists."
+        ),
+        "{text}"
+    );
+    assert_eq!(error_of(&r[4])["code"], "42P01");
+}
+
 #[tokio::test]
 async fn several_statements_in_one_execute_fail_with_42601() {
     let (_env, app) = app().await;

@@ -64,6 +64,17 @@ async fn the_offline_demo_seeds_through_the_api_and_its_run_succeeds() {
         first.contains("search: succeeded") && first.contains("summarise: succeeded"),
         "{first}"
     );
+    let password = std::fs::read_to_string(data.path().join("demo_password")).unwrap();
+    assert!(
+        first.contains(&format!(
+            "{}/console/runs/",
+            api.url("").trim_end_matches('/')
+        )) && first.contains(&format!(
+            "demo@sparkops.local with password {}",
+            password.trim()
+        )),
+        "the console's address and the demo login are printed: {first}"
+    );
     let (ok, again) = seed(&api, &base, data.path()).await;
     assert!(ok, "{again}");
 

@@ -9,6 +9,7 @@ mod admin;
 mod agent_steps;
 mod chaos;
 mod conformance;
+mod console;
 mod demo;
 mod deployment;
 mod docs;
