@@ -64,18 +64,26 @@ impl DbError {
     /// branch on, a unique violation, is recognised from the server's message; a server
     /// that translates its messages (`lc_messages`) has it answered as a plain error.
     pub fn from_server_text(text: &str) -> Option<Self> {
-        let message = text.strip_prefix("db error: ")?;
-        let first = message.lines().next().unwrap_or_default();
-        let unique = first
-            .split_once("duplicate key value violates unique constraint \"")
-            .and_then(|(_, rest)| rest.split_once('"'))
+        if !text.starts_with("db error") {
+            return None;
+        }
+        // The server's own line: on the first line (`db error: ERROR: ...`) or, from a
+        // client whose summary leaves it out, first among the causes.
+        let line = text
+            .lines()
+            .map(|l| l.trim().trim_start_matches("db error: "))
+            .find(|l| l.starts_with("ERROR: ") || l.starts_with("FATAL: "))
+            .unwrap_or("db error");
+        let message = line
+            .trim_start_matches("ERROR: ")
+            .trim_start_matches("FATAL: ");
+        let unique = message
+            .strip_prefix("duplicate key value violates unique constraint \"")
+            .and_then(|rest| rest.split_once('"'))
             .map(|(name, _)| name.to_string());
         Some(Self {
             code: if unique.is_some() { "23505" } else { "" }.to_string(),
-            message: first
-                .trim_start_matches("ERROR: ")
-                .trim_start_matches("FATAL: ")
-                .to_string(),
+            message: message.to_string(),
             constraint: unique,
         })
     }
@@ -296,6 +304,12 @@ mod tests {
             e.message,
             "duplicate key value violates unique constraint \"users_email_key\""
         );
+        // A client whose summary is just "db error" names the server's line among causes.
+        let bare = DbError::from_server_text(
+            "db error\n\nCaused by:\n    ERROR: duplicate key value violates unique constraint \"uq_pkey\"\n    DETAIL: Key (x)=(1) already exists.",
+        )
+        .unwrap();
+        assert!(bare.is_unique_violation("uq_pkey"));
         let other = DbError::from_server_text("db error: ERROR: division by zero").unwrap();
         assert_eq!((other.code.as_str(), other.constraint), ("", None));
         assert_eq!(DbError::from_server_text("connection closed"), None);

@@ -172,10 +172,15 @@ impl pg::HostConnection for InstanceState {
 /// sends for a statement that does not prepare and for every `execute` (checked under
 /// `spin up` with the conformance fixture). Guests read both (`DbError::from_server_text`).
 fn run_failed(e: tokio_postgres::Error) -> Error {
-    if e.as_db_error().is_some() {
-        return Error::QueryFailed(QueryError::Text(format!("{:?}", anyhow::Error::new(e))));
-    }
-    query_failed(e)
+    let Some(db) = e.as_db_error() else {
+        return query_failed(e);
+    };
+    // Spin's text: its client's summary with the server's error, then the chain.
+    let server = db.to_string();
+    Error::QueryFailed(QueryError::Text(format!(
+        "db error: {server}\n\nCaused by:\n    {}",
+        server.replace('\n', "\n    ")
+    )))
 }
 
 fn query_failed(e: tokio_postgres::Error) -> Error {

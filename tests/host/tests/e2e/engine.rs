@@ -1126,7 +1126,7 @@ async fn retention_removes_old_step_payloads_and_keeps_the_record() {
 
 #[tokio::test]
 async fn a_paused_chain_finishes_its_running_step_starts_nothing_and_resumes_where_it_stopped() {
-    let api = Api::for_fakes(None, &[]).await;
+    let api = Api::for_fakes(None, &[("SPIN_VARIABLE_METRICS_TOKEN", "operator-token")]).await;
     let (ada, p) = project(&api).await;
     let fake = FakeServer::start(200, json!({"ok": true}), Duration::from_millis(1500)).await;
     let tool = tool(&api, &ada, &p, fake.url("/")).await;
@@ -1171,6 +1171,20 @@ async fn a_paused_chain_finishes_its_running_step_starts_nothing_and_resumes_whe
         .json();
     assert_eq!(run["status"], "paused");
     assert_eq!(step_of(&api, &ada, id, "b").await["status"], "pending");
+    // The operator's metrics count it among the active runs, as paused.
+    let metrics = crate::common::request(
+        "GET",
+        &api.app.url("/metrics"),
+        &[("authorization", "Bearer operator-token")],
+        None,
+    )
+    .await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.lines()
+            .any(|l| l == "sparkops_runs_active{status=\"paused\"} 1"),
+        "{text}"
+    );
     assert_eq!(fake.received().len(), 1);
     assert_eq!(
         call("pause").await.status,
