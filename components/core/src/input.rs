@@ -278,6 +278,23 @@ impl Body {
         self.errors.is_empty()
     }
 
+    /// An optional amount of US dollars, zero or more (a decimal string, see
+    /// [`crate::money::Usd::from_json`]).
+    pub fn opt_usd(&mut self, field: &str) -> Option<crate::money::Usd> {
+        let raw = self.opt_value(field).filter(|v| !v.is_null())?;
+        match crate::money::Usd::from_json(&raw) {
+            Ok(v) if v < crate::money::Usd::ZERO => {
+                self.error(field, "must not be negative");
+                None
+            }
+            Ok(v) => Some(v),
+            Err(m) => {
+                self.error(field, m);
+                None
+            }
+        }
+    }
+
     /// An optional RFC 3339 time.
     pub fn opt_time(&mut self, field: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         let raw = self.opt_str(field, 64)?;

@@ -965,7 +965,10 @@ fn schemas() -> Value {
             "from": {"enum": ["failed", "start"], "default": "failed"}}},
         "RunInput": {"type": "object", "required": ["workflow_id"], "additionalProperties": false, "properties": {
             "workflow_id": uuid, "input": {"description": "Checked against the workflow's input_schema"},
-            "version": {"type": "integer", "minimum": 1, "description": "Defaults to the current version"}}},
+            "version": {"type": "integer", "minimum": 1, "description": "Defaults to the current version"},
+            "max_cost_usd": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]{1,6})?$",
+                "description": "The run's own hard budget in USD: each model call's worst case is held against what the run has left, \
+                    and a call that would pass it fails its step as a policy-violation (rule max_cost_usd). A retry keeps it."}}},
         "Run": {"type": "object", "properties": {
             "id": uuid, "project_id": uuid, "workflow_id": uuid, "workflow_version": s("integer"),
             "status": {"enum": run_statuses()},
@@ -977,6 +980,8 @@ fn schemas() -> Value {
             "payloads_pruned_at": {"type": ["string", "null"], "description": "When retention removed the steps' inputs and outputs"},
             "paused_at": {"type": ["string", "null"], "description": "Since when a paused run is paused"},
             "trigger_id": {"type": ["string", "null"], "description": "The event trigger that started it"},
+            "max_cost_usd": {"type": ["string", "null"], "description": "The run's own hard budget, when it has one"},
+            "reserved_usd": {"type": "string", "description": "What the run's model calls in flight hold of its budget"},
             "trace_export": {"type": ["object", "null"], "description": "GET /runs/{id} only, when the project exports traces: \
                 status (pending, exported, failed), attempts, last_error, exported_at",
                 "properties": {"status": {"enum": ["pending", "exported", "failed"]}, "attempts": s("integer"),

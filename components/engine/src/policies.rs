@@ -8,6 +8,11 @@
 //! concurrent calls never push a blocking budget past its limit; after the call the
 //! reservation is settled to the real cost (`settle`). A model without a price is refused
 //! by a blocking budget, never counted as free.
+//!
+//! A run's own `max_cost_usd` is held the same way, in the same transaction: the call's
+//! worst case against what the run has left, refused as the rule `max_cost_usd` of the
+//! policy `run`; the hold is released in the transaction that adds the call's real cost to
+//! the run (`settle_in`), so the run's spend plus its holds never undercount.
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde_json::{Value, json};
@@ -201,6 +206,65 @@ pub struct Reservation {
     /// The budgets held: their policy, window and rule.
     windows: Vec<Held>,
     amount: Option<Usd>,
+    /// The run whose `max_cost_usd` holds `amount` too.
+    run: Option<String>,
+}
+
+/// The rule a run's own cap is refused under, as the policy [`RUN_CAP`].
+pub const RUN_CAP_RULE: &str = "max_cost_usd";
+/// The name a run's own cap goes by in a [`Violation`] (its id is the run's).
+pub const RUN_CAP: &str = "run";
+
+/// Holds `amount` against the run's `max_cost_usd`, when it has one: `Ok(true)` held,
+/// `Ok(false)` no cap. One statement, no write for a run without a cap.
+fn hold_run<C: Connection + ?Sized>(
+    tx: &core_db::Tx<'_, C>,
+    run_id: &str,
+    worst: Option<Usd>,
+) -> Result<bool, Hold> {
+    let rows = tx.query(
+        "with held as (
+            update runs set reserved_usd = reserved_usd + $2::numeric
+            where run_id = $1 and max_cost_usd is not null and $2::numeric is not null
+              and cost_usd + reserved_usd + $2::numeric <= max_cost_usd
+            returning 1)
+         select (select max_cost_usd::text from runs where run_id = $1),
+                (select cost_usd::text from runs where run_id = $1),
+                (select reserved_usd::text from runs where run_id = $1),
+                exists (select 1 from held)",
+        &[
+            V::Uuid(run_id.into()),
+            worst.map_or(V::Null, |w| V::Decimal(w.to_fixed())),
+        ],
+    )?;
+    let Some(r) = rows.first() else {
+        return Ok(false);
+    };
+    let Some(cap) = r.opt_text(0)? else {
+        return Ok(false);
+    };
+    if r.bool(3)? {
+        return Ok(true);
+    }
+    let refused = |detail: String| {
+        Hold::Refused(Violation {
+            policy_id: run_id.to_string(),
+            policy: RUN_CAP.into(),
+            rule: RUN_CAP_RULE,
+            detail,
+        })
+    };
+    Err(match worst {
+        None => refused(format!(
+            "the model has no price, so its cost cannot be held to the run's {cap} USD"
+        )),
+        Some(w) => refused(format!(
+            "a call costing up to {} USD would pass the run's {cap} USD ({} spent, {} held)",
+            w.to_fixed(),
+            r.opt_text(1)?.unwrap_or_default(),
+            r.opt_text(2)?.unwrap_or_default(),
+        )),
+    })
 }
 
 /// Where the budget window that contains `now` began (UTC); the Unix epoch for `total`,
@@ -223,9 +287,11 @@ pub fn window_start(window: Window, now: DateTime<Utc>) -> DateTime<Utc> {
 /// unpriced call and a call that would take spend plus reservations past its limit. The
 /// hold is recorded until `expires_at`, when the sweeper releases it if the call never
 /// settled (its host died).
+#[allow(clippy::too_many_arguments)]
 pub fn reserve<C: Connection + ?Sized>(
     db: &C,
     reservation_id: String,
+    run_id: &str,
     policies: &[Policy],
     now: DateTime<Utc>,
     worst: Option<Usd>,
@@ -235,9 +301,6 @@ pub fn reserve<C: Connection + ?Sized>(
         .iter()
         .filter(|p| p.rules.budget.is_some())
         .collect();
-    if budgets.is_empty() {
-        return Ok(Reservation::default());
-    }
     for p in &budgets {
         let budget = p.rules.budget.as_ref().expect("filtered");
         if budget.block && worst.is_none() {
@@ -251,7 +314,23 @@ pub fn reserve<C: Connection + ?Sized>(
     let amount = worst.unwrap_or(Usd::ZERO);
     let id = reservation_id;
     let mut windows = Vec::new();
+    let mut run = None;
     let result = core_db::transaction(db, |tx| {
+        if hold_run(tx, run_id, worst)? {
+            tx.execute(
+                &format!(
+                    "insert into run_cost_reservations (reservation_id, run_id, amount_usd, expires_at)
+                     values ($1, $2, $3, $4{AS_TIMESTAMPTZ})"
+                ),
+                &[
+                    V::Uuid(id.clone()),
+                    V::Uuid(run_id.into()),
+                    V::Decimal(amount.to_fixed()),
+                    V::Timestamp(expires_at),
+                ],
+            )?;
+            run = Some(run_id.to_string());
+        }
         for p in &budgets {
             let budget = p.rules.budget.as_ref().expect("filtered");
             let start = window_start(budget.window, now);
@@ -313,6 +392,7 @@ pub fn reserve<C: Connection + ?Sized>(
             id,
             windows,
             amount: Some(amount),
+            run,
         }),
         Err(Hold::Refused(v)) => Err(RefusedOr::Refused(v)),
         Err(Hold::Db(e)) => Err(RefusedOr::Error(e)),
@@ -353,9 +433,29 @@ pub fn settle<C: Connection + ?Sized>(
     cost: Option<Usd>,
     tokens: i64,
 ) -> Result<Vec<Violation>, ApiError> {
+    core_db::transaction(db, |tx| settle_in(tx, reservation, cost, tokens))
+}
+
+/// [`settle`] inside the caller's transaction: the one that adds the call's cost to the
+/// run, so the run's hold is released as its spend is counted.
+pub fn settle_in<C: Connection + ?Sized>(
+    tx: &core_db::Tx<'_, C>,
+    reservation: &Reservation,
+    cost: Option<Usd>,
+    tokens: i64,
+) -> Result<Vec<Violation>, ApiError> {
     let held = reservation.amount.unwrap_or(Usd::ZERO);
     let cost = cost.unwrap_or(Usd::ZERO);
-    core_db::transaction(db, |tx| {
+    if let Some(run_id) = &reservation.run {
+        tx.execute(
+            "with released as (
+                delete from run_cost_reservations where reservation_id = $1 returning run_id, amount_usd)
+             update runs r set reserved_usd = greatest(r.reserved_usd - released.amount_usd, 0)
+             from released where r.run_id = released.run_id and r.run_id = $2",
+            &[V::Uuid(reservation.id.clone()), V::Uuid(run_id.clone())],
+        )?;
+    }
+    {
         let mut alerts = Vec::new();
         for h in &reservation.windows {
             // The hold is released here, unless the sweeper already released it.
@@ -402,7 +502,7 @@ pub fn settle<C: Connection + ?Sized>(
             }
         }
         Ok::<_, ApiError>(alerts)
-    })
+    }
 }
 
 /// Releases the holds of calls that never settled (their host died) once they expire:
@@ -435,6 +535,20 @@ pub fn release_expired<C: Connection + ?Sized>(
                 ],
             )?;
         }
-        Ok(released.len() as u64)
+        // Runs' own caps: each expired hold back to its run, in one statement.
+        let runs = tx.execute(
+            &format!(
+                "with released as (
+                    delete from run_cost_reservations where reservation_id in (
+                        select reservation_id from run_cost_reservations
+                        where expires_at < $1{AS_TIMESTAMPTZ} order by reservation_id limit $2 for update skip locked)
+                    returning run_id, amount_usd),
+                 per_run as (select run_id, sum(amount_usd) as amount from released group by run_id)
+                 update runs r set reserved_usd = greatest(r.reserved_usd - per_run.amount, 0)
+                 from per_run where r.run_id = per_run.run_id"
+            ),
+            &[V::Timestamp(now), V::Int64(limit)],
+        )?;
+        Ok(released.len() as u64 + runs)
     })
 }

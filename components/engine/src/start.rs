@@ -113,6 +113,8 @@ pub struct NewRun<'a> {
     pub input: &'a Value,
     pub origin: Origin<'a>,
     pub now: DateTime<Utc>,
+    /// The run's own hard budget (`POST /runs {max_cost_usd}`), held call by call.
+    pub max_cost_usd: Option<sparkops_core::money::Usd>,
 }
 
 /// Why a run did not start.
@@ -220,8 +222,8 @@ fn insert<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<()
     tx.execute(
         &format!(
             "insert into runs (run_id, project_id, workflow_id, workflow_version, input, created_by,
-                deadline_at, retry_of, schedule_id, scheduled_for, trigger_id, created_at, updated_at)
-             values ($1, $2, $3, $4, $5, $6, $7{AS_TIMESTAMPTZ}, $8, $9, $10{AS_TIMESTAMPTZ}, $12,
+                deadline_at, retry_of, schedule_id, scheduled_for, trigger_id, max_cost_usd, created_at, updated_at)
+             values ($1, $2, $3, $4, $5, $6, $7{AS_TIMESTAMPTZ}, $8, $9, $10{AS_TIMESTAMPTZ}, $12, $13,
                 $11{AS_TIMESTAMPTZ}, $11{AS_TIMESTAMPTZ})"
         ),
         &[
@@ -237,6 +239,7 @@ fn insert<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<()
             schedule.map_or(V::Null, |(_, t)| V::Timestamp(t)),
             V::Timestamp(run.now),
             trigger.map_or(V::Null, |t| V::Uuid(t.into())),
+            run.max_cost_usd.map_or(V::Null, |c| V::Decimal(c.to_fixed())),
         ],
     )?;
     let mut reused_keys = Vec::new();

@@ -321,6 +321,7 @@ fn input_is_checked_before_policies_and_a_refusal_records_nothing() {
             input: &input,
             origin: Origin::Api { user_id: &owner },
             now: Utc::now(),
+            max_cost_usd: None,
         };
         db::transaction(&db, |tx| sparkops_engine::start(tx, &run))
     };
@@ -707,6 +708,7 @@ fn retries_reuse_the_succeeded_steps_of_the_run_they_retry() {
             reused: [("a".to_string(), (json!({"in": 1}), json!({"out": 1})))].into(),
         },
         now: Utc::now(),
+        max_cost_usd: None,
     };
     db::transaction(&db, |tx| sparkops_engine::start(tx, &run)).unwrap();
     assert_eq!(step_status(&db, &id, "a"), StepStatus::Succeeded);
@@ -878,4 +880,97 @@ fn an_approval_with_a_quorum_waits_for_enough_distinct_approvers_and_one_rejecti
     );
     advance(&db, &rejected);
     assert_eq!(run_status(&db, &rejected), RunStatus::Failed);
+}
+
+/// A run's own `max_cost_usd`: each call's worst case is held against what the run has
+/// left, a call that would pass it is refused as the rule `max_cost_usd`, settling swaps
+/// the hold for the real cost, and a hold whose call never settled is released once it
+/// expires.
+#[test]
+fn a_runs_own_budget_holds_each_calls_worst_case_and_refuses_past_it() {
+    use sparkops_core::money::Usd;
+    use sparkops_engine::policies::{self, RefusedOr};
+    let (db, w) = setup(chain(&[("a", &[])]));
+    let run = start(&db, &w, json!({}));
+    db.execute(
+        "update runs set max_cost_usd = 0.30 where run_id = $1",
+        &[V::Uuid(run.clone())],
+    )
+    .unwrap();
+    let usd = |s: &str| Usd::parse(s).unwrap();
+    let now = Utc::now();
+    let later = now + chrono::Duration::minutes(5);
+    let held = |db: &Pg| {
+        db.scalar(
+            "select reserved_usd::text from runs where run_id = $1",
+            &[V::Uuid(run.clone())],
+        )
+        .unwrap()
+    };
+    let reserve = |worst: Option<Usd>, expires| {
+        policies::reserve(
+            &db,
+            uuid::Uuid::new_v4().to_string(),
+            &run,
+            &[],
+            now,
+            worst,
+            expires,
+        )
+    };
+
+    let first = reserve(Some(usd("0.20")), later).expect("0.20 of 0.30 fits");
+    assert_eq!(held(&db), "0.200000");
+    let Err(RefusedOr::Refused(v)) = reserve(Some(usd("0.15")), later) else {
+        panic!("0.20 held + 0.15 passes 0.30");
+    };
+    assert_eq!((v.policy.as_str(), v.rule), ("run", "max_cost_usd"));
+    assert!(v.detail.contains("0.300000"), "{}", v.detail);
+    let Err(RefusedOr::Refused(unpriced)) = reserve(None, later) else {
+        panic!("an unpriced call cannot be held to the run's budget");
+    };
+    assert!(unpriced.detail.contains("no price"), "{}", unpriced.detail);
+
+    // Settled with the cost added to the run in the same transaction: 0.12 spent, no hold.
+    db::transaction(&db, |tx| {
+        tx.execute(
+            "update runs set cost_usd = cost_usd + 0.12 where run_id = $1",
+            &[V::Uuid(run.clone())],
+        )?;
+        policies::settle_in(tx, &first, Some(usd("0.12")), 10)
+    })
+    .unwrap();
+    assert_eq!(held(&db), "0.000000");
+    reserve(Some(usd("0.18")), later).expect("0.12 spent + 0.18 fits 0.30 exactly");
+    assert!(matches!(
+        reserve(Some(usd("0.000001")), later),
+        Err(RefusedOr::Refused(_))
+    ));
+
+    // A hold whose call never settled comes back once it expires, and only then.
+    assert_eq!(policies::release_expired(&db, now, 100).unwrap(), 0);
+    assert_eq!(held(&db), "0.180000");
+    policies::release_expired(&db, later + chrono::Duration::seconds(1), 100).unwrap();
+    assert_eq!(held(&db), "0.000000");
+    assert_eq!(
+        db.count("select count(*) from run_cost_reservations", &[]),
+        0
+    );
+
+    // A run without a cap holds nothing and is never refused by one.
+    let free = start(&db, &w, json!({}));
+    policies::reserve(
+        &db,
+        uuid::Uuid::new_v4().to_string(),
+        &free,
+        &[],
+        now,
+        None,
+        later,
+    )
+    .expect("no cap");
+    assert_eq!(
+        db.count("select count(*) from run_cost_reservations", &[]),
+        0
+    );
 }

@@ -123,6 +123,7 @@ fn deliver(ctx: &mut Ctx, req: &HttpRequest, id: &str) -> Result<Reply, ApiError
                 delivery_id: delivery_id.as_deref(),
             },
             now: ctx.now,
+            max_cost_usd: None,
         };
         engine::start(tx, &run)?;
         claimed = engine::advance(tx, &run_id)?;

@@ -187,13 +187,15 @@ fn record_event(ctx: &mut Work, s: &StepScope, kind: &str, data: Value) -> Resul
     ctx.transaction(|tx, _| engine::note(tx, s.run_id, kind, Some(s.step_key), data))
 }
 
-/// Adds a model call's tokens and cost to the step and the run, with its event.
+/// Adds a model call's tokens and cost to the step and the run, with its event, and
+/// settles its budget holds, in one transaction: a crash never counts the spend in one
+/// place and not the other. A budget the call took past its alert limit gets its
+/// `budget.alert` event.
 fn record_usage(
     ctx: &mut Work,
     s: &StepScope,
-    model: &str,
-    c: &Completion,
-    cost: Option<Usd>,
+    (model, c, cost): (&str, &Completion, Option<Usd>),
+    (reservation, tokens): (&policies::Reservation, i64),
     data: Value,
 ) -> Result<(), ApiError> {
     let usage = engine::step::Usage {
@@ -202,7 +204,19 @@ fn record_usage(
         tokens_out: c.completion_tokens as i64,
         cost,
     };
-    ctx.transaction(|tx, _| engine::step::add_usage(tx, s.run_id, s.step_key, &usage, data))
+    ctx.transaction(|tx, _| {
+        engine::step::add_usage(tx, s.run_id, s.step_key, &usage, data)?;
+        for alert in policies::settle_in(tx, reservation, cost, tokens)? {
+            engine::note(
+                tx,
+                s.run_id,
+                "budget.alert",
+                Some(s.step_key),
+                alert.event(),
+            )?;
+        }
+        Ok(())
+    })
 }
 
 /// Runs the agent step with `input` (the rendered step input).
@@ -331,15 +345,11 @@ pub fn run(ctx: &mut Work, scope: &StepScope, input: &Value) -> Result<Outcome, 
         let price = m.price;
         let cost = price.map(|p| p.cost(completion.prompt_tokens, completion.completion_tokens));
         let tokens = (completion.prompt_tokens + completion.completion_tokens) as i64;
-        for alert in policies::settle(ctx.db()?, &reservation, cost, tokens)? {
-            record_event(ctx, scope, "budget.alert", alert.event())?;
-        }
         record_usage(
             ctx,
             scope,
-            &m.name,
-            &completion,
-            cost,
+            (&m.name, &completion, cost),
+            (&reservation, tokens),
             json!({
                 "model": m.name, "fallback": current > 0, "iteration": iteration, "duration_ms": duration_ms,
                 "tokens_in": completion.prompt_tokens, "tokens_out": completion.completion_tokens,
@@ -444,12 +454,19 @@ fn call(
         .as_millis() as i64;
     let expires_at = chrono::Utc::now() + chrono::Duration::milliseconds(left_ms + 60_000);
     let now = ctx.now;
-    let reservation =
-        match policies::reserve(ctx.db()?, crate::new_id(), policies, now, worst, expires_at) {
-            Ok(r) => r,
-            Err(RefusedOr::Refused(v)) => return Ok(Called::Refused(v)),
-            Err(RefusedOr::Error(e)) => return Err(e),
-        };
+    let reservation = match policies::reserve(
+        ctx.db()?,
+        crate::new_id(),
+        scope.run_id,
+        policies,
+        now,
+        worst,
+        expires_at,
+    ) {
+        Ok(r) => r,
+        Err(RefusedOr::Refused(v)) => return Ok(Called::Refused(v)),
+        Err(RefusedOr::Error(e)) => return Err(e),
+    };
     let body = llm::chat_request(
         &m.model,
         messages,

@@ -123,6 +123,7 @@ fn start(
             at,
         },
         now,
+        max_cost_usd: None,
     };
     match engine::start(tx, &run) {
         Ok(()) => {}

@@ -82,7 +82,8 @@ const RUN_COLUMNS: &str = "r.run_id::text, r.project_id::text, r.workflow_id::te
      (r.created_at at time zone 'UTC'), (r.updated_at at time zone 'UTC'), \
      (select coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb) from \
         (select status, count(*) as n from run_steps where run_id = r.run_id group by status) s), \
-     (r.payloads_pruned_at at time zone 'UTC'), r.trigger_id::text, (r.paused_at at time zone 'UTC')";
+     (r.payloads_pruned_at at time zone 'UTC'), r.trigger_id::text, (r.paused_at at time zone 'UTC'), \
+     r.max_cost_usd::text, r.reserved_usd::text";
 
 fn run_json(row: &Row) -> Result<Value, ApiError> {
     let duration_ms = match (row.opt_timestamp(15)?, row.opt_timestamp(16)?) {
@@ -116,6 +117,9 @@ fn run_json(row: &Row) -> Result<Value, ApiError> {
         // Set for a run an event trigger started (`POST /hooks/{trigger_id}`).
         "trigger_id": row.opt_text(21)?,
         "paused_at": row.time_json(22)?,
+        // The run's own hard budget, and what its calls in flight hold of it.
+        "max_cost_usd": row.opt_usd(23)?.map(|c| c.to_fixed()),
+        "reserved_usd": row.usd(24)?.to_fixed(),
     }))
 }
 
@@ -235,6 +239,7 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
     }
     let input = b.opt_value("input").unwrap_or_else(|| json!({}));
     let version = b.opt_int("version", 1..=i32::MAX as i64);
+    let max_cost_usd = b.opt_usd("max_cost_usd");
     b.finish()?;
     let workflow_id = workflow_id.ok_or_else(ApiError::unchecked_field)?;
     let not_found = || ApiError::NotFound(format!("no workflow {workflow_id}"));
@@ -263,6 +268,7 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
                 user_id: &who.user_id,
             },
             now: ctx.now,
+            max_cost_usd,
         };
         engine::start(tx, &run)?;
         // The reply is the run as it started (queued); the same transaction then advances
@@ -343,7 +349,8 @@ fn retry(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
     let mut claimed = Vec::new();
     let reply = ctx.create_once(req, who, |tx, ctx| {
         let rows = tx.query(
-            "select r.status, r.workflow_id::text, r.workflow_version, r.input, r.payloads_pruned_at is not null
+            "select r.status, r.workflow_id::text, r.workflow_version, r.input, r.payloads_pruned_at is not null,
+                r.max_cost_usd::text
              from runs r where r.run_id = $1",
             &[V::Uuid(id.clone())],
         )?;
@@ -357,6 +364,8 @@ fn retry(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
             row.json(3)?,
             row.bool(4)?,
         );
+        // A retry keeps the run's own budget, for its own spend.
+        let max_cost_usd = row.opt_usd(5)?;
         let conflict = |m: String| Err(ApiError::Conflict(m));
         if RunStatus::parse(&status).is_some_and(|s| !s.is_final()) {
             return conflict(format!("the run is still {status}: retry it once it has ended"));
@@ -397,6 +406,7 @@ fn retry(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
                 reused,
             },
             now: ctx.now,
+            max_cost_usd,
         };
         engine::start(tx, &run)?;
         let reply = Reply::created(load(tx, &new_id)?, format!("/api/v1/runs/{new_id}"));

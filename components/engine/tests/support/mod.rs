@@ -283,6 +283,7 @@ pub fn start(db: &Pg, w: &sparkops_engine::Workflow, input: Value) -> String {
         input: &input,
         origin: sparkops_engine::Origin::Api { user_id: &user },
         now: Utc::now(),
+        max_cost_usd: None,
     };
     db::transaction(db, |tx| sparkops_engine::start(tx, &run)).expect("the run starts");
     id

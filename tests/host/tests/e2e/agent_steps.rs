@@ -1149,3 +1149,89 @@ async fn a_quote_is_the_worst_case_of_every_attempt_and_iteration_checked_by_han
     assert!(provider.received().is_empty() && echo.received().is_empty());
     assert_eq!(api.count("runs").await, 0);
 }
+
+/// `POST /runs {max_cost_usd}`: the run's own hard budget. Each model call's worst case
+/// (prompt estimate and `max_tokens` at the price) is held against what the run has left;
+/// the second call here would pass it, so the step fails as a policy violation of the rule
+/// `max_cost_usd` before the provider is asked, and nothing stays held. A retry keeps the
+/// cap; a bad cap is a 422 that starts nothing.
+#[tokio::test]
+async fn a_runs_own_max_cost_refuses_the_call_that_would_pass_it() {
+    let provider = FakeServer::answering(
+        vec![
+            openai::tool_calls(&[("c1", "city", json!({"q": "north"}))], 1000, 500),
+            openai::text("never asked", 10, 5),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
+    let (ada, p) = project(&api).await;
+    let city_fake = FakeServer::start(200, json!({"city": "Oslo"}), Duration::ZERO).await;
+    let city = tool(&api, &ada, &p, "city", city_fake.url("/")).await;
+    // $0.02 per 1,000 prompt tokens, $0.08 per 500 completion tokens: the first call costs
+    // $0.10; each call's worst case is about $0.08 (500 completion tokens at most).
+    api.set_price(&ada.access, &p, "fake/small", "20", "160")
+        .await;
+    let a = agent(
+        &api,
+        &ada,
+        &p,
+        json!({"tool_ids": [city], "max_tokens": 500}),
+    )
+    .await;
+    let wf = workflow(&api, &ada, &p, &[("ask", &a)], json!({"max_attempts": 1})).await;
+
+    for bad in [json!("-1"), json!(0.1), json!("ten")] {
+        let res = api
+            .call(
+                "POST",
+                "/api/v1/runs",
+                Some(&ada.access),
+                Some(json!({"workflow_id": wf, "input": {"q": "x"}, "max_cost_usd": bad})),
+            )
+            .await;
+        assert_eq!(res.status, 422, "{bad}");
+        assert_eq!(res.json()["errors"][0]["field"], "max_cost_usd");
+    }
+    assert_eq!(api.count("runs").await, 0);
+
+    let res = api
+        .call(
+            "POST",
+            "/api/v1/runs",
+            Some(&ada.access),
+            Some(json!({"workflow_id": wf, "input": {"q": "weather up north?"}, "max_cost_usd": "0.15"})),
+        )
+        .await;
+    assert_eq!(res.status, 201);
+    assert_eq!(res.json()["max_cost_usd"], "0.150000");
+    let id = res.json()["id"].as_str().unwrap().to_string();
+    let run = api.finished_run(&ada.access, &id).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["cost_usd"], "0.100000");
+    assert_eq!(run["reserved_usd"], "0.000000", "nothing stays held");
+    assert_eq!(
+        provider.received().len(),
+        1,
+        "the second call was never sent"
+    );
+    let steps = api.run_items(&ada.access, &run, "steps").await;
+    assert_eq!(steps[0]["error"]["kind"], "policy-violation", "{steps:?}");
+    let message = steps[0]["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("max_cost_usd") && message.contains("0.150000"),
+        "{message}"
+    );
+
+    let retried = api
+        .call(
+            "POST",
+            &format!("/api/v1/runs/{id}/retry"),
+            Some(&ada.access),
+            Some(json!({"from": "start"})),
+        )
+        .await;
+    assert_eq!(retried.status, 201);
+    assert_eq!(retried.json()["max_cost_usd"], "0.150000");
+}

@@ -512,7 +512,9 @@ async fn fill_every_table(api: &crate::common::Api) {
            select policy_id, now(), 0 from policies where project_id = '{p}'
            on conflict do nothing;
          insert into budget_reservations (reservation_id, policy_id, window_start, amount_usd, expires_at)
-           select gen_random_uuid(), policy_id, now(), 0, now() from policies where project_id = '{p}';"
+           select gen_random_uuid(), policy_id, now(), 0, now() from policies where project_id = '{p}';
+         insert into run_cost_reservations (reservation_id, run_id, amount_usd, expires_at)
+           select gen_random_uuid(), run_id, 0, now() from runs where project_id = '{p}' limit 1;"
     ))
     .await
     .unwrap();
