@@ -126,34 +126,28 @@ export function bars(events: RunEvent[]): Bar[] {
       open.delete(step);
     }
   };
+  /** Ends the step's open bar as `ended` and opens a new one of `kind`. */
+  const begin = (step: string, at: number, ended: string, kind: Bar["kind"], attempt: number, end: string) => {
+    close(step, at, ended);
+    const b: Bar = { step, attempt, from: at, to: null, kind, end };
+    out.push(b);
+    open.set(step, b);
+  };
   for (const e of events) {
     if (!e.step) continue;
     const at = Date.parse(e.at);
     const outcome = e.kind.slice("step.".length);
     switch (e.kind) {
-      case "step.started": {
-        close(e.step, at, "retried");
-        const b: Bar = { step: e.step, attempt: e.data?.attempt ?? 1, from: at, to: null, kind: "run", end: "running" };
-        out.push(b);
-        open.set(e.step, b);
+      case "step.started":
+        begin(e.step, at, "retried", "run", e.data?.attempt ?? 1, "running");
         break;
-      }
-      case "step.retrying": {
-        close(e.step, at, "failed");
-        const b: Bar = { step: e.step, attempt: 0, from: at, to: null, kind: "retry", end: "retrying" };
-        out.push(b);
-        open.set(e.step, b);
+      case "step.retrying":
+        begin(e.step, at, "failed", "retry", 0, "retrying");
         break;
-      }
       case "step.waiting":
-      case "step.waiting_approval": {
-        if (open.get(e.step)?.kind === "wait") break;
-        close(e.step, at, "waiting");
-        const b: Bar = { step: e.step, attempt: 0, from: at, to: null, kind: "wait", end: "waiting" };
-        out.push(b);
-        open.set(e.step, b);
+      case "step.waiting_approval":
+        if (open.get(e.step)?.kind !== "wait") begin(e.step, at, "waiting", "wait", 0, "waiting");
         break;
-      }
       case "step.retry_due":
         close(e.step, at, "due");
         break;

@@ -22,6 +22,7 @@ type Run = {
   tokens_in: number;
   tokens_out: number;
   cost_usd: string;
+  max_cost_usd?: string | null;
   unpriced_calls: number;
   started_at: string | null;
   finished_at: string | null;
@@ -92,33 +93,9 @@ export function RunsPage({ project, params }: { project: string; params: URLSear
     <section>
       <h1>Runs</h1>
       <form class="filters" onSubmit={(e) => e.preventDefault()} aria-label="Filters">
-        <label>
-          Status
-          <select value={filters.status} onChange={(e) => go({ status: (e.currentTarget as HTMLSelectElement).value })}>
-            <option value="">any</option>
-            {STATUSES.map((s) => (
-              <option value={s}>{s}</option>
-            ))}
-          </select>
-        </label>
-        <label>
-          Workflow
-          <select value={filters.workflow_id} onChange={(e) => go({ workflow_id: (e.currentTarget as HTMLSelectElement).value })}>
-            <option value="">any</option>
-            {[...workflows].map(([id, name]) => (
-              <option value={id}>{name}</option>
-            ))}
-          </select>
-        </label>
-        <label>
-          Schedule
-          <select value={filters.schedule_id} onChange={(e) => go({ schedule_id: (e.currentTarget as HTMLSelectElement).value })}>
-            <option value="">any</option>
-            {[...schedules].map(([id, name]) => (
-              <option value={id}>{name}</option>
-            ))}
-          </select>
-        </label>
+        <Choice label="Status" value={filters.status} options={STATUSES.map((s) => [s, s])} onPick={(status) => go({ status })} />
+        <Choice label="Workflow" value={filters.workflow_id} options={[...workflows]} onPick={(workflow_id) => go({ workflow_id })} />
+        <Choice label="Schedule" value={filters.schedule_id} options={[...schedules]} onPick={(schedule_id) => go({ schedule_id })} />
         <label>
           From
           <input
@@ -196,6 +173,21 @@ export function RunsPage({ project, params }: { project: string; params: URLSear
         )}
       </nav>
     </section>
+  );
+}
+
+/** A filter: one of `options` (`[value, label]`), or any. */
+function Choice(props: { label: string; value: string; options: [string, string][]; onPick: (value: string) => void }) {
+  return (
+    <label>
+      {props.label}
+      <select value={props.value} onChange={(e) => props.onPick((e.currentTarget as HTMLSelectElement).value)}>
+        <option value="">any</option>
+        {props.options.map(([value, label]) => (
+          <option value={value}>{label}</option>
+        ))}
+      </select>
+    </label>
   );
 }
 
@@ -397,6 +389,7 @@ export function RunPage({ id, shell: Shell }: { id: string; shell: Shell }) {
             <dd data-testid="run-cost">
               {usd(run.cost_usd)}
               {run.unpriced_calls > 0 && ` + ${run.unpriced_calls} unpriced`}
+              {run.max_cost_usd && <span class="muted"> of {usd(run.max_cost_usd)} allowed</span>}
             </dd>
           </div>
         </dl>

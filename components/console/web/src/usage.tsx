@@ -34,6 +34,16 @@ type Budget = {
 
 const DAYS = [7, 30, 90];
 
+/** A theme colour as the canvas needs it (`rgb(...)`): resolved in the current scheme. */
+function color(variable: string): string {
+  const probe = document.createElement("span");
+  probe.style.color = `var(${variable})`;
+  document.body.append(probe);
+  const resolved = getComputedStyle(probe).color;
+  probe.remove();
+  return resolved;
+}
+
 /** One point per UTC day of the period, zero where nothing ran. */
 function everyDay(items: Group[], days: number): uPlot.AlignedData {
   const byDay = new Map(items.map((g) => [g.day!, g]));
@@ -56,17 +66,16 @@ function DailyChart({ items, days }: { items: Group[]; days: number }) {
   useEffect(() => {
     if (!box.current) return;
     const data = everyDay(items, days);
-    const styles = getComputedStyle(document.documentElement);
-    const accent = styles.getPropertyValue("--accent").trim() || "#3b6fd8";
-    const second = styles.getPropertyValue("--ok").trim() || "#2f8f4e";
-    const ink = styles.getPropertyValue("--muted").trim() || "#777";
+    const accent = color("--accent");
+    const second = color("--ok");
+    const ink = color("--muted");
     const plot = new uPlot(
       {
         width: Math.min(box.current.clientWidth || 800, 1000),
         height: 220,
         series: [
           {},
-          { label: "Cost (USD)", stroke: accent, fill: `${accent}33`, scale: "usd", paths: uPlot.paths.bars!({ size: [0.6, 40] }) },
+          { label: "Cost (USD)", stroke: accent, fill: accent.replace("rgb(", "rgba(").replace(")", ", 0.2)"), scale: "usd", paths: uPlot.paths.bars!({ size: [0.6, 40] }) },
           { label: "Tokens", stroke: second, width: 2, scale: "tokens" },
         ],
         axes: [
