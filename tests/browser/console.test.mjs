@@ -310,6 +310,8 @@ test("the usage page shows the cost of the runs just made", async () => {
   await page.getByTestId("per-model").getByText("fake/small").waitFor();
   await page.locator('[data-testid="daily-chart"] canvas').waitFor();
   await page.locator('.budgets tr[data-policy]').first().waitFor();
+  // Tool steps: the diamond's lookup, and the flaky fetch failed once then retried.
+  assert.match(await page.locator('.kinds tr[data-kind="tool"]').textContent(), /3\s*33\.3%/);
   await shot("usage");
 });
 

@@ -318,9 +318,9 @@ fn operations() -> Vec<Op> {
             "GET",
             "/api/v1/metrics/steps",
             "metrics",
-            "The same figures per step kind, tool and model",
+            "The same figures per step kind, tool and model (by=kind: per kind alone)",
         )
-        .query(&["project_id", "from", "to"])
+        .query(&["project_id", "from", "to", "by"])
         .answers(200, Some("MetricsReport")),
         op(
             "GET",
@@ -593,6 +593,10 @@ fn query_parameter(name: &str) -> Value {
         "group_by" => (
             json!({"enum": ["day", "agent", "workflow", "model"]}),
             "How to group; agent and model count agent steps",
+        ),
+        "by" => (
+            json!({"enum": ["kind"]}),
+            "Group steps by their kind alone (left out: by kind, tool and model)",
         ),
         "created_after" | "created_before" => {
             (json!({"type": "string", "format": "date-time"}), "RFC 3339")

@@ -153,11 +153,15 @@ fn summary(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, A
 }
 
 fn steps(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiError> {
+    // Per kind, tool and model; `by=kind` folds the tools and models of a kind together
+    // (its percentiles over all its steps, as the console's usage page shows them).
+    let key = match req.query_param("by").as_deref() {
+        None => "jsonb_build_object('kind', s.kind, 'tool_id', s.tool_id, 'model', s.model)",
+        Some("kind") => "jsonb_build_object('kind', s.kind)",
+        Some(_) => return Err(ApiError::field("by", "must be kind (or left out)")),
+    };
     let (project, from, to) = scope(ctx, req, who)?;
-    let shape = steps_of(
-        "jsonb_build_object('kind', s.kind, 'tool_id', s.tool_id, 'model', s.model)",
-        "",
-    );
+    let shape = steps_of(key, "");
     let items = aggregate(ctx, &shape, &project, from, to)?;
     Ok(Reply::ok(json!({
         "project_id": project, "from": rfc3339(from), "to": rfc3339(to),

@@ -138,22 +138,18 @@ export function UsagePage({ project }: { project: string }) {
   const daily = useData(load("day"), [project, days], 10_000);
   const perWorkflow = useData(load("workflow"), [project, days], 10_000);
   const perModel = useData(load("model"), [project, days], 10_000);
-  const stepKinds = useData(() => get<{ items: Group[] }>(`/metrics/steps${query(range())}`), [project, days], 10_000);
+  const stepKinds = useData(() => get<{ items: Group[] }>(`/metrics/steps${query({ ...range(), by: "kind" })}`), [project, days], 10_000);
   const budgets = useData(() => get<{ items: Budget[] }>(`/policies/usage${query({ project_id: project })}`), [project], 10_000);
   const workflows = useData(() => get<{ items: { id: string; name: string }[] }>(`/workflows${query({ project_id: project, limit: 200 })}`), [project]);
   const names = new Map((workflows.data?.items ?? []).map((w) => [w.id, w.name]));
   const all = total.data?.items[0];
 
-  // One row per step kind: the step metrics are per kind, tool and model.
-  const kinds = new Map<string, { count: number; failed: number; finished: number; p95: number | null }>();
-  for (const g of stepKinds.data?.items ?? []) {
-    const k = kinds.get(g.kind!) ?? { count: 0, failed: 0, finished: 0, p95: null };
-    k.count += g.count;
-    k.failed += (g.by_status.failed ?? 0) + (g.by_status.timed_out ?? 0);
-    k.finished += (g.by_status.succeeded ?? 0) + (g.by_status.failed ?? 0) + (g.by_status.timed_out ?? 0);
-    if (g.duration_ms.p95 !== null) k.p95 = Math.max(k.p95 ?? 0, g.duration_ms.p95);
-    kinds.set(g.kind!, k);
-  }
+  // Failed of those that ended (succeeded, failed or timed out), per kind.
+  const kinds = (stepKinds.data?.items ?? []).map((g) => {
+    const failed = (g.by_status.failed ?? 0) + (g.by_status.timed_out ?? 0);
+    const ended = failed + (g.by_status.succeeded ?? 0);
+    return { kind: g.kind!, count: g.count, rate: ended === 0 ? null : failed / ended, p95: g.duration_ms.p95 };
+  });
 
   return (
     <section class="usage">
@@ -241,15 +237,15 @@ export function UsagePage({ project }: { project: string }) {
             <th>Kind</th>
             <th class="num">Steps</th>
             <th class="num">Failure rate</th>
-            <th class="num" title="the slowest tool or model of the kind">p95 duration</th>
+            <th class="num">p95 duration</th>
           </tr>
         </thead>
         <tbody>
-          {[...kinds].map(([kind, k]) => (
-            <tr data-kind={kind}>
-              <td>{kind}</td>
+          {kinds.map((k) => (
+            <tr data-kind={k.kind}>
+              <td>{k.kind}</td>
               <td class="num">{count(k.count)}</td>
-              <td class="num">{k.finished === 0 ? "—" : `${((k.failed / k.finished) * 100).toFixed(1)}%`}</td>
+              <td class="num">{k.rate === null ? "—" : `${(k.rate * 100).toFixed(1)}%`}</td>
               <td class="num">{duration(k.p95)}</td>
             </tr>
           ))}

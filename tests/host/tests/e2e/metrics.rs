@@ -198,6 +198,41 @@ async fn summaries_count_exactly_the_runs_made_in_each_grouping_range_and_tenant
         (&json!(tool), &json!({"failed": 1}))
     );
 
+    // Per kind alone: the tools and models of a kind folded together.
+    let kinds = report(&api, &ada, &format!("steps?project_id={p}&by=kind")).await;
+    let mut by_kind: Vec<(String, Value, Value)> = kinds["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            assert!(
+                i.get("tool_id").is_none() && i.get("model").is_none(),
+                "{i}"
+            );
+            (
+                i["kind"].as_str().unwrap().to_string(),
+                i["count"].clone(),
+                i["by_status"].clone(),
+            )
+        })
+        .collect();
+    by_kind.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(by_kind[0].0, "agent");
+    assert_eq!(by_kind[0].1, json!(3));
+    assert_eq!(
+        by_kind[1],
+        ("tool".to_string(), json!(1), json!({"failed": 1}))
+    );
+    let bad = api
+        .call(
+            "GET",
+            &format!("/api/v1/metrics/steps?project_id={p}&by=model"),
+            Some(&ada.access),
+            None,
+        )
+        .await;
+    assert_eq!(bad.status, 422);
+
     // A range after the runs holds none; one around them holds them all.
     let at = |hours: i64| {
         (chrono::Utc::now() + chrono::Duration::hours(hours))
