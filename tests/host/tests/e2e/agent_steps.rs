@@ -1235,3 +1235,77 @@ async fn a_runs_own_max_cost_refuses_the_call_that_would_pass_it() {
     assert_eq!(retried.status, 201);
     assert_eq!(retried.json()["max_cost_usd"], "0.150000");
 }
+
+/// The race a run's own budget has: twenty agent steps of one run at once against a cap
+/// of five calls. Each call costs exactly its worst case (1,000 completion tokens at
+/// $10/M, prompts free), so the holds decide: never more than five calls are sent, the
+/// run's spend is exactly what they cost and never over its cap, and nothing stays held.
+#[tokio::test]
+async fn twenty_steps_of_one_run_at_once_never_spend_past_its_own_budget() {
+    let provider = FakeServer::answering(
+        vec![openai::text("ok", 0, 1000)],
+        Duration::from_millis(300),
+    )
+    .await;
+    let api = Api::for_fakes(Some(&provider), &[]).await;
+    let (ada, p) = project(&api).await;
+    api.set_price(&ada.access, &p, "fake/small", "0", "10")
+        .await;
+    let a = agent(&api, &ada, &p, json!({"max_tokens": 1000})).await;
+    let keys: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
+    let steps: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), a.as_str())).collect();
+    let wf = workflow(&api, &ada, &p, &steps, json!({"max_attempts": 1})).await;
+    let res = api
+        .call(
+            "POST",
+            "/api/v1/runs",
+            Some(&ada.access),
+            Some(json!({"workflow_id": wf, "input": {"q": "x"}, "max_cost_usd": "0.05"})),
+        )
+        .await;
+    assert_eq!(res.status, 201);
+    let id = res.json()["id"].as_str().unwrap().to_string();
+    let run = api.finished_run(&ada.access, &id).await;
+    // Calls in flight when the first refusal failed the run still answer, and each is
+    // recorded with its hold released in one transaction: wait until nothing is held.
+    let db = api.env.db().await;
+    crate::common::eventually(async || {
+        let held: String = db
+            .query_one(
+                "select reserved_usd::text from runs where run_id = $1::text::uuid",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (held == "0.000000").then_some(())
+    })
+    .await;
+    let row = db
+        .query_one(
+            "select cost_usd::text, reserved_usd::text from runs where run_id = $1::text::uuid",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let (spent, held): (String, String) = (row.get(0), row.get(1));
+    let calls = provider.received().len();
+    // A refusal means five holds stood at that moment, each a call then sent.
+    assert_eq!(calls, 5, "calls sent against a cap of five");
+    assert_eq!(spent, format!("{:.6}", calls as f64 * 0.01), "{run}");
+    assert_eq!(held, "0.000000");
+    assert_eq!(run["status"], "failed", "{run}");
+    let refused: i64 = db
+        .query_one(
+            "select count(*) from run_steps where run_id = $1::text::uuid
+               and error->>'kind' = 'policy-violation' and error->>'message' like '%max_cost_usd%'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        refused >= 1,
+        "at least one call was refused by the run's budget"
+    );
+}
