@@ -1,5 +1,5 @@
 // The runs list and one run: its graph, timeline, steps, events and actions.
-import type { FunctionComponent } from "preact";
+import type { ComponentChildren, FunctionComponent } from "preact";
 import { useEffect, useMemo, useRef, useState } from "preact/hooks";
 import { api, ApiError, FINAL, follow, get, query, type RunEvent } from "./api";
 import { count, duration, origin, shortId, time, usd } from "./format";
@@ -191,6 +191,16 @@ function Choice(props: { label: string; value: string; options: [string, string]
   );
 }
 
+/** One labelled fact of a run or a step. */
+function Fact(props: { label: string; children: ComponentChildren; "data-testid"?: string }) {
+  return (
+    <div>
+      <dt>{props.label}</dt>
+      <dd data-testid={props["data-testid"]}>{props.children}</dd>
+    </div>
+  );
+}
+
 type Shell = FunctionComponent<{ project?: string; section?: string }>;
 
 export function RunPage({ id, shell: Shell }: { id: string; shell: Shell }) {
@@ -351,47 +361,27 @@ export function RunPage({ id, shell: Shell }: { id: string; shell: Shell }) {
           <Actions run={run} steps={steps} onChange={() => refresh.current()} />
         </header>
         <dl class="facts">
-          <div>
-            <dt>Workflow</dt>
-            <dd>
-              <Link href={`/console/p/${run.project_id}/workflows/${run.workflow_id}`}>{workflowName ?? shortId(run.workflow_id)}</Link> v
-              {run.workflow_version}
-            </dd>
-          </div>
-          <div>
-            <dt>Trigger</dt>
-            <dd>
-              {origin(run)}
-              {run.retry_of && (
-                <>
-                  {" of "}
-                  <Link href={`/console/runs/${run.retry_of}`}>{shortId(run.retry_of)}</Link>
-                </>
-              )}
-            </dd>
-          </div>
-          <div>
-            <dt>Started</dt>
-            <dd>{time(run.started_at)}</dd>
-          </div>
-          <div>
-            <dt>Duration</dt>
-            <dd>{duration(run.duration_ms)}</dd>
-          </div>
-          <div>
-            <dt>Tokens</dt>
-            <dd>
-              {count(run.tokens_in)} in / {count(run.tokens_out)} out
-            </dd>
-          </div>
-          <div>
-            <dt>Cost</dt>
-            <dd data-testid="run-cost">
-              {usd(run.cost_usd)}
-              {run.unpriced_calls > 0 && ` + ${run.unpriced_calls} unpriced`}
-              {run.max_cost_usd && <span class="muted"> of {usd(run.max_cost_usd)} allowed</span>}
-            </dd>
-          </div>
+          <Fact label="Workflow">
+            <Link href={`/console/p/${run.project_id}/workflows/${run.workflow_id}`}>{workflowName ?? shortId(run.workflow_id)}</Link> v
+            {run.workflow_version}
+          </Fact>
+          <Fact label="Trigger">
+            {origin(run)}
+            {run.retry_of && (
+              <>
+                {" of "}
+                <Link href={`/console/runs/${run.retry_of}`}>{shortId(run.retry_of)}</Link>
+              </>
+            )}
+          </Fact>
+          <Fact label="Started">{time(run.started_at)}</Fact>
+          <Fact label="Duration">{duration(run.duration_ms)}</Fact>
+          <Fact label="Tokens">{count(run.tokens_in)} in / {count(run.tokens_out)} out</Fact>
+          <Fact label="Cost" data-testid="run-cost">
+            {usd(run.cost_usd)}
+            {run.unpriced_calls > 0 && ` + ${run.unpriced_calls} unpriced`}
+            {run.max_cost_usd && <span class="muted"> of {usd(run.max_cost_usd)} allowed</span>}
+          </Fact>
         </dl>
         {run.error && (
           <p class="error" role="alert" data-testid="run-error">
@@ -536,37 +526,14 @@ function StepPanel(props: { run: Run; step: Step; events: RunEvent[]; onChange: 
         Step <span class="mono">{step.key}</span> <Status status={step.status} />
       </h2>
       <dl class="facts">
-        <div>
-          <dt>Kind</dt>
-          <dd>{step.kind}</dd>
-        </div>
-        <div>
-          <dt>Attempts</dt>
-          <dd>{step.attempt}</dd>
-        </div>
-        <div>
-          <dt>Started</dt>
-          <dd>{time(step.started_at)}</dd>
-        </div>
-        <div>
-          <dt>Duration</dt>
-          <dd>{duration(step.duration_ms)}</dd>
-        </div>
-        <div>
-          <dt>Tokens</dt>
-          <dd>
-            {count(step.tokens_in)} in / {count(step.tokens_out)} out
-          </dd>
-        </div>
-        <div>
-          <dt>Cost</dt>
-          <dd>{step.kind === "agent" ? usd(step.cost_usd) : "—"}</dd>
-        </div>
+        <Fact label="Kind">{step.kind}</Fact>
+        <Fact label="Attempts">{step.attempt}</Fact>
+        <Fact label="Started">{time(step.started_at)}</Fact>
+        <Fact label="Duration">{duration(step.duration_ms)}</Fact>
+        <Fact label="Tokens">{count(step.tokens_in)} in / {count(step.tokens_out)} out</Fact>
+        <Fact label="Cost">{step.kind === "agent" ? usd(step.cost_usd) : "—"}</Fact>
         {step.next_attempt_at && (
-          <div>
-            <dt>Next attempt</dt>
-            <dd>{time(step.next_attempt_at)}</dd>
-          </div>
+          <Fact label="Next attempt">{time(step.next_attempt_at)}</Fact>
         )}
       </dl>
       {step.status === "waiting" && step.kind === "approval" && (
