@@ -206,8 +206,8 @@ pub struct Reservation {
     /// The budgets held: their policy, window and rule.
     windows: Vec<Held>,
     amount: Option<Usd>,
-    /// The run whose `max_cost_usd` holds `amount` too.
-    run: Option<String>,
+    /// Whether the run's `max_cost_usd` holds `amount` too.
+    run_held: bool,
 }
 
 /// The rule a run's own cap is refused under, as the policy [`RUN_CAP`].
@@ -228,10 +228,8 @@ fn hold_run<C: Connection + ?Sized>(
             where run_id = $1 and max_cost_usd is not null and $2::numeric is not null
               and cost_usd + reserved_usd + $2::numeric <= max_cost_usd
             returning 1)
-         select (select max_cost_usd::text from runs where run_id = $1),
-                (select cost_usd::text from runs where run_id = $1),
-                (select reserved_usd::text from runs where run_id = $1),
-                exists (select 1 from held)",
+         select max_cost_usd::text, cost_usd::text, reserved_usd::text, exists (select 1 from held)
+         from runs where run_id = $1",
         &[
             V::Uuid(run_id.into()),
             worst.map_or(V::Null, |w| V::Decimal(w.to_fixed())),
@@ -314,7 +312,7 @@ pub fn reserve<C: Connection + ?Sized>(
     let amount = worst.unwrap_or(Usd::ZERO);
     let id = reservation_id;
     let mut windows = Vec::new();
-    let mut run = None;
+    let mut run_held = false;
     let result = core_db::transaction(db, |tx| {
         if hold_run(tx, run_id, worst)? {
             tx.execute(
@@ -329,7 +327,7 @@ pub fn reserve<C: Connection + ?Sized>(
                     V::Timestamp(expires_at),
                 ],
             )?;
-            run = Some(run_id.to_string());
+            run_held = true;
         }
         for p in &budgets {
             let budget = p.rules.budget.as_ref().expect("filtered");
@@ -392,7 +390,7 @@ pub fn reserve<C: Connection + ?Sized>(
             id,
             windows,
             amount: Some(amount),
-            run,
+            run_held,
         }),
         Err(Hold::Refused(v)) => Err(RefusedOr::Refused(v)),
         Err(Hold::Db(e)) => Err(RefusedOr::Error(e)),
@@ -446,67 +444,75 @@ pub fn settle_in<C: Connection + ?Sized>(
 ) -> Result<Vec<Violation>, ApiError> {
     let held = reservation.amount.unwrap_or(Usd::ZERO);
     let cost = cost.unwrap_or(Usd::ZERO);
-    if let Some(run_id) = &reservation.run {
-        tx.execute(
-            "with released as (
-                delete from run_cost_reservations where reservation_id = $1 returning run_id, amount_usd)
-             update runs r set reserved_usd = greatest(r.reserved_usd - released.amount_usd, 0)
-             from released where r.run_id = released.run_id and r.run_id = $2",
-            &[V::Uuid(reservation.id.clone()), V::Uuid(run_id.clone())],
+    if reservation.run_held {
+        tx.query(
+            &release_run_holds("reservation_id = $1"),
+            &[V::Uuid(reservation.id.clone())],
         )?;
     }
-    {
-        let mut alerts = Vec::new();
-        for h in &reservation.windows {
-            // The hold is released here, unless the sweeper already released it.
-            let still_held = tx.execute(
-                "delete from budget_reservations where reservation_id = $1 and policy_id = $2",
-                &[
-                    V::Uuid(reservation.id.clone()),
-                    V::Uuid(h.policy.id.clone()),
-                ],
-            )? == 1;
-            let held = if still_held { held } else { Usd::ZERO };
-            let rows = tx.query(
-                &format!(
-                    "update budget_usage set reserved_usd = greatest(reserved_usd - $3, 0),
-                        spent_usd = spent_usd + $4, tokens = tokens + $5, calls = calls + 1, updated_at = now()
-                     where policy_id = $1 and window_start = $2{AS_TIMESTAMPTZ}
-                     returning spent_usd::text"
+    let mut alerts = Vec::new();
+    for h in &reservation.windows {
+        // The hold is released here, unless the sweeper already released it.
+        let still_held = tx.execute(
+            "delete from budget_reservations where reservation_id = $1 and policy_id = $2",
+            &[
+                V::Uuid(reservation.id.clone()),
+                V::Uuid(h.policy.id.clone()),
+            ],
+        )? == 1;
+        let held = if still_held { held } else { Usd::ZERO };
+        let rows = tx.query(
+            &format!(
+                "update budget_usage set reserved_usd = greatest(reserved_usd - $3, 0),
+                    spent_usd = spent_usd + $4, tokens = tokens + $5, calls = calls + 1, updated_at = now()
+                 where policy_id = $1 and window_start = $2{AS_TIMESTAMPTZ}
+                 returning spent_usd::text"
+            ),
+            &[
+                V::Uuid(h.policy.id.clone()),
+                V::Timestamp(h.window_start),
+                V::Decimal(held.to_fixed()),
+                V::Decimal(cost.to_fixed()),
+                V::Int64(tokens),
+            ],
+        )?;
+        let Some(budget) = h.policy.rules.budget.as_ref().filter(|b| !b.block) else {
+            continue;
+        };
+        let Some(spent) = rows.first().map(|r| r.usd(0)).transpose()? else {
+            continue;
+        };
+        if spent >= budget.limit_usd && spent - cost < budget.limit_usd {
+            alerts.push(violation(
+                &h.policy,
+                "budget",
+                format!(
+                    "{} USD spent this {} passes the {} USD alert limit",
+                    spent.to_fixed(),
+                    budget.window.as_str(),
+                    budget.limit_usd.to_fixed()
                 ),
-                &[
-                    V::Uuid(h.policy.id.clone()),
-                    V::Timestamp(h.window_start),
-                    V::Decimal(held.to_fixed()),
-                    V::Decimal(cost.to_fixed()),
-                    V::Int64(tokens),
-                ],
-            )?;
-            let Some(budget) = h.policy.rules.budget.as_ref().filter(|b| !b.block) else {
-                continue;
-            };
-            let Some(spent) = rows.first().map(|r| r.usd(0)).transpose()? else {
-                continue;
-            };
-            if spent >= budget.limit_usd && spent - cost < budget.limit_usd {
-                alerts.push(violation(
-                    &h.policy,
-                    "budget",
-                    format!(
-                        "{} USD spent this {} passes the {} USD alert limit",
-                        spent.to_fixed(),
-                        budget.window.as_str(),
-                        budget.limit_usd.to_fixed()
-                    ),
-                ));
-            }
+            ));
         }
-        Ok::<_, ApiError>(alerts)
     }
+    Ok(alerts)
+}
+
+/// The statement that releases the runs' holds `which` (a condition on
+/// `run_cost_reservations`) back to their runs, answering how many it released.
+fn release_run_holds(which: &str) -> String {
+    format!(
+        "with released as (delete from run_cost_reservations where {which} returning run_id, amount_usd),
+         per_run as (select run_id, sum(amount_usd) as amount from released group by run_id),
+         back as (update runs r set reserved_usd = greatest(r.reserved_usd - per_run.amount, 0)
+             from per_run where r.run_id = per_run.run_id)
+         select count(*) from released"
+    )
 }
 
 /// Releases the holds of calls that never settled (their host died) once they expire:
-/// what they reserved is free again. The sweeper calls it.
+/// what they reserved is free again (budget and run holds; answers how many). The sweeper
+/// calls it.
 pub fn release_expired<C: Connection + ?Sized>(
     db: &C,
     now: DateTime<Utc>,
@@ -536,19 +542,14 @@ pub fn release_expired<C: Connection + ?Sized>(
             )?;
         }
         // Runs' own caps: each expired hold back to its run, in one statement.
-        let runs = tx.execute(
-            &format!(
-                "with released as (
-                    delete from run_cost_reservations where reservation_id in (
-                        select reservation_id from run_cost_reservations
-                        where expires_at < $1{AS_TIMESTAMPTZ} order by reservation_id limit $2 for update skip locked)
-                    returning run_id, amount_usd),
-                 per_run as (select run_id, sum(amount_usd) as amount from released group by run_id)
-                 update runs r set reserved_usd = greatest(r.reserved_usd - per_run.amount, 0)
-                 from per_run where r.run_id = per_run.run_id"
-            ),
+        let runs = tx.query(
+            &release_run_holds(&format!(
+                "reservation_id in (select reservation_id from run_cost_reservations
+                    where expires_at < $1{AS_TIMESTAMPTZ} order by reservation_id limit $2 for update skip locked)"
+            )),
             &[V::Timestamp(now), V::Int64(limit)],
         )?;
-        Ok(released.len() as u64 + runs)
+        let runs = runs.first().map(|r| r.int(0)).transpose()?.unwrap_or(0);
+        Ok(released.len() as u64 + runs as u64)
     })
 }
