@@ -5,7 +5,7 @@ import { api, ApiError, FINAL, follow, get, query, type RunEvent } from "./api";
 import { count, duration, origin, shortId, time, usd } from "./format";
 import { Dag, Timeline, type StepDef, type StepRow } from "./graph";
 import { navigate } from "./router";
-import { ErrorNote, Json, Link, NotFound, Status, useData } from "./ui";
+import { ErrorNote, Json, Link, NotFound, Status, useData, useNames } from "./ui";
 
 type Run = {
   id: string;
@@ -42,14 +42,7 @@ type Step = StepRow & {
   next_attempt_at: string | null;
 };
 
-type Named = { id: string; name?: string; cron?: string };
 const STATUSES = ["queued", "running", "waiting", "paused", "cancelling", "succeeded", "failed", "timed_out", "cancelled"];
-
-/** The names of a project's workflows or schedules, for filters and labels. */
-function useNames(path: string, project: string) {
-  const names = useData(() => get<{ items: Named[] }>(`${path}${query({ project_id: project, limit: 200 })}`), [path, project]);
-  return useMemo(() => new Map((names.data?.items ?? []).map((w) => [w.id, w.name ?? `${w.cron ?? ""} · ${shortId(w.id)}`])), [names.data]);
-}
 
 export function RunsPage({ project, params }: { project: string; params: URLSearchParams }) {
   const filters = {

@@ -2,7 +2,7 @@
 import { useState } from "preact/hooks";
 import { api, get, query } from "./api";
 import { shortId } from "./format";
-import { ErrorNote, Link, useData } from "./ui";
+import { ErrorNote, Link, useData, useNames } from "./ui";
 
 type Schedule = {
   id: string;
@@ -26,8 +26,7 @@ type Fire = {
 
 export function SchedulesPage({ project }: { project: string }) {
   const list = useData(() => get<{ items: Schedule[] }>(`/schedules${query({ project_id: project, limit: 200 })}`), [project]);
-  const workflows = useData(() => get<{ items: { id: string; name: string }[] }>(`/workflows${query({ project_id: project, limit: 200 })}`), [project]);
-  const names = new Map((workflows.data?.items ?? []).map((w) => [w.id, w.name]));
+  const names = useNames("/workflows", project);
   return (
     <section>
       <h1>Schedules</h1>

@@ -1,7 +1,8 @@
 // Small pieces every page uses.
 import type { ComponentChildren } from "preact";
-import { useCallback, useEffect, useRef, useState } from "preact/hooks";
-import { ApiError } from "./api";
+import { useCallback, useEffect, useMemo, useRef, useState } from "preact/hooks";
+import { ApiError, get, query } from "./api";
+import { shortId } from "./format";
 import { inApp, navigate } from "./router";
 
 export function Link(props: { href: string; children: ComponentChildren; class?: string; title?: string }) {
@@ -98,4 +99,16 @@ export function useData<T>(
 export function Json({ value }: { value: unknown }) {
   if (value === null || value === undefined) return <span class="muted">none</span>;
   return <pre class="json">{JSON.stringify(value, null, 2)}</pre>;
+}
+
+type Named = { id: string; name?: string; cron?: string };
+
+/** The names of a project's workflows or schedules (by id), for filters and labels; a
+ * schedule, which has no name, goes by its cron. */
+export function useNames(path: "/workflows" | "/schedules", project: string): Map<string, string> {
+  const names = useData(() => get<{ items: Named[] }>(`${path}${query({ project_id: project, limit: 200 })}`), [path, project]);
+  return useMemo(
+    () => new Map((names.data?.items ?? []).map((w) => [w.id, w.name ?? `${w.cron ?? ""} · ${shortId(w.id)}`])),
+    [names.data],
+  );
 }

@@ -5,7 +5,7 @@ import uPlot from "uplot";
 import { useEffect, useRef, useState } from "preact/hooks";
 import { get, query } from "./api";
 import { count, duration, shortId, usd } from "./format";
-import { ErrorNote, Link, useData } from "./ui";
+import { ErrorNote, Link, useData, useNames } from "./ui";
 
 type Group = {
   day?: string;
@@ -140,8 +140,7 @@ export function UsagePage({ project }: { project: string }) {
   const perModel = useData(load("model"), [project, days], 10_000);
   const stepKinds = useData(() => get<{ items: Group[] }>(`/metrics/steps${query({ ...range(), by: "kind" })}`), [project, days], 10_000);
   const budgets = useData(() => get<{ items: Budget[] }>(`/policies/usage${query({ project_id: project })}`), [project], 10_000);
-  const workflows = useData(() => get<{ items: { id: string; name: string }[] }>(`/workflows${query({ project_id: project, limit: 200 })}`), [project]);
-  const names = new Map((workflows.data?.items ?? []).map((w) => [w.id, w.name]));
+  const names = useNames("/workflows", project);
   const all = total.data?.items[0];
 
   // Failed of those that ended (succeeded, failed or timed out), per kind.
