@@ -138,12 +138,20 @@ fn main() {
         } else if name.starts_with("main-") && name.ends_with(".css") {
             style = Some(name.clone());
         }
+        // Paths relative to OUT_DIR as the compiler sees it: the target directory may be
+        // shared by clones at other paths (infra/dev links a machine-wide one).
+        let under_out = |p: &Path| {
+            p.strip_prefix(&out)
+                .expect("assets are under OUT_DIR")
+                .display()
+                .to_string()
+        };
         writeln!(
             assets,
-            "    Asset {{ name: {name:?}, content_type: {:?}, body: include_bytes!({:?}), gzip: include_bytes!({:?}) }},",
+            "    Asset {{ name: {name:?}, content_type: {:?}, body: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{}\")), gzip: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{}\")) }},",
             content_type(name),
-            path.display().to_string(),
-            gz.display().to_string(),
+            under_out(&path),
+            under_out(&gz),
         )
         .expect("writing to a string");
     }

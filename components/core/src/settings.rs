@@ -11,6 +11,10 @@ pub struct Settings {
     pub tools_allow_http: bool,
     /// Tools and trace endpoints may name private and loopback addresses.
     pub tools_allow_private_hosts: bool,
+    /// The network around the app refuses private addresses (e.g. a Kubernetes
+    /// NetworkPolicy), so URLs users set may name hosts though the runtime has no
+    /// `block_networks`.
+    pub network_blocks_private: bool,
     /// Each step attempt's log line carries its input and output (debugging only).
     pub log_step_payloads: bool,
     /// Requests per minute per caller (user or API key).
@@ -26,9 +30,10 @@ pub struct Settings {
 }
 
 /// Each setting's variable and its default, as `spin.toml` spells it.
-pub const DEFAULTS: [(&str, &str); 8] = [
+pub const DEFAULTS: [(&str, &str); 9] = [
     ("tools_allow_http", "false"),
     ("tools_allow_private_hosts", "false"),
+    ("network_blocks_private", "false"),
     ("log_step_payloads", "false"),
     ("rate_limit_per_minute", "600"),
     ("rate_limit_ip_per_minute", "1200"),
@@ -59,6 +64,7 @@ impl Settings {
         Self {
             tools_allow_http: flag("tools_allow_http"),
             tools_allow_private_hosts: flag("tools_allow_private_hosts"),
+            network_blocks_private: flag("network_blocks_private"),
             log_step_payloads: flag("log_step_payloads"),
             rate_limit_per_minute: number("rate_limit_per_minute"),
             rate_limit_ip_per_minute: number("rate_limit_ip_per_minute"),
@@ -81,6 +87,7 @@ mod tests {
             Settings {
                 tools_allow_http: false,
                 tools_allow_private_hosts: false,
+                network_blocks_private: false,
                 log_step_payloads: false,
                 rate_limit_per_minute: 600,
                 rate_limit_ip_per_minute: 1200,

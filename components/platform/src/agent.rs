@@ -31,7 +31,7 @@ use sparkops_core::money::Usd;
 use crate::db::Db;
 use crate::engine;
 use crate::heartbeat;
-use crate::outbound::{self, Call};
+use crate::outbound::{self, Call, Chosen};
 use crate::pipeline::project_secrets;
 use crate::policies::{self, RefusedOr, Violation};
 use crate::work::Work;
@@ -499,6 +499,7 @@ fn call(
     let answer = outbound::send(Call {
         method: "POST",
         url: &m.url,
+        chosen: Chosen::ByOperator,
         headers,
         body: Some(body.to_string().into_bytes()),
         timeout: left,

@@ -13,7 +13,7 @@ use sparkops_core::error::ApiError;
 use sparkops_engine::Claim;
 
 use crate::db::Db;
-use crate::outbound::{self, Call};
+use crate::outbound::{self, Call, Chosen};
 
 /// Advances `run_id` and hands what it claimed to executors.
 pub fn advance_run(db: &Db, run_id: &str) -> Result<(), ApiError> {
@@ -79,6 +79,7 @@ impl Dispatcher {
         match outbound::send(Call {
             method: "POST",
             url: &self.url,
+            chosen: Chosen::ByOperator,
             headers: vec![
                 ("content-type".into(), "application/json".into()),
                 (dispatch::HEADER.into(), signature),

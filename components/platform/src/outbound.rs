@@ -4,8 +4,21 @@
 //!
 //! The host still decides whether a call may leave: `allowed_outbound_hosts` and the
 //! runtime config's `block_networks` refuse it before any byte is sent.
+//!
+//! URLs users set (tools, collectors, webhook receivers) are checked again here before
+//! every call: what the URL says ([`check_user_url`]), and where a host *name* points.
+//! A guest cannot resolve a name under Spin (3.6.3 refuses `wasi:sockets/ip-name-lookup`
+//! to every component, whatever its allowed hosts), so a name is called only when
+//! something that does resolve it refuses private addresses: the runtime's
+//! `block_networks` (probed once per instance) or, as the operator declares with
+//! `network_blocks_private`, the network around it (a Kubernetes NetworkPolicy). Otherwise
+//! the call is refused as `denied`, never made. A redirect is never followed; one that
+//! points at an internal address is answered as `denied`.
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use sparkops_core::netcheck::check_tool_url;
 
 use wasi::clocks::monotonic_clock;
 use wasi::http::outgoing_handler;
@@ -17,10 +30,20 @@ use wasi::io::streams::StreamError;
 
 use crate::heartbeat;
 
+/// Who chose where a call goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chosen {
+    /// The operator (model providers, the app's own dispatch): trusted as configured.
+    ByOperator,
+    /// A user (tool URLs, trace endpoints, webhook URLs): the private-network guard applies.
+    ByUser,
+}
+
 /// One outgoing request.
 pub struct Call<'a> {
     pub method: &'a str,
     pub url: &'a url::Url,
+    pub chosen: Chosen,
     pub headers: Vec<(String, String)>,
     pub body: Option<Vec<u8>>,
     /// The whole call, connection to last byte.
@@ -40,8 +63,10 @@ pub struct Answer {
 /// Why a call produced no answer, as error kinds of a step.
 #[derive(Debug, PartialEq)]
 pub enum CallError {
-    /// The host refused the destination (`allowed_outbound_hosts`, `block_networks`).
+    /// The destination may not be called (the app's URL rules, `allowed_outbound_hosts`).
     Denied(String),
+    /// The runtime refused the address the host resolved to (`block_networks`).
+    Blocked,
     Timeout,
     /// Connection refused, DNS failure, reset, TLS failure, protocol error.
     Connection(String),
@@ -54,7 +79,7 @@ impl CallError {
     /// The error kind a step records.
     pub fn kind(&self) -> &'static str {
         match self {
-            CallError::Denied(_) => "denied",
+            CallError::Denied(_) | CallError::Blocked => "denied",
             CallError::Timeout => "timeout",
             CallError::Connection(_) => "connection",
             CallError::TooLarge { .. } => "response-too-large",
@@ -66,6 +91,10 @@ impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CallError::Denied(m) => write!(f, "the destination is not allowed: {m}"),
+            CallError::Blocked => write!(
+                f,
+                "the destination is not allowed: the address is in a blocked network"
+            ),
             CallError::Timeout => write!(f, "no complete answer within the timeout"),
             CallError::Connection(m) => write!(f, "the call failed: {m}"),
             CallError::TooLarge { limit } => write!(f, "the answer is larger than {limit} bytes"),
@@ -79,9 +108,7 @@ fn from_code(code: ErrorCode) -> CallError {
         | ErrorCode::ConnectionReadTimeout
         | ErrorCode::ConnectionWriteTimeout => CallError::Timeout,
         ErrorCode::HttpRequestDenied => CallError::Denied("refused by the runtime".into()),
-        ErrorCode::DestinationIpProhibited => {
-            CallError::Denied("the address is in a blocked network".into())
-        }
+        ErrorCode::DestinationIpProhibited => CallError::Blocked,
         other => CallError::Connection(format!("{other:?}")),
     }
 }
@@ -111,8 +138,93 @@ fn wait(ready: &Pollable) {
     ready.block();
 }
 
-/// Makes the call, blocking this instance until it answers, fails or times out.
+/// A URL a user sets (tool, trace endpoint, webhook), if the deployment lets it be called:
+/// `http(s)`, no credentials, no internal address in any spelling (unless
+/// `tools_allow_private_hosts`), `https` unless `tools_allow_http`. Checked when saved and
+/// again before every call.
+pub fn check_user_url(raw: &str) -> Result<url::Url, String> {
+    let settings = crate::settings();
+    let url = check_tool_url(raw, settings.tools_allow_private_hosts).map_err(|e| e.to_string())?;
+    if url.scheme() == "http" && !settings.tools_allow_http {
+        return Err("must use https".into());
+    }
+    Ok(url)
+}
+
+/// Whether a user-chosen `url` may be called now: what it says, and for a host name, that
+/// something which resolves it refuses private addresses.
+fn guard(url: &url::Url) -> Result<(), CallError> {
+    let settings = crate::settings();
+    if settings.tools_allow_private_hosts {
+        return Ok(());
+    }
+    check_user_url(url.as_str()).map_err(|e| CallError::Denied(format!("the url {e}")))?;
+    let named = matches!(url.host(), Some(url::Host::Domain(_)));
+    if named && !settings.network_blocks_private && !runtime_blocks_private() {
+        return Err(CallError::Denied(format!(
+            "{} is a host name and nothing here checks where it points: the runtime \
+             config sets no block_networks and network_blocks_private is not set \
+             (README: Outbound calls)",
+            url.host_str().unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the runtime refuses private addresses (`block_networks`), asked once per
+/// instance: a call to `0.0.0.0`, in every list of private networks and never a real
+/// destination, is refused by such a runtime before it connects and otherwise finds
+/// nothing listening.
+fn runtime_blocks_private() -> bool {
+    static BLOCKS: OnceLock<bool> = OnceLock::new();
+    *BLOCKS.get_or_init(|| {
+        let probe = url::Url::parse("http://0.0.0.0:1/").expect("a valid URL");
+        let answer = send_unguarded(Call {
+            method: "GET",
+            url: &probe,
+            chosen: Chosen::ByOperator,
+            headers: Vec::new(),
+            body: None,
+            timeout: Duration::from_secs(2),
+            max_response_bytes: 0,
+        });
+        matches!(answer, Err(CallError::Blocked))
+    })
+}
+
+/// Where a redirect points, if `answer` is one whose target is internal.
+fn internal_redirect(url: &url::Url, answer: &Answer) -> Option<String> {
+    if !(300..400).contains(&answer.status) {
+        return None;
+    }
+    let location = answer.headers.iter().find(|(k, _)| k == "location")?;
+    let target = url.join(&location.1).ok()?;
+    check_tool_url(target.as_str(), false)
+        .is_err()
+        .then(|| target.host_str().unwrap_or_default().to_string())
+}
+
+/// Makes the call, blocking this instance until it answers, fails or times out. A URL a
+/// user chose is guarded first (module docs); a redirect is returned, never followed.
 pub fn send(call: Call<'_>) -> Result<Answer, CallError> {
+    if call.chosen == Chosen::ByOperator {
+        return send_unguarded(call);
+    }
+    guard(call.url)?;
+    let url = call.url;
+    let answer = send_unguarded(call)?;
+    if !crate::settings().tools_allow_private_hosts
+        && let Some(host) = internal_redirect(url, &answer)
+    {
+        return Err(CallError::Denied(format!(
+            "answered {} with a redirect to an internal address ({host}), not followed",
+            answer.status
+        )));
+    }
+    Ok(answer)
+}
+
+fn send_unguarded(call: Call<'_>) -> Result<Answer, CallError> {
     let started = Instant::now();
     let bad = |what: &str| CallError::Connection(format!("the request could not be built: {what}"));
     let mut entries: Vec<(String, Vec<u8>)> = call

@@ -6,10 +6,9 @@
 
 use serde_json::{Value, json};
 use sparkops_core::error::{ApiError, FieldError};
-use sparkops_core::netcheck::check_tool_url;
 use sparkops_core::tool::secret_reference;
 
-use crate::outbound::{self, Call};
+use crate::outbound::{self, Call, Chosen, check_user_url};
 use crate::pipeline::project_secrets;
 use crate::work::Work;
 
@@ -34,17 +33,10 @@ pub fn call(
         }
     }
     let http = &tool["http"];
-    let url = match check_tool_url(
-        http["url"].as_str().unwrap_or_default(),
-        crate::settings().tools_allow_private_hosts,
-    ) {
-        Ok(u) if u.scheme() == "http" && !crate::settings().tools_allow_http => {
-            error("http.url".into(), "must use https".into());
-            None
-        }
+    let url = match check_user_url(http["url"].as_str().unwrap_or_default()) {
         Ok(u) => Some(u),
         Err(e) => {
-            error("http.url".into(), e.to_string());
+            error("http.url".into(), e);
             None
         }
     };
@@ -104,6 +96,7 @@ pub fn call(
     let result = outbound::send(Call {
         method,
         url: &url,
+        chosen: Chosen::ByUser,
         headers,
         body,
         timeout: std::time::Duration::from_millis(http["timeout_ms"].as_u64().unwrap_or(30_000)),

@@ -23,11 +23,10 @@ use serde_json::{Value, json};
 use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Row, Value as V, utc};
 use sparkops_core::error::ApiError;
 use sparkops_core::llm;
-use sparkops_core::netcheck::check_tool_url;
 use sparkops_core::otlp::{self, CallRecord, RunRecord, StepRecord, Trace};
 
 use crate::db::Db;
-use crate::outbound::{self, Call, CallError};
+use crate::outbound::{self, Call, CallError, Chosen, check_user_url};
 use crate::pipeline::project_secrets_and_prefixed;
 use crate::work::Work;
 
@@ -227,7 +226,7 @@ fn export(
             "the project no longer exports traces".into(),
         ));
     };
-    let url = match check_endpoint(&endpoint) {
+    let url = match check_user_url(&endpoint) {
         Ok(url) => url,
         Err(e) => return everyone(Outcome::GiveUp(format!("trace_endpoint {e}"))),
     };
@@ -274,6 +273,7 @@ fn export(
         let answer = outbound::send(Call {
             method: "POST",
             url: &url,
+            chosen: Chosen::ByUser,
             headers: headers.clone(),
             body: Some(body.into_bytes()),
             timeout: REQUEST_TIMEOUT,
@@ -315,22 +315,12 @@ fn outcome(project_id: &str, answer: Result<outbound::Answer, CallError>) -> Out
                 Outcome::GiveUp(error)
             }
         }
-        Err(e @ CallError::Denied(_)) => Outcome::GiveUp(e.to_string()),
+        Err(e @ (CallError::Denied(_) | CallError::Blocked)) => Outcome::GiveUp(e.to_string()),
         Err(e) => Outcome::Retry {
             error: e.to_string(),
             after_s: 0,
         },
     }
-}
-
-/// The endpoint, if the deployment lets it be called (the same rules as tool URLs).
-pub fn check_endpoint(raw: &str) -> Result<url::Url, String> {
-    let url = check_tool_url(raw, crate::settings().tools_allow_private_hosts)
-        .map_err(|e| e.to_string())?;
-    if url.scheme() == "http" && !crate::settings().tools_allow_http {
-        return Err("must use https".into());
-    }
-    Ok(url)
 }
 
 fn rejected_spans(body: &[u8]) -> Option<i64> {

@@ -21,7 +21,7 @@ use sparkops_core::llm;
 use sparkops_core::webhook;
 
 use crate::db::Db;
-use crate::outbound::{self, Call, CallError};
+use crate::outbound::{self, Call, CallError, Chosen, check_user_url};
 use crate::pipeline::{master_keys, sealed_at};
 use crate::work::Work;
 
@@ -93,11 +93,6 @@ pub fn secrets_in_use(db: &Db, project_id: &str, owner_id: &str) -> Result<Vec<S
                 .map_err(|e| ApiError::internal(format!("a signing secret does not open: {e:?}")))
         })
         .collect()
-}
-
-/// A webhook's URL, if the deployment lets it be called now (the tool URL rules).
-pub fn check_url(raw: &str) -> Result<url::Url, String> {
-    crate::traces::check_endpoint(raw)
 }
 
 // ---- Delivery ------------------------------------------------------------------------------
@@ -221,7 +216,7 @@ fn attempt(ctx: &mut Work, due: &Due) -> Result<Outcome, ApiError> {
             "the webhook was disabled or deleted".into(),
         ));
     }
-    let url = match check_url(&row.text(0)?) {
+    let url = match check_user_url(&row.text(0)?) {
         Ok(url) => url,
         Err(e) => {
             return Ok(Outcome::Failed {
@@ -244,6 +239,7 @@ fn attempt(ctx: &mut Work, due: &Due) -> Result<Outcome, ApiError> {
     let answer = outbound::send(Call {
         method: "POST",
         url: &url,
+        chosen: Chosen::ByUser,
         headers: vec![
             ("content-type".into(), "application/json".into()),
             ("user-agent".into(), "Spark-Ops-Webhooks/1".into()),
@@ -271,7 +267,7 @@ fn attempt(ctx: &mut Work, due: &Due) -> Result<Outcome, ApiError> {
                 after_s: (wait_ms / 1000) as i64,
             }
         }
-        Err(e @ CallError::Denied(_)) => Outcome::Failed {
+        Err(e @ (CallError::Denied(_) | CallError::Blocked)) => Outcome::Failed {
             status: None,
             error: format!("denied: {e}"),
             after_s: 0,

@@ -17,7 +17,6 @@ use sparkops_platform::http::{HttpRequest, Reply};
 use sparkops_platform::pipeline::{self, Ctx, Principal, ProjectAccess};
 use sparkops_platform::random_array;
 use sparkops_platform::resource;
-use sparkops_platform::traces;
 use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
 
@@ -142,15 +141,15 @@ fn read_fields(body: &mut Body, required: bool) -> ProjectFields {
         None
     };
     let had_endpoint = body.has("trace_endpoint");
-    let endpoint =
-        body.opt_str("trace_endpoint", 2000)
-            .and_then(|raw| match traces::check_endpoint(&raw) {
-                Ok(url) => Some(url.to_string()),
-                Err(e) => {
-                    body.error("trace_endpoint", e);
-                    None
-                }
-            });
+    let endpoint = body.opt_str("trace_endpoint", 2000).and_then(|raw| {
+        match sparkops_platform::outbound::check_user_url(&raw) {
+            Ok(url) => Some(url.to_string()),
+            Err(e) => {
+                body.error("trace_endpoint", e);
+                None
+            }
+        }
+    });
     ProjectFields {
         name,
         slug,

@@ -8,11 +8,11 @@ use serde_json::{Value, json};
 use sparkops_core::db::{AS_TIMESTAMPTZ, Row, Tx, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::input::Body;
-use sparkops_core::netcheck::check_tool_url;
 use sparkops_core::roles::Action;
 use sparkops_core::tool::check_headers;
 use sparkops_platform::db::Db;
 use sparkops_platform::http::{HttpRequest, Reply};
+use sparkops_platform::outbound::check_user_url;
 use sparkops_platform::pipeline::{self, Ctx, Principal, Work};
 use sparkops_platform::resource::{self, Resource, Write, common_json, name_taken};
 use sparkops_platform::resource_columns;
@@ -81,15 +81,8 @@ fn read_http(b: &mut Body) -> Option<Http> {
             b.error(&format!("http.{}", e.field), e.message);
         }
     }
-    if let Some(url) = &url {
-        let settings = sparkops_platform::settings();
-        match check_tool_url(url, settings.tools_allow_private_hosts) {
-            Ok(u) if u.scheme() == "http" && !settings.tools_allow_http => {
-                b.error("http.url", "must use https");
-            }
-            Ok(_) => {}
-            Err(e) => b.error("http.url", e.to_string()),
-        }
+    if let Some(Err(e)) = url.as_deref().map(check_user_url) {
+        b.error("http.url", e);
     }
     for (field, message) in check_headers(&headers) {
         b.error(&field, message);

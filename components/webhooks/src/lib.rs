@@ -118,7 +118,10 @@ impl Resource for Webhook {
     fn save(tx: &Tx<'_, Db>, ctx: &Work, w: Write<'_>) -> Result<(), ApiError> {
         let mut b = Body::from_value(w.doc)?;
         let url = b.str("url", 2048);
-        if let Some(Err(e)) = url.as_deref().map(delivery::check_url) {
+        if let Some(Err(e)) = url
+            .as_deref()
+            .map(sparkops_platform::outbound::check_user_url)
+        {
             b.error("url", e);
         }
         let description = b.opt_str("description", 1000);

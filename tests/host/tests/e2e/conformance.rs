@@ -428,6 +428,55 @@ async fn block_networks_refuses_an_allowed_host_in_a_blocked_range() {
     );
 }
 
+/// As Spin 3.6.3 does (checked under `../shared/tools/spin`, whatever the component's
+/// allowed hosts): `wasi:sockets/ip-name-lookup` is refused to every component, so a guest
+/// cannot learn where a host name points (the app's outbound guard is built on this).
+#[tokio::test]
+async fn a_guest_cannot_resolve_host_names() {
+    let env = TestEnv::new().await;
+    let app = start(&env, &[], "").await;
+    for name in ["localhost", "example.com", "127.0.0.1"] {
+        let res = get(&app, &format!("/main/resolve/{name}")).await.json();
+        assert!(
+            res["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("permanent-resolver-failure"),
+            "{name}: {res}"
+        );
+    }
+}
+
+/// How the app learns whether the runtime blocks private networks (`outbound::guard`): a
+/// call to `0.0.0.0` is refused as a prohibited destination under `block_networks` and
+/// finds nothing listening without it, as under Spin 3.6.3.
+#[tokio::test]
+async fn a_call_to_the_unspecified_address_tells_whether_private_networks_are_blocked() {
+    let env = TestEnv::new().await;
+    let probe = json!({"url": "http://0.0.0.0:1/"});
+    let vars = [("SPIN_VARIABLE_OUTBOUND_HOST", "0.0.0.0:1")];
+    let open = start(&env, &vars, "").await;
+    let res = post(&open, "/main/http", probe.clone()).await.json();
+    assert!(
+        res["error"].as_str().unwrap().contains("ConnectionRefused"),
+        "{res}"
+    );
+    let blocked = start(
+        &env,
+        &vars,
+        "[outbound_networking]\nblock_networks = [\"private\"]\n",
+    )
+    .await;
+    let res = post(&blocked, "/main/http", probe).await.json();
+    assert!(
+        res["error"]
+            .as_str()
+            .unwrap()
+            .contains("DestinationIpProhibited"),
+        "{res}"
+    );
+}
+
 /// As Spin 3.6.3 does (checked under `../shared/tools/spin`): `block_networks` applies to
 /// outbound Redis, where a blocked address ends the invocation, and not to Postgres.
 #[tokio::test]

@@ -31,6 +31,8 @@ pub struct Part {
     pub image: String,
     pub components: Vec<String>,
     pub variables: BTreeSet<String>,
+    /// The variables given as plain values (`value:`), not from a Secret.
+    pub values: BTreeMap<String, String>,
     pub pod_labels: BTreeMap<String, String>,
     /// The runtime config's file, from the secret `runtimeConfig.loadFromSecret` names.
     pub runtime_config: PathBuf,
@@ -160,6 +162,12 @@ impl Deployment {
                         var
                     })
                     .collect();
+                let values = spec["variables"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| Some((v["name"].as_str()?.into(), v["value"].as_str()?.into())))
+                    .collect();
                 let pod_labels = spec["podLabels"]
                     .as_object()
                     .into_iter()
@@ -172,6 +180,7 @@ impl Deployment {
                     image: self.effective_image(spec["image"].as_str().unwrap()),
                     components: strings(&spec["components"]),
                     variables,
+                    values,
                     runtime_config,
                     name,
                 }
@@ -485,10 +494,33 @@ fn private_networks_are_closed_to_user_urls_and_open_to_the_apps_own_services() 
                 part.name
             );
         }
+        let egress_closed = egress_blocks_private(&deployment, &part.pod_labels);
         if open {
             assert!(
-                config_blocks || egress_blocks_private(&deployment, &part.pod_labels),
+                config_blocks || egress_closed,
                 "{}: calls user-set URLs with private networks open",
+                part.name
+            );
+        }
+        // The app calls a user's host name only where something resolving it refuses
+        // private addresses: its runtime (probed), or the network, as the part declares.
+        let declared = part
+            .values
+            .get("network_blocks_private")
+            .map(String::as_str);
+        if declared == Some("true") {
+            assert!(
+                egress_closed || config_blocks,
+                "{}: declares private networks closed, and they are not",
+                part.name
+            );
+        }
+        if open && !config_blocks {
+            assert_eq!(
+                declared,
+                Some("true"),
+                "{}: closed by its NetworkPolicy only, so it must say so (network_blocks_private) \
+                 or every URL naming a host is refused",
                 part.name
             );
         }

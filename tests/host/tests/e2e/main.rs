@@ -26,6 +26,7 @@ mod resources;
 mod runs;
 mod scheduler;
 mod spin_smoke;
+mod ssrf;
 mod traces;
 mod triggers;
 mod webhooks;
