@@ -178,6 +178,12 @@ pub fn export_request(project_id: &str, traces: &[Trace]) -> Value {
 #[derive(Debug, Clone)]
 pub struct RunRecord {
     pub run_id: String,
+    pub project_id: String,
+    /// The user who started it (a person or an API key's creator); none for schedules.
+    pub created_by: Option<String>,
+    /// The runs it belongs with: its schedule's, its trigger's, or its retry chain's first
+    /// run's id (its own when it is none of these).
+    pub session_id: String,
     pub workflow_id: String,
     pub workflow_name: String,
     pub workflow_version: i64,
@@ -411,6 +417,35 @@ fn call_span(run: &RunRecord, parent: &str, call: &CallRecord) -> Option<Span> {
     })
 }
 
+/// What every span of a run's trace carries, not only the root: Langfuse (v4) aggregates
+/// and filters observations by the attributes each one has (user, session, trace name and
+/// metadata), and other backends read the plain `user.id` and `session.id`.
+fn trace_attributes(run: &RunRecord) -> Vec<(&'static str, Attr)> {
+    let mut attrs: Vec<(&'static str, Attr)> = vec![
+        ("session.id", run.session_id.as_str().into()),
+        ("langfuse.session.id", run.session_id.as_str().into()),
+        (
+            "langfuse.trace.name",
+            format!("workflow {}", run.workflow_name).into(),
+        ),
+        (
+            "langfuse.trace.metadata.project_id",
+            run.project_id.as_str().into(),
+        ),
+        (
+            "langfuse.trace.metadata.workflow_id",
+            run.workflow_id.as_str().into(),
+        ),
+        ("langfuse.trace.metadata.run_id", run.run_id.as_str().into()),
+        ("sparkops.project_id", run.project_id.as_str().into()),
+    ];
+    if let Some(user) = &run.created_by {
+        attrs.push(("user.id", user.as_str().into()));
+        attrs.push(("langfuse.user.id", user.as_str().into()));
+    }
+    attrs
+}
+
 /// The run's trace: its root span, its steps' spans, their calls' spans.
 pub fn run_trace(run: &RunRecord, steps: &[StepRecord], calls: &[CallRecord]) -> Trace {
     let root = run_span(run);
@@ -423,6 +458,10 @@ pub fn run_trace(run: &RunRecord, steps: &[StepRecord], calls: &[CallRecord]) ->
         spans.push(span);
     }
     spans.insert(0, root);
+    let shared = trace_attributes(run);
+    for span in &mut spans {
+        span.attributes.extend(shared.iter().cloned());
+    }
     Trace {
         trace_id: trace_id(&run.run_id),
         spans,
@@ -467,6 +506,9 @@ mod tests {
     fn run() -> RunRecord {
         RunRecord {
             run_id: "0190f5c2-1111-7000-8000-000000000001".into(),
+            project_id: "proj".into(),
+            created_by: Some("user-1".into()),
+            session_id: "sched-1".into(),
             workflow_id: "wf".into(),
             workflow_name: "triage".into(),
             workflow_version: 2,
@@ -570,6 +612,31 @@ mod tests {
         );
         assert_eq!(step["name"], "invoke_agent writer");
         assert_eq!(step["status"], json!({"code": 1}));
+        // The trace's user, session, name and project on every span, not only the root.
+        for span in spans {
+            for (key, value) in [
+                ("user.id", "user-1"),
+                ("langfuse.user.id", "user-1"),
+                ("session.id", "sched-1"),
+                ("langfuse.session.id", "sched-1"),
+                ("langfuse.trace.name", "workflow triage"),
+                ("langfuse.trace.metadata.project_id", "proj"),
+            ] {
+                assert_eq!(attr(span, key), &json!({"stringValue": value}), "{key}");
+            }
+        }
+        let unattributed = RunRecord {
+            created_by: None,
+            ..run()
+        };
+        let trace = run_trace(&unattributed, &[], &[]);
+        assert!(
+            trace.spans[0]
+                .attributes
+                .iter()
+                .all(|(k, _)| !k.ends_with("user.id")),
+            "no user, no user attributes"
+        );
     }
 
     #[test]

@@ -342,7 +342,15 @@ fn load(db: &Db, runs: &[String]) -> Result<Vec<(String, Trace)>, ApiError> {
         &format!(
             "select r.run_id::text, r.workflow_id::text, w.name, r.workflow_version, r.status, r.error,
                 {}, {}, r.tokens_in, r.tokens_out, r.cost_usd::text, r.unpriced_calls,
-                r.schedule_id::text, r.retry_of::text
+                r.schedule_id::text, r.retry_of::text, r.project_id::text, r.created_by::text,
+                coalesce(r.schedule_id, r.trigger_id, (
+                    with recursive chain (id, prev) as (
+                        select r.run_id, r.retry_of
+                        union all
+                        select p.run_id, p.retry_of from runs p join chain c on p.run_id = c.prev
+                    )
+                    select id from chain where prev is null
+                ))::text
              from runs r join workflows w on w.workflow_id = r.workflow_id
              where r.run_id = any(string_to_array($1, ',')::uuid[]) and r.finished_at is not null",
             utc("r.created_at"),
@@ -413,6 +421,9 @@ fn load(db: &Db, runs: &[String]) -> Result<Vec<(String, Trace)>, ApiError> {
     for r in &run_rows {
         let run = RunRecord {
             run_id: r.text(0)?,
+            project_id: r.text(14)?,
+            created_by: r.opt_text(15)?,
+            session_id: r.text(16)?,
             workflow_id: r.text(1)?,
             workflow_name: r.text(2)?,
             workflow_version: r.int(3)?,

@@ -697,6 +697,59 @@ async fn a_refusing_collector_is_not_retried_and_each_project_sends_only_its_own
     assert!(!spans.is_empty());
     assert!(spans.iter().all(|s| s.trace_id == trace_id(&runs[&b])));
     assert_eq!(export_row(&api, &runs[&b], t0).await.0, "exported");
+    // Langfuse's trace-level attributes on every span, not only the root: who started
+    // the run, its session (a run of its own: its id), the trace's name and project.
+    let run_b = runs[&b]["id"].as_str().unwrap().to_string();
+    let str_attr = |s: &Span, key: &str| match s.attr(key) {
+        Some(AnyValue::Str(v)) => v.clone(),
+        other => panic!("{}: {key} is {other:?}", s.name),
+    };
+    assert!(spans.len() >= 2, "a root and a step at least");
+    for s in &spans {
+        assert_eq!(str_attr(s, "user.id"), ada.id);
+        assert_eq!(str_attr(s, "langfuse.user.id"), ada.id);
+        assert_eq!(str_attr(s, "session.id"), run_b);
+        assert_eq!(str_attr(s, "langfuse.session.id"), run_b);
+        assert_eq!(str_attr(s, "langfuse.trace.name"), "workflow echo once");
+        assert_eq!(str_attr(s, "langfuse.trace.metadata.project_id"), b);
+    }
+    // A retry of a retry belongs to the first run's session.
+    let mut last = run_b.clone();
+    for _ in 0..2 {
+        let retry = api
+            .call(
+                "POST",
+                &format!("/api/v1/runs/{last}/retry"),
+                Some(&ada.access),
+                Some(json!({"from": "start"})),
+            )
+            .await;
+        assert_eq!(
+            retry.status,
+            201,
+            "{}",
+            String::from_utf8_lossy(&retry.body)
+        );
+        last = retry.json()["id"].as_str().unwrap().to_string();
+        api.finished_run(&ada.access, &last).await;
+    }
+    api.tick("exporter", t0 + 1).await;
+    let sent = crate::common::eventually(async || {
+        accepting.received().into_iter().find(|r| {
+            parse_export(&r.body)
+                .1
+                .iter()
+                .any(|s| s.trace_id == trace_id(&json!({"id": last})))
+        })
+    })
+    .await;
+    let (_, spans) = parse_export(&sent.body);
+    let retried: Vec<_> = spans
+        .iter()
+        .filter(|s| s.trace_id == trace_id(&json!({"id": last})))
+        .collect();
+    assert!(!retried.is_empty());
+    assert!(retried.iter().all(|s| str_attr(s, "session.id") == run_b));
 
     // C exports nothing: no outbox row at all.
     let c_rows: i64 = api
@@ -720,7 +773,11 @@ async fn a_refusing_collector_is_not_retried_and_each_project_sends_only_its_own
         api.tick("exporter", at).await;
     }
     assert_eq!(refusing.received().len(), 1, "a 401 is not retried");
-    assert_eq!(accepting.received().len(), 1);
+    assert_eq!(
+        accepting.received().len(),
+        2,
+        "the first run, then its two retries together"
+    );
     assert_eq!(
         gauge(&api, "sparkops_trace_exports{status=\"failed\"}").await,
         1.0
