@@ -559,7 +559,7 @@ fn schema_ref(name: &str) -> Value {
     json!({"$ref": format!("#/components/schemas/{name}")})
 }
 
-fn query_parameter(name: &str) -> Value {
+fn query_parameter(name: &str, required: bool) -> Value {
     let (schema, description) = match name {
         "limit" => (
             json!({"type": "integer", "minimum": 1, "maximum": 200, "default": 50}),
@@ -601,12 +601,16 @@ fn query_parameter(name: &str) -> Value {
         "created_after" | "created_before" => {
             (json!({"type": "string", "format": "date-time"}), "RFC 3339")
         }
+        "project_id" if required => (
+            json!({"type": "string", "format": "uuid"}),
+            "The project (an API key may leave it out for its own)",
+        ),
         _ => (
             json!({"type": "string", "format": "uuid"}),
             "An id (an API key's project by default)",
         ),
     };
-    json!({"name": name, "in": "query", "required": false, "schema": schema, "description": description})
+    json!({"name": name, "in": "query", "required": required, "schema": schema, "description": description})
 }
 
 fn operation(o: &Op) -> Value {
@@ -620,7 +624,13 @@ fn operation(o: &Op) -> Value {
             _ => json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}),
         })
         .collect();
-    parameters.extend(o.query.iter().map(|q| query_parameter(q)));
+    // A user's token names no project: lists, reports and a project's prices need it.
+    let project_required = !(o.method == "GET" && o.path == "/api/v1/models/prices");
+    parameters.extend(
+        o.query
+            .iter()
+            .map(|q| query_parameter(q, *q == "project_id" && project_required)),
+    );
     let public = PUBLIC.contains(&o.path);
     let mut responses = Map::new();
     let success = match o.response {
@@ -652,6 +662,12 @@ fn operation(o: &Op) -> Value {
     if o.path == "/readyz" {
         errors.push(503);
     }
+    if matches!(o.path, "/api/v1/auth/login" | "/api/v1/auth/refresh") {
+        errors.push(401);
+    }
+    if o.path == "/api/v1/auth/register" {
+        errors.push(409);
+    }
     if o.path == "/api/v1/approvals/{token}" {
         errors.extend([401, 403, 404, 409]);
     }
@@ -680,13 +696,14 @@ fn operation(o: &Op) -> Value {
         v["parameters"]
             .as_array_mut()
             .expect("made as an array")
-            .push(json!({"name": "If-Match", "in": "header", "required": false, "schema": {"type": "string"}, "description": "The version you read as a strong entity tag, e.g. \"3\" (or *); a stale one, or only weak tags (W/\"3\"), is 412"}));
+            .push(json!({"name": "If-Match", "in": "header", "required": false,
+                "schema": {"type": "string", "pattern": "^\\s*(\\*|(W/)?\"[^\"]*\"(\\s*,\\s*(W/)?\"[^\"]*\")*)\\s*$"}, "description": "The version you read as a strong entity tag, e.g. \"3\" (or *); a stale one, or only weak tags (W/\"3\"), is 412"}));
     }
     if o.method == "POST" && o.status == 201 {
         v["parameters"]
             .as_array_mut()
             .expect("made as an array")
-            .push(json!({"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "maxLength": 255}, "description": "Replays the first answer for 24 h"}));
+            .push(json!({"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "minLength": 1, "maxLength": 255}, "description": "Replays the first answer for 24 h"}));
     }
     if let Some(body) = o.body {
         let mut content = json!({"application/json": {"schema": schema_ref(body)}});
@@ -757,6 +774,11 @@ fn input(fields: Value, required: &[&str]) -> Value {
 
 fn schemas() -> Value {
     let s = |t: &str| json!({"type": t});
+    // Text the app reads as a string must hold more than white space and fit its column.
+    let text =
+        |max: usize| json!({"type": "string", "minLength": 1, "maxLength": max, "pattern": "\\S"});
+    let opt_text =
+        |max: usize| json!({"type": ["string", "null"], "maxLength": max, "pattern": "\\S"});
     let money = json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]{1,6})?$", "description": "USD as a decimal string"});
     let uuid = json!({"type": "string", "format": "uuid"});
     let time = json!({"type": "string", "format": "date-time"});
@@ -766,9 +788,9 @@ fn schemas() -> Value {
             otlp.api_key (Bearer) or otlp.authorization, with a header for each secret \
             otlp.header.<name>; null stops the export"});
     let agent = json!({
-        "name": {"type": "string", "maxLength": 200}, "description": {"type": ["string", "null"]},
-        "model": {"type": "string", "description": "provider/model, e.g. openai/gpt-4o-mini"},
-        "system_prompt": s("string"), "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+        "name": text(200), "description": opt_text(2000),
+        "model": {"type": "string", "minLength": 3, "maxLength": 200, "pattern": "^[^/\\s]+/\\S+$", "description": "provider/model, e.g. openai/gpt-4o-mini"},
+        "system_prompt": text(100_000), "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": 200000, "default": 1024},
         "tool_ids": {"type": "array", "items": uuid},
         "max_iterations": {"type": "integer", "minimum": 1, "maximum": 50, "default": 10},
@@ -784,7 +806,7 @@ fn schemas() -> Value {
         "timeout_ms": {"type": "integer", "minimum": 100, "maximum": 300000, "default": 30000}
     }});
     let tool = json!({
-        "name": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,63}$"}, "description": s("string"),
+        "name": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,63}$"}, "description": text(2000),
         "input_schema": {"type": "object", "description": "JSON Schema 2020-12 of an object"},
         "output_schema": {"type": ["object", "null"]}, "http": http
     });
@@ -803,7 +825,7 @@ fn schemas() -> Value {
                 "description": "Distinct approvals that pass the step (at most the approvers named); one rejection fails it"}}}
     }});
     let workflow = json!({
-        "name": s("string"), "description": {"type": ["string", "null"]},
+        "name": text(200), "description": opt_text(2000),
         "input_schema": {"type": ["object", "null"]}, "timeout_s": {"type": ["integer", "null"]},
         "definition": {"type": "object", "required": ["steps"], "properties": {"steps": {"type": "array", "items": schema_ref("Step")}}}
     });
@@ -816,12 +838,12 @@ fn schemas() -> Value {
         "max_tokens_per_step": s("integer"), "max_concurrent_runs": s("integer")
     }});
     let policy = json!({
-        "name": s("string"), "enabled": {"type": "boolean", "default": true},
+        "name": text(200), "enabled": {"type": "boolean", "default": true},
         "scope": {"type": "object", "properties": {"agent_id": uuid, "workflow_id": uuid}}, "rules": rules
     });
     let schedule = json!({
-        "workflow_id": uuid, "cron": {"type": "string", "description": "5 or 6 fields"},
-        "timezone": {"type": "string", "default": "UTC"}, "input": {}, "enabled": {"type": "boolean", "default": true},
+        "workflow_id": uuid, "cron": {"type": "string", "minLength": 1, "maxLength": 200, "description": "5 or 6 fields"},
+        "timezone": {"type": "string", "minLength": 1, "maxLength": 64, "default": "UTC"}, "input": {}, "enabled": {"type": "boolean", "default": true},
         "overlap": {"enum": ["skip", "allow", "cancel_previous"], "default": "skip"},
         "catchup_window_s": {"type": "integer", "minimum": 0, "default": 0}
     });
@@ -833,7 +855,7 @@ fn schemas() -> Value {
         "budget.alert", "schedule.skipped", "schedule.refused"]}});
     let webhook = json!({
         "url": {"type": "string", "format": "uri", "maxLength": 2048, "description": "https, not an internal address (the tool URL rules)"},
-        "description": {"type": ["string", "null"], "maxLength": 1000},
+        "description": opt_text(1000),
         "event_types": event_types, "enabled": {"type": "boolean", "default": true}
     });
     let mut webhook_out = webhook.clone();
@@ -844,7 +866,7 @@ fn schemas() -> Value {
     webhook_out["secret"] =
         json!({"type": "string", "description": "whsec_...: in the create reply only, once"});
     let trigger = json!({
-        "name": {"type": "string", "maxLength": 200}, "workflow_id": uuid,
+        "name": text(200), "workflow_id": uuid,
         "input_template": {"description": "JSON whose strings may hold {{ body.path }} and {{ headers.name }}; default \"{{ body }}\"", "default": "{{ body }}"},
         "verification": {"enum": ["standard_webhooks", "github", "bearer"], "default": "standard_webhooks"},
         "enabled": {"type": "boolean", "default": true},
@@ -867,34 +889,38 @@ fn schemas() -> Value {
             "errors": {"type": "array", "items": {"type": "object", "properties": {"field": s("string"), "message": s("string")}}}}},
         "Health": {"type": "object", "properties": {"status": s("string"), "checks": s("object")}},
         "Register": {"type": "object", "required": ["email", "password", "name"], "additionalProperties": false, "properties": {
-            "email": {"type": "string", "format": "email"}, "password": {"type": "string", "minLength": 8, "maxLength": 128}, "name": s("string")}},
-        "Login": {"type": "object", "required": ["email", "password"], "properties": {"email": s("string"), "password": s("string")}},
+            "email": {"type": "string", "format": "email"}, "password": {"type": "string", "minLength": 8, "maxLength": 128}, "name": text(200)}},
+        "Login": {"type": "object", "required": ["email", "password"], "additionalProperties": false,
+            "properties": {"email": text(320), "password": text(1024)}},
         "LoginForm": {"type": "object", "required": ["username", "password"], "properties": {
-            "grant_type": {"const": "password"}, "username": s("string"), "password": s("string")}},
-        "Refresh": {"type": "object", "required": ["refresh_token"], "properties": {"refresh_token": s("string")}},
+            "grant_type": {"const": "password"}, "username": text(320), "password": text(1024)}},
+        "Refresh": {"type": "object", "required": ["refresh_token"], "additionalProperties": false,
+            "properties": {"refresh_token": text(200)}},
         "Tokens": {"type": "object", "properties": {"access_token": s("string"), "refresh_token": s("string"),
             "token_type": {"const": "bearer"}, "expires_in": s("integer"), "user": s("object")}},
         "Me": {"type": "object", "properties": {"id": uuid, "email": s("string"), "name": s("string"), "created_at": time,
             "memberships": {"type": "array", "items": {"type": "object", "properties": {"project_id": uuid, "role": s("string")}}}}},
-        "ApiKeyInput": {"type": "object", "required": ["name", "project_id", "role"], "properties": {
-            "name": s("string"), "project_id": uuid, "role": {"enum": ["owner", "admin", "member", "viewer"]}, "expires_at": time}},
+        "ApiKeyInput": {"type": "object", "required": ["name", "project_id", "role"], "additionalProperties": false, "properties": {
+            "name": text(200), "project_id": uuid, "role": {"enum": ["owner", "admin", "member", "viewer"]}, "expires_at": time}},
         "ApiKey": {"type": "object", "properties": {"id": uuid, "name": s("string"), "prefix": s("string"), "project_id": uuid,
             "role": s("string"), "expires_at": {"type": ["string", "null"]}, "created_at": time}},
         "ApiKeyCreated": {"type": "object", "properties": {"id": uuid, "prefix": s("string"), "secret": {"type": "string", "description": "Shown once"}}},
-        "ProjectInput": {"type": "object", "required": ["name"], "properties": {"name": s("string"), "slug": s("string"), "description": s("string"),
+        "ProjectInput": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
+            "name": text(200), "slug": {"type": "string", "pattern": "^[a-z0-9]+(-[a-z0-9]+)*$", "minLength": 3, "maxLength": 64},
+            "description": opt_text(2000),
             "trace_endpoint": trace_endpoint.clone()}},
         "Project": {"type": "object", "properties": {"id": uuid, "name": s("string"), "slug": s("string"), "description": {"type": ["string", "null"]},
             "version": s("integer"), "role": s("string"), "created_at": time, "updated_at": time, "trace_endpoint": trace_endpoint}},
-        "MemberInput": {"type": "object", "required": ["email", "role"], "properties": {"email": s("string"), "role": {"enum": ["owner", "admin", "member", "viewer"]}}},
-        "RoleInput": {"type": "object", "required": ["role"], "properties": {"role": {"enum": ["owner", "admin", "member", "viewer"]}}},
+        "MemberInput": {"type": "object", "required": ["email", "role"], "additionalProperties": false, "properties": {"email": text(320), "role": {"enum": ["owner", "admin", "member", "viewer"]}}},
+        "RoleInput": {"type": "object", "required": ["role"], "additionalProperties": false, "properties": {"role": {"enum": ["owner", "admin", "member", "viewer"]}}},
         "Member": {"type": "object", "properties": {"user_id": uuid, "email": s("string"), "name": s("string"), "role": s("string"), "created_at": time}},
-        "SecretInput": {"type": "object", "required": ["value"], "properties": {"value": {"type": "string", "writeOnly": true}}},
+        "SecretInput": {"type": "object", "required": ["value"], "additionalProperties": false, "properties": {"value": {"type": "string", "writeOnly": true}}},
         "Secret": {"type": "object", "properties": {"name": s("string"), "version": s("integer"), "created_at": time, "updated_at": time}},
         "Agent": resource(agent.clone()),
         "AgentInput": input(agent, &["name", "model", "system_prompt"]),
         "Tool": resource(tool.clone()),
         "ToolInput": input(tool, &["name", "description", "input_schema", "http"]),
-        "ToolTestInput": {"type": "object", "properties": {"input": {"type": "object"}}},
+        "ToolTestInput": {"type": "object", "additionalProperties": false, "properties": {"input": {"type": "object"}}},
         "ToolTestResult": {"type": "object", "properties": {"ok": s("boolean"), "status": s("integer"), "duration_ms": s("integer"),
             "output": {}, "error": {"type": "object", "properties": {"kind": s("string"), "message": s("string")}}}},
         "Step": step,
@@ -902,7 +928,7 @@ fn schemas() -> Value {
         "WorkflowInput": input(workflow, &["name", "definition"]),
         "WorkflowVersion": {"type": "object", "properties": {"version": s("integer"), "definition": s("object"),
             "input_schema": {"type": ["object", "null"]}, "created_by": {"type": ["string", "null"]}, "created_at": time}},
-        "ValidateInput": {"type": "object", "required": ["definition"], "properties": {"project_id": uuid, "definition": s("object")}},
+        "ValidateInput": {"type": "object", "required": ["definition"], "additionalProperties": false, "properties": {"project_id": uuid, "definition": s("object")}},
         "ValidateResult": {"type": "object", "properties": {"valid": s("boolean"),
             "errors": {"type": "array", "items": {"type": "object", "properties": {"field": s("string"), "message": s("string")}}}}},
         "Policy": resource(policy.clone()),
@@ -997,7 +1023,7 @@ fn schemas() -> Value {
             "duration_ms": {"type": ["integer", "null"]}, "next_attempt_at": {"type": ["string", "null"]}}}}}},
         "RunEventList": {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object", "properties": {
             "seq": s("integer"), "kind": s("string"), "step": {"type": ["string", "null"]}, "data": s("object"), "at": time}}}}},
-        "ModelPriceInput": {"type": "object", "required": ["input_per_mtok_usd", "output_per_mtok_usd"],
+        "ModelPriceInput": {"type": "object", "required": ["input_per_mtok_usd", "output_per_mtok_usd"], "additionalProperties": false,
             "properties": {"input_per_mtok_usd": money, "output_per_mtok_usd": money}}
     });
     for item in [

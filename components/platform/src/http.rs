@@ -61,6 +61,16 @@ impl HttpRequest {
                 return Err(sparkops_core::input::nul_error(&field));
             }
         }
+        // An idempotency key is a stored identifier: one that could never be stored is
+        // refused on every route, not only on those that store it.
+        if let Some((_, key)) = headers.iter().find(|(k, _)| k == "idempotency-key")
+            && !(1..=255).contains(&key.len())
+        {
+            return Err(ApiError::field(
+                "headers.idempotency-key",
+                "must be 1 to 255 characters",
+            ));
+        }
         let mut body = Vec::new();
         let mut stream = incoming.into_body_stream();
         while let Some(chunk) = stream.next().await {

@@ -177,8 +177,11 @@ fn validate(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, 
     let mut b = Body::parse(&req.body)?;
     let project_id = b.opt_str("project_id", 64);
     let definition = b.opt_value("definition");
-    if definition.is_none() {
-        b.error("definition", "is required");
+    match &definition {
+        None => b.error("definition", "is required"),
+        // Not a workflow to judge but a malformed request: the document says an object.
+        Some(d) if !d.is_object() => b.error("definition", "must be an object"),
+        Some(_) => {}
     }
     b.finish()?;
     let access = resource::project_of_request(ctx, who, project_id, Action::Read)?;

@@ -10,6 +10,7 @@ mod agent_steps;
 mod chaos;
 mod conformance;
 mod console;
+mod contract;
 mod demo;
 mod deployment;
 mod docs;
