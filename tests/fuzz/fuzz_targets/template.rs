@@ -1,0 +1,28 @@
+//! Templates (`{{ input.x }}`, `{{ steps.k.output.y }}`, trigger documents): no input panics.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use serde_json::{Value, json};
+use sparkops_core::template::{self, Scope};
+use sparkops_fuzz::{json, two_parts};
+
+struct Input(Value);
+
+impl Scope for Input {
+    fn input(&self) -> &Value {
+        &self.0
+    }
+    fn output(&self, _: &str) -> Option<&Value> {
+        Some(&self.0)
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let (text, input) = two_parts(data);
+    let (t, input) = (json(&text), json(&input));
+    let _ = template::references(&t);
+    let _ = template::render(&t, &Input(input.clone()));
+    let doc = json!({"body": input, "headers": {"x": "y"}});
+    let _ = template::render_document(&t, &doc, &["body", "headers"]);
+    let _ = template::check_document(&t, &["body", "headers"]);
+});
