@@ -213,3 +213,47 @@ async fn a_url_is_checked_again_when_it_is_called_not_only_when_saved() {
     );
     assert!(fake.received().is_empty());
 }
+
+#[tokio::test]
+async fn a_trace_endpoint_naming_a_host_is_guarded_like_a_tool() {
+    let name = loopback_name().await;
+    let collector = FakeServer::start(200, json!({}), Duration::ZERO).await;
+    let endpoint = format!("http://{name}:{}/v1/traces", collector.addr.port());
+    for (settings, exported) in [
+        (vec![], false),
+        (vec![("SPIN_VARIABLE_NETWORK_BLOCKS_PRIVATE", "true")], true),
+    ] {
+        let api = app(&settings, None).await;
+        let (ada, p) = owner(&api).await;
+        api.set_trace_endpoint(&ada, &p, &endpoint).await;
+        let wf = crate::engine::workflow(
+            &api,
+            &ada,
+            &p,
+            json!([{"key": "a", "kind": "condition", "input": {}}]),
+        )
+        .await;
+        let run = api.run_to_end(&ada.access, &wf, json!({})).await;
+        api.tick("exporter", chrono::Utc::now().timestamp() + 5)
+            .await;
+        let export = api
+            .finished_run(&ada.access, run["id"].as_str().unwrap())
+            .await["trace_export"]
+            .clone();
+        if exported {
+            assert_eq!(export["status"], "exported", "{export}");
+        } else {
+            assert_eq!(export["status"], "failed", "{export}");
+            let error = export["last_error"].as_str().unwrap();
+            assert!(
+                error.contains("is a host name and nothing here checks"),
+                "{error}"
+            );
+        }
+    }
+    assert_eq!(
+        collector.received().len(),
+        1,
+        "only the guarded app sent it"
+    );
+}
