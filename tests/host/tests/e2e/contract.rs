@@ -357,7 +357,8 @@ async fn whatever_the_documented_operations_receive_they_answer_no_5xx_and_error
                     }
                 }
                 if rng.chance(4) {
-                    query.push(format!("junk={}", encode(*rng.pick(NASTY))));
+                    let junk = rng.pick(NASTY).to_string();
+                    query.push(format!("junk={}", encode(&junk)));
                 }
                 if !query.is_empty() {
                     url = format!("{url}?{}", query.join("&"));
