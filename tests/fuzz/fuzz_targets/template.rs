@@ -2,20 +2,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use serde_json::{Value, json};
-use sparkops_core::template::{self, Scope};
-use sparkops_fuzz::{json, two_parts};
-
-struct Input(Value);
-
-impl Scope for Input {
-    fn input(&self) -> &Value {
-        &self.0
-    }
-    fn output(&self, _: &str) -> Option<&Value> {
-        Some(&self.0)
-    }
-}
+use serde_json::json;
+use sparkops_core::template;
+use sparkops_fuzz::{Input, json, two_parts};
 
 fuzz_target!(|data: &[u8]| {
     let (text, input) = two_parts(data);

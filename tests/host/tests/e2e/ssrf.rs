@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::{Answer, Api, Client, FakeServer, User};
+use crate::common::{Answer, Api, Client, FakeServer, Reply, User};
 
 /// This machine's own host name, which its `/etc/hosts` points at loopback: a name the URL
 /// rules cannot see through, as a hostile name resolving to a private address would be.
@@ -53,18 +53,22 @@ async fn owner(api: &Client) -> (User, String) {
     (ada, p["id"].as_str().unwrap().to_string())
 }
 
+/// `POST /tools/{id}/test` of `tool` with an empty input.
+async fn try_tool(api: &Client, who: &User, tool: &Value) -> Reply {
+    api.call(
+        "POST",
+        &format!("/api/v1/tools/{}/test", tool["id"].as_str().unwrap()),
+        Some(&who.access),
+        Some(json!({"input": {}})),
+    )
+    .await
+}
+
 /// Saves a tool calling `url` and calls it through `POST /tools/{id}/test`.
 async fn test_call(api: &Client, who: &User, p: &str, url: &str) -> Value {
     let name = format!("lookup_{}", uuid::Uuid::new_v4().simple());
     let tool = crate::engine::tool_named(api, who, p, &name, url.to_string()).await;
-    let res = api
-        .call(
-            "POST",
-            &format!("/api/v1/tools/{}/test", tool["id"].as_str().unwrap()),
-            Some(&who.access),
-            Some(json!({"input": {}})),
-        )
-        .await;
+    let res = try_tool(api, who, &tool).await;
     assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
     res.json()
 }
@@ -194,14 +198,7 @@ async fn a_url_is_checked_again_when_it_is_called_not_only_when_saved() {
         )
         .await
         .unwrap();
-    let res = api
-        .call(
-            "POST",
-            &format!("/api/v1/tools/{}/test", tool["id"].as_str().unwrap()),
-            Some(&ada.access),
-            Some(json!({"input": {}})),
-        )
-        .await;
+    let res = try_tool(&api, &ada, &tool).await;
     assert_eq!(res.status, 422, "{}", String::from_utf8_lossy(&res.body));
     assert!(
         res.json()["errors"][0]["message"]
