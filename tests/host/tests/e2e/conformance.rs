@@ -447,6 +447,43 @@ async fn a_guest_cannot_resolve_host_names() {
     }
 }
 
+/// Requests the HTTP server refuses before any component runs get the answers Spin 3.6.3
+/// gives them (checked under the real CLI): a request line over the limit is `414` and a
+/// header holding a NUL is `400`, both with an empty body; no app code sees them, so no
+/// problem+json can be made for them, here as there.
+#[tokio::test]
+async fn requests_refused_before_any_component_are_answered_as_spin_answers_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = TestEnv::new().await;
+    let app = start(&env, &[], "").await;
+    let address = app
+        .url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let raw = async |request: Vec<u8>| -> String {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream.write_all(&request).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            stream.read_to_end(&mut answer),
+        )
+        .await;
+        String::from_utf8_lossy(&answer).to_lowercase()
+    };
+    let long = format!(
+        "GET /main/echo/{} HTTP/1.1\r\nhost: x\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let answer = raw(long.into_bytes()).await;
+    assert!(answer.starts_with("http/1.1 414"), "{answer}");
+    assert!(answer.contains("content-length: 0"), "{answer}");
+    let answer = raw(b"GET /main/echo HTTP/1.1\r\nhost: x\r\nx-a: a\0b\r\n\r\n".to_vec()).await;
+    assert!(answer.starts_with("http/1.1 400"), "{answer}");
+    assert!(answer.contains("content-length: 0"), "{answer}");
+}
+
 /// How the app learns whether the runtime blocks private networks (`outbound::guard`): a
 /// call to `0.0.0.0` is refused as a prohibited destination under `block_networks` and
 /// finds nothing listening without it, as under Spin 3.6.3.
