@@ -63,13 +63,8 @@ impl HttpRequest {
         }
         // An idempotency key is a stored identifier: one that could never be stored is
         // refused on every route, not only on those that store it.
-        if let Some((_, key)) = headers.iter().find(|(k, _)| k == "idempotency-key")
-            && !(1..=255).contains(&key.len())
-        {
-            return Err(ApiError::field(
-                "headers.idempotency-key",
-                "must be 1 to 255 characters",
-            ));
+        if let Some((_, key)) = headers.iter().find(|(k, _)| k == "idempotency-key") {
+            crate::pipeline::check_idempotency_key("headers.idempotency-key", key)?;
         }
         let mut body = Vec::new();
         let mut stream = incoming.into_body_stream();

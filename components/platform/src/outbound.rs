@@ -76,6 +76,12 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// Whether the destination was refused (by the app's rules or the runtime's), as
+    /// opposed to failing: a refusal is not worth trying again.
+    pub fn refused(&self) -> bool {
+        matches!(self, CallError::Denied(_) | CallError::Blocked)
+    }
+
     /// The error kind a step records.
     pub fn kind(&self) -> &'static str {
         match self {

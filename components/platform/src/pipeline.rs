@@ -246,10 +246,8 @@ impl Ctx {
         (header, key): (&'static str, Option<String>),
         create: impl FnOnce(&core_db::Tx<'_, Db>, &Work) -> Result<Reply, ApiError>,
     ) -> Result<Reply, ApiError> {
-        if let Some(k) = &key
-            && !(1..=255).contains(&k.len())
-        {
-            return Err(ApiError::field(header, "must be 1 to 255 characters"));
+        if let Some(k) = &key {
+            check_idempotency_key(header, k)?;
         }
         let request_hash = auth::token_hash(&format!(
             "{}\n{}",
@@ -407,6 +405,17 @@ pub trait BodyStream {
     fn content_type(&self) -> &'static str;
     /// The next chunk, waiting for it as long as it needs; `None` ends the body.
     fn next(&mut self, ctx: &mut Ctx) -> Result<Option<Vec<u8>>, ApiError>;
+}
+
+/// The rule for a key that makes a creating request happen once (`Idempotency-Key`, a
+/// trigger sender's delivery id): 1 to 255 characters, so it can be stored. `field` names
+/// it in the 422.
+pub fn check_idempotency_key(field: &str, key: &str) -> Result<(), ApiError> {
+    if (1..=255).contains(&key.len()) {
+        Ok(())
+    } else {
+        Err(ApiError::field(field, "must be 1 to 255 characters"))
+    }
 }
 
 /// Runs the pipeline around `route`, the component's router.

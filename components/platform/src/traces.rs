@@ -315,7 +315,7 @@ fn outcome(project_id: &str, answer: Result<outbound::Answer, CallError>) -> Out
                 Outcome::GiveUp(error)
             }
         }
-        Err(e @ (CallError::Denied(_) | CallError::Blocked)) => Outcome::GiveUp(e.to_string()),
+        Err(e) if e.refused() => Outcome::GiveUp(e.to_string()),
         Err(e) => Outcome::Retry {
             error: e.to_string(),
             after_s: 0,

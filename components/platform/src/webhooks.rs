@@ -21,7 +21,7 @@ use sparkops_core::llm;
 use sparkops_core::webhook;
 
 use crate::db::Db;
-use crate::outbound::{self, Call, CallError, Chosen, check_user_url};
+use crate::outbound::{self, Call, Chosen, check_user_url};
 use crate::pipeline::{master_keys, sealed_at};
 use crate::work::Work;
 
@@ -267,7 +267,7 @@ fn attempt(ctx: &mut Work, due: &Due) -> Result<Outcome, ApiError> {
                 after_s: (wait_ms / 1000) as i64,
             }
         }
-        Err(e @ (CallError::Denied(_) | CallError::Blocked)) => Outcome::Failed {
+        Err(e) if e.refused() => Outcome::Failed {
             status: None,
             error: format!("denied: {e}"),
             after_s: 0,

@@ -11,6 +11,13 @@ const MANIFEST: &str = "tests/fixtures/conformance/spin.toml";
 
 /// Starts the conformance app; its runtime config always defines the embedded `other`
 /// store, plus `runtime_config`.
+/// The `error` a fixture route answered with (the guest's view of a refused call).
+fn guest_error(res: &Value) -> &str {
+    res["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error in {res}"))
+}
+
 async fn start(env: &TestEnv, extra: &[(&str, &str)], runtime_config: &str) -> RunningApp {
     let mut options = env.options(MANIFEST, Some(&format!("{STORES}{runtime_config}")));
     options
@@ -214,10 +221,7 @@ async fn chaining_to_a_component_not_in_allowed_hosts_is_denied() {
     )
     .await
     .json();
-    assert!(
-        res["error"].as_str().unwrap().contains("HttpRequestDenied"),
-        "{res}"
-    );
+    assert!(guest_error(&res).contains("HttpRequestDenied"), "{res}");
 }
 
 // ---- Variables ----------------------------------------------------------------------------
@@ -341,10 +345,7 @@ async fn outbound_http_reaches_an_allowed_host_only() {
     .await
     .json();
     assert!(
-        denied["error"]
-            .as_str()
-            .unwrap()
-            .contains("HttpRequestDenied"),
+        guest_error(&denied).contains("HttpRequestDenied"),
         "{denied}"
     );
 
@@ -356,10 +357,7 @@ async fn outbound_http_reaches_an_allowed_host_only() {
     .await
     .json();
     assert!(
-        no_rules["error"]
-            .as_str()
-            .unwrap()
-            .contains("HttpRequestDenied"),
+        guest_error(&no_rules).contains("HttpRequestDenied"),
         "{no_rules}"
     );
 }
@@ -393,10 +391,7 @@ async fn a_cidr_rule_allows_ip_literals_in_its_network_but_not_host_names() {
     .await
     .json();
     assert!(
-        by_name["error"]
-            .as_str()
-            .unwrap()
-            .contains("HttpRequestDenied"),
+        guest_error(&by_name).contains("HttpRequestDenied"),
         "{by_name}"
     );
 }
@@ -420,10 +415,7 @@ async fn block_networks_refuses_an_allowed_host_in_a_blocked_range() {
     .await
     .json();
     assert!(
-        res["error"]
-            .as_str()
-            .unwrap()
-            .contains("DestinationIpProhibited"),
+        guest_error(&res).contains("DestinationIpProhibited"),
         "{res}"
     );
 }
@@ -438,10 +430,7 @@ async fn a_guest_cannot_resolve_host_names() {
     for name in ["localhost", "example.com", "127.0.0.1"] {
         let res = get(&app, &format!("/main/resolve/{name}")).await.json();
         assert!(
-            res["error"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("permanent-resolver-failure"),
+            guest_error(&res).contains("permanent-resolver-failure"),
             "{name}: {res}"
         );
     }
@@ -494,10 +483,7 @@ async fn a_call_to_the_unspecified_address_tells_whether_private_networks_are_bl
     let vars = [("SPIN_VARIABLE_OUTBOUND_HOST", "0.0.0.0:1")];
     let open = start(&env, &vars, "").await;
     let res = post(&open, "/main/http", probe.clone()).await.json();
-    assert!(
-        res["error"].as_str().unwrap().contains("ConnectionRefused"),
-        "{res}"
-    );
+    assert!(guest_error(&res).contains("ConnectionRefused"), "{res}");
     let blocked = start(
         &env,
         &vars,
@@ -506,10 +492,7 @@ async fn a_call_to_the_unspecified_address_tells_whether_private_networks_are_bl
     .await;
     let res = post(&blocked, "/main/http", probe).await.json();
     assert!(
-        res["error"]
-            .as_str()
-            .unwrap()
-            .contains("DestinationIpProhibited"),
+        guest_error(&res).contains("DestinationIpProhibited"),
         "{res}"
     );
 }
