@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 use sparkops_core::db::{AS_TIMESTAMPTZ, Row, Tx, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::input::Body;
+use sparkops_core::mcp;
 use sparkops_core::policy::check_model_name;
 use sparkops_platform::db::Db;
 use sparkops_platform::http::{HttpRequest, Reply};
@@ -57,6 +58,86 @@ fn read_fallbacks(b: &mut Body, model: Option<&str>) -> Vec<String> {
     out
 }
 
+/// `mcp_tools`: up to 64 `mcp:<server>/<tool>` names, each a tool on the allow-list of a
+/// live MCP server of the project, offered to the model under a function name no other
+/// tool of the agent has.
+fn read_mcp_tools(
+    tx: &Tx<'_, Db>,
+    b: &mut Body,
+    project_id: &str,
+    tool_ids: &[String],
+) -> Result<Vec<String>, ApiError> {
+    let field = "mcp_tools";
+    let items = match b.opt_value(field) {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) if items.len() <= 64 => items,
+        Some(_) => {
+            b.error(
+                field,
+                "must be a list of at most 64 mcp:<server>/<tool> names",
+            );
+            return Ok(Vec::new());
+        }
+    };
+    let mut refs: Vec<(usize, String, String, String)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        match item.as_str().map(|r| (r, mcp::parse_ref(r, false))) {
+            None => b.error(&at, "must be an mcp:<server>/<tool> name"),
+            Some((_, Err(m))) => b.error(&at, m),
+            Some((r, Ok(_))) if refs.iter().any(|(_, x, _, _)| x == r) => {
+                b.error(&at, "is repeated")
+            }
+            Some((r, Ok((server, tool)))) => {
+                refs.push((i, r.to_string(), server.to_string(), tool.to_string()))
+            }
+        }
+    }
+    let mut names: Vec<&str> = refs.iter().map(|(_, _, s, _)| s.as_str()).collect();
+    names.dedup();
+    let servers = sparkops_platform::mcp::load_named(tx, project_id, &names)?;
+    // The HTTP tools' names, which the functions offered must not repeat.
+    let mut functions: Vec<String> = if tool_ids.is_empty() {
+        Vec::new()
+    } else {
+        tx.query(
+            "select name from tools where tool_id::text = any(string_to_array($1, ','))",
+            &[V::Text(tool_ids.join(","))],
+        )?
+        .iter()
+        .map(|r| r.text(0))
+        .collect::<Result<_, _>>()?
+    };
+    for (i, _, server, tool) in &refs {
+        let at = format!("{field}[{i}]");
+        let Some(s) = servers.iter().find(|s| &s.name == server) else {
+            b.error(
+                &at,
+                format!("names no MCP server '{server}' of this project"),
+            );
+            continue;
+        };
+        if !s.allows(tool) {
+            b.error(
+                &at,
+                format!("is not on the allowed_tools of MCP server '{server}'"),
+            );
+            continue;
+        }
+        match mcp::function_name(server, tool) {
+            None => b.error(
+                &at,
+                "makes a function name (mcp__<server>__<tool>) longer than the 64 characters providers take",
+            ),
+            Some(f) if functions.contains(&f) => {
+                b.error(&at, format!("is offered as {f}, which another tool of the agent is named"))
+            }
+            Some(f) => functions.push(f),
+        }
+    }
+    Ok(refs.into_iter().map(|(_, r, _, _)| r).collect())
+}
+
 impl Resource for Agent {
     const NOUN: &'static str = "agent";
     const PATH: &'static str = "/api/v1/agents";
@@ -68,7 +149,7 @@ impl Resource for Agent {
         "r.name, r.description, r.model, r.system_prompt, r.max_iterations, r.max_tokens, \
          r.temperature, r.response_format, r.metadata, \
          (select coalesce(jsonb_agg(t.tool_id::text order by t.position), '[]'::jsonb) \
-          from agent_tools t where t.agent_id = r.agent_id), r.fallback_models"
+          from agent_tools t where t.agent_id = r.agent_id), r.fallback_models, r.mcp_tools"
     );
     const FIELDS: &'static [&'static str] = &[
         "name",
@@ -82,6 +163,7 @@ impl Resource for Agent {
         "response_format",
         "metadata",
         "fallback_models",
+        "mcp_tools",
     ];
 
     fn to_json(row: &Row) -> Result<Value, ApiError> {
@@ -99,6 +181,7 @@ impl Resource for Agent {
             ("metadata", row.json(13)?),
             ("tool_ids", row.json(14)?),
             ("fallback_models", row.json(15)?),
+            ("mcp_tools", row.json(16)?),
         ] {
             m.insert(k.into(), v);
         }
@@ -138,6 +221,7 @@ impl Resource for Agent {
         let response_format = b.opt_schema("response_format", false);
         let metadata = b.opt_object("metadata");
         let fallbacks = read_fallbacks(&mut b, model.as_deref());
+        let mcp_tools = read_mcp_tools(tx, &mut b, w.project_id, &tool_ids)?;
         b.finish()?;
         let (Some(name), Some(model), Some(system_prompt)) = (name, model, system_prompt) else {
             return Err(ApiError::unchecked_field());
@@ -146,14 +230,14 @@ impl Resource for Agent {
             &format!(
                 "insert into agents (agent_id, project_id, name, description, model, system_prompt,
                     max_iterations, max_tokens, temperature, response_format, metadata, created_at, updated_at,
-                    fallback_models)
-                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9::numeric, $10, $11, $12{AS_TIMESTAMPTZ}, $12{AS_TIMESTAMPTZ}, $13)
+                    fallback_models, mcp_tools)
+                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9::numeric, $10, $11, $12{AS_TIMESTAMPTZ}, $12{AS_TIMESTAMPTZ}, $13, $14)
                  on conflict (agent_id) do update set
                     name = excluded.name, description = excluded.description, model = excluded.model,
                     system_prompt = excluded.system_prompt, max_iterations = excluded.max_iterations,
                     max_tokens = excluded.max_tokens, temperature = excluded.temperature,
                     response_format = excluded.response_format, metadata = excluded.metadata,
-                    fallback_models = excluded.fallback_models,
+                    fallback_models = excluded.fallback_models, mcp_tools = excluded.mcp_tools,
                     version = agents.version + 1, updated_at = excluded.updated_at"
             ),
             &[
@@ -170,6 +254,7 @@ impl Resource for Agent {
                 metadata.map(|m| V::Json(m.into())).unwrap_or(V::Null),
                 V::Timestamp(ctx.now),
                 V::Json(json!(fallbacks)),
+                V::Json(json!(mcp_tools)),
             ],
         )
         .map_err(name_taken("agent", "agents_project_name_key"))?;

@@ -25,6 +25,8 @@ pub mod input;
 #[cfg(feature = "full")]
 pub mod llm;
 #[cfg(feature = "full")]
+pub mod mcp;
+#[cfg(feature = "full")]
 pub mod money;
 #[cfg(feature = "full")]
 pub mod netcheck;

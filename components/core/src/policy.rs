@@ -94,12 +94,28 @@ pub fn parse_rules(v: &Value) -> Result<Rules, Vec<FieldError>> {
                     strings(value, key, &mut errors, |s| check_model_glob(s).err())
             }
             "allowed_tools" => {
+                // Tool ids, and MCP tools as mcp:<server>/<tool> or mcp:<server>/*.
                 rules.allowed_tools = strings(value, key, &mut errors, |s| {
+                    if s.starts_with("mcp:") {
+                        return crate::mcp::parse_ref(s, true)
+                            .err()
+                            .map(|_| "must be mcp:<server>/<tool> or mcp:<server>/*".to_string());
+                    }
                     crate::ids::parse_uuid(s, "tool")
                         .err()
-                        .map(|_| "must be a tool id".to_string())
+                        .map(|_| "must be a tool id or mcp:<server>/<tool>".to_string())
                 })
-                .map(|ids| ids.into_iter().map(|s| s.to_lowercase()).collect())
+                .map(|ids| {
+                    ids.into_iter()
+                        .map(|s| {
+                            if s.starts_with("mcp:") {
+                                s
+                            } else {
+                                s.to_lowercase()
+                            }
+                        })
+                        .collect()
+                })
             }
             k if LIMITS.contains(&k) => {
                 let n = value.as_i64().filter(|n| (1..=MAX_LIMIT).contains(n));
@@ -306,7 +322,7 @@ mod tests {
         let rules = parse_rules(&json!({
             "budget": {"limit_usd": "25.5", "window": "month", "action": "alert"},
             "allowed_models": ["openai/*", "anthropic/claude-*"],
-            "allowed_tools": [tool],
+            "allowed_tools": [tool, "mcp:docs/search", "mcp:github/*"],
             "max_steps_per_run": 20,
             "max_tokens_per_run": 100000,
             "max_tokens_per_step": 4000,
@@ -318,7 +334,7 @@ mod tests {
             json!({
                 "budget": {"limit_usd": "25.500000", "window": "month", "action": "alert"},
                 "allowed_models": ["openai/*", "anthropic/claude-*"],
-                "allowed_tools": [tool],
+                "allowed_tools": [tool, "mcp:docs/search", "mcp:github/*"],
                 "max_steps_per_run": 20,
                 "max_tokens_per_run": 100000,
                 "max_tokens_per_step": 4000,
@@ -340,7 +356,7 @@ mod tests {
             fields(json!({
                 "budget": {"limit_usd": "0", "window": "week", "action": "warn", "cap": 1},
                 "allowed_models": ["gpt 4", "openai/*", "openai/*"],
-                "allowed_tools": ["nope"],
+                "allowed_tools": ["nope", "mcp:Docs/x"],
                 "max_steps_per_run": 0,
                 "max_tokens_per_run": 1.5,
                 "max_spend": 3
@@ -348,7 +364,8 @@ mod tests {
             [
                 "rules.allowed_models[0]: must be a model glob such as openai/* or anthropic/claude-*",
                 "rules.allowed_models[2]: is listed twice",
-                "rules.allowed_tools[0]: must be a tool id",
+                "rules.allowed_tools[0]: must be a tool id or mcp:<server>/<tool>",
+                "rules.allowed_tools[1]: must be mcp:<server>/<tool> or mcp:<server>/*",
                 "rules.budget.cap: unknown field",
                 "rules.budget.limit_usd: must be more than zero",
                 "rules.budget.window: must be one of day, month, total",

@@ -45,14 +45,15 @@ pub fn secret_reference(value: &str) -> Option<&str> {
     check_secret_name(name).ok().map(|_| name)
 }
 
-/// Checks a tool's `headers`: each problem as `(field path, message)`.
-pub fn check_headers(headers: &Map<String, Value>) -> Vec<(String, String)> {
+/// Checks configured headers (a tool's, an MCP server's), the object at field path `at`:
+/// each problem as `(field path, message)`.
+pub fn check_headers(headers: &Map<String, Value>, at: &str) -> Vec<(String, String)> {
     let mut problems = Vec::new();
     if headers.len() > 50 {
-        problems.push(("http.headers".into(), "must have at most 50 headers".into()));
+        problems.push((at.into(), "must have at most 50 headers".into()));
     }
     for (name, value) in headers {
-        let field = format!("http.headers.{name}");
+        let field = format!("{at}.{name}");
         let lower = name.to_ascii_lowercase();
         let token = !name.is_empty()
             && name.len() <= 128
@@ -103,7 +104,7 @@ mod tests {
     use serde_json::json;
 
     fn problems(v: Value) -> Vec<String> {
-        check_headers(v.as_object().unwrap())
+        check_headers(v.as_object().unwrap(), "http.headers")
             .into_iter()
             .map(|(f, m)| format!("{f}: {m}"))
             .collect()

@@ -268,6 +268,13 @@ fn operations() -> Vec<Op> {
         .body("ToolTestInput")
         .answers(200, Some("ToolTestResult")),
         op(
+            "POST",
+            "/api/v1/mcp-servers/{id}/refresh",
+            "mcp-servers",
+            "List the server's tools now (tools/list) and cache them",
+        )
+        .answers(200, Some("McpRefreshResult")),
+        op(
             "GET",
             "/api/v1/workflows/{id}/versions",
             "workflows",
@@ -439,6 +446,13 @@ fn operations() -> Vec<Op> {
         LIST
     ));
     ops.extend(crud!("/api/v1/tools", "tools", "Tool", "ToolInput", LIST));
+    ops.extend(crud!(
+        "/api/v1/mcp-servers",
+        "mcp-servers",
+        "McpServer",
+        "McpServerInput",
+        LIST
+    ));
     ops.extend(crud!(
         "/api/v1/workflows",
         "workflows",
@@ -797,8 +811,28 @@ fn schemas() -> Value {
         "response_format": {"type": ["object", "null"], "description": "A JSON Schema"},
         "metadata": {"type": ["object", "null"]},
         "fallback_models": {"type": "array", "maxItems": 5, "items": s("string"),
-            "description": "provider/model names tried in order when the model's provider fails, limits the rate or refuses the prompt as too long"}
+            "description": "provider/model names tried in order when the model's provider fails, limits the rate or refuses the prompt as too long"},
+        "mcp_tools": {"type": "array", "maxItems": 64, "uniqueItems": true,
+            "items": {"type": "string", "pattern": "^mcp:[a-z][a-z0-9_-]{0,63}/[A-Za-z0-9_.-]{1,128}$"},
+            "description": "MCP tools as mcp:<server>/<tool>, each on its server's allowed_tools; offered to the model as mcp__<server>__<tool>"}
     });
+    let mcp_server = json!({
+        "name": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,63}$"}, "description": opt_text(2000),
+        "url": {"type": "string", "format": "uri", "maxLength": 2048, "description": "A Streamable HTTP endpoint (https, not an internal address: the tool URL rules)"},
+        "headers": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Literals or {{ secret.NAME }}"},
+        "allowed_tools": {"type": "array", "minItems": 1, "maxItems": 256, "uniqueItems": true,
+            "items": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$"}, "description": "The only tools agents may call"},
+        "timeout_ms": {"type": "integer", "minimum": 100, "maximum": 300000, "default": 30000,
+            "description": "Bounds each tool call's whole exchange with the server"}
+    });
+    let mut mcp_server_out = mcp_server.clone();
+    mcp_server_out["tools"] = json!({"type": ["array", "null"], "description": "The last listing (null until listed)",
+        "items": {"type": "object", "properties": {"name": s("string"), "description": s("string"),
+            "input_schema": s("object"), "allowed": s("boolean")}}});
+    mcp_server_out["tools_listed_at"] = json!({"type": ["string", "null"], "format": "date-time"});
+    mcp_server_out["protocol_version"] =
+        json!({"type": ["string", "null"], "description": "The revision the server settled on"});
+    mcp_server_out["server_info"] = json!({"type": ["object", "null"]});
     let http = json!({"type": "object", "required": ["url"], "properties": {
         "method": {"enum": ["GET", "POST", "PUT", "PATCH", "DELETE"], "default": "POST"},
         "url": {"type": "string", "format": "uri"},
@@ -833,7 +867,8 @@ fn schemas() -> Value {
         "budget": {"type": "object", "required": ["limit_usd", "window"], "properties": {
             "limit_usd": money, "window": {"enum": ["day", "month", "total"]}, "action": {"enum": ["block", "alert"], "default": "block"}}},
         "allowed_models": {"type": "array", "items": s("string"), "description": "globs such as openai/*"},
-        "allowed_tools": {"type": "array", "items": uuid},
+        "allowed_tools": {"type": "array", "items": {"type": "string"},
+            "description": "tool ids, and MCP tools as mcp:<server>/<tool> or mcp:<server>/*"},
         "max_steps_per_run": s("integer"), "max_tokens_per_run": s("integer"),
         "max_tokens_per_step": s("integer"), "max_concurrent_runs": s("integer")
     }});
@@ -923,6 +958,11 @@ fn schemas() -> Value {
         "ToolTestInput": {"type": "object", "additionalProperties": false, "properties": {"input": {"type": "object"}}},
         "ToolTestResult": {"type": "object", "properties": {"ok": s("boolean"), "status": s("integer"), "duration_ms": s("integer"),
             "output": {}, "error": {"type": "object", "properties": {"kind": s("string"), "message": s("string")}}}},
+        "McpServer": resource(mcp_server_out),
+        "McpServerInput": input(mcp_server, &["name", "url", "allowed_tools"]),
+        "McpRefreshResult": {"type": "object", "properties": {"ok": s("boolean"), "duration_ms": s("integer"),
+            "server": schema_ref("McpServer"),
+            "error": {"type": "object", "properties": {"kind": s("string"), "message": s("string")}}}},
         "Step": step,
         "Workflow": resource(workflow.clone()),
         "WorkflowInput": input(workflow, &["name", "definition"]),
@@ -1030,6 +1070,7 @@ fn schemas() -> Value {
         "Run",
         "Agent",
         "Tool",
+        "McpServer",
         "Workflow",
         "Policy",
         "Schedule",

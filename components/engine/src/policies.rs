@@ -126,11 +126,15 @@ pub fn check_model(policies: &[Policy], model: &str) -> Result<(), Violation> {
     Ok(())
 }
 
-/// Every policy naming allowed tools must allow `tool_id`.
+/// Every policy naming allowed tools must allow `tool_id`: a tool's id, or an MCP tool as
+/// `mcp:<server>/<tool>` (allowed by that name or by `mcp:<server>/*`).
 pub fn check_tool(policies: &[Policy], tool_id: &str) -> Result<(), Violation> {
+    let mcp = tool_id.starts_with("mcp:");
     for p in policies {
         if let Some(tools) = &p.rules.allowed_tools
-            && !tools.iter().any(|t| t == tool_id)
+            && !tools
+                .iter()
+                .any(|t| t == tool_id || (mcp && sparkops_core::mcp::allows(t, tool_id)))
         {
             return Err(violation(
                 p,

@@ -31,6 +31,7 @@ use sparkops_core::money::Usd;
 use crate::db::Db;
 use crate::engine;
 use crate::heartbeat;
+use crate::mcp;
 use crate::outbound::{self, Call, Chosen};
 use crate::pipeline::project_secrets;
 use crate::policies::{self, RefusedOr, Violation};
@@ -81,18 +82,53 @@ struct Agent {
     response_format: Option<Value>,
     /// `(function tool, tool id, the tool as tool_call::call takes it)`.
     tools: Vec<(FunctionTool, String, Value)>,
+    /// The MCP tools it names, offered or not.
+    mcp_tools: Vec<McpTool>,
+    /// The MCP servers those tools are on.
+    servers: Vec<mcp::Server>,
 }
 
-fn load_agent(ctx: &mut Work, scope: &StepScope) -> Result<Option<Agent>, ApiError> {
+/// An MCP tool an agent names.
+struct McpTool {
+    /// `mcp:<server>/<tool>`, as agents and policies name it.
+    reference: String,
+    /// As offered to the model (the tool's listed description and `inputSchema`).
+    function: FunctionTool,
+    /// Index into `Agent::servers`.
+    server: usize,
+    tool: String,
+    /// Whether the server's `allowed_tools` still names it: a tool taken off the list is
+    /// not offered, and a call for it is refused.
+    allowed: bool,
+}
+
+impl Agent {
+    /// The functions offered to the model: its HTTP tools, then its allowed MCP tools.
+    fn functions(&self) -> Vec<FunctionTool> {
+        let http = self.tools.iter().map(|(f, _, _)| f.clone());
+        let mcp = self
+            .mcp_tools
+            .iter()
+            .filter(|t| t.allowed)
+            .map(|t| t.function.clone());
+        http.chain(mcp).collect()
+    }
+}
+
+/// The agent of the step, or why it cannot run.
+fn load_agent(ctx: &mut Work, scope: &StepScope) -> Result<Result<Agent, Failure>, ApiError> {
     let db = ctx.db()?;
     let rows = db.query(
         "select model, system_prompt, max_iterations, max_tokens, temperature::float8, response_format,
-                fallback_models
+                fallback_models, mcp_tools
          from agents where agent_id = $1 and project_id = $2 and deleted_at is null",
         &[V::Uuid(scope.agent_id.into()), V::Uuid(scope.project_id.into())],
     )?;
     let Some(a) = rows.first() else {
-        return Ok(None);
+        let message = format!("agent {} no longer exists", scope.agent_id);
+        return Ok(Err(
+            Failure::new(ErrorKind::Validation, message).final_attempt()
+        ));
     };
     let tools = db
         .query(
@@ -127,7 +163,20 @@ fn load_agent(ctx: &mut Work, scope: &StepScope) -> Result<Option<Agent>, ApiErr
                 .collect()
         })
         .unwrap_or_default();
-    Ok(Some(Agent {
+    let references: Vec<String> = a
+        .json(7)?
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (mcp_tools, servers) = match load_mcp_tools(ctx, scope, &references)? {
+        Ok(loaded) => loaded,
+        Err(failure) => return Ok(Err(failure)),
+    };
+    Ok(Ok(Agent {
         model: a.text(0)?,
         fallback_models,
         system_prompt: a.text(1)?,
@@ -139,7 +188,85 @@ fn load_agent(ctx: &mut Work, scope: &StepScope) -> Result<Option<Agent>, ApiErr
         }),
         response_format: Some(a.json(5)?).filter(|v| !v.is_null()),
         tools,
+        mcp_tools,
+        servers,
     }))
+}
+
+/// The MCP tools `references` names and their servers, from each server's listing; a
+/// server never listed, or whose listing lacks a named tool, is listed now.
+fn load_mcp_tools(
+    ctx: &mut Work,
+    scope: &StepScope,
+    references: &[String],
+) -> Result<Result<(Vec<McpTool>, Vec<mcp::Server>), Failure>, ApiError> {
+    let parsed: Vec<(&str, &str, &str)> = references
+        .iter()
+        .filter_map(|r| {
+            sparkops_core::mcp::parse_ref(r, false)
+                .ok()
+                .map(|(s, t)| (r.as_str(), s, t))
+        })
+        .collect();
+    let mut names: Vec<&str> = parsed.iter().map(|(_, s, _)| *s).collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut servers = mcp::load_named(ctx.db()?, scope.project_id, &names)?;
+    for name in &names {
+        let Some(i) = servers.iter().position(|s| s.name == *name) else {
+            let message = format!("the agent names MCP server '{name}', which no longer exists");
+            return Ok(Err(
+                Failure::new(ErrorKind::Validation, message).final_attempt()
+            ));
+        };
+        let unlisted = parsed
+            .iter()
+            .any(|(_, s, t)| s == name && servers[i].allows(t) && servers[i].tool(t).is_none());
+        if unlisted {
+            if let Err(e) = mcp::refresh(ctx, scope.project_id, &servers[i])? {
+                let message = format!("MCP server {name}: listing its tools: {e}");
+                let failure = Failure::new(e.kind(), message);
+                return Ok(Err(if e.is_final() {
+                    failure.final_attempt()
+                } else {
+                    failure
+                }));
+            }
+            servers = mcp::load_named(ctx.db()?, scope.project_id, &names)?;
+        }
+    }
+    let mut tools = Vec::new();
+    for (reference, server_name, tool) in parsed {
+        let server = servers
+            .iter()
+            .position(|s| s.name == server_name)
+            .expect("every named server was found above");
+        let s = &servers[server];
+        let allowed = s.allows(tool);
+        let listed = s.tool(tool).cloned();
+        if allowed && listed.is_none() {
+            let message = format!("MCP server {server_name} does not list the tool {tool}");
+            return Ok(Err(Failure::new(ErrorKind::ToolError, message)));
+        }
+        let listed = listed.unwrap_or_else(|| sparkops_core::mcp::ToolInfo {
+            name: tool.to_string(),
+            description: String::new(),
+            input_schema: json!({"type": "object"}),
+        });
+        tools.push(McpTool {
+            reference: reference.to_string(),
+            function: FunctionTool {
+                name: sparkops_core::mcp::function_name(server_name, tool)
+                    .unwrap_or_else(|| reference.to_string()),
+                description: listed.description,
+                parameters: listed.input_schema,
+            },
+            server,
+            tool: tool.to_string(),
+            allowed,
+        });
+    }
+    Ok(Ok((tools, servers)))
 }
 
 /// The provider's base URL and key for `provider` in this project.
@@ -221,12 +348,21 @@ fn record_usage(
 
 /// Runs the agent step with `input` (the rendered step input).
 pub fn run(ctx: &mut Work, scope: &StepScope, input: &Value) -> Result<Outcome, ApiError> {
-    let Some(agent) = load_agent(ctx, scope)? else {
-        return Ok(fail(
-            ErrorKind::Validation,
-            format!("agent {} no longer exists", scope.agent_id),
-            true,
-        ));
+    let mut sessions = mcp::Sessions::default();
+    let outcome = run_with(ctx, scope, input, &mut sessions);
+    sessions.close();
+    outcome
+}
+
+fn run_with(
+    ctx: &mut Work,
+    scope: &StepScope,
+    input: &Value,
+    sessions: &mut mcp::Sessions,
+) -> Result<Outcome, ApiError> {
+    let agent = match load_agent(ctx, scope)? {
+        Ok(agent) => agent,
+        Err(failure) => return Ok(Err(failure)),
     };
     let primary = match resolve(ctx, scope.project_id, &agent.model)? {
         Ok(m) => m,
@@ -274,7 +410,7 @@ pub fn run(ctx: &mut Work, scope: &StepScope, input: &Value) -> Result<Outcome, 
         other => other.to_string(),
     };
     messages.push(json!({"role": "user", "content": user}));
-    let functions: Vec<FunctionTool> = agent.tools.iter().map(|(f, _, _)| f.clone()).collect();
+    let functions = agent.functions();
     for iteration in 1..=agent.max_iterations {
         // A step cancelled or taken back meanwhile makes no further calls: nothing it
         // did from here on would be recorded.
@@ -361,9 +497,10 @@ pub fn run(ctx: &mut Work, scope: &StepScope, input: &Value) -> Result<Outcome, 
         }
         messages.push(completion.message.clone());
         for call in &completion.tool_calls {
-            let content = match call_tool(ctx, scope, &agent, &policies, call)? {
-                Ok(content) => content,
-                Err(v) => return violation(ctx, scope, &v),
+            let content = match call_tool(ctx, scope, &agent, &policies, sessions, call)? {
+                ToolAnswer::Content(content) => content,
+                ToolAnswer::Refused(v) => return violation(ctx, scope, &v),
+                ToolAnswer::Failed(failure) => return Ok(Err(failure)),
             };
             messages.push(json!({"role": "tool", "tool_call_id": call.id, "content": content}));
         }
@@ -596,15 +733,32 @@ fn finish(agent: &Agent, content: String) -> Outcome {
     }
 }
 
-/// One tool call the model asked for: what goes back to the model, or the policy that
-/// refuses it.
+/// What a tool call the model asked for comes to.
+enum ToolAnswer {
+    /// What goes back to the model (a result, or an error it may correct).
+    Content(String),
+    /// A policy refuses the call: the step fails.
+    Refused(Violation),
+    /// The tool's server failed the call (an MCP server's error): the step fails with it.
+    Failed(Failure),
+}
+
+/// One tool call the model asked for, an HTTP tool or an MCP server's.
 fn call_tool(
     ctx: &mut Work,
     scope: &StepScope,
     agent: &Agent,
     policies: &[policies::Policy],
+    sessions: &mut mcp::Sessions,
     call: &llm::ToolCall,
-) -> Result<Result<String, Violation>, ApiError> {
+) -> Result<ToolAnswer, ApiError> {
+    if let Some(tool) = agent
+        .mcp_tools
+        .iter()
+        .find(|t| t.function.name == call.name)
+    {
+        return call_mcp_tool(ctx, scope, agent, policies, sessions, tool, call);
+    }
     let Some((_, tool_id, tool)) = agent.tools.iter().find(|(f, _, _)| f.name == call.name) else {
         record_event(
             ctx,
@@ -612,17 +766,17 @@ fn call_tool(
             "tool.called",
             json!({"call_id": call.id, "tool": call.name, "ok": false, "error": "no such tool"}),
         )?;
-        return Ok(Ok(
+        return Ok(ToolAnswer::Content(
             json!({"error": format!("there is no tool {}", call.name)}).to_string(),
         ));
     };
     if let Err(v) = policies::check_tool(policies, tool_id) {
-        return Ok(Err(v));
+        return Ok(ToolAnswer::Refused(v));
     }
     let arguments: Value = match serde_json::from_str(&call.arguments) {
         Ok(v) => v,
         Err(e) => {
-            return Ok(Ok(
+            return Ok(ToolAnswer::Content(
                 json!({"error": format!("the arguments are not JSON: {e}")}).to_string(),
             ));
         }
@@ -645,9 +799,106 @@ fn call_tool(
         json!({"call_id": call.id, "tool": call.name, "tool_id": tool_id, "ok": ok,
             "duration_ms": duration_ms, "status": answer["status"], "error": answer["error"]}),
     )?;
-    Ok(Ok(if ok {
+    Ok(ToolAnswer::Content(if ok {
         answer["output"].to_string()
     } else {
         json!({"error": answer["error"]}).to_string()
     }))
+}
+
+/// A call of an MCP server's tool: the server's allow-list and the policies first, the
+/// arguments against the tool's `inputSchema`, then `tools/call` in the step's session
+/// with that server. A result the tool marks as an error goes back to the model; a failed
+/// exchange (the server's JSON-RPC error, a timeout, a refused URL) fails the step.
+fn call_mcp_tool(
+    ctx: &mut Work,
+    scope: &StepScope,
+    agent: &Agent,
+    policies: &[policies::Policy],
+    sessions: &mut mcp::Sessions,
+    tool: &McpTool,
+    call: &llm::ToolCall,
+) -> Result<ToolAnswer, ApiError> {
+    let server = &agent.servers[tool.server];
+    let event = |ok: bool, extra: Value| {
+        let mut data = json!({"call_id": call.id, "tool": tool.reference, "mcp_server_id": server.id, "ok": ok});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            data[k] = v.clone();
+        }
+        data
+    };
+    let refused = |message: String| json!({"error": {"kind": "denied", "message": message}});
+    if !tool.allowed {
+        let message = format!(
+            "{} is not on the allowed_tools of MCP server {}",
+            tool.reference, server.name
+        );
+        record_event(
+            ctx,
+            scope,
+            "tool.called",
+            event(false, refused(message.clone())),
+        )?;
+        return Ok(ToolAnswer::Content(json!({"error": message}).to_string()));
+    }
+    if let Err(v) = policies::check_tool(policies, &tool.reference) {
+        return Ok(ToolAnswer::Refused(v));
+    }
+    let arguments: Value = match serde_json::from_str(&call.arguments) {
+        Ok(v) => v,
+        Err(e) => {
+            return Ok(ToolAnswer::Content(
+                json!({"error": format!("the arguments are not JSON: {e}")}).to_string(),
+            ));
+        }
+    };
+    if let Err(problems) = sparkops_core::schema::validate(&tool.function.parameters, &arguments) {
+        let message = problems
+            .iter()
+            .map(|(p, m)| format!("arguments{p}: {m}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let error = json!({"error": {"kind": "validation", "message": message}});
+        record_event(ctx, scope, "tool.called", event(false, error.clone()))?;
+        return Ok(ToolAnswer::Content(error.to_string()));
+    }
+    let t0 = Instant::now();
+    let result = sessions.call_tool(
+        ctx,
+        scope.project_id,
+        server,
+        &tool.tool,
+        &arguments,
+        scope.deadline,
+    );
+    let duration_ms = t0.elapsed().as_millis() as u64;
+    match result {
+        Err(mcp::McpError::Internal(e)) => Err(e),
+        Err(e) => {
+            let message = format!("MCP server {}: tools/call {}: {e}", server.name, tool.tool);
+            let error = json!({"duration_ms": duration_ms,
+                "error": {"kind": e.kind().as_str(), "message": message}});
+            record_event(ctx, scope, "tool.called", event(false, error))?;
+            let failure = Failure::new(e.kind(), message);
+            Ok(ToolAnswer::Failed(if e.is_final() {
+                failure.final_attempt()
+            } else {
+                failure
+            }))
+        }
+        Ok((text, is_error)) => {
+            let extra = if is_error {
+                json!({"duration_ms": duration_ms,
+                    "error": {"kind": "tool-error", "message": "the tool reported an error"}})
+            } else {
+                json!({"duration_ms": duration_ms})
+            };
+            record_event(ctx, scope, "tool.called", event(!is_error, extra))?;
+            Ok(ToolAnswer::Content(if is_error {
+                json!({"error": text}).to_string()
+            } else {
+                text
+            }))
+        }
+    }
 }

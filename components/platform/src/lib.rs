@@ -10,6 +10,7 @@ pub mod agent;
 pub mod db;
 pub mod heartbeat;
 pub mod http;
+pub mod mcp;
 pub mod nudge;
 pub mod orchestrate;
 pub mod outbound;

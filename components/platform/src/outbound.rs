@@ -185,7 +185,7 @@ fn runtime_blocks_private() -> bool {
     static BLOCKS: OnceLock<bool> = OnceLock::new();
     *BLOCKS.get_or_init(|| {
         let probe = url::Url::parse("http://0.0.0.0:1/").expect("a valid URL");
-        let answer = send_unguarded(Call {
+        let answer = send(Call {
             method: "GET",
             url: &probe,
             chosen: Chosen::ByOperator,
@@ -213,12 +213,21 @@ fn internal_redirect(url: &url::Url, answer: &Answer) -> Option<String> {
 /// Makes the call, blocking this instance until it answers, fails or times out. A URL a
 /// user chose is guarded first (module docs); a redirect is returned, never followed.
 pub fn send(call: Call<'_>) -> Result<Answer, CallError> {
+    send_until(call, |_, _| false)
+}
+
+/// [`send`], reading the answer only until `enough(headers, body so far)` says it holds
+/// what the caller needs (an event stream the server may keep open): the rest is dropped.
+pub fn send_until(
+    call: Call<'_>,
+    mut enough: impl FnMut(&[(String, String)], &[u8]) -> bool,
+) -> Result<Answer, CallError> {
     if call.chosen == Chosen::ByOperator {
-        return send_unguarded(call);
+        return send_unguarded(call, &mut enough);
     }
     guard(call.url)?;
     let url = call.url;
-    let answer = send_unguarded(call)?;
+    let answer = send_unguarded(call, &mut enough)?;
     if !crate::settings().tools_allow_private_hosts
         && let Some(host) = internal_redirect(url, &answer)
     {
@@ -230,7 +239,9 @@ pub fn send(call: Call<'_>) -> Result<Answer, CallError> {
     Ok(answer)
 }
 
-fn send_unguarded(call: Call<'_>) -> Result<Answer, CallError> {
+type Enough<'a> = &'a mut dyn FnMut(&[(String, String)], &[u8]) -> bool;
+
+fn send_unguarded(call: Call<'_>, enough: Enough<'_>) -> Result<Answer, CallError> {
     let started = Instant::now();
     let bad = |what: &str| CallError::Connection(format!("the request could not be built: {what}"));
     let mut entries: Vec<(String, Vec<u8>)> = call
@@ -340,6 +351,9 @@ fn send_unguarded(call: Call<'_>) -> Result<Answer, CallError> {
                     });
                 }
                 body.extend_from_slice(&chunk);
+                if !chunk.is_empty() && enough(&headers, &body) {
+                    break;
+                }
             }
             Err(StreamError::Closed) => break,
             Err(StreamError::LastOperationFailed(e)) => {

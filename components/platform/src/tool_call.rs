@@ -26,46 +26,27 @@ pub fn call(
     idempotency_key: &str,
 ) -> Result<Value, ApiError> {
     let mut errors = Vec::new();
-    let mut error = |field: String, message: String| errors.push(FieldError { field, message });
+    let error = |field: String, message: String| FieldError { field, message };
     if let Err(problems) = sparkops_core::schema::validate(&tool["input_schema"], input) {
         for (pointer, message) in problems {
-            error(format!("input{pointer}"), message);
+            errors.push(error(format!("input{pointer}"), message));
         }
     }
     let http = &tool["http"];
     let url = match check_user_url(http["url"].as_str().unwrap_or_default()) {
         Ok(u) => Some(u),
         Err(e) => {
-            error("http.url".into(), e);
+            errors.push(error("http.url".into(), e));
             None
         }
     };
-    let configured: Vec<(String, String)> = http["headers"]
-        .as_object()
-        .map(|h| {
-            h.iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let wanted: Vec<String> = configured
-        .iter()
-        .filter_map(|(_, v)| secret_reference(v).map(str::to_string))
-        .collect();
-    let secrets = project_secrets(ctx, project_id, &wanted)?;
-    let mut headers = Vec::new();
-    for (name, value) in configured {
-        match secret_reference(&value) {
-            Some(secret) => match secrets.get(secret) {
-                Some(v) => headers.push((name, v.clone())),
-                None => error(
-                    format!("http.headers.{name}"),
-                    format!("names the secret {secret}, which this project does not have"),
-                ),
-            },
-            None => headers.push((name, value)),
+    let mut headers = match resolve_headers(ctx, project_id, &http["headers"], "http.headers")? {
+        Ok(h) => h,
+        Err(problems) => {
+            errors.extend(problems);
+            Vec::new()
         }
-    }
+    };
     if !errors.is_empty() {
         return Err(ApiError::fields(errors));
     }
@@ -137,5 +118,47 @@ pub fn call(
             }
             reply
         }
+    })
+}
+
+/// Configured headers (the object at field path `at`) with their `{{ secret.NAME }}`
+/// references resolved from the project's secrets: `Err` naming each secret it lacks.
+pub fn resolve_headers(
+    ctx: &mut Work,
+    project_id: &str,
+    configured: &Value,
+    at: &str,
+) -> Result<Result<Vec<(String, String)>, Vec<FieldError>>, ApiError> {
+    let configured: Vec<(String, String)> = configured
+        .as_object()
+        .map(|h| {
+            h.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let wanted: Vec<String> = configured
+        .iter()
+        .filter_map(|(_, v)| secret_reference(v).map(str::to_string))
+        .collect();
+    let secrets = project_secrets(ctx, project_id, &wanted)?;
+    let mut headers = Vec::new();
+    let mut missing = Vec::new();
+    for (name, value) in configured {
+        match secret_reference(&value) {
+            Some(secret) => match secrets.get(secret) {
+                Some(v) => headers.push((name, v.clone())),
+                None => missing.push(FieldError {
+                    field: format!("{at}.{name}"),
+                    message: format!("names the secret {secret}, which this project does not have"),
+                }),
+            },
+            None => headers.push((name, value)),
+        }
+    }
+    Ok(if missing.is_empty() {
+        Ok(headers)
+    } else {
+        Err(missing)
     })
 }

@@ -162,9 +162,15 @@ impl Resource for Policy {
             },
         };
         if let Some(tools) = rules.as_ref().and_then(|r| r.allowed_tools.as_ref()) {
-            let known = live_ids(tx, "tools", "tool_id", w.project_id, tools)?;
+            // MCP tools are named, not stored: a server may be registered after its policy.
+            let ids: Vec<String> = tools
+                .iter()
+                .filter(|t| !t.starts_with("mcp:"))
+                .cloned()
+                .collect();
+            let known = live_ids(tx, "tools", "tool_id", w.project_id, &ids)?;
             for (i, id) in tools.iter().enumerate() {
-                if !known.contains(id) {
+                if !id.starts_with("mcp:") && !known.contains(id) {
                     b.error(
                         &format!("rules.allowed_tools[{i}]"),
                         "is not a tool of this project",

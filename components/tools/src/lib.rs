@@ -25,8 +25,13 @@ async fn handle(req: IncomingRequest) -> Response {
     pipeline::serve(req, route).await
 }
 
+mod mcp_servers;
+
 fn route(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
     let who = ctx.authenticate(req)?;
+    if let Some(segments) = req.segments(mcp_servers::McpServer::PATH) {
+        return mcp_servers::route(ctx, req, &who, &segments);
+    }
     let segments = req.segments(Tool::PATH).unwrap_or_default();
     match (&req.method, segments.as_slice()) {
         (Method::Post, [id, "test"]) => test(ctx, req, &who, id),
@@ -84,7 +89,7 @@ fn read_http(b: &mut Body) -> Option<Http> {
     if let Some(Err(e)) = url.as_deref().map(check_user_url) {
         b.error("http.url", e);
     }
-    for (field, message) in check_headers(&headers) {
+    for (field, message) in check_headers(&headers, "http.headers") {
         b.error(&field, message);
     }
     Some(Http {

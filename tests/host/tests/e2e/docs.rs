@@ -150,6 +150,13 @@ async fn the_openapi_document_matches_the_contract_and_the_app() {
                 "POST /api/v1/workflows/{}/quote",
                 "POST /api/v1/approvals/{}",
                 "POST /api/v1/runs/{}/resume",
+                // MCP servers as tools (the README's "MCP servers").
+                "GET /api/v1/mcp-servers",
+                "POST /api/v1/mcp-servers",
+                "GET /api/v1/mcp-servers/{}",
+                "PATCH /api/v1/mcp-servers/{}",
+                "DELETE /api/v1/mcp-servers/{}",
+                "POST /api/v1/mcp-servers/{}/refresh",
             ]
             .map(String::from)
         )

@@ -1,0 +1,2 @@
+alter table agents drop column mcp_tools;
+drop table mcp_servers;
