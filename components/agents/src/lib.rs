@@ -149,7 +149,7 @@ impl Resource for Agent {
         "r.name, r.description, r.model, r.system_prompt, r.max_iterations, r.max_tokens, \
          r.temperature, r.response_format, r.metadata, \
          (select coalesce(jsonb_agg(t.tool_id::text order by t.position), '[]'::jsonb) \
-          from agent_tools t where t.agent_id = r.agent_id), r.fallback_models, r.mcp_tools"
+          from agent_tools t where t.agent_id = r.agent_id), r.fallback_models, r.mcp_tools, r.stream"
     );
     const FIELDS: &'static [&'static str] = &[
         "name",
@@ -164,6 +164,7 @@ impl Resource for Agent {
         "metadata",
         "fallback_models",
         "mcp_tools",
+        "stream",
     ];
 
     fn to_json(row: &Row) -> Result<Value, ApiError> {
@@ -182,6 +183,7 @@ impl Resource for Agent {
             ("tool_ids", row.json(14)?),
             ("fallback_models", row.json(15)?),
             ("mcp_tools", row.json(16)?),
+            ("stream", json!(row.bool(17)?)),
         ] {
             m.insert(k.into(), v);
         }
@@ -222,6 +224,7 @@ impl Resource for Agent {
         let metadata = b.opt_object("metadata");
         let fallbacks = read_fallbacks(&mut b, model.as_deref());
         let mcp_tools = read_mcp_tools(tx, &mut b, w.project_id, &tool_ids)?;
+        let stream = b.bool_or("stream", false);
         b.finish()?;
         let (Some(name), Some(model), Some(system_prompt)) = (name, model, system_prompt) else {
             return Err(ApiError::unchecked_field());
@@ -230,14 +233,15 @@ impl Resource for Agent {
             &format!(
                 "insert into agents (agent_id, project_id, name, description, model, system_prompt,
                     max_iterations, max_tokens, temperature, response_format, metadata, created_at, updated_at,
-                    fallback_models, mcp_tools)
-                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9::numeric, $10, $11, $12{AS_TIMESTAMPTZ}, $12{AS_TIMESTAMPTZ}, $13, $14)
+                    fallback_models, mcp_tools, stream)
+                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9::numeric, $10, $11, $12{AS_TIMESTAMPTZ}, $12{AS_TIMESTAMPTZ}, $13, $14, $15)
                  on conflict (agent_id) do update set
                     name = excluded.name, description = excluded.description, model = excluded.model,
                     system_prompt = excluded.system_prompt, max_iterations = excluded.max_iterations,
                     max_tokens = excluded.max_tokens, temperature = excluded.temperature,
                     response_format = excluded.response_format, metadata = excluded.metadata,
                     fallback_models = excluded.fallback_models, mcp_tools = excluded.mcp_tools,
+                    stream = excluded.stream,
                     version = agents.version + 1, updated_at = excluded.updated_at"
             ),
             &[
@@ -255,6 +259,7 @@ impl Resource for Agent {
                 V::Timestamp(ctx.now),
                 V::Json(json!(fallbacks)),
                 V::Json(json!(mcp_tools)),
+                V::Bool(stream),
             ],
         )
         .map_err(name_taken("agent", "agents_project_name_key"))?;

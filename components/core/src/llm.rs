@@ -101,6 +101,14 @@ pub fn chat_request(
     body
 }
 
+/// [`chat_request`] streamed: the answer comes as Server-Sent Events, with the usage in a
+/// final chunk.
+pub fn streamed(mut body: Value) -> Value {
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    body
+}
+
 /// A tool call the model asked for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolCall {
@@ -119,6 +127,27 @@ pub struct Completion {
     pub tool_calls: Vec<ToolCall>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Whether the provider reported its usage; without it the tokens are estimates and
+    /// the call is recorded as unpriced, never as free.
+    pub usage_reported: bool,
+}
+
+impl Completion {
+    /// Fills in estimates when the provider reported no usage: `prompt_estimate` for the
+    /// prompt, the answer's length for the completion.
+    pub fn estimate_missing_usage(&mut self, prompt_estimate: u64) {
+        if self.usage_reported {
+            return;
+        }
+        let answer = self.content.as_deref().map_or(0, str::len)
+            + self
+                .tool_calls
+                .iter()
+                .map(|c| c.name.len() + c.arguments.len())
+                .sum::<usize>();
+        self.prompt_tokens = prompt_estimate;
+        self.completion_tokens = (answer as u64).div_ceil(3) + 1;
+    }
 }
 
 /// Reads a chat completions answer.
@@ -152,7 +181,142 @@ pub fn parse_completion(body: &Value) -> Result<Completion, String> {
         tool_calls,
         prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0),
         completion_tokens: usage["completion_tokens"].as_u64().unwrap_or(0),
+        usage_reported: usage["prompt_tokens"].is_u64(),
     })
+}
+
+/// Reads a streamed chat completion (`stream: true`: Server-Sent Events of
+/// `chat.completion.chunk` objects, then `[DONE]`) as its bytes arrive: the text deltas as
+/// they come, the tool calls assembled from their pieces, and the usage of the final chunk
+/// (`stream_options.include_usage`), which a provider may leave out.
+#[derive(Debug, Default)]
+pub struct StreamReader {
+    /// Bytes of the answer read so far, up to the end of the last whole event.
+    consumed: usize,
+    content: String,
+    /// `(id, name, arguments)` by the provider's `index`.
+    calls: Vec<(String, String, String)>,
+    usage: Option<(u64, u64)>,
+    error: Option<String>,
+    done: bool,
+}
+
+impl StreamReader {
+    /// Reads the whole events of `body` (the answer so far) not read before, and answers
+    /// the text they add.
+    pub fn feed(&mut self, body: &[u8]) -> String {
+        let fresh = &body[self.consumed.min(body.len())..];
+        let Some(end) = fresh.windows(2).rposition(|w| w == b"\n\n") else {
+            return String::new();
+        };
+        self.consumed += end + 2;
+        let text = String::from_utf8_lossy(&fresh[..end]).replace("\r\n", "\n");
+        let mut added = String::new();
+        for event in text.split("\n\n") {
+            let data: Vec<&str> = event
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                .collect();
+            if data.is_empty() {
+                continue;
+            }
+            let data = data.join("\n");
+            if data.trim() == "[DONE]" {
+                self.done = true;
+                continue;
+            }
+            let Ok(chunk) = serde_json::from_str::<Value>(&data) else {
+                continue;
+            };
+            added += &self.chunk(&chunk);
+        }
+        added
+    }
+
+    fn chunk(&mut self, chunk: &Value) -> String {
+        if let Some(error) = chunk.get("error") {
+            self.error = Some(
+                error["message"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| error.to_string()),
+            );
+        }
+        if let Some(u) = chunk.get("usage").filter(|u| u["prompt_tokens"].is_u64()) {
+            self.usage = Some((
+                u["prompt_tokens"].as_u64().unwrap_or(0),
+                u["completion_tokens"].as_u64().unwrap_or(0),
+            ));
+        }
+        let delta = &chunk["choices"][0]["delta"];
+        for piece in delta["tool_calls"].as_array().into_iter().flatten() {
+            let index = piece["index"].as_u64().unwrap_or(0).min(127) as usize;
+            if self.calls.len() <= index {
+                self.calls.resize(index + 1, Default::default());
+            }
+            let call = &mut self.calls[index];
+            if let Some(id) = piece["id"].as_str() {
+                call.0 = id.to_string();
+            }
+            if let Some(name) = piece["function"]["name"].as_str() {
+                call.1 += name;
+            }
+            if let Some(args) = piece["function"]["arguments"].as_str() {
+                call.2 += args;
+            }
+        }
+        let text = delta["content"].as_str().unwrap_or_default();
+        self.content += text;
+        text.to_string()
+    }
+
+    /// The completion the stream carried, once it has ended.
+    pub fn finish(mut self, body: &[u8]) -> Result<Completion, String> {
+        let mut whole = body.to_vec();
+        whole.extend_from_slice(b"\n\n");
+        self.feed(&whole);
+        if let Some(e) = self.error {
+            return Err(format!("the stream carried an error: {e}"));
+        }
+        if !self.done && self.usage.is_none() && self.content.is_empty() && self.calls.is_empty() {
+            return Err("the stream carried no completion".into());
+        }
+        let calls: Vec<ToolCall> = self
+            .calls
+            .into_iter()
+            .filter(|(id, name, _)| !id.is_empty() && !name.is_empty())
+            .map(|(id, name, arguments)| ToolCall {
+                id,
+                name,
+                arguments: if arguments.is_empty() {
+                    "{}".into()
+                } else {
+                    arguments
+                },
+            })
+            .collect();
+        let content = Some(self.content).filter(|c| !c.is_empty() || calls.is_empty());
+        let mut message = json!({"role": "assistant", "content": content});
+        if !calls.is_empty() {
+            message["tool_calls"] = calls
+                .iter()
+                .map(|c| {
+                    json!({"id": c.id, "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments}})
+                })
+                .collect();
+        }
+        let (prompt_tokens, completion_tokens) = self.usage.unwrap_or((0, 0));
+        Ok(Completion {
+            message,
+            content,
+            tool_calls: calls,
+            prompt_tokens,
+            completion_tokens,
+            usage_reported: self.usage.is_some(),
+        })
+    }
 }
 
 /// A rough count of the tokens `messages` and `tools` cost as a prompt: four characters a
@@ -253,6 +417,91 @@ impl Price {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chunk(delta: Value) -> String {
+        format!(
+            "data: {}\n\n",
+            json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]})
+        )
+    }
+
+    #[test]
+    fn a_stream_yields_its_text_as_it_comes_and_its_usage_at_the_end() {
+        let mut body = String::new();
+        let mut reader = StreamReader::default();
+        body += &chunk(json!({"role": "assistant", "content": "Hel"}));
+        // Half an event is not read until its end arrives.
+        body += "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"}}]}";
+        assert_eq!(reader.feed(body.as_bytes()), "Hel");
+        body += "\n\n";
+        assert_eq!(reader.feed(body.as_bytes()), "lo");
+        assert_eq!(reader.feed(body.as_bytes()), "");
+        body += "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
+        assert_eq!(reader.feed(body.as_bytes()), "");
+        let c = reader.finish(body.as_bytes()).unwrap();
+        assert_eq!(c.content.as_deref(), Some("Hello"));
+        assert_eq!(
+            (c.prompt_tokens, c.completion_tokens, c.usage_reported),
+            (12, 2, true)
+        );
+        assert_eq!(c.message, json!({"role": "assistant", "content": "Hello"}));
+    }
+
+    #[test]
+    fn streamed_tool_calls_are_assembled_and_missing_usage_is_estimated_not_zero() {
+        let body = [
+            chunk(json!({"tool_calls": [{"index": 0, "id": "c1", "type": "function", "function": {"name": "weather", "arguments": ""}}]})),
+            chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]})),
+            chunk(json!({"tool_calls": [{"index": 1, "id": "c2", "function": {"name": "time", "arguments": "{}"}}]})),
+            chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Oslo\"}"}}]})),
+            "data: [DONE]\n\n".to_string(),
+        ]
+        .concat();
+        let mut reader = StreamReader::default();
+        assert_eq!(reader.feed(body.as_bytes()), "");
+        let mut c = reader.finish(body.as_bytes()).unwrap();
+        assert_eq!(
+            c.tool_calls,
+            [
+                ToolCall {
+                    id: "c1".into(),
+                    name: "weather".into(),
+                    arguments: "{\"city\":\"Oslo\"}".into()
+                },
+                ToolCall {
+                    id: "c2".into(),
+                    name: "time".into(),
+                    arguments: "{}".into()
+                },
+            ]
+        );
+        assert_eq!(
+            c.message["tool_calls"][0]["function"]["arguments"],
+            "{\"city\":\"Oslo\"}"
+        );
+        assert!(!c.usage_reported);
+        c.estimate_missing_usage(40);
+        assert_eq!(c.prompt_tokens, 40);
+        assert!(c.completion_tokens > 0);
+    }
+
+    #[test]
+    fn a_stream_with_an_error_or_nothing_in_it_is_no_completion() {
+        let body = "data: {\"error\":{\"message\":\"overloaded\"}}\n\n";
+        let mut reader = StreamReader::default();
+        reader.feed(body.as_bytes());
+        assert!(
+            reader
+                .finish(body.as_bytes())
+                .unwrap_err()
+                .contains("overloaded")
+        );
+        assert!(StreamReader::default().finish(b"").is_err());
+        // A last event without its blank line is still read at the end.
+        let cut = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}";
+        let c = StreamReader::default().finish(cut.as_bytes()).unwrap();
+        assert_eq!(c.content.as_deref(), Some("x"));
+    }
 
     #[test]
     fn providers_and_keys_parse_and_bad_entries_are_named() {

@@ -812,6 +812,8 @@ fn schemas() -> Value {
         "metadata": {"type": ["object", "null"]},
         "fallback_models": {"type": "array", "maxItems": 5, "items": s("string"),
             "description": "provider/model names tried in order when the model's provider fails, limits the rate or refuses the prompt as too long"},
+        "stream": {"type": "boolean", "default": false,
+            "description": "Stream model answers: their text reaches GET /runs/{id}/events subscribers as step.delta events while it comes"},
         "mcp_tools": {"type": "array", "maxItems": 64, "uniqueItems": true,
             "items": {"type": "string", "pattern": "^mcp:[a-z][a-z0-9_-]{0,63}/[A-Za-z0-9_.-]{1,128}$"},
             "description": "MCP tools as mcp:<server>/<tool>, each on its server's allowed_tools; offered to the model as mcp__<server>__<tool>"}

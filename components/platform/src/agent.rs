@@ -29,6 +29,7 @@ use sparkops_core::llm::{self, Completion, FunctionTool, Price};
 use sparkops_core::money::Usd;
 
 use crate::db::Db;
+use crate::deltas;
 use crate::engine;
 use crate::heartbeat;
 use crate::mcp;
@@ -80,6 +81,8 @@ struct Agent {
     max_tokens: i64,
     temperature: Option<f64>,
     response_format: Option<Value>,
+    /// Whether model calls stream their answers (`step.delta` events while they come).
+    stream: bool,
     /// `(function tool, tool id, the tool as tool_call::call takes it)`.
     tools: Vec<(FunctionTool, String, Value)>,
     /// The MCP tools it names, offered or not.
@@ -120,7 +123,7 @@ fn load_agent(ctx: &mut Work, scope: &StepScope) -> Result<Result<Agent, Failure
     let db = ctx.db()?;
     let rows = db.query(
         "select model, system_prompt, max_iterations, max_tokens, temperature::float8, response_format,
-                fallback_models, mcp_tools
+                fallback_models, mcp_tools, stream
          from agents where agent_id = $1 and project_id = $2 and deleted_at is null",
         &[V::Uuid(scope.agent_id.into()), V::Uuid(scope.project_id.into())],
     )?;
@@ -187,6 +190,7 @@ fn load_agent(ctx: &mut Work, scope: &StepScope) -> Result<Result<Agent, Failure
             _ => None,
         }),
         response_format: Some(a.json(5)?).filter(|v| !v.is_null()),
+        stream: a.bool(8)?,
         tools,
         mcp_tools,
         servers,
@@ -322,7 +326,7 @@ fn record_usage(
     ctx: &mut Work,
     s: &StepScope,
     (model, c, cost): (&str, &Completion, Option<Usd>),
-    (reservation, tokens): (&policies::Reservation, i64),
+    (reservation, charged, tokens): (&policies::Reservation, Option<Usd>, i64),
     data: Value,
 ) -> Result<(), ApiError> {
     let usage = engine::step::Usage {
@@ -333,7 +337,7 @@ fn record_usage(
     };
     ctx.transaction(|tx, _| {
         engine::step::add_usage(tx, s.run_id, s.step_key, &usage, data)?;
-        for alert in policies::settle_in(tx, reservation, cost, tokens)? {
+        for alert in policies::settle_in(tx, reservation, charged, tokens)? {
             engine::note(
                 tx,
                 s.run_id,
@@ -441,7 +445,7 @@ fn run_with(
         };
         // The model answering so far first; a failure that another model may not have
         // moves to the next one, for this call and the rest of the step.
-        let (completion, reservation, duration_ms) = loop {
+        let (mut completion, reservation, duration_ms) = loop {
             let m = &models[current];
             match call(
                 ctx,
@@ -451,7 +455,7 @@ fn run_with(
                 &policies,
                 &messages,
                 &functions,
-                (estimate, max_tokens),
+                (estimate, max_tokens, iteration),
             )? {
                 Called::Answered {
                     completion,
@@ -478,19 +482,33 @@ fn run_with(
             }
         };
         let m = &models[current];
-        let price = m.price;
-        let cost = price.map(|p| p.cost(completion.prompt_tokens, completion.completion_tokens));
+        // A provider that reported no usage (a stream without its final usage chunk) was
+        // still paid: the call is recorded as unpriced with estimated tokens, and the
+        // budgets are charged the estimate's price, never nothing.
+        completion.estimate_missing_usage(estimate as u64);
+        let priced = m
+            .price
+            .map(|p| p.cost(completion.prompt_tokens, completion.completion_tokens));
+        let cost = priced.filter(|_| completion.usage_reported);
         let tokens = (completion.prompt_tokens + completion.completion_tokens) as i64;
+        let mut data = json!({
+            "model": m.name, "fallback": current > 0, "iteration": iteration, "duration_ms": duration_ms,
+            "tokens_in": completion.prompt_tokens, "tokens_out": completion.completion_tokens,
+            "cost_usd": cost.map(|c| c.to_fixed()), "tool_calls": completion.tool_calls.len(),
+        });
+        if agent.stream {
+            data["stream"] = json!(true);
+        }
+        if !completion.usage_reported {
+            data["usage"] = json!("estimated");
+            data["estimated_cost_usd"] = json!(priced.map(|c| c.to_fixed()));
+        }
         record_usage(
             ctx,
             scope,
             (&m.name, &completion, cost),
-            (&reservation, tokens),
-            json!({
-                "model": m.name, "fallback": current > 0, "iteration": iteration, "duration_ms": duration_ms,
-                "tokens_in": completion.prompt_tokens, "tokens_out": completion.completion_tokens,
-                "cost_usd": cost.map(|c| c.to_fixed()), "tool_calls": completion.tool_calls.len(),
-            }),
+            (&reservation, priced, tokens),
+            data,
         )?;
         if completion.tool_calls.is_empty() {
             return Ok(finish(&agent, completion.content.unwrap_or_default()));
@@ -579,7 +597,7 @@ fn call(
     policies: &[policies::Policy],
     messages: &[Value],
     functions: &[FunctionTool],
-    (estimate, max_tokens): (i64, i64),
+    (estimate, max_tokens, iteration): (i64, i64, i64),
 ) -> Result<Called, ApiError> {
     let worst = m
         .price
@@ -604,7 +622,7 @@ fn call(
         Err(RefusedOr::Refused(v)) => return Ok(Called::Refused(v)),
         Err(RefusedOr::Error(e)) => return Err(e),
     };
-    let body = llm::chat_request(
+    let mut body = llm::chat_request(
         &m.model,
         messages,
         functions,
@@ -612,6 +630,9 @@ fn call(
         agent.temperature,
         agent.response_format.as_ref(),
     );
+    if agent.stream {
+        body = llm::streamed(body);
+    }
     let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
     if let Some(k) = &m.key {
         headers.push(("authorization".into(), format!("Bearer {k}")));
@@ -633,15 +654,40 @@ fn call(
     }
     ctx.release_db();
     let t0 = Instant::now();
-    let answer = outbound::send(Call {
-        method: "POST",
-        url: &m.url,
-        chosen: Chosen::ByOperator,
-        headers,
-        body: Some(body.to_string().into_bytes()),
-        timeout: left,
-        max_response_bytes: MAX_ANSWER_BYTES,
-    });
+    // A streamed answer is read as it comes: its text goes to the run's live view.
+    let mut live = agent
+        .stream
+        .then(|| deltas::Publisher::new(scope.run_id, scope.step_key, iteration));
+    let mut reader = llm::StreamReader::default();
+    let answer = outbound::send_until(
+        Call {
+            method: "POST",
+            url: &m.url,
+            chosen: Chosen::ByOperator,
+            headers,
+            body: Some(body.to_string().into_bytes()),
+            timeout: left,
+            max_response_bytes: if agent.stream {
+                4 * MAX_ANSWER_BYTES
+            } else {
+                MAX_ANSWER_BYTES
+            },
+        },
+        |headers, body| {
+            if let Some(live) = live.as_mut()
+                && is_event_stream(headers)
+            {
+                let delta = reader.feed(body);
+                if !delta.is_empty() {
+                    live.push(&delta);
+                }
+            }
+            false
+        },
+    );
+    if let Some(live) = live.as_mut() {
+        live.flush();
+    }
     let duration_ms = t0.elapsed().as_millis() as u64;
     let provider_name = &m.provider;
     let answer = match answer {
@@ -681,10 +727,14 @@ fn call(
         };
         return failed(ctx, failure, another_may);
     }
-    match serde_json::from_slice::<Value>(&answer.body)
-        .map_err(|e| e.to_string())
-        .and_then(|v| llm::parse_completion(&v))
-    {
+    let completion = if is_event_stream(&answer.headers) {
+        reader.finish(&answer.body)
+    } else {
+        serde_json::from_slice::<Value>(&answer.body)
+            .map_err(|e| e.to_string())
+            .and_then(|v| llm::parse_completion(&v))
+    };
+    match completion {
         Ok(completion) => Ok(Called::Answered {
             completion,
             reservation,
@@ -699,6 +749,13 @@ fn call(
             true,
         ),
     }
+}
+
+/// Whether an answer's `Content-Type` is an event stream.
+fn is_event_stream(headers: &[(String, String)]) -> bool {
+    headers
+        .iter()
+        .any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream"))
 }
 
 /// The final answer as the step's output: text, or JSON checked against `response_format`.

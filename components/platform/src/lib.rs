@@ -8,6 +8,7 @@ pub use sparkops_engine::policies;
 
 pub mod agent;
 pub mod db;
+pub mod deltas;
 pub mod heartbeat;
 pub mod http;
 pub mod mcp;

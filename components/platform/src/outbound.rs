@@ -24,6 +24,7 @@ use wasi::clocks::monotonic_clock;
 use wasi::http::outgoing_handler;
 use wasi::http::types::{
     ErrorCode, Fields, Method, OutgoingBody, OutgoingRequest, RequestOptions, Scheme,
+    http_error_code,
 };
 use wasi::io::poll::{self, Pollable};
 use wasi::io::streams::StreamError;
@@ -357,10 +358,14 @@ fn send_unguarded(call: Call<'_>, enough: Enough<'_>) -> Result<Answer, CallErro
             }
             Err(StreamError::Closed) => break,
             Err(StreamError::LastOperationFailed(e)) => {
-                return Err(CallError::Connection(format!(
-                    "reading the answer: {}",
-                    e.to_debug_string()
-                )));
+                // A read timeout between bytes is a timeout, not a broken connection.
+                return Err(match http_error_code(&e) {
+                    Some(code @ ErrorCode::ConnectionReadTimeout) => from_code(code),
+                    _ => CallError::Connection(format!(
+                        "reading the answer: {}",
+                        e.to_debug_string()
+                    )),
+                });
             }
         }
     }

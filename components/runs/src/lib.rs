@@ -506,7 +506,9 @@ fn events(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result
 /// `GET /runs/{id}/events` with `Accept: text/event-stream`: the log as Server-Sent Events
 /// (`id` is the event's number, `event` its kind, `data` the same JSON as the log's items),
 /// live until the run has ended and its last event is sent. A client that reconnects with
-/// `Last-Event-ID` continues after the last event it saw.
+/// `Last-Event-ID` continues after the last event it saw. While an agent that streams is
+/// answering, its text arrives as `step.delta` events (`{step, iteration, delta}`, no `id`:
+/// they are a live view, not part of the log).
 fn stream_events(
     ctx: &mut Ctx,
     req: &HttpRequest,
@@ -520,6 +522,8 @@ fn stream_events(
         after,
         opened: std::time::Instant::now(),
         quiet_since: std::time::Instant::now(),
+        live: std::collections::HashMap::new(),
+        redis: None,
     })))
 }
 
@@ -528,6 +532,9 @@ struct EventStream {
     after: i32,
     opened: std::time::Instant,
     quiet_since: std::time::Instant,
+    /// For each step with a streaming call: that call's id and how much of its text was sent.
+    live: std::collections::HashMap<String, (String, usize)>,
+    redis: Option<spin_sdk::redis::Connection>,
 }
 
 impl EventStream {
@@ -537,6 +544,29 @@ impl EventStream {
     const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(15);
     /// A stream this old ends; the client reconnects with `Last-Event-ID`.
     const LIFETIME: std::time::Duration = std::time::Duration::from_secs(600);
+}
+
+impl EventStream {
+    /// `step.delta` events for the text streaming calls added since the last look.
+    fn deltas(&mut self) -> String {
+        let mut chunk = String::new();
+        for (step, live) in sparkops_platform::deltas::read(&mut self.redis, &self.run_id) {
+            let (Some(call), Some(text)) = (live["call"].as_str(), live["text"].as_str()) else {
+                continue;
+            };
+            let sent = match self.live.get(&step) {
+                Some((c, sent)) if c == call => *sent,
+                _ => 0,
+            };
+            let Some(delta) = text.get(sent..).filter(|d| !d.is_empty()) else {
+                continue;
+            };
+            let data = json!({"step": step, "iteration": live["iteration"], "delta": delta});
+            chunk += &format!("event: step.delta\ndata: {data}\n\n");
+            self.live.insert(step, (call.to_string(), text.len()));
+        }
+        chunk
+    }
 }
 
 impl BodyStream for EventStream {
@@ -554,10 +584,9 @@ impl BodyStream for EventStream {
             )?;
             let ended = rows.first().map(|r| r.bool(0)).transpose()?.unwrap_or(true);
             let events = events_after(ctx, &self.run_id, self.after, 100)?;
+            let mut chunk = String::new();
             if let Some(last) = events.last() {
                 self.after = last["seq"].as_i64().unwrap_or_default() as i32;
-                self.quiet_since = std::time::Instant::now();
-                let mut chunk = String::new();
                 for e in &events {
                     chunk += &format!(
                         "id: {}\nevent: {}\ndata: {}\n\n",
@@ -566,6 +595,12 @@ impl BodyStream for EventStream {
                         e
                     );
                 }
+            }
+            if !ended {
+                chunk += &self.deltas();
+            }
+            if !chunk.is_empty() {
+                self.quiet_since = std::time::Instant::now();
                 return Ok(Some(chunk.into_bytes()));
             }
             if ended || self.opened.elapsed() > Self::LIFETIME {

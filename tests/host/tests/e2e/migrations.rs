@@ -422,9 +422,16 @@ async fn fill_every_table(api: &crate::common::Api) {
         .clone();
     api.create(
         &ada.access,
+        "/api/v1/mcp-servers",
+        json!({"project_id": p, "name": "docs", "url": collector.url("/mcp"),
+               "allowed_tools": ["search"]}),
+    )
+    .await;
+    api.create(
+        &ada.access,
         "/api/v1/agents",
         json!({"project_id": p, "name": "a", "model": "fake/small", "system_prompt": "x",
-               "tool_ids": [tool]}),
+               "tool_ids": [tool], "mcp_tools": ["mcp:docs/search"], "stream": true}),
     )
     .await;
     api.create(

@@ -1,2 +1,3 @@
+alter table agents drop column stream;
 alter table agents drop column mcp_tools;
 drop table mcp_servers;

@@ -1,4 +1,6 @@
--- MCP servers as tools: a project's Streamable HTTP endpoints, their headers (literals or
+-- MCP servers as tools, and agents that stream.
+--
+-- MCP servers: a project's Streamable HTTP endpoints, their headers (literals or
 -- `{{ secret.NAME }}` references, resolved at call time), the tool names agents may call,
 -- and the last `tools/list` answer (cached; refreshed on request).
 create table mcp_servers (
@@ -26,3 +28,6 @@ create index mcp_servers_project_idx on mcp_servers (project_id, mcp_server_id d
 -- An agent's MCP tools, as `mcp:<server>/<tool>` names, in the order offered.
 alter table agents add column mcp_tools jsonb not null default '[]'::jsonb
     check (jsonb_typeof(mcp_tools) = 'array' and jsonb_array_length(mcp_tools) <= 64);
+
+-- Agents whose model calls stream their answers (`step.delta` events while they come).
+alter table agents add column stream boolean not null default false;
