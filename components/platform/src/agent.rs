@@ -91,6 +91,9 @@ struct Agent {
     servers: Vec<mcp::Server>,
 }
 
+/// An agent's MCP tools and the servers they are on.
+type McpTools = (Vec<McpTool>, Vec<mcp::Server>);
+
 /// An MCP tool an agent names.
 struct McpTool {
     /// `mcp:<server>/<tool>`, as agents and policies name it.
@@ -203,7 +206,7 @@ fn load_mcp_tools(
     ctx: &mut Work,
     scope: &StepScope,
     references: &[String],
-) -> Result<Result<(Vec<McpTool>, Vec<mcp::Server>), Failure>, ApiError> {
+) -> Result<Result<McpTools, Failure>, ApiError> {
     let parsed: Vec<(&str, &str, &str)> = references
         .iter()
         .filter_map(|r| {

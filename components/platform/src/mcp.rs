@@ -14,7 +14,7 @@ use sparkops_core::error::ApiError;
 use sparkops_core::mcp::{self as protocol, RpcError, ToolInfo};
 use sparkops_engine::ErrorKind;
 
-use crate::outbound::{self, Call, CallError, Chosen, check_user_url};
+use crate::outbound::{self, Call, CallError, Chosen, Headers, check_user_url};
 use crate::tool_call::{self, MAX_RESPONSE_BYTES};
 use crate::work::Work;
 
@@ -331,7 +331,7 @@ impl Session {
         message: &Value,
         id: Option<u64>,
         deadline: Instant,
-    ) -> Result<(Option<Value>, Vec<(String, String)>), McpError> {
+    ) -> Result<(Option<Value>, Headers), McpError> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(McpError::Call(CallError::Timeout));

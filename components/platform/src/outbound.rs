@@ -31,6 +31,9 @@ use wasi::io::streams::StreamError;
 
 use crate::heartbeat;
 
+/// Header names and values, in order.
+pub type Headers = Vec<(String, String)>;
+
 /// Who chose where a call goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Chosen {

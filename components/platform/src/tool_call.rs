@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use sparkops_core::error::{ApiError, FieldError};
 use sparkops_core::tool::secret_reference;
 
-use crate::outbound::{self, Call, Chosen, check_user_url};
+use crate::outbound::{self, Call, Chosen, Headers, check_user_url};
 use crate::pipeline::project_secrets;
 use crate::work::Work;
 
@@ -128,7 +128,7 @@ pub fn resolve_headers(
     project_id: &str,
     configured: &Value,
     at: &str,
-) -> Result<Result<Vec<(String, String)>, Vec<FieldError>>, ApiError> {
+) -> Result<Result<Headers, Vec<FieldError>>, ApiError> {
     let configured: Vec<(String, String)> = configured
         .as_object()
         .map(|h| {
