@@ -14,6 +14,39 @@ pub struct Budget {
     pub window: Window,
     /// `true` blocks calls past the limit; `false` only alerts.
     pub block: bool,
+    /// What a blocked call does.
+    pub on_exhausted: OnExhausted,
+}
+
+/// What a call a blocking budget refuses does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnExhausted {
+    /// Its step fails (`policy-violation`).
+    #[default]
+    Fail,
+    /// Its step waits until the window turns or the budget is raised, then goes on.
+    Wait,
+    /// Its step waits for a project admin to let the call pass the budget, or to refuse it.
+    Ask,
+}
+
+impl OnExhausted {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "fail" => Self::Fail,
+            "wait" => Self::Wait,
+            "ask" => Self::Ask,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fail => "fail",
+            Self::Wait => "wait",
+            Self::Ask => "ask",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +72,30 @@ impl Window {
             Self::Month => "month",
             Self::Total => "total",
         }
+    }
+
+    /// When the window holding `at` ends (UTC days and months); `None` for `total`.
+    pub fn end_after(
+        self,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        use chrono::{Datelike, TimeZone};
+        let date = at.date_naive();
+        let next = match self {
+            Self::Day => date.succ_opt()?,
+            Self::Month => {
+                let (y, m) = if date.month() == 12 {
+                    (date.year() + 1, 1)
+                } else {
+                    (date.year(), date.month() + 1)
+                };
+                chrono::NaiveDate::from_ymd_opt(y, m, 1)?
+            }
+            Self::Total => return None,
+        };
+        chrono::Utc
+            .from_local_datetime(&next.and_hms_opt(0, 0, 0)?)
+            .single()
     }
 }
 
@@ -146,7 +203,7 @@ fn parse_budget(v: &Value, errors: &mut Errors) -> Option<Budget> {
     };
     for k in obj
         .keys()
-        .filter(|k| !["limit_usd", "window", "action"].contains(&k.as_str()))
+        .filter(|k| !["limit_usd", "window", "action", "on_exhausted"].contains(&k.as_str()))
     {
         errors.add(format!("budget.{k}"), "unknown field");
     }
@@ -180,10 +237,30 @@ fn parse_budget(v: &Value, errors: &mut Errors) -> Option<Budget> {
             None
         }
     };
+    let on_exhausted = match obj
+        .get("on_exhausted")
+        .map(|a| a.as_str().and_then(OnExhausted::parse))
+    {
+        None => Some(OnExhausted::Fail),
+        Some(Some(OnExhausted::Fail)) => Some(OnExhausted::Fail),
+        Some(Some(_)) if block == Some(false) => {
+            errors.add(
+                "budget.on_exhausted",
+                "applies only to a blocking budget (action block)",
+            );
+            None
+        }
+        Some(Some(o)) => Some(o),
+        Some(None) => {
+            errors.add("budget.on_exhausted", "must be one of fail, wait, ask");
+            None
+        }
+    };
     Some(Budget {
         limit_usd: limit?,
         window: window?,
         block: block?,
+        on_exhausted: on_exhausted?,
     })
 }
 
@@ -281,6 +358,7 @@ impl Rules {
                     "limit_usd": b.limit_usd.to_fixed(),
                     "window": b.window.as_str(),
                     "action": if b.block { "block" } else { "alert" },
+                    "on_exhausted": b.on_exhausted.as_str(),
                 }),
             );
         }
@@ -332,7 +410,7 @@ mod tests {
         assert_eq!(
             rules.to_json(),
             json!({
-                "budget": {"limit_usd": "25.500000", "window": "month", "action": "alert"},
+                "budget": {"limit_usd": "25.500000", "window": "month", "action": "alert", "on_exhausted": "fail"},
                 "allowed_models": ["openai/*", "anthropic/claude-*"],
                 "allowed_tools": [tool, "mcp:docs/search", "mcp:github/*"],
                 "max_steps_per_run": 20,
@@ -342,6 +420,45 @@ mod tests {
             })
         );
         assert_eq!(parse_rules(&rules.to_json()).unwrap(), rules);
+    }
+
+    #[test]
+    fn an_exhausted_budget_fails_waits_or_asks_and_windows_end_at_utc_midnight() {
+        let rules = parse_rules(
+            &json!({"budget": {"limit_usd": 1, "window": "day", "on_exhausted": "wait"}}),
+        )
+        .unwrap();
+        assert_eq!(rules.budget.unwrap().on_exhausted, OnExhausted::Wait);
+        assert_eq!(
+            fields(
+                json!({"budget": {"limit_usd": 1, "window": "day", "action": "alert", "on_exhausted": "ask"}})
+            ),
+            ["rules.budget.on_exhausted: applies only to a blocking budget (action block)"]
+        );
+        assert_eq!(
+            fields(json!({"budget": {"limit_usd": 1, "window": "day", "on_exhausted": "later"}})),
+            ["rules.budget.on_exhausted: must be one of fail, wait, ask"]
+        );
+        let at = chrono::DateTime::parse_from_rfc3339("2026-12-31T18:30:00Z")
+            .unwrap()
+            .to_utc();
+        let end = |w: Window| w.end_after(at).map(|t| t.to_rfc3339());
+        assert_eq!(
+            end(Window::Day).as_deref(),
+            Some("2027-01-01T00:00:00+00:00")
+        );
+        assert_eq!(
+            end(Window::Month).as_deref(),
+            Some("2027-01-01T00:00:00+00:00")
+        );
+        let mid = chrono::DateTime::parse_from_rfc3339("2026-02-10T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(
+            Window::Month.end_after(mid).unwrap().to_rfc3339(),
+            "2026-03-01T00:00:00+00:00"
+        );
+        assert_eq!(Window::Total.end_after(at), None);
     }
 
     #[test]

@@ -118,7 +118,8 @@ names! {
         Running = "running",
         /// Waiting for `next_attempt_at`.
         Retrying = "retrying",
-        /// Waiting for an approval.
+        /// Waiting for an approval, or held by a budget (until it has room, or an admin
+        /// lets the call pass).
         Waiting = "waiting",
         Succeeded = "succeeded",
         Failed = "failed",
@@ -154,10 +155,14 @@ impl StepStatus {
         match self {
             Pending => matches!(next, Ready | Skipped | Cancelled),
             Ready => matches!(next, Running | Waiting | Cancelled),
-            // A lease taken back makes a running step ready again.
-            Running => matches!(next, Succeeded | Failed | Retrying | Ready | Cancelled),
+            // A lease taken back makes a running step ready again; a budget holds it.
+            Running => matches!(
+                next,
+                Succeeded | Failed | Retrying | Ready | Waiting | Cancelled
+            ),
             Retrying => matches!(next, Ready | Cancelled),
-            Waiting => matches!(next, Succeeded | Failed | Cancelled),
+            // A held step goes on when its budget lets it.
+            Waiting => matches!(next, Succeeded | Failed | Ready | Cancelled),
             Succeeded | Failed | Skipped | Cancelled => false,
         }
     }

@@ -179,6 +179,37 @@ pub fn sweep<C: Connection + ?Sized>(
         transaction(db, |tx| step::expire_approval(tx, &run, &key))?;
         touched.insert(run);
     }
+    // Steps a budget holds with `wait` go on once its window has turned, or once the
+    // budget was raised, disabled or removed (the call is checked again when they run).
+    // A paused run's holds wait for its resume.
+    let held = db.query(
+        &format!(
+            "select s.run_id::text, s.step_key,
+                    coalesce((s.hold ->> 'resumes_at')::timestamptz <= $1{AS_TIMESTAMPTZ}, false),
+                    p.policy_id is null or not p.enabled or p.deleted_at is not null
+                        or (p.rules -> 'budget' ->> 'limit_usd')::numeric is distinct from (s.hold ->> 'limit_usd')::numeric
+                        or p.rules -> 'budget' ->> 'on_exhausted' is distinct from 'wait'
+             from run_steps s
+             join runs r on r.run_id = s.run_id
+             left join policies p on p.policy_id = (s.hold ->> 'policy_id')::uuid
+             where s.status = 'waiting' and s.hold ->> 'mode' = 'wait' and r.status <> 'paused'
+             limit $2"
+        ),
+        &[V::Timestamp(at), V::Int64(batch)],
+    )?;
+    for row in held {
+        let (run, key, turned, changed) = (row.text(0)?, row.text(1)?, row.bool(2)?, row.bool(3)?);
+        if !(turned || changed) {
+            continue;
+        }
+        let why = if turned {
+            json!({"why": "the budget's window turned", "at": sparkops_core::time::rfc3339(at)})
+        } else {
+            json!({"why": "the budget was changed", "at": sparkops_core::time::rfc3339(at)})
+        };
+        transaction(db, |tx| step::resume_held(tx, &run, &key, why.clone()))?;
+        touched.insert(run);
+    }
     let overdue = db.query(
         &format!(
             "select run_id::text from runs

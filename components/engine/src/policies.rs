@@ -38,6 +38,31 @@ pub struct Violation {
     pub policy: String,
     pub rule: &'static str,
     pub detail: String,
+    /// For a call a blocking budget refused whose policy says `wait` or `ask`: how the
+    /// step is held instead of failed.
+    pub hold: Option<BudgetHold>,
+}
+
+/// A budget's refusal that holds the step rather than failing it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetHold {
+    pub mode: policy::OnExhausted,
+    pub limit_usd: Usd,
+    pub window: Window,
+    /// What the refused call would have held.
+    pub estimate_usd: Usd,
+    /// When the window turns (`None` for a `total` budget: only raising it helps).
+    pub resumes_at: Option<DateTime<Utc>>,
+}
+
+impl BudgetHold {
+    /// As recorded on the held step and its event.
+    pub fn to_json(&self, v: &Violation) -> Value {
+        json!({"reason": "budget", "mode": self.mode.as_str(), "policy_id": v.policy_id,
+            "policy": v.policy, "detail": v.detail, "limit_usd": self.limit_usd.to_fixed(),
+            "window": self.window.as_str(), "estimate_usd": self.estimate_usd.to_fixed(),
+            "resumes_at": self.resumes_at.map(sparkops_core::time::rfc3339)})
+    }
 }
 
 impl Violation {
@@ -60,6 +85,7 @@ pub fn violation(p: &Policy, rule: &'static str, detail: String) -> Violation {
         policy: p.name.clone(),
         rule,
         detail,
+        hold: None,
     }
 }
 
@@ -254,6 +280,7 @@ fn hold_run<C: Connection + ?Sized>(
             policy: RUN_CAP.into(),
             rule: RUN_CAP_RULE,
             detail,
+            hold: None,
         })
     };
     Err(match worst {
@@ -288,7 +315,8 @@ pub fn window_start(window: Window, now: DateTime<Utc>) -> DateTime<Utc> {
 /// against every budget in scope, atomically: all or none. A blocking budget refuses an
 /// unpriced call and a call that would take spend plus reservations past its limit. The
 /// hold is recorded until `expires_at`, when the sweeper releases it if the call never
-/// settled (its host died).
+/// settled (its host died). `waived` names a blocking budget a project admin let this one
+/// call pass (an `ask` approved): it is held and counted, never refused.
 #[allow(clippy::too_many_arguments)]
 pub fn reserve<C: Connection + ?Sized>(
     db: &C,
@@ -298,6 +326,7 @@ pub fn reserve<C: Connection + ?Sized>(
     now: DateTime<Utc>,
     worst: Option<Usd>,
     expires_at: DateTime<Utc>,
+    waived: Option<&str>,
 ) -> Result<Reservation, RefusedOr> {
     let budgets: Vec<&Policy> = policies
         .iter()
@@ -353,12 +382,12 @@ pub fn reserve<C: Connection + ?Sized>(
                     V::Uuid(p.id.clone()),
                     V::Timestamp(start),
                     V::Decimal(amount.to_fixed()),
-                    V::Bool(budget.block),
+                    V::Bool(budget.block && waived != Some(p.id.as_str())),
                     V::Decimal(budget.limit_usd.to_fixed()),
                 ],
             )?;
             if held == 0 {
-                return Err(Hold::Refused(violation(
+                let mut v = violation(
                     p,
                     "budget",
                     format!(
@@ -367,7 +396,17 @@ pub fn reserve<C: Connection + ?Sized>(
                         budget.limit_usd.to_fixed(),
                         budget.window.as_str()
                     ),
-                )));
+                );
+                if budget.on_exhausted != policy::OnExhausted::Fail {
+                    v.hold = Some(BudgetHold {
+                        mode: budget.on_exhausted,
+                        limit_usd: budget.limit_usd,
+                        window: budget.window,
+                        estimate_usd: amount,
+                        resumes_at: budget.window.end_after(now),
+                    });
+                }
+                return Err(Hold::Refused(v));
             }
             tx.execute(
                 &format!(

@@ -88,6 +88,10 @@ pub struct Failure {
     /// The least wait before another attempt that the other side asked for
     /// (`Retry-After`).
     pub retry_after_ms: Option<u64>,
+    /// Not a failure but a hold: a budget refused a call and says to wait or to ask. The
+    /// step waits with this record (why, and what the step needs to go on where it
+    /// stopped: its `checkpoint`) instead of failing, and its attempt is not used up.
+    pub hold: Option<Value>,
 }
 
 impl Failure {
@@ -97,6 +101,15 @@ impl Failure {
             message: message.into(),
             final_attempt: false,
             retry_after_ms: None,
+            hold: None,
+        }
+    }
+
+    /// A hold, not a failure (see [`Failure::hold`]).
+    pub fn held(message: impl Into<String>, hold: Value) -> Self {
+        Self {
+            hold: Some(hold),
+            ..Self::new(ErrorKind::PolicyViolation, message).final_attempt()
         }
     }
 
@@ -132,6 +145,8 @@ pub enum Recorded {
     /// Another attempt is scheduled.
     Retrying,
     Failed,
+    /// A budget holds the step (it waits).
+    Held,
     /// The lease was lost meanwhile (the run was cancelled or the step taken back): the
     /// step keeps its newer state.
     Discarded,
@@ -143,6 +158,7 @@ impl Recorded {
             Recorded::Succeeded => "succeeded",
             Recorded::Retrying => "retrying",
             Recorded::Failed => "failed",
+            Recorded::Held => "held",
             Recorded::Discarded => "discarded",
         }
     }
@@ -178,6 +194,12 @@ fn record_locked<C: Connection + ?Sized>(
     tx: &Tx<'_, C>,
     a: &Attempt<'_>,
 ) -> Result<Recorded, ApiError> {
+    if let Err(Failure {
+        hold: Some(hold), ..
+    }) = &a.result
+    {
+        return hold_locked(tx, a, hold);
+    }
     let (status, next_ms) = match &a.result {
         Ok(_) => (StepStatus::Succeeded, None),
         Err(f) => {
@@ -233,6 +255,89 @@ fn record_locked<C: Connection + ?Sized>(
         StepStatus::Retrying => Recorded::Retrying,
         _ => Recorded::Failed,
     })
+}
+
+/// Holds the running step as `waiting` with `hold` (a budget's refusal that waits or asks),
+/// its lease and deadline cleared and its attempt given back, with a `step.held` event; only
+/// while the lease holds.
+fn hold_locked<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    a: &Attempt<'_>,
+    hold: &Value,
+) -> Result<Recorded, ApiError> {
+    let mut data = hold.clone();
+    if let Some(h) = data.as_object_mut() {
+        h.remove("checkpoint");
+        h.insert("attempt".into(), json!(a.attempt));
+    }
+    let held = tx.query(
+        &store::change_with_event(
+            "update run_steps set status = 'waiting', hold = $4, input = $5, attempt = attempt - 1,
+                lease_id = null, lease_expires_at = null, deadline_at = null, updated_at = now()
+             where run_id = $1 and step_key = $2 and lease_id = $3 and status = 'running'
+             returning 1",
+            "'step.held'",
+            "$2",
+            "$6",
+            "1",
+        ),
+        &[
+            V::Uuid(a.lease.run_id.into()),
+            V::Text(a.lease.step_key.into()),
+            V::Uuid(a.lease.lease_id.into()),
+            V::Json(hold.clone()),
+            json_or_null(&a.input),
+            V::Json(data),
+        ],
+    )?;
+    Ok(if held.is_empty() {
+        Recorded::Discarded
+    } else {
+        Recorded::Held
+    })
+}
+
+/// A held step goes on: `ready` again (the next advance claims it; its executor finds the
+/// hold's checkpoint and continues where it stopped), the hold marked with `resumed` (why,
+/// and who decided, for an `ask`). `false` when it was not held any more.
+pub fn resume_held<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    step_key: &str,
+    resumed: Value,
+) -> Result<bool, ApiError> {
+    lock_run(tx, run_id)?;
+    let woken = tx.execute(
+        "update run_steps set status = 'ready', hold = hold || jsonb_build_object('resumed', $3::jsonb),
+            updated_at = now()
+         where run_id = $1 and step_key = $2 and status = 'waiting' and hold is not null",
+        &[
+            V::Uuid(run_id.into()),
+            V::Text(step_key.into()),
+            V::Json(resumed.clone()),
+        ],
+    )? == 1;
+    if woken {
+        event(tx, run_id, "step.resumed", Some(step_key), resumed)?;
+    }
+    Ok(woken)
+}
+
+/// The hold of a step held by a budget, if it is.
+pub fn hold_of<R: sparkops_core::db::Read + ?Sized>(
+    db: &R,
+    run_id: &str,
+    step_key: &str,
+) -> Result<Option<Value>, ApiError> {
+    let rows = db.read(
+        "select hold from run_steps where run_id = $1 and step_key = $2",
+        &[V::Uuid(run_id.into()), V::Text(step_key.into())],
+    )?;
+    Ok(rows
+        .first()
+        .map(|r| r.json(0))
+        .transpose()?
+        .filter(|h| !h.is_null()))
 }
 
 /// One model call's usage.
@@ -427,6 +532,57 @@ pub fn expire_approval<C: Connection + ?Sized>(
     Ok(expired)
 }
 
+/// A project admin's decision on a step a budget holds with `ask`: approved, the step goes
+/// on and its next call may pass that budget (once); rejected, it fails as `rejected`.
+fn decide_hold<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    step_key: &str,
+    d: &Decision<'_>,
+    hold: &Value,
+) -> Result<(StepStatus, Value), ApiError> {
+    if hold["mode"] != "ask" {
+        return Err(ApiError::Conflict(
+            "the step waits for its budget to have room, not for a decision".into(),
+        ));
+    }
+    if !d.administers {
+        return Err(ApiError::Forbidden(
+            "a budget's ask is decided by the project's admins".into(),
+        ));
+    }
+    let decision = json!({"approved": d.approved, "by": d.user_id, "comment": d.comment,
+        "via": d.via, "policy_id": hold["policy_id"], "estimate_usd": hold["estimate_usd"]});
+    if d.approved {
+        resume_held(tx, run_id, step_key, decision.clone())?;
+        return Ok((StepStatus::Ready, decision));
+    }
+    let message = format!(
+        "the project's admins refused to let the call pass budget `{}`: {}",
+        hold["policy"].as_str().unwrap_or_default(),
+        d.comment.unwrap_or("rejected")
+    );
+    let error = Failure::new(ErrorKind::Rejected, message).error_json();
+    tx.execute(
+        "update run_steps set status = 'failed', error = $3, finished_at = now(), updated_at = now(),
+            duration_ms = (extract(epoch from now() - started_at) * 1000)::bigint
+         where run_id = $1 and step_key = $2",
+        &[
+            V::Uuid(run_id.into()),
+            V::Text(step_key.into()),
+            V::Json(error),
+        ],
+    )?;
+    event(
+        tx,
+        run_id,
+        "step.rejected",
+        Some(step_key),
+        decision.clone(),
+    )?;
+    Ok((StepStatus::Failed, decision))
+}
+
 /// A person's decision on a waiting approval step.
 pub struct Decision<'a> {
     /// The approver: a user id, or [`LINK_APPROVER`] for a link of a step that names no
@@ -436,6 +592,8 @@ pub struct Decision<'a> {
     pub comment: Option<&'a str>,
     /// `api` or `link`.
     pub via: &'a str,
+    /// Whether the decider may administer the project (a budget's `ask` needs it).
+    pub administers: bool,
 }
 
 /// Who decided through a link of a step that names no approvers.
@@ -462,6 +620,9 @@ pub fn decide_approval<C: Connection + ?Sized>(
         return Err(ApiError::Conflict(format!(
             "the step is {status}, not waiting for an approval"
         )));
+    }
+    if let Some(hold) = hold_of(tx, run_id, step_key)? {
+        return decide_hold(tx, run_id, step_key, d, &hold);
     }
     let approval = store::definition(tx, run_id)?
         .steps

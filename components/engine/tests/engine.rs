@@ -590,6 +590,7 @@ fn an_approval_waits_for_an_approver_and_is_decided_once() {
             approved,
             comment: Some("ok"),
             via: "api",
+            administers: false,
         };
         db::transaction(&db, |tx| step::decide_approval(tx, &run, "ask", &d))
     };
@@ -620,6 +621,7 @@ fn a_rejection_fails_the_run_and_an_approval_past_its_deadline_times_out() {
         approved: false,
         comment: None,
         via: "api",
+        administers: false,
     };
     db::transaction(&db, |tx| step::decide_approval(tx, &rejected, "ask", &no)).unwrap();
     advance(&db, &rejected);
@@ -828,6 +830,7 @@ fn an_approval_with_a_quorum_waits_for_enough_distinct_approvers_and_one_rejecti
             approved,
             comment: None,
             via: "link",
+            administers: false,
         };
         db::transaction(&db, |tx| step::decide_approval(tx, run, "ask", &d))
     };
@@ -916,6 +919,7 @@ fn a_runs_own_budget_holds_each_calls_worst_case_and_refuses_past_it() {
             now,
             worst,
             expires,
+            None,
         )
     };
 
@@ -967,10 +971,173 @@ fn a_runs_own_budget_holds_each_calls_worst_case_and_refuses_past_it() {
         now,
         None,
         later,
+        None,
     )
     .expect("no cap");
     assert_eq!(
         db.count("select count(*) from run_cost_reservations", &[]),
         0
     );
+}
+
+/// A budget that refuses a call with `on_exhausted: wait | ask` (as the agent records it: a
+/// `Failure::held` carrying the hold) parks the step as `waiting`, its lease cleared and its
+/// attempt given back, the run `waiting`; the sweeper sends a `wait` on once the window has
+/// turned or the budget was changed, and an `ask` is decided by the project's admins only.
+#[test]
+fn a_budget_hold_parks_the_step_until_its_window_turns_its_budget_changes_or_an_admin_decides() {
+    let (db, w) = setup(chain(&[("a", &[])]));
+    let policy = |on_exhausted: &str, limit: &str| {
+        db.scalar(
+            "insert into policies (policy_id, project_id, name, rules)
+             values (gen_random_uuid(), $1, $2, $3) returning policy_id::text",
+            &[
+                V::Uuid(w.project_id.clone()),
+                V::Text(format!("budget {}", uuid::Uuid::new_v4())),
+                V::Json(json!({"budget": {"limit_usd": limit, "window": "day", "on_exhausted": on_exhausted}})),
+            ],
+        )
+        .unwrap()
+    };
+    let now = Utc::now();
+    let window_end = sparkops_core::policy::Window::Day.end_after(now).unwrap();
+    let park = |run: &str, policy_id: &str, mode: &str| {
+        let claim = advance(&db, run).pop().expect("a claim");
+        assert_eq!(claim.attempt, 1);
+        let hold = json!({"reason": "budget", "mode": mode, "policy_id": policy_id, "policy": "budget",
+            "limit_usd": "1.000000", "estimate_usd": "0.400000",
+            "resumes_at": sparkops_core::time::rfc3339(window_end),
+            "checkpoint": {"messages": [{"role": "user", "content": "hi"}], "iteration": 2, "model": 0}});
+        let recorded = record(&db, run, &claim, Err(Failure::held("over budget", hold)));
+        assert_eq!(recorded, Recorded::Held);
+        // The lease is gone: a late result of the same attempt changes nothing.
+        assert_eq!(
+            record(&db, run, &claim, Ok(json!("late"))),
+            Recorded::Discarded
+        );
+    };
+
+    // wait: held, then on when the window turns (and not before).
+    let waiting = policy("wait", "1");
+    let run = start(&db, &w, json!({}));
+    park(&run, &waiting, "wait");
+    assert_eq!(step_status(&db, &run, "a"), StepStatus::Waiting);
+    advance(&db, &run);
+    assert_eq!(run_status(&db, &run), RunStatus::Waiting);
+    let attempt = db.scalar(
+        "select attempt::text from run_steps where run_id = $1",
+        &[V::Uuid(run.clone())],
+    );
+    assert_eq!(attempt.as_deref(), Some("0"), "the attempt is given back");
+    let held = events(&db, &run)
+        .into_iter()
+        .find(|e| e.1 == "step.held")
+        .unwrap();
+    assert_eq!(held.2.as_deref(), Some("a"));
+    let data: Value = serde_json::from_str(
+        &db.scalar(
+            "select data::text from run_events where run_id = $1 and kind = 'step.held'",
+            &[V::Uuid(run.clone())],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (&data["mode"], &data["estimate_usd"]),
+        (&json!("wait"), &json!("0.400000"))
+    );
+    assert!(
+        data.get("checkpoint").is_none(),
+        "the event names the hold, not the conversation"
+    );
+    lifecycle::sweep(&db, window_end - Duration::seconds(1), 100).unwrap();
+    assert_eq!(step_status(&db, &run, "a"), StepStatus::Waiting);
+    // An approval's deadline sweep never touches a held step.
+    lifecycle::sweep(
+        &db,
+        now + Duration::hours(2).min(window_end - now - Duration::seconds(1)),
+        100,
+    )
+    .unwrap();
+    assert_eq!(step_status(&db, &run, "a"), StepStatus::Waiting);
+    let touched = lifecycle::sweep(&db, window_end, 100).unwrap();
+    assert!(touched.contains(&run));
+    assert_eq!(step_status(&db, &run, "a"), StepStatus::Ready);
+    let again = advance(&db, &run);
+    assert_eq!((again.len(), again[0].attempt), (1, 1));
+    let hold: Value = serde_json::from_str(
+        &db.scalar(
+            "select hold::text from run_steps where run_id = $1",
+            &[V::Uuid(run.clone())],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        hold["checkpoint"]["iteration"], 2,
+        "the checkpoint waits for the executor"
+    );
+    assert_eq!(hold["resumed"]["why"], "the budget's window turned");
+
+    // wait: on at once when the budget is raised.
+    let run = start(&db, &w, json!({}));
+    park(&run, &waiting, "wait");
+    lifecycle::sweep(&db, now, 100).unwrap();
+    assert_eq!(step_status(&db, &run, "a"), StepStatus::Waiting);
+    db.execute(
+        "update policies set rules = jsonb_set(rules, '{budget,limit_usd}', '\"5\"') where policy_id = $1",
+        &[V::Uuid(waiting.clone())],
+    )
+    .unwrap();
+    lifecycle::sweep(&db, now, 100).unwrap();
+    assert_eq!(step_status(&db, &run, "a"), StepStatus::Ready);
+
+    // ask: a member may not decide; an admin's approval sends it on; a rejection fails it.
+    let asking = policy("ask", "1");
+    let decide = |run: &str, approved: bool, administers: bool| {
+        let d = Decision {
+            user_id: "0191e7a2-1f6e-7fff-bfff-ffffffffffff",
+            approved,
+            comment: Some("this once"),
+            via: "api",
+            administers,
+        };
+        db::transaction(&db, |tx| step::decide_approval(tx, run, "a", &d))
+    };
+    let run = start(&db, &w, json!({}));
+    park(&run, &asking, "ask");
+    lifecycle::sweep(&db, window_end + Duration::days(1), 100).unwrap();
+    assert_eq!(
+        step_status(&db, &run, "a"),
+        StepStatus::Waiting,
+        "an ask waits for a person"
+    );
+    assert!(matches!(
+        decide(&run, true, false),
+        Err(ApiError::Forbidden(_))
+    ));
+    let (status, decision) = decide(&run, true, true).unwrap();
+    assert_eq!(
+        (status, &decision["policy_id"]),
+        (StepStatus::Ready, &json!(asking))
+    );
+    assert_eq!(keys(&advance(&db, &run)), ["a"]);
+    let run = start(&db, &w, json!({}));
+    park(&run, &asking, "ask");
+    let (status, _) = decide(&run, false, true).unwrap();
+    assert_eq!(status, StepStatus::Failed);
+    advance(&db, &run);
+    assert_eq!(run_status(&db, &run), RunStatus::Failed);
+    let kind = db.scalar(
+        "select error->>'kind' from run_steps where run_id = $1",
+        &[V::Uuid(run.clone())],
+    );
+    assert_eq!(kind.as_deref(), Some("rejected"));
+    // A wait is not decided by anyone.
+    let run = start(&db, &w, json!({}));
+    park(&run, &waiting, "wait");
+    assert!(matches!(
+        decide(&run, true, true),
+        Err(ApiError::Conflict(_))
+    ));
 }

@@ -89,6 +89,7 @@ pub fn decide(ctx: &mut Ctx, req: &HttpRequest, token: &str) -> Result<Reply, Ap
         approved: claims.approve,
         comment: comment.as_deref(),
         via: "link",
+        administers: false,
     };
     let (step, claimed) = ctx.transaction(|tx, _| {
         let (status, decision) =

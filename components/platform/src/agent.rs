@@ -417,8 +417,24 @@ fn run_with(
         other => other.to_string(),
     };
     messages.push(json!({"role": "user", "content": user}));
+    let mut first_iteration = 1;
+    // A step a budget held goes on where it stopped: its conversation so far, the model
+    // answering, the iteration whose call was refused; an admin's approval of an `ask`
+    // lets that one call pass the budget.
+    let mut waived: Option<String> = None;
+    if let Some(hold) = take_hold(ctx, scope)? {
+        let checkpoint = &hold["checkpoint"];
+        if let Some(saved) = checkpoint["messages"].as_array() {
+            messages = saved.clone();
+            first_iteration = checkpoint["iteration"].as_i64().unwrap_or(1).max(1);
+            current = (checkpoint["model"].as_u64().unwrap_or(0) as usize).min(models.len() - 1);
+        }
+        if hold["resumed"]["approved"] == true {
+            waived = hold["policy_id"].as_str().map(str::to_string);
+        }
+    }
     let functions = agent.functions();
-    for iteration in 1..=agent.max_iterations {
+    for iteration in first_iteration..=agent.max_iterations {
         // A step cancelled or taken back meanwhile makes no further calls: nothing it
         // did from here on would be recorded.
         heartbeat::beat();
@@ -455,7 +471,7 @@ fn run_with(
                 scope,
                 &agent,
                 m,
-                &policies,
+                (&policies, waived.take().as_deref()),
                 &messages,
                 &functions,
                 (estimate, max_tokens, iteration),
@@ -465,7 +481,15 @@ fn run_with(
                     reservation,
                     duration_ms,
                 } => break (completion, reservation, duration_ms),
-                Called::Refused(v) => return violation(ctx, scope, &v),
+                Called::Refused(v) => {
+                    let Some(hold) = &v.hold else {
+                        return violation(ctx, scope, &v);
+                    };
+                    let mut hold = hold.to_json(&v);
+                    hold["checkpoint"] =
+                        json!({"messages": messages, "iteration": iteration, "model": current});
+                    return Ok(Err(Failure::held(v.message(), hold)));
+                }
                 Called::Failed {
                     failure,
                     another_may,
@@ -574,6 +598,19 @@ fn resolve(
     }))
 }
 
+/// The hold a budget left on this step, taken (cleared in the same statement): a later
+/// attempt of the step starts over rather than from an old checkpoint.
+fn take_hold(ctx: &mut Work, scope: &StepScope) -> Result<Option<Value>, ApiError> {
+    let rows = ctx.db()?.query(
+        "update run_steps s set hold = null from run_steps old
+         where s.run_id = $1 and s.step_key = $2 and old.run_id = s.run_id and old.step_key = s.step_key
+           and s.hold is not null
+         returning old.hold",
+        &[V::Uuid(scope.run_id.into()), V::Text(scope.step_key.into())],
+    )?;
+    Ok(rows.first().map(|r| r.json(0)).transpose()?)
+}
+
 /// What one model call came to.
 enum Called {
     Answered {
@@ -597,7 +634,7 @@ fn call(
     scope: &StepScope,
     agent: &Agent,
     m: &Model,
-    policies: &[policies::Policy],
+    (policies, waived): (&[policies::Policy], Option<&str>),
     messages: &[Value],
     functions: &[FunctionTool],
     (estimate, max_tokens, iteration): (i64, i64, i64),
@@ -620,6 +657,7 @@ fn call(
         now,
         worst,
         expires_at,
+        waived,
     ) {
         Ok(r) => r,
         Err(RefusedOr::Refused(v)) => return Ok(Called::Refused(v)),

@@ -626,7 +626,7 @@ fn approve(
     id: &str,
     key: &str,
 ) -> Result<Reply, ApiError> {
-    let (id, _) = access(ctx, who, id, Action::Write)?;
+    let (id, project) = access(ctx, who, id, Action::Write)?;
     let mut b = Body::parse(&req.body)?;
     let approved = match b.opt_value("approved") {
         Some(Value::Bool(v)) => Some(v),
@@ -643,6 +643,7 @@ fn approve(
         approved,
         comment: comment.as_deref(),
         via: "api",
+        administers: project.role.can(Action::Administer),
     };
     let step = ctx.transaction(|tx, _| {
         let (status, decision) = engine::step::decide_approval(tx, &id, key, &decision)?;

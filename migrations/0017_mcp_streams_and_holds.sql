@@ -1,4 +1,4 @@
--- MCP servers as tools, and agents that stream.
+-- MCP servers as tools, agents that stream, and budgets that hold steps.
 --
 -- MCP servers: a project's Streamable HTTP endpoints, their headers (literals or
 -- `{{ secret.NAME }}` references, resolved at call time), the tool names agents may call,
@@ -31,3 +31,8 @@ alter table agents add column mcp_tools jsonb not null default '[]'::jsonb
 
 -- Agents whose model calls stream their answers (`step.delta` events while they come).
 alter table agents add column stream boolean not null default false;
+
+-- Budgets that hold rather than fail: a step a blocking budget refused with
+-- `on_exhausted: wait | ask` waits with its hold (the budget, the call's estimate, when the
+-- window turns, and the agent's checkpoint to go on from).
+alter table run_steps add column hold jsonb;
