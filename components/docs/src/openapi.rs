@@ -867,7 +867,9 @@ fn schemas() -> Value {
     });
     let rules = json!({"type": "object", "additionalProperties": false, "properties": {
         "budget": {"type": "object", "required": ["limit_usd", "window"], "properties": {
-            "limit_usd": money, "window": {"enum": ["day", "month", "total"]}, "action": {"enum": ["block", "alert"], "default": "block"}}},
+            "limit_usd": money, "window": {"enum": ["day", "month", "total"]}, "action": {"enum": ["block", "alert"], "default": "block"},
+            "on_exhausted": {"enum": ["fail", "wait", "ask"], "default": "fail",
+                "description": "What a call a blocking budget refuses does: fail its step (policy-violation); wait (the step is held until the window turns or the budget is raised, then goes on where it stopped); ask (held until a project admin approves the call past the budget, or rejects it)"}}},
         "allowed_models": {"type": "array", "items": s("string"), "description": "globs such as openai/*"},
         "allowed_tools": {"type": "array", "items": {"type": "string"},
             "description": "tool ids, and MCP tools as mcp:<server>/<tool> or mcp:<server>/*"},

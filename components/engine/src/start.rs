@@ -326,7 +326,13 @@ fn admit<C: Connection + ?Sized>(
                 );
             }
         }
-        if let Some(budget) = rules.budget.as_ref().filter(|b| b.block) {
+        // A spent budget refuses new runs, unless it holds calls instead of failing
+        // them (`on_exhausted: wait | ask`): then the run starts and its call waits.
+        if let Some(budget) = rules
+            .budget
+            .as_ref()
+            .filter(|b| b.block && b.on_exhausted == sparkops_core::policy::OnExhausted::Fail)
+        {
             let start = policies::window_start(budget.window, now);
             let rows = tx.query(
                 &format!(

@@ -318,6 +318,16 @@ fn prometheus(ctx: &mut Ctx, req: &HttpRequest) -> Result<Reply, ApiError> {
         ))?,
     )?;
     out.counts(
+        "sparkops_steps_held",
+        "gauge",
+        "Steps a blocking budget holds, by what they wait for (wait: the window or a raise; ask: an admin).",
+        "mode",
+        &one(
+            "select m, (select count(*) from run_steps where status = 'waiting' and hold ->> 'mode' = m)
+             from unnest(array['wait', 'ask']) m",
+        )?,
+    )?;
+    out.counts(
         "sparkops_webhook_deliveries",
         "gauge",
         "Webhook deliveries kept (30 days), by status: pending ones are due or backing off.",

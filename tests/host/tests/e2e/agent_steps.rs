@@ -1309,3 +1309,207 @@ async fn twenty_steps_of_one_run_at_once_never_spend_past_its_own_budget() {
         "at least one call was refused by the run's budget"
     );
 }
+
+/// Starts a run of `wf` and waits until a budget holds its step; the run and its events.
+async fn held_run(api: &Api, who: &User, wf: &str) -> (String, Vec<Value>) {
+    let run = api
+        .start_run(&who.access, &json!(wf), json!({"q": "x"}))
+        .await;
+    let id = run["id"].as_str().unwrap().to_string();
+    let path = format!("/api/v1/runs/{id}");
+    let run = crate::common::eventually(async || {
+        let run = api.call("GET", &path, Some(&who.access), None).await.json();
+        (run["status"] == "waiting").then_some(run)
+    })
+    .await;
+    (id, api.run_items(&who.access, &run, "events").await)
+}
+
+#[tokio::test]
+async fn a_budget_that_waits_or_asks_holds_the_step_and_it_goes_on_where_it_stopped() {
+    // Each run: a tool call whose 100,000 prompt tokens spend 0.10 USD of a 0.05 budget,
+    // so the step's second call is refused; then the answer once it may go on.
+    let provider = FakeServer::answering(
+        vec![
+            openai::tool_calls(&[("c1", "lookup", json!({"q": "a"}))], 100_000, 20),
+            openai::text("done after the wait", 10, 5),
+            openai::tool_calls(&[("c2", "lookup", json!({"q": "b"}))], 100_000, 20),
+            openai::text("done after the ask", 10, 5),
+            openai::tool_calls(&[("c3", "lookup", json!({"q": "c"}))], 100_000, 20),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let api = Api::for_fakes(
+        Some(&provider),
+        &[("SPIN_VARIABLE_METRICS_TOKEN", "operator-token-123")],
+    )
+    .await;
+    let lookup = FakeServer::start(200, json!({"found": true}), Duration::ZERO).await;
+    let (ada, p) = project(&api).await;
+    let setup = async |p: &str, on_exhausted: &str| {
+        api.set_price(&ada.access, p, "fake/small", "1", "1").await;
+        let policy = api
+            .create(
+                &ada.access,
+                "/api/v1/policies",
+                json!({"project_id": p, "name": "daily", "rules": {"budget":
+                    {"limit_usd": "0.05", "window": "day", "on_exhausted": on_exhausted}}}),
+            )
+            .await;
+        assert_eq!(policy["rules"]["budget"]["on_exhausted"], on_exhausted);
+        let t = tool(&api, &ada, p, "lookup", lookup.url("/")).await;
+        let a = agent(&api, &ada, p, json!({"tool_ids": [t]})).await;
+        let wf = workflow(&api, &ada, p, &[("ask", &a)], json!({"max_attempts": 1})).await;
+        (policy["id"].as_str().unwrap().to_string(), wf)
+    };
+
+    // wait: held, the run waiting, shown in events and metrics; not on by itself while the
+    // window stands, on once the budget is raised, from where it stopped.
+    let (policy, wf) = setup(&p, "wait").await;
+    let (run, events) = held_run(&api, &ada, &wf).await;
+    let held = events
+        .iter()
+        .find(|e| e["kind"] == "step.held")
+        .expect("a step.held event");
+    assert_eq!(
+        (
+            &held["step"],
+            &held["data"]["mode"],
+            &held["data"]["policy_id"]
+        ),
+        (&json!("ask"), &json!("wait"), &json!(policy))
+    );
+    assert!(held["data"]["resumes_at"].is_string() && held["data"]["estimate_usd"].is_string());
+    assert!(!events.iter().any(|e| e["kind"] == "step.failed"));
+    let metrics = crate::common::request(
+        "GET",
+        &api.app.url("/metrics"),
+        &[("authorization", "Bearer operator-token-123")],
+        None,
+    )
+    .await;
+    let text = String::from_utf8_lossy(&metrics.body).to_string();
+    assert!(
+        text.contains("sparkops_steps_held{mode=\"wait\"} 1"),
+        "{text}"
+    );
+    api.sweep_at(0).await;
+    let run_path = format!("/api/v1/runs/{run}");
+    let still = api
+        .call("GET", &run_path, Some(&ada.access), None)
+        .await
+        .json();
+    assert_eq!(still["status"], "waiting");
+    assert_eq!(provider.received().len(), 1);
+    let res = api
+        .call(
+            "PATCH",
+            &format!("/api/v1/policies/{policy}"),
+            Some(&ada.access),
+            Some(json!({"rules": {"budget": {"limit_usd": "10", "window": "day", "on_exhausted": "wait"}}})),
+        )
+        .await;
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    api.sweep_at(0).await;
+    let done = api.finished_run(&ada.access, &run).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["output"]["ask"], "done after the wait");
+    // It went on where it stopped: the tool ran once, and the call after the hold carried
+    // its result; the first call was not made again.
+    assert_eq!(lookup.received().len(), 1);
+    let sent = provider.received();
+    assert_eq!(sent.len(), 2);
+    let second = body(&sent[1]);
+    assert!(
+        second["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["role"] == "tool" && m["tool_call_id"] == "c1"),
+        "{second}"
+    );
+    assert_eq!(done["tokens_in"], json!(100_010));
+    let events = api.run_items(&ada.access, &done, "events").await;
+    let resumed = events.iter().find(|e| e["kind"] == "step.resumed").unwrap();
+    assert_eq!(resumed["data"]["why"], "the budget was changed");
+
+    // ask: only an admin decides; approved, the refused call passes the budget once.
+    let p2 = api.create_project(&ada, json!({"name": "Asks"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (asking, wf) = setup(&p2, "ask").await;
+    let (run, events) = held_run(&api, &ada, &wf).await;
+    let held = events.iter().find(|e| e["kind"] == "step.held").unwrap();
+    assert_eq!(held["data"]["mode"], "ask");
+    let bea = api.register("bea").await;
+    api.add_member(&ada, &p2, &bea, "member").await;
+    let approve = format!("/api/v1/runs/{run}/steps/ask/approve");
+    let res = api
+        .call(
+            "POST",
+            &approve,
+            Some(&bea.access),
+            Some(json!({"approved": true})),
+        )
+        .await;
+    assert_eq!(res.status, 403, "{}", String::from_utf8_lossy(&res.body));
+    let res = api
+        .call(
+            "POST",
+            &approve,
+            Some(&ada.access),
+            Some(json!({"approved": true, "comment": "worth it"})),
+        )
+        .await;
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    let done = api.finished_run(&ada.access, &run).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["output"]["ask"], "done after the ask");
+    let usage = api
+        .call(
+            "GET",
+            &format!("/api/v1/policies/usage?project_id={p2}"),
+            Some(&ada.access),
+            None,
+        )
+        .await
+        .json();
+    let item = usage["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["policy_id"] == asking.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(
+        item["spent_usd"], "0.100035",
+        "both calls are counted: {item}"
+    );
+    assert_eq!(item["reserved_usd"], "0.000000");
+
+    // ask rejected: the step fails as rejected, and nothing more is asked of the provider.
+    let (run, _) = held_run(&api, &ada, &wf).await;
+    let before = provider.received().len();
+    let res = api
+        .call(
+            "POST",
+            &format!("/api/v1/runs/{run}/steps/ask/approve"),
+            Some(&ada.access),
+            Some(json!({"approved": false, "comment": "not today"})),
+        )
+        .await;
+    assert_eq!(res.status, 200);
+    let done = api.finished_run(&ada.access, &run).await;
+    assert_eq!(done["status"], "failed");
+    let step = &api.run_items(&ada.access, &done, "steps").await[0];
+    assert_eq!(step["error"]["kind"], "rejected", "{step}");
+    assert!(
+        step["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not today")
+    );
+    assert_eq!(provider.received().len(), before);
+}

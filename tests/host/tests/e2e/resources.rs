@@ -694,7 +694,7 @@ async fn policies_are_for_admins_and_their_rules_are_checked() {
         (
             &json!(true),
             &json!({}),
-            &json!({"limit_usd": "25.500000", "window": "month", "action": "block"})
+            &json!({"limit_usd": "25.500000", "window": "month", "action": "block", "on_exhausted": "fail"})
         )
     );
     // Members read policies.
