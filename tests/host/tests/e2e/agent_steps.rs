@@ -1335,7 +1335,9 @@ async fn a_budget_that_waits_or_asks_holds_the_step_and_it_goes_on_where_it_stop
             openai::text("done after the wait", 10, 5),
             openai::tool_calls(&[("c2", "lookup", json!({"q": "b"}))], 100_000, 20),
             openai::text("done after the ask", 10, 5),
-            openai::tool_calls(&[("c3", "lookup", json!({"q": "c"}))], 100_000, 20),
+            // (The ask that is rejected never reaches the provider: its budget is spent.)
+            openai::tool_calls(&[("c4", "lookup", json!({"q": "d"}))], 100_000, 20),
+            openai::text("done in the next window", 10, 5),
         ],
         Duration::ZERO,
     )
@@ -1512,4 +1514,43 @@ async fn a_budget_that_waits_or_asks_holds_the_step_and_it_goes_on_where_it_stop
             .contains("not today")
     );
     assert_eq!(provider.received().len(), before);
+
+    // wait, and the window turns: the sweeper's clock moves past the window's end, and the
+    // new window has no spend (its row is what a new day starts without).
+    let p3 = api.create_project(&ada, json!({"name": "Days"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (daily, wf) = setup(&p3, "wait").await;
+    let (run, events) = held_run(&api, &ada, &wf).await;
+    let held = events.iter().find(|e| e["kind"] == "step.held").unwrap();
+    let resumes_at =
+        chrono::DateTime::parse_from_rfc3339(held["data"]["resumes_at"].as_str().unwrap())
+            .unwrap()
+            .timestamp();
+    api.tick("sweeper", resumes_at - 1).await;
+    let still = api
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{run}"),
+            Some(&ada.access),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(still["status"], "waiting", "not before the window ends");
+    let db = api.env.db().await;
+    db.execute(
+        "delete from budget_usage where policy_id = $1",
+        &[&uuid::Uuid::parse_str(&daily).unwrap()],
+    )
+    .await
+    .unwrap();
+    api.tick("sweeper", resumes_at).await;
+    let done = api.finished_run(&ada.access, &run).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["output"]["ask"], "done in the next window");
+    let events = api.run_items(&ada.access, &done, "events").await;
+    let resumed = events.iter().find(|e| e["kind"] == "step.resumed").unwrap();
+    assert_eq!(resumed["data"]["why"], "the budget's window turned");
 }
