@@ -40,7 +40,7 @@ pub struct Violation {
     pub detail: String,
     /// For a call a blocking budget refused whose policy says `wait` or `ask`: how the
     /// step is held instead of failed.
-    pub hold: Option<BudgetHold>,
+    pub hold: Option<Box<BudgetHold>>,
 }
 
 /// A budget's refusal that holds the step rather than failing it.
@@ -398,13 +398,13 @@ pub fn reserve<C: Connection + ?Sized>(
                     ),
                 );
                 if budget.on_exhausted != policy::OnExhausted::Fail {
-                    v.hold = Some(BudgetHold {
+                    v.hold = Some(Box::new(BudgetHold {
                         mode: budget.on_exhausted,
                         limit_usd: budget.limit_usd,
                         window: budget.window,
                         estimate_usd: amount,
                         resumes_at: budget.window.end_after(now),
-                    });
+                    }));
                 }
                 return Err(Hold::Refused(v));
             }
