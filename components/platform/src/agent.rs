@@ -831,6 +831,15 @@ fn finish(agent: &Agent, content: String) -> Outcome {
     }
 }
 
+/// The arguments the model gave `call`, or what goes back to it when they are not JSON.
+fn arguments_of(call: &llm::ToolCall) -> Result<Value, ToolAnswer> {
+    serde_json::from_str(&call.arguments).map_err(|e| {
+        ToolAnswer::Content(
+            json!({"error": format!("the arguments are not JSON: {e}")}).to_string(),
+        )
+    })
+}
+
 /// What a tool call the model asked for comes to.
 enum ToolAnswer {
     /// What goes back to the model (a result, or an error it may correct).
@@ -871,13 +880,9 @@ fn call_tool(
     if let Err(v) = policies::check_tool(policies, tool_id) {
         return Ok(ToolAnswer::Refused(v));
     }
-    let arguments: Value = match serde_json::from_str(&call.arguments) {
-        Ok(v) => v,
-        Err(e) => {
-            return Ok(ToolAnswer::Content(
-                json!({"error": format!("the arguments are not JSON: {e}")}).to_string(),
-            ));
-        }
+    let arguments = match arguments_of(call) {
+        Ok(a) => a,
+        Err(answer) => return Ok(answer),
     };
     let key = format!("{}:{}:{}", scope.run_id, scope.step_key, call.id);
     let t0 = Instant::now();
@@ -942,13 +947,9 @@ fn call_mcp_tool(
     if let Err(v) = policies::check_tool(policies, &tool.reference) {
         return Ok(ToolAnswer::Refused(v));
     }
-    let arguments: Value = match serde_json::from_str(&call.arguments) {
-        Ok(v) => v,
-        Err(e) => {
-            return Ok(ToolAnswer::Content(
-                json!({"error": format!("the arguments are not JSON: {e}")}).to_string(),
-            ));
-        }
+    let arguments = match arguments_of(call) {
+        Ok(a) => a,
+        Err(answer) => return Ok(answer),
     };
     if let Err(problems) = sparkops_core::schema::validate(&tool.function.parameters, &arguments) {
         let message = problems

@@ -20,7 +20,7 @@ use crate::common::{Api, FakeServer, User, openai};
 
 /// The revision the fake speaks: older than the client's latest, so the client must take it.
 const REVISION: &str = "2025-06-18";
-const TOKEN: &str = "mcp-token-7f3a";
+pub(crate) const TOKEN: &str = "mcp-token-7f3a";
 
 /// One request the fake received.
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ struct State {
     log: Vec<Received>,
 }
 
-struct FakeMcp {
+pub(crate) struct FakeMcp {
     addr: std::net::SocketAddr,
     state: Arc<Mutex<State>>,
 }
@@ -99,7 +99,7 @@ fn result(id: &Value, result: Value) -> Value {
 }
 
 impl FakeMcp {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
@@ -123,7 +123,7 @@ impl FakeMcp {
         Self { addr, state }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}/mcp", self.addr)
     }
 
@@ -132,7 +132,7 @@ impl FakeMcp {
     }
 
     /// The tools called, in order, with their arguments.
-    fn calls(&self) -> Vec<(String, Value)> {
+    pub(crate) fn calls(&self) -> Vec<(String, Value)> {
         self.log()
             .into_iter()
             .filter(|r| r.rpc.as_deref() == Some("tools/call"))

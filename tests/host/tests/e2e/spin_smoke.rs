@@ -10,9 +10,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::process::{Process, wait_for_health};
-use crate::common::{Client, FakeServer, OPEN_URL_RULES, TempDir, TestEnv, User, eventually_for};
+use crate::common::{
+    Client, FakeServer, OPEN_URL_RULES, TempDir, TestEnv, User, eventually_for, openai,
+};
 use crate::engine::{tool_named, wait_status, workflow};
 use crate::kubernetes::{Part, part_running};
+use crate::mcp::FakeMcp;
+use crate::streaming::{Script, StreamingProvider};
 use serde_json::{Value, json};
 
 /// How long a cron component under Spin may take to do what a test waits for: the parts
@@ -50,7 +54,7 @@ fn ensure_cron_plugin(spin: &PathBuf) {
     );
 }
 
-async fn spin_up(spin: &Path, env: &TestEnv) -> (Process, Client) {
+async fn spin_up(spin: &Path, env: &TestEnv, extra: &[(&str, &str)]) -> (Process, Client) {
     let config = format!(
         "[key_value_store.default]\ntype = \"redis\"\nurl = \"{}\"\n",
         env.redis_url
@@ -70,6 +74,7 @@ async fn spin_up(spin: &Path, env: &TestEnv) -> (Process, Client) {
     ];
     let mut vars = options.env.clone();
     vars.extend(OPEN_URL_RULES.map(|(k, v)| (k.into(), v.into())));
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let mut up = Process::spawn("spin", spin, &args, &vars, &options.state_dir);
     let client = wait_for_health(options.listen, &mut [&mut up]).await;
     (up, client)
@@ -83,7 +88,44 @@ async fn the_app_runs_end_to_end_under_real_spin() {
     };
     ensure_cron_plugin(&spin);
     let env = TestEnv::new().await;
-    let (up, api) = spin_up(&spin, &env).await;
+    // Two model providers: one answering whole (an agent calling an MCP tool), one
+    // streaming (an agent whose text a subscriber reads while it comes).
+    let provider = FakeServer::answering(
+        vec![
+            openai::tool_calls(
+                &[("c1", "mcp__docs__search", json!({"query": "spin"}))],
+                10,
+                5,
+            ),
+            openai::text("found it", 10, 5),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let streaming = StreamingProvider::start(vec![Script {
+        before: vec!["Under ", "Spin "],
+        after: vec!["too."],
+        usage: Some((40, 3)),
+    }])
+    .await;
+    let mcp = FakeMcp::start().await;
+    let providers = format!(
+        "fake={};live=http://{}/v1",
+        provider.url("/v1"),
+        streaming.addr
+    );
+    let (up, api) = spin_up(
+        &spin,
+        &env,
+        &[
+            ("SPIN_VARIABLE_MODEL_PROVIDERS", providers.as_str()),
+            (
+                "SPIN_VARIABLE_MODEL_PROVIDER_KEYS",
+                "fake=sk-app-key;live=sk-app-key",
+            ),
+        ],
+    )
+    .await;
     let ada = api.register("ada").await;
     let p = api.create_project(&ada, json!({"name": "Smoke"})).await["id"]
         .as_str()
@@ -294,9 +336,108 @@ async fn the_app_runs_end_to_end_under_real_spin() {
     assert_eq!(done["output"], json!({"call": {"slow": true}}));
     assert_eq!(slow.received().len(), 1);
 
+    agents_reach_further_under_spin(&api, &ada, &p, (&streaming, &mcp), &up).await;
+    assert_eq!(provider.received().len(), 2);
+
     // The cron components run under the plugin: a schedule fires a run by itself.
     fires_by_itself(&api, &ada, &p, &gate, "queued,running,waiting,succeeded").await;
     drop(up);
+}
+
+/// Spin's outbound Redis (the live text of a streaming call) and an answer read as it
+/// streams in (the provider's chunks, an MCP server's event stream it keeps open).
+async fn agents_reach_further_under_spin(
+    api: &Client,
+    ada: &User,
+    p: &str,
+    (streaming, mcp): (&StreamingProvider, &FakeMcp),
+    up: &Process,
+) {
+    let res = api
+        .call(
+            "PUT",
+            &format!("/api/v1/projects/{p}/secrets/MCP_TOKEN"),
+            Some(&ada.access),
+            Some(json!({"value": format!("Bearer {}", crate::mcp::TOKEN)})),
+        )
+        .await;
+    assert_eq!(res.status, 204);
+    let res = api
+        .call(
+            "POST",
+            "/api/v1/mcp-servers",
+            Some(&ada.access),
+            Some(json!({"project_id": p, "name": "docs", "url": mcp.url(), "allowed_tools": ["search"],
+                "headers": {"Authorization": "{{ secret.MCP_TOKEN }}"}})),
+        )
+        .await;
+    assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
+    let agent = |model: &str, extra: Value| {
+        let mut body = json!({"project_id": p, "name": format!("agent {model}"), "model": model,
+            "system_prompt": "x"});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        api.call("POST", "/api/v1/agents", Some(&ada.access), Some(body))
+    };
+    let searcher = agent("fake/small", json!({"mcp_tools": ["mcp:docs/search"]}))
+        .await
+        .json();
+    let speaker = agent("live/small", json!({"stream": true})).await.json();
+    let one_step = async |agent: &Value| {
+        json!(
+            workflow(
+                api,
+                ada,
+                p,
+                json!([{"key": "say", "kind": "agent", "agent_id": agent["id"], "input": "go",
+                    "retry": {"max_attempts": 1}}])
+            )
+            .await
+        )
+    };
+    let wf = one_step(&searcher).await;
+    let run = api.start_run(&ada.access, &wf, json!({})).await;
+    let done = wait_status(api, ada, run["id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!(
+        done["output"]["say"],
+        "found it",
+        "{done}
+{}",
+        up.log()
+    );
+    assert_eq!(
+        mcp.calls(),
+        [("search".to_string(), json!({"query": "spin"}))]
+    );
+
+    let wf = one_step(&speaker).await;
+    let run = api.start_run(&ada.access, &wf, json!({})).await;
+    let id = run["id"].as_str().unwrap().to_string();
+    let auth = format!("Bearer {}", ada.access);
+    let live = crate::common::read_sse(
+        &api.url(&format!("/api/v1/runs/{id}/events")),
+        &[("authorization", &auth)],
+        |events| events.iter().any(|e| e.event == "step.delta"),
+    )
+    .await;
+    let seen: String = live
+        .events
+        .iter()
+        .filter(|e| e.event == "step.delta")
+        .map(|e| e.data["delta"].as_str().unwrap())
+        .collect();
+    assert!(
+        !seen.is_empty() && "Under Spin ".starts_with(&seen),
+        "{seen:?}"
+    );
+    streaming.gate.add_permits(1);
+    let done = wait_status(api, ada, &id, "succeeded").await;
+    assert_eq!(done["output"]["say"], "Under Spin too.");
+    assert_eq!(
+        (&done["tokens_in"], &done["tokens_out"]),
+        (&json!(40), &json!(3))
+    );
 }
 
 /// Schedules `workflow` every second and waits until the running cron components have

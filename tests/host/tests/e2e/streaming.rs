@@ -17,17 +17,17 @@ use crate::common::{Api, OPEN_URL_RULES, SseEvent, read_sse};
 
 /// A streaming provider: the n-th request gets the n-th script; each answer sends its
 /// first deltas, waits for a permit of `gate`, then sends the rest.
-struct StreamingProvider {
-    addr: std::net::SocketAddr,
-    gate: Arc<Semaphore>,
+pub(crate) struct StreamingProvider {
+    pub(crate) addr: std::net::SocketAddr,
+    pub(crate) gate: Arc<Semaphore>,
     requests: Arc<Mutex<Vec<Value>>>,
 }
 
-struct Script {
-    before: Vec<&'static str>,
-    after: Vec<&'static str>,
+pub(crate) struct Script {
+    pub(crate) before: Vec<&'static str>,
+    pub(crate) after: Vec<&'static str>,
     /// `(prompt, completion)` tokens of the final usage chunk, when it is sent.
-    usage: Option<(u64, u64)>,
+    pub(crate) usage: Option<(u64, u64)>,
 }
 
 fn chunk(delta: Value) -> String {
@@ -37,7 +37,7 @@ fn chunk(delta: Value) -> String {
 }
 
 impl StreamingProvider {
-    async fn start(scripts: Vec<Script>) -> Self {
+    pub(crate) async fn start(scripts: Vec<Script>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let gate = Arc::new(Semaphore::new(0));
