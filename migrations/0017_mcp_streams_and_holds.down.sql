@@ -1,3 +1,4 @@
+alter table runs drop column estimated_usd;
 alter table run_steps drop column hold;
 alter table agents drop column stream;
 alter table agents drop column mcp_tools;

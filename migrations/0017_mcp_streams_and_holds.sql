@@ -36,3 +36,7 @@ alter table agents add column stream boolean not null default false;
 -- `on_exhausted: wait | ask` waits with its hold (the budget, the call's estimate, when the
 -- window turns, and the agent's checkpoint to go on from).
 alter table run_steps add column hold jsonb;
+
+-- The price of the estimated tokens of a run's calls whose provider reported no usage
+-- (recorded as unpriced): the run's own max_cost_usd counts it as spent.
+alter table runs add column estimated_usd numeric(20, 6) not null default 0;

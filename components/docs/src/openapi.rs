@@ -1056,6 +1056,7 @@ fn schemas() -> Value {
             "trigger_id": {"type": ["string", "null"], "description": "The event trigger that started it"},
             "max_cost_usd": {"type": ["string", "null"], "description": "The run's own hard budget, when it has one"},
             "reserved_usd": {"type": "string", "description": "What the run's model calls in flight hold of its budget"},
+            "estimated_usd": {"type": "string", "description": "The estimated price of its calls whose provider reported no usage                 (counted in unpriced_calls, not in cost_usd); max_cost_usd counts it as spent"},
             "trace_export": {"type": ["object", "null"], "description": "GET /runs/{id} only, when the project exports traces: \
                 status (pending, exported, failed), attempts, last_error, exported_at",
                 "properties": {"status": {"enum": ["pending", "exported", "failed"]}, "attempts": s("integer"),

@@ -256,9 +256,10 @@ fn hold_run<C: Connection + ?Sized>(
         "with held as (
             update runs set reserved_usd = reserved_usd + $2::numeric
             where run_id = $1 and max_cost_usd is not null and $2::numeric is not null
-              and cost_usd + reserved_usd + $2::numeric <= max_cost_usd
+              and cost_usd + estimated_usd + reserved_usd + $2::numeric <= max_cost_usd
             returning 1)
-         select max_cost_usd::text, cost_usd::text, reserved_usd::text, exists (select 1 from held)
+         select max_cost_usd::text, (cost_usd + estimated_usd)::text, reserved_usd::text,
+                exists (select 1 from held)
          from runs where run_id = $1",
         &[
             V::Uuid(run_id.into()),

@@ -347,6 +347,9 @@ pub struct Usage<'a> {
     pub tokens_out: i64,
     /// `None`: the model has no price (counted as an unpriced call, never as free).
     pub cost: Option<Usd>,
+    /// For a call recorded as unpriced because its provider reported no usage: the price
+    /// of its estimated tokens, which the run's own `max_cost_usd` counts as spent.
+    pub estimated: Option<Usd>,
 }
 
 /// Adds a model call's tokens and cost to the step and the run, with a `model.called`
@@ -378,7 +381,8 @@ pub fn add_usage<C: Connection + ?Sized>(
     )?;
     tx.execute(
         "update runs set tokens_in = tokens_in + $2, tokens_out = tokens_out + $3,
-            cost_usd = cost_usd + coalesce($4::numeric, 0), unpriced_calls = unpriced_calls + $5
+            cost_usd = cost_usd + coalesce($4::numeric, 0), unpriced_calls = unpriced_calls + $5,
+            estimated_usd = estimated_usd + coalesce($6::numeric, 0)
          where run_id = $1",
         &[
             V::Uuid(run_id.into()),
@@ -386,6 +390,9 @@ pub fn add_usage<C: Connection + ?Sized>(
             V::Int64(usage.tokens_out),
             cost,
             V::Int32(i32::from(usage.cost.is_none())),
+            usage
+                .estimated
+                .map_or(V::Null, |e| V::Decimal(e.to_fixed())),
         ],
     )?;
     event(tx, run_id, "model.called", Some(step_key), data)

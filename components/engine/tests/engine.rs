@@ -1141,3 +1141,56 @@ fn a_budget_hold_parks_the_step_until_its_window_turns_its_budget_changes_or_an_
         Err(ApiError::Conflict(_))
     ));
 }
+
+/// A call recorded as unpriced because its provider reported no usage still spends the
+/// run's own `max_cost_usd`: the price of its estimated tokens counts as spent there.
+#[test]
+fn an_unreported_calls_estimate_counts_against_the_runs_own_budget() {
+    use sparkops_core::money::Usd;
+    use sparkops_engine::policies::{self, RefusedOr};
+    let (db, w) = setup(chain(&[("a", &[])]));
+    let run = start(&db, &w, json!({}));
+    db.execute(
+        "update runs set max_cost_usd = 0.30 where run_id = $1",
+        &[V::Uuid(run.clone())],
+    )
+    .unwrap();
+    advance(&db, &run);
+    let usd = |s: &str| Usd::parse(s).unwrap();
+    let usage = step::Usage {
+        model: "fake/small",
+        tokens_in: 100,
+        tokens_out: 10,
+        cost: None,
+        estimated: Some(usd("0.25")),
+    };
+    db::transaction(&db, |tx| step::add_usage(tx, &run, "a", &usage, json!({}))).unwrap();
+    let row = db
+        .scalar(
+            "select cost_usd::text || ' ' || unpriced_calls || ' ' || estimated_usd::text from runs where run_id = $1",
+            &[V::Uuid(run.clone())],
+        )
+        .unwrap();
+    assert_eq!(
+        row, "0.000000 1 0.250000",
+        "unpriced, with its estimate kept apart"
+    );
+    let later = Utc::now() + Duration::minutes(5);
+    let reserve = |worst: &str| {
+        policies::reserve(
+            &db,
+            uuid::Uuid::new_v4().to_string(),
+            &run,
+            &[],
+            Utc::now(),
+            Some(usd(worst)),
+            later,
+            None,
+        )
+    };
+    let Err(RefusedOr::Refused(v)) = reserve("0.06") else {
+        panic!("0.25 estimated + 0.06 passes 0.30");
+    };
+    assert!(v.detail.contains("0.250000 spent"), "{}", v.detail);
+    reserve("0.05").expect("0.25 estimated + 0.05 fits 0.30 exactly");
+}

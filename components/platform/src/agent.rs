@@ -337,6 +337,7 @@ fn record_usage(
         tokens_in: c.prompt_tokens as i64,
         tokens_out: c.completion_tokens as i64,
         cost,
+        estimated: charged.filter(|_| !c.usage_reported),
     };
     ctx.transaction(|tx, _| {
         engine::step::add_usage(tx, s.run_id, s.step_key, &usage, data)?;

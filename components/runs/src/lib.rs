@@ -83,7 +83,7 @@ const RUN_COLUMNS: &str = "r.run_id::text, r.project_id::text, r.workflow_id::te
      (select coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb) from \
         (select status, count(*) as n from run_steps where run_id = r.run_id group by status) s), \
      (r.payloads_pruned_at at time zone 'UTC'), r.trigger_id::text, (r.paused_at at time zone 'UTC'), \
-     r.max_cost_usd::text, r.reserved_usd::text";
+     r.max_cost_usd::text, r.reserved_usd::text, r.estimated_usd::text";
 
 fn run_json(row: &Row) -> Result<Value, ApiError> {
     let duration_ms = match (row.opt_timestamp(15)?, row.opt_timestamp(16)?) {
@@ -120,6 +120,8 @@ fn run_json(row: &Row) -> Result<Value, ApiError> {
         // The run's own hard budget, and what its calls in flight hold of it.
         "max_cost_usd": row.opt_usd(23)?.map(|c| c.to_fixed()),
         "reserved_usd": row.usd(24)?.to_fixed(),
+        // The estimated price of its unpriced calls whose provider reported no usage.
+        "estimated_usd": row.usd(25)?.to_fixed(),
     }))
 }
 

@@ -267,6 +267,11 @@ async fn a_streaming_agent_shows_its_text_live_and_records_usage_from_the_final_
         .unwrap()
         .to_string();
     assert_ne!(estimated, "0.000000");
+    assert_eq!(
+        run["estimated_usd"],
+        json!(estimated),
+        "the run keeps the estimate apart"
+    );
     let usage = api
         .call(
             "GET",
