@@ -29,6 +29,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "run.cancelled",
     "step.waiting_approval",
     "budget.alert",
+    "budget.held",
     "schedule.skipped",
     "schedule.refused",
 ];
@@ -46,6 +47,7 @@ pub fn event_type_of(run_event: &str) -> Option<&'static str> {
         "run.cancelled" => Some("run.cancelled"),
         "step.waiting" => Some("step.waiting_approval"),
         "budget.alert" => Some("budget.alert"),
+        "step.held" => Some("budget.held"),
         _ => None,
     }
 }
@@ -391,6 +393,7 @@ mod tests {
     #[test]
     fn run_events_map_to_webhook_events() {
         assert_eq!(event_type_of("step.waiting"), Some("step.waiting_approval"));
+        assert_eq!(event_type_of("step.held"), Some("budget.held"));
         assert_eq!(event_type_of("run.started"), None);
         for e in [
             "run.succeeded",

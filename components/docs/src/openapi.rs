@@ -891,7 +891,7 @@ fn schemas() -> Value {
     schedule_out["last_fired_at"] = json!({"type": ["string", "null"], "format": "date-time"});
     let event_types = json!({"type": "array", "minItems": 1, "uniqueItems": true, "items": {"enum": [
         "run.succeeded", "run.failed", "run.timed_out", "run.cancelled", "step.waiting_approval",
-        "budget.alert", "schedule.skipped", "schedule.refused"]}});
+        "budget.alert", "budget.held", "schedule.skipped", "schedule.refused"]}});
     let webhook = json!({
         "url": {"type": "string", "format": "uri", "maxLength": 2048, "description": "https, not an internal address (the tool URL rules)"},
         "description": opt_text(1000),

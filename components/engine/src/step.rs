@@ -270,31 +270,30 @@ fn hold_locked<C: Connection + ?Sized>(
         h.remove("checkpoint");
         h.insert("attempt".into(), json!(a.attempt));
     }
-    let held = tx.query(
-        &store::change_with_event(
-            "update run_steps set status = 'waiting', hold = $4, input = $5, attempt = attempt - 1,
-                lease_id = null, lease_expires_at = null, deadline_at = null, updated_at = now()
-             where run_id = $1 and step_key = $2 and lease_id = $3 and status = 'running'
-             returning 1",
-            "'step.held'",
-            "$2",
-            "$6",
-            "1",
-        ),
+    let held = tx.execute(
+        "update run_steps set status = 'waiting', hold = $4, input = $5, attempt = attempt - 1,
+            lease_id = null, lease_expires_at = null, deadline_at = null, updated_at = now()
+         where run_id = $1 and step_key = $2 and lease_id = $3 and status = 'running'",
         &[
             V::Uuid(a.lease.run_id.into()),
             V::Text(a.lease.step_key.into()),
             V::Uuid(a.lease.lease_id.into()),
             V::Json(hold.clone()),
             json_or_null(&a.input),
-            V::Json(data),
         ],
+    )? == 1;
+    if !held {
+        return Ok(Recorded::Discarded);
+    }
+    // Through `event`, so webhooks subscribed to `budget.held` are told in the same statement.
+    event(
+        tx,
+        a.lease.run_id,
+        "step.held",
+        Some(a.lease.step_key),
+        data,
     )?;
-    Ok(if held.is_empty() {
-        Recorded::Discarded
-    } else {
-        Recorded::Held
-    })
+    Ok(Recorded::Held)
 }
 
 /// A held step goes on: `ready` again (the next advance claims it; its executor finds the

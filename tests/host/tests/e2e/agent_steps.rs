@@ -1442,9 +1442,38 @@ async fn a_budget_that_waits_or_asks_holds_the_step_and_it_goes_on_where_it_stop
         .unwrap()
         .to_string();
     let (asking, wf) = setup(&p2, "ask").await;
+    let receiver = FakeServer::start(204, json!({}), Duration::ZERO).await;
+    let hook = api
+        .call(
+            "POST",
+            "/api/v1/webhooks",
+            Some(&ada.access),
+            Some(json!({"project_id": p2, "url": receiver.url("/in"), "event_types": ["budget.held"]})),
+        )
+        .await;
+    assert_eq!(hook.status, 201, "{}", String::from_utf8_lossy(&hook.body));
     let (run, events) = held_run(&api, &ada, &wf).await;
     let held = events.iter().find(|e| e["kind"] == "step.held").unwrap();
     assert_eq!(held["data"]["mode"], "ask");
+    // The project's admins are told through the webhook.
+    api.tick("notifier", chrono::Utc::now().timestamp()).await;
+    let told = crate::common::eventually(async || {
+        receiver
+            .received()
+            .first()
+            .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap())
+    })
+    .await;
+    assert_eq!(told["type"], "budget.held");
+    assert_eq!(
+        (
+            &told["data"]["run_id"],
+            &told["data"]["step_key"],
+            &told["data"]["detail"]["mode"]
+        ),
+        (&json!(run), &json!("ask"), &json!("ask"))
+    );
+    assert_eq!(told["data"]["detail"]["policy_id"], json!(asking));
     let bea = api.register("bea").await;
     api.add_member(&ada, &p2, &bea, "member").await;
     let approve = format!("/api/v1/runs/{run}/steps/ask/approve");

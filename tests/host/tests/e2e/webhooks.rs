@@ -201,6 +201,7 @@ async fn every_event_type_reaches_the_receiver_signed() {
         "run.cancelled",
         "step.waiting_approval",
         "budget.alert",
+        "budget.held",
         "schedule.skipped",
         "schedule.refused"
     ]);
@@ -248,6 +249,20 @@ async fn every_event_type_reaches_the_receiver_signed() {
     .await;
     let alerted = api.run_to_end(&ada.access, &asking, json!({})).await;
     assert_eq!(alerted["status"], "succeeded", "{alerted}");
+    // A budget hold: a blocking budget that asks, too small for the next call's worst case.
+    api.create(
+        &ada.access,
+        "/api/v1/policies",
+        json!({"project_id": p, "name": "Ask", "scope": {"workflow_id": asking},
+            "rules": {"budget": {"limit_usd": "0.005", "window": "month", "on_exhausted": "ask"}}}),
+    )
+    .await;
+    let held = api.start_run(&ada.access, &json!(asking), json!({})).await;
+    let held = held["id"].as_str().unwrap().to_string();
+    crate::common::eventually(async || {
+        (status_of(&api, &ada, &held).await == "waiting").then_some(())
+    })
+    .await;
 
     // An approval awaited, a fire skipped by the overlap rule, one refused by a policy, and
     // a cancel.
@@ -351,6 +366,15 @@ async fn every_event_type_reaches_the_receiver_signed() {
     );
     let b = of("budget.alert", alerted["id"].as_str().unwrap());
     assert_eq!(b["data"]["detail"]["policy"], "Watch");
+    let h = of("budget.held", &held);
+    assert_eq!(
+        (
+            &h["data"]["step_key"],
+            &h["data"]["detail"]["policy"],
+            &h["data"]["detail"]["mode"]
+        ),
+        (&json!("ask"), &json!("Ask"), &json!("ask"))
+    );
     let skipped = of("schedule.skipped", "");
     assert_eq!(
         (&skipped["data"]["schedule_id"], &skipped["data"]["manual"]),
