@@ -322,23 +322,6 @@ pub fn resume_held<C: Connection + ?Sized>(
     Ok(woken)
 }
 
-/// The hold of a step held by a budget, if it is.
-pub fn hold_of<R: sparkops_core::db::Read + ?Sized>(
-    db: &R,
-    run_id: &str,
-    step_key: &str,
-) -> Result<Option<Value>, ApiError> {
-    let rows = db.read(
-        "select hold from run_steps where run_id = $1 and step_key = $2",
-        &[V::Uuid(run_id.into()), V::Text(step_key.into())],
-    )?;
-    Ok(rows
-        .first()
-        .map(|r| r.json(0))
-        .transpose()?
-        .filter(|h| !h.is_null()))
-}
-
 /// One model call's usage.
 pub struct Usage<'a> {
     pub model: &'a str,
@@ -618,16 +601,19 @@ pub fn decide_approval<C: Connection + ?Sized>(
     let no_step = || ApiError::NotFound(format!("no step {step_key} in run {run_id}"));
     lock_run(tx, run_id)?.ok_or_else(no_step)?;
     let rows = tx.query(
-        "select status from run_steps where run_id = $1 and step_key = $2",
+        "select status, hold from run_steps where run_id = $1 and step_key = $2",
         &[V::Uuid(run_id.into()), V::Text(step_key.into())],
     )?;
-    let status = store::step_status(rows.first().ok_or_else(no_step)?, 0)?;
+    let row = rows.first().ok_or_else(no_step)?;
+    let status = store::step_status(row, 0)?;
     if status != StepStatus::Waiting {
         return Err(ApiError::Conflict(format!(
             "the step is {status}, not waiting for an approval"
         )));
     }
-    if let Some(hold) = hold_of(tx, run_id, step_key)? {
+    // A step a budget holds waits for its budget, or (an `ask`) for an admin.
+    let hold = row.json(1)?;
+    if !hold.is_null() {
         return decide_hold(tx, run_id, step_key, d, &hold);
     }
     let approval = store::definition(tx, run_id)?

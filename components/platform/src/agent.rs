@@ -230,16 +230,13 @@ fn load_mcp_tools(
             .iter()
             .any(|(_, s, t)| s == name && servers[i].allows(t) && servers[i].tool(t).is_none());
         if unlisted {
-            if let Err(e) = mcp::refresh(ctx, scope.project_id, &servers[i])? {
-                let message = format!("MCP server {name}: listing its tools: {e}");
-                let failure = Failure::new(e.kind(), message);
-                return Ok(Err(if e.is_final() {
-                    failure.final_attempt()
-                } else {
-                    failure
-                }));
+            match mcp::refresh(ctx, scope.project_id, &servers[i])? {
+                Ok(listed) => servers[i].tools = Some(listed),
+                Err(e) => {
+                    let message = format!("MCP server {name}: listing its tools: {e}");
+                    return Ok(Err(e.failure(message)));
+                }
             }
-            servers = mcp::load_named(ctx.db()?, scope.project_id, &names)?;
         }
     }
     let mut tools = Vec::new();
@@ -744,11 +741,7 @@ fn call(
         Ok(a) => a,
     };
     if !(200..300).contains(&answer.status) {
-        let retry_after = answer
-            .headers
-            .iter()
-            .find(|(k, _)| k == "retry-after")
-            .map(|(_, v)| v.as_str());
+        let retry_after = outbound::header(&answer.headers, "retry-after");
         let (kind, wait) = llm::classify(answer.status, retry_after);
         let detail: String = String::from_utf8_lossy(&answer.body)
             .chars()
@@ -795,9 +788,7 @@ fn call(
 
 /// Whether an answer's `Content-Type` is an event stream.
 fn is_event_stream(headers: &[(String, String)]) -> bool {
-    headers
-        .iter()
-        .any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream"))
+    outbound::header(headers, "content-type").is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
 /// The final answer as the step's output: text, or JSON checked against `response_format`.
@@ -979,12 +970,7 @@ fn call_mcp_tool(
             let error = json!({"duration_ms": duration_ms,
                 "error": {"kind": e.kind().as_str(), "message": message}});
             record_event(ctx, scope, "tool.called", event(false, error))?;
-            let failure = Failure::new(e.kind(), message);
-            Ok(ToolAnswer::Failed(if e.is_final() {
-                failure.final_attempt()
-            } else {
-                failure
-            }))
+            Ok(ToolAnswer::Failed(e.failure(message)))
         }
         Ok((text, is_error)) => {
             let extra = if is_error {

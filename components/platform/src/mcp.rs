@@ -13,8 +13,9 @@ use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Read, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::mcp::{self as protocol, RpcError, ToolInfo};
 use sparkops_engine::ErrorKind;
+use sparkops_engine::step::Failure;
 
-use crate::outbound::{self, Call, CallError, Chosen, Headers, check_user_url};
+use crate::outbound::{self, Call, CallError, Chosen, Headers, check_user_url, header};
 use crate::tool_call::{self, MAX_RESPONSE_BYTES};
 use crate::work::Work;
 
@@ -150,13 +151,14 @@ impl McpError {
         }
     }
 
-    /// Whether another attempt cannot do better (a refused destination, a configuration
-    /// that lacks a secret, a revision the server will not change).
-    pub fn is_final(&self) -> bool {
+    /// The step failure it makes, its message `message`: no further attempt when another
+    /// cannot do better (a refused destination, a configuration that lacks a secret).
+    pub fn failure(&self, message: String) -> Failure {
+        let failure = Failure::new(self.kind(), message);
         match self {
-            McpError::Call(e) => e.refused(),
-            McpError::Config(_) => true,
-            _ => false,
+            McpError::Call(e) if e.refused() => failure.final_attempt(),
+            McpError::Config(_) => failure.final_attempt(),
+            _ => failure,
         }
     }
 }
@@ -187,14 +189,6 @@ pub struct Session {
     pub protocol_version: &'static str,
     pub server_info: Value,
     next_id: u64,
-}
-
-/// The headers of a POST's answer that matter here.
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
 }
 
 impl Session {
@@ -381,12 +375,12 @@ impl Session {
     }
 }
 
-/// Lists the server's tools now and stores the listing on its row.
+/// Lists the server's tools now and stores the listing on its row; the listing.
 pub fn refresh(
     ctx: &mut Work,
     project_id: &str,
     server: &Server,
-) -> Result<Result<(), McpError>, ApiError> {
+) -> Result<Result<Vec<ToolInfo>, McpError>, ApiError> {
     let deadline = Instant::now() + server.timeout;
     let listed = Session::open(ctx, project_id, server, deadline).and_then(|mut session| {
         let tools = session.list_tools(deadline);
@@ -399,7 +393,7 @@ pub fn refresh(
         Err(McpError::Internal(e)) => return Err(e),
         Err(e) => return Ok(Err(e)),
     };
-    let tools: Vec<Value> = tools.iter().map(ToolInfo::to_json).collect();
+    let listing: Vec<Value> = tools.iter().map(ToolInfo::to_json).collect();
     let now = ctx.now;
     ctx.db()?.execute(
         &format!(
@@ -409,13 +403,13 @@ pub fn refresh(
         ),
         &[
             V::Uuid(server.id.clone()),
-            V::Json(Value::Array(tools)),
+            V::Json(Value::Array(listing)),
             V::Timestamp(now),
             V::Text(version.into()),
             V::Json(info),
         ],
     )?;
-    Ok(Ok(()))
+    Ok(Ok(tools))
 }
 
 /// The sessions one agent step holds, one per server, opened on first use and closed

@@ -34,6 +34,14 @@ use crate::heartbeat;
 /// Header names and values, in order.
 pub type Headers = Vec<(String, String)>;
 
+/// The value of header `name` (lowercase, as answers carry them) among `headers`.
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
 /// Who chose where a call goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Chosen {
@@ -207,8 +215,8 @@ fn internal_redirect(url: &url::Url, answer: &Answer) -> Option<String> {
     if !(300..400).contains(&answer.status) {
         return None;
     }
-    let location = answer.headers.iter().find(|(k, _)| k == "location")?;
-    let target = url.join(&location.1).ok()?;
+    let location = header(&answer.headers, "location")?;
+    let target = url.join(location).ok()?;
     check_tool_url(target.as_str(), false)
         .is_err()
         .then(|| target.host_str().unwrap_or_default().to_string())
@@ -330,10 +338,7 @@ fn send_unguarded(call: Call<'_>, enough: Enough<'_>) -> Result<Answer, CallErro
             )
         })
         .collect::<Vec<_>>();
-    let declared = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse::<usize>().ok());
+    let declared = header(&headers, "content-length").and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > call.max_response_bytes) {
         return Err(CallError::TooLarge {
             limit: call.max_response_bytes,

@@ -301,11 +301,7 @@ fn outcome(project_id: &str, answer: Result<outbound::Answer, CallError>) -> Out
             let detail: String = String::from_utf8_lossy(&a.body).chars().take(200).collect();
             let error = format!("the collector answered {}: {detail}", a.status);
             if otlp::retryable(a.status) {
-                let retry_after = a
-                    .headers
-                    .iter()
-                    .find(|(k, _)| k == "retry-after")
-                    .map(|(_, v)| v.as_str());
+                let retry_after = crate::outbound::header(&a.headers, "retry-after");
                 let wait_ms = llm::classify(a.status, retry_after).1.unwrap_or(0);
                 Outcome::Retry {
                     error,

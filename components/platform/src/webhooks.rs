@@ -254,11 +254,7 @@ fn attempt(ctx: &mut Work, due: &Due) -> Result<Outcome, ApiError> {
     Ok(match answer {
         Ok(a) if (200..300).contains(&a.status) => Outcome::Delivered { status: a.status },
         Ok(a) => {
-            let retry_after = a
-                .headers
-                .iter()
-                .find(|(k, _)| k == "retry-after")
-                .map(|(_, v)| v.as_str());
+            let retry_after = crate::outbound::header(&a.headers, "retry-after");
             let wait_ms = llm::classify(a.status, retry_after).1.unwrap_or(0);
             let detail: String = String::from_utf8_lossy(&a.body).chars().take(200).collect();
             Outcome::Failed {

@@ -214,7 +214,7 @@ fn refresh(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> 
     let listed = mcp::refresh(ctx, &access.project_id, &server)?;
     let duration_ms = started.elapsed().as_millis() as u64;
     Ok(Reply::ok(match listed {
-        Ok(()) => json!({
+        Ok(_) => json!({
             "ok": true,
             "duration_ms": duration_ms,
             "server": resource::get_json::<McpServer>(ctx, &id)?,
