@@ -939,6 +939,58 @@ async fn a_transaction_left_open_goes_back_to_the_pool_still_open() {
 }
 
 #[tokio::test]
+async fn a_rollback_reaches_the_server_only_when_the_client_may_be_in_a_transaction() {
+    let (env, app) = app().await;
+    let run = |sql: &str| json!([{"sql": sql, "params": [], "execute": true}]);
+    pg(&app, run("select 41")).await;
+    assert_eq!(env.last_statements().await, ["select 41"]);
+    // The one pooled client is idle: the host answers the reset itself, as the server would.
+    let r = pg(&app, run("rollback")).await;
+    assert_eq!(r[0], json!({"affected": 0}));
+    assert_eq!(env.last_statements().await, ["select 41"]);
+    // Left inside a transaction, the next reset is sent and ends it.
+    pg(&app, run("begin")).await;
+    assert_eq!(env.sessions_in_state("idle in transaction").await, 1);
+    pg(&app, run("ROLLBACK;")).await;
+    assert_eq!(env.last_statements().await, ["ROLLBACK;"]);
+    assert_eq!(env.sessions_in_state("idle in transaction").await, 0);
+    // `ROLLBACK TO SAVEPOINT` keeps the transaction: the reset after it is sent too.
+    pg(
+        &app,
+        json!([
+            {"sql": "begin", "params": [], "execute": true},
+            {"sql": "savepoint s", "params": [], "execute": true},
+            {"sql": "rollback to savepoint s", "params": [], "execute": true},
+        ]),
+    )
+    .await;
+    pg(&app, run("rollback")).await;
+    assert_eq!(env.last_statements().await, ["rollback"]);
+    assert_eq!(env.sessions_in_state("idle in transaction").await, 0);
+}
+
+#[tokio::test]
+async fn a_statement_prepared_before_its_table_changed_shape_reads_the_new_shape() {
+    let (env, app) = app().await;
+    let db = env.db().await;
+    db.batch_execute("create table t (a int4); insert into t values (1)")
+        .await
+        .unwrap();
+    let read = json!([{"sql": "select * from t", "params": []}]);
+    let r = pg(&app, read.clone()).await;
+    assert_eq!(r[0]["rows"][0], json!([{"int32": 1}]));
+    db.batch_execute("alter table t add column b text default 'x'")
+        .await
+        .unwrap();
+    let r = pg(&app, read).await;
+    assert_eq!(
+        r[0]["rows"][0],
+        json!([{"int32": 1}, {"str": "x"}]),
+        "{r:?}"
+    );
+}
+
+#[tokio::test]
 async fn postgres_is_refused_for_a_host_not_allowed() {
     let (env, app) = app().await;
     let res = post(

@@ -131,6 +131,21 @@ impl TestEnv {
             .get(0)
     }
 
+    /// The statement each session on the test's database ran last.
+    pub async fn last_statements(&self) -> Vec<String> {
+        let admin = connect(&self.admin_url).await;
+        admin
+            .query(
+                "select query from pg_stat_activity where datname = $1 order by pid",
+                &[&self.database_name],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
     /// Options for an app from `manifest` (relative to the workspace) with a private state
     /// folder; `runtime_config` is written beside it when given.
     pub fn options(&self, manifest: &str, runtime_config: Option<&str>) -> AppOptions {
