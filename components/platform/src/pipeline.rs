@@ -18,6 +18,29 @@ use crate::db::Db;
 use crate::http::{HttpRequest, Reply, problem, request_id};
 pub use crate::work::Work;
 
+/// The credential a request carries: `Authorization: Bearer <JWT | sk_...>`, else
+/// `X-API-Key: sk_...`.
+fn credential(req: &HttpRequest) -> Option<&str> {
+    let bearer = req
+        .header("authorization")
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    bearer
+        .or_else(|| req.header("x-api-key").map(str::trim))
+        .filter(|c| !c.is_empty())
+}
+
+/// Requests per minute of one caller (a user or an API key).
+fn caller_limit() -> Limit {
+    Limit {
+        limit: crate::settings().rate_limit_per_minute,
+        window_secs: 60,
+    }
+}
+
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Principal {
@@ -59,6 +82,9 @@ pub struct Ctx {
     /// The project and run the request turned out to be about, for its log line.
     logged_project: Option<String>,
     logged_run: Option<String>,
+    /// The caller of the request's access token, counted by the pipeline with the
+    /// address, and the verdict of its limit (`None`: the limiter was unavailable).
+    counted_caller: Option<(Principal, Option<Decision>)>,
 }
 
 impl std::ops::Deref for Ctx {
@@ -83,21 +109,22 @@ impl Ctx {
             rate: None,
             logged_project: None,
             logged_run: None,
+            counted_caller: None,
         }
     }
 
     /// Authenticates `Authorization: Bearer <JWT | sk_...>` or `X-API-Key: sk_...`, then
-    /// counts the request against the principal's rate limit.
+    /// counts the request against the principal's rate limit (counted already, with the
+    /// address's, when the pipeline read a valid access token: see [`Ctx::count_request`]).
     pub fn authenticate(&mut self, req: &HttpRequest) -> Result<Principal, ApiError> {
-        let bearer = req
-            .header("authorization")
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .map(str::trim);
-        let credential = bearer.or_else(|| req.header("x-api-key").map(str::trim));
-        let Some(credential) = credential.filter(|c| !c.is_empty()) else {
+        if let Some((principal, decision)) = self.counted_caller.take() {
+            if let Some(decision) = decision {
+                self.note(&decision);
+                decision.check()?;
+            }
+            return Ok(principal);
+        }
+        let Some(credential) = credential(req) else {
             return Err(ApiError::Unauthenticated(
                 "a bearer token or API key is required".into(),
             ));
@@ -105,23 +132,64 @@ impl Ctx {
         let principal = if credential.starts_with("sk_") {
             self.api_key_principal(credential)?
         } else {
-            let key = token_key()?;
-            let claims = key
-                .verify(credential, self.now.timestamp() as u64)
-                .map_err(|_| {
-                    ApiError::Unauthenticated("the access token is invalid or expired".into())
-                })?;
-            Principal {
-                user_id: claims.user_id,
-                api_key: None,
-            }
+            self.token_principal(credential)?
         };
-        let limit = Limit {
-            limit: crate::settings().rate_limit_per_minute,
+        self.rate_limit(&format!("p:{}", principal.key()), caller_limit())?;
+        Ok(principal)
+    }
+
+    /// Counts the request against its address's rate limit (over it is `429`) and, when it
+    /// carries a valid access token, against its caller's in the same round trip; the
+    /// caller's verdict waits for the route to authenticate, so a public route never answers
+    /// `429` for it. (An API key needs a database lookup: it is counted when the route
+    /// authenticates, after the address's limit has passed.)
+    fn count_request(&mut self, req: &HttpRequest) -> Result<(), ApiError> {
+        let ip_key = format!("ip:{}", req.client_ip());
+        let ip_limit = Limit {
+            limit: crate::settings().rate_limit_ip_per_minute,
             window_secs: 60,
         };
-        self.rate_limit(&format!("p:{}", principal.key()), limit)?;
-        Ok(principal)
+        let caller = credential(req)
+            .filter(|c| !c.starts_with("sk_"))
+            .and_then(|token| self.token_principal(token).ok());
+        let Some(caller) = caller else {
+            return self.rate_limit(&ip_key, ip_limit);
+        };
+        let caller_key = format!("p:{}", caller.key());
+        let limit = caller_limit();
+        let keys = [
+            (ip_key.as_str(), ip_limit.window_secs),
+            (caller_key.as_str(), limit.window_secs),
+        ];
+        match crate::ratelimit::count_all(&keys) {
+            Ok(counts) => {
+                let (ip, caller_decision) = (
+                    ip_limit.decide(counts[0].0, counts[0].1),
+                    limit.decide(counts[1].0, counts[1].1),
+                );
+                self.counted_caller = Some((caller, Some(caller_decision)));
+                self.note(&ip);
+                ip.check()
+            }
+            Err(e) => {
+                log_warn("rate limiter unavailable", &e);
+                self.counted_caller = Some((caller, None));
+                Ok(())
+            }
+        }
+    }
+
+    /// The user of a valid access token.
+    fn token_principal(&self, token: &str) -> Result<Principal, ApiError> {
+        let claims = token_key()?
+            .verify(token, self.now.timestamp() as u64)
+            .map_err(|_| {
+                ApiError::Unauthenticated("the access token is invalid or expired".into())
+            })?;
+        Ok(Principal {
+            user_id: claims.user_id,
+            api_key: None,
+        })
     }
 
     fn api_key_principal(&mut self, secret: &str) -> Result<Principal, ApiError> {
@@ -184,19 +252,40 @@ impl Ctx {
                 &[V::Uuid(project_id.clone()), V::Uuid(who.user_id.clone())],
             )
             .map_err(internal("loading a membership"))?;
-        let member_role = rows
-            .first()
-            .and_then(|r| r.text(0).ok())
-            .and_then(|r| Role::parse(&r))
-            .ok_or_else(not_found)?;
+        let member_role = rows.first().map(|r| r.text(0)).transpose()?;
+        self.grant(who, &project_id, member_role.as_deref(), action)
+    }
+
+    /// The caller's access to `project_id`, given its membership role there (`None`: not a
+    /// member) read by the handler's own query: `404` when the caller cannot see the project
+    /// (a key for another project included), `403` when the role lacks `action`.
+    pub fn grant(
+        &mut self,
+        who: &Principal,
+        project_id: &str,
+        member_role: Option<&str>,
+        action: Action,
+    ) -> Result<ProjectAccess, ApiError> {
+        let not_found = || ApiError::NotFound(format!("no project {project_id}"));
+        if who
+            .api_key
+            .as_ref()
+            .is_some_and(|k| k.project_id != project_id)
+        {
+            return Err(not_found());
+        }
+        let member_role = member_role.and_then(Role::parse).ok_or_else(not_found)?;
         // A key acts with at most its creator's current role.
         let role = match &who.api_key {
             Some(key) => key.role.min(member_role),
             None => member_role,
         };
         role.require(action)?;
-        self.logged_project = Some(project_id.clone());
-        Ok(ProjectAccess { project_id, role })
+        self.logged_project = Some(project_id.to_string());
+        Ok(ProjectAccess {
+            project_id: project_id.to_string(),
+            role,
+        })
     }
 
     /// Names the run this request is about in its log line.
@@ -215,11 +304,16 @@ impl Ctx {
                 return Ok(());
             }
         };
+        self.note(&decision);
+        decision.check()
+    }
+
+    /// Keeps the tighter of `decision` and the limits seen so far for the headers.
+    fn note(&mut self, decision: &Decision) {
         self.rate = Some(match self.rate.take() {
             Some(seen) => seen.tighter(decision.clone()),
             None => decision.clone(),
         });
-        decision.check()
     }
 
     /// Runs a creating request once per `Idempotency-Key` (24 h): `create` runs in the
@@ -489,13 +583,7 @@ async fn run(
             if is_preflight(&req) {
                 Ok((preflight(&cors), cors))
             } else {
-                let ip_limit = Limit {
-                    limit: crate::settings().rate_limit_ip_per_minute,
-                    window_secs: 60,
-                };
-                let result = ctx
-                    .rate_limit(&format!("ip:{}", req.client_ip()), ip_limit)
-                    .and_then(|()| route(&mut ctx, &req));
+                let result = ctx.count_request(&req).and_then(|()| route(&mut ctx, &req));
                 match result {
                     Ok(Served::Reply(reply)) => Ok((reply, cors)),
                     Ok(Served::Stream(s)) => {

@@ -85,6 +85,9 @@ const RUN_COLUMNS: &str = "r.run_id::text, r.project_id::text, r.workflow_id::te
      (r.payloads_pruned_at at time zone 'UTC'), r.trigger_id::text, (r.paused_at at time zone 'UTC'), \
      r.max_cost_usd::text, r.reserved_usd::text, r.estimated_usd::text";
 
+/// The number of columns in [`RUN_COLUMNS`].
+const RUN_WIDTH: usize = 26;
+
 fn run_json(row: &Row) -> Result<Value, ApiError> {
     let duration_ms = match (row.opt_timestamp(15)?, row.opt_timestamp(16)?) {
         (Some(s), Some(f)) => Some((f - s).num_milliseconds()),
@@ -162,31 +165,42 @@ fn load(tx: &Tx<'_, Db>, id: &str) -> Result<Value, ApiError> {
     )
 }
 
+/// The run, its project's membership of the caller and its trace export in one query.
 fn get(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
-    let (id, _) = access(ctx, who, id, Action::Read)?;
-    let mut run = ctx.transaction(|tx, _| load(tx, &id))?;
-    run["trace_export"] = trace_export(ctx, &id)?;
-    Ok(Reply::ok(run))
-}
-
-/// Where the run's trace export stands, when its project exports traces.
-fn trace_export(ctx: &mut Ctx, id: &str) -> Result<Value, ApiError> {
+    let id = parse_uuid(id, "run")?;
+    let not_found = || ApiError::NotFound(format!("no run {id}"));
     let rows = ctx.db()?.query(
         &format!(
-            "select status, attempts, last_error, {} from trace_exports where run_id = $1",
-            utc("exported_at")
+            "select {RUN_COLUMNS}, m.role, t.status, t.attempts, t.last_error, {}
+             from runs r
+             join projects p on p.project_id = r.project_id and p.deleted_at is null
+             left join memberships m on m.project_id = r.project_id and m.user_id = $2
+             left join trace_exports t on t.run_id = r.run_id
+             where r.run_id = $1",
+            utc("t.exported_at")
         ),
-        &[V::Uuid(id.into())],
+        &[V::Uuid(id.clone()), V::Uuid(who.user_id.clone())],
     )?;
-    let Some(r) = rows.first() else {
-        return Ok(Value::Null);
+    let row = rows.first().ok_or_else(not_found)?;
+    let member_role = row.opt_text(RUN_WIDTH)?;
+    ctx.grant(who, &row.text(1)?, member_role.as_deref(), Action::Read)
+        .map_err(|e| match e {
+            ApiError::NotFound(_) => not_found(),
+            other => other,
+        })?;
+    ctx.log_run(&id);
+    let mut run = run_json(row)?;
+    // Set when the run's project exports traces.
+    run["trace_export"] = match row.opt_text(RUN_WIDTH + 1)? {
+        None => Value::Null,
+        Some(status) => json!({
+            "status": status,
+            "attempts": row.int(RUN_WIDTH + 2)?,
+            "last_error": row.opt_text(RUN_WIDTH + 3)?,
+            "exported_at": row.time_json(RUN_WIDTH + 4)?,
+        }),
     };
-    Ok(json!({
-        "status": r.text(0)?,
-        "attempts": r.int(1)?,
-        "last_error": r.opt_text(2)?,
-        "exported_at": r.time_json(3)?,
-    }))
+    Ok(Reply::ok(run))
 }
 
 fn list(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, ApiError> {
