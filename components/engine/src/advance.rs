@@ -47,6 +47,16 @@ pub fn advance<C: Connection + ?Sized>(
     advance_locked(tx, run_id, status)
 }
 
+/// [`advance`] for a run [`crate::start`]ed in this same transaction: its row, inserted
+/// here, is invisible to every other transaction until this one commits, so it is this
+/// transaction's without a lock to take, and it is queued.
+pub fn advance_started<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+) -> Result<Vec<Claim>, ApiError> {
+    advance_locked(tx, run_id, Some(RunStatus::Queued))
+}
+
 /// [`advance`] for a caller that already holds the run's lock and read its `status` (`None`:
 /// no such run).
 pub(crate) fn advance_locked<C: Connection + ?Sized>(
@@ -66,11 +76,14 @@ pub(crate) fn advance_locked<C: Connection + ?Sized>(
             return Ok(Vec::new());
         }
         Some(RunStatus::Queued) => {
-            tx.execute(
-                "update runs set status = 'running', started_at = now(), updated_at = now() where run_id = $1",
-                &[V::Uuid(run_id.into())],
+            store::event_setting(
+                tx,
+                run_id,
+                "run.started",
+                None,
+                json!({}),
+                ", status = 'running', started_at = now(), updated_at = now()",
             )?;
-            event(tx, run_id, "run.started", None, json!({}))?;
         }
         Some(RunStatus::Running | RunStatus::Waiting) => {}
         _ => return Ok(Vec::new()),

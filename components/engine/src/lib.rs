@@ -37,7 +37,7 @@ pub mod start;
 pub mod step;
 pub mod store;
 
-pub use advance::{Claim, advance, finish};
+pub use advance::{Claim, advance, advance_started, finish};
 pub use lifecycle::{Cancel, Pause, cancel, pause, resume};
 pub use sparkops_core::db::Tx;
 pub use sparkops_core::status::{ErrorKind, RunStatus, StepStatus};

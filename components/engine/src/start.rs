@@ -21,7 +21,7 @@ use sparkops_core::status::{RunStatus, sql_list};
 use sparkops_core::workflow::{self, Definition};
 
 use crate::policies;
-use crate::store::{event, json_or_null};
+use crate::store::event;
 
 /// A workflow version a run can pin.
 #[derive(Debug, Clone)]
@@ -43,38 +43,71 @@ pub fn workflow<R: Read + ?Sized>(
     workflow_id: &str,
     version: Option<i32>,
 ) -> Result<Option<Workflow>, ApiError> {
+    workflow_for(db, workflow_id, version, None)?
+        .map(|found| found.workflow)
+        .transpose()
+}
+
+/// A workflow [`workflow_for`] found, with what its caller may do with it.
+pub struct Found {
+    pub project_id: String,
+    /// The caller's membership role in the workflow's project, `None` when not a member.
+    pub member_role: Option<String>,
+    /// The version asked for, or why there is none (checked after the caller's access).
+    pub workflow: Result<Workflow, ApiError>,
+}
+
+/// [`workflow`] and `user_id`'s membership of its project in the same query.
+pub fn workflow_for<R: Read + ?Sized>(
+    db: &R,
+    workflow_id: &str,
+    version: Option<i32>,
+    user_id: Option<&str>,
+) -> Result<Option<Found>, ApiError> {
     let rows = db.read(
-        "select w.project_id::text, v.version, w.timeout_s, v.definition, v.input_schema
+        "select w.project_id::text, v.version, w.timeout_s, v.definition, v.input_schema, m.role
          from workflows w join projects p on p.project_id = w.project_id
          left join workflow_versions v on v.workflow_id = w.workflow_id and v.version = coalesce($2, w.version)
+         left join memberships m on m.project_id = w.project_id and m.user_id = $3
          where w.workflow_id = $1 and w.deleted_at is null and p.deleted_at is null",
         &[
             V::Uuid(workflow_id.into()),
             version.map_or(V::Null, V::Int32),
+            user_id.map_or(V::Null, |u| V::Uuid(u.into())),
         ],
     )?;
     let Some(row) = rows.first() else {
         return Ok(None);
     };
+    let project_id = row.text(0)?;
+    let member_role = row.opt_text(5)?;
     let Ok(pinned) = row.int(1) else {
         let version = version.unwrap_or_default();
-        return Err(ApiError::field(
-            "version",
-            format!("the workflow has no version {version}"),
-        ));
+        return Ok(Some(Found {
+            project_id,
+            member_role,
+            workflow: Err(ApiError::field(
+                "version",
+                format!("the workflow has no version {version}"),
+            )),
+        }));
     };
     let definition = workflow::parse_saved(&row.json(3)?).map_err(|e| {
         ApiError::Internal(format!(
             "workflow {workflow_id} v{pinned} does not parse: {e:?}"
         ))
     })?;
-    Ok(Some(Workflow {
-        workflow_id: workflow_id.into(),
-        project_id: row.text(0)?,
-        version: pinned as i32,
-        definition,
-        input_schema: row.json(4)?,
-        timeout_s: row.int(2).ok(),
+    Ok(Some(Found {
+        workflow: Ok(Workflow {
+            workflow_id: workflow_id.into(),
+            project_id: project_id.clone(),
+            version: pinned as i32,
+            definition,
+            input_schema: row.json(4)?,
+            timeout_s: row.int(2).ok(),
+        }),
+        project_id,
+        member_role,
     }))
 }
 
@@ -219,12 +252,45 @@ fn insert<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<()
             None,
         ),
     };
+    // The run and its steps in one statement: the steps as one JSON parameter, a reused
+    // step (a retry from `failed`) succeeded already with its input and output.
+    let mut reused_keys = Vec::new();
+    let steps: Vec<Value> = w
+        .definition
+        .steps
+        .iter()
+        .map(|step| {
+            let mut row = json!({
+                "key": step.key,
+                "kind": step.kind.as_str(),
+                // What the metrics group steps by.
+                "agent_id": step.agent_id,
+                "tool_id": step.tool_id,
+            });
+            if let Some((input, output)) = reused.and_then(|r| r.get(&step.key)) {
+                reused_keys.push(step.key.clone());
+                row["status"] = json!("succeeded");
+                row["input"] = input.clone();
+                row["output"] = output.clone();
+            }
+            row
+        })
+        .collect();
     tx.execute(
         &format!(
-            "insert into runs (run_id, project_id, workflow_id, workflow_version, input, created_by,
-                deadline_at, retry_of, schedule_id, scheduled_for, trigger_id, max_cost_usd, created_at, updated_at)
-             values ($1, $2, $3, $4, $5, $6, $7{AS_TIMESTAMPTZ}, $8, $9, $10{AS_TIMESTAMPTZ}, $12, $13,
-                $11{AS_TIMESTAMPTZ}, $11{AS_TIMESTAMPTZ})"
+            "with run as (
+                insert into runs (run_id, project_id, workflow_id, workflow_version, input, created_by,
+                    deadline_at, retry_of, schedule_id, scheduled_for, trigger_id, max_cost_usd, created_at, updated_at)
+                values ($1, $2, $3, $4, $5, $6, $7{AS_TIMESTAMPTZ}, $8, $9, $10{AS_TIMESTAMPTZ}, $12, $13,
+                    $11{AS_TIMESTAMPTZ}, $11{AS_TIMESTAMPTZ})
+                returning run_id
+             )
+             insert into run_steps (run_id, step_key, kind, agent_id, tool_id, status, input, output, finished_at)
+             select run.run_id, s.key, s.kind, s.agent_id::uuid, s.tool_id::uuid,
+                coalesce(s.status, 'pending'), s.input, s.output,
+                case when s.status is not null then now() end
+             from run, jsonb_to_recordset($14) as s(key text, kind text, agent_id text, tool_id text,
+                status text, input jsonb, output jsonb)"
         ),
         &[
             id(),
@@ -240,38 +306,9 @@ fn insert<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<()
             V::Timestamp(run.now),
             trigger.map_or(V::Null, |t| V::Uuid(t.into())),
             run.max_cost_usd.map_or(V::Null, |c| V::Decimal(c.to_fixed())),
+            V::Json(Value::Array(steps)),
         ],
     )?;
-    let mut reused_keys = Vec::new();
-    for step in &w.definition.steps {
-        let kind = V::Text(step.kind.as_str().into());
-        // What the metrics group steps by.
-        let agent = step.agent_id.clone().map_or(V::Null, V::Text);
-        let tool = step.tool_id.clone().map_or(V::Null, V::Text);
-        match reused.and_then(|r| r.get(&step.key)) {
-            None => tx.execute(
-                "insert into run_steps (run_id, step_key, kind, agent_id, tool_id)
-                 values ($1, $2, $3, $4::text::uuid, $5::text::uuid)",
-                &[id(), V::Text(step.key.clone()), kind, agent, tool],
-            )?,
-            Some((input, output)) => {
-                reused_keys.push(step.key.clone());
-                tx.execute(
-                    "insert into run_steps (run_id, step_key, kind, agent_id, tool_id, status, input, output, finished_at)
-                     values ($1, $2, $3, $4::text::uuid, $5::text::uuid, 'succeeded', $6, $7, now())",
-                    &[
-                        id(),
-                        V::Text(step.key.clone()),
-                        kind,
-                        agent,
-                        tool,
-                        json_or_null(input),
-                        json_or_null(output),
-                    ],
-                )?
-            }
-        };
-    }
     if !reused_keys.is_empty() {
         data["reused"] = json!(reused_keys);
     }

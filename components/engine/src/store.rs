@@ -36,6 +36,19 @@ pub fn event<C: Connection + ?Sized>(
     step: Option<&str>,
     data: Value,
 ) -> Result<(), ApiError> {
+    event_setting(tx, run_id, kind, step, data, "")
+}
+
+/// [`event`], with the run's row changed by the same statement: `also_set` is more
+/// `column = value` assignments (`, status = 'running'`, say) over no parameters.
+pub fn event_setting<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    kind: &str,
+    step: Option<&str>,
+    data: Value,
+    also_set: &str,
+) -> Result<(), ApiError> {
     let mut params = vec![
         V::Uuid(run_id.into()),
         V::Text(kind.into()),
@@ -58,7 +71,7 @@ pub fn event<C: Connection + ?Sized>(
     };
     tx.execute(
         &format!(
-            "with seq as (update runs set event_seq = event_seq + 1 where run_id = $1 returning event_seq),
+            "with seq as (update runs set event_seq = event_seq + 1{also_set} where run_id = $1 returning event_seq),
              logged as (insert into run_events (run_id, seq, kind, step_key, data)
                  select $1, event_seq, $2, $3, $4 from seq){told}
              select 1"

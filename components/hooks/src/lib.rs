@@ -126,7 +126,7 @@ fn deliver(ctx: &mut Ctx, req: &HttpRequest, id: &str) -> Result<Reply, ApiError
             max_cost_usd: None,
         };
         engine::start(tx, &run)?;
-        claimed = engine::advance(tx, &run_id)?;
+        claimed = engine::advance_started(tx, &run_id)?;
         Ok(Reply::json(
             202,
             json!({"run_id": run_id, "trigger_id": trigger.id, "delivery_id": delivery_id}),

@@ -259,20 +259,25 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
     b.finish()?;
     let workflow_id = workflow_id.ok_or_else(ApiError::unchecked_field)?;
     let not_found = || ApiError::NotFound(format!("no workflow {workflow_id}"));
-    let rows = ctx.db()?.query(
-        "select project_id::text from workflows where workflow_id = $1 and deleted_at is null",
-        &[V::Uuid(workflow_id.clone())],
-    )?;
-    let project_id = rows.first().ok_or_else(not_found)?.text(0)?;
-    let access = ctx
-        .project(who, &project_id, Action::Write)
-        .map_err(|e| match e {
-            ApiError::NotFound(_) => not_found(),
-            other => other,
-        })?;
-    let workflow = engine::start::workflow(ctx.db()?, &workflow_id, version.map(|v| v as i32))?
-        .filter(|w| w.project_id == access.project_id)
-        .ok_or_else(not_found)?;
+    // The workflow and the caller's membership of its project in one read.
+    let found = engine::start::workflow_for(
+        ctx.db()?,
+        &workflow_id,
+        version.map(|v| v as i32),
+        Some(&who.user_id),
+    )?
+    .ok_or_else(not_found)?;
+    ctx.grant(
+        who,
+        &found.project_id,
+        found.member_role.as_deref(),
+        Action::Write,
+    )
+    .map_err(|e| match e {
+        ApiError::NotFound(_) => not_found(),
+        other => other,
+    })?;
+    let workflow = found.workflow?;
     let mut claimed = Vec::new();
     let reply = ctx.create_once(req, who, |tx, ctx| {
         let id = ctx.new_id();
@@ -290,7 +295,7 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
         // The reply is the run as it started (queued); the same transaction then advances
         // it, so its first steps are dispatched from here, not through the nudge channel.
         let reply = Reply::created(load(tx, &id)?, format!("/api/v1/runs/{id}"));
-        claimed = engine::advance(tx, &id)?;
+        claimed = engine::advance_started(tx, &id)?;
         Ok(reply)
     })?;
     if let Some(id) = reply.body.as_ref().and_then(|b| b["id"].as_str()) {
@@ -426,7 +431,7 @@ fn retry(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
         };
         engine::start(tx, &run)?;
         let reply = Reply::created(load(tx, &new_id)?, format!("/api/v1/runs/{new_id}"));
-        claimed = engine::advance(tx, &new_id)?;
+        claimed = engine::advance_started(tx, &new_id)?;
         Ok(reply)
     })?;
     if let Some(id) = reply.body.as_ref().and_then(|b| b["id"].as_str()) {
