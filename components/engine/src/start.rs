@@ -21,7 +21,6 @@ use sparkops_core::status::{RunStatus, sql_list};
 use sparkops_core::workflow::{self, Definition};
 
 use crate::policies;
-use crate::store::event;
 
 /// A workflow version a run can pin.
 #[derive(Debug, Clone)]
@@ -276,21 +275,32 @@ fn insert<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<()
             row
         })
         .collect();
+    if !reused_keys.is_empty() {
+        data["reused"] = json!(reused_keys);
+    }
+    // Its first event, `run.queued`, numbered 1 by the same statement (as [`event`] would:
+    // no webhook is told of a queued run).
+    debug_assert!(sparkops_core::webhook::event_type_of("run.queued").is_none());
     tx.execute(
         &format!(
             "with run as (
                 insert into runs (run_id, project_id, workflow_id, workflow_version, input, created_by,
-                    deadline_at, retry_of, schedule_id, scheduled_for, trigger_id, max_cost_usd, created_at, updated_at)
+                    deadline_at, retry_of, schedule_id, scheduled_for, trigger_id, max_cost_usd, created_at, updated_at,
+                    event_seq)
                 values ($1, $2, $3, $4, $5, $6, $7{AS_TIMESTAMPTZ}, $8, $9, $10{AS_TIMESTAMPTZ}, $12, $13,
-                    $11{AS_TIMESTAMPTZ}, $11{AS_TIMESTAMPTZ})
+                    $11{AS_TIMESTAMPTZ}, $11{AS_TIMESTAMPTZ}, 1)
                 returning run_id
+             ), steps as (
+                insert into run_steps (run_id, step_key, kind, agent_id, tool_id, status, input, output, finished_at)
+                select run.run_id, s.key, s.kind, s.agent_id::uuid, s.tool_id::uuid,
+                    coalesce(s.status, 'pending'), s.input, s.output,
+                    case when s.status is not null then now() end
+                from run, jsonb_to_recordset($14) as s(key text, kind text, agent_id text, tool_id text,
+                    status text, input jsonb, output jsonb)
+             ), queued as (
+                insert into run_events (run_id, seq, kind, data) select run_id, 1, 'run.queued', $15 from run
              )
-             insert into run_steps (run_id, step_key, kind, agent_id, tool_id, status, input, output, finished_at)
-             select run.run_id, s.key, s.kind, s.agent_id::uuid, s.tool_id::uuid,
-                coalesce(s.status, 'pending'), s.input, s.output,
-                case when s.status is not null then now() end
-             from run, jsonb_to_recordset($14) as s(key text, kind text, agent_id text, tool_id text,
-                status text, input jsonb, output jsonb)"
+             select 1"
         ),
         &[
             id(),
@@ -307,12 +317,10 @@ fn insert<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<()
             trigger.map_or(V::Null, |t| V::Uuid(t.into())),
             run.max_cost_usd.map_or(V::Null, |c| V::Decimal(c.to_fixed())),
             V::Json(Value::Array(steps)),
+            V::Json(data),
         ],
     )?;
-    if !reused_keys.is_empty() {
-        data["reused"] = json!(reused_keys);
-    }
-    event(tx, run.run_id, "run.queued", None, data)
+    Ok(())
 }
 
 /// `Ok` when a run of `workflow_id` may start now; `Refused` naming the first rule that
