@@ -821,7 +821,7 @@ commit;
         .args([
             "-n",
             "-M",
-            "extended",
+            "prepared",
             "-c",
             &CLIENTS.to_string(),
             "-j",
