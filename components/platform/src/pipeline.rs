@@ -530,8 +530,13 @@ pub async fn serve_streaming(
     route: fn(&mut Ctx, &HttpRequest) -> Result<Served, ApiError>,
 ) {
     use futures::SinkExt;
-    let (response, mut ctx, stream) = run(incoming, route).await;
+    let (mut response, mut ctx, stream) = run(incoming, route).await;
     let body = response.body().to_vec();
+    // A whole reply goes out with its length, in one piece, not chunked (no length on the
+    // statuses that have no content).
+    if stream.is_none() && !matches!(*response.status(), 204 | 304) {
+        response.set_header("content-length", body.len().to_string());
+    }
     let Ok(outgoing) = spin_sdk::http::OutgoingResponse::try_from(response) else {
         return;
     };

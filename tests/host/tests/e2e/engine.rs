@@ -777,6 +777,46 @@ async fn only_a_finished_run_is_retried_and_only_by_a_writer_of_its_project() {
 // ---- The live event stream ------------------------------------------------------------------
 
 #[tokio::test]
+async fn a_run_and_its_event_log_read_whole_go_out_with_their_length_not_chunked() {
+    let api = Api::for_fakes(None, &[]).await;
+    let (ada, p) = project(&api).await;
+    let id = waiting_run(&api, &ada, &p, json!({"timeout_s": 3600})).await;
+    let auth = format!("Bearer {}", ada.access);
+    for path in [
+        format!("/api/v1/runs/{id}"),
+        format!("/api/v1/runs/{id}/events"),
+    ] {
+        let res = crate::common::request(
+            "GET",
+            &api.app.url(&path),
+            &[("authorization", &auth)],
+            None,
+        )
+        .await;
+        assert_eq!(res.status, 200, "{path}");
+        assert_eq!(
+            res.header("content-length"),
+            Some(res.body.len().to_string().as_str()),
+            "{path}"
+        );
+        assert_eq!(res.header("transfer-encoding"), None, "{path}");
+    }
+    let missing = crate::common::request(
+        "GET",
+        &api.app
+            .url("/api/v1/runs/01a2388f-7bf7-7c56-a17b-0f995731430c"),
+        &[("authorization", &auth)],
+        None,
+    )
+    .await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(
+        missing.header("content-length"),
+        Some(missing.body.len().to_string().as_str())
+    );
+}
+
+#[tokio::test]
 async fn the_event_stream_delivers_every_event_in_order_and_resumes_after_a_disconnect() {
     let api = Api::for_fakes(None, &[]).await;
     let (ada, p) = project(&api).await;
