@@ -894,12 +894,7 @@ fn a_runs_own_budget_holds_each_calls_worst_case_and_refuses_past_it() {
     use sparkops_core::money::Usd;
     use sparkops_engine::policies::{self, RefusedOr};
     let (db, w) = setup(chain(&[("a", &[])]));
-    let run = start(&db, &w, json!({}));
-    db.execute(
-        "update runs set max_cost_usd = 0.30 where run_id = $1",
-        &[V::Uuid(run.clone())],
-    )
-    .unwrap();
+    let run = start_capped(&db, &w, json!({}), Some(Usd::parse("0.30").unwrap()));
     let usd = |s: &str| Usd::parse(s).unwrap();
     let now = Utc::now();
     let later = now + chrono::Duration::minutes(5);
@@ -1149,12 +1144,7 @@ fn an_unreported_calls_estimate_counts_against_the_runs_own_budget() {
     use sparkops_core::money::Usd;
     use sparkops_engine::policies::{self, RefusedOr};
     let (db, w) = setup(chain(&[("a", &[])]));
-    let run = start(&db, &w, json!({}));
-    db.execute(
-        "update runs set max_cost_usd = 0.30 where run_id = $1",
-        &[V::Uuid(run.clone())],
-    )
-    .unwrap();
+    let run = start_capped(&db, &w, json!({}), Some(Usd::parse("0.30").unwrap()));
     advance(&db, &run);
     let usd = |s: &str| Usd::parse(s).unwrap();
     let usage = step::Usage {

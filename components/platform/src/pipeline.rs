@@ -64,6 +64,13 @@ impl Principal {
             None => format!("user:{}", self.user_id),
         }
     }
+
+    /// Whether the caller may reach `project_id` at all: an API key reaches only its own.
+    fn reaches(&self, project_id: &str) -> bool {
+        self.api_key
+            .as_ref()
+            .is_none_or(|k| k.project_id == project_id)
+    }
 }
 
 /// A project the caller may see, and the caller's role in it.
@@ -238,9 +245,8 @@ impl Ctx {
     ) -> Result<ProjectAccess, ApiError> {
         let not_found = || ApiError::NotFound(format!("no project {project_id}"));
         let project_id = sparkops_core::ids::parse_uuid(project_id, "project")?;
-        if let Some(key) = &who.api_key
-            && key.project_id != project_id
-        {
+        // Checked before the read too, so a key never costs a read of another project.
+        if !who.reaches(&project_id) {
             return Err(not_found());
         }
         let rows = self
@@ -267,11 +273,7 @@ impl Ctx {
         action: Action,
     ) -> Result<ProjectAccess, ApiError> {
         let not_found = || ApiError::NotFound(format!("no project {project_id}"));
-        if who
-            .api_key
-            .as_ref()
-            .is_some_and(|k| k.project_id != project_id)
-        {
+        if !who.reaches(project_id) {
             return Err(not_found());
         }
         let member_role = member_role.and_then(Role::parse).ok_or_else(not_found)?;

@@ -132,10 +132,12 @@ enum TxControl {
 }
 
 fn tx_control(statement: &str) -> TxControl {
+    // Three words decide it: the longest form with an end is two words.
     let words: Vec<String> = statement
         .trim()
         .trim_end_matches(';')
         .split_whitespace()
+        .take(3)
         .map(str::to_ascii_lowercase)
         .collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
@@ -158,15 +160,15 @@ impl Connection {
         self.client.prepare_cached(sql).await
     }
 
-    /// Notes what running `statement` with `outcome` did to the client's transaction.
-    fn ran<T, E>(&mut self, statement: &str, outcome: &Result<T, E>) {
-        self.idle = match (tx_control(statement), outcome.is_ok()) {
-            (TxControl::Begins, _) => false,
-            (TxControl::Ends | TxControl::RollsBack, true) => true,
-            (TxControl::Ends | TxControl::RollsBack, false) => false,
+    /// Notes what running a statement whose transaction control is `control`, with
+    /// `outcome`, did to the client's transaction.
+    fn ran<T, E>(&mut self, control: TxControl, outcome: &Result<T, E>) {
+        self.idle = match control {
+            TxControl::Begins => false,
+            TxControl::Ends | TxControl::RollsBack => outcome.is_ok(),
             // A statement outside a transaction commits or rolls back on its own; one inside
             // leaves the transaction open (aborted when it failed).
-            (TxControl::Other, _) => self.idle,
+            TxControl::Other => self.idle,
         };
     }
 }
@@ -237,7 +239,7 @@ impl pg::HostConnection for InstanceState {
                 Err(e) => Err(Err(e)),
             };
         }
-        conn.ran(&statement, &outcome);
+        conn.ran(tx_control(&statement), &outcome);
         let rows = outcome.map_err(|e| match e {
             Ok(ran) => run_failed(ran),
             Err(prepared) => query_failed(prepared),
@@ -275,7 +277,8 @@ impl pg::HostConnection for InstanceState {
             .get_mut(&c)
             .map_err(|e| Error::Other(e.to_string()))?;
         let params = to_sql_all(&params).map_err(Error::ValueConversionFailed)?;
-        if conn.idle && params.is_empty() && tx_control(&statement) == TxControl::RollsBack {
+        let control = tx_control(&statement);
+        if conn.idle && params.is_empty() && control == TxControl::RollsBack {
             // The server would warn "no transaction in progress" and report no rows.
             return Ok(0);
         }
@@ -291,7 +294,7 @@ impl pg::HostConnection for InstanceState {
                 Err(e) => Err(e),
             };
         }
-        conn.ran(&statement, &outcome);
+        conn.ran(control, &outcome);
         outcome.map_err(query_failed)
     }
 

@@ -270,6 +270,16 @@ pub fn chain(steps: &[(&str, &[&str])]) -> Value {
 
 /// Starts a run of `w` by the API and returns its id.
 pub fn start(db: &Pg, w: &sparkops_engine::Workflow, input: Value) -> String {
+    start_capped(db, w, input, None)
+}
+
+/// [`start`] with the run's own `max_cost_usd`.
+pub fn start_capped(
+    db: &Pg,
+    w: &sparkops_engine::Workflow,
+    input: Value,
+    max_cost_usd: Option<sparkops_core::money::Usd>,
+) -> String {
     let id = uuid::Uuid::new_v4().to_string();
     let user = db
         .scalar(
@@ -283,7 +293,7 @@ pub fn start(db: &Pg, w: &sparkops_engine::Workflow, input: Value) -> String {
         input: &input,
         origin: sparkops_engine::Origin::Api { user_id: &user },
         now: Utc::now(),
-        max_cost_usd: None,
+        max_cost_usd,
     };
     db::transaction(db, |tx| sparkops_engine::start(tx, &run)).expect("the run starts");
     id
