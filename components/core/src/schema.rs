@@ -2,8 +2,12 @@
 //! schemas are checked against their meta-schema when saved (2020-12 unless they name
 //! another draft with `$schema`), and values are checked against them at run time. No
 //! reference is ever fetched: a `$ref` outside the document makes the schema invalid.
+//!
+//! A value is checked with [`validate`] against a schema from outside (an MCP server's),
+//! and with [`validate_saved`] against one this service checked when it was saved.
 
-use serde_json::Value;
+use jsonschema::{Draft, Registry, Validator};
+use serde_json::{Value, json};
 
 /// The most problems reported for one value: enough to fix it, bounded in size.
 const MAX_REPORTED: usize = 20;
@@ -33,8 +37,43 @@ pub fn check_object(schema: &Value) -> Result<(), String> {
 
 /// Checks `value` against `schema`: every problem as `(JSON pointer in the value, message)`.
 pub fn validate(schema: &Value, value: &Value) -> Result<(), Vec<(String, String)>> {
-    let validator = jsonschema::validator_for(schema)
-        .map_err(|e| vec![(String::new(), format!("the schema is not usable: {e}"))])?;
+    let validator = jsonschema::validator_for(schema).map_err(unusable)?;
+    problems(&validator, value)
+}
+
+/// The name a saved schema is compiled under, behind a root that only refers to it.
+const SAVED: &str = "urn:sparkops:saved-schema";
+
+/// [`validate`] for a schema that passed [`check`] when it was saved (a tool's, an agent's
+/// or a workflow's): the same answer, without checking the schema against its meta-schema
+/// again. That check is most of the cost of a step's validation on wasm, where `jsonschema`
+/// builds the meta-schema's validator anew on every compile (about 1.3 of 1.5 ms under
+/// Spin) and offers no switch to skip it. So the saved schema is compiled as a resource of
+/// its own draft behind a root that only refers to it, `{"$ref": ...}` read as draft 4,
+/// whose meta-check is the smallest the crate has. `tests/properties.rs` holds both paths
+/// to the same answers over generated schemas and values.
+pub fn validate_saved(schema: &Value, value: &Value) -> Result<(), Vec<(String, String)>> {
+    let draft = Draft::default().detect(schema);
+    if !schema.is_object() || draft == Draft::Unknown {
+        return validate(schema, value);
+    }
+    let registry = Registry::new()
+        .add(SAVED, draft.create_resource_ref(schema))
+        .and_then(|r| r.prepare())
+        .map_err(unusable)?;
+    let validator = jsonschema::options()
+        .with_draft(Draft::Draft4)
+        .with_registry(&registry)
+        .build(&json!({ "$ref": SAVED }))
+        .map_err(unusable)?;
+    problems(&validator, value)
+}
+
+fn unusable(e: impl std::fmt::Display) -> Vec<(String, String)> {
+    vec![(String::new(), format!("the schema is not usable: {e}"))]
+}
+
+fn problems(validator: &Validator, value: &Value) -> Result<(), Vec<(String, String)>> {
     let problems: Vec<(String, String)> = validator
         .iter_errors(value)
         .take(MAX_REPORTED)

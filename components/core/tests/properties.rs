@@ -56,6 +56,127 @@ fn document() -> impl Strategy<Value = Value> {
     })
 }
 
+/// A JSON Schema made of real keywords, a few levels deep, in one of the drafts the service
+/// accepts, sometimes with an `$id`, `$defs` and a `$ref` to them.
+fn json_schema() -> impl Strategy<Value = Value> {
+    let small = || {
+        prop_oneof![
+            Just(json!(0)),
+            Just(json!(2)),
+            Just(json!(-1.5)),
+            Just(json!(10))
+        ]
+    };
+    let kind = || {
+        prop::sample::select(vec![
+            "object", "string", "integer", "number", "array", "boolean", "null",
+        ])
+    };
+    let leaf = prop_oneof![
+        kind().prop_map(|t| json!({"type": t})),
+        (kind(), kind()).prop_map(|(a, b)| json!({"type": [a, b]})),
+        small().prop_map(|n| json!({"minimum": n})),
+        small().prop_map(|n| json!({"exclusiveMaximum": n})),
+        (2u8..5).prop_map(|n| json!({"multipleOf": n})),
+        (0u8..4).prop_map(|n| json!({"minLength": n, "maxLength": n + 2})),
+        Just(json!({"pattern": "^[a-c]*$"})),
+        prop::sample::select(vec!["email", "date-time", "date", "ipv4", "uri", "uuid"])
+            .prop_map(|f| json!({"format": f})),
+        Just(json!({"enum": ["a", 1, null, {"b": true}]})),
+        Just(json!({"const": "a"})),
+        Just(json!({"required": ["a", "b"]})),
+        Just(json!({"dependentRequired": {"a": ["c"]}})),
+        Just(json!({"uniqueItems": true, "minItems": 1})),
+        Just(json!(true)),
+        Just(json!(false)),
+    ];
+    let node = leaf.prop_recursive(3, 40, 4, |inner| {
+        let keyword = prop_oneof![
+            prop::collection::btree_map("[a-c]", inner.clone(), 1..3)
+                .prop_map(|p| json!({"properties": p})),
+            inner
+                .clone()
+                .prop_map(|s| json!({"additionalProperties": s})),
+            inner.clone().prop_map(|s| json!({"items": s})),
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| json!({"prefixItems": [a, b]})),
+            inner.clone().prop_map(|s| json!({"contains": s})),
+            prop::collection::vec(inner.clone(), 1..3).prop_map(|v| json!({"anyOf": v})),
+            prop::collection::vec(inner.clone(), 1..3).prop_map(|v| json!({"oneOf": v})),
+            prop::collection::vec(inner.clone(), 1..3).prop_map(|v| json!({"allOf": v})),
+            inner.clone().prop_map(|s| json!({"not": s})),
+            (inner.clone(), inner.clone()).prop_map(|(i, t)| json!({"if": i, "then": t})),
+            inner.clone().prop_map(|s| json!({"propertyNames": s})),
+            Just(json!({"unevaluatedProperties": false})),
+            inner,
+        ];
+        prop::collection::vec(keyword, 1..4).prop_map(|parts| {
+            let mut merged = Map::new();
+            for part in parts {
+                match part {
+                    Value::Object(o) => merged.extend(o),
+                    other => return other,
+                }
+            }
+            Value::Object(merged)
+        })
+    });
+    let dialect = prop::sample::select(vec![
+        None,
+        Some("https://json-schema.org/draft/2020-12/schema"),
+        Some("https://json-schema.org/draft/2019-09/schema"),
+        Some("http://json-schema.org/draft-07/schema#"),
+        Some("http://json-schema.org/draft-04/schema#"),
+    ]);
+    (node.clone(), node, dialect, any::<bool>(), any::<bool>()).prop_map(
+        |(root, def, dialect, with_id, with_ref)| {
+            let Value::Object(mut root) = root else {
+                return root;
+            };
+            if let Some(d) = dialect {
+                root.insert("$schema".into(), json!(d));
+            }
+            if with_id {
+                root.insert("$id".into(), json!("https://schemas.example/s.json"));
+            }
+            if with_ref {
+                root.insert("$defs".into(), json!({"d": def}));
+                root.insert("properties".into(), json!({"r": {"$ref": "#/$defs/d"}}));
+            }
+            Value::Object(root)
+        },
+    )
+}
+
+/// Values the generated schemas have something to say about: objects of `a`-`c`, arrays,
+/// strings shaped like formats, numbers around the bounds.
+fn instance() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        (-3i64..12).prop_map(|n| json!(n)),
+        Just(json!(2.5)),
+        prop::sample::select(vec![
+            "",
+            "a",
+            "abc",
+            "x@example.com",
+            "2026-12-02",
+            "2026-12-02T10:00:00Z",
+            "10.0.0.1",
+            "https://a.example/x",
+            "not a date"
+        ])
+        .prop_map(|s| json!(s)),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map("[a-cr]", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+        ]
+    })
+}
+
 struct Input(Value);
 
 impl Scope for Input {
@@ -280,6 +401,19 @@ proptest! {
             wrong[k] = json!("not an integer");
             prop_assert!(schema::validate(&schema, &wrong).is_err());
         }
+    }
+
+    #[test]
+    fn a_saved_schema_gives_the_answers_of_a_full_compile(schema in json_schema(), instances in prop::collection::vec(instance(), 1..6)) {
+        prop_assume!(schema::check(&schema).is_ok());
+        for value in &instances {
+            prop_assert_eq!(schema::validate_saved(&schema, value), schema::validate(&schema, value), "{} against {}", value, schema);
+        }
+    }
+
+    #[test]
+    fn a_saved_schema_path_never_panics(schema in json_value(), value in json_value()) {
+        let _ = schema::validate_saved(&schema, &value);
     }
 
     // ---- Signatures --------------------------------------------------------------------

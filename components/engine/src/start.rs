@@ -186,7 +186,7 @@ impl From<StartError> for ApiError {
 pub fn start<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<(), StartError> {
     let w = run.workflow;
     if !w.input_schema.is_null()
-        && let Err(problems) = sparkops_core::schema::validate(&w.input_schema, run.input)
+        && let Err(problems) = sparkops_core::schema::validate_saved(&w.input_schema, run.input)
     {
         return Err(StartError::BadInput(
             problems

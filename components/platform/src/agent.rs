@@ -806,7 +806,7 @@ fn finish(agent: &Agent, content: String) -> Outcome {
             );
         }
     };
-    match sparkops_core::schema::validate(schema, &parsed) {
+    match sparkops_core::schema::validate_saved(schema, &parsed) {
         Ok(()) => Ok(parsed),
         Err(problems) => fail(
             ErrorKind::Validation,

@@ -27,7 +27,7 @@ pub fn call(
 ) -> Result<Value, ApiError> {
     let mut errors = Vec::new();
     let error = |field: String, message: String| FieldError { field, message };
-    if let Err(problems) = sparkops_core::schema::validate(&tool["input_schema"], input) {
+    if let Err(problems) = sparkops_core::schema::validate_saved(&tool["input_schema"], input) {
         for (pointer, message) in problems {
             errors.push(error(format!("input{pointer}"), message));
         }
@@ -97,7 +97,7 @@ pub fn call(
             let output_errors: Vec<Value> = if tool["output_schema"].is_null() {
                 Vec::new()
             } else {
-                sparkops_core::schema::validate(&tool["output_schema"], &output)
+                sparkops_core::schema::validate_saved(&tool["output_schema"], &output)
                     .err()
                     .unwrap_or_default()
                     .into_iter()

@@ -180,7 +180,7 @@ fn check_workflow_input(
     };
     let schema = row.json(0)?;
     if !schema.is_null()
-        && let Err(problems) = sparkops_core::schema::validate(&schema, input)
+        && let Err(problems) = sparkops_core::schema::validate_saved(&schema, input)
     {
         for (pointer, message) in problems {
             b.error(&format!("input{pointer}"), message);
