@@ -93,9 +93,19 @@ pub struct RunningApp {
     triggers: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Whether `perf` should name the guests' functions: wasmtime then writes
+/// /tmp/perf-<pid>.map, and components are compiled in memory rather than read from the
+/// cache, whose file mappings `perf` would read instead (README, "Profiling").
+fn perfmap_requested() -> bool {
+    std::env::var_os("SPARKOPS_HOST_PERFMAP").is_some()
+}
+
 fn new_engine() -> Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true);
+    if perfmap_requested() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(MAX_CONCURRENT_INSTANCES)
         .total_core_instances(MAX_CONCURRENT_INSTANCES * 4)
@@ -174,6 +184,9 @@ fn compile_cached(
         .unwrap_or_default();
     let name = format!("{stem}-{key}-{:016x}.cwasm", compat.finish());
     let path = cache_dir.join(&name);
+    if perfmap_requested() {
+        return Ok(Component::new(engine, bytes)?);
+    }
     if path.is_file() {
         // SAFETY: the file is one this host wrote with `Component::serialize` for an engine
         // with the same compatibility hash, in the host's own state folder; wasmtime
