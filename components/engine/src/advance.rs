@@ -14,6 +14,7 @@ use sparkops_core::run::{self, Decision, Outcome, RunScope};
 use sparkops_core::status::{RunStatus, StepStatus, sql_list};
 use sparkops_core::workflow::{Definition, StepKind};
 
+use crate::start::Started;
 use crate::store::{self, event};
 
 /// How long a claim holds without news from its executor: the executor renews it every
@@ -49,12 +50,14 @@ pub fn advance<C: Connection + ?Sized>(
 
 /// [`advance`] for a run [`crate::start`]ed in this same transaction: its row, inserted
 /// here, is invisible to every other transaction until this one commits, so it is this
-/// transaction's without a lock to take, and it is queued.
+/// transaction's without a lock to take, it is queued, and what it holds is what the start
+/// wrote.
 pub fn advance_started<C: Connection + ?Sized>(
     tx: &Tx<'_, C>,
-    run_id: &str,
+    started: Started,
 ) -> Result<Vec<Claim>, ApiError> {
-    advance_locked(tx, run_id, Some(RunStatus::Queued))
+    let Started { run_id, snapshot } = started;
+    decide_and_claim(tx, &run_id, Some(RunStatus::Queued), Some(snapshot))
 }
 
 /// [`advance`] for a caller that already holds the run's lock and read its `status` (`None`:
@@ -63,6 +66,17 @@ pub(crate) fn advance_locked<C: Connection + ?Sized>(
     tx: &Tx<'_, C>,
     run_id: &str,
     status: Option<RunStatus>,
+) -> Result<Vec<Claim>, ApiError> {
+    decide_and_claim(tx, run_id, status, None)
+}
+
+/// The advance of a run whose lock this transaction holds, from `known` when the caller
+/// has what a [`store::snapshot`] would read.
+fn decide_and_claim<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    status: Option<RunStatus>,
+    known: Option<store::Snapshot>,
 ) -> Result<Vec<Claim>, ApiError> {
     match status {
         Some(RunStatus::Cancelling) => {
@@ -92,7 +106,10 @@ pub(crate) fn advance_locked<C: Connection + ?Sized>(
         input,
         definition,
         steps,
-    } = store::snapshot(tx, run_id)?;
+    } = match known {
+        Some(snapshot) => snapshot,
+        None => store::snapshot(tx, run_id)?,
+    };
     // The steps are read once: under the run's lock nothing else changes them, so each
     // decision is applied to the copy here as well as to the table.
     let (mut statuses, outputs) = store::states(&steps);

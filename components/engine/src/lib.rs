@@ -41,5 +41,5 @@ pub use advance::{Claim, advance, advance_started, finish};
 pub use lifecycle::{Cancel, Pause, cancel, pause, resume};
 pub use sparkops_core::db::Tx;
 pub use sparkops_core::status::{ErrorKind, RunStatus, StepStatus};
-pub use start::{NewRun, Origin, StartError, Workflow, start};
+pub use start::{NewRun, Origin, StartError, Started, Workflow, start};
 pub use store::{event, lock_run, note};

@@ -17,10 +17,11 @@ use serde_json::{Value, json};
 use sparkops_core::db::{AS_TIMESTAMPTZ, Connection, DbError, Read, Tx, Value as V};
 use sparkops_core::error::{ApiError, FieldError};
 use sparkops_core::money::Usd;
-use sparkops_core::status::{RunStatus, sql_list};
+use sparkops_core::status::{RunStatus, StepStatus, sql_list};
 use sparkops_core::workflow::{self, Definition};
 
 use crate::policies;
+use crate::store::{Snapshot, StepRow};
 
 /// A workflow version a run can pin.
 #[derive(Debug, Clone)]
@@ -183,7 +184,10 @@ impl From<StartError> for ApiError {
 
 /// Starts `run`: checks its input and the policies, then inserts it queued with its steps
 /// and its `run.queued` event. The caller then advances it (or nudges the engine).
-pub fn start<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<(), StartError> {
+pub fn start<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run: &NewRun<'_>,
+) -> Result<Started, StartError> {
     let w = run.workflow;
     if !w.input_schema.is_null()
         && let Err(problems) = sparkops_core::schema::validate_saved(&w.input_schema, run.input)
@@ -199,11 +203,31 @@ pub fn start<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result
         ));
     }
     admit(tx, &w.project_id, &w.workflow_id, run.now)?;
-    insert(tx, run)?;
-    Ok(())
+    let steps = insert(tx, run)?;
+    Ok(Started {
+        run_id: run.run_id.to_string(),
+        snapshot: Snapshot {
+            input: run.input.clone(),
+            definition: w.definition.clone(),
+            steps,
+        },
+    })
 }
 
-fn insert<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<(), ApiError> {
+/// A run [`start`] inserted, with what it wrote: its first advance
+/// ([`crate::advance_started`], in the same transaction) decides from this rather than read
+/// it back.
+#[derive(Debug)]
+pub struct Started {
+    pub run_id: String,
+    pub(crate) snapshot: Snapshot,
+}
+
+/// Inserts the run, its steps and its `run.queued` event; the steps as written.
+fn insert<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run: &NewRun<'_>,
+) -> Result<Vec<StepRow>, ApiError> {
     let w = run.workflow;
     let id = || V::Uuid(run.run_id.into());
     let deadline = w.timeout_s.map(|s| run.now + chrono::Duration::seconds(s));
@@ -278,6 +302,24 @@ fn insert<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<()
     if !reused_keys.is_empty() {
         data["reused"] = json!(reused_keys);
     }
+    let written = w
+        .definition
+        .steps
+        .iter()
+        .map(|step| {
+            let reused = reused.and_then(|r| r.get(&step.key));
+            StepRow {
+                key: step.key.clone(),
+                status: if reused.is_some() {
+                    StepStatus::Succeeded
+                } else {
+                    StepStatus::Pending
+                },
+                attempt: 0,
+                output: reused.map_or(Value::Null, |(_, output)| output.clone()),
+            }
+        })
+        .collect();
     // Its first event, `run.queued`, numbered 1 by the same statement (as [`event`] would:
     // no webhook is told of a queued run).
     debug_assert!(sparkops_core::webhook::event_type_of("run.queued").is_none());
@@ -320,7 +362,7 @@ fn insert<C: Connection + ?Sized>(tx: &Tx<'_, C>, run: &NewRun<'_>) -> Result<()
             V::Json(data),
         ],
     )?;
-    Ok(())
+    Ok(written)
 }
 
 /// `Ok` when a run of `workflow_id` may start now; `Refused` naming the first rule that

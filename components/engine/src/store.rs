@@ -122,6 +122,7 @@ pub fn note<C: Connection + ?Sized>(
 }
 
 /// What deciding a run reads: its input, the definition it pinned and its steps.
+#[derive(Debug)]
 pub struct Snapshot {
     pub input: Value,
     pub definition: Definition,

@@ -728,6 +728,71 @@ fn retries_reuse_the_succeeded_steps_of_the_run_they_retry() {
 }
 
 #[test]
+fn a_run_advanced_in_its_starting_transaction_decides_from_what_the_start_wrote() {
+    let (db, w) = setup(chain(&[("a", &[]), ("b", &["a"]), ("c", &[])]));
+    let of = start(&db, &w, json!({}));
+    let user = db
+        .scalar(
+            "select owner_id::text from projects where project_id = $1",
+            &[V::Uuid(w.project_id.clone())],
+        )
+        .unwrap();
+    // The same retry (step a reused) advanced inline, and advanced after its commit by a
+    // read of the table: the same steps claimed, the same events.
+    let retry = |id: &str, inline: bool| {
+        let run = NewRun {
+            run_id: id,
+            workflow: &w,
+            input: &json!({}),
+            origin: Origin::Retry {
+                user_id: &user,
+                of: &of,
+                from: "failed",
+                reused: [("a".to_string(), (json!({"in": 1}), json!({"out": 1})))].into(),
+            },
+            now: Utc::now(),
+            max_cost_usd: None,
+        };
+        db::transaction(&db, |tx| {
+            let started = sparkops_engine::start(tx, &run)?;
+            if inline {
+                sparkops_engine::advance_started(tx, started)
+            } else {
+                Ok(Vec::new())
+            }
+        })
+        .unwrap()
+    };
+    let inline_id = uuid::Uuid::new_v4().to_string();
+    let later_id = uuid::Uuid::new_v4().to_string();
+    let inline = retry(&inline_id, true);
+    retry(&later_id, false);
+    let later = advance(&db, &later_id);
+    assert_eq!(keys(&inline), ["b", "c"]);
+    assert_eq!(keys(&later), keys(&inline));
+    let log = |id: &str| {
+        db.query(
+            "select seq, kind, step_key from run_events where run_id = $1 order by seq",
+            &[V::Uuid(id.into())],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.int(0).unwrap(),
+                r.text(1).unwrap(),
+                r.opt_text(2).unwrap(),
+            )
+        })
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(log(&inline_id), log(&later_id));
+    assert_eq!(log(&inline_id)[1].1, "run.started");
+    assert_eq!(step_status(&db, &inline_id, "a"), StepStatus::Succeeded);
+    assert_eq!(run_status(&db, &inline_id), RunStatus::Running);
+}
+
+#[test]
 fn a_paused_run_starts_nothing_and_its_clock_stands_still_until_resumed() {
     let db = database();
     let project = project(&db);

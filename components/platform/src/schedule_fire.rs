@@ -125,8 +125,9 @@ fn start(
         now,
         max_cost_usd: None,
     };
+    // Not advanced here: the fire's nudge advances it after the commit.
     match engine::start(tx, &run) {
-        Ok(()) => {}
+        Ok(_) => {}
         Err(StartError::Refused(m)) => return Ok(Fired::Refused(m)),
         Err(StartError::BadInput(problems)) => {
             let detail: Vec<String> = problems

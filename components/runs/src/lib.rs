@@ -291,11 +291,11 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
             now: ctx.now,
             max_cost_usd,
         };
-        engine::start(tx, &run)?;
+        let started = engine::start(tx, &run)?;
         // The reply is the run as it started (queued); the same transaction then advances
         // it, so its first steps are dispatched from here, not through the nudge channel.
         let reply = Reply::created(load(tx, &id)?, format!("/api/v1/runs/{id}"));
-        claimed = engine::advance_started(tx, &id)?;
+        claimed = engine::advance_started(tx, started)?;
         Ok(reply)
     })?;
     if let Some(id) = reply.body.as_ref().and_then(|b| b["id"].as_str()) {
@@ -429,9 +429,9 @@ fn retry(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
             now: ctx.now,
             max_cost_usd,
         };
-        engine::start(tx, &run)?;
+        let started = engine::start(tx, &run)?;
         let reply = Reply::created(load(tx, &new_id)?, format!("/api/v1/runs/{new_id}"));
-        claimed = engine::advance_started(tx, &new_id)?;
+        claimed = engine::advance_started(tx, started)?;
         Ok(reply)
     })?;
     if let Some(id) = reply.body.as_ref().and_then(|b| b["id"].as_str()) {
