@@ -95,7 +95,8 @@ pub struct RunningApp {
 
 /// Whether `perf` should name the guests' functions: wasmtime then writes
 /// /tmp/perf-<pid>.map, and components are compiled in memory rather than read from the
-/// cache, whose file mappings `perf` would read instead (README, "Profiling").
+/// cache, whose file mappings `perf` would read instead (used in the README's engine
+/// measurements).
 fn perfmap_requested() -> bool {
     std::env::var_os("SPARKOPS_HOST_PERFMAP").is_some()
 }
