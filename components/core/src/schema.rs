@@ -41,8 +41,11 @@ pub fn validate(schema: &Value, value: &Value) -> Result<(), Vec<(String, String
     problems(&validator, value)
 }
 
-/// The name a saved schema is compiled under, behind a root that only refers to it.
-const SAVED: &str = "urn:sparkops:saved-schema";
+/// Where a saved schema is compiled: the base `jsonschema` gives a document without an
+/// absolute `$id`, so a relative `$id` and the references against it resolve as they do in
+/// a full compile. The root that refers to it is placed elsewhere.
+const SAVED: &str = "json-schema:///";
+const ROOT: &str = "urn:sparkops:saved-schema-root";
 
 /// [`validate`] for a schema that passed [`check`] when it was saved (a tool's, an agent's
 /// or a workflow's): the same answer, without checking the schema against its meta-schema
@@ -63,6 +66,7 @@ pub fn validate_saved(schema: &Value, value: &Value) -> Result<(), Vec<(String, 
         .map_err(unusable)?;
     let validator = jsonschema::options()
         .with_draft(Draft::Draft4)
+        .with_base_uri(ROOT)
         .with_registry(&registry)
         .build(&json!({ "$ref": SAVED }))
         .map_err(unusable)?;

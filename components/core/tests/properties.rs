@@ -127,24 +127,38 @@ fn json_schema() -> impl Strategy<Value = Value> {
         Some("http://json-schema.org/draft-07/schema#"),
         Some("http://json-schema.org/draft-04/schema#"),
     ]);
-    (node.clone(), node, dialect, any::<bool>(), any::<bool>()).prop_map(
-        |(root, def, dialect, with_id, with_ref)| {
-            let Value::Object(mut root) = root else {
-                return root;
-            };
-            if let Some(d) = dialect {
-                root.insert("$schema".into(), json!(d));
-            }
-            if with_id {
-                root.insert("$id".into(), json!("https://schemas.example/s.json"));
-            }
-            if with_ref {
-                root.insert("$defs".into(), json!({"d": def}));
-                root.insert("properties".into(), json!({"r": {"$ref": "#/$defs/d"}}));
-            }
-            Value::Object(root)
-        },
-    )
+    // No `$id`, an absolute one, or relative ones (resolved against the base a document
+    // without one gets); references by pointer, through the `$id`, or to an anchor.
+    let id = prop::sample::select(vec![
+        None,
+        Some("https://schemas.example/s.json"),
+        Some("item.json"),
+        Some("/schemas/item"),
+    ]);
+    let reference = prop::sample::select(vec![
+        None,
+        Some("#/$defs/d"),
+        Some("self#/$defs/d"),
+        Some("#top"),
+    ]);
+    (node.clone(), node, dialect, id, reference).prop_map(|(root, def, dialect, id, reference)| {
+        let Value::Object(mut root) = root else {
+            return root;
+        };
+        if let Some(d) = dialect {
+            root.insert("$schema".into(), json!(d));
+        }
+        if let Some(id) = id {
+            root.insert("$id".into(), json!(id));
+        }
+        if let Some(r) = reference {
+            let r = r.replace("self", id.unwrap_or(""));
+            root.insert("$defs".into(), json!({"d": def}));
+            root.insert("$anchor".into(), json!("top"));
+            root.insert("properties".into(), json!({"r": {"$ref": r}}));
+        }
+        Value::Object(root)
+    })
 }
 
 /// Values the generated schemas have something to say about: objects of `a`-`c`, arrays,
