@@ -687,6 +687,30 @@ fn the_sweep_returns_runs_with_something_to_decide() {
     );
 }
 
+/// A retry from `failed` of run `of` by `user`, reusing its step `a` (input `{"in": 1}`,
+/// output `{"out": 1}`).
+fn retry_reusing_a<'a>(
+    id: &'a str,
+    w: &'a sparkops_engine::Workflow,
+    input: &'a Value,
+    user: &'a str,
+    of: &'a str,
+) -> NewRun<'a> {
+    NewRun {
+        run_id: id,
+        workflow: w,
+        input,
+        origin: Origin::Retry {
+            user_id: user,
+            of,
+            from: "failed",
+            reused: [("a".to_string(), (json!({"in": 1}), json!({"out": 1})))].into(),
+        },
+        now: Utc::now(),
+        max_cost_usd: None,
+    }
+}
+
 #[test]
 fn retries_reuse_the_succeeded_steps_of_the_run_they_retry() {
     let (db, w) = setup(chain(&[("a", &[]), ("b", &["a"])]));
@@ -699,19 +723,8 @@ fn retries_reuse_the_succeeded_steps_of_the_run_they_retry() {
             &[V::Uuid(project.clone())],
         )
         .unwrap();
-    let run = NewRun {
-        run_id: &id,
-        workflow: &w,
-        input: &json!({}),
-        origin: Origin::Retry {
-            user_id: &user,
-            of: &of,
-            from: "failed",
-            reused: [("a".to_string(), (json!({"in": 1}), json!({"out": 1})))].into(),
-        },
-        now: Utc::now(),
-        max_cost_usd: None,
-    };
+    let input = json!({});
+    let run = retry_reusing_a(&id, &w, &input, &user, &of);
     db::transaction(&db, |tx| sparkops_engine::start(tx, &run)).unwrap();
     assert_eq!(step_status(&db, &id, "a"), StepStatus::Succeeded);
     assert_eq!(keys(&advance(&db, &id)), ["b"]);
@@ -739,20 +752,9 @@ fn a_run_advanced_in_its_starting_transaction_decides_from_what_the_start_wrote(
         .unwrap();
     // The same retry (step a reused) advanced inline, and advanced after its commit by a
     // read of the table: the same steps claimed, the same events.
+    let input = json!({});
     let retry = |id: &str, inline: bool| {
-        let run = NewRun {
-            run_id: id,
-            workflow: &w,
-            input: &json!({}),
-            origin: Origin::Retry {
-                user_id: &user,
-                of: &of,
-                from: "failed",
-                reused: [("a".to_string(), (json!({"in": 1}), json!({"out": 1})))].into(),
-            },
-            now: Utc::now(),
-            max_cost_usd: None,
-        };
+        let run = retry_reusing_a(id, &w, &input, &user, &of);
         db::transaction(&db, |tx| {
             let started = sparkops_engine::start(tx, &run)?;
             if inline {
