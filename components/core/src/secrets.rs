@@ -21,6 +21,30 @@ pub struct Sealed {
     pub key_id: String,
 }
 
+impl Sealed {
+    /// One line of text (`key_id:nonce:ciphertext`, both in base64) for a sealed value kept
+    /// inside a document rather than in columns of its own.
+    pub fn to_text(&self) -> String {
+        format!(
+            "{}:{}:{}",
+            self.key_id,
+            STANDARD.encode(self.nonce),
+            STANDARD.encode(&self.ciphertext)
+        )
+    }
+
+    /// Reads [`Sealed::to_text`]; `None` when `text` is not one.
+    pub fn from_text(text: &str) -> Option<Self> {
+        let mut parts = text.splitn(3, ':');
+        let (key_id, nonce, ciphertext) = (parts.next()?, parts.next()?, parts.next()?);
+        Some(Self {
+            key_id: key_id.to_string(),
+            nonce: STANDARD.decode(nonce).ok()?.try_into().ok()?,
+            ciphertext: STANDARD.decode(ciphertext).ok()?,
+        })
+    }
+}
+
 #[derive(Debug, PartialEq)]
 pub enum SecretError {
     /// The master-key setting is malformed (the message never contains key material).
@@ -138,6 +162,20 @@ mod tests {
     }
 
     const P: &str = "0191e7a2-1f6e-7000-8000-000000000001";
+
+    #[test]
+    fn a_sealed_value_as_text_reads_back_and_opens() {
+        let keys = MasterKeys::parse(&format!("k1:{}", key(7))).unwrap();
+        let sealed = keys.seal(P, "n", "sk_live_1", [3; 12]);
+        let text = sealed.to_text();
+        assert!(!text.contains("sk_live_1"), "{text}");
+        let back = Sealed::from_text(&text).unwrap();
+        assert_eq!(back, sealed);
+        assert_eq!(keys.open(P, "n", &back).unwrap(), "sk_live_1");
+        for bad in ["", "k1", "k1:AAAA", "k1:!!:AAAA", "k1:AAAA:AAAA"] {
+            assert_eq!(Sealed::from_text(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn a_sealed_value_opens_only_for_its_project_and_name() {

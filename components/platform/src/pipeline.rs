@@ -6,9 +6,10 @@
 
 use std::time::Instant;
 
-use serde_json::json;
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
 use sparkops_core::auth::{self, TokenKey};
-use sparkops_core::db::{self as core_db, Connection as _, Value as V};
+use sparkops_core::db::{self as core_db, AS_TIMESTAMPTZ, Connection as _, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::ratelimit::{Decision, Limit};
 use sparkops_core::roles::{Action, Role};
@@ -321,7 +322,9 @@ impl Ctx {
     /// Runs a creating request once per `Idempotency-Key` (24 h): `create` runs in the
     /// transaction that stores its reply, so a retry with the same key and body gets the
     /// first reply back and the write happens once; the same key with another body is `422`.
-    /// Without the header it is a plain transaction.
+    /// Without the header it is a plain transaction. A top-level `secret` of the reply (a
+    /// credential shown once, as a new API key's) is stored sealed under the secrets master
+    /// key and opened only to answer a replay.
     pub fn create_once(
         &mut self,
         req: &HttpRequest,
@@ -357,19 +360,39 @@ impl Ctx {
             };
             tx.execute(
                 "delete from idempotency_keys
-                 where principal = $1 and route = $2 and key = $3 and created_at < now() - interval '24 hours'",
-                &[V::Text(scope.0.clone()), V::Text(scope.1.clone()), V::Text(key.clone())],
+                 where principal = $1 and route = $2 and key = $3
+                   and created_at < now() - make_interval(hours => $4)",
+                &[
+                    V::Text(scope.0.clone()),
+                    V::Text(scope.1.clone()),
+                    V::Text(key.clone()),
+                    V::Int32(IDEMPOTENCY_HOURS),
+                ],
             )?;
             let inserted = tx.execute(
                 "insert into idempotency_keys (principal, route, key, request_hash)
                  values ($1, $2, $3, $4) on conflict do nothing",
-                &[V::Text(scope.0.clone()), V::Text(scope.1.clone()), V::Text(key.clone()), V::Text(request_hash.clone())],
+                &[
+                    V::Text(scope.0.clone()),
+                    V::Text(scope.1.clone()),
+                    V::Text(key.clone()),
+                    V::Text(request_hash.clone()),
+                ],
             )?;
             if inserted == 0 {
                 return replay(tx, &scope, key, &request_hash, header);
             }
             let reply = create(tx, ctx)?;
-            let location = reply.headers.iter().find(|(k, _)| k == "location").map(|(_, v)| v.clone());
+            let stored = reply
+                .body
+                .clone()
+                .map(|b| seal_secret(b, &scope, key))
+                .transpose()?;
+            let location = reply
+                .headers
+                .iter()
+                .find(|(k, _)| k == "location")
+                .map(|(_, v)| v.clone());
             tx.execute(
                 "update idempotency_keys set status = $4, response = $5, location = $6
                  where principal = $1 and route = $2 and key = $3",
@@ -378,7 +401,7 @@ impl Ctx {
                     V::Text(scope.1.clone()),
                     V::Text(key.clone()),
                     V::Int32(reply.status.into()),
-                    reply.body.clone().map(V::Json).unwrap_or(V::Null),
+                    stored.map(V::Json).unwrap_or(V::Null),
                     location.map(V::Text).unwrap_or(V::Null),
                 ],
             )?;
@@ -414,7 +437,11 @@ fn replay(
     }
     let status = row.int(1).map_err(internal("reading a stored answer"))? as u16;
     let body = match &row.0[2] {
-        V::Json(v) => Some(v.clone()),
+        V::Json(v) => Some(open_secret(
+            v.clone(),
+            &(principal.clone(), route.clone()),
+            key,
+        )?),
         _ => None,
     };
     let mut reply = Reply {
@@ -427,6 +454,74 @@ fn replay(
         reply.headers.push(("location".into(), location));
     }
     Ok(reply)
+}
+
+/// Where a stored reply keeps its sealed `secret` (see [`Ctx::create_once`]).
+const SEALED_SECRET: &str = "secret_sealed";
+
+/// How long an `Idempotency-Key` holds its first reply.
+pub const IDEMPOTENCY_HOURS: i32 = 24;
+
+/// Removes up to `batch` stored replies older than [`IDEMPOTENCY_HOURS`] at `now` (the
+/// sweeper's tick); how many it removed.
+pub fn prune_idempotency_keys(db: &Db, now: DateTime<Utc>, batch: i64) -> Result<u64, ApiError> {
+    db.execute(
+        &format!(
+            "delete from idempotency_keys where ctid = any(array(
+                 select ctid from idempotency_keys
+                 where created_at < $1{AS_TIMESTAMPTZ} - make_interval(hours => $2) limit $3))"
+        ),
+        &[
+            V::Timestamp(now),
+            V::Int32(IDEMPOTENCY_HOURS),
+            V::Int64(batch),
+        ],
+    )
+    .map_err(ApiError::from)
+}
+
+/// What a stored secret is bound to (the associated data of its sealing): its
+/// idempotency row, so it opens only as that row's reply.
+fn sealed_as(principal: &str, route: &str, key: &str) -> (String, String) {
+    (
+        format!("idempotency\n{principal}"),
+        format!("{route}\n{key}"),
+    )
+}
+
+/// The reply as stored: its `secret`, if any, sealed and bound to its idempotency row.
+fn seal_secret(
+    mut body: Value,
+    (principal, route): &(String, String),
+    key: &str,
+) -> Result<Value, ApiError> {
+    let Some(Value::String(secret)) = body.as_object_mut().and_then(|o| o.remove("secret")) else {
+        return Ok(body);
+    };
+    let (owner, name) = sealed_as(principal, route, key);
+    let sealed = master_keys()?.seal(&owner, &name, &secret, crate::random_array());
+    body[SEALED_SECRET] = Value::String(sealed.to_text());
+    Ok(body)
+}
+
+/// The stored reply as first answered: its sealed `secret` opened.
+fn open_secret(
+    mut body: Value,
+    (principal, route): &(String, String),
+    key: &str,
+) -> Result<Value, ApiError> {
+    let Some(Value::String(text)) = body.as_object_mut().and_then(|o| o.remove(SEALED_SECRET))
+    else {
+        return Ok(body);
+    };
+    let sealed = sparkops_core::secrets::Sealed::from_text(&text)
+        .ok_or_else(|| ApiError::internal("a stored reply's sealed secret does not read"))?;
+    let (owner, name) = sealed_as(principal, route, key);
+    let secret = master_keys()?
+        .open(&owner, &name, &sealed)
+        .map_err(|e| ApiError::internal(format!("opening a stored reply's secret: {e:?}")))?;
+    body["secret"] = Value::String(secret);
+    Ok(body)
 }
 
 /// The access-token key from the `jwt_secret` variable.

@@ -7,7 +7,8 @@
 //! - advances every run with something to decide itself, as the orchestrator would, so
 //!   losing every Redis message slows a run and never loses it;
 //! - releases budget holds of model calls that never settled (their host died);
-//! - removes the step payloads of runs finished longer ago than the retention allows.
+//! - removes the step payloads of runs finished longer ago than the retention allows;
+//! - removes the replies kept for `Idempotency-Key`s past their 24 hours.
 //!
 //! "Now" is the tick's time, so tests fire it at the times they choose. Everything it does
 //! is safe to do twice: replicas all sweep, and each change is a conditional update.
@@ -55,5 +56,6 @@ fn sweep(now: DateTime<Utc>) -> Result<(), ApiError> {
         let cutoff = now - chrono::Duration::days(days.min(36_500) as i64);
         engine::lifecycle::prune(&db, cutoff, now, BATCH)?;
     }
+    sparkops_platform::pipeline::prune_idempotency_keys(&db, now, BATCH)?;
     Ok(())
 }

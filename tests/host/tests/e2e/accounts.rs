@@ -604,6 +604,22 @@ async fn an_idempotent_key_creation_returns_the_first_response() {
     assert_eq!(first.json(), second.json());
     assert_eq!(second.header("idempotent-replayed"), Some("true"));
     assert_eq!(api.count("api_keys").await, 1);
+    // The reply kept for the replay holds the key sealed, never in clear.
+    let secret = first.json()["secret"].as_str().unwrap().to_string();
+    assert!(secret.len() > 20, "{secret}");
+    let kept: Vec<String> = api
+        .env
+        .db()
+        .await
+        .query("select response::text from idempotency_keys", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert!(!kept[0].contains(&secret), "{}", kept[0]);
+    assert!(kept[0].contains("secret_sealed"), "{}", kept[0]);
 
     let other = request(
         "POST",
@@ -614,6 +630,37 @@ async fn an_idempotent_key_creation_returns_the_first_response() {
     .await;
     assert_eq!(other.status, 422);
     assert_eq!(api.count("api_keys").await, 1);
+}
+
+#[tokio::test]
+async fn a_kept_reply_expires_after_its_day_and_the_key_then_makes_a_new_create() {
+    let api = Api::start().await;
+    let ada = api.register("ada").await;
+    let project = project_of(&api, &ada).await;
+    let body = json!({"name": "ci", "project_id": project, "role": "member"});
+    let auth = format!("Bearer {}", ada.access);
+    let url = api.app.url("/api/v1/api-keys");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("idempotency-key", "day-1"),
+    ];
+    let first = request("POST", &url, &headers, Some(body.clone())).await;
+    assert_eq!(first.status, 201);
+    let now = chrono::Utc::now().timestamp();
+    // Within its day the sweeper leaves it and a retry is a replay.
+    api.tick("sweeper", now + 23 * 3600).await;
+    assert_eq!(api.count("idempotency_keys").await, 1);
+    let again = request("POST", &url, &headers, Some(body.clone())).await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(api.count("api_keys").await, 1);
+    // Past it, the sweeper removes it, and the same key starts a new create.
+    api.tick("sweeper", now + 25 * 3600).await;
+    assert_eq!(api.count("idempotency_keys").await, 0);
+    let later = request("POST", &url, &headers, Some(body)).await;
+    assert_eq!(later.status, 201);
+    assert_eq!(later.header("idempotent-replayed"), None);
+    assert_ne!(later.json()["id"], first.json()["id"]);
+    assert_eq!(api.count("api_keys").await, 2);
 }
 
 // ---- CORS ------------------------------------------------------------------------------------
