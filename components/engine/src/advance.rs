@@ -89,6 +89,7 @@ fn decide_and_claim<C: Connection + ?Sized>(
             )?;
             return Ok(Vec::new());
         }
+        // Its status is set once, below, with what it becomes (running or waiting).
         Some(RunStatus::Queued) => {
             store::event_setting(
                 tx,
@@ -96,7 +97,7 @@ fn decide_and_claim<C: Connection + ?Sized>(
                 "run.started",
                 None,
                 json!({}),
-                ", status = 'running', started_at = now(), updated_at = now()",
+                ", started_at = now(), updated_at = now()",
             )?;
         }
         Some(RunStatus::Running | RunStatus::Waiting) => {}
@@ -212,10 +213,10 @@ fn decide_and_claim<C: Connection + ?Sized>(
     } else {
         RunStatus::Running
     };
-    // A queued run became running above.
-    let was = status
-        .filter(|s| *s != RunStatus::Queued)
-        .unwrap_or(RunStatus::Running);
+    // One write of the status, after the events: a change of `status` (an indexed column)
+    // makes a new row version in every index of `runs`, while the events' own updates of
+    // the row (`event_seq`) stay heap-only (migration 0019 leaves room on its pages).
+    let was = status.unwrap_or(RunStatus::Running);
     if now != was {
         tx.execute(
             "update runs set status = $2, updated_at = now() where run_id = $1",
