@@ -586,14 +586,22 @@ async fn keys_cannot_outrank_their_creator_or_mint_keys() {
     assert_eq!(minted.status, 403);
 }
 
+/// A new user's request for a member key in her project: `(url, body, authorization)`.
+async fn key_request(api: &Api) -> (String, serde_json::Value, String) {
+    let ada = api.register("ada").await;
+    let project = project_of(api, &ada).await;
+    let body = json!({"name": "ci", "project_id": project, "role": "member"});
+    (
+        api.app.url("/api/v1/api-keys"),
+        body,
+        format!("Bearer {}", ada.access),
+    )
+}
+
 #[tokio::test]
 async fn an_idempotent_key_creation_returns_the_first_response() {
     let api = Api::start().await;
-    let ada = api.register("ada").await;
-    let project = project_of(&api, &ada).await;
-    let body = json!({"name": "ci", "project_id": project, "role": "member"});
-    let auth = format!("Bearer {}", ada.access);
-    let url = api.app.url("/api/v1/api-keys");
+    let (url, body, auth) = key_request(&api).await;
     let headers = [
         ("authorization", auth.as_str()),
         ("idempotency-key", "abc-1"),
@@ -625,7 +633,7 @@ async fn an_idempotent_key_creation_returns_the_first_response() {
         "POST",
         &url,
         &headers,
-        Some(json!({"name": "other", "project_id": project, "role": "member"})),
+        Some(json!({"name": "other", "project_id": body["project_id"], "role": "member"})),
     )
     .await;
     assert_eq!(other.status, 422);
@@ -635,11 +643,7 @@ async fn an_idempotent_key_creation_returns_the_first_response() {
 #[tokio::test]
 async fn a_kept_reply_expires_after_its_day_and_the_key_then_makes_a_new_create() {
     let api = Api::start().await;
-    let ada = api.register("ada").await;
-    let project = project_of(&api, &ada).await;
-    let body = json!({"name": "ci", "project_id": project, "role": "member"});
-    let auth = format!("Bearer {}", ada.access);
-    let url = api.app.url("/api/v1/api-keys");
+    let (url, body, auth) = key_request(&api).await;
     let headers = [
         ("authorization", auth.as_str()),
         ("idempotency-key", "day-1"),
