@@ -276,9 +276,10 @@ fn insert<C: Connection + ?Sized>(
         ),
     };
     // The run and its steps in one statement: the steps as one JSON parameter, a reused
-    // step (a retry from `failed`) succeeded already with its input and output.
+    // step (a retry from `failed`) succeeded already with its input and output. Beside each
+    // row, the step as written, for the run's first advance.
     let mut reused_keys = Vec::new();
-    let steps: Vec<Value> = w
+    let (steps, written): (Vec<Value>, Vec<StepRow>) = w
         .definition
         .steps
         .iter()
@@ -290,36 +291,26 @@ fn insert<C: Connection + ?Sized>(
                 "agent_id": step.agent_id,
                 "tool_id": step.tool_id,
             });
+            let mut written = StepRow {
+                key: step.key.clone(),
+                status: StepStatus::Pending,
+                attempt: 0,
+                output: Value::Null,
+            };
             if let Some((input, output)) = reused.and_then(|r| r.get(&step.key)) {
                 reused_keys.push(step.key.clone());
-                row["status"] = json!("succeeded");
+                written.status = StepStatus::Succeeded;
+                written.output = output.clone();
+                row["status"] = json!(written.status.as_str());
                 row["input"] = input.clone();
                 row["output"] = output.clone();
             }
-            row
+            (row, written)
         })
-        .collect();
+        .unzip();
     if !reused_keys.is_empty() {
         data["reused"] = json!(reused_keys);
     }
-    let written = w
-        .definition
-        .steps
-        .iter()
-        .map(|step| {
-            let reused = reused.and_then(|r| r.get(&step.key));
-            StepRow {
-                key: step.key.clone(),
-                status: if reused.is_some() {
-                    StepStatus::Succeeded
-                } else {
-                    StepStatus::Pending
-                },
-                attempt: 0,
-                output: reused.map_or(Value::Null, |(_, output)| output.clone()),
-            }
-        })
-        .collect();
     // Its first event, `run.queued`, numbered 1 by the same statement (as [`event`] would:
     // no webhook is told of a queued run).
     debug_assert!(sparkops_core::webhook::event_type_of("run.queued").is_none());
