@@ -59,7 +59,6 @@ pub struct AppOptions {
 /// Instances that may exist at once (requests in flight plus guests running on after
 /// their response).
 const MAX_CONCURRENT_INSTANCES: u32 = 512;
-const MAX_INSTANCE_MEMORY: usize = 256 << 20;
 /// The most of a pooled memory or table kept mapped (and reset in place) when its instance
 /// ends; what an instance wrote beyond it is returned to the kernel.
 const KEEP_RESIDENT: usize = 16 << 20;
@@ -133,7 +132,7 @@ fn engine_config(keep_resident: bool) -> wasmtime::Result<Config> {
         .total_memories(MAX_CONCURRENT_INSTANCES * 2)
         .total_tables(MAX_CONCURRENT_INSTANCES * 2)
         .total_stacks(MAX_CONCURRENT_INSTANCES)
-        .max_memory_size(MAX_INSTANCE_MEMORY);
+        .max_memory_size(crate::state::MAX_INSTANCE_MEMORY);
     if keep_resident {
         pool.pagemap_scan(Enabled::Yes)
             .linear_memory_keep_resident(KEEP_RESIDENT)

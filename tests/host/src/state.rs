@@ -84,8 +84,8 @@ pub struct InstanceState {
     limits: StoreLimits,
 }
 
-/// Memory one instance may grow to.
-const MAX_INSTANCE_MEMORY: usize = 256 << 20;
+/// Memory one instance may grow to (also the pooling allocator's bound per memory).
+pub(crate) const MAX_INSTANCE_MEMORY: usize = 256 << 20;
 
 impl InstanceState {
     pub fn new(
