@@ -1,7 +1,7 @@
 //! Accounts end to end: register, login, refresh rotation and reuse detection, logout,
 //! token tampering, API keys, rate limits and bad input, through the real components.
 
-use crate::common::{Api, TEST_JWT_SECRET, request};
+use crate::common::{Api, TEST_JWT_SECRET, column, request};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use jwt_simple::prelude::*;
@@ -615,16 +615,12 @@ async fn an_idempotent_key_creation_returns_the_first_response() {
     // The reply kept for the replay holds the key sealed, never in clear.
     let secret = first.json()["secret"].as_str().unwrap().to_string();
     assert!(secret.len() > 20, "{secret}");
-    let kept: Vec<String> = api
-        .env
-        .db()
-        .await
-        .query("select response::text from idempotency_keys", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let kept: Vec<String> = column(
+        &api.env.db().await,
+        "select response::text from idempotency_keys",
+        &[],
+    )
+    .await;
     assert_eq!(kept.len(), 1);
     assert!(!kept[0].contains(&secret), "{}", kept[0]);
     assert!(kept[0].contains("secret_sealed"), "{}", kept[0]);

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use crate::common::{TestEnv, eventually, get, post, request};
+use crate::common::{TestEnv, column, eventually, get, post, request};
 use serde_json::{Value, json};
 use sparkops_host::RunningApp;
 
@@ -1026,13 +1026,7 @@ async fn the_transaction_helper_commits_or_rolls_back_and_never_leaves_a_transac
     .json();
     assert_eq!(failed, json!({"rolled_back": "42P01"}));
 
-    let rows: Vec<String> = db
-        .query("select v from helper_rows order by v", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let rows: Vec<String> = column(&db, "select v from helper_rows order by v", &[]).await;
     assert_eq!(rows, ["a", "b"]);
     assert_eq!(env.sessions_in_state("idle in transaction").await, 0);
 }
@@ -1054,13 +1048,7 @@ async fn a_guest_that_traps_mid_transaction_leaves_nothing_behind_for_the_helper
         .await
         .json();
     assert_eq!(ok, json!({"committed": 1}));
-    let rows: Vec<String> = db
-        .query("select v from helper_rows", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let rows: Vec<String> = column(&db, "select v from helper_rows", &[]).await;
     assert_eq!(rows, ["after"]);
     assert_eq!(env.sessions_in_state("idle in transaction").await, 0);
 }

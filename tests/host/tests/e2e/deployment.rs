@@ -11,7 +11,7 @@ use chrono::{Duration, Utc};
 use serde_json::json;
 use sparkops_host::RunningApp;
 
-use crate::common::{Api, FakeServer, TestEnv, free_local_address};
+use crate::common::{Api, FakeServer, TestEnv, column, free_local_address};
 use crate::kubernetes::{Part, part_running};
 
 /// Starts one replica of `part` against `env`'s services, handing steps to `api`, with the
@@ -125,13 +125,7 @@ async fn the_deployed_parts_finish_runs_and_fire_schedules_once() {
         assert_eq!(done["status"], "succeeded");
     }
     let db = api.env.db().await;
-    let attempts: Vec<i32> = db
-        .query("select attempt from run_steps", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let attempts: Vec<i32> = column(&db, "select attempt from run_steps", &[]).await;
     assert_eq!(attempts, vec![1; 12], "every step of 4 runs once");
     let started = crate::common::count(
         &db,
@@ -158,16 +152,12 @@ async fn the_deployed_parts_finish_runs_and_fire_schedules_once() {
     for fired in futures::future::join_all(fires).await {
         fired.unwrap();
     }
-    let fired: Vec<String> = db
-        .query(
-            "select run_id::text from runs where schedule_id = $1::text::uuid",
-            &[&id],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let fired: Vec<String> = column(
+        &db,
+        "select run_id::text from runs where schedule_id = $1::text::uuid",
+        &[&id],
+    )
+    .await;
     assert_eq!(fired.len(), 1, "one run for one fire time: {fired:?}");
     let done = api.finished_run(&ada.access, &fired[0]).await;
     assert_eq!(done["status"], "succeeded");

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::common::{TempDir, TestEnv, connect};
+use crate::common::{TempDir, TestEnv, column, connect};
 use sparkops_ops::migrate;
 
 fn dir_with(files: &[(&str, &str)]) -> TempDir {
@@ -28,17 +28,12 @@ async fn empty_database() -> (TestEnv, String) {
 }
 
 async fn versions(url: &str) -> Vec<i32> {
-    connect(url)
-        .await
-        .query(
-            "select version from schema_migrations order by version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    column(
+        &connect(url).await,
+        "select version from schema_migrations order by version",
+        &[],
+    )
+    .await
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The resource APIs end to end: agents, tools, workflows, policies, schedules, model prices
 //! and project secrets, through the real components and a real Postgres.
 
-use crate::common::{Api, User};
+use crate::common::{Api, User, column};
 use serde_json::{Value, json};
 
 /// A project owned by a new user, with the owner.
@@ -1074,16 +1074,12 @@ async fn creates_are_idempotent_and_pages_hold_under_concurrent_inserts() {
         b["name"] = json!(format!("seed{i}"));
         api.create(&ada.access, "/api/v1/agents", b).await;
     }
-    let at_start: Vec<String> = api
-        .env
-        .db()
-        .await
-        .query("select agent_id::text from agents", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let at_start: Vec<String> = column(
+        &api.env.db().await,
+        "select agent_id::text from agents",
+        &[],
+    )
+    .await;
     assert_eq!(at_start.len(), 10);
     let mut seen: Vec<String> = Vec::new();
     let mut cursor: Option<String> = None;

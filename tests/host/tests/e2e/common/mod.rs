@@ -133,17 +133,12 @@ impl TestEnv {
 
     /// The statement each session on the test's database ran last.
     pub async fn last_statements(&self) -> Vec<String> {
-        let admin = connect(&self.admin_url).await;
-        admin
-            .query(
-                "select query from pg_stat_activity where datname = $1 order by pid",
-                &[&self.database_name],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
+        column(
+            &connect(&self.admin_url).await,
+            "select query from pg_stat_activity where datname = $1 order by pid",
+            &[&self.database_name],
+        )
+        .await
     }
 
     /// Options for an app from `manifest` (relative to the workspace) with a private state
@@ -232,6 +227,23 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 /// One number a query counts (`select count(*) ...`).
 pub async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
     db.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// The first column of every row a query returns, in its order.
+pub async fn column<T>(
+    db: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Vec<T>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    db.query(sql, params)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 /// Waits, for at most `limit`, until every run in the database has finished.
