@@ -15,7 +15,7 @@ use sparkops_core::status::{RunStatus, StepStatus, sql_list};
 use sparkops_core::workflow::{Definition, StepKind};
 
 use crate::start::Started;
-use crate::store::{self, event};
+use crate::store::{self, Changes, event};
 
 /// How long a claim holds without news from its executor: the executor renews it every
 /// [`HEARTBEAT_MS`] while the step runs, so a dead host's step is taken back within a lease
@@ -71,13 +71,15 @@ pub(crate) fn advance_locked<C: Connection + ?Sized>(
 }
 
 /// The advance of a run whose lock this transaction holds, from `known` when the caller
-/// has what a [`store::snapshot`] would read.
+/// has what a [`store::snapshot`] would read. What it decides is written in one statement
+/// ([`Changes`]), or, when the run ends, before [`finish`].
 fn decide_and_claim<C: Connection + ?Sized>(
     tx: &Tx<'_, C>,
     run_id: &str,
     status: Option<RunStatus>,
     known: Option<store::Snapshot>,
 ) -> Result<Vec<Claim>, ApiError> {
+    let mut changes = Changes::default();
     match status {
         Some(RunStatus::Cancelling) => {
             finish(
@@ -89,16 +91,9 @@ fn decide_and_claim<C: Connection + ?Sized>(
             )?;
             return Ok(Vec::new());
         }
-        // Its status is set once, below, with what it becomes (running or waiting).
         Some(RunStatus::Queued) => {
-            store::event_setting(
-                tx,
-                run_id,
-                "run.started",
-                None,
-                json!({}),
-                ", started_at = now(), updated_at = now()",
-            )?;
+            changes.start();
+            changes.event("run.started", None, json!({}));
         }
         Some(RunStatus::Running | RunStatus::Waiting) => {}
         _ => return Ok(Vec::new()),
@@ -112,7 +107,7 @@ fn decide_and_claim<C: Connection + ?Sized>(
         None => store::snapshot(tx, run_id)?,
     };
     // The steps are read once: under the run's lock nothing else changes them, so each
-    // decision is applied to the copy here as well as to the table.
+    // decision is applied to the copy here and written with the others at the end.
     let (mut statuses, outputs) = store::states(&steps);
     let scope = RunScope {
         input: &input,
@@ -125,34 +120,21 @@ fn decide_and_claim<C: Connection + ?Sized>(
             break;
         }
         for (key, decision) in decisions {
-            let (new, reason) = match decision {
+            match decision {
                 // Claimed below, straight from `pending`: no write of its own.
                 Decision::Ready => {
                     statuses.insert(key, StepStatus::Ready);
-                    continue;
                 }
-                Decision::Skip(why) => (StepStatus::Skipped, json!({"reason": why})),
-            };
-            let changed = tx.execute(
-                "update run_steps set status = $3, error = $4, updated_at = now()
-                 where run_id = $1 and step_key = $2 and status = 'pending'",
-                &[
-                    V::Uuid(run_id.into()),
-                    V::Text(key.clone()),
-                    V::Text(new.as_str().into()),
-                    store::json_or_null(&reason),
-                ],
-            )?;
-            if changed != 1 {
-                return Err(ApiError::Internal(format!(
-                    "step {key} of run {run_id} changed under the run's lock"
-                )));
+                Decision::Skip(why) => {
+                    let reason = json!({"reason": why});
+                    changes.skip(&key, &reason);
+                    changes.event("step.skipped", Some(&key), reason);
+                    statuses.insert(key, StepStatus::Skipped);
+                }
             }
-            event(tx, run_id, "step.skipped", Some(&key), reason)?;
-            statuses.insert(key, new);
         }
     }
-    match run::outcome(&statuses) {
+    let ended = match run::outcome(&statuses) {
         Some(Outcome::Succeeded) => {
             // The run's output: what the steps no other step depends on produced.
             let leaves: serde_json::Map<String, Value> = definition
@@ -166,14 +148,11 @@ fn decide_and_claim<C: Connection + ?Sized>(
                 })
                 .filter_map(|s| outputs.get(&s.key).map(|o| (s.key.clone(), o.clone())))
                 .collect();
-            finish(
-                tx,
-                run_id,
+            Some((
                 RunStatus::Succeeded,
                 Some(Value::Object(leaves)),
                 Value::Null,
-            )?;
-            return Ok(Vec::new());
+            ))
         }
         Some(Outcome::Failed) => {
             let mut failed: Vec<&String> = statuses
@@ -182,16 +161,15 @@ fn decide_and_claim<C: Connection + ?Sized>(
                 .map(|(k, _)| k)
                 .collect();
             failed.sort();
-            finish(
-                tx,
-                run_id,
-                RunStatus::Failed,
-                None,
-                json!({"reason": "a step failed", "steps": failed}),
-            )?;
-            return Ok(Vec::new());
+            let error = json!({"reason": "a step failed", "steps": failed});
+            Some((RunStatus::Failed, None, error))
         }
-        None => {}
+        None => None,
+    };
+    if let Some((status, output, error)) = ended {
+        changes.write(tx, run_id)?;
+        finish(tx, run_id, status, output, error)?;
+        return Ok(Vec::new());
     }
     let mut ready: Vec<String> = statuses
         .iter()
@@ -199,7 +177,12 @@ fn decide_and_claim<C: Connection + ?Sized>(
         .map(|(k, _)| k.clone())
         .collect();
     ready.sort();
-    let claimed = claim(tx, run_id, &definition, &ready, &mut statuses)?;
+    let attempts: HashMap<&str, i64> = steps.iter().map(|s| (s.key.as_str(), s.attempt)).collect();
+    for key in ready {
+        let attempt = attempts.get(key.as_str()).copied().unwrap_or(0) + 1;
+        let new = claim(&mut changes, &definition, &key, attempt);
+        statuses.insert(key, new);
+    }
     // A run with nothing in flight but a step awaiting approval is waiting.
     let waiting = statuses.values().any(|s| *s == StepStatus::Waiting)
         && !statuses.values().any(|s| {
@@ -213,93 +196,50 @@ fn decide_and_claim<C: Connection + ?Sized>(
     } else {
         RunStatus::Running
     };
-    // One write of the status, after the events: a change of `status` (an indexed column)
-    // makes a new row version in every index of `runs`, while the events' own updates of
-    // the row (`event_seq`) stay heap-only (migration 0019 leaves room on its pages).
-    let was = status.unwrap_or(RunStatus::Running);
-    if now != was {
-        tx.execute(
-            "update runs set status = $2, updated_at = now() where run_id = $1",
-            &[V::Uuid(run_id.into()), V::Text(now.as_str().into())],
-        )?;
+    if status != Some(now) {
+        changes.set_status(now);
     }
+    let claimed = changes
+        .write(tx, run_id)?
+        .into_iter()
+        .filter_map(|c| {
+            Some(Claim {
+                lease_id: c.lease_id?,
+                step_key: c.key,
+                attempt: c.attempt,
+            })
+        })
+        .collect();
     Ok(claimed)
 }
 
-/// Claims the `ready` steps, as one conditional update per step: an approval step starts
-/// waiting until its deadline, any other gets a fresh lease for an executor.
-fn claim<C: Connection + ?Sized>(
-    tx: &Tx<'_, C>,
-    run_id: &str,
-    definition: &Definition,
-    ready: &[String],
-    statuses: &mut HashMap<String, StepStatus>,
-) -> Result<Vec<Claim>, ApiError> {
-    let mut claimed = Vec::new();
-    for key in ready.iter().cloned() {
-        let step = definition.steps.iter().find(|s| s.key == key);
-        if let Some(s) = step.filter(|s| s.kind == StepKind::Approval) {
-            let approval = s.approval.clone().unwrap_or_default();
-            let waiting = tx.execute(
-                "update run_steps set status = 'waiting', attempt = attempt + 1,
-                    deadline_at = now() + make_interval(secs => $3::float8),
-                    started_at = coalesce(started_at, now()), updated_at = now()
-                 where run_id = $1 and step_key = $2 and status in ('pending', 'ready')",
-                &[
-                    V::Uuid(run_id.into()),
-                    V::Text(key.clone()),
-                    V::Float64(approval.timeout_s as f64),
-                ],
-            )?;
-            if waiting == 1 {
-                statuses.insert(key.clone(), StepStatus::Waiting);
-                event(
-                    tx,
-                    run_id,
-                    "step.waiting",
-                    Some(&key),
-                    json!({"timeout_s": approval.timeout_s, "approvers": approval.approvers,
-                        "quorum": approval.quorum}),
-                )?;
-            }
-            continue;
-        }
-        let timeout = step
-            .and_then(|s| s.timeout_ms)
-            .map_or(DEFAULT_STEP_TIMEOUT_MS, |t| t as i64);
-        // A short lease, renewed while the step runs, inside the attempt's deadline; the
-        // claim and its `step.started` event in one statement.
-        let rows = tx.query(
-            &store::change_with_event(
-                "update run_steps set status = 'running', attempt = attempt + 1, lease_id = gen_random_uuid(),
-                    deadline_at = now() + make_interval(secs => $3::float8 / 1000),
-                    lease_expires_at = now() + make_interval(secs => least($3::float8, $4::float8) / 1000),
-                    started_at = coalesce(started_at, now()), updated_at = now()
-                 where run_id = $1 and step_key = $2 and status in ('pending', 'ready')
-                 returning attempt, lease_id",
-                "'step.started'",
-                "$2",
-                "jsonb_build_object('attempt', changed.attempt)",
-                "attempt, lease_id::text",
-            ),
-            &[
-                V::Uuid(run_id.into()),
-                V::Text(key.clone()),
-                V::Float64((timeout + LEASE_MARGIN_MS) as f64),
-                V::Float64(LEASE_MS as f64),
-            ],
-        )?;
-        if let Some(r) = rows.first() {
-            let attempt = r.int(0)?;
-            statuses.insert(key.clone(), StepStatus::Running);
-            claimed.push(Claim {
-                step_key: key,
-                lease_id: r.text(1)?,
-                attempt,
-            });
-        }
+/// Claims the ready step `key` for its `attempt`: an approval step starts waiting until its
+/// deadline, any other gets a short lease, renewed while the step runs, inside the
+/// attempt's deadline. What the step becomes.
+fn claim(changes: &mut Changes, definition: &Definition, key: &str, attempt: i64) -> StepStatus {
+    let step = definition.steps.iter().find(|s| s.key == key);
+    if let Some(s) = step.filter(|s| s.kind == StepKind::Approval) {
+        let approval = s.approval.clone().unwrap_or_default();
+        changes.wait(key, approval.timeout_s as f64);
+        changes.event(
+            "step.waiting",
+            Some(key),
+            json!({"timeout_s": approval.timeout_s, "approvers": approval.approvers,
+                "quorum": approval.quorum}),
+        );
+        return StepStatus::Waiting;
     }
-    Ok(claimed)
+    let timeout = step
+        .and_then(|s| s.timeout_ms)
+        .map_or(DEFAULT_STEP_TIMEOUT_MS, |t| t as i64);
+    let deadline_ms = timeout + LEASE_MARGIN_MS;
+    changes.claim(
+        key,
+        deadline_ms as f64 / 1000.0,
+        deadline_ms.min(LEASE_MS) as f64 / 1000.0,
+    );
+    changes.event("step.started", Some(key), json!({"attempt": attempt}));
+    StepStatus::Running
 }
 
 /// Ends the run with `status` (a final one): steps not finished are cancelled, the end is

@@ -35,12 +35,17 @@ pub(crate) fn insert_deliveries(event_type: &str, project: &str, data: &str, fro
 }
 
 /// The `data` of a run's webhook event: the run as it stands, the step and what the run
-/// event said. Reads `r` (the run's row), `$3` (the step key) and `$4` (the event's data).
-pub(crate) const RUN_EVENT_DATA: &str = "jsonb_build_object(
-        'project_id', r.project_id, 'run_id', r.run_id, 'workflow_id', r.workflow_id,
-        'workflow_version', r.workflow_version, 'schedule_id', r.schedule_id, 'status', r.status,
-        'step_key', $3::text, 'detail', $4::jsonb, 'error', r.error,
-        'tokens_in', r.tokens_in, 'tokens_out', r.tokens_out, 'cost_usd', r.cost_usd::text)";
+/// event said. Reads `r` (the run's row); `step` and `detail` are SQL expressions (text and
+/// `jsonb`).
+pub(crate) fn run_event_data(step: &str, detail: &str) -> String {
+    format!(
+        "jsonb_build_object(
+            'project_id', r.project_id, 'run_id', r.run_id, 'workflow_id', r.workflow_id,
+            'workflow_version', r.workflow_version, 'schedule_id', r.schedule_id, 'status', r.status,
+            'step_key', {step}, 'detail', {detail}, 'error', r.error,
+            'tokens_in', r.tokens_in, 'tokens_out', r.tokens_out, 'cost_usd', r.cost_usd::text)"
+    )
+}
 
 /// Queues `event_type` with `data` for the project's subscribed webhooks: for events
 /// outside a run (a schedule's skipped or refused fire). Run events are queued by

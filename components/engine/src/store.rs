@@ -36,49 +36,166 @@ pub fn event<C: Connection + ?Sized>(
     step: Option<&str>,
     data: Value,
 ) -> Result<(), ApiError> {
-    event_setting(tx, run_id, kind, step, data, "")
+    let mut changes = Changes::default();
+    changes.event(kind, step, data);
+    changes.write(tx, run_id).map(drop)
 }
 
-/// [`event`], with the run's row changed by the same statement: `also_set` is more
-/// `column = value` assignments (`, status = 'running'`, say) over no parameters.
-pub fn event_setting<C: Connection + ?Sized>(
-    tx: &Tx<'_, C>,
-    run_id: &str,
-    kind: &str,
-    step: Option<&str>,
-    data: Value,
-    also_set: &str,
-) -> Result<(), ApiError> {
-    let mut params = vec![
-        V::Uuid(run_id.into()),
-        V::Text(kind.into()),
-        step.map_or(V::Null, |s| V::Text(s.into())),
-        V::Json(data),
-    ];
-    // An event webhooks are told of has its deliveries queued by the same statement.
-    let told = match webhook::event_type_of(kind) {
-        None => String::new(),
-        Some(event_type) => {
-            params.push(V::Text(event_type.into()));
-            let deliveries = outbox::insert_deliveries(
-                "$5::text",
-                "r.project_id",
-                outbox::RUN_EVENT_DATA,
-                ", runs r",
-            );
-            format!(", told as ({deliveries} and r.run_id = $1)")
+/// Changes to a run whose lock the caller holds, gathered and then written in one
+/// statement by [`Changes::write`]: its steps' changes, its events in order (numbered from
+/// the run's `event_seq`, with a delivery for every webhook told of one), and its status.
+/// The run's row is updated once, however many events there are.
+#[derive(Debug, Default)]
+pub struct Changes {
+    status: Option<RunStatus>,
+    started: bool,
+    steps: Vec<Value>,
+    events: Vec<Value>,
+    told: bool,
+}
+
+/// A step [`Changes::write`] changed, as it now stands.
+#[derive(Debug)]
+pub struct Changed {
+    pub key: String,
+    pub status: StepStatus,
+    pub attempt: i64,
+    /// The lease of a step claimed for an executor.
+    pub lease_id: Option<String>,
+}
+
+impl Changes {
+    /// The run's status becomes `status`.
+    pub fn set_status(&mut self, status: RunStatus) {
+        self.status = Some(status);
+    }
+
+    /// The run starts now (`started_at`).
+    pub fn start(&mut self) {
+        self.started = true;
+    }
+
+    /// Appends an event; webhooks subscribed to its type are told of it.
+    pub fn event(&mut self, kind: &str, step: Option<&str>, data: Value) {
+        let told = webhook::event_type_of(kind);
+        self.told |= told.is_some();
+        self.events
+            .push(serde_json::json!({"kind": kind, "step": step, "data": data, "told": told}));
+    }
+
+    /// A pending step is skipped for `reason` (its `error`).
+    pub fn skip(&mut self, key: &str, reason: &Value) {
+        self.steps
+            .push(serde_json::json!({"key": key, "status": "skipped", "error": reason}));
+    }
+
+    /// A ready approval step waits for its decision until `timeout_s` from now.
+    pub fn wait(&mut self, key: &str, timeout_s: f64) {
+        self.steps
+            .push(serde_json::json!({"key": key, "status": "waiting", "deadline_s": timeout_s}));
+    }
+
+    /// A ready step is claimed for an executor: a new attempt with a fresh lease of
+    /// `lease_s`, inside an attempt deadline `deadline_s` from now.
+    pub fn claim(&mut self, key: &str, deadline_s: f64, lease_s: f64) {
+        self.steps
+            .push(serde_json::json!({"key": key, "status": "running",
+            "deadline_s": deadline_s, "lease_s": lease_s}));
+    }
+
+    /// Writes the changes in one statement; the steps it changed. A step that is not
+    /// pending or ready any more (which the run's lock rules out) fails the write.
+    pub fn write<C: Connection + ?Sized>(
+        self,
+        tx: &Tx<'_, C>,
+        run_id: &str,
+    ) -> Result<Vec<Changed>, ApiError> {
+        if self.status.is_none() && !self.started && self.steps.is_empty() && self.events.is_empty()
+        {
+            return Ok(Vec::new());
         }
-    };
-    tx.execute(
-        &format!(
-            "with seq as (update runs set event_seq = event_seq + 1{also_set} where run_id = $1 returning event_seq),
-             logged as (insert into run_events (run_id, seq, kind, step_key, data)
-                 select $1, event_seq, $2, $3, $4 from seq){told}
-             select 1"
-        ),
-        &params,
-    )?;
-    Ok(())
+        let planned = self.steps.len();
+        let mut params = vec![
+            V::Uuid(run_id.into()),
+            self.status.map_or(V::Null, |s| V::Text(s.as_str().into())),
+            V::Bool(self.started),
+            V::Json(Value::Array(self.events)),
+        ];
+        // A skipped step keeps its attempt and times; a waiting or claimed one starts an
+        // attempt; a claimed one gets a lease.
+        let steps = if planned == 0 {
+            ""
+        } else {
+            params.push(V::Json(Value::Array(self.steps)));
+            "changed as (
+                update run_steps s set status = p.status,
+                    error = case when p.status = 'skipped' then p.error else s.error end,
+                    attempt = s.attempt + (p.status <> 'skipped')::int,
+                    lease_id = case when p.status = 'running' then gen_random_uuid() else s.lease_id end,
+                    deadline_at = coalesce(now() + make_interval(secs => p.deadline_s), s.deadline_at),
+                    lease_expires_at = coalesce(now() + make_interval(secs => p.lease_s), s.lease_expires_at),
+                    started_at = case when p.status = 'skipped' then s.started_at else coalesce(s.started_at, now()) end,
+                    updated_at = now()
+                from jsonb_to_recordset($5) as p(key text, status text, error jsonb, deadline_s float8, lease_s float8)
+                where s.run_id = $1 and s.step_key = p.key and s.status in ('pending', 'ready')
+                returning s.step_key, s.status, s.attempt, s.lease_id::text
+             ), "
+        };
+        let told = if self.told {
+            let deliveries = outbox::insert_deliveries(
+                "ev.told",
+                "r.project_id",
+                &outbox::run_event_data("ev.step", "ev.data"),
+                ", r, ev",
+            );
+            format!(", told as ({deliveries} order by ev.n)")
+        } else {
+            String::new()
+        };
+        let answer = if planned == 0 {
+            "select null, null, null, null where false"
+        } else {
+            "select step_key, status, attempt, lease_id from changed"
+        };
+        let rows = tx.query(
+            &format!(
+                "with {steps}r as (
+                    update runs set event_seq = event_seq + jsonb_array_length($4),
+                        status = coalesce($2::text, status),
+                        started_at = case when $3 then now() else started_at end,
+                        updated_at = case when $2::text is not null or $3 then now() else updated_at end
+                    where run_id = $1
+                    returning project_id, run_id, workflow_id, workflow_version, schedule_id, status, error,
+                        tokens_in, tokens_out, cost_usd, event_seq - jsonb_array_length($4) as base
+                 ), ev as (
+                    select e.n, e.value->>'kind' as kind, e.value->>'step' as step, e.value->'data' as data,
+                        e.value->>'told' as told
+                    from jsonb_array_elements($4) with ordinality as e(value, n)
+                 ), logged as (
+                    insert into run_events (run_id, seq, kind, step_key, data)
+                    select r.run_id, r.base + ev.n, ev.kind, ev.step, ev.data from r, ev
+                 ){told}
+                 {answer}"
+            ),
+            &params,
+        )?;
+        if rows.len() != planned {
+            return Err(ApiError::Internal(format!(
+                "run {run_id}: {} of {planned} steps changed under the run's lock",
+                rows.len()
+            )));
+        }
+        rows.iter()
+            .map(|r| {
+                Ok(Changed {
+                    key: r.text(0)?,
+                    status: step_status(r, 1)?,
+                    attempt: r.int(2)?,
+                    lease_id: r.opt_text(3)?,
+                })
+            })
+            .collect()
+    }
 }
 
 /// One statement that makes `change` to a step (a data-modifying statement with a

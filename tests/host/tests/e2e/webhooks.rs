@@ -359,10 +359,15 @@ async fn every_event_type_reaches_the_receiver_signed() {
     assert_eq!(f["data"]["error"]["kind"], failed["error"]["kind"]);
     assert_eq!(of("run.cancelled", &waiting)["data"]["status"], "cancelled");
     assert_eq!(of("run.timed_out", &late)["data"]["status"], "timed_out");
+    // Told by the run's first advance, with the run as that advance left it.
     let w = of("step.waiting_approval", &waiting);
     assert_eq!(
-        (&w["data"]["step_key"], &w["data"]["detail"]["timeout_s"]),
-        (&json!("gate"), &json!(3600))
+        (
+            &w["data"]["step_key"],
+            &w["data"]["detail"]["timeout_s"],
+            &w["data"]["status"]
+        ),
+        (&json!("gate"), &json!(3600), &json!("waiting"))
     );
     let b = of("budget.alert", alerted["id"].as_str().unwrap());
     assert_eq!(b["data"]["detail"]["policy"], "Watch");
