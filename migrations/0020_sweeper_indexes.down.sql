@@ -1,0 +1,3 @@
+drop index run_steps_held_idx;
+drop index runs_unsettled_idx;
+drop index runs_deadline_idx;
