@@ -5,8 +5,6 @@
 //! deadline for each approval. It never calls a model or a tool. Advancing twice finds
 //! nothing new to claim the second time.
 
-use std::collections::HashMap;
-
 use serde_json::{Value, json};
 use sparkops_core::db::{Connection, Tx, Value as V};
 use sparkops_core::error::ApiError;
@@ -14,7 +12,6 @@ use sparkops_core::run::{self, Decision, Outcome, RunScope};
 use sparkops_core::status::{RunStatus, StepStatus, sql_list};
 use sparkops_core::workflow::{Definition, StepKind};
 
-use crate::start::Started;
 use crate::store::{self, Changes, event};
 
 /// How long a claim holds without news from its executor: the executor renews it every
@@ -48,18 +45,6 @@ pub fn advance<C: Connection + ?Sized>(
     advance_locked(tx, run_id, status)
 }
 
-/// [`advance`] for a run [`crate::start`]ed in this same transaction: its row, inserted
-/// here, is invisible to every other transaction until this one commits, so it is this
-/// transaction's without a lock to take, it is queued, and what it holds is what the start
-/// wrote.
-pub fn advance_started<C: Connection + ?Sized>(
-    tx: &Tx<'_, C>,
-    started: Started,
-) -> Result<Vec<Claim>, ApiError> {
-    let Started { run_id, snapshot } = started;
-    decide_and_claim(tx, &run_id, Some(RunStatus::Queued), Some(snapshot))
-}
-
 /// [`advance`] for a caller that already holds the run's lock and read its `status` (`None`:
 /// no such run).
 pub(crate) fn advance_locked<C: Connection + ?Sized>(
@@ -80,7 +65,7 @@ fn decide_and_claim<C: Connection + ?Sized>(
     known: Option<store::Snapshot>,
 ) -> Result<Vec<Claim>, ApiError> {
     let mut changes = Changes::default();
-    match status {
+    let status = match status {
         Some(RunStatus::Cancelling) => {
             finish(
                 tx,
@@ -91,31 +76,65 @@ fn decide_and_claim<C: Connection + ?Sized>(
             )?;
             return Ok(Vec::new());
         }
-        Some(RunStatus::Queued) => {
-            changes.start();
-            changes.event("run.started", None, json!({}));
-        }
-        Some(RunStatus::Running | RunStatus::Waiting) => {}
+        Some(s @ (RunStatus::Queued | RunStatus::Running | RunStatus::Waiting)) => s,
         _ => return Ok(Vec::new()),
+    };
+    let snapshot = match known {
+        Some(snapshot) => snapshot,
+        None => store::snapshot(tx, run_id)?,
+    };
+    match decide(&snapshot, status, &mut changes) {
+        Next::Ends(ending) => {
+            end(tx, run_id, changes, ending)?;
+            Ok(Vec::new())
+        }
+        Next::GoesOn => Ok(changes
+            .write(tx, run_id)?
+            .into_iter()
+            .filter_map(|c| {
+                Some(Claim {
+                    lease_id: c.lease_id?,
+                    step_key: c.key,
+                    attempt: c.attempt,
+                })
+            })
+            .collect()),
     }
+}
+
+/// What deciding a run found next.
+pub(crate) enum Next {
+    /// The run ends: its final status, output and error.
+    Ends((RunStatus, Option<Value>, Value)),
+    /// The run goes on with what [`decide`] gathered.
+    GoesOn,
+}
+
+/// Decides the next moves of a run that is `status` (queued, running or waiting) and holds
+/// `snapshot`, gathering them in `changes`: a queued run starts; pending steps become ready
+/// or are skipped; the run ends when nothing is left, or else its ready steps are claimed
+/// and its status follows (waiting when only approvals are in flight). Reads and writes
+/// nothing.
+pub(crate) fn decide(snapshot: &store::Snapshot, status: RunStatus, changes: &mut Changes) -> Next {
     let store::Snapshot {
         input,
         definition,
         steps,
-    } = match known {
-        Some(snapshot) => snapshot,
-        None => store::snapshot(tx, run_id)?,
-    };
+    } = snapshot;
+    if status == RunStatus::Queued {
+        changes.start();
+        changes.event("run.started", None, json!({}));
+    }
     // The steps are read once: under the run's lock nothing else changes them, so each
     // decision is applied to the copy here and written with the others at the end.
-    let (mut statuses, outputs) = store::states(&steps);
+    let (mut statuses, outputs) = store::states(steps);
     let scope = RunScope {
-        input: &input,
+        input,
         outputs: &outputs,
     };
     // Skipping a step can settle its dependants, so decide until nothing changes.
     loop {
-        let decisions = run::decide(&definition, &statuses, &scope);
+        let decisions = run::decide(definition, &statuses, &scope);
         if decisions.is_empty() {
             break;
         }
@@ -134,7 +153,7 @@ fn decide_and_claim<C: Connection + ?Sized>(
             }
         }
     }
-    let ended = match run::outcome(&statuses) {
+    match run::outcome(&statuses) {
         Some(Outcome::Succeeded) => {
             // The run's output: what the steps no other step depends on produced.
             let leaves: serde_json::Map<String, Value> = definition
@@ -148,11 +167,11 @@ fn decide_and_claim<C: Connection + ?Sized>(
                 })
                 .filter_map(|s| outputs.get(&s.key).map(|o| (s.key.clone(), o.clone())))
                 .collect();
-            Some((
+            return Next::Ends((
                 RunStatus::Succeeded,
                 Some(Value::Object(leaves)),
                 Value::Null,
-            ))
+            ));
         }
         Some(Outcome::Failed) => {
             let mut failed: Vec<&String> = statuses
@@ -162,14 +181,9 @@ fn decide_and_claim<C: Connection + ?Sized>(
                 .collect();
             failed.sort();
             let error = json!({"reason": "a step failed", "steps": failed});
-            Some((RunStatus::Failed, None, error))
+            return Next::Ends((RunStatus::Failed, None, error));
         }
-        None => None,
-    };
-    if let Some((status, output, error)) = ended {
-        changes.write(tx, run_id)?;
-        finish(tx, run_id, status, output, error)?;
-        return Ok(Vec::new());
+        None => {}
     }
     let mut ready: Vec<String> = statuses
         .iter()
@@ -177,10 +191,9 @@ fn decide_and_claim<C: Connection + ?Sized>(
         .map(|(k, _)| k.clone())
         .collect();
     ready.sort();
-    let attempts: HashMap<&str, i64> = steps.iter().map(|s| (s.key.as_str(), s.attempt)).collect();
     for key in ready {
-        let attempt = attempts.get(key.as_str()).copied().unwrap_or(0) + 1;
-        let new = claim(&mut changes, &definition, &key, attempt);
+        let attempt = steps.iter().find(|s| s.key == key).map_or(0, |s| s.attempt) + 1;
+        let new = claim(changes, definition, &key, attempt);
         statuses.insert(key, new);
     }
     // A run with nothing in flight but a step awaiting approval is waiting.
@@ -196,21 +209,22 @@ fn decide_and_claim<C: Connection + ?Sized>(
     } else {
         RunStatus::Running
     };
-    if status != Some(now) {
+    if status != now {
         changes.set_status(now);
     }
-    let claimed = changes
-        .write(tx, run_id)?
-        .into_iter()
-        .filter_map(|c| {
-            Some(Claim {
-                lease_id: c.lease_id?,
-                step_key: c.key,
-                attempt: c.attempt,
-            })
-        })
-        .collect();
-    Ok(claimed)
+    Next::GoesOn
+}
+
+/// Ends a run whose lock this transaction holds: what was decided before the end, then
+/// [`finish`].
+pub(crate) fn end<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run_id: &str,
+    changes: Changes,
+    (status, output, error): (RunStatus, Option<Value>, Value),
+) -> Result<(), ApiError> {
+    changes.write(tx, run_id)?;
+    finish(tx, run_id, status, output, error)
 }
 
 /// Claims the ready step `key` for its `attempt`: an approval step starts waiting until its

@@ -5,7 +5,7 @@
 //!
 //! | Transition | Function | Who calls it |
 //! |---|---|---|
-//! | start (input check, admission, insert) | [`start::start`] | `POST /runs`, retry, schedule fires |
+//! | start (input check, admission, insert, first advance) | [`start::start_advanced`], [`start::start`] | `POST /runs`, retry, triggers; schedule fires |
 //! | advance (decide, finish, claim) | [`advance::advance`] | orchestrator, sweeper |
 //! | record an attempt, schedule a retry | [`step::record`] | executor |
 //! | a model call's usage | [`step::add_usage`] | agent steps |
@@ -37,9 +37,9 @@ pub mod start;
 pub mod step;
 pub mod store;
 
-pub use advance::{Claim, advance, advance_started, finish};
+pub use advance::{Claim, advance, finish};
 pub use lifecycle::{Cancel, Pause, cancel, pause, resume};
 pub use sparkops_core::db::Tx;
 pub use sparkops_core::status::{ErrorKind, RunStatus, StepStatus};
-pub use start::{NewRun, Origin, StartError, Started, Workflow, start};
+pub use start::{NewRun, Origin, StartError, Started, Workflow, start, start_advanced};
 pub use store::{event, lock_run, note};

@@ -14,14 +14,15 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use sparkops_core::db::{AS_TIMESTAMPTZ, Connection, DbError, Read, Tx, Value as V};
+use sparkops_core::db::{AS_TIMESTAMPTZ, Connection, DbError, Read, Row, Tx, Value as V};
 use sparkops_core::error::{ApiError, FieldError};
 use sparkops_core::money::Usd;
 use sparkops_core::status::{RunStatus, StepStatus, sql_list};
 use sparkops_core::workflow::{self, Definition};
 
-use crate::policies;
-use crate::store::{Snapshot, StepRow};
+use crate::advance::{self, Claim};
+use crate::store::{Changes, Snapshot, StepRow};
+use crate::{outbox, policies};
 
 /// A workflow version a run can pin.
 #[derive(Debug, Clone)]
@@ -182,12 +183,75 @@ impl From<StartError> for ApiError {
     }
 }
 
-/// Starts `run`: checks its input and the policies, then inserts it queued with its steps
-/// and its `run.queued` event. The caller then advances it (or nudges the engine).
+/// Starts `run` queued: checks its input and the policies, then inserts it with its steps
+/// and its `run.queued` event. For a caller that cannot dispatch (a schedule's fire): the
+/// engine's nudge advances it after the commit. [`start_advanced`] also takes its first
+/// steps.
 pub fn start<C: Connection + ?Sized>(
     tx: &Tx<'_, C>,
     run: &NewRun<'_>,
 ) -> Result<Started, StartError> {
+    admit_checked(tx, run)?;
+    let (steps, written) = step_rows(run);
+    let (answer, _) = insert(tx, run, &steps, &written, None, None)?;
+    debug_assert!(answer.is_none());
+    Ok(Started {
+        run_id: run.run_id.to_string(),
+        claimed: Vec::new(),
+        answer: None,
+    })
+}
+
+/// Starts `run` and advances it in the same transaction: checks its input and the
+/// policies, decides its first moves from what it is about to write, and, when the run goes
+/// on, writes the run, its steps and its events already advanced, in one statement (a run
+/// that ends at once is inserted queued and then ended). `answer`: columns the caller wants
+/// of the run *as queued*, SQL over `r` (a `runs` row) and `queued.steps` (its steps counted
+/// by status, as written).
+pub fn start_advanced<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run: &NewRun<'_>,
+    answer: Option<&str>,
+) -> Result<Started, StartError> {
+    admit_checked(tx, run)?;
+    let (steps, written) = step_rows(run);
+    let snapshot = Snapshot {
+        input: run.input.clone(),
+        definition: run.workflow.definition.clone(),
+        steps: written,
+    };
+    let mut changes = Changes::default();
+    let next = advance::decide(&snapshot, RunStatus::Queued, &mut changes);
+    let (answer, claimed) = match next {
+        advance::Next::GoesOn => insert(tx, run, &steps, &snapshot.steps, Some(changes), answer)?,
+        advance::Next::Ends(ending) => {
+            let inserted = insert(tx, run, &steps, &snapshot.steps, None, answer)?;
+            advance::end(tx, run.run_id, changes, ending)?;
+            inserted
+        }
+    };
+    Ok(Started {
+        run_id: run.run_id.to_string(),
+        claimed,
+        answer,
+    })
+}
+
+/// A run [`start`] or [`start_advanced`] inserted.
+#[derive(Debug)]
+pub struct Started {
+    pub run_id: String,
+    /// The steps its first advance claimed for executors: dispatch them after the commit.
+    pub claimed: Vec<Claim>,
+    /// The caller's `answer` over the run as queued.
+    pub answer: Option<Row>,
+}
+
+/// The input against the workflow's `input_schema`, then the policies on starting runs.
+fn admit_checked<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run: &NewRun<'_>,
+) -> Result<(), StartError> {
     let w = run.workflow;
     if !w.input_schema.is_null()
         && let Err(problems) = sparkops_core::schema::validate_saved(&w.input_schema, run.input)
@@ -202,84 +266,19 @@ pub fn start<C: Connection + ?Sized>(
                 .collect(),
         ));
     }
-    admit(tx, &w.project_id, &w.workflow_id, run.now)?;
-    let steps = insert(tx, run)?;
-    Ok(Started {
-        run_id: run.run_id.to_string(),
-        snapshot: Snapshot {
-            input: run.input.clone(),
-            definition: w.definition.clone(),
-            steps,
-        },
-    })
+    admit(tx, &w.project_id, &w.workflow_id, run.now)
 }
 
-/// A run [`start`] inserted, with what it wrote: its first advance
-/// ([`crate::advance_started`], in the same transaction) decides from this rather than read
-/// it back.
-#[derive(Debug)]
-pub struct Started {
-    pub run_id: String,
-    pub(crate) snapshot: Snapshot,
-}
-
-/// Inserts the run, its steps and its `run.queued` event; the steps as written.
-fn insert<C: Connection + ?Sized>(
-    tx: &Tx<'_, C>,
-    run: &NewRun<'_>,
-) -> Result<Vec<StepRow>, ApiError> {
-    let w = run.workflow;
-    let id = || V::Uuid(run.run_id.into());
-    let deadline = w.timeout_s.map(|s| run.now + chrono::Duration::seconds(s));
-    let trigger = match &run.origin {
-        Origin::Trigger { trigger_id, .. } => Some(*trigger_id),
+/// The run's steps as rows to insert (one JSON array) and as written, for its first
+/// advance: pending, or, for a step a retry from `failed` reuses, succeeded already with its
+/// input and output.
+fn step_rows(run: &NewRun<'_>) -> (Value, Vec<StepRow>) {
+    let reused = match &run.origin {
+        Origin::Retry { reused, .. } => Some(reused),
         _ => None,
     };
-    let (created_by, retry_of, schedule, mut data, reused) = match &run.origin {
-        Origin::Api { user_id } => (
-            Some(*user_id),
-            None,
-            None,
-            json!({"workflow_version": w.version}),
-            None,
-        ),
-        Origin::Retry {
-            user_id,
-            of,
-            from,
-            reused,
-        } => (
-            Some(*user_id),
-            Some(*of),
-            None,
-            json!({"workflow_version": w.version, "retry_of": of, "from": from}),
-            Some(reused),
-        ),
-        Origin::Schedule { schedule_id, at } => (
-            None,
-            None,
-            Some((*schedule_id, *at)),
-            json!({"workflow_version": w.version, "schedule_id": schedule_id,
-                "scheduled_for": sparkops_core::time::rfc3339(*at)}),
-            None,
-        ),
-        Origin::Trigger {
-            trigger_id,
-            delivery_id,
-        } => (
-            None,
-            None,
-            None,
-            json!({"workflow_version": w.version, "trigger_id": trigger_id,
-                "delivery_id": delivery_id}),
-            None,
-        ),
-    };
-    // The run and its steps in one statement: the steps as one JSON parameter, a reused
-    // step (a retry from `failed`) succeeded already with its input and output. Beside each
-    // row, the step as written, for the run's first advance.
-    let mut reused_keys = Vec::new();
-    let (steps, written): (Vec<Value>, Vec<StepRow>) = w
+    let (rows, written): (Vec<Value>, Vec<StepRow>) = run
+        .workflow
         .definition
         .steps
         .iter()
@@ -298,7 +297,6 @@ fn insert<C: Connection + ?Sized>(
                 output: Value::Null,
             };
             if let Some((input, output)) = reused.and_then(|r| r.get(&step.key)) {
-                reused_keys.push(step.key.clone());
                 written.status = StepStatus::Succeeded;
                 written.output = output.clone();
                 row["status"] = json!(written.status.as_str());
@@ -308,32 +306,132 @@ fn insert<C: Connection + ?Sized>(
             (row, written)
         })
         .unzip();
+    (Value::Array(rows), written)
+}
+
+/// Inserts the run, its steps and its events in one statement: queued with its `run.queued`
+/// event (numbered 1), or, given its first advance's `first` changes, already advanced (its
+/// status, its steps waiting or claimed with their leases, its events after `run.queued`,
+/// and the deliveries of those webhooks are told of). The caller's `answer` over the run as
+/// queued, and the steps claimed.
+fn insert<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    run: &NewRun<'_>,
+    steps: &Value,
+    written: &[StepRow],
+    first: Option<Changes>,
+    answer: Option<&str>,
+) -> Result<(Option<Row>, Vec<Claim>), ApiError> {
+    let w = run.workflow;
+    let id = || V::Uuid(run.run_id.into());
+    let deadline = w.timeout_s.map(|s| run.now + chrono::Duration::seconds(s));
+    let trigger = match &run.origin {
+        Origin::Trigger { trigger_id, .. } => Some(*trigger_id),
+        _ => None,
+    };
+    let (created_by, retry_of, schedule, mut data) = match &run.origin {
+        Origin::Api { user_id } => (
+            Some(*user_id),
+            None,
+            None,
+            json!({"workflow_version": w.version}),
+        ),
+        Origin::Retry {
+            user_id, of, from, ..
+        } => (
+            Some(*user_id),
+            Some(*of),
+            None,
+            json!({"workflow_version": w.version, "retry_of": of, "from": from}),
+        ),
+        Origin::Schedule { schedule_id, at } => (
+            None,
+            None,
+            Some((*schedule_id, *at)),
+            json!({"workflow_version": w.version, "schedule_id": schedule_id,
+                "scheduled_for": sparkops_core::time::rfc3339(*at)}),
+        ),
+        Origin::Trigger {
+            trigger_id,
+            delivery_id,
+        } => (
+            None,
+            None,
+            None,
+            json!({"workflow_version": w.version, "trigger_id": trigger_id,
+                "delivery_id": delivery_id}),
+        ),
+    };
+    let mut counts = serde_json::Map::new();
+    let mut reused_keys = Vec::new();
+    for step in written {
+        let n = counts.entry(step.status.as_str()).or_insert(json!(0));
+        *n = json!(n.as_i64().unwrap_or(0) + 1);
+        if step.status == StepStatus::Succeeded {
+            reused_keys.push(step.key.clone());
+        }
+    }
     if !reused_keys.is_empty() {
         data["reused"] = json!(reused_keys);
     }
-    // Its first event, `run.queued`, numbered 1 by the same statement (as [`event`] would:
-    // no webhook is told of a queued run).
+    // Its first event, `run.queued`, numbered 1 (no webhook is told of a queued run); the
+    // first advance's after it.
     debug_assert!(sparkops_core::webhook::event_type_of("run.queued").is_none());
-    tx.execute(
+    let first = first.unwrap_or_default();
+    let mut events = vec![json!({"kind": "run.queued", "data": data})];
+    events.extend(first.events);
+    let status = first.status.unwrap_or(RunStatus::Queued);
+    let told = if first.told {
+        let deliveries = outbox::insert_deliveries(
+            "ev.told",
+            "r.project_id",
+            &outbox::run_event_data("ev.step", "ev.data"),
+            ", run r, ev",
+        );
+        format!(", told as ({deliveries} order by ev.n)")
+    } else {
+        String::new()
+    };
+    // The run as queued, whatever the first advance made of it, for the caller's answer.
+    let answer = answer.unwrap_or("null");
+    let rows = tx.query(
         &format!(
             "with run as (
                 insert into runs (run_id, project_id, workflow_id, workflow_version, input, created_by,
                     deadline_at, retry_of, schedule_id, scheduled_for, trigger_id, max_cost_usd, created_at, updated_at,
-                    event_seq)
+                    status, started_at, event_seq)
                 values ($1, $2, $3, $4, $5, $6, $7{AS_TIMESTAMPTZ}, $8, $9, $10{AS_TIMESTAMPTZ}, $12, $13,
-                    $11{AS_TIMESTAMPTZ}, $11{AS_TIMESTAMPTZ}, 1)
-                returning run_id
+                    $11{AS_TIMESTAMPTZ}, $11{AS_TIMESTAMPTZ}, $16, case when $17 then now() end,
+                    jsonb_array_length($15))
+                returning *
              ), steps as (
-                insert into run_steps (run_id, step_key, kind, agent_id, tool_id, status, input, output, finished_at)
+                insert into run_steps (run_id, step_key, kind, agent_id, tool_id, status, input, output, finished_at,
+                    error, attempt, lease_id, deadline_at, lease_expires_at, started_at)
                 select run.run_id, s.key, s.kind, s.agent_id::uuid, s.tool_id::uuid,
-                    coalesce(s.status, 'pending'), s.input, s.output,
-                    case when s.status is not null then now() end
+                    coalesce(p.status, s.status, 'pending'), s.input, s.output,
+                    case when s.status is not null then now() end,
+                    p.error, coalesce((p.status in ('waiting', 'running'))::int, 0),
+                    case when p.status = 'running' then gen_random_uuid() end,
+                    now() + make_interval(secs => p.deadline_s), now() + make_interval(secs => p.lease_s),
+                    case when p.status in ('waiting', 'running') then now() end
                 from run, jsonb_to_recordset($14) as s(key text, kind text, agent_id text, tool_id text,
-                    status text, input jsonb, output jsonb)
-             ), queued as (
-                insert into run_events (run_id, seq, kind, data) select run_id, 1, 'run.queued', $15 from run
-             )
-             select 1"
+                        status text, input jsonb, output jsonb)
+                    left join jsonb_to_recordset($18) as p(key text, status text, error jsonb,
+                        deadline_s float8, lease_s float8) on p.key = s.key
+                returning step_key, attempt, lease_id::text
+             ), ev as (
+                select e.n, e.value->>'kind' as kind, e.value->>'step' as step, e.value->'data' as data,
+                    e.value->>'told' as told
+                from jsonb_array_elements($15) with ordinality as e(value, n)
+             ), logged as (
+                insert into run_events (run_id, seq, kind, step_key, data)
+                select run.run_id, ev.n, ev.kind, ev.step, ev.data from run, ev
+             ){told}
+             select {answer}, (select coalesce(jsonb_agg(jsonb_build_array(step_key, attempt, lease_id)
+                    order by step_key), '[]') from steps where lease_id is not null)
+             from (select (jsonb_populate_record(null::runs, to_jsonb(run) || jsonb_build_object(
+                    'status', 'queued', 'started_at', null, 'event_seq', 1))).* from run) r,
+                (select $19::jsonb as steps) queued"
         ),
         &[
             id(),
@@ -349,11 +447,41 @@ fn insert<C: Connection + ?Sized>(
             V::Timestamp(run.now),
             trigger.map_or(V::Null, |t| V::Uuid(t.into())),
             run.max_cost_usd.map_or(V::Null, |c| V::Decimal(c.to_fixed())),
-            V::Json(Value::Array(steps)),
-            V::Json(data),
+            V::Json(steps.clone()),
+            V::Json(Value::Array(events)),
+            V::Text(status.as_str().into()),
+            V::Bool(first.started),
+            V::Json(Value::Array(first.steps)),
+            V::Json(Value::Object(counts)),
         ],
     )?;
-    Ok(written)
+    let row = rows.into_iter().next().ok_or_else(|| {
+        ApiError::Internal(format!("run {}: its insert answered nothing", run.run_id))
+    })?;
+    let bad = || {
+        ApiError::Internal(format!(
+            "run {}: a claim of its start does not read",
+            run.run_id
+        ))
+    };
+    let Some((claims, columns)) = row.0.split_last() else {
+        return Err(bad());
+    };
+    let claims = match Row(vec![claims.clone()]).json(0)? {
+        Value::Array(items) => items
+            .iter()
+            .map(|c| {
+                Ok(Claim {
+                    step_key: c[0].as_str().ok_or_else(bad)?.to_string(),
+                    attempt: c[1].as_i64().ok_or_else(bad)?,
+                    lease_id: c[2].as_str().ok_or_else(bad)?.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?,
+        _ => return Err(bad()),
+    };
+    let answer = (answer != "null").then(|| Row(columns.to_vec()));
+    Ok((answer, claims))
 }
 
 /// `Ok` when a run of `workflow_id` may start now; `Refused` naming the first rule that

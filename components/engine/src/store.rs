@@ -47,11 +47,14 @@ pub fn event<C: Connection + ?Sized>(
 /// The run's row is updated once, however many events there are.
 #[derive(Debug, Default)]
 pub struct Changes {
-    status: Option<RunStatus>,
-    started: bool,
-    steps: Vec<Value>,
-    events: Vec<Value>,
-    told: bool,
+    pub(crate) status: Option<RunStatus>,
+    pub(crate) started: bool,
+    /// The steps' changes: `{key, status, error, deadline_s, lease_s}`.
+    pub(crate) steps: Vec<Value>,
+    /// `{kind, step, data, told}`, `told` the webhook event type or `null`.
+    pub(crate) events: Vec<Value>,
+    /// Whether any event is told to webhooks.
+    pub(crate) told: bool,
 }
 
 /// A step [`Changes::write`] changed, as it now stands.

@@ -740,58 +740,170 @@ fn retries_reuse_the_succeeded_steps_of_the_run_they_retry() {
     assert_eq!(queued["retry_of"], json!(of));
 }
 
+/// Everything a start and its first advance write of a run, without ids and times: the
+/// run, its steps, its events and its webhook deliveries.
+fn written(db: &Pg, run: &str) -> Value {
+    let id = [V::Uuid(run.into())];
+    let one = |sql: &str| db.query(sql, &id).unwrap()[0].json(0).unwrap();
+    json!({
+        "run": one("select jsonb_build_object('status', status, 'started', started_at is not null,
+                'event_seq', event_seq, 'output', output, 'error', error, 'finished', finished_at is not null)
+             from runs where run_id = $1"),
+        "steps": one("select jsonb_agg(jsonb_build_array(step_key, status, attempt, lease_id is not null,
+                deadline_at is not null, lease_expires_at is not null, started_at is not null,
+                finished_at is not null, error, input, output) order by step_key)
+             from run_steps where run_id = $1"),
+        "events": one("select jsonb_agg(jsonb_build_array(seq, kind, step_key, data) order by seq)
+             from run_events where run_id = $1"),
+        "told": one("select coalesce(jsonb_agg(jsonb_build_array(event_type, payload->'data'->>'status',
+                payload->'data'->>'step_key', payload->'data'->'detail') order by delivery_id), '[]')
+             from webhook_deliveries where (payload->'data'->>'run_id')::uuid = $1"),
+    })
+}
+
 #[test]
-fn a_run_advanced_in_its_starting_transaction_decides_from_what_the_start_wrote() {
-    let (db, w) = setup(chain(&[("a", &[]), ("b", &["a"]), ("c", &[])]));
-    let of = start(&db, &w, json!({}));
-    let user = db
-        .scalar(
-            "select owner_id::text from projects where project_id = $1",
-            &[V::Uuid(w.project_id.clone())],
+fn a_run_advanced_in_its_starting_statement_is_what_a_start_and_a_later_advance_write() {
+    let db = database();
+    // A project (one workflow each) whose webhook hears of approvals, and its owner.
+    let project = || {
+        let project = project(&db);
+        db.execute(
+            "insert into webhooks (webhook_id, project_id, url, event_types)
+             values (gen_random_uuid(), $1, 'https://example.com/hook', '{step.waiting_approval}')",
+            &[V::Uuid(project.clone())],
         )
         .unwrap();
-    // The same retry (step a reused) advanced inline, and advanced after its commit by a
-    // read of the table: the same steps claimed, the same events.
-    let input = json!({});
-    let retry = |id: &str, inline: bool| {
-        let run = retry_reusing_a(id, &w, &input, &user, &of);
-        db::transaction(&db, |tx| {
-            let started = sparkops_engine::start(tx, &run)?;
-            if inline {
-                sparkops_engine::advance_started(tx, started)
-            } else {
-                Ok(Vec::new())
-            }
-        })
-        .unwrap()
+        let owner = db
+            .scalar(
+                "select owner_id::text from projects where project_id = $1",
+                &[V::Uuid(project.clone())],
+            )
+            .unwrap();
+        (project, owner)
     };
-    let inline_id = uuid::Uuid::new_v4().to_string();
-    let later_id = uuid::Uuid::new_v4().to_string();
-    let inline = retry(&inline_id, true);
-    retry(&later_id, false);
-    let later = advance(&db, &later_id);
-    assert_eq!(keys(&inline), ["b", "c"]);
-    assert_eq!(keys(&later), keys(&inline));
-    let log = |id: &str| {
-        db.query(
-            "select seq, kind, step_key from run_events where run_id = $1 order by seq",
-            &[V::Uuid(id.into())],
-        )
+    // Started inline (one statement) and started queued then advanced after the commit by
+    // a read of the table: the same claims, and the same rows, events and deliveries.
+    let compare = |w: &sparkops_engine::Workflow, input: Value, origin: Origin| {
+        let (inline_id, later_id) = (
+            uuid::Uuid::new_v4().to_string(),
+            uuid::Uuid::new_v4().to_string(),
+        );
+        let new_run = |id| NewRun {
+            run_id: id,
+            workflow: w,
+            input: &input,
+            origin: origin.clone(),
+            now: Utc::now(),
+            max_cost_usd: None,
+        };
+        let (inline_run, later_run) = (new_run(&inline_id), new_run(&later_id));
+        let inline = db::transaction(&db, |tx| {
+            sparkops_engine::start_advanced(tx, &inline_run, None)
+        })
+        .unwrap();
+        db::transaction(&db, |tx| sparkops_engine::start(tx, &later_run)).unwrap();
+        let later = advance(&db, &later_id);
+        assert_eq!(keys(&inline.claimed), keys(&later));
+        assert_eq!(
+            inline.claimed.iter().map(|c| c.attempt).collect::<Vec<_>>(),
+            later.iter().map(|c| c.attempt).collect::<Vec<_>>()
+        );
+        let got = written(&db, &inline_id);
+        assert_eq!(got, written(&db, &later_id));
+        // The leases the claims carry are the steps' own.
+        for c in &inline.claimed {
+            let held = db.count(
+                "select count(*) from run_steps where run_id = $1 and step_key = $2 and lease_id::text = $3",
+                &[V::Uuid(inline_id.clone()), V::Text(c.step_key.clone()), V::Text(c.lease_id.clone())],
+            );
+            assert_eq!(held, 1, "{c:?}");
+        }
+        got
+    };
+    // Tool steps claimed, a root skipped by its `when`, an approval waiting (and told).
+    let (p, user) = project();
+    let mixed = workflow(
+        &db,
+        &p,
+        json!({"steps": [
+            {"key": "a", "kind": "condition", "input": {}},
+            {"key": "b", "kind": "condition", "input": {}, "depends_on": ["a"]},
+            {"key": "gate", "kind": "approval", "input": {}, "approval": {"timeout_s": 60}},
+            {"key": "off", "kind": "condition", "input": {}, "when": "input.go == true"},
+            {"key": "after_off", "kind": "condition", "input": {}, "depends_on": ["off"]},
+        ]}),
+        Value::Null,
+        Some(600),
+    );
+    let got = compare(&mixed, json!({"go": false}), Origin::Api { user_id: &user });
+    assert_eq!(got["run"]["status"], "running", "{got}");
+    let kinds: Vec<&str> = got["events"]
+        .as_array()
         .unwrap()
         .iter()
-        .map(|r| {
-            (
-                r.int(0).unwrap(),
-                r.text(1).unwrap(),
-                r.opt_text(2).unwrap(),
-            )
-        })
-        .collect::<Vec<_>>()
+        .map(|e| e[1].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "run.queued",
+            "run.started",
+            "step.skipped",
+            "step.skipped",
+            "step.started",
+            "step.waiting"
+        ]
+    );
+    assert_eq!(
+        got["told"],
+        json!([["step.waiting_approval", "running", "gate", {"timeout_s": 60, "approvers": [], "quorum": 1}]])
+    );
+
+    // Only an approval: the run waits, and its webhook says so.
+    let (p, user) = project();
+    let gate = workflow(
+        &db,
+        &p,
+        json!({"steps": [{"key": "gate", "kind": "approval", "input": {}}]}),
+        Value::Null,
+        None,
+    );
+    let got = compare(&gate, json!({}), Origin::Api { user_id: &user });
+    assert_eq!(got["run"]["status"], "waiting");
+    assert_eq!(got["told"][0][1], "waiting");
+
+    // Every step skipped at once: the run ends in its start.
+    let (p, user) = project();
+    let none = workflow(
+        &db,
+        &p,
+        json!({"steps": [{"key": "off", "kind": "condition", "input": {}, "when": "input.go == true"}]}),
+        Value::Null,
+        None,
+    );
+    let got = compare(&none, json!({"go": false}), Origin::Api { user_id: &user });
+    assert_eq!(got["run"]["status"], "succeeded");
+
+    // A retry from `failed`: the reused step succeeded already, the rest claimed.
+    let (p, user) = project();
+    let w = workflow(
+        &db,
+        &p,
+        chain(&[("a", &[]), ("b", &["a"]), ("c", &[])]),
+        Value::Null,
+        None,
+    );
+    let of = start(&db, &w, json!({}));
+    let reused = Origin::Retry {
+        user_id: &user,
+        of: &of,
+        from: "failed",
+        reused: [("a".to_string(), (json!({"in": 1}), json!({"out": 1})))].into(),
     };
-    assert_eq!(log(&inline_id), log(&later_id));
-    assert_eq!(log(&inline_id)[1].1, "run.started");
-    assert_eq!(step_status(&db, &inline_id, "a"), StepStatus::Succeeded);
-    assert_eq!(run_status(&db, &inline_id), RunStatus::Running);
+    let got = compare(&w, json!({}), reused);
+    assert_eq!(got["run"]["status"], "running");
+    assert_eq!(got["steps"][0][1], "succeeded");
+    assert_eq!(got["events"][0][3]["reused"], json!(["a"]));
 }
 
 #[test]

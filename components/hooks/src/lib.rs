@@ -125,8 +125,7 @@ fn deliver(ctx: &mut Ctx, req: &HttpRequest, id: &str) -> Result<Reply, ApiError
             now: ctx.now,
             max_cost_usd: None,
         };
-        let started = engine::start(tx, &run)?;
-        claimed = engine::advance_started(tx, started)?;
+        claimed = engine::start_advanced(tx, &run, None)?.claimed;
         Ok(Reply::json(
             202,
             json!({"run_id": run_id, "trigger_id": trigger.id, "delivery_id": delivery_id}),

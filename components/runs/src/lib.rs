@@ -75,15 +75,30 @@ fn route_reply(
     }
 }
 
-const RUN_COLUMNS: &str = "r.run_id::text, r.project_id::text, r.workflow_id::text, r.workflow_version, r.status, \
-     r.input, r.output, r.error, r.retry_of::text, r.schedule_id::text, \
-     (r.scheduled_for at time zone 'UTC'), r.tokens_in, r.tokens_out, r.cost_usd::text, r.unpriced_calls, \
-     (r.started_at at time zone 'UTC'), (r.finished_at at time zone 'UTC'), \
-     (r.created_at at time zone 'UTC'), (r.updated_at at time zone 'UTC'), \
-     (select coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb) from \
-        (select status, count(*) as n from run_steps where run_id = r.run_id group by status) s), \
-     (r.payloads_pruned_at at time zone 'UTC'), r.trigger_id::text, (r.paused_at at time zone 'UTC'), \
-     r.max_cost_usd::text, r.reserved_usd::text, r.estimated_usd::text";
+/// The columns [`run_json`] reads, over `r` (a `runs` row), with the run's steps counted
+/// by status by `$steps` (a `jsonb` SQL expression).
+macro_rules! run_columns {
+    ($steps:expr) => {
+        concat!(
+            "r.run_id::text, r.project_id::text, r.workflow_id::text, r.workflow_version, r.status, \
+             r.input, r.output, r.error, r.retry_of::text, r.schedule_id::text, \
+             (r.scheduled_for at time zone 'UTC'), r.tokens_in, r.tokens_out, r.cost_usd::text, r.unpriced_calls, \
+             (r.started_at at time zone 'UTC'), (r.finished_at at time zone 'UTC'), \
+             (r.created_at at time zone 'UTC'), (r.updated_at at time zone 'UTC'), ",
+            $steps,
+            ", (r.payloads_pruned_at at time zone 'UTC'), r.trigger_id::text, (r.paused_at at time zone 'UTC'), \
+             r.max_cost_usd::text, r.reserved_usd::text, r.estimated_usd::text"
+        )
+    };
+}
+
+const RUN_COLUMNS: &str = run_columns!(
+    "(select coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb) from \
+        (select status, count(*) as n from run_steps where run_id = r.run_id group by status) s)"
+);
+
+/// [`RUN_COLUMNS`] of a run as it starts, for [`engine::start_advanced`]'s answer.
+const QUEUED_RUN_COLUMNS: &str = run_columns!("queued.steps");
 
 /// The number of columns in [`RUN_COLUMNS`].
 const RUN_WIDTH: usize = 26;
@@ -291,11 +306,8 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
             now: ctx.now,
             max_cost_usd,
         };
-        let started = engine::start(tx, &run)?;
-        // The reply is the run as it started (queued); the same transaction then advances
-        // it, so its first steps are dispatched from here, not through the nudge channel.
-        let reply = Reply::created(load(tx, &id)?, format!("/api/v1/runs/{id}"));
-        claimed = engine::advance_started(tx, started)?;
+        let reply;
+        (reply, claimed) = start(tx, &run)?;
         Ok(reply)
     })?;
     if let Some(id) = reply.body.as_ref().and_then(|b| b["id"].as_str()) {
@@ -303,6 +315,18 @@ fn create(ctx: &mut Ctx, req: &HttpRequest, who: &Principal) -> Result<Reply, Ap
         ctx.dispatch(id, &claimed);
     }
     Ok(reply)
+}
+
+/// Starts `run` and advances it in the same transaction, so its first steps are dispatched
+/// from this request, not through the nudge channel; the `201` shows the run as it started
+/// (queued), and the steps claimed.
+fn start(tx: &Tx<'_, Db>, run: &NewRun<'_>) -> Result<(Reply, Vec<engine::Claim>), ApiError> {
+    let started = engine::start_advanced(tx, run, Some(QUEUED_RUN_COLUMNS))?;
+    let row = started
+        .answer
+        .ok_or_else(|| ApiError::internal("the start answered nothing"))?;
+    let location = format!("/api/v1/runs/{}", run.run_id);
+    Ok((Reply::created(run_json(&row)?, location), started.claimed))
 }
 
 fn cancel(ctx: &mut Ctx, who: &Principal, id: &str) -> Result<Reply, ApiError> {
@@ -429,9 +453,8 @@ fn retry(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
             now: ctx.now,
             max_cost_usd,
         };
-        let started = engine::start(tx, &run)?;
-        let reply = Reply::created(load(tx, &new_id)?, format!("/api/v1/runs/{new_id}"));
-        claimed = engine::advance_started(tx, started)?;
+        let reply;
+        (reply, claimed) = start(tx, &run)?;
         Ok(reply)
     })?;
     if let Some(id) = reply.body.as_ref().and_then(|b| b["id"].as_str()) {
