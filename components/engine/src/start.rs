@@ -392,7 +392,9 @@ fn insert<C: Connection + ?Sized>(
     } else {
         String::new()
     };
-    // The run as queued, whatever the first advance made of it, for the caller's answer.
+    // The run as queued, whatever the first advance made of it, for the caller's answer: a
+    // function in `from`, computed once (as `(f(..)).*` in the select list it would run once
+    // per column).
     let answer = answer.unwrap_or("null");
     let rows = tx.query(
         &format!(
@@ -429,8 +431,8 @@ fn insert<C: Connection + ?Sized>(
              ){told}
              select {answer}, (select coalesce(jsonb_agg(jsonb_build_array(step_key, attempt, lease_id)
                     order by step_key), '[]') from steps where lease_id is not null)
-             from (select (jsonb_populate_record(null::runs, to_jsonb(run) || jsonb_build_object(
-                    'status', 'queued', 'started_at', null, 'event_seq', 1))).* from run) r,
+             from run, jsonb_populate_record(null::runs, to_jsonb(run) || jsonb_build_object(
+                    'status', 'queued', 'started_at', null, 'event_seq', 1)) r,
                 (select $19::jsonb as steps) queued"
         ),
         &[

@@ -10,11 +10,15 @@
 //!   `timestamptz` value fails the whole query; `numeric` reads through `rust_decimal`; any
 //!   type not in the WIT (`json` among them) reads as `unsupported`.
 //!
-//! Two things it does faster than Spin, invisibly to a guest: each pooled client keeps its
+//! Three things it does faster than Spin, invisibly to a guest: each pooled client keeps its
 //! prepared statements (Spin prepares every statement again, a round trip and a parse and
-//! plan on the server each time), and a `ROLLBACK` sent to a client the host knows is
-//! outside any transaction is answered here, as the server would answer it (no rows, a
-//! warning), without the round trip. The host knows because it sees every statement a
+//! plan on the server each time); a `ROLLBACK` sent to a client the host knows is outside
+//! any transaction is answered here, as the server would answer it (no rows, a warning),
+//! without the round trip; and a `BEGIN` on such a client is sent with the statement after
+//! it, pipelined in one round trip (a `COMMIT` or `ROLLBACK` right after it ends the empty
+//! transaction here; a client left with only its `BEGIN` goes back to the pool owing it, so
+//! its next user is inside the transaction, as under Spin). Only the transaction's start
+//! time (`now()`) moves, by the time between the two statements. The host knows because it sees every statement a
 //! client runs: a client is *idle* when new, or after a `COMMIT`/`ROLLBACK` that succeeded,
 //! and stays idle through statements run outside a transaction; anything else (a `BEGIN`,
 //! a failed `COMMIT`, a lost connection) makes it *maybe in a transaction* until a
@@ -51,8 +55,8 @@ const STATEMENT_CACHE_SIZE: usize = 512;
 #[derive(Default)]
 pub struct Pools {
     pools: Mutex<HashMap<String, deadpool_postgres::Pool>>,
-    /// The pooled clients known to be outside any transaction, by pool object.
-    idle: Arc<std::sync::Mutex<HashSet<deadpool_postgres::ObjectId>>>,
+    /// What is known of the pooled clients' transactions.
+    clients: Arc<ClientStates>,
 }
 
 impl Pools {
@@ -96,23 +100,45 @@ pub struct Connection {
     client: deadpool_postgres::Object,
     /// Whether the client is known to be outside any transaction.
     idle: bool,
-    /// Where that is remembered for the client's next user.
-    idle_clients: Arc<std::sync::Mutex<HashSet<deadpool_postgres::ObjectId>>>,
+    /// A `BEGIN` the guest ran on an idle client that the server has not seen yet: it is
+    /// sent ahead of the next statement, pipelined with it (one round trip for both), and a
+    /// `COMMIT` or `ROLLBACK` right after it ends the empty transaction here.
+    begun: Option<String>,
+    /// Where the client's state is remembered for its next user.
+    clients: Arc<ClientStates>,
+}
+
+/// What the host remembers of pooled clients between their users, by pool object.
+#[derive(Default)]
+struct ClientStates {
+    /// Known to be outside any transaction.
+    idle: std::sync::Mutex<HashSet<deadpool_postgres::ObjectId>>,
+    /// Left inside a transaction that only its `BEGIN` opened, not yet sent: the next user
+    /// finds itself inside it, as it would have under Spin.
+    begun: std::sync::Mutex<HashMap<deadpool_postgres::ObjectId, String>>,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
         let id = deadpool_postgres::Object::id(&self.client);
-        let mut idle = self.idle_clients.lock().unwrap_or_else(|e| e.into_inner());
-        if self.idle {
-            // Ids of clients the pool has since discarded linger; forgetting every id now
-            // and then only costs their next users a real `ROLLBACK`.
-            if idle.len() >= 4 * POOL_SIZE {
-                idle.clear();
+        let mut idle = self.clients.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut begun = self.clients.begun.lock().unwrap_or_else(|e| e.into_inner());
+        // Ids of clients the pool has since discarded linger; forgetting every id now and
+        // then only costs their next users a real `ROLLBACK`.
+        if idle.len() + begun.len() >= 4 * POOL_SIZE {
+            idle.clear();
+            begun.clear();
+        }
+        idle.remove(&id);
+        begun.remove(&id);
+        match self.begun.take() {
+            Some(statement) => {
+                begun.insert(id, statement);
             }
-            idle.insert(id);
-        } else {
-            idle.remove(&id);
+            None if self.idle => {
+                idle.insert(id);
+            }
+            None => {}
         }
     }
 }
@@ -173,6 +199,24 @@ impl Connection {
     }
 }
 
+/// Runs `op` on `client`, after the guest's deferred `begin` (when there is one), sent ahead
+/// of it in the same round trip: `Err` when the `BEGIN` failed.
+async fn after_begin<T>(
+    client: &tokio_postgres::Client,
+    begin: Option<&str>,
+    op: impl std::future::Future<Output = T>,
+) -> Result<T, tokio_postgres::Error> {
+    match begin {
+        None => Ok(op.await),
+        // Joined futures are first polled in order, and each sends its messages on its first
+        // poll: the `BEGIN` reaches the server first.
+        Some(begin) => {
+            let (began, outcome) = tokio::join!(client.batch_execute(begin), op);
+            began.map(|()| outcome)
+        }
+    }
+}
+
 /// Whether `e` says a cached statement went stale (a table it reads changed shape): it is
 /// prepared again and run once more.
 fn stale_statement(e: &tokio_postgres::Error) -> bool {
@@ -200,8 +244,18 @@ impl pg::HostConnection for InstanceState {
         let client = postgres.client(&address).await?;
         let id = deadpool_postgres::Object::id(&client);
         let fresh = deadpool_postgres::Object::metrics(&client).recycle_count == 0;
+        let clients = &postgres.clients;
+        let begun = match fresh {
+            true => None,
+            false => clients
+                .begun
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id),
+        };
         let idle = fresh
-            || postgres
+            || begun.is_some()
+            || clients
                 .idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -210,7 +264,8 @@ impl pg::HostConnection for InstanceState {
             .push(Connection {
                 client,
                 idle,
-                idle_clients: postgres.idle.clone(),
+                begun,
+                clients: clients.clone(),
             })
             .map_err(|e| Error::Other(e.to_string()))
     }
@@ -228,10 +283,16 @@ impl pg::HostConnection for InstanceState {
         let params = to_sql_all(&params).map_err(Error::BadParameter)?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
         // Prepared, then run: Spin reports a failure of each differently (`run_failed`).
-        let mut outcome = match conn.prepare(&statement).await {
-            Ok(prepared) => conn.client.query(&prepared, &refs).await.map_err(Ok),
-            Err(e) => Err(Err(e)),
-        };
+        let begin = conn.begun.take();
+        let first = after_begin(&conn.client, begin.as_deref(), async {
+            match conn.prepare(&statement).await {
+                Ok(prepared) => conn.client.query(&prepared, &refs).await.map_err(Ok),
+                Err(e) => Err(Err(e)),
+            }
+        })
+        .await;
+        conn.idle &= begin.is_none();
+        let mut outcome = first.map_err(query_failed)?;
         if matches!(&outcome, Err(Ok(e)) if stale_statement(e)) {
             conn.client.statement_cache.clear();
             outcome = match conn.prepare(&statement).await {
@@ -278,15 +339,38 @@ impl pg::HostConnection for InstanceState {
             .map_err(|e| Error::Other(e.to_string()))?;
         let params = to_sql_all(&params).map_err(Error::ValueConversionFailed)?;
         let control = tx_control(&statement);
-        if conn.idle && params.is_empty() && control == TxControl::RollsBack {
-            // The server would warn "no transaction in progress" and report no rows.
-            return Ok(0);
+        if conn.idle && params.is_empty() {
+            match control {
+                // Sent with the statement after it; the server would answer a second
+                // `BEGIN` with a warning and no rows.
+                TxControl::Begins => {
+                    conn.begun.get_or_insert(statement);
+                    return Ok(0);
+                }
+                // The server would warn "no transaction in progress" (or end an empty one)
+                // and report no rows.
+                TxControl::RollsBack => {
+                    conn.begun = None;
+                    return Ok(0);
+                }
+                TxControl::Ends if conn.begun.is_some() => {
+                    conn.begun = None;
+                    return Ok(0);
+                }
+                TxControl::Ends | TxControl::Other => {}
+            }
         }
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
-        let mut outcome = match conn.prepare(&statement).await {
-            Ok(prepared) => conn.client.execute(&prepared, &refs).await,
-            Err(e) => Err(e),
-        };
+        let begin = conn.begun.take();
+        let first = after_begin(&conn.client, begin.as_deref(), async {
+            match conn.prepare(&statement).await {
+                Ok(prepared) => conn.client.execute(&prepared, &refs).await,
+                Err(e) => Err(e),
+            }
+        })
+        .await;
+        conn.idle &= begin.is_none();
+        let mut outcome = first.map_err(query_failed)?;
         if matches!(&outcome, Err(e) if stale_statement(e)) {
             conn.client.statement_cache.clear();
             outcome = match conn.prepare(&statement).await {

@@ -939,6 +939,39 @@ async fn a_transaction_left_open_goes_back_to_the_pool_still_open() {
 }
 
 #[tokio::test]
+async fn a_begin_left_alone_holds_the_next_user_of_its_client_in_its_transaction() {
+    let (env, app) = app().await;
+    let db = env.db().await;
+    db.batch_execute("create table t (v text)").await.unwrap();
+    // The `BEGIN` has not reached the server when its guest ends, but its client goes back
+    // to the pool inside a transaction all the same, as under Spin.
+    pg(
+        &app,
+        json!([{"sql": "begin", "params": [], "execute": true}]),
+    )
+    .await;
+    let r = pg(
+        &app,
+        json!([
+            {"sql": "insert into t (v) values ('held')", "params": [], "execute": true},
+            {"sql": "select count(*)::int4 from t", "params": []},
+        ]),
+    )
+    .await;
+    assert_eq!(r[1]["rows"][0][0], json!({"int32": 1}));
+    assert_eq!(env.sessions_in_state("idle in transaction").await, 1);
+    let count: i64 = db
+        .query_one("select count(*) from t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        count, 0,
+        "the row is inside the left transaction, not committed"
+    );
+}
+
+#[tokio::test]
 async fn a_rollback_reaches_the_server_only_when_the_client_may_be_in_a_transaction() {
     let (env, app) = app().await;
     let run = |sql: &str| json!([{"sql": sql, "params": [], "execute": true}]);
@@ -948,8 +981,22 @@ async fn a_rollback_reaches_the_server_only_when_the_client_may_be_in_a_transact
     let r = pg(&app, run("rollback")).await;
     assert_eq!(r[0], json!({"affected": 0}));
     assert_eq!(env.last_statements().await, ["select 41"]);
-    // Left inside a transaction, the next reset is sent and ends it.
+    // A `BEGIN` goes with the statement after it: alone it reaches nothing, and a reset
+    // right after it ends the empty transaction here.
     pg(&app, run("begin")).await;
+    assert_eq!(env.sessions_in_state("idle in transaction").await, 0);
+    assert_eq!(pg(&app, run("rollback")).await[0], json!({"affected": 0}));
+    assert_eq!(env.last_statements().await, ["select 41"]);
+    // Left inside a transaction, the next reset is sent and ends it.
+    pg(
+        &app,
+        json!([
+            {"sql": "begin", "params": [], "execute": true},
+            {"sql": "select 42", "params": [], "execute": true},
+        ]),
+    )
+    .await;
+    assert_eq!(env.last_statements().await, ["select 42"]);
     assert_eq!(env.sessions_in_state("idle in transaction").await, 1);
     pg(&app, run("ROLLBACK;")).await;
     assert_eq!(env.last_statements().await, ["ROLLBACK;"]);
