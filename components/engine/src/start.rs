@@ -21,8 +21,8 @@ use sparkops_core::status::{RunStatus, StepStatus, sql_list};
 use sparkops_core::workflow::{self, Definition};
 
 use crate::advance::{self, Claim};
-use crate::store::{Changes, Snapshot, StepRow};
-use crate::{outbox, policies};
+use crate::policies;
+use crate::store::{self, Changes, Snapshot, StepRow};
 
 /// A workflow version a run can pin.
 #[derive(Debug, Clone)]
@@ -381,17 +381,7 @@ fn insert<C: Connection + ?Sized>(
     let mut events = vec![json!({"kind": "run.queued", "data": data})];
     events.extend(first.events);
     let status = first.status.unwrap_or(RunStatus::Queued);
-    let told = if first.told {
-        let deliveries = outbox::insert_deliveries(
-            "ev.told",
-            "r.project_id",
-            &outbox::run_event_data("ev.step", "ev.data"),
-            ", run r, ev",
-        );
-        format!(", told as ({deliveries} order by ev.n)")
-    } else {
-        String::new()
-    };
+    let logged = store::log_events("$15", "run", "0", first.told);
     // The run as queued, whatever the first advance made of it, for the caller's answer: a
     // function in `from`, computed once (as `(f(..)).*` in the select list it would run once
     // per column).
@@ -421,14 +411,7 @@ fn insert<C: Connection + ?Sized>(
                     left join jsonb_to_recordset($18) as p(key text, status text, error jsonb,
                         deadline_s float8, lease_s float8) on p.key = s.key
                 returning step_key, attempt, lease_id::text
-             ), ev as (
-                select e.n, e.value->>'kind' as kind, e.value->>'step' as step, e.value->'data' as data,
-                    e.value->>'told' as told
-                from jsonb_array_elements($15) with ordinality as e(value, n)
-             ), logged as (
-                insert into run_events (run_id, seq, kind, step_key, data)
-                select run.run_id, ev.n, ev.kind, ev.step, ev.data from run, ev
-             ){told}
+             ){logged}
              select {answer}, (select coalesce(jsonb_agg(jsonb_build_array(step_key, attempt, lease_id)
                     order by step_key), '[]') from steps where lease_id is not null)
              from run, jsonb_populate_record(null::runs, to_jsonb(run) || jsonb_build_object(

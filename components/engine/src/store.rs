@@ -144,17 +144,7 @@ impl Changes {
                 returning s.step_key, s.status, s.attempt, s.lease_id::text
              ), "
         };
-        let told = if self.told {
-            let deliveries = outbox::insert_deliveries(
-                "ev.told",
-                "r.project_id",
-                &outbox::run_event_data("ev.step", "ev.data"),
-                ", r, ev",
-            );
-            format!(", told as ({deliveries} order by ev.n)")
-        } else {
-            String::new()
-        };
+        let logged = log_events("$4", "r", "r.base", self.told);
         let answer = if planned == 0 {
             "select null, null, null, null where false"
         } else {
@@ -170,14 +160,7 @@ impl Changes {
                     where run_id = $1
                     returning project_id, run_id, workflow_id, workflow_version, schedule_id, status, error,
                         tokens_in, tokens_out, cost_usd, event_seq - jsonb_array_length($4) as base
-                 ), ev as (
-                    select e.n, e.value->>'kind' as kind, e.value->>'step' as step, e.value->'data' as data,
-                        e.value->>'told' as told
-                    from jsonb_array_elements($4) with ordinality as e(value, n)
-                 ), logged as (
-                    insert into run_events (run_id, seq, kind, step_key, data)
-                    select r.run_id, r.base + ev.n, ev.kind, ev.step, ev.data from r, ev
-                 ){told}
+                 ){logged}
                  {answer}"
             ),
             &params,
@@ -199,6 +182,34 @@ impl Changes {
             })
             .collect()
     }
+}
+
+/// The common table expressions that log the events of `events` (SQL: a `jsonb` array of
+/// [`Changes`]' events) for `run` (a common table expression with the run's columns),
+/// numbered on from `base` (SQL), and, when `told`, queue the deliveries of those webhooks
+/// are told of, in the events' order: `, ev as (..), logged as (..)[, told as (..)]`.
+pub(crate) fn log_events(events: &str, run: &str, base: &str, told: bool) -> String {
+    let told = if told {
+        let deliveries = outbox::insert_deliveries(
+            "ev.told",
+            "r.project_id",
+            &outbox::run_event_data("ev.step", "ev.data"),
+            &format!(", {run} r, ev"),
+        );
+        format!(", told as ({deliveries} order by ev.n)")
+    } else {
+        String::new()
+    };
+    format!(
+        ", ev as (
+            select e.n, e.value->>'kind' as kind, e.value->>'step' as step, e.value->'data' as data,
+                e.value->>'told' as told
+            from jsonb_array_elements({events}) with ordinality as e(value, n)
+         ), logged as (
+            insert into run_events (run_id, seq, kind, step_key, data)
+            select {run}.run_id, {base} + ev.n, ev.kind, ev.step, ev.data from {run}, ev
+         ){told}"
+    )
 }
 
 /// One statement that makes `change` to a step (a data-modifying statement with a

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use crate::common::{TestEnv, column, eventually, get, post, request};
+use crate::common::{TestEnv, column, count, eventually, get, post, request};
 use serde_json::{Value, json};
 use sparkops_host::RunningApp;
 
@@ -923,12 +923,11 @@ async fn a_transaction_left_open_goes_back_to_the_pool_still_open() {
     )
     .await;
     assert_eq!(env.sessions_in_state("idle in transaction").await, 1);
-    let count: i64 = db
-        .query_one("select count(*) from t", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(count, 0, "the leaked transaction's row is not committed");
+    assert_eq!(
+        count(&db, "select count(*) from t").await,
+        0,
+        "the leaked transaction's row is not committed"
+    );
     // The next request on that pooled client is still inside the old transaction.
     let r = pg(
         &app,
@@ -960,13 +959,9 @@ async fn a_begin_left_alone_holds_the_next_user_of_its_client_in_its_transaction
     .await;
     assert_eq!(r[1]["rows"][0][0], json!({"int32": 1}));
     assert_eq!(env.sessions_in_state("idle in transaction").await, 1);
-    let count: i64 = db
-        .query_one("select count(*) from t", &[])
-        .await
-        .unwrap()
-        .get(0);
     assert_eq!(
-        count, 0,
+        count(&db, "select count(*) from t").await,
+        0,
         "the row is inside the left transaction, not committed"
     );
 }

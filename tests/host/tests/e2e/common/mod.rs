@@ -131,11 +131,13 @@ impl TestEnv {
             .get(0)
     }
 
-    /// The statement each session on the test's database ran last.
+    /// The statement each client session on the test's database ran last (not the
+    /// server's own workers, such as autovacuum's).
     pub async fn last_statements(&self) -> Vec<String> {
         column(
             &connect(&self.admin_url).await,
-            "select query from pg_stat_activity where datname = $1 order by pid",
+            "select query from pg_stat_activity where datname = $1 and backend_type = 'client backend'
+             order by pid",
             &[&self.database_name],
         )
         .await
