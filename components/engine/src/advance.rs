@@ -88,17 +88,7 @@ fn decide_and_claim<C: Connection + ?Sized>(
             end(tx, run_id, changes, ending)?;
             Ok(Vec::new())
         }
-        Next::GoesOn => Ok(changes
-            .write(tx, run_id)?
-            .into_iter()
-            .filter_map(|c| {
-                Some(Claim {
-                    lease_id: c.lease_id?,
-                    step_key: c.key,
-                    attempt: c.attempt,
-                })
-            })
-            .collect()),
+        Next::GoesOn => changes.write(tx, run_id),
     }
 }
 

@@ -362,11 +362,10 @@ fn insert<C: Connection + ?Sized>(
                 "delivery_id": delivery_id}),
         ),
     };
-    let mut counts = serde_json::Map::new();
+    let mut counts = std::collections::BTreeMap::<&str, i64>::new();
     let mut reused_keys = Vec::new();
     for step in written {
-        let n = counts.entry(step.status.as_str()).or_insert(json!(0));
-        *n = json!(n.as_i64().unwrap_or(0) + 1);
+        *counts.entry(step.status.as_str()).or_default() += 1;
         if step.status == StepStatus::Succeeded {
             reused_keys.push(step.key.clone());
         }
@@ -382,10 +381,25 @@ fn insert<C: Connection + ?Sized>(
     events.extend(first.events);
     let status = first.status.unwrap_or(RunStatus::Queued);
     let logged = store::log_events("$15", "run", "0", first.told);
+    // A step as the definition writes it (pending, or reused), then as its first advance
+    // changes it.
+    let (columns, values): (Vec<&str>, Vec<String>) =
+        store::planned_step_columns(|column| match column {
+            "status" => "coalesce(s.status, 'pending')".into(),
+            "attempt" => "0".into(),
+            _ => "null".into(),
+        })
+        .into_iter()
+        .unzip();
     // The run as queued, whatever the first advance made of it, for the caller's answer: a
     // function in `from`, computed once (as `(f(..)).*` in the select list it would run once
     // per column).
     let answer = answer.unwrap_or("null");
+    let (columns, values, planned) = (
+        columns.join(", "),
+        values.join(", "),
+        store::planned_steps("$18"),
+    );
     let rows = tx.query(
         &format!(
             "with run as (
@@ -397,19 +411,13 @@ fn insert<C: Connection + ?Sized>(
                     jsonb_array_length($15))
                 returning *
              ), steps as (
-                insert into run_steps (run_id, step_key, kind, agent_id, tool_id, status, input, output, finished_at,
-                    error, attempt, lease_id, deadline_at, lease_expires_at, started_at)
-                select run.run_id, s.key, s.kind, s.agent_id::uuid, s.tool_id::uuid,
-                    coalesce(p.status, s.status, 'pending'), s.input, s.output,
-                    case when s.status is not null then now() end,
-                    p.error, coalesce((p.status in ('waiting', 'running'))::int, 0),
-                    case when p.status = 'running' then gen_random_uuid() end,
-                    now() + make_interval(secs => p.deadline_s), now() + make_interval(secs => p.lease_s),
-                    case when p.status in ('waiting', 'running') then now() end
+                insert into run_steps (run_id, step_key, kind, agent_id, tool_id, input, output, finished_at,
+                    {columns})
+                select run.run_id, s.key, s.kind, s.agent_id::uuid, s.tool_id::uuid, s.input, s.output,
+                    case when s.status is not null then now() end, {values}
                 from run, jsonb_to_recordset($14) as s(key text, kind text, agent_id text, tool_id text,
                         status text, input jsonb, output jsonb)
-                    left join jsonb_to_recordset($18) as p(key text, status text, error jsonb,
-                        deadline_s float8, lease_s float8) on p.key = s.key
+                    left join {planned} on p.key = s.key
                 returning step_key, attempt, lease_id::text
              ){logged}
              select {answer}, (select coalesce(jsonb_agg(jsonb_build_array(step_key, attempt, lease_id)
@@ -437,10 +445,10 @@ fn insert<C: Connection + ?Sized>(
             V::Text(status.as_str().into()),
             V::Bool(first.started),
             V::Json(Value::Array(first.steps)),
-            V::Json(Value::Object(counts)),
+            V::Json(json!(counts)),
         ],
     )?;
-    let row = rows.into_iter().next().ok_or_else(|| {
+    let mut row = rows.into_iter().next().ok_or_else(|| {
         ApiError::Internal(format!("run {}: its insert answered nothing", run.run_id))
     })?;
     let bad = || {
@@ -449,10 +457,11 @@ fn insert<C: Connection + ?Sized>(
             run.run_id
         ))
     };
-    let Some((claims, columns)) = row.0.split_last() else {
-        return Err(bad());
-    };
-    let claims = match Row(vec![claims.clone()]).json(0)? {
+    // The claims are the last column, after the caller's answer.
+    let last = row.0.len() - 1;
+    let claims = row.json(last)?;
+    row.0.truncate(last);
+    let claims = match claims {
         Value::Array(items) => items
             .iter()
             .map(|c| {
@@ -465,7 +474,7 @@ fn insert<C: Connection + ?Sized>(
             .collect::<Result<Vec<_>, ApiError>>()?,
         _ => return Err(bad()),
     };
-    let answer = (answer != "null").then(|| Row(columns.to_vec()));
+    let answer = (answer != "null").then_some(row);
     Ok((answer, claims))
 }
 

@@ -10,6 +10,7 @@ use sparkops_core::status::{RunStatus, StepStatus};
 use sparkops_core::webhook;
 use sparkops_core::workflow::{self, Definition};
 
+use crate::advance::Claim;
 use crate::outbox;
 
 /// Takes the run's row lock and reads its status: the first lock of every change to a run
@@ -57,16 +58,6 @@ pub struct Changes {
     pub(crate) told: bool,
 }
 
-/// A step [`Changes::write`] changed, as it now stands.
-#[derive(Debug)]
-pub struct Changed {
-    pub key: String,
-    pub status: StepStatus,
-    pub attempt: i64,
-    /// The lease of a step claimed for an executor.
-    pub lease_id: Option<String>,
-}
-
 impl Changes {
     /// The run's status becomes `status`.
     pub fn set_status(&mut self, status: RunStatus) {
@@ -106,13 +97,14 @@ impl Changes {
             "deadline_s": deadline_s, "lease_s": lease_s}));
     }
 
-    /// Writes the changes in one statement; the steps it changed. A step that is not
-    /// pending or ready any more (which the run's lock rules out) fails the write.
+    /// Writes the changes in one statement; the steps claimed for executors, with their
+    /// leases. A step that is not pending or ready any more (which the run's lock rules out)
+    /// fails the write.
     pub fn write<C: Connection + ?Sized>(
         self,
         tx: &Tx<'_, C>,
         run_id: &str,
-    ) -> Result<Vec<Changed>, ApiError> {
+    ) -> Result<Vec<Claim>, ApiError> {
         if self.status.is_none() && !self.started && self.steps.is_empty() && self.events.is_empty()
         {
             return Ok(Vec::new());
@@ -124,31 +116,30 @@ impl Changes {
             V::Bool(self.started),
             V::Json(Value::Array(self.events)),
         ];
-        // A skipped step keeps its attempt and times; a waiting or claimed one starts an
-        // attempt; a claimed one gets a lease.
         let steps = if planned == 0 {
-            ""
+            String::new()
         } else {
             params.push(V::Json(Value::Array(self.steps)));
-            "changed as (
-                update run_steps s set status = p.status,
-                    error = case when p.status = 'skipped' then p.error else s.error end,
-                    attempt = s.attempt + (p.status <> 'skipped')::int,
-                    lease_id = case when p.status = 'running' then gen_random_uuid() else s.lease_id end,
-                    deadline_at = coalesce(now() + make_interval(secs => p.deadline_s), s.deadline_at),
-                    lease_expires_at = coalesce(now() + make_interval(secs => p.lease_s), s.lease_expires_at),
-                    started_at = case when p.status = 'skipped' then s.started_at else coalesce(s.started_at, now()) end,
-                    updated_at = now()
-                from jsonb_to_recordset($5) as p(key text, status text, error jsonb, deadline_s float8, lease_s float8)
-                where s.run_id = $1 and s.step_key = p.key and s.status in ('pending', 'ready')
-                returning s.step_key, s.status, s.attempt, s.lease_id::text
-             ), "
+            let set: Vec<String> = planned_step_columns(|column| format!("s.{column}"))
+                .into_iter()
+                .map(|(column, value)| format!("{column} = {value}"))
+                .collect();
+            format!(
+                "changed as (
+                    update run_steps s set {}, updated_at = now()
+                    from {}
+                    where s.run_id = $1 and s.step_key = p.key and s.status in ('pending', 'ready')
+                    returning s.step_key, s.attempt, s.lease_id::text
+                 ), ",
+                set.join(", "),
+                planned_steps("$5")
+            )
         };
         let logged = log_events("$4", "r", "r.base", self.told);
         let answer = if planned == 0 {
-            "select null, null, null, null where false"
+            "select null, null, null where false"
         } else {
-            "select step_key, status, attempt, lease_id from changed"
+            "select step_key, attempt, lease_id from changed"
         };
         let rows = tx.query(
             &format!(
@@ -171,17 +162,79 @@ impl Changes {
                 rows.len()
             )));
         }
-        rows.iter()
-            .map(|r| {
-                Ok(Changed {
-                    key: r.text(0)?,
-                    status: step_status(r, 1)?,
-                    attempt: r.int(2)?,
-                    lease_id: r.opt_text(3)?,
-                })
-            })
-            .collect()
+        let mut claimed = Vec::new();
+        for r in &rows {
+            if let Some(lease_id) = r.opt_text(2)? {
+                claimed.push(Claim {
+                    step_key: r.text(0)?,
+                    attempt: r.int(1)?,
+                    lease_id,
+                });
+            }
+        }
+        Ok(claimed)
     }
+}
+
+/// The planned changes of steps in SQL: `p`, the records of `param` (a `jsonb` array of
+/// [`Changes`]' steps).
+pub(crate) fn planned_steps(param: &str) -> String {
+    format!(
+        "jsonb_to_recordset({param}) as p(key text, status text, error jsonb, deadline_s float8, lease_s float8)"
+    )
+}
+
+/// What a planned change `p` ([`planned_steps`]) makes of a step's columns, given the SQL of
+/// each column's value before it (`old`): a skipped step gets its reason and keeps its
+/// attempt and times; a waiting or claimed one starts an attempt (with its deadline); a
+/// claimed one gets a fresh lease. With no change planned (`p` null) every column keeps
+/// its value, so the start's insert and an advance's update share these.
+pub(crate) fn planned_step_columns(old: impl Fn(&str) -> String) -> [(&'static str, String); 7] {
+    [
+        ("status", format!("coalesce(p.status, {})", old("status"))),
+        (
+            "error",
+            format!(
+                "case when p.status = 'skipped' then p.error else {} end",
+                old("error")
+            ),
+        ),
+        (
+            "attempt",
+            format!(
+                "{} + case when p.status in ('waiting', 'running') then 1 else 0 end",
+                old("attempt")
+            ),
+        ),
+        (
+            "lease_id",
+            format!(
+                "case when p.status = 'running' then gen_random_uuid() else {} end",
+                old("lease_id")
+            ),
+        ),
+        (
+            "deadline_at",
+            format!(
+                "coalesce(now() + make_interval(secs => p.deadline_s), {})",
+                old("deadline_at")
+            ),
+        ),
+        (
+            "lease_expires_at",
+            format!(
+                "coalesce(now() + make_interval(secs => p.lease_s), {})",
+                old("lease_expires_at")
+            ),
+        ),
+        (
+            "started_at",
+            format!(
+                "case when p.status in ('waiting', 'running') then coalesce({0}, now()) else {0} end",
+                old("started_at")
+            ),
+        ),
+    ]
 }
 
 /// The common table expressions that log the events of `events` (SQL: a `jsonb` array of
