@@ -18,12 +18,13 @@
 //! it, pipelined in one round trip (a `COMMIT` or `ROLLBACK` right after it ends the empty
 //! transaction here; a client left with only its `BEGIN` goes back to the pool owing it, so
 //! its next user is inside the transaction, as under Spin). Only the transaction's start
-//! time (`now()`) moves, by the time between the two statements. The host knows because it sees every statement a
-//! client runs: a client is *idle* when new, or after a `COMMIT`/`ROLLBACK` that succeeded,
-//! and stays idle through statements run outside a transaction; anything else (a `BEGIN`,
-//! a failed `COMMIT`, a lost connection) makes it *maybe in a transaction* until a
-//! `ROLLBACK` reaches the server. A guest that resets its client on open (as this app's
-//! does, for Spin) so pays that round trip only when a client really may need it.
+//! time (`now()`) moves, by the time between the two statements. The host knows because it
+//! sees every statement a client runs: a client is *idle* when new, or after a
+//! `COMMIT`/`ROLLBACK` that succeeded, and stays idle through statements run outside a
+//! transaction; anything else (a `BEGIN` sent, a failed `COMMIT`, a lost connection) makes
+//! it *maybe in a transaction* until a `ROLLBACK` reaches the server. A guest that resets its
+//! client on open (as this app's does, for Spin) so pays that round trip only when a client
+//! really may need it.
 
 use std::collections::{HashMap, HashSet};
 use std::error::Error as StdError;
@@ -186,6 +187,13 @@ impl Connection {
         self.client.prepare_cached(sql).await
     }
 
+    /// The deferred `BEGIN`, to be sent now: from here the client may be in a transaction.
+    fn take_begin(&mut self) -> Option<String> {
+        let begin = self.begun.take();
+        self.idle &= begin.is_none();
+        begin
+    }
+
     /// Notes what running a statement whose transaction control is `control`, with
     /// `outcome`, did to the client's transaction.
     fn ran<T, E>(&mut self, control: TxControl, outcome: &Result<T, E>) {
@@ -283,7 +291,7 @@ impl pg::HostConnection for InstanceState {
         let params = to_sql_all(&params).map_err(Error::BadParameter)?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
         // Prepared, then run: Spin reports a failure of each differently (`run_failed`).
-        let begin = conn.begun.take();
+        let begin = conn.take_begin();
         let first = after_begin(&conn.client, begin.as_deref(), async {
             match conn.prepare(&statement).await {
                 Ok(prepared) => conn.client.query(&prepared, &refs).await.map_err(Ok),
@@ -291,7 +299,6 @@ impl pg::HostConnection for InstanceState {
             }
         })
         .await;
-        conn.idle &= begin.is_none();
         let mut outcome = first.map_err(query_failed)?;
         if matches!(&outcome, Err(Ok(e)) if stale_statement(e)) {
             conn.client.statement_cache.clear();
@@ -361,7 +368,7 @@ impl pg::HostConnection for InstanceState {
             }
         }
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
-        let begin = conn.begun.take();
+        let begin = conn.take_begin();
         let first = after_begin(&conn.client, begin.as_deref(), async {
             match conn.prepare(&statement).await {
                 Ok(prepared) => conn.client.execute(&prepared, &refs).await,
@@ -369,7 +376,6 @@ impl pg::HostConnection for InstanceState {
             }
         })
         .await;
-        conn.idle &= begin.is_none();
         let mut outcome = first.map_err(query_failed)?;
         if matches!(&outcome, Err(e) if stale_statement(e)) {
             conn.client.statement_cache.clear();
