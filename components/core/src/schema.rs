@@ -6,6 +6,10 @@
 //! A value is checked with [`validate`] against a schema from outside (an MCP server's),
 //! and with [`validate_saved`] against one this service checked when it was saved.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
 use jsonschema::{Draft, Registry, Validator};
 use serde_json::{Value, json};
 
@@ -60,17 +64,47 @@ pub fn validate_saved(schema: &Value, value: &Value) -> Result<(), Vec<(String, 
     if !schema.is_object() || draft == Draft::Unknown {
         return validate(schema, value);
     }
-    let registry = Registry::new()
-        .add(SAVED, draft.create_resource_ref(schema))
-        .and_then(|r| r.prepare())
-        .map_err(unusable)?;
-    let validator = jsonschema::options()
-        .with_draft(Draft::Draft4)
-        .with_base_uri(ROOT)
-        .with_registry(&registry)
-        .build(&json!({ "$ref": SAVED }))
-        .map_err(unusable)?;
+    // The key is the schema's text: two schemas are the same schema exactly when their
+    // texts are (`serde_json` keeps an object's keys in one order).
+    let key = schema.to_string();
+    let cached = COMPILED.with(|c| c.borrow().get(&key).cloned());
+    let validator = match cached {
+        Some(v) => v,
+        None => {
+            let registry = Registry::new()
+                .add(SAVED, draft.create_resource_ref(schema))
+                .and_then(|r| r.prepare())
+                .map_err(unusable)?;
+            let compiled = jsonschema::options()
+                .with_draft(Draft::Draft4)
+                .with_base_uri(ROOT)
+                .with_registry(&registry)
+                .build(&json!({ "$ref": SAVED }))
+                .map_err(unusable)?;
+            let compiled = Rc::new(compiled);
+            COMPILED.with(|c| {
+                let mut c = c.borrow_mut();
+                if c.len() >= MAX_COMPILED {
+                    c.clear();
+                }
+                c.insert(key, compiled.clone());
+            });
+            compiled
+        }
+    };
     problems(&validator, value)
+}
+
+/// The most saved schemas an instance keeps compiled.
+const MAX_COMPILED: usize = 64;
+
+thread_local! {
+    /// Saved schemas compiled by this instance, by their text. Even without the meta-check a
+    /// compile costs most of a check on wasm, and an instance checks the same schema again
+    /// and again: a tool's input and output in a chain of its calls, or an agent's tool
+    /// calls in its loop. Keyed by text, an entry is never stale; under Spin it lives as
+    /// long as the instance, one request.
+    static COMPILED: RefCell<HashMap<String, Rc<Validator>>> = RefCell::new(HashMap::new());
 }
 
 fn unusable(e: impl std::fmt::Display) -> Vec<(String, String)> {

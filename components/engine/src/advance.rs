@@ -6,13 +6,13 @@
 //! nothing new to claim the second time.
 
 use serde_json::{Value, json};
-use sparkops_core::db::{Connection, Tx, Value as V};
+use sparkops_core::db::{Connection, Tx};
 use sparkops_core::error::ApiError;
 use sparkops_core::run::{self, Decision, Outcome, RunScope};
-use sparkops_core::status::{RunStatus, StepStatus, sql_list};
+use sparkops_core::status::{RunStatus, StepStatus};
 use sparkops_core::workflow::{Definition, StepKind};
 
-use crate::store::{self, Changes, event};
+use crate::store::{self, Changes};
 
 /// How long a claim holds without news from its executor: the executor renews it every
 /// [`HEARTBEAT_MS`] while the step runs, so a dead host's step is taken back within a lease
@@ -205,16 +205,16 @@ pub(crate) fn decide(snapshot: &store::Snapshot, status: RunStatus, changes: &mu
     Next::GoesOn
 }
 
-/// Ends a run whose lock this transaction holds: what was decided before the end, then
-/// [`finish`].
+/// Ends a run whose lock this transaction holds, with what was decided before the end, in
+/// one statement.
 pub(crate) fn end<C: Connection + ?Sized>(
     tx: &Tx<'_, C>,
     run_id: &str,
-    changes: Changes,
+    mut changes: Changes,
     (status, output, error): (RunStatus, Option<Value>, Value),
 ) -> Result<(), ApiError> {
-    changes.write(tx, run_id)?;
-    finish(tx, run_id, status, output, error)
+    changes.end(status, output, error);
+    changes.write(tx, run_id).map(drop)
 }
 
 /// Claims the ready step `key` for its `attempt`: an approval step starts waiting until its
@@ -247,8 +247,8 @@ fn claim(changes: &mut Changes, definition: &Definition, key: &str, attempt: i64
 }
 
 /// Ends the run with `status` (a final one): steps not finished are cancelled, the end is
-/// an event, and the run's trace is queued for export when its project exports traces.
-/// The caller holds the run's lock.
+/// an event, and the run's trace is queued for export when its project exports traces
+/// ([`Changes::end`]). The caller holds the run's lock.
 pub fn finish<C: Connection + ?Sized>(
     tx: &Tx<'_, C>,
     run_id: &str,
@@ -256,33 +256,5 @@ pub fn finish<C: Connection + ?Sized>(
     output: Option<Value>,
     error: Value,
 ) -> Result<(), ApiError> {
-    debug_assert!(status.is_final());
-    tx.execute(
-        &format!(
-            "update run_steps set status = 'cancelled', lease_id = null, finished_at = now(), updated_at = now()
-             where run_id = $1 and status in {}",
-            sql_list(StepStatus::UNFINISHED)
-        ),
-        &[V::Uuid(run_id.into())],
-    )?;
-    tx.execute(
-        "update runs set status = $2, output = $3, error = $4, finished_at = now(), updated_at = now()
-         where run_id = $1",
-        &[
-            V::Uuid(run_id.into()),
-            V::Text(status.as_str().into()),
-            output.map_or(V::Null, V::Json),
-            store::json_or_null(&error),
-        ],
-    )?;
-    event(tx, run_id, &format!("run.{status}"), None, error)?;
-    // Due at once: ticks carry whole seconds, so due from the start of this second.
-    tx.execute(
-        "insert into trace_exports (run_id, project_id, next_attempt_at)
-         select r.run_id, r.project_id, date_trunc('second', now()) from runs r join projects p on p.project_id = r.project_id
-         where r.run_id = $1 and p.trace_endpoint is not null and p.deleted_at is null
-         on conflict (run_id) do nothing",
-        &[V::Uuid(run_id.into())],
-    )?;
-    Ok(())
+    end(tx, run_id, Changes::default(), (status, output, error))
 }

@@ -14,7 +14,8 @@ use sparkops_core::status::{ErrorKind, RunStatus, StepStatus};
 use sparkops_core::workflow::RetryPolicy;
 
 use crate::advance::Claim;
-use crate::store::{self, event, json_or_null, lock_run};
+use crate::advance::{self, Next};
+use crate::store::{self, Changes, Known, Recording, event, json_or_null, lock_run};
 
 /// An executor's hold on a step attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,17 +191,67 @@ pub fn record_and_advance<C: Connection + ?Sized>(
     Ok((recorded, claimed))
 }
 
-fn record_locked<C: Connection + ?Sized>(
-    tx: &Tx<'_, C>,
+/// [`record_and_advance`] without the run's lock or a transaction, from `known`: the run
+/// as the caller read it after its lease was granted, or as this wrote it for the step
+/// before in a chain. The attempt, the advance it leads to (the run's end included) and
+/// the claims are written in one statement, only if the run has not moved since (its
+/// status and event count are still as read), which a chain's step finds unless another
+/// branch, a person or the sweeper acted meanwhile. `None` when the run had moved, or for
+/// an attempt this does not write (a hold, or a retry in a run that ends): nothing was
+/// written, and the caller records with [`record_and_advance`]. Written: the run as
+/// written, to carry to the step claimed next.
+pub fn record_and_advance_known<C: Connection + ?Sized>(
+    db: &C,
     a: &Attempt<'_>,
-) -> Result<Recorded, ApiError> {
-    if let Err(Failure {
-        hold: Some(hold), ..
-    }) = &a.result
-    {
-        return hold_locked(tx, a, hold);
+    mut known: Known,
+) -> Result<Option<(Recorded, Vec<Claim>, Known)>, ApiError> {
+    let run_status = known.unmoved.status;
+    let key = a.lease.step_key;
+    let position = known.snapshot.steps.iter().position(|s| {
+        s.key == key && s.status == StepStatus::Running && s.attempt == a.attempt
+    });
+    let (Some(position), false, RunStatus::Running | RunStatus::Waiting) =
+        (position, is_hold(a), run_status)
+    else {
+        return Ok(None);
+    };
+    let (status, wait_ms) = settles_as(a);
+    let error = a.result.as_ref().err().map(Failure::error_json);
+    let output = a.result.as_ref().ok().cloned().unwrap_or(Value::Null);
+    let step = &mut known.snapshot.steps[position];
+    step.status = status;
+    step.output = output.clone();
+    let mut changes = Changes::default();
+    changes.event(&format!("step.{status}"), Some(key), attempt_event(a, &error));
+    match advance::decide(&known.snapshot, run_status, &mut changes) {
+        Next::Ends(_) if status == StepStatus::Retrying => return Ok(None),
+        Next::Ends((end, output, error)) => changes.end(end, output, error),
+        Next::GoesOn => {}
     }
-    let (status, next_ms) = match &a.result {
+    let unmoved = known.unmoved;
+    let after = known.after(&changes);
+    let recording = Recording {
+        key,
+        lease_id: a.lease.lease_id,
+        status,
+        input: json_or_null(&a.input),
+        output: json_or_null(&output),
+        error: error.map_or(V::Null, V::Json),
+        duration_ms: a.duration_ms,
+        wait_ms: wait_ms.unwrap_or(0),
+    };
+    let written = changes.write_if(db, a.lease.run_id, unmoved, &recording)?;
+    Ok(written.map(|claimed| (recorded(status), claimed, after)))
+}
+
+fn is_hold(a: &Attempt<'_>) -> bool {
+    a.result.as_ref().err().is_some_and(|f| f.hold.is_some())
+}
+
+/// What an attempt's end makes of its step: succeeded, failed, or retrying after a wait
+/// (ms) when it failed and the retry policy allows another attempt.
+fn settles_as(a: &Attempt<'_>) -> (StepStatus, Option<u64>) {
+    match &a.result {
         Ok(_) => (StepStatus::Succeeded, None),
         Err(f) => {
             let next = (!f.final_attempt)
@@ -212,22 +263,49 @@ fn record_locked<C: Connection + ?Sized>(
                 None => (StepStatus::Failed, None),
             }
         }
-    };
-    let error = a.result.as_ref().err().map(Failure::error_json);
-    let output = a.result.as_ref().ok().map_or(V::Null, json_or_null);
+    }
+}
+
+/// The data of an attempt's `step.<status>` event.
+fn attempt_event(a: &Attempt<'_>, error: &Option<Value>) -> Value {
     let mut data = json!({"attempt": a.attempt, "duration_ms": a.duration_ms});
-    if let Some(error) = &error {
+    if let Some(error) = error {
         data["error"] = error.clone();
     }
+    data
+}
+
+fn recorded(status: StepStatus) -> Recorded {
+    match status {
+        StepStatus::Succeeded => Recorded::Succeeded,
+        StepStatus::Retrying => Recorded::Retrying,
+        _ => Recorded::Failed,
+    }
+}
+
+fn record_locked<C: Connection + ?Sized>(
+    tx: &Tx<'_, C>,
+    a: &Attempt<'_>,
+) -> Result<Recorded, ApiError> {
+    if let Err(Failure {
+        hold: Some(hold), ..
+    }) = &a.result
+    {
+        return hold_locked(tx, a, hold);
+    }
+    let (status, next_ms) = settles_as(a);
+    let error = a.result.as_ref().err().map(Failure::error_json);
+    let output = a.result.as_ref().ok().map_or(V::Null, json_or_null);
+    let data = attempt_event(a, &error);
     // The result and its event in one statement: the event only when the lease held.
-    let recorded = tx.query(
+    let rows = tx.query(
         &store::change_with_event(
-            "update run_steps set status = $4, input = $5, output = $6, error = $7, duration_ms = $8,
-                lease_id = null, lease_expires_at = null, updated_at = now(),
-                finished_at = case when $4 = 'retrying' then null else now() end,
-                next_attempt_at = case when $4 = 'retrying' then now() + make_interval(secs => $9::float8 / 1000) else null end
-             where run_id = $1 and step_key = $2 and lease_id = $3 and status = 'running'
-             returning 1",
+            &format!(
+                "update run_steps set {}
+                 where run_id = $1 and step_key = $2 and lease_id = $3 and status = 'running'
+                 returning 1",
+                store::recorded_columns("$4", "$5", "$6", "$7", "$8", "$9")
+            ),
             "$10",
             "$2",
             "$11",
@@ -247,14 +325,10 @@ fn record_locked<C: Connection + ?Sized>(
             V::Json(data),
         ],
     )?;
-    if recorded.is_empty() {
+    if rows.is_empty() {
         return Ok(Recorded::Discarded);
     }
-    Ok(match status {
-        StepStatus::Succeeded => Recorded::Succeeded,
-        StepStatus::Retrying => Recorded::Retrying,
-        _ => Recorded::Failed,
-    })
+    Ok(recorded(status))
 }
 
 /// Holds the running step as `waiting` with `hold` (a budget's refusal that waits or asks),

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 
 use serde_json::Value;
-use sparkops_core::db::{Connection, Read, Row, Tx, Value as V};
+use sparkops_core::db::{Connection, DbError, Read, Row, Tx, Value as V};
 use sparkops_core::error::ApiError;
-use sparkops_core::status::{RunStatus, StepStatus};
+use sparkops_core::status::{RunStatus, StepStatus, sql_list};
 use sparkops_core::webhook;
 use sparkops_core::workflow::{self, Definition};
 
@@ -42,10 +42,12 @@ pub fn event<C: Connection + ?Sized>(
     changes.write(tx, run_id).map(drop)
 }
 
-/// Changes to a run whose lock the caller holds, gathered and then written in one
-/// statement by [`Changes::write`]: its steps' changes, its events in order (numbered from
-/// the run's `event_seq`, with a delivery for every webhook told of one), and its status.
-/// The run's row is updated once, however many events there are.
+/// Changes to a run, gathered and then written in one statement by [`Changes::write`]
+/// (the caller holds the run's lock) or [`Changes::write_if`] (it does not): its steps'
+/// changes, its events in order (numbered from the run's `event_seq`, with a delivery for
+/// every webhook told of one), its status and, when it ends, its end (output and error,
+/// its unfinished steps cancelled, its trace queued for export). The run's row is updated
+/// once, however many events there are.
 #[derive(Debug, Default)]
 pub struct Changes {
     pub(crate) status: Option<RunStatus>,
@@ -56,6 +58,32 @@ pub struct Changes {
     pub(crate) events: Vec<Value>,
     /// Whether any event is told to webhooks.
     pub(crate) told: bool,
+    /// The run ends with this output and error (its final status in `status`).
+    pub(crate) ending: Option<(Option<Value>, Value)>,
+}
+
+/// A step attempt's result, written with the changes it led to ([`Changes::write_if`]):
+/// only while the step runs under `lease_id`.
+#[derive(Debug)]
+pub(crate) struct Recording<'a> {
+    pub key: &'a str,
+    pub lease_id: &'a str,
+    pub status: StepStatus,
+    pub input: V,
+    pub output: V,
+    pub error: V,
+    pub duration_ms: i64,
+    /// The wait before the next attempt (`retrying`).
+    pub wait_ms: u64,
+}
+
+/// What [`Changes::write_if`] expects of the run: its status and event count as the caller
+/// read them. Every change to a run or its steps logs an event or changes its status, so
+/// a run that still has both has not moved.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Unmoved {
+    pub status: RunStatus,
+    pub event_seq: i64,
 }
 
 impl Changes {
@@ -67,6 +95,16 @@ impl Changes {
     /// The run starts now (`started_at`).
     pub fn start(&mut self) {
         self.started = true;
+    }
+
+    /// The run ends with `status` (a final one), after the changes gathered so far: its
+    /// output and error are set, its steps not finished are cancelled, the end is its last
+    /// event, and its trace is queued for export when its project exports traces.
+    pub fn end(&mut self, status: RunStatus, output: Option<Value>, error: Value) {
+        debug_assert!(status.is_final());
+        self.status = Some(status);
+        self.event(&format!("run.{status}"), None, error.clone());
+        self.ending = Some((output, error));
     }
 
     /// Appends an event; webhooks subscribed to its type are told of it.
@@ -109,71 +147,184 @@ impl Changes {
         {
             return Ok(Vec::new());
         }
+        let claimed = self.statement(|sql, p| tx.query(sql, p), run_id, None, None)?;
+        claimed.ok_or_else(|| ApiError::Internal(format!("run {run_id} is gone")))
+    }
+
+    /// Writes `recording` and the changes in one statement of its own, without the run's
+    /// lock, only if the run is as `unmoved` says; the steps claimed, or `None` when the
+    /// run had moved (nothing is written then). A step found other than expected (which
+    /// an unmoved run rules out) fails the statement, so it writes all or nothing.
+    pub(crate) fn write_if<C: Connection + ?Sized>(
+        self,
+        db: &C,
+        run_id: &str,
+        unmoved: Unmoved,
+        recording: &Recording<'_>,
+    ) -> Result<Option<Vec<Claim>>, ApiError> {
+        self.statement(|sql, p| db.query(sql, p), run_id, Some(unmoved), Some(recording))
+    }
+
+    /// The one statement, run by `query`.
+    fn statement(
+        self,
+        query: impl FnOnce(&str, &[V]) -> Result<Vec<Row>, DbError>,
+        run_id: &str,
+        unmoved: Option<Unmoved>,
+        recording: Option<&Recording<'_>>,
+    ) -> Result<Option<Vec<Claim>>, ApiError> {
         let planned = self.steps.len();
+        // The steps that end with this statement, kept from the cancelling of a run's end.
+        let mut settled: Vec<Value> = self.steps.iter().map(|s| s["key"].clone()).collect();
         let mut params = vec![
             V::Uuid(run_id.into()),
             self.status.map_or(V::Null, |s| V::Text(s.as_str().into())),
             V::Bool(self.started),
             V::Json(Value::Array(self.events)),
         ];
-        let steps = if planned == 0 {
-            String::new()
-        } else {
-            params.push(V::Json(Value::Array(self.steps)));
+        let mut param = |v: V| {
+            params.push(v);
+            format!("${}", params.len())
+        };
+        let mut run_set = String::new();
+        let mut run_if = String::new();
+        let mut ctes = Vec::new();
+        let mut expected = "true".to_string();
+        if let Some(u) = unmoved {
+            run_if = format!(
+                " and status = {}::text and event_seq = {}::bigint",
+                param(V::Text(u.status.as_str().into())),
+                param(V::Int64(u.event_seq))
+            );
+        }
+        if let Some(rec) = recording {
+            settled.push(Value::String(rec.key.into()));
+            let set = recorded_columns(
+                &format!("{}::text", param(V::Text(rec.status.as_str().into()))),
+                &param(rec.input.clone()),
+                &param(rec.output.clone()),
+                &param(rec.error.clone()),
+                &param(V::Int64(rec.duration_ms)),
+                &param(V::Float64(rec.wait_ms as f64)),
+            );
+            ctes.push(format!(
+                "rec as (
+                    update run_steps s set {set}
+                    from r where s.run_id = r.run_id and s.step_key = {} and s.lease_id = {}
+                        and s.status = 'running'
+                    returning 1
+                 )",
+                param(V::Text(rec.key.into())),
+                param(V::Uuid(rec.lease_id.into()))
+            ));
+            expected.push_str(" and (select count(*) from rec) = 1");
+        }
+        if planned > 0 {
             let set: Vec<String> = planned_step_columns(|column| format!("s.{column}"))
                 .into_iter()
                 .map(|(column, value)| format!("{column} = {value}"))
                 .collect();
-            format!(
+            ctes.push(format!(
                 "changed as (
                     update run_steps s set {}, updated_at = now()
-                    from {}
-                    where s.run_id = $1 and s.step_key = p.key and s.status in ('pending', 'ready')
+                    from {}, r
+                    where s.run_id = r.run_id and s.step_key = p.key and s.status in ('pending', 'ready')
                     returning s.step_key, s.attempt, s.lease_id::text
-                 ), ",
+                 )",
                 set.join(", "),
-                planned_steps("$5")
-            )
-        };
-        let logged = log_events("$4", "r", "r.base", self.told);
-        let answer = if planned == 0 {
-            "select null, null, null where false"
+                planned_steps(&param(V::Json(Value::Array(self.steps))))
+            ));
+            let count = param(V::Int64(planned as i64));
+            expected.push_str(&format!(" and (select count(*) from changed) = {count}"));
+        }
+        if let Some((output, error)) = self.ending {
+            run_set = format!(
+                ", output = {}, error = {}, finished_at = now()",
+                param(output.map_or(V::Null, V::Json)),
+                param(json_or_null(&error))
+            );
+            ctes.push(format!(
+                "cancelled as (
+                    update run_steps s set status = 'cancelled', lease_id = null, finished_at = now(),
+                        updated_at = now()
+                    from r where s.run_id = r.run_id and s.status in {}
+                        and not ({}::jsonb ? s.step_key)
+                 ), traced as (
+                    insert into trace_exports (run_id, project_id, next_attempt_at)
+                    select r.run_id, r.project_id, date_trunc('second', now())
+                    from r join projects p on p.project_id = r.project_id
+                    where p.trace_endpoint is not null and p.deleted_at is null
+                    on conflict (run_id) do nothing
+                 )",
+                sql_list(StepStatus::UNFINISHED),
+                param(V::Json(Value::Array(settled)))
+            ));
+        }
+        let claims = if planned > 0 {
+            "(select coalesce(jsonb_agg(jsonb_build_array(step_key, attempt, lease_id)), '[]')
+              from changed where lease_id is not null)"
         } else {
-            "select step_key, attempt, lease_id from changed"
+            "'[]'::jsonb"
         };
-        let rows = tx.query(
+        let ctes: String = ctes.iter().map(|c| format!(", {c}")).collect();
+        let logged = log_events("$4", "r", "r.base", self.told);
+        // All or nothing: a run that had not moved but whose steps were not as planned
+        // fails the statement (division by zero) rather than be half written.
+        let rows = query(
             &format!(
-                "with {steps}r as (
+                "with r as (
                     update runs set event_seq = event_seq + jsonb_array_length($4),
                         status = coalesce($2::text, status),
                         started_at = case when $3 then now() else started_at end,
                         updated_at = case when $2::text is not null or $3 then now() else updated_at end
-                    where run_id = $1
+                        {run_set}
+                    where run_id = $1{run_if}
                     returning project_id, run_id, workflow_id, workflow_version, schedule_id, status, error,
                         tokens_in, tokens_out, cost_usd, event_seq - jsonb_array_length($4) as base
-                 ){logged}
-                 {answer}"
+                 ){ctes}{logged}
+                 select {claims}, 1 / case when {expected} then 1 else 0 end from r"
             ),
             &params,
         )?;
-        if rows.len() != planned {
-            return Err(ApiError::Internal(format!(
-                "run {run_id}: {} of {planned} steps changed under the run's lock",
-                rows.len()
-            )));
-        }
-        let mut claimed = Vec::new();
-        for r in &rows {
-            if let Some(lease_id) = r.opt_text(2)? {
-                claimed.push(Claim {
-                    step_key: r.text(0)?,
-                    attempt: r.int(1)?,
-                    lease_id,
-                });
-            }
-        }
-        Ok(claimed)
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let bad = || ApiError::Internal(format!("run {run_id}: a claim does not read"));
+        let claimed = match row.json(0)? {
+            Value::Array(claims) => claims
+                .iter()
+                .map(|c| {
+                    Ok(Claim {
+                        step_key: c[0].as_str().ok_or_else(bad)?.to_string(),
+                        attempt: c[1].as_i64().ok_or_else(bad)?,
+                        lease_id: c[2].as_str().ok_or_else(bad)?.to_string(),
+                    })
+                })
+                .collect::<Result<Vec<_>, ApiError>>()?,
+            _ => return Err(bad()),
+        };
+        Ok(Some(claimed))
     }
+}
+
+/// What recording an attempt sets of its step's columns, given the SQL of its new status
+/// (text), input and output (`jsonb`), error, duration (ms) and, for `retrying`, the wait
+/// before the next attempt (ms): the lease ends, and a retry gets its time.
+pub(crate) fn recorded_columns(
+    status: &str,
+    input: &str,
+    output: &str,
+    error: &str,
+    duration_ms: &str,
+    wait_ms: &str,
+) -> String {
+    format!(
+        "status = {status}, input = {input}, output = {output}, error = {error},
+            duration_ms = {duration_ms}, lease_id = null, lease_expires_at = null, updated_at = now(),
+            finished_at = case when {status} = 'retrying' then null else now() end,
+            next_attempt_at = case when {status} = 'retrying'
+                then now() + make_interval(secs => {wait_ms}::float8 / 1000) else null end"
+    )
 }
 
 /// The planned changes of steps in SQL: `p`, the records of `param` (a `jsonb` array of
@@ -313,13 +464,50 @@ pub struct Snapshot {
     pub steps: Vec<StepRow>,
 }
 
+/// A run as read without its lock: its [`Snapshot`], with the status and event count it
+/// had then, which a write without the lock checks it still has
+/// ([`crate::step::record_and_advance_known`]).
+#[derive(Debug)]
+pub struct Known {
+    pub snapshot: Snapshot,
+    pub(crate) unmoved: Unmoved,
+}
+
+impl Known {
+    /// The run as it is once `changes` (decided from this) are written.
+    pub(crate) fn after(mut self, changes: &Changes) -> Known {
+        for change in &changes.steps {
+            let key = change["key"].as_str();
+            let status = change["status"].as_str().and_then(StepStatus::parse);
+            let step = self.snapshot.steps.iter_mut().find(|s| Some(s.key.as_str()) == key);
+            if let (Some(step), Some(status)) = (step, status) {
+                step.status = status;
+                if matches!(status, StepStatus::Waiting | StepStatus::Running) {
+                    step.attempt += 1;
+                }
+            }
+        }
+        self.unmoved = Unmoved {
+            status: changes.status.unwrap_or(self.unmoved.status),
+            event_seq: self.unmoved.event_seq + changes.events.len() as i64,
+        };
+        self
+    }
+}
+
 /// The run's input, pinned definition and steps, in one round trip.
 pub fn snapshot<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Snapshot, ApiError> {
+    known(db, run_id).map(|k| k.snapshot)
+}
+
+/// The run's [`Snapshot`] with its status and event count, in one round trip.
+pub fn known<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Known, ApiError> {
     let rows = db.read(
         "select r.input, v.definition, coalesce((
                 select jsonb_agg(jsonb_build_array(s.step_key, s.status, s.attempt,
                     case when s.status = 'succeeded' then s.output end) order by s.step_key)
-                from run_steps s where s.run_id = r.run_id), '[]'::jsonb)
+                from run_steps s where s.run_id = r.run_id), '[]'::jsonb),
+            r.status, r.event_seq
          from runs r
          join workflow_versions v on v.workflow_id = r.workflow_id and v.version = r.workflow_version
          where r.run_id = $1",
@@ -346,10 +534,16 @@ pub fn snapshot<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Snapshot, ApiE
             .collect::<Result<Vec<_>, ApiError>>()?,
         _ => return Err(bad("list")),
     };
-    Ok(Snapshot {
-        input: row.json(0)?,
-        definition: parse_definition(run_id, &row.json(1)?)?,
-        steps,
+    Ok(Known {
+        snapshot: Snapshot {
+            input: row.json(0)?,
+            definition: parse_definition(run_id, &row.json(1)?)?,
+            steps,
+        },
+        unmoved: Unmoved {
+            status: run_status(row, 3)?,
+            event_seq: row.int(4)?,
+        },
     })
 }
 

@@ -22,6 +22,7 @@ use sparkops_core::run::RunScope;
 use sparkops_core::template;
 use sparkops_core::workflow::{Step, StepKind};
 use sparkops_platform::engine::step::{Failure, Lease, Leased, Recorded};
+use sparkops_platform::engine::store::Known;
 use sparkops_platform::engine::{self, Claim, ErrorKind, store};
 use sparkops_platform::tool_call;
 use sparkops_platform::work::Work;
@@ -103,11 +104,15 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         lease_id: lease.lease_id.into(),
         attempt,
     });
+    // The run as this instance last read or wrote it, carried along the chain.
+    let mut known = None;
     while let Some(claim) = next.take() {
         ctx.request_id = format!("step-{run_id}-{}", claim.step_key);
         ctx.now = chrono::Utc::now();
-        let mut claimed = run_step(&mut ctx, &run, &claim).into_iter();
+        let (claimed, after) = run_step(&mut ctx, &run, &claim, known.take());
+        let mut claimed = claimed.into_iter();
         next = claimed.next();
+        known = after;
         ctx.dispatch(run_id, &claimed.collect::<Vec<_>>());
     }
 }
@@ -119,8 +124,15 @@ struct RunOf<'a> {
     workflow_id: &'a str,
 }
 
-/// Runs the claimed step and records its result; the steps the result made ready, claimed.
-fn run_step(ctx: &mut Work, run: &RunOf<'_>, claim: &Claim) -> Vec<Claim> {
+/// Runs the claimed step and records its result; the steps the result made ready, claimed,
+/// with the run as written when nothing else had moved it (`known`: the run as this
+/// instance wrote it for the step before, if it still stands).
+fn run_step(
+    ctx: &mut Work,
+    run: &RunOf<'_>,
+    claim: &Claim,
+    known: Option<Known>,
+) -> (Vec<Claim>, Option<Known>) {
     let (run_id, step) = (run.run_id, claim.step_key.as_str());
     let lease = Lease {
         run_id,
@@ -130,7 +142,15 @@ fn run_step(ctx: &mut Work, run: &RunOf<'_>, claim: &Claim) -> Vec<Claim> {
     // From here the step's waits renew its lease, so it may run as long as its timeout.
     heartbeat::hold(&lease);
     let started = Instant::now();
-    let done = execute(ctx, run, step).unwrap_or_else(|e| {
+    let known = match known {
+        Some(known) => Ok(known),
+        None => ctx.db().and_then(|db| store::known(db, run_id)),
+    };
+    let (done, known) = match known {
+        Ok(known) => (execute(ctx, run, step, &known.snapshot), Some(known)),
+        Err(e) => (Err(e), None),
+    };
+    let done = done.unwrap_or_else(|e| {
         log("running a step", run_id, step, &format!("{e:?}"));
         Done {
             input: Value::Null,
@@ -157,9 +177,9 @@ fn run_step(ctx: &mut Work, run: &RunOf<'_>, claim: &Claim) -> Vec<Claim> {
         retry: &done.retry,
         jitter: sparkops_platform::random_array::<1>()[0] as f64 / 255.0,
     };
-    match settle(ctx, &attempt) {
+    match settle(ctx, &attempt, known) {
         // One line per step attempt: ids, outcome and timing.
-        Ok((recorded, claimed)) => {
+        Ok((recorded, claimed, known)) => {
             let mut line = json!({"level": "info", "msg": "step", "request_id": ctx.request_id,
                 "project_id": run.project_id, "run_id": run_id, "step": step,
                 "attempt": claim.attempt, "status": recorded.as_str(), "error_kind": error_kind,
@@ -169,12 +189,12 @@ fn run_step(ctx: &mut Work, run: &RunOf<'_>, claim: &Claim) -> Vec<Claim> {
                 line["output"] = output.unwrap_or_default();
             }
             sparkops_platform::log_line(&line);
-            claimed
+            (claimed, known)
         }
         Err(e) => {
             log("recording a step", run_id, step, &format!("{e:?}"));
             sparkops_platform::nudge::run(run_id);
-            Vec::new()
+            (Vec::new(), None)
         }
     }
 }
@@ -183,16 +203,35 @@ fn run_step(ctx: &mut Work, run: &RunOf<'_>, claim: &Claim) -> Vec<Claim> {
 /// database that restarts or fails over to come back.
 const SETTLE_BACKOFF_MS: [u64; 3] = [200, 1_000, 3_000];
 
-/// Records the attempt and, in the same transaction, advances the run; the steps that
-/// became ready, claimed, so the next step starts without a hop through the nudge
-/// channel. A failed transaction (the database restarting, a lost connection) is tried
+/// Records the attempt and advances the run; the steps that became ready, claimed, so the
+/// next step starts without a hop through the nudge channel. From the run as this instance
+/// knows it, that is one statement ([`engine::step::record_and_advance_known`]), and the
+/// run as written is carried on; when the run moved meanwhile, one transaction under the
+/// run's lock. A failed transaction (the database restarting, a lost connection) is tried
 /// again on a fresh connection; when it keeps failing, the result alone is recorded and
 /// the run nudged, so a result is never lost to the decision after it.
 fn settle(
     ctx: &mut Work,
     a: &engine::step::Attempt<'_>,
-) -> Result<(Recorded, Vec<Claim>), ApiError> {
+    known: Option<Known>,
+) -> Result<(Recorded, Vec<Claim>, Option<Known>), ApiError> {
     let run_id = a.lease.run_id;
+    if let Some(known) = known {
+        match ctx
+            .db()
+            .and_then(|db| engine::step::record_and_advance_known(db, a, known))
+        {
+            Ok(Some((recorded, claimed, known))) => return Ok((recorded, claimed, Some(known))),
+            Ok(None) => {}
+            // All or nothing: the transaction below finds what is left to do.
+            Err(e) => log(
+                "recording a step in one statement (will record under the run's lock)",
+                run_id,
+                a.lease.step_key,
+                &format!("{e:?}"),
+            ),
+        }
+    }
     let together =
         |ctx: &mut Work| ctx.transaction(|tx, _| engine::step::record_and_advance(tx, a));
     let mut outcome = together(ctx);
@@ -209,12 +248,12 @@ fn settle(
         outcome = together(ctx);
     }
     match outcome {
-        Ok(settled) => Ok(settled),
+        Ok((recorded, claimed)) => Ok((recorded, claimed, None)),
         Err(_) => {
             ctx.release_db();
             let recorded = ctx.transaction(|tx, _| engine::step::record(tx, a))?;
             sparkops_platform::nudge::run(run_id);
-            Ok((recorded, Vec::new()))
+            Ok((recorded, Vec::new(), None))
         }
     }
 }
@@ -264,7 +303,12 @@ struct Done {
 /// An agent step's time limit when the step sets none (the engine's lease allows it).
 const DEFAULT_STEP_TIMEOUT_MS: u64 = engine::advance::DEFAULT_STEP_TIMEOUT_MS as u64;
 
-fn execute(ctx: &mut Work, run: &RunOf<'_>, key: &str) -> Result<Done, ApiError> {
+fn execute(
+    ctx: &mut Work,
+    run: &RunOf<'_>,
+    key: &str,
+    snapshot: &store::Snapshot,
+) -> Result<Done, ApiError> {
     let RunOf {
         run_id,
         project_id,
@@ -274,8 +318,8 @@ fn execute(ctx: &mut Work, run: &RunOf<'_>, key: &str) -> Result<Done, ApiError>
         input,
         definition,
         steps,
-    } = store::snapshot(ctx.db()?, run_id)?;
-    let (_, outputs) = store::states(&steps);
+    } = snapshot;
+    let (_, outputs) = store::states(steps);
     let step = definition
         .steps
         .iter()
@@ -283,7 +327,7 @@ fn execute(ctx: &mut Work, run: &RunOf<'_>, key: &str) -> Result<Done, ApiError>
         .cloned()
         .ok_or_else(|| ApiError::Internal(format!("run {run_id} has no step {key}")))?;
     let scope = RunScope {
-        input: &input,
+        input,
         outputs: &outputs,
     };
     let done = |input: Value, result| Done {
