@@ -7,7 +7,9 @@
 //! |---|---|---|
 //! | start (input check, admission, insert, first advance) | [`start::start_advanced`], [`start::start`] | `POST /runs`, retry, triggers; schedule fires |
 //! | advance (decide, finish, claim) | [`advance::advance`] | orchestrator, sweeper |
-//! | record an attempt, schedule a retry | [`step::record`] | executor |
+//! | record an attempt, schedule a retry | [`step::record`] | executor (its advance failing) |
+//! | record and advance, under the lock | [`step::record_and_advance`] | executor (the run moved) |
+//! | record and advance in one statement, from the run as read | [`step::record_and_advance_known`] | executor |
 //! | a model call's usage | [`step::add_usage`] | agent steps |
 //! | take back an expired lease | [`step::take_back`] | sweeper |
 //! | wake a due retry | [`step::wake_retry`] | sweeper |
@@ -23,7 +25,9 @@
 //! Lock order, the same everywhere so transitions queue and never deadlock: the project's
 //! row (only admission under a concurrency limit), then the run's row
 //! ([`store::lock_run`], the first statement of every change to a run or its steps), then
-//! its step rows. Every change to a step is conditional on the status it expects, so a
+//! its step rows. The one change made without that lock first,
+//! [`step::record_and_advance_known`], is one statement whose update of the run's row
+//! (conditional on the run's status and event count as read) comes before its step rows. Every change to a step is conditional on the status it expects, so a
 //! repeated, late or raced transition changes nothing.
 //!
 //! Statuses and error kinds are [`RunStatus`], [`StepStatus`] and [`ErrorKind`] (in

@@ -207,9 +207,10 @@ pub fn record_and_advance_known<C: Connection + ?Sized>(
 ) -> Result<Option<(Recorded, Vec<Claim>, Known)>, ApiError> {
     let run_status = known.unmoved.status;
     let key = a.lease.step_key;
-    let position = known.snapshot.steps.iter().position(|s| {
-        s.key == key && s.status == StepStatus::Running && s.attempt == a.attempt
-    });
+    let position =
+        known.snapshot.steps.iter().position(|s| {
+            s.key == key && s.status == StepStatus::Running && s.attempt == a.attempt
+        });
     let (Some(position), false, RunStatus::Running | RunStatus::Waiting) =
         (position, is_hold(a), run_status)
     else {
@@ -222,7 +223,11 @@ pub fn record_and_advance_known<C: Connection + ?Sized>(
     step.status = status;
     step.output = output.clone();
     let mut changes = Changes::default();
-    changes.event(&format!("step.{status}"), Some(key), attempt_event(a, &error));
+    changes.event(
+        &format!("step.{status}"),
+        Some(key),
+        attempt_event(a, &error),
+    );
     match advance::decide(&known.snapshot, run_status, &mut changes) {
         Next::Ends(_) if status == StepStatus::Retrying => return Ok(None),
         Next::Ends((end, output, error)) => changes.end(end, output, error),

@@ -162,7 +162,12 @@ impl Changes {
         unmoved: Unmoved,
         recording: &Recording<'_>,
     ) -> Result<Option<Vec<Claim>>, ApiError> {
-        self.statement(|sql, p| db.query(sql, p), run_id, Some(unmoved), Some(recording))
+        self.statement(
+            |sql, p| db.query(sql, p),
+            run_id,
+            Some(unmoved),
+            Some(recording),
+        )
     }
 
     /// The one statement, run by `query`.
@@ -479,11 +484,23 @@ impl Known {
         for change in &changes.steps {
             let key = change["key"].as_str();
             let status = change["status"].as_str().and_then(StepStatus::parse);
-            let step = self.snapshot.steps.iter_mut().find(|s| Some(s.key.as_str()) == key);
+            let step = self
+                .snapshot
+                .steps
+                .iter_mut()
+                .find(|s| Some(s.key.as_str()) == key);
             if let (Some(step), Some(status)) = (step, status) {
                 step.status = status;
                 if matches!(status, StepStatus::Waiting | StepStatus::Running) {
                     step.attempt += 1;
+                }
+            }
+        }
+        // A run's end cancels what had not finished.
+        if changes.ending.is_some() {
+            for step in &mut self.snapshot.steps {
+                if StepStatus::UNFINISHED.contains(&step.status) {
+                    step.status = StepStatus::Cancelled;
                 }
             }
         }

@@ -14,7 +14,7 @@ use sparkops_core::workflow::RetryPolicy;
 use sparkops_engine::step::{Attempt, Decision, Failure, Lease, Recorded, TakenBack};
 use sparkops_engine::{
     Cancel, Claim, ErrorKind, NewRun, Origin, Pause, RunStatus, StartError, StepStatus, lifecycle,
-    step,
+    step, store,
 };
 use support::*;
 
@@ -38,15 +38,7 @@ fn record_with(
     result: Result<Value, Failure>,
     retry: &RetryPolicy,
 ) -> Recorded {
-    let a = Attempt {
-        lease: lease(run, claim),
-        attempt: claim.attempt,
-        input: json!({"in": claim.step_key}),
-        result,
-        duration_ms: 5,
-        retry,
-        jitter: 0.0,
-    };
+    let a = ended(run, claim, retry, result);
     db::transaction(db, |tx| step::record(tx, &a)).expect("recorded")
 }
 
@@ -1362,4 +1354,255 @@ fn an_unreported_calls_estimate_counts_against_the_runs_own_budget() {
     };
     assert!(v.detail.contains("0.250000 spent"), "{}", v.detail);
     reserve("0.05").expect("0.25 estimated + 0.05 fits 0.30 exactly");
+}
+
+/// The attempt of `claim`, ended with `result`.
+fn ended<'a>(
+    run: &'a str,
+    claim: &'a Claim,
+    retry: &'a RetryPolicy,
+    result: Result<Value, Failure>,
+) -> Attempt<'a> {
+    Attempt {
+        lease: lease(run, claim),
+        attempt: claim.attempt,
+        input: json!({"in": claim.step_key}),
+        result,
+        duration_ms: 5,
+        retry,
+        jitter: 0.0,
+    }
+}
+
+#[test]
+fn a_result_written_without_the_lock_is_what_the_locked_transaction_writes() {
+    let db = database();
+    // A project (one workflow each) that is told of its runs' ends and exports traces.
+    let project = || {
+        let project = project(&db);
+        db.execute(
+            "update projects set trace_endpoint = 'http://127.0.0.1:4318' where project_id = $1",
+            &[V::Uuid(project.clone())],
+        )
+        .unwrap();
+        db.execute(
+            "insert into webhooks (webhook_id, project_id, url, event_types)
+             values (gen_random_uuid(), $1, 'https://example.com/hook', '{run.succeeded,run.failed}')",
+            &[V::Uuid(project.clone())],
+        )
+        .unwrap();
+        project
+    };
+    let once = RetryPolicy {
+        max_attempts: 1,
+        ..RetryPolicy::default()
+    };
+    // Each result of two runs of `w`, one written by the one statement from the run as
+    // read after the claim (carried on from the write before when it chains), the other by
+    // the locked transaction: the same claims, rows, events and deliveries.
+    let compare = |w: &sparkops_engine::Workflow, results: &[(&str, Result<Value, Failure>)]| {
+        let (fast, slow) = (start(&db, w, json!({})), start(&db, w, json!({})));
+        let (mut fast_claims, mut slow_claims) = (advance(&db, &fast), advance(&db, &slow));
+        let mut known = Some(store::known(&db, &fast).unwrap());
+        for (key, result) in results {
+            let pick =
+                |claims: &[Claim]| claims.iter().find(|c| c.step_key == *key).unwrap().clone();
+            let (f, s) = (pick(&fast_claims), pick(&slow_claims));
+            let carried = known
+                .take()
+                .unwrap_or_else(|| store::known(&db, &fast).unwrap());
+            let attempt = ended(&fast, &f, &once, result.clone());
+            let (recorded, claimed, after) = step::record_and_advance_known(&db, &attempt, carried)
+                .unwrap()
+                .expect("an unmoved run is written");
+            let attempt = ended(&slow, &s, &once, result.clone());
+            let (locked, locked_claims) =
+                db::transaction(&db, |tx| step::record_and_advance(tx, &attempt)).unwrap();
+            assert_eq!(recorded, locked);
+            assert_eq!(keys(&claimed), keys(&locked_claims));
+            // The run as carried on is the run as read again.
+            assert_eq!(
+                after.snapshot.steps,
+                store::known(&db, &fast).unwrap().snapshot.steps
+            );
+            known = Some(after);
+            fast_claims.extend(claimed);
+            slow_claims.extend(locked_claims);
+        }
+        let got = written(&db, &fast);
+        assert_eq!(got, written(&db, &slow));
+        let traces = db.count(
+            "select count(*) from trace_exports where run_id in ($1, $2)",
+            &[V::Uuid(fast.clone()), V::Uuid(slow.clone())],
+        );
+        (got, traces)
+    };
+    // A chain with a branch its `when` skips: the next step claimed, then the end.
+    let w = workflow(
+        &db,
+        &project(),
+        json!({"steps": [
+            {"key": "a", "kind": "condition", "input": {}},
+            {"key": "b", "kind": "condition", "input": {}, "depends_on": ["a"]},
+            {"key": "off", "kind": "condition", "input": {}, "depends_on": ["a"], "when": "input.go == true"},
+        ]}),
+        Value::Null,
+        None,
+    );
+    let (got, traces) = compare(&w, &[("a", Ok(json!("A"))), ("b", Ok(json!("B")))]);
+    assert_eq!(got["run"]["status"], "succeeded", "{got}");
+    assert_eq!(got["run"]["output"], json!({"b": "B"}));
+    assert_eq!(got["told"].as_array().unwrap().len(), 1, "{got}");
+    assert_eq!(got["told"][0][0], "run.succeeded");
+    assert_eq!(traces, 2);
+    let kinds: Vec<&str> = got["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[1].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "run.queued",
+            "run.started",
+            "step.started",
+            "step.succeeded",
+            "step.skipped",
+            "step.started",
+            "step.succeeded",
+            "run.succeeded"
+        ]
+    );
+    // Two branches: one fails for good, the run fails and the other is cancelled.
+    let w = workflow(
+        &db,
+        &project(),
+        chain(&[("x", &[]), ("y", &[])]),
+        Value::Null,
+        None,
+    );
+    let failed = Failure::new(ErrorKind::ToolError, "no").final_attempt();
+    let (got, _) = compare(&w, &[("x", Err(failed))]);
+    assert_eq!(got["run"]["status"], "failed", "{got}");
+    assert_eq!(got["steps"][1][1], "cancelled", "{got}");
+    assert_eq!(got["told"][0][0], "run.failed");
+}
+
+#[test]
+fn a_result_for_a_run_that_moved_since_it_was_read_writes_nothing_without_the_lock() {
+    let db = database();
+    let project = project(&db);
+    let w = workflow(
+        &db,
+        &project,
+        chain(&[("x", &[]), ("y", &[]), ("z", &["x", "y"])]),
+        Value::Null,
+        None,
+    );
+    let retry = RetryPolicy::default();
+    let run = start(&db, &w, json!({}));
+    let claims = advance(&db, &run);
+    let (x, y) = (&claims[0], &claims[1]);
+    // Both branches' executors read the run; x's result lands first.
+    let (for_x, for_y) = (
+        store::known(&db, &run).unwrap(),
+        store::known(&db, &run).unwrap(),
+    );
+    let done_x = ended(&run, x, &retry, Ok(json!(1)));
+    let (_, claimed, _) = step::record_and_advance_known(&db, &done_x, for_x)
+        .unwrap()
+        .unwrap();
+    assert!(claimed.is_empty());
+    // y's executor read the run before that: nothing is written, and under the lock its
+    // result is recorded and the join claimed.
+    let before = written(&db, &run);
+    let done_y = ended(&run, y, &retry, Ok(json!(2)));
+    assert!(
+        step::record_and_advance_known(&db, &done_y, for_y)
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(written(&db, &run), before);
+    let (recorded, claimed) =
+        db::transaction(&db, |tx| step::record_and_advance(tx, &done_y)).unwrap();
+    assert_eq!((recorded, keys(&claimed)), (Recorded::Succeeded, vec!["z"]));
+
+    // A run cancelled after the read: nothing written, and the locked path records the
+    // result and ends the run cancelled.
+    let run = start(&db, &w, json!({}));
+    let claims = advance(&db, &run);
+    let known = store::known(&db, &run).unwrap();
+    db::transaction(&db, |tx| lifecycle::cancel(tx, &run, json!({}))).unwrap();
+    let before = written(&db, &run);
+    let done = ended(&run, &claims[0], &retry, Ok(json!(1)));
+    assert!(
+        step::record_and_advance_known(&db, &done, known)
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(written(&db, &run), before);
+    db::transaction(&db, |tx| step::record_and_advance(tx, &done)).unwrap();
+    assert_eq!(run_status(&db, &run), RunStatus::Cancelled);
+
+    // A cancel holding the run's lock as the result arrives: the write queues behind it,
+    // finds the run moved when it commits, and writes nothing.
+    let run = start(&db, &w, json!({}));
+    let claims = advance(&db, &run);
+    let known = store::known(&db, &run).unwrap();
+    db.execute("begin", &[]).unwrap();
+    db::transaction(&NoCommit(&db), |tx| lifecycle::cancel(tx, &run, json!({}))).unwrap();
+    let other = db.another();
+    let written_then = thread::scope(|s| {
+        let (run, claim, retry) = (&run, &claims[0], &retry);
+        let racing = s.spawn(move || {
+            let done = ended(run, claim, retry, Ok(json!(1)));
+            step::record_and_advance_known(&other, &done, known)
+                .unwrap()
+                .map(|(recorded, _, _)| recorded)
+        });
+        wait_for_a_blocked_session(&db.another());
+        db.execute("commit", &[]).unwrap();
+        racing.join().unwrap()
+    });
+    assert!(written_then.is_none());
+    assert_eq!(step_status(&db, &run, "x"), StepStatus::Running);
+    assert_eq!(run_status(&db, &run), RunStatus::Cancelling);
+
+    // A step taken back (its lease expired) after the read: the late result is not written.
+    let run = start(&db, &w, json!({}));
+    let claims = advance(&db, &run);
+    let known = store::known(&db, &run).unwrap();
+    db.execute(
+        "update run_steps set lease_expires_at = now() - interval '1 second' where run_id = $1 and step_key = 'x'",
+        &[V::Uuid(run.clone())],
+    )
+    .unwrap();
+    let taken = db::transaction(&db, |tx| step::take_back(tx, &run, "x", Utc::now())).unwrap();
+    assert_ne!(taken, TakenBack::Nothing);
+    let before = written(&db, &run);
+    let late = ended(&run, &claims[0], &retry, Ok(json!("late")));
+    assert!(
+        step::record_and_advance_known(&db, &late, known)
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(written(&db, &run), before);
+
+    // A budget's hold is written under the lock only.
+    let run = start(&db, &w, json!({}));
+    let claims = advance(&db, &run);
+    let known = store::known(&db, &run).unwrap();
+    let held = ended(
+        &run,
+        &claims[0],
+        &retry,
+        Err(Failure::held("over budget", json!({"why": "budget"}))),
+    );
+    assert!(
+        step::record_and_advance_known(&db, &held, known)
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(step_status(&db, &run, "x"), StepStatus::Running);
 }
