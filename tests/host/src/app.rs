@@ -396,6 +396,7 @@ impl AppInner {
             redis: Default::default(),
             app: OnceLock::new(),
             faults: Default::default(),
+            http: Default::default(),
         });
         let app = Arc::new(Self {
             engine,

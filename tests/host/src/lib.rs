@@ -3,6 +3,7 @@
 //! components, so the project can run and be tested where the `spin` CLI cannot be installed.
 
 pub mod app;
+pub mod http_pool;
 pub mod key_value;
 pub mod manifest;
 pub mod outbound;

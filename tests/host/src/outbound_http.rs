@@ -2,7 +2,8 @@
 //! `allowed_outbound_hosts` allows the URL; from an HTTP-triggered instance
 //! `http://<component>.spin.internal` chains to another component in-process (Spin's local
 //! service chaining), `http://self` to the app's own router; other hosts pass the runtime
-//! config's `block_networks` check first.
+//! config's `block_networks` check first, and plain `http` goes over kept-alive connections
+//! ([`crate::http_pool`]).
 
 use std::sync::Arc;
 
@@ -137,6 +138,10 @@ impl WasiHttpHooks for OutboundHttp {
             let local = match target? {
                 Target::Network => {
                     check_blocked(&network, request.uri()).await?;
+                    if request.uri().scheme_str() == Some("http") {
+                        let response = app.http.clone().send(request, options).await?;
+                        return Ok((response, done()));
+                    }
                     let (res, io) =
                         wasmtime_wasi_http::default_send_request(request, options).await?;
                     return Ok((

@@ -37,6 +37,8 @@ pub struct AppShared {
     /// Set once the app is built, so outbound calls can chain to other components.
     pub app: OnceLock<Weak<AppInner>>,
     pub faults: Faults,
+    /// Kept-alive connections for outgoing plain-`http` requests.
+    pub http: Arc<crate::http_pool::Pool>,
 }
 
 /// Failures a test can switch on, to show the app survives them.

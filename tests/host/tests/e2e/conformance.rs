@@ -294,18 +294,38 @@ async fn a_missing_required_variable_stops_start_up_with_a_clear_message() {
 
 /// A loopback HTTP server answering every request with `200 pong`.
 async fn fake_server() -> std::net::SocketAddr {
+    counting_server(false).await.0
+}
+
+/// [`fake_server`], and the connections it accepted; with `close`, it ends each connection
+/// after its response (`connection: close`).
+async fn counting_server(
+    close: bool,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from_static(b"pong")),
-                    ))
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    let mut response = http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"pong"),
+                    ));
+                    if close {
+                        response
+                            .headers_mut()
+                            .insert("connection", http::HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -313,7 +333,42 @@ async fn fake_server() -> std::net::SocketAddr {
             });
         }
     });
-    addr
+    (addr, accepted)
+}
+
+/// Spin's outbound HTTP keeps connections alive (its `connection_pooling` is on by
+/// default): requests one after another to one origin share a connection, and a server
+/// that closes each connection still gets every request, on a new one.
+#[tokio::test]
+async fn outbound_http_reuses_a_kept_alive_connection() {
+    let env = TestEnv::new().await;
+    for (close, connections) in [(false, 1), (true, 3)] {
+        let (fake, accepted) = counting_server(close).await;
+        let app = start(
+            &env,
+            &[("SPIN_VARIABLE_OUTBOUND_HOST", &fake.to_string())],
+            "",
+        )
+        .await;
+        for _ in 0..3 {
+            let answer = post(
+                &app,
+                "/main/http",
+                json!({"url": format!("http://{fake}/ping")}),
+            )
+            .await
+            .json();
+            assert_eq!(answer, json!({"status": 200, "body": "pong"}));
+            // The connection goes back to the pool on the host's own task.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            connections,
+            "close: {close}"
+        );
+        app.shutdown().await;
+    }
 }
 
 #[tokio::test]
