@@ -196,15 +196,12 @@ pub fn record_and_advance<C: Connection + ?Sized>(
 /// before in a chain. The attempt, the advance it leads to (the run's end included) and
 /// the claims are written in one statement, only if the run has not moved since (its
 /// status and event count are still as read), which a chain's step finds unless another
-/// branch, a person or the sweeper acted meanwhile. `None` when the run had moved, or for
-/// an attempt this does not write (a hold, or a retry in a run that ends): nothing was
-/// written, and the caller records with [`record_and_advance`]. Written: the run as
-/// written, to carry to the step claimed next.
+/// branch, a person or the sweeper acted meanwhile.
 pub fn record_and_advance_known<C: Connection + ?Sized>(
     db: &C,
     a: &Attempt<'_>,
     mut known: Known,
-) -> Result<Option<(Recorded, Vec<Claim>, Known)>, ApiError> {
+) -> Result<Unlocked, ApiError> {
     let run_status = known.unmoved.status;
     let key = a.lease.step_key;
     let position =
@@ -214,7 +211,7 @@ pub fn record_and_advance_known<C: Connection + ?Sized>(
     let (Some(position), false, RunStatus::Running | RunStatus::Waiting) =
         (position, is_hold(a), run_status)
     else {
-        return Ok(None);
+        return Ok(Unlocked::UnderLock);
     };
     let (status, wait_ms) = settles_as(a);
     let error = a.result.as_ref().err().map(Failure::error_json);
@@ -229,7 +226,7 @@ pub fn record_and_advance_known<C: Connection + ?Sized>(
         attempt_event(a, &error),
     );
     match advance::decide(&known.snapshot, run_status, &mut changes) {
-        Next::Ends(_) if status == StepStatus::Retrying => return Ok(None),
+        Next::Ends(_) if status == StepStatus::Retrying => return Ok(Unlocked::UnderLock),
         Next::Ends((end, output, error)) => changes.end(end, output, error),
         Next::GoesOn => {}
     }
@@ -245,8 +242,27 @@ pub fn record_and_advance_known<C: Connection + ?Sized>(
         duration_ms: a.duration_ms,
         wait_ms: wait_ms.unwrap_or(0),
     };
-    let written = changes.write_if(db, a.lease.run_id, unmoved, &recording)?;
-    Ok(written.map(|claimed| (recorded(status), claimed, after)))
+    Ok(
+        match changes.write_if(db, a.lease.run_id, unmoved, &recording)? {
+            Some(claimed) => Unlocked::Written(recorded(status), claimed, after),
+            None => Unlocked::Moved,
+        },
+    )
+}
+
+/// What [`record_and_advance_known`] came to.
+#[derive(Debug)]
+pub enum Unlocked {
+    /// Written: how the attempt was recorded, the steps claimed, and the run as written (to
+    /// carry to the step claimed next).
+    Written(Recorded, Vec<Claim>, Known),
+    /// The run had moved since it was read: nothing was written. Read it again and retry,
+    /// or record with [`record_and_advance`].
+    Moved,
+    /// Nothing was written: this attempt is recorded with [`record_and_advance`] (a hold, a
+    /// retry in a run that ends, a run not running, or a step not running this attempt as
+    /// read).
+    UnderLock,
 }
 
 fn is_hold(a: &Attempt<'_>) -> bool {

@@ -1412,9 +1412,11 @@ fn a_result_written_without_the_lock_is_what_the_locked_transaction_writes() {
                 .take()
                 .unwrap_or_else(|| store::known(&db, &fast).unwrap());
             let attempt = ended(&fast, &f, &once, result.clone());
-            let (recorded, claimed, after) = step::record_and_advance_known(&db, &attempt, carried)
-                .unwrap()
-                .expect("an unmoved run is written");
+            let step::Unlocked::Written(recorded, claimed, after) =
+                step::record_and_advance_known(&db, &attempt, carried).unwrap()
+            else {
+                panic!("an unmoved run is written");
+            };
             let attempt = ended(&slow, &s, &once, result.clone());
             let (locked, locked_claims) =
                 db::transaction(&db, |tx| step::record_and_advance(tx, &attempt)).unwrap();
@@ -1510,22 +1512,23 @@ fn a_result_for_a_run_that_moved_since_it_was_read_writes_nothing_without_the_lo
         store::known(&db, &run).unwrap(),
     );
     let done_x = ended(&run, x, &retry, Ok(json!(1)));
-    let (_, claimed, _) = step::record_and_advance_known(&db, &done_x, for_x)
-        .unwrap()
-        .unwrap();
-    assert!(claimed.is_empty());
-    // y's executor read the run before that: nothing is written, and under the lock its
-    // result is recorded and the join claimed.
+    let written_x = step::record_and_advance_known(&db, &done_x, for_x).unwrap();
+    assert!(matches!(written_x, step::Unlocked::Written(_, ref c, _) if c.is_empty()));
+    // y's executor read the run before that: nothing is written; read again, its result is
+    // written and the join claimed.
     let before = written(&db, &run);
     let done_y = ended(&run, y, &retry, Ok(json!(2)));
-    assert!(
-        step::record_and_advance_known(&db, &done_y, for_y)
-            .unwrap()
-            .is_none()
-    );
+    assert!(matches!(
+        step::record_and_advance_known(&db, &done_y, for_y).unwrap(),
+        step::Unlocked::Moved
+    ));
     assert_eq!(written(&db, &run), before);
-    let (recorded, claimed) =
-        db::transaction(&db, |tx| step::record_and_advance(tx, &done_y)).unwrap();
+    let again = store::known(&db, &run).unwrap();
+    let step::Unlocked::Written(recorded, claimed, _) =
+        step::record_and_advance_known(&db, &done_y, again).unwrap()
+    else {
+        panic!("the run read again is written");
+    };
     assert_eq!((recorded, keys(&claimed)), (Recorded::Succeeded, vec!["z"]));
 
     // A run cancelled after the read: nothing written, and the locked path records the
@@ -1536,11 +1539,10 @@ fn a_result_for_a_run_that_moved_since_it_was_read_writes_nothing_without_the_lo
     db::transaction(&db, |tx| lifecycle::cancel(tx, &run, json!({}))).unwrap();
     let before = written(&db, &run);
     let done = ended(&run, &claims[0], &retry, Ok(json!(1)));
-    assert!(
-        step::record_and_advance_known(&db, &done, known)
-            .unwrap()
-            .is_none()
-    );
+    assert!(matches!(
+        step::record_and_advance_known(&db, &done, known).unwrap(),
+        step::Unlocked::Moved
+    ));
     assert_eq!(written(&db, &run), before);
     db::transaction(&db, |tx| step::record_and_advance(tx, &done)).unwrap();
     assert_eq!(run_status(&db, &run), RunStatus::Cancelled);
@@ -1557,15 +1559,13 @@ fn a_result_for_a_run_that_moved_since_it_was_read_writes_nothing_without_the_lo
         let (run, claim, retry) = (&run, &claims[0], &retry);
         let racing = s.spawn(move || {
             let done = ended(run, claim, retry, Ok(json!(1)));
-            step::record_and_advance_known(&other, &done, known)
-                .unwrap()
-                .map(|(recorded, _, _)| recorded)
+            step::record_and_advance_known(&other, &done, known).unwrap()
         });
         wait_for_a_blocked_session(&db.another());
         db.execute("commit", &[]).unwrap();
         racing.join().unwrap()
     });
-    assert!(written_then.is_none());
+    assert!(matches!(written_then, step::Unlocked::Moved));
     assert_eq!(step_status(&db, &run, "x"), StepStatus::Running);
     assert_eq!(run_status(&db, &run), RunStatus::Cancelling);
 
@@ -1582,11 +1582,10 @@ fn a_result_for_a_run_that_moved_since_it_was_read_writes_nothing_without_the_lo
     assert_ne!(taken, TakenBack::Nothing);
     let before = written(&db, &run);
     let late = ended(&run, &claims[0], &retry, Ok(json!("late")));
-    assert!(
-        step::record_and_advance_known(&db, &late, known)
-            .unwrap()
-            .is_none()
-    );
+    assert!(matches!(
+        step::record_and_advance_known(&db, &late, known).unwrap(),
+        step::Unlocked::Moved
+    ));
     assert_eq!(written(&db, &run), before);
 
     // A budget's hold is written under the lock only.
@@ -1599,10 +1598,9 @@ fn a_result_for_a_run_that_moved_since_it_was_read_writes_nothing_without_the_lo
         &retry,
         Err(Failure::held("over budget", json!({"why": "budget"}))),
     );
-    assert!(
-        step::record_and_advance_known(&db, &held, known)
-            .unwrap()
-            .is_none()
-    );
+    assert!(matches!(
+        step::record_and_advance_known(&db, &held, known).unwrap(),
+        step::Unlocked::UnderLock
+    ));
     assert_eq!(step_status(&db, &run, "x"), StepStatus::Running);
 }

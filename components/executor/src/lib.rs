@@ -21,7 +21,7 @@ use sparkops_core::error::ApiError;
 use sparkops_core::run::RunScope;
 use sparkops_core::template;
 use sparkops_core::workflow::{Step, StepKind};
-use sparkops_platform::engine::step::{Failure, Lease, Leased, Recorded};
+use sparkops_platform::engine::step::{Failure, Lease, Leased, Recorded, Unlocked};
 use sparkops_platform::engine::store::Known;
 use sparkops_platform::engine::{self, Claim, ErrorKind, store};
 use sparkops_platform::tool_call;
@@ -199,6 +199,10 @@ fn run_step(
     }
 }
 
+/// Tries of the one statement (the run read again after each that finds it moved) before
+/// the result is recorded under the run's lock.
+const UNLOCKED_TRIES: usize = 3;
+
 /// Waits before each new try of a result's transaction: long enough together (4.2 s) for a
 /// database that restarts or fails over to come back.
 const SETTLE_BACKOFF_MS: [u64; 3] = [200, 1_000, 3_000];
@@ -206,8 +210,9 @@ const SETTLE_BACKOFF_MS: [u64; 3] = [200, 1_000, 3_000];
 /// Records the attempt and advances the run; the steps that became ready, claimed, so the
 /// next step starts without a hop through the nudge channel. From the run as this instance
 /// knows it, that is one statement ([`engine::step::record_and_advance_known`]), and the
-/// run as written is carried on; when the run moved meanwhile, one transaction under the
-/// run's lock. A failed transaction (the database restarting, a lost connection) is tried
+/// run as written is carried on; when the run moved meanwhile (another branch's result
+/// landed), the run is read again and the statement tried again, and after a few tries, or
+/// for a result only the lock may write, it is one transaction under the run's lock. A failed transaction (the database restarting, a lost connection) is tried
 /// again on a fresh connection; when it keeps failing, the result alone is recorded and
 /// the run nudged, so a result is never lost to the decision after it.
 fn settle(
@@ -216,20 +221,29 @@ fn settle(
     known: Option<Known>,
 ) -> Result<(Recorded, Vec<Claim>, Option<Known>), ApiError> {
     let run_id = a.lease.run_id;
-    if let Some(known) = known {
+    let mut known = known;
+    for _ in 0..UNLOCKED_TRIES {
+        let Some(read) = known.take() else { break };
         match ctx
             .db()
-            .and_then(|db| engine::step::record_and_advance_known(db, a, known))
+            .and_then(|db| engine::step::record_and_advance_known(db, a, read))
         {
-            Ok(Some((recorded, claimed, known))) => return Ok((recorded, claimed, Some(known))),
-            Ok(None) => {}
+            Ok(Unlocked::Written(recorded, claimed, known)) => {
+                return Ok((recorded, claimed, Some(known)));
+            }
+            // Another branch's result landed first: read the run again.
+            Ok(Unlocked::Moved) => known = ctx.db().and_then(|db| store::known(db, run_id)).ok(),
+            Ok(Unlocked::UnderLock) => break,
             // All or nothing: the transaction below finds what is left to do.
-            Err(e) => log(
-                "recording a step in one statement (will record under the run's lock)",
-                run_id,
-                a.lease.step_key,
-                &format!("{e:?}"),
-            ),
+            Err(e) => {
+                log(
+                    "recording a step in one statement (will record under the run's lock)",
+                    run_id,
+                    a.lease.step_key,
+                    &format!("{e:?}"),
+                );
+                break;
+            }
         }
     }
     let together =
