@@ -136,6 +136,39 @@ pub fn in_scope<R: sparkops_core::db::Read + ?Sized>(
     from_rows(&db.read(IN_SCOPE, &scope_params(project_id, workflow_id, agent_id))?)
 }
 
+/// [`in_scope`] and, in the same round trip, the row (or none) that `also` selects: SQL
+/// over `$1` (the project) and `also_params` from `$4`.
+pub fn in_scope_and<R: sparkops_core::db::Read + ?Sized>(
+    db: &R,
+    project_id: &str,
+    workflow_id: &str,
+    agent_id: Option<&str>,
+    also: &str,
+    also_params: Vec<V>,
+) -> Result<(Vec<Policy>, Option<sparkops_core::db::Row>), ApiError> {
+    let mut params = scope_params(project_id, workflow_id, agent_id).to_vec();
+    params.extend(also_params);
+    let mut rows = db.read(
+        &format!(
+            "select p.*, a.* from (select 1) one
+             left join lateral ({IN_SCOPE}) p on true
+             left join lateral (select true, x.* from ({also}) x) a on true
+             order by p.policy_id"
+        ),
+        &params,
+    )?;
+    // A row per policy (or one with none), each with the row `also` read (or nulls), after
+    // the policy's four columns and a marker.
+    let found = match rows.first_mut() {
+        Some(first) if first.0.get(4) == Some(&V::Bool(true)) => {
+            Some(sparkops_core::db::Row(first.0.split_off(5)))
+        }
+        _ => None,
+    };
+    rows.retain(|r| r.0.first().is_some_and(|v| *v != V::Null));
+    Ok((from_rows(&rows)?, found))
+}
+
 /// Every policy naming allowed models must allow `model`.
 pub fn check_model(policies: &[Policy], model: &str) -> Result<(), Violation> {
     for p in policies {

@@ -34,30 +34,37 @@ pub struct Leased {
 }
 
 /// The attempt `lease` is for and its run's project and workflow, when the lease still
-/// holds (the step is running under it and it has not expired).
-pub fn leased<C: Connection + ?Sized>(
+/// holds (the step is running under it and it has not expired), and, in the same round
+/// trip, the run as [`store::known`] reads it: what the executor reads before it accepts a
+/// dispatched step.
+pub fn leased_known<C: Connection + ?Sized>(
     db: &C,
     lease: &Lease<'_>,
-) -> Result<Option<Leased>, ApiError> {
-    let rows = db.query(
-        "select s.attempt, r.project_id::text, r.workflow_id::text from run_steps s join runs r on r.run_id = s.run_id
-         where s.run_id = $1::text::uuid and s.step_key = $2 and s.status = 'running'
-           and s.lease_id = $3::text::uuid and s.lease_expires_at > now()",
-        &[
-            V::Text(lease.run_id.into()),
+) -> Result<Option<(Leased, Known)>, ApiError> {
+    let read = store::known_and(
+        db,
+        lease.run_id,
+        ", r.project_id::text, r.workflow_id::text, (
+            select s.attempt from run_steps s
+            where s.run_id = r.run_id and s.step_key = $2 and s.status = 'running'
+              and s.lease_id = $3::text::uuid and s.lease_expires_at > now())",
+        vec![
             V::Text(lease.step_key.into()),
             V::Text(lease.lease_id.into()),
         ],
     )?;
-    rows.first()
-        .map(|r| {
-            Ok(Leased {
-                attempt: r.int(0)?,
-                project_id: r.text(1)?,
-                workflow_id: r.text(2)?,
-            })
-        })
-        .transpose()
+    let Some((known, also)) = read else {
+        return Ok(None);
+    };
+    if also.0.get(2) == Some(&V::Null) {
+        return Ok(None);
+    }
+    let leased = Leased {
+        attempt: also.int(2)?,
+        project_id: also.text(0)?,
+        workflow_id: also.text(1)?,
+    };
+    Ok(Some((leased, known)))
 }
 
 /// Renews the lease for another [`LEASE_MS`](crate::advance::LEASE_MS), never past the

@@ -519,20 +519,38 @@ pub fn snapshot<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Snapshot, ApiE
 
 /// The run's [`Snapshot`] with its status and event count, in one round trip.
 pub fn known<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Known, ApiError> {
+    known_and(db, run_id, "", Vec::new())?
+        .map(|(known, _)| known)
+        .ok_or_else(|| ApiError::Internal(format!("run {run_id} has no pinned definition")))
+}
+
+/// [`known`] and, in the same round trip, the columns `also` (SQL over the run `r`, `$1`
+/// its id, and `also_params` from `$2`, each column preceded by a comma), answered in a row
+/// of their own. `None` when there is no such run.
+pub(crate) fn known_and<R: Read + ?Sized>(
+    db: &R,
+    run_id: &str,
+    also: &str,
+    also_params: Vec<V>,
+) -> Result<Option<(Known, Row)>, ApiError> {
+    let mut params = vec![V::Uuid(run_id.into())];
+    params.extend(also_params);
     let rows = db.read(
-        "select r.input, v.definition, coalesce((
-                select jsonb_agg(jsonb_build_array(s.step_key, s.status, s.attempt,
-                    case when s.status = 'succeeded' then s.output end) order by s.step_key)
-                from run_steps s where s.run_id = r.run_id), '[]'::jsonb),
-            r.status, r.event_seq
-         from runs r
-         join workflow_versions v on v.workflow_id = r.workflow_id and v.version = r.workflow_version
-         where r.run_id = $1",
-        &[V::Uuid(run_id.into())],
+        &format!(
+            "select r.input, v.definition, coalesce((
+                    select jsonb_agg(jsonb_build_array(s.step_key, s.status, s.attempt,
+                        case when s.status = 'succeeded' then s.output end) order by s.step_key)
+                    from run_steps s where s.run_id = r.run_id), '[]'::jsonb),
+                r.status, r.event_seq{also}
+             from runs r
+             join workflow_versions v on v.workflow_id = r.workflow_id and v.version = r.workflow_version
+             where r.run_id = $1"
+        ),
+        &params,
     )?;
-    let row = rows
-        .first()
-        .ok_or_else(|| ApiError::Internal(format!("run {run_id} has no pinned definition")))?;
+    let Some(mut row) = rows.into_iter().next() else {
+        return Ok(None);
+    };
     let bad =
         |what: &str| ApiError::Internal(format!("run {run_id}: a step's {what} does not read"));
     let steps = match row.json(2)? {
@@ -551,17 +569,19 @@ pub fn known<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Known, ApiError> 
             .collect::<Result<Vec<_>, ApiError>>()?,
         _ => return Err(bad("list")),
     };
-    Ok(Known {
+    let known = Known {
         snapshot: Snapshot {
             input: row.json(0)?,
             definition: parse_definition(run_id, &row.json(1)?)?,
             steps,
         },
         unmoved: Unmoved {
-            status: run_status(row, 3)?,
+            status: run_status(&row, 3)?,
             event_seq: row.int(4)?,
         },
-    })
+    };
+    let also = Row(row.0.split_off(5));
+    Ok(Some((known, also)))
 }
 
 /// The definition a run pinned.

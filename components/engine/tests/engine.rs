@@ -1604,3 +1604,84 @@ fn a_result_for_a_run_that_moved_since_it_was_read_writes_nothing_without_the_lo
     ));
     assert_eq!(step_status(&db, &run, "x"), StepStatus::Running);
 }
+
+#[test]
+fn an_executor_reads_its_lease_with_the_run_and_a_steps_policies_with_its_tool() {
+    let (db, w) = setup(chain(&[("a", &[]), ("b", &["a"])]));
+    let run = start(&db, &w, json!({}));
+    let a = advance(&db, &run);
+    // A held lease: its attempt, the run's project and workflow, and the run as read.
+    let (leased, known) = step::leased_known(&db, &lease(&run, &a[0]))
+        .unwrap()
+        .unwrap();
+    assert_eq!(leased.attempt, 1);
+    assert_eq!(leased.workflow_id, w.workflow_id);
+    assert_eq!(leased.project_id, w.project_id);
+    assert_eq!(
+        known.snapshot.steps,
+        store::known(&db, &run).unwrap().snapshot.steps
+    );
+    // Another lease id, or one expired, holds nothing.
+    let stranger = Claim {
+        lease_id: uuid::Uuid::new_v4().to_string(),
+        ..a[0].clone()
+    };
+    assert!(
+        step::leased_known(&db, &lease(&run, &stranger))
+            .unwrap()
+            .is_none()
+    );
+    db.execute(
+        "update run_steps set lease_expires_at = now() - interval '1 second' where run_id = $1",
+        &[V::Uuid(run.clone())],
+    )
+    .unwrap();
+    assert!(
+        step::leased_known(&db, &lease(&run, &a[0]))
+            .unwrap()
+            .is_none()
+    );
+
+    // The policies in scope, in order, with the row read beside them (or none).
+    let project = leased.project_id;
+    let also = "select name from workflows where workflow_id = $4 and project_id = $1";
+    let read = |workflow: &str| {
+        sparkops_engine::policies::in_scope_and(
+            &db,
+            &project,
+            &w.workflow_id,
+            None,
+            also,
+            vec![V::Uuid(workflow.into())],
+        )
+        .unwrap()
+    };
+    let (policies, row) = read(&w.workflow_id);
+    assert!(policies.is_empty());
+    assert_eq!(row.unwrap().text(0).unwrap(), "W");
+    for name in ["second", "first"] {
+        db.execute(
+            "insert into policies (policy_id, project_id, name, rules) values ($1, $2, $3, '{}')",
+            &[
+                V::Uuid(
+                    if name == "first" {
+                        "00000000-0000-4000-8000-000000000001"
+                    } else {
+                        "00000000-0000-4000-8000-000000000002"
+                    }
+                    .into(),
+                ),
+                V::Uuid(project.clone()),
+                V::Text(name.into()),
+            ],
+        )
+        .unwrap();
+    }
+    let (policies, row) = read(&w.workflow_id);
+    let names: Vec<&str> = policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["first", "second"]);
+    assert_eq!(row.unwrap().text(0).unwrap(), "W");
+    let (policies, row) = read(&uuid::Uuid::new_v4().to_string());
+    assert_eq!(policies.len(), 2);
+    assert!(row.is_none());
+}

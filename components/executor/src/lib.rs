@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use futures::SinkExt;
 use serde_json::{Value, json};
-use sparkops_core::db::{Connection as _, Value as V};
+use sparkops_core::db::Value as V;
 use sparkops_core::dispatch;
 use sparkops_core::error::ApiError;
 use sparkops_core::run::RunScope;
@@ -72,12 +72,18 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         step_key: step,
         lease_id: lease,
     };
-    let held = ctx.db().and_then(|db| engine::step::leased(db, &lease));
-    let Leased {
-        attempt,
-        project_id,
-        workflow_id,
-    } = match held {
+    // The lease, and the run as the step will start from, in one read.
+    let held = ctx
+        .db()
+        .and_then(|db| engine::step::leased_known(db, &lease));
+    let (
+        Leased {
+            attempt,
+            project_id,
+            workflow_id,
+        },
+        known,
+    ) = match held {
         Ok(Some(held)) => held,
         Ok(None) => {
             let e = ApiError::Conflict("the lease is not held".into());
@@ -105,7 +111,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         attempt,
     });
     // The run as this instance last read or wrote it, carried along the chain.
-    let mut known = None;
+    let mut known = Some(known);
     while let Some(claim) = next.take() {
         ctx.request_id = format!("step-{run_id}-{}", claim.step_key);
         ctx.now = chrono::Utc::now();
@@ -360,8 +366,16 @@ fn execute(
         StepKind::Condition => done(rendered.clone(), Ok(rendered)),
         StepKind::Tool => {
             // The policies in scope first: the tool must be allowed, the run within its steps.
+            // And the tool, in the same read.
             let tool_id = step.tool_id.clone().unwrap_or_default();
-            let policies = policies::in_scope(ctx.db()?, project_id, workflow_id, None)?;
+            let (policies, tool) = policies::in_scope_and(
+                ctx.db()?,
+                project_id,
+                workflow_id,
+                None,
+                TOOL,
+                vec![V::Uuid(tool_id.clone())],
+            )?;
             let started = policies::started_steps(ctx.db()?, &policies, run_id)?;
             if let Err(v) = policies::check_steps(&policies, started)
                 .and_then(|()| policies::check_tool(&policies, &tool_id))
@@ -372,7 +386,7 @@ fn execute(
                 let failure = Failure::new(ErrorKind::PolicyViolation, v.message()).final_attempt();
                 return Ok(done(rendered, Err(failure)));
             }
-            let result = call_tool(ctx, project_id, &step, run_id, &rendered)?;
+            let result = call_tool(ctx, project_id, &step, tool, run_id, &rendered)?;
             done(rendered, result)
         }
         StepKind::Agent => {
@@ -400,21 +414,23 @@ fn execute(
     })
 }
 
-/// One tool call, its failures sorted into the error kinds retry policies name.
+/// The tool a step calls, as [`call_tool`] reads it: SQL over the project (`$1`) and the
+/// tool (`$4`), read with the policies in scope.
+const TOOL: &str = "select method, url, headers, timeout_ms, input_schema, output_schema from tools
+     where tool_id = $4 and project_id = $1 and deleted_at is null";
+
+/// One call of `tool` (its [`TOOL`] row; `None` when it is gone), its failures sorted into
+/// the error kinds retry policies name.
 fn call_tool(
     ctx: &mut Work,
     project_id: &str,
     step: &Step,
+    tool: Option<sparkops_core::db::Row>,
     run_id: &str,
     input: &Value,
 ) -> Result<Result<Value, Failure>, ApiError> {
     let tool_id = step.tool_id.clone().unwrap_or_default();
-    let rows = ctx.db()?.query(
-        "select method, url, headers, timeout_ms, input_schema, output_schema from tools
-         where tool_id = $1 and project_id = $2 and deleted_at is null",
-        &[V::Uuid(tool_id.clone()), V::Uuid(project_id.into())],
-    )?;
-    let Some(t) = rows.first() else {
+    let Some(t) = tool.as_ref() else {
         let gone = Failure::new(
             ErrorKind::Validation,
             format!("tool {tool_id} no longer exists"),

@@ -195,14 +195,7 @@ async fn bench(
     println!("| case | runs | p50 latency | p95 latency | steps/s |");
     println!("|---|---|---|---|---|");
     for (steps, wf) in &workflows {
-        // Latency: one run at a time, from the POST until the database says succeeded.
-        let mut samples = Vec::new();
-        for _ in 0..LATENCY_SAMPLES {
-            let started = Instant::now();
-            let id = client.start(wf).await?;
-            wait_succeeded(&db, &[id], Duration::from_secs(30)).await?;
-            samples.push(started.elapsed());
-        }
+        let mut samples = latency(database_url, &client, wf).await?;
         samples.sort();
         let (runs, elapsed) = throughput(&db, &client, wf, batch).await?;
         println!(
@@ -250,6 +243,32 @@ async fn bench(
     app.shutdown().await;
     let _ = std::fs::remove_dir_all(&state);
     Ok(())
+}
+
+/// Latency: one run at a time, from the POST until the database says succeeded. Sampled on
+/// a thread and runtime of its own (with its own connection), so its polls wait for the
+/// operating system's scheduler, not behind the host's tasks on the runtime they share.
+async fn latency(database_url: &str, client: &Client, wf: &Value) -> Result<Vec<Duration>> {
+    let (url, client, wf) = (database_url.to_string(), client.clone(), wf.clone());
+    let sampler = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let db = connect(&url).await?;
+                let mut samples = Vec::new();
+                for _ in 0..LATENCY_SAMPLES {
+                    let started = Instant::now();
+                    let id = client.start(&wf).await?;
+                    wait_succeeded(&db, &[id], Duration::from_secs(30)).await?;
+                    samples.push(started.elapsed());
+                }
+                Ok(samples)
+            })
+    });
+    tokio::task::spawn_blocking(move || sampler.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the latency sampler panicked"))?
 }
 
 /// Throughput: `batch` runs of `wf` started by CLIENTS concurrent clients, until all have
@@ -776,7 +795,7 @@ async fn wait_succeeded(
 }
 
 /// Loads `pgbench` with the statements of one chained step as the executor runs them: its
-/// reads (the policies in scope, the tool), then the one statement that records its result,
+/// read (the policies in scope with the tool), then the one statement that records its result,
 /// claims the next step and logs both events (the run as the executor carries it along the
 /// chain is not read again). Over 200 runs of two steps; each transaction records the
 /// first step and claims the second again (their conditions admit the repeat, so every
@@ -815,8 +834,7 @@ async fn pgbench(
     let planned = r#"[{"key": "s1", "status": "running", "deadline_s": 330, "lease_s": 15}]"#;
     let script = format!(
         r#"\set n random(1, 200)
-select policy_id::text, name, rules, scope_workflow_id is not null from policies where project_id = '{project_id}' and enabled and deleted_at is null and (scope_workflow_id is null or scope_workflow_id = '{workflow_id}') and (scope_agent_id is null or scope_agent_id = null::text::uuid) order by policy_id;
-select method, url, headers, timeout_ms, input_schema, output_schema from tools where tool_id = '{tool_id}' and project_id = '{project_id}' and deleted_at is null;
+select p.*, a.* from (select 1) one left join lateral (select policy_id::text, name, rules, scope_workflow_id is not null from policies where project_id = '{project_id}' and enabled and deleted_at is null and (scope_workflow_id is null or scope_workflow_id = '{workflow_id}') and (scope_agent_id is null or scope_agent_id = null::text::uuid) order by policy_id) p on true left join lateral (select true, x.* from (select method, url, headers, timeout_ms, input_schema, output_schema from tools where tool_id = '{tool_id}' and project_id = '{project_id}' and deleted_at is null) x) a on true order by p.policy_id;
 with r as (update runs set event_seq = event_seq + jsonb_array_length('{events}'), status = coalesce(null::text, status), started_at = started_at, updated_at = updated_at where run_id = {RUN_ID} and status = 'running' and event_seq >= 0::bigint returning project_id, run_id, workflow_id, workflow_version, schedule_id, status, error, tokens_in, tokens_out, cost_usd, event_seq - jsonb_array_length('{events}') as base), rec as (update run_steps s set status = 'succeeded', input = '{{}}', output = '{{}}', error = null, duration_ms = 1, lease_id = null, lease_expires_at = null, updated_at = now(), finished_at = case when 'succeeded' = 'retrying' then null else now() end, next_attempt_at = case when 'succeeded' = 'retrying' then now() + make_interval(secs => 0::float8 / 1000) else null end from r where s.run_id = r.run_id and s.step_key = 's0' and s.status in ('running', 'succeeded') returning 1), changed as (update run_steps s set status = coalesce(p.status, s.status), error = case when p.status = 'skipped' then p.error else s.error end, attempt = s.attempt + case when p.status in ('waiting', 'running') then 1 else 0 end, lease_id = case when p.status = 'running' then gen_random_uuid() else s.lease_id end, deadline_at = coalesce(now() + make_interval(secs => p.deadline_s), s.deadline_at), lease_expires_at = coalesce(now() + make_interval(secs => p.lease_s), s.lease_expires_at), started_at = case when p.status in ('waiting', 'running') then coalesce(s.started_at, now()) else s.started_at end, updated_at = now() from jsonb_to_recordset('{planned}') as p(key text, status text, error jsonb, deadline_s float8, lease_s float8), r where s.run_id = r.run_id and s.step_key = p.key and s.status in ('pending', 'ready', 'running') returning s.step_key, s.attempt, s.lease_id::text), ev as (select e.n, e.value->>'kind' as kind, e.value->>'step' as step, e.value->'data' as data, e.value->>'told' as told from jsonb_array_elements('{events}') with ordinality as e(value, n)), logged as (insert into run_events (run_id, seq, kind, step_key, data) select r.run_id, r.base + ev.n, ev.kind, ev.step, ev.data from r, ev) select (select coalesce(jsonb_agg(jsonb_build_array(step_key, attempt, lease_id)), '[]') from changed where lease_id is not null), 1 / case when true and (select count(*) from rec) = 1 and (select count(*) from changed) = 1 then 1 else 0 end from r;
 "#,
         events = events.replace('\n', " "),
