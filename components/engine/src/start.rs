@@ -451,29 +451,10 @@ fn insert<C: Connection + ?Sized>(
     let mut row = rows.into_iter().next().ok_or_else(|| {
         ApiError::Internal(format!("run {}: its insert answered nothing", run.run_id))
     })?;
-    let bad = || {
-        ApiError::Internal(format!(
-            "run {}: a claim of its start does not read",
-            run.run_id
-        ))
-    };
     // The claims are the last column, after the caller's answer.
     let last = row.0.len() - 1;
-    let claims = row.json(last)?;
+    let claims = store::claims(run.run_id, &row.json(last)?)?;
     row.0.truncate(last);
-    let claims = match claims {
-        Value::Array(items) => items
-            .iter()
-            .map(|c| {
-                Ok(Claim {
-                    step_key: c[0].as_str().ok_or_else(bad)?.to_string(),
-                    attempt: c[1].as_i64().ok_or_else(bad)?,
-                    lease_id: c[2].as_str().ok_or_else(bad)?.to_string(),
-                })
-            })
-            .collect::<Result<Vec<_>, ApiError>>()?,
-        _ => return Err(bad()),
-    };
     let answer = (answer != "null").then_some(row);
     Ok((answer, claims))
 }

@@ -265,7 +265,7 @@ impl Changes {
                 param(V::Json(Value::Array(settled)))
             ));
         }
-        let claims = if planned > 0 {
+        let answer = if planned > 0 {
             "(select coalesce(jsonb_agg(jsonb_build_array(step_key, attempt, lease_id)), '[]')
               from changed where lease_id is not null)"
         } else {
@@ -287,29 +287,33 @@ impl Changes {
                     returning project_id, run_id, workflow_id, workflow_version, schedule_id, status, error,
                         tokens_in, tokens_out, cost_usd, event_seq - jsonb_array_length($4) as base
                  ){ctes}{logged}
-                 select {claims}, 1 / case when {expected} then 1 else 0 end from r"
+                 select {answer}, 1 / case when {expected} then 1 else 0 end from r"
             ),
             &params,
         )?;
         let Some(row) = rows.first() else {
             return Ok(None);
         };
-        let bad = || ApiError::Internal(format!("run {run_id}: a claim does not read"));
-        let claimed = match row.json(0)? {
-            Value::Array(claims) => claims
-                .iter()
-                .map(|c| {
-                    Ok(Claim {
-                        step_key: c[0].as_str().ok_or_else(bad)?.to_string(),
-                        attempt: c[1].as_i64().ok_or_else(bad)?,
-                        lease_id: c[2].as_str().ok_or_else(bad)?.to_string(),
-                    })
-                })
-                .collect::<Result<Vec<_>, ApiError>>()?,
-            _ => return Err(bad()),
-        };
-        Ok(Some(claimed))
+        claims(run_id, &row.json(0)?).map(Some)
     }
+}
+
+/// The claims a statement answered as a `jsonb` array of `[step_key, attempt, lease_id]`.
+pub(crate) fn claims(run_id: &str, answered: &Value) -> Result<Vec<Claim>, ApiError> {
+    let bad = || ApiError::Internal(format!("run {run_id}: a claim does not read"));
+    let Value::Array(items) = answered else {
+        return Err(bad());
+    };
+    items
+        .iter()
+        .map(|c| {
+            Ok(Claim {
+                step_key: c[0].as_str().ok_or_else(bad)?.to_string(),
+                attempt: c[1].as_i64().ok_or_else(bad)?,
+                lease_id: c[2].as_str().ok_or_else(bad)?.to_string(),
+            })
+        })
+        .collect()
 }
 
 /// What recording an attempt sets of its step's columns, given the SQL of its new status

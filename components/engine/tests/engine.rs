@@ -734,6 +734,16 @@ fn retries_reuse_the_succeeded_steps_of_the_run_they_retry() {
 
 /// Everything a start and its first advance write of a run, without ids and times: the
 /// run, its steps, its events and its webhook deliveries.
+/// The kinds of the events [`written`] read, in order.
+fn event_kinds(written: &Value) -> Vec<&str> {
+    written["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[1].as_str().unwrap())
+        .collect()
+}
+
 fn written(db: &Pg, run: &str) -> Value {
     let id = [V::Uuid(run.into())];
     let one = |sql: &str| db.query(sql, &id).unwrap()[0].json(0).unwrap();
@@ -829,12 +839,7 @@ fn a_run_advanced_in_its_starting_statement_is_what_a_start_and_a_later_advance_
     );
     let got = compare(&mixed, json!({"go": false}), Origin::Api { user_id: &user });
     assert_eq!(got["run"]["status"], "running", "{got}");
-    let kinds: Vec<&str> = got["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e[1].as_str().unwrap())
-        .collect();
+    let kinds = event_kinds(&got);
     assert_eq!(
         kinds,
         [
@@ -1457,12 +1462,7 @@ fn a_result_written_without_the_lock_is_what_the_locked_transaction_writes() {
     assert_eq!(got["told"].as_array().unwrap().len(), 1, "{got}");
     assert_eq!(got["told"][0][0], "run.succeeded");
     assert_eq!(traces, 2);
-    let kinds: Vec<&str> = got["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e[1].as_str().unwrap())
-        .collect();
+    let kinds = event_kinds(&got);
     assert_eq!(
         kinds,
         [
