@@ -180,7 +180,10 @@ impl Changes {
     ) -> Result<Option<Vec<Claim>>, ApiError> {
         let planned = self.steps.len();
         // The steps that end with this statement, kept from the cancelling of a run's end.
-        let mut settled: Vec<Value> = self.steps.iter().map(|s| s["key"].clone()).collect();
+        let mut settled: Vec<Value> = match self.ending {
+            Some(_) => self.steps.iter().map(|s| s["key"].clone()).collect(),
+            None => Vec::new(),
+        };
         let mut params = vec![
             V::Uuid(run_id.into()),
             self.status.map_or(V::Null, |s| V::Text(s.as_str().into())),

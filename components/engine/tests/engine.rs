@@ -116,23 +116,7 @@ fn recording_and_advancing_in_one_transaction_claims_what_became_ready() {
     let run = start(&db, &w, json!({}));
     let a = advance(&db, &run);
     let retry = RetryPolicy::default();
-    fn attempt<'a>(
-        run: &'a str,
-        claim: &'a Claim,
-        retry: &'a RetryPolicy,
-        result: Result<Value, Failure>,
-    ) -> Attempt<'a> {
-        Attempt {
-            lease: lease(run, claim),
-            attempt: 1,
-            input: json!({}),
-            result,
-            duration_ms: 1,
-            retry,
-            jitter: 0.0,
-        }
-    }
-    let done = attempt(&run, &a[0], &retry, Ok(json!("A")));
+    let done = ended(&run, &a[0], &retry, Ok(json!("A")));
     let (recorded, next) = db::transaction(&db, |tx| step::record_and_advance(tx, &done)).unwrap();
     assert_eq!(recorded, Recorded::Succeeded);
     assert_eq!(keys(&next), ["b"]);
@@ -140,7 +124,7 @@ fn recording_and_advancing_in_one_transaction_claims_what_became_ready() {
     let (recorded, next) = db::transaction(&db, |tx| step::record_and_advance(tx, &done)).unwrap();
     assert_eq!((recorded, next.len()), (Recorded::Discarded, 0));
     let claim_b = next_claim(&db, &run, "b");
-    let b = attempt(&run, &claim_b, &retry, Ok(json!("B")));
+    let b = ended(&run, &claim_b, &retry, Ok(json!("B")));
     let (recorded, next) = db::transaction(&db, |tx| step::record_and_advance(tx, &b)).unwrap();
     assert_eq!((recorded, next.len()), (Recorded::Succeeded, 0));
     assert_eq!(run_status(&db, &run), RunStatus::Succeeded);

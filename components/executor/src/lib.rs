@@ -217,10 +217,11 @@ const SETTLE_BACKOFF_MS: [u64; 3] = [200, 1_000, 3_000];
 /// next step starts without a hop through the nudge channel. From the run as this instance
 /// knows it, that is one statement ([`engine::step::record_and_advance_known`]), and the
 /// run as written is carried on; when the run moved meanwhile (another branch's result
-/// landed), the run is read again and the statement tried again, and after a few tries, or
-/// for a result only the lock may write, it is one transaction under the run's lock. A failed transaction (the database restarting, a lost connection) is tried
-/// again on a fresh connection; when it keeps failing, the result alone is recorded and
-/// the run nudged, so a result is never lost to the decision after it.
+/// landed), the run is read again and the statement tried again. After a few tries, or for
+/// a result only the lock may write, it is one transaction under the run's lock. A failed
+/// transaction (the database restarting, a lost connection) is tried again on a fresh
+/// connection; when it keeps failing, the result alone is recorded and the run nudged, so
+/// a result is never lost to the decision after it.
 fn settle(
     ctx: &mut Work,
     a: &engine::step::Attempt<'_>,
