@@ -171,16 +171,22 @@ async fn the_deployed_parts_finish_runs_and_fire_schedules_once() {
     let traced = api
         .run_to_end(&ada.access, chain.as_str().unwrap(), json!({}))
         .await;
+    // The part's own exporter ticks every 2 s too: whichever tick claims the export first
+    // records it (the other finds it leased), so the outcome is awaited, not assumed.
     let at = Utc::now().timestamp() as u64 + 5;
     others[5].inner.handle_cron("exporter", at).await.unwrap();
-    let row = db
-        .query_one(
-            "select status, last_error from trace_exports where run_id = $1::text::uuid",
-            &[&traced["id"].as_str().unwrap()],
-        )
-        .await
-        .unwrap();
-    let (status, error): (String, Option<String>) = (row.get(0), row.get(1));
+    let (status, error) = crate::common::eventually(async || {
+        let row = db
+            .query_one(
+                "select status, last_error from trace_exports where run_id = $1::text::uuid",
+                &[&traced["id"].as_str().unwrap()],
+            )
+            .await
+            .unwrap();
+        let (status, error): (String, Option<String>) = (row.get(0), row.get(1));
+        (status != "pending").then_some((status, error))
+    })
+    .await;
     assert_eq!(status, "failed", "{error:?}");
     assert!(error.unwrap().contains("blocked network"));
     assert!(collector.received().is_empty());
