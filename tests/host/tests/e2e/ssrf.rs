@@ -231,12 +231,18 @@ async fn a_trace_endpoint_naming_a_host_is_guarded_like_a_tool() {
         )
         .await;
         let run = api.run_to_end(&ada.access, &wf, json!({})).await;
+        // The app's own exporter ticks every 2 s too, and whichever tick claims the export
+        // records it: its outcome is awaited.
         api.tick("exporter", chrono::Utc::now().timestamp() + 5)
             .await;
-        let export = api
-            .finished_run(&ada.access, run["id"].as_str().unwrap())
-            .await["trace_export"]
-            .clone();
+        let export = crate::common::eventually(async || {
+            let export = api
+                .finished_run(&ada.access, run["id"].as_str().unwrap())
+                .await["trace_export"]
+                .clone();
+            (export["status"] != "pending").then_some(export)
+        })
+        .await;
         if exported {
             assert_eq!(export["status"], "exported", "{export}");
         } else {

@@ -444,8 +444,14 @@ async fn a_failing_receiver_gets_the_same_message_until_it_succeeds() {
         (&json!("webhook.test"), &json!("pending"))
     );
     let d = sent["id"].as_str().unwrap();
-    // The notifier's own tick makes the first attempt.
+    // The notifier's own tick makes the first attempt; the receiver has it before the
+    // attempt is recorded, and until then the delivery is leased to that tick.
     crate::common::eventually(async || (receiver.received().len() == 1).then_some(())).await;
+    crate::common::eventually(async || {
+        let first = delivery(&api, &ada, id, d).await;
+        (first["last_response_status"] == 500).then_some(())
+    })
+    .await;
     let t0 = now() + 3600;
     api.tick("notifier", t0).await;
     assert_eq!(receiver.received().len(), 2);
