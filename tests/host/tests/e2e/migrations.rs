@@ -521,3 +521,57 @@ async fn fill_every_table(api: &crate::common::Api) {
     .await
     .unwrap();
 }
+
+/// Migration 0018 takes the API key out of the replies kept before keys were sealed in
+/// them, and leaves the rest of each reply, and every other reply, as it was.
+#[tokio::test]
+async fn the_idempotency_expiry_migration_takes_clear_keys_out_of_kept_replies() {
+    let env = TestEnv::new().await;
+    let dir = crate::common::workspace().join("migrations");
+    // Back to just before 0018, whatever came after it.
+    let after: Vec<String> = migrate::read_dir(&dir)
+        .unwrap()
+        .iter()
+        .filter(|m| m.version >= 18)
+        .map(|m| m.label())
+        .collect();
+    let undone = migrate::down(&env.database_url, &dir, after.len())
+        .await
+        .unwrap();
+    assert_eq!(
+        undone.last().map(String::as_str),
+        Some("0018_idempotency_expiry")
+    );
+    let db = env.db().await;
+    let kept = [
+        (
+            "with-key",
+            r#"{"id": "k1", "prefix": "sk_abc", "secret": "sk_abc_clear"}"#,
+        ),
+        ("without-key", r#"{"id": "p1", "name": "Project"}"#),
+    ];
+    for (key, response) in kept {
+        db.execute(
+            "insert into idempotency_keys (principal, route, key, request_hash, status, response)
+             values ('u1', 'POST /api/v1/api-keys', $1, 'h', 201, $2::text::jsonb)",
+            &[&key, &response],
+        )
+        .await
+        .unwrap();
+    }
+    let applied = migrate::run(&env.database_url, &dir).await.unwrap().applied;
+    assert_eq!(applied, after);
+    let replies: Vec<String> = column(
+        &db,
+        "select response::text from idempotency_keys order by key",
+        &[],
+    )
+    .await;
+    assert_eq!(
+        replies,
+        [
+            r#"{"id": "k1", "prefix": "sk_abc"}"#,
+            r#"{"id": "p1", "name": "Project"}"#
+        ]
+    );
+}
