@@ -12,11 +12,16 @@ use sparkops_host::RunningApp;
 
 const MANIFEST: &str = "tests/fixtures/triggers/spin.toml";
 
+/// The triggers app subscribed on `channel` (twice) and on [`other`]`(channel)` (once), so
+/// no other test's app hears its messages.
 async fn start(env: &TestEnv, channel: &str) -> RunningApp {
     let mut options = env.options(MANIFEST, None);
     options
         .env
         .insert("SPIN_VARIABLE_CHANNEL".into(), channel.into());
+    options
+        .env
+        .insert("SPIN_VARIABLE_OTHER_CHANNEL".into(), other(channel));
     RunningApp::start(&options)
         .await
         .expect("the triggers app starts")
@@ -32,6 +37,11 @@ async fn redis(env: &TestEnv) -> redis::aio::MultiplexedConnection {
 
 async fn count(r: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
     r.get::<_, Option<i64>>(key).await.unwrap().unwrap_or(0)
+}
+
+/// The second channel of the app started on `channel`.
+fn other(channel: &str) -> String {
+    format!("{channel}-other")
 }
 
 /// A channel and tag of this test's own (tests share one Redis).
@@ -73,7 +83,7 @@ async fn a_failing_handler_does_not_stop_the_trigger_and_other_channels_are_sepa
         .unwrap();
     let _: i64 = r.publish(&channel, "not json").await.unwrap();
     let _: i64 = r
-        .publish("other", json!({"tag": tag}).to_string())
+        .publish(other(&channel), json!({"tag": tag}).to_string())
         .await
         .unwrap();
     let _: i64 = r
@@ -81,7 +91,7 @@ async fn a_failing_handler_does_not_stop_the_trigger_and_other_channels_are_sepa
         .await
         .unwrap();
     assert!(app.wait_idle(Duration::from_secs(20)).await);
-    // Only `first` listens on `other`; the failures were handled and logged, not fatal.
+    // Only `first` listens on the other channel; the failures were handled and logged, not fatal.
     assert_eq!(count(&mut r, &format!("{tag}:handled")).await, 1);
     let _: i64 = r
         .publish(&channel, json!({"tag": tag}).to_string())
@@ -104,7 +114,10 @@ async fn bad_trigger_settings_are_one_clear_start_up_error() {
             "has no address",
         ),
         (
-            base.replace("channel = \"other\"", "channel = \"{{ nope }}\""),
+            base.replace(
+                "channel = \"{{ other_channel }}\"",
+                "channel = \"{{ nope }}\"",
+            ),
             "refers to `nope`, which is not an application variable",
         ),
         (
