@@ -61,11 +61,9 @@ impl Work {
         }
     }
 
-    /// A new UUIDv7.
+    /// A new UUIDv7, of the time the work started.
     pub fn new_id(&self) -> String {
-        let mut random = [0u8; 10];
-        random.copy_from_slice(&crate::random_bytes(10));
-        sparkops_core::ids::uuid_v7(self.now.timestamp_millis() as u64, random)
+        sparkops_core::ids::uuid_v7(crate::unix_nanos(self.now), crate::random_array())
     }
 
     /// Runs `f` in one transaction on the connection (see
