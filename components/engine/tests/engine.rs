@@ -753,12 +753,7 @@ fn a_run_advanced_in_its_starting_statement_is_what_a_start_and_a_later_advance_
     // A project (one workflow each) whose webhook hears of approvals, and its owner.
     let project = || {
         let project = project(&db);
-        db.execute(
-            "insert into webhooks (webhook_id, project_id, url, event_types)
-             values (gen_random_uuid(), $1, 'https://example.com/hook', '{step.waiting_approval}')",
-            &[V::Uuid(project.clone())],
-        )
-        .unwrap();
+        webhook(&db, &project, "{step.waiting_approval}");
         let owner = db
             .scalar(
                 "select owner_id::text from projects where project_id = $1",
@@ -1374,12 +1369,7 @@ fn a_result_written_without_the_lock_is_what_the_locked_transaction_writes() {
             &[V::Uuid(project.clone())],
         )
         .unwrap();
-        db.execute(
-            "insert into webhooks (webhook_id, project_id, url, event_types)
-             values (gen_random_uuid(), $1, 'https://example.com/hook', '{run.succeeded,run.failed}')",
-            &[V::Uuid(project.clone())],
-        )
-        .unwrap();
+        webhook(&db, &project, "{run.succeeded,run.failed}");
         project
     };
     let once = RetryPolicy {

@@ -222,6 +222,17 @@ pub fn project(db: &Pg) -> String {
     .expect("a project")
 }
 
+/// A webhook of `project` hearing `event_types` (a Postgres array literal such as
+/// `{run.succeeded}`), so the deliveries a transition queues can be read.
+pub fn webhook(db: &Pg, project: &str, event_types: &str) {
+    db.execute(
+        "insert into webhooks (webhook_id, project_id, url, event_types)
+         values (gen_random_uuid(), $1, 'https://example.com/hook', $2::text::text[])",
+        &[V::Uuid(project.into()), V::Text(event_types.into())],
+    )
+    .expect("a webhook");
+}
+
 /// A workflow of `project` at version 1 with `definition` and `input_schema`.
 pub fn workflow(
     db: &Pg,
