@@ -83,10 +83,11 @@ pub fn sleep(d: std::time::Duration) {
 
 /// A new UUIDv7 (time-ordered) for a row made outside a request.
 pub fn new_id() -> String {
-    sparkops_core::ids::uuid_v7(unix_nanos(chrono::Utc::now()), random_array())
+    id_at(chrono::Utc::now())
 }
 
-/// `at` in nanoseconds since the Unix epoch (0 before it), for [`sparkops_core::ids::uuid_v7`].
-pub fn unix_nanos(at: chrono::DateTime<chrono::Utc>) -> u64 {
-    at.timestamp_nanos_opt().unwrap_or_default().max(0) as u64
+/// A new UUIDv7 of the time `at` (see [`sparkops_core::ids::uuid_v7`]).
+pub fn id_at(at: chrono::DateTime<chrono::Utc>) -> String {
+    let unix_nanos = at.timestamp_nanos_opt().unwrap_or_default().max(0) as u64;
+    sparkops_core::ids::uuid_v7(unix_nanos, random_array())
 }

@@ -63,7 +63,7 @@ impl Work {
 
     /// A new UUIDv7, of the time the work started.
     pub fn new_id(&self) -> String {
-        sparkops_core::ids::uuid_v7(crate::unix_nanos(self.now), crate::random_array())
+        crate::id_at(self.now)
     }
 
     /// Runs `f` in one transaction on the connection (see
