@@ -147,9 +147,14 @@ impl Returning {
     /// Once the body is read to its end, its connection goes back to the pool (a reader
     /// may stop at `is_end_stream` without polling for the end).
     fn give_back_at_end(&mut self) {
-        if self.incoming.is_end_stream()
-            && let Some((pool, origin, sender)) = self.back.take()
-        {
+        if self.incoming.is_end_stream() {
+            self.give_back();
+        }
+    }
+
+    /// Puts the connection back in the pool (once: later calls do nothing).
+    fn give_back(&mut self) {
+        if let Some((pool, origin, sender)) = self.back.take() {
             pool.give_back(origin, sender);
         }
     }
@@ -165,9 +170,7 @@ impl hyper::body::Body for Returning {
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Error>>> {
         match Pin::new(&mut self.incoming).poll_frame(cx) {
             Poll::Ready(None) => {
-                if let Some((pool, origin, sender)) = self.back.take() {
-                    pool.give_back(origin, sender);
-                }
+                self.give_back();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
