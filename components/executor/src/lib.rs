@@ -239,7 +239,18 @@ fn settle(
                 return Ok((recorded, claimed, Some(known)));
             }
             // Another branch's result landed first: read the run again.
-            Ok(Unlocked::Moved) => known = ctx.db().and_then(|db| store::known(db, run_id)).ok(),
+            Ok(Unlocked::Moved) => match ctx.db().and_then(|db| store::known(db, run_id)) {
+                Ok(read) => known = Some(read),
+                Err(e) => {
+                    log(
+                        "reading a moved run again (will record under the run's lock)",
+                        run_id,
+                        a.lease.step_key,
+                        &format!("{e:?}"),
+                    );
+                    break;
+                }
+            },
             Ok(Unlocked::UnderLock) => break,
             // All or nothing: the transaction below finds what is left to do.
             Err(e) => {
