@@ -35,6 +35,8 @@
 
 pub mod advance;
 pub mod lifecycle;
+#[cfg(feature = "native")]
+pub mod native;
 pub mod outbox;
 pub mod policies;
 pub mod start;

@@ -385,7 +385,7 @@ fn execute(
                 project_id,
                 workflow_id,
                 None,
-                TOOL,
+                sparkops_core::tool::FOR_STEP,
                 vec![V::Uuid(tool_id.clone())],
             )?;
             let started = policies::started_steps(ctx.db()?, &policies, run_id)?;
@@ -426,13 +426,8 @@ fn execute(
     })
 }
 
-/// The tool a step calls, as [`call_tool`] reads it: SQL over the project (`$1`) and the
-/// tool (`$4`), read with the policies in scope.
-const TOOL: &str = "select method, url, headers, timeout_ms, input_schema, output_schema from tools
-     where tool_id = $4 and project_id = $1 and deleted_at is null";
-
-/// One call of `tool` (its [`TOOL`] row; `None` when it is gone), its failures sorted into
-/// the error kinds retry policies name.
+/// One call of `tool` (its [`sparkops_core::tool::FOR_STEP`] row; `None` when it is gone),
+/// its failures sorted into the error kinds retry policies name.
 fn call_tool(
     ctx: &mut Work,
     project_id: &str,

@@ -1,7 +1,9 @@
 //! The run engine's benchmark: run latency (`POST /runs` to `succeeded`) and steps per
 //! second for 1-step and 10-step workflows of no-op tool calls on loopback, through the real
-//! app (spin.toml) on this host, beside the Postgres ceiling: `pgbench` running the SQL
-//! statements one chained step costs the executor, in the same run.
+//! app (spin.toml) on this host, with the CPU each step cost this process, Postgres and
+//! Redis; beside two Postgres ceilings in the same run: `pgbench` running the statements of
+//! one chained step, and whole 10-step runs of the engine's own statements on native
+//! connections ([`ceiling`]).
 //!
 //! The 10-step batch again over two replicas of the app on the same database and Redis,
 //! with counts of the work done (each step once, nudges, trigger handlers per replica).
@@ -9,8 +11,8 @@
 //! Then `/metrics/summary` and `/metrics/steps` latency over a million generated steps.
 //!
 //! Usage: engine_bench (from the workspace root; `DATABASE_URL` and `REDIS_URL` name the
-//! servers; a fresh database is made and dropped). `RUNS` sets the throughput batch (100);
-//! `ENGINE_ONLY=1` skips the metrics part.
+//! servers; a fresh database is made and dropped). `RUNS` sets the throughput batch (400;
+//! a batch of each workflow warms the app up first); `ENGINE_ONLY=1` skips the metrics part.
 //! Bounded: every wait has a limit, and every address is loopback.
 
 use std::collections::HashMap;
@@ -25,6 +27,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 use sparkops_host::{AppOptions, RunningApp};
+
+mod ceiling;
+mod cpu;
 
 /// The client concurrency of the throughput runs and of pgbench.
 const CLIENTS: usize = 8;
@@ -42,7 +47,7 @@ async fn main() -> Result<()> {
     let batch: usize = std::env::var("RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+        .unwrap_or(400);
     let root = std::env::current_dir()?;
     let name = format!("bench_{}", uuid::Uuid::new_v4().simple());
     let admin = connect(&admin_url).await?;
@@ -181,10 +186,13 @@ async fn bench(
         workflows.push((steps, wf["id"].clone()));
     }
     let db = connect(database_url).await?;
-    // Warm-up: compiled code cached, pools filled.
+    // Warm-up, a batch of each workflow: compiled code cached, the pool's connections open
+    // with their statements prepared and planned (Postgres plans a prepared statement five
+    // times per connection before it keeps a generic plan), and the tables past the sizes
+    // at which their first automatic analyses invalidate every connection's plans. A
+    // ceiling that runs for 10 s gets over all that in its first moments.
     for (_, wf) in &workflows {
-        let id = client.start(wf).await?;
-        wait_succeeded(&db, &[id], Duration::from_secs(30)).await?;
+        throughput(&db, &client, wf, batch).await?;
     }
 
     println!(
@@ -193,15 +201,17 @@ async fn bench(
         cpu_model()
     );
     println!(
-        "| case | runs | p50 latency | p95 latency | p50 POST answered | p50 recorded | steps/s |"
+        "| case | runs | p50 latency | p95 latency | p50 POST answered | p50 recorded | steps/s | CPU ms per step: this process / Postgres / Redis |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (steps, wf) in &workflows {
         let samples = latency(database_url, &client, wf).await?;
         let p50 = |pick: fn(&Sample) -> Duration| percentile(&samples, pick, 50);
+        let before = cpu::Cpu::now();
         let (runs, elapsed) = throughput(&db, &client, wf, batch).await?;
+        let cpu = cpu::Cpu::now().per_step_since(&before, runs * steps);
         println!(
-            "| engine: {steps}-step workflow | {runs} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} |",
+            "| engine: {steps}-step workflow | {runs} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} | {cpu} |",
             ms(p50(|s| s.seen)),
             ms(percentile(&samples, |s| s.seen, 95)),
             ms(p50(|s| s.answered)),
@@ -236,9 +246,17 @@ async fn bench(
         batch,
     )
     .await?;
-    let tps = pgbench(&db, database_url, &state, &tool).await?;
+    let before = cpu::Cpu::now();
+    let (tps, transactions) = pgbench(&db, database_url, &state, &tool).await?;
+    let cpu = cpu::Cpu::now().per_step_since(&before, transactions);
     println!(
-        "| Postgres ceiling: pgbench, one step's statements per transaction | | | | {tps:.0} |"
+        "| Postgres ceiling: pgbench, one step's statements per transaction | | | | | | {tps:.0} | {cpu} |"
+    );
+    let before = cpu::Cpu::now();
+    let (steps, runs) = engine_ceiling(&db, database_url, &workflows[1].1, &tool).await?;
+    let cpu = cpu::Cpu::now().per_step_since(&before, runs * 10);
+    println!(
+        "| Postgres ceiling: the engine's statements, 10-step runs, native | {runs} | | | | | {steps:.0} | {cpu} |"
     );
     // `ENGINE_ONLY=1`: the engine's figures alone (for side-by-side runs of two builds).
     if std::env::var("ENGINE_ONLY").is_err() {
@@ -836,14 +854,14 @@ async fn wait_succeeded(
 /// claims the next step and logs both events (the run as the executor carries it along the
 /// chain is not read again). Over 200 runs of two steps; each transaction records the
 /// first step and claims the second again (their conditions admit the repeat, so every
-/// transaction does the same work). Its transactions per second: the Postgres ceiling for
-/// steps per second.
+/// transaction does the same work). Its transactions per second (the Postgres ceiling for
+/// steps per second) and its transactions.
 async fn pgbench(
     db: &tokio_postgres::Client,
     database_url: &str,
     state: &std::path::Path,
     tool: &Value,
-) -> Result<f64> {
+) -> Result<(f64, usize)> {
     // Run `n` is `RUN_ID` with `n` in its last twelve digits, so no statement looks it up.
     const RUN_ID: &str = "('00000000-0000-0000-0000-' || lpad(:n::text, 12, '0'))::uuid";
     let run_ids = RUN_ID.replace(":n", "n");
@@ -896,18 +914,54 @@ with r as (update runs set event_seq = event_seq + jsonb_array_length('{events}'
         .output()
         .context("running pgbench (apt-get install postgresql-client)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let tps = text
-        .lines()
-        .find(|l| l.starts_with("tps = "))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .and_then(|v| v.parse::<f64>().ok())
-        .with_context(|| {
-            format!(
-                "pgbench said:\n{text}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-    Ok(tps)
+    // `tps = 5104.2 (without initial connection time)`, and
+    // `number of transactions actually processed: 51074`.
+    let number = |prefix: &str, word: usize| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(word))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let said = || {
+        format!(
+            "pgbench said:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let tps = number("tps = ", 2).with_context(said)?;
+    let transactions = number("number of transactions actually processed", 5).with_context(said)?;
+    Ok((tps, transactions as usize))
+}
+
+/// [`ceiling::steps_per_second`] for `workflow` of `tool`, CLIENTS connections for 10 s
+/// (as pgbench): steps per second and the runs.
+async fn engine_ceiling(
+    db: &tokio_postgres::Client,
+    database_url: &str,
+    workflow: &Value,
+    tool: &Value,
+) -> Result<(f64, usize)> {
+    let workflow_id = workflow.as_str().context("a workflow id")?.to_string();
+    let owner = db
+        .query_one(
+            "select p.owner_id::text from workflows w join projects p using (project_id)
+             where w.workflow_id = $1::text::uuid",
+            &[&workflow_id],
+        )
+        .await?;
+    let user_id: String = owner.get(0);
+    let tool_id = tool.as_str().context("a tool id")?.to_string();
+    let database_url = database_url.to_string();
+    tokio::task::spawn_blocking(move || {
+        let target = ceiling::Target {
+            database_url: &database_url,
+            workflow_id: &workflow_id,
+            tool_id: &tool_id,
+            user_id: &user_id,
+        };
+        ceiling::steps_per_second(&target, CLIENTS, Duration::from_secs(10))
+    })
+    .await?
 }
 
 /// A tool (and an OTLP collector) that reads the request and answers `{}`, on loopback;

@@ -1,147 +1,41 @@
 //! The native suite's footing: a real Postgres (`SPARKOPS_TEST_DATABASE_URL`), one fresh
-//! database per test copied from a migrated template, and [`Pg`], a blocking client behind
-//! the engine's `Connection` trait with the value mapping the Spin layer's pg4 has.
+//! database per test copied from a migrated template, over the engine's native [`Pg`].
 
-use std::cell::RefCell;
 use std::sync::{Mutex, OnceLock};
 
-use chrono::{DateTime, NaiveDateTime, Utc};
-use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use chrono::Utc;
 use postgres::{Client, NoTls};
-use rust_decimal::Decimal;
 use serde_json::{Value, json};
-use sparkops_core::db::{self, Connection, DbError, Row, Value as V};
+use sparkops_core::db::{self, Connection, Value as V};
+pub use sparkops_engine::native::Pg;
 use sparkops_engine::{Claim, RunStatus, StepStatus};
 
-/// One blocking connection, as the engine sees a pg4 one.
-pub struct Pg {
-    client: RefCell<Client>,
-    pub url: String,
-}
-
-impl Pg {
-    pub fn connect(url: &str) -> Pg {
-        Pg {
-            client: RefCell::new(
-                Client::connect(url, NoTls).expect("connect to the test database"),
-            ),
-            url: url.to_string(),
-        }
-    }
-
-    /// Another connection to the same database (another host, another instance).
-    pub fn another(&self) -> Pg {
-        Pg::connect(&self.url)
-    }
-
+/// What the suite asks of a connection besides the engine's calls.
+pub trait Ask {
     /// Runs `sql` and returns the first column of the first row as text (`None` for no
     /// row or SQL `null`).
-    pub fn scalar(&self, sql: &str, params: &[V]) -> Option<String> {
+    fn scalar(&self, sql: &str, params: &[V]) -> Option<String>;
+    fn count(&self, sql: &str, params: &[V]) -> i64;
+    /// Another connection to the same database (another host, another instance).
+    fn another(&self) -> Pg;
+}
+
+impl Ask for Pg {
+    fn scalar(&self, sql: &str, params: &[V]) -> Option<String> {
         let rows = self.query(sql, params).expect(sql);
         rows.first()
             .and_then(|r| r.opt_text(0).expect("a text column"))
     }
 
-    pub fn count(&self, sql: &str, params: &[V]) -> i64 {
+    fn count(&self, sql: &str, params: &[V]) -> i64 {
         self.query(sql, params).expect(sql)[0]
             .int(0)
             .expect("a count")
     }
-}
 
-impl Connection for Pg {
-    fn execute(&self, sql: &str, params: &[V]) -> Result<u64, DbError> {
-        let params: Vec<Param> = params.iter().map(Param).collect();
-        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-        self.client
-            .borrow_mut()
-            .execute(sql, &refs)
-            .map_err(db_error)
+    fn another(&self) -> Pg {
+        Pg::connect(&self.url).expect("connect to the test database")
     }
-
-    fn query(&self, sql: &str, params: &[V]) -> Result<Vec<Row>, DbError> {
-        let params: Vec<Param> = params.iter().map(Param).collect();
-        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-        let rows = self
-            .client
-            .borrow_mut()
-            .query(sql, &refs)
-            .map_err(db_error)?;
-        rows.iter().map(row).collect()
-    }
-}
-
-fn db_error(e: postgres::Error) -> DbError {
-    match e.as_db_error() {
-        Some(d) => DbError {
-            code: d.code().code().to_string(),
-            message: d.message().to_string(),
-            constraint: d.constraint().map(str::to_string),
-        },
-        None => DbError::new("", e.to_string()),
-    }
-}
-
-/// A parameter bound as pg4 binds it: a timestamp as a naive UTC `timestamp`, a UUID, a
-/// decimal and JSON in their binary forms, `null` into any type.
-#[derive(Debug)]
-struct Param<'a>(&'a V);
-
-impl ToSql for Param<'_> {
-    fn to_sql(
-        &self,
-        ty: &Type,
-        out: &mut postgres::types::private::BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        match self.0 {
-            V::Null => Ok(IsNull::Yes),
-            V::Bool(v) => v.to_sql(ty, out),
-            V::Int32(v) => v.to_sql(ty, out),
-            V::Int64(v) => v.to_sql(ty, out),
-            V::Float64(v) => v.to_sql(ty, out),
-            V::Text(v) => v.to_sql(ty, out),
-            V::Bytes(v) => v.to_sql(ty, out),
-            V::Uuid(v) => uuid::Uuid::parse_str(v)?.to_sql(ty, out),
-            V::Json(v) => v.to_sql(ty, out),
-            V::Decimal(v) => Decimal::from_str_exact(v)?.to_sql(ty, out),
-            V::Timestamp(t) => t.naive_utc().to_sql(ty, out),
-        }
-    }
-
-    fn accepts(_: &Type) -> bool {
-        true
-    }
-
-    to_sql_checked!();
-}
-
-fn row(r: &postgres::Row) -> Result<Row, DbError> {
-    let bad = |e: postgres::Error| DbError::new("", e.to_string());
-    let mut out = Vec::new();
-    for (i, col) in r.columns().iter().enumerate() {
-        macro_rules! get {
-            ($t:ty, $f:expr) => {
-                r.try_get::<_, Option<$t>>(i)
-                    .map_err(bad)?
-                    .map_or(V::Null, $f)
-            };
-        }
-        out.push(match *col.type_() {
-            Type::BOOL => get!(bool, V::Bool),
-            Type::INT2 => get!(i16, |v| V::Int32(v.into())),
-            Type::INT4 => get!(i32, V::Int32),
-            Type::INT8 => get!(i64, V::Int64),
-            Type::FLOAT8 => get!(f64, V::Float64),
-            Type::TEXT | Type::VARCHAR | Type::NAME => get!(String, V::Text),
-            Type::UUID => get!(uuid::Uuid, |v| V::Uuid(v.to_string())),
-            Type::JSONB | Type::JSON => get!(Value, V::Json),
-            Type::NUMERIC => get!(Decimal, |v| V::Decimal(v.to_string())),
-            Type::TIMESTAMP => get!(NaiveDateTime, |v| V::Timestamp(v.and_utc())),
-            Type::TIMESTAMPTZ => get!(DateTime<Utc>, V::Timestamp),
-            ref other => return Err(DbError::new("", format!("no mapping for {other}"))),
-        });
-    }
-    Ok(Row(out))
 }
 
 /// A fresh, migrated database of its own for one test.
@@ -171,7 +65,7 @@ pub fn database() -> Pg {
             .batch_execute(&format!("create database {name} template {template}"))
             .expect("copy the template");
     }
-    Pg::connect(&with_database(&base, &name))
+    Pg::connect(&with_database(&base, &name)).expect("connect to the test database")
 }
 
 fn admin(base: &str) -> Client {
