@@ -22,13 +22,22 @@ pub struct Target<'a> {
     pub user_id: &'a str,
 }
 
+/// What [`run_for`] came to.
+pub struct Ran {
+    pub runs: usize,
+    pub steps: usize,
+    pub elapsed: Duration,
+}
+
+impl Ran {
+    pub fn steps_per_second(&self) -> f64 {
+        self.steps as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
 /// Runs of `target`'s workflow, one after another on each of `clients` connections, for
-/// `period`: the steps per second they came to, and the runs.
-pub fn steps_per_second(
-    target: &Target<'_>,
-    clients: usize,
-    period: Duration,
-) -> Result<(f64, usize)> {
+/// `period`.
+pub fn run_for(target: &Target<'_>, clients: usize, period: Duration) -> Result<Ran> {
     let started = Instant::now();
     let counts = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..clients)
@@ -52,11 +61,15 @@ pub fn steps_per_second(
             })
             .collect::<Result<Vec<_>>>()
     })?;
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
     let (runs, steps) = counts
         .iter()
         .fold((0, 0), |(r, s), (runs, steps)| (r + runs, s + steps));
-    Ok((steps as f64 / elapsed, runs))
+    Ok(Ran {
+        runs,
+        steps,
+        elapsed,
+    })
 }
 
 /// One run of the target's workflow of tool steps, each answered `{}` at once: the steps

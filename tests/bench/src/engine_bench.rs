@@ -253,10 +253,12 @@ async fn bench(
         "| Postgres ceiling: pgbench, one step's statements per transaction | | | | | | {tps:.0} | {cpu} |"
     );
     let before = cpu::Cpu::now();
-    let (steps, runs) = engine_ceiling(&db, database_url, &workflows[1].1, &tool).await?;
-    let cpu = cpu::Cpu::now().per_step_since(&before, runs * 10);
+    let ran = engine_ceiling(&db, database_url, &workflows[1].1, &tool).await?;
+    let cpu = cpu::Cpu::now().per_step_since(&before, ran.steps);
     println!(
-        "| Postgres ceiling: the engine's statements, 10-step runs, native | {runs} | | | | | {steps:.0} | {cpu} |"
+        "| Postgres ceiling: the engine's statements, 10-step runs, native | {} | | | | | {:.0} | {cpu} |",
+        ran.runs,
+        ran.steps_per_second()
     );
     // `ENGINE_ONLY=1`: the engine's figures alone (for side-by-side runs of two builds).
     if std::env::var("ENGINE_ONLY").is_err() {
@@ -933,14 +935,14 @@ with r as (update runs set event_seq = event_seq + jsonb_array_length('{events}'
     Ok((tps, transactions as usize))
 }
 
-/// [`ceiling::steps_per_second`] for `workflow` of `tool`, CLIENTS connections for 10 s
-/// (as pgbench): steps per second and the runs.
+/// [`ceiling::run_for`] for `workflow` of `tool`, CLIENTS connections for 10 s (as
+/// pgbench).
 async fn engine_ceiling(
     db: &tokio_postgres::Client,
     database_url: &str,
     workflow: &Value,
     tool: &Value,
-) -> Result<(f64, usize)> {
+) -> Result<ceiling::Ran> {
     let workflow_id = workflow.as_str().context("a workflow id")?.to_string();
     let owner = db
         .query_one(
@@ -959,7 +961,7 @@ async fn engine_ceiling(
             tool_id: &tool_id,
             user_id: &user_id,
         };
-        ceiling::steps_per_second(&target, CLIENTS, Duration::from_secs(10))
+        ceiling::run_for(&target, CLIENTS, Duration::from_secs(10))
     })
     .await?
 }
