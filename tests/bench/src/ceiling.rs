@@ -11,7 +11,7 @@ use sparkops_core::db::{self, Value as V};
 use sparkops_core::error::ApiError;
 use sparkops_core::workflow::RetryPolicy;
 use sparkops_engine::native::Pg;
-use sparkops_engine::step::{Attempt, Lease, Unlocked};
+use sparkops_engine::step::{Attempt, Lease, Recorded, Unlocked};
 use sparkops_engine::{NewRun, Origin, policies};
 
 /// What the ceiling runs: the workflow, its tool, and the user who starts the runs.
@@ -135,13 +135,17 @@ fn run(db: &Pg, target: &Target<'_>) -> Result<usize> {
         match sparkops_engine::step::record_and_advance_known(db, &attempt, known)
             .map_err(failed)?
         {
-            Unlocked::Written(_, claimed, after) => {
+            Unlocked::Written(Recorded::Succeeded, claimed, after) => {
                 next = claimed.into_iter().next();
                 known = after;
             }
             other => bail!("a chain's result was not written in one statement: {other:?}"),
         }
         steps += 1;
+    }
+    // Every step ran, so the last result ended the run (as the app's chain does).
+    if steps != workflow.definition.steps.len() {
+        bail!("{steps} of {} steps ran", workflow.definition.steps.len());
     }
     Ok(steps)
 }

@@ -952,9 +952,11 @@ async fn engine_ceiling(
         )
         .await?;
     let user_id: String = owner.get(0);
+    let owner_id = user_id.clone();
+    let began: String = db.query_one("select now()::text", &[]).await?.get(0);
     let tool_id = tool.as_str().context("a tool id")?.to_string();
     let database_url = database_url.to_string();
-    tokio::task::spawn_blocking(move || {
+    let ran = tokio::task::spawn_blocking(move || {
         let target = ceiling::Target {
             database_url: &database_url,
             workflow_id: &workflow_id,
@@ -963,7 +965,23 @@ async fn engine_ceiling(
         };
         ceiling::run_for(&target, CLIENTS, Duration::from_secs(10))
     })
-    .await?
+    .await??;
+    // The ceiling's runs (those of its user since it began) ended as the app's do.
+    let ended = db
+        .query_one(
+            "select count(*) filter (where status = 'succeeded'), count(*) from runs
+             where created_by = $1::text::uuid and created_at >= $2::text::timestamptz",
+            &[&owner_id, &began],
+        )
+        .await?;
+    let (succeeded, all): (i64, i64) = (ended.get(0), ended.get(1));
+    if succeeded != all || all as usize != ran.runs {
+        bail!(
+            "{succeeded} of {all} runs succeeded, of {} started",
+            ran.runs
+        );
+    }
+    Ok(ran)
 }
 
 /// A tool (and an OTLP collector) that reads the request and answers `{}`, on loopback;
