@@ -2,6 +2,8 @@
 //! engine's functions in the order `POST /runs` and the executor call them, on native
 //! connections, with no wasm, HTTP, tool or Redis in between. What the database allows for
 //! exactly the statements the app sends, fresh rows and the run's start and end included.
+//! One difference: the start answers three of the run's columns where `POST /runs` answers
+//! all it shows (read from the row the same statement inserts).
 
 use std::time::{Duration, Instant};
 
