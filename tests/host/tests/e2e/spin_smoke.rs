@@ -30,8 +30,13 @@ fn spin_binary() -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-/// The trigger-cron plugin, installed from beside the binary when it is missing.
+/// The trigger-cron plugin, installed from beside the binary when it is missing. One test
+/// at a time: two installs at once (the suites run in parallel) rewrite the plugin while the
+/// other test's `spin up` runs it, and on a fresh machine that `spin up` failed (its cron
+/// trigger given `--listen`, which only the HTTP trigger takes).
 fn ensure_cron_plugin(spin: &PathBuf) {
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
     let installed = |spin: &PathBuf| {
         let out = Command::new(spin)
             .args(["plugins", "list", "--installed"])
