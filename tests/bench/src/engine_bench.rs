@@ -13,7 +13,8 @@
 //! Usage: engine_bench (from the workspace root; `DATABASE_URL` and `REDIS_URL` name the
 //! servers; a fresh database is made and dropped). `RUNS` sets the throughput batch (400;
 //! a batch of each workflow warms the app up first); `BATCH_POLL_MS` how often a batch's end
-//! is polled for (50); `ENGINE_ONLY=1` skips the metrics part.
+//! is polled for (50); `ROUNDS` the rounds of the side-by-side ratios (3); `ENGINE_ONLY=1`
+//! skips the metrics part.
 //! Bounded: every wait has a limit, and every address is loopback.
 
 use std::collections::HashMap;
@@ -35,6 +36,20 @@ mod cpu;
 /// The client concurrency of the throughput runs and of pgbench.
 const CLIENTS: usize = 8;
 const LATENCY_SAMPLES: usize = 30;
+/// How long each ceiling runs for its row of the table.
+const CEILING_PERIOD: Duration = Duration::from_secs(10);
+/// How long each ceiling runs in a round of the side-by-side comparison: about as long as
+/// the app's batch takes.
+const ROUND_PERIOD: Duration = Duration::from_secs(3);
+
+/// The rounds of the side-by-side comparison: `ROUNDS`, or 3.
+fn rounds() -> usize {
+    std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
 /// How often a batch's end is polled for, unless `BATCH_POLL_MS` says. A batch's time is
 /// read from the database's record of its last run's end, so the poll need not be
 /// frequent, and a frequent one loads the Postgres it measures (see the README).
@@ -251,20 +266,57 @@ async fn bench(
         batch,
     )
     .await?;
+    let script = pgbench_script(&db, &state, &tool).await?;
     let before = cpu::Cpu::now();
-    let (tps, transactions) = pgbench(&db, database_url, &state, &tool).await?;
+    let (tps, transactions) = pgbench(database_url, &script, CEILING_PERIOD)?;
     let cpu = cpu::Cpu::now().per_step_since(&before, transactions);
     println!(
         "| Postgres ceiling: pgbench, one step's statements per transaction | | | | | | {tps:.0} | {cpu} |"
     );
+    let (steps, chain) = (workflows[1].0, &workflows[1].1);
     let before = cpu::Cpu::now();
-    let ran = engine_ceiling(&db, database_url, &workflows[1].1, &tool).await?;
+    let ran = engine_ceiling(&db, database_url, chain, &tool, CEILING_PERIOD).await?;
     let cpu = cpu::Cpu::now().per_step_since(&before, ran.steps);
     println!(
         "| Postgres ceiling: the engine's statements, 10-step runs, native | {} | | | | | {:.0} | {cpu} |",
         ran.runs,
         ran.steps_per_second()
     );
+    // This machine's speed drifts by half within minutes (its neighbours' load), so the
+    // ratios come from rounds in which the app's 10-step batch and both ceilings run right
+    // after one another, each for about as long, the order turned each round.
+    println!();
+    println!(
+        "| round | app, 10-step chain, steps/s | native ceiling | pgbench ceiling | app / native | app / pgbench |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for round in 1..=rounds() {
+        let mut parts = [0.0f64; 3];
+        for turn in 0..3 {
+            let part = (turn + round) % 3;
+            parts[part] = match part {
+                0 => {
+                    let (runs, elapsed) = throughput(&db, &client, chain, batch).await?;
+                    (runs * steps) as f64 / elapsed.as_secs_f64()
+                }
+                1 => engine_ceiling(&db, database_url, chain, &tool, ROUND_PERIOD)
+                    .await?
+                    .steps_per_second(),
+                _ => {
+                    // Its 400 rows take every update: clear their dead versions first, so
+                    // each round starts as its first did.
+                    db.batch_execute("vacuum runs, run_steps").await?;
+                    pgbench(database_url, &script, ROUND_PERIOD)?.0
+                }
+            };
+        }
+        let [app, native, pgbench] = parts;
+        println!(
+            "| {round} | {app:.0} | {native:.0} | {pgbench:.0} | {:.0}% | {:.0}% |",
+            100.0 * app / native,
+            100.0 * app / pgbench
+        );
+    }
     // `ENGINE_ONLY=1`: the engine's figures alone (for side-by-side runs of two builds).
     if std::env::var("ENGINE_ONLY").is_err() {
         metrics(&db, &client, &project, &workflows[1].1).await?;
@@ -884,14 +936,12 @@ async fn wait_succeeded(
 /// claims the next step and logs both events (the run as the executor carries it along the
 /// chain is not read again). Over 200 runs of two steps; each transaction records the
 /// first step and claims the second again (their conditions admit the repeat, so every
-/// transaction does the same work). Its transactions per second (the Postgres ceiling for
-/// steps per second) and its transactions.
-async fn pgbench(
+/// transaction does the same work). The script's path, for [`pgbench`].
+async fn pgbench_script(
     db: &tokio_postgres::Client,
-    database_url: &str,
     state: &std::path::Path,
     tool: &Value,
-) -> Result<(f64, usize)> {
+) -> Result<PathBuf> {
     // Run `n` is `RUN_ID` with `n` in its last twelve digits, so no statement looks it up.
     const RUN_ID: &str = "('00000000-0000-0000-0000-' || lpad(:n::text, 12, '0'))::uuid";
     let run_ids = RUN_ID.replace(":n", "n");
@@ -926,6 +976,12 @@ with r as (update runs set event_seq = event_seq + jsonb_array_length('{events}'
     );
     let path: PathBuf = state.join("step.sql");
     std::fs::write(&path, script)?;
+    Ok(path)
+}
+
+/// `pgbench` running `script` with CLIENTS clients for `period`: its transactions per second
+/// (the Postgres ceiling for steps per second) and its transactions.
+fn pgbench(database_url: &str, script: &std::path::Path, period: Duration) -> Result<(f64, usize)> {
     let out = std::process::Command::new("pgbench")
         .args([
             "-n",
@@ -936,10 +992,10 @@ with r as (update runs set event_seq = event_seq + jsonb_array_length('{events}'
             "-j",
             "2",
             "-T",
-            "10",
+            &period.as_secs().to_string(),
             "-f",
         ])
-        .arg(&path)
+        .arg(script)
         .arg(database_url)
         .output()
         .context("running pgbench (apt-get install postgresql-client)")?;
@@ -963,13 +1019,14 @@ with r as (update runs set event_seq = event_seq + jsonb_array_length('{events}'
     Ok((tps, transactions as usize))
 }
 
-/// [`ceiling::run_for`] for `workflow` of `tool`, CLIENTS connections for 10 s (as
+/// [`ceiling::run_for`] for `workflow` of `tool`, CLIENTS connections for `period` (as
 /// pgbench).
 async fn engine_ceiling(
     db: &tokio_postgres::Client,
     database_url: &str,
     workflow: &Value,
     tool: &Value,
+    period: Duration,
 ) -> Result<ceiling::Ran> {
     let workflow_id = workflow.as_str().context("a workflow id")?.to_string();
     let owner = db
@@ -991,7 +1048,7 @@ async fn engine_ceiling(
             tool_id: &tool_id,
             user_id: &user_id,
         };
-        ceiling::run_for(&target, CLIENTS, Duration::from_secs(10))
+        ceiling::run_for(&target, CLIENTS, period)
     })
     .await??;
     // The ceiling's runs (those of its user since it began) ended as the app's do.
