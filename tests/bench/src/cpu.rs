@@ -1,5 +1,6 @@
 //! CPU time by who spent it, read from `/proc` (Linux): this process (the host with its
-//! guests, the no-op tool and the bench's clients), Postgres (its server processes, ended
+//! guests, the no-op tool and the bench's clients; with the Spin CLI's processes when the
+//! app runs under Spin), Postgres (its server processes, ended
 //! ones included) and Redis. Read before and after a phase, it says where a step's CPU
 //! goes.
 
@@ -40,6 +41,8 @@ impl Cpu {
             let spent = Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND);
             match comm {
                 _ if pid == me => cpu.bench += spent,
+                // The app under the Spin CLI: `spin` and its trigger processes.
+                "spin" | "trigger-cron" => cpu.bench += spent,
                 "postgres" => cpu.postgres += spent,
                 "redis-server" => cpu.redis += spent,
                 _ => {}

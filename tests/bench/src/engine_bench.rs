@@ -14,7 +14,8 @@
 //! servers; a fresh database is made and dropped). `RUNS` sets the throughput batch (400;
 //! a batch of each workflow warms the app up first); `BATCH_POLL_MS` how often a batch's end
 //! is polled for (50); `ROUNDS` the rounds of the side-by-side ratios (3); `ENGINE_ONLY=1`
-//! skips the metrics part.
+//! skips the metrics part; `SPIN=<the spin CLI>` then runs the 10-step chain under real
+//! Spin too (the host stopped), beside the native ceiling.
 //! Bounded: every wait has a limit, and every address is loopback.
 
 use std::collections::HashMap;
@@ -326,8 +327,176 @@ async fn bench(
         metrics(&db, &client, &project, &workflows[1].1).await?;
     }
     app.shutdown().await;
+    // `SPIN=<the spin CLI>`: the same 10-step batches under real Spin, the host stopped.
+    if let Ok(spin) = std::env::var("SPIN") {
+        let under = UnderSpin {
+            spin: PathBuf::from(spin),
+            root,
+            state: &state,
+            config: &config,
+            env: &env,
+        };
+        let native = Native {
+            db: &db,
+            database_url,
+            chain,
+            steps,
+            tool: &tool,
+        };
+        under_spin(&under, &native, &client, batch).await?;
+    }
     let _ = std::fs::remove_dir_all(&state);
     Ok(())
+}
+
+/// How the app is started under the Spin CLI: the same manifest, runtime config and
+/// variables as the host's, its own listen address and state.
+struct UnderSpin<'a> {
+    spin: PathBuf,
+    root: &'a std::path::Path,
+    state: &'a std::path::Path,
+    config: &'a std::path::Path,
+    env: &'a HashMap<String, String>,
+}
+
+/// The native ceiling of the 10-step chain, for the ratios.
+struct Native<'a> {
+    db: &'a tokio_postgres::Client,
+    database_url: &'a str,
+    chain: &'a Value,
+    /// The chain's steps.
+    steps: usize,
+    tool: &'a Value,
+}
+
+/// Sessions Postgres has opened on this database so far, once its statistics are flushed
+/// (they are at most a second behind).
+async fn sessions(db: &tokio_postgres::Client) -> Result<i64> {
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    db.execute("select pg_stat_clear_snapshot()", &[]).await?;
+    Ok(db
+        .query_one(
+            "select sessions from pg_stat_database where datname = current_database()",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// The app's address under Spin.
+const SPIN_LISTEN: &str = "127.0.0.1:3104";
+
+/// The 10-step chain under `spin up` (the host stopped, so Spin's app alone takes the
+/// nudges and ticks): warmed up by a batch, then latency, steps/s with CPU, and rounds beside
+/// the native ceiling as for the host. `client` is a client of the stopped host; the same
+/// token serves (same key).
+async fn under_spin(
+    under: &UnderSpin<'_>,
+    native: &Native<'_>,
+    client: &Client,
+    batch: usize,
+) -> Result<()> {
+    let mut vars = under.env.clone();
+    vars.insert(
+        "SPIN_VARIABLE_DISPATCH_URL".into(),
+        format!("http://{SPIN_LISTEN}"),
+    );
+    let log = std::fs::File::create(under.state.join("spin.log"))?;
+    let mut up = tokio::process::Command::new(&under.spin)
+        .current_dir(under.root)
+        .args(["up", "--from", "spin.toml", "--listen", SPIN_LISTEN])
+        .arg("--runtime-config-file")
+        .arg(under.config)
+        .arg("--state-dir")
+        .arg(under.state.join("spin"))
+        .envs(&vars)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // A group of its own: `spin up` runs each trigger in a child process, which a kill
+        // of `spin` alone would leave serving.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting spin (SPIN names the Spin CLI)")?;
+    let client = Client {
+        base: format!("http://{SPIN_LISTEN}"),
+        ..client.clone()
+    };
+    let result = async {
+        let started = Instant::now();
+        while client.get("/healthz").await.is_err() {
+            if let Some(status) = up.try_wait()? {
+                bail!(
+                    "spin up exited ({status}); see {}",
+                    under.state.join("spin.log").display()
+                );
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                bail!("spin up did not answer /healthz within 300 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let version = std::process::Command::new(&under.spin)
+            .arg("--version")
+            .output()?;
+        let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
+        throughput(native.db, &client, native.chain, batch).await?;
+        let samples = latency(native.database_url, &client, native.chain).await?;
+        let sessions_before = sessions(native.db).await?;
+        let before = cpu::Cpu::now();
+        let (runs, elapsed) = throughput(native.db, &client, native.chain, batch).await?;
+        let cpu = cpu::Cpu::now().per_step_since(&before, runs * native.steps);
+        let opened = sessions(native.db).await? - sessions_before;
+        println!();
+        println!("under {version}:");
+        println!(
+            "| engine under Spin: 10-step workflow | {runs} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} | {cpu} |",
+            ms(percentile(&samples, |s| s.seen, 50)),
+            ms(percentile(&samples, |s| s.seen, 95)),
+            ms(percentile(&samples, |s| s.answered, 50)),
+            ms(percentile(&samples, |s| s.recorded, 50)),
+            (runs * native.steps) as f64 / elapsed.as_secs_f64()
+        );
+        println!(
+            "Postgres sessions opened during that batch: {opened} ({:.1} a run)",
+            opened as f64 / runs as f64
+        );
+        println!("| round | under Spin, steps/s | native ceiling | under Spin / native |");
+        println!("|---|---|---|---|");
+        for round in 1..=rounds() {
+            let mut parts = [0.0f64; 2];
+            for turn in 0..2 {
+                let part = (turn + round) % 2;
+                parts[part] = if part == 0 {
+                    let (runs, elapsed) = throughput(native.db, &client, native.chain, batch).await?;
+                    (runs * native.steps) as f64 / elapsed.as_secs_f64()
+                } else {
+                    engine_ceiling(native.db, native.database_url, native.chain, native.tool, ROUND_PERIOD)
+                        .await?
+                        .steps_per_second()
+                };
+            }
+            let [app, ceiling] = parts;
+            println!(
+                "| {round} | {app:.0} | {ceiling:.0} | {:.0}% |",
+                100.0 * app / ceiling
+            );
+        }
+        Ok(())
+    }
+    .await;
+    // The whole group: `spin up` and its triggers, told to stop, then made to.
+    let group = format!("-{}", up.id().context("spin's pid")?);
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", "--", &group])
+        .status();
+    let _ = tokio::time::timeout(Duration::from_secs(10), up.wait()).await;
+    // Whatever of the group is left (a trigger slow to stop) ends now.
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", "--", &group])
+        .stderr(std::process::Stdio::null())
+        .status();
+    result
 }
 
 /// One run's latency, each from the moment its `POST` was sent.
