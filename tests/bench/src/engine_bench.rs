@@ -896,22 +896,17 @@ async fn webhooks(
     )
     .await?;
     let started = Instant::now();
-    loop {
-        let pending: i64 = db
-            .query_one(
-                "select count(*) from webhook_deliveries where webhook_id = $1::text::uuid and status = 'pending'",
-                &[&hook_id],
-            )
-            .await?
-            .get(0);
-        if pending == 0 {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("{pending} webhook deliveries still pending after 120 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let pending = "select count(*) from webhook_deliveries
+                   where webhook_id = $1::text::uuid and status = 'pending'";
+    let poll = (Duration::from_millis(20), Duration::from_secs(120));
+    until_none(
+        db,
+        pending,
+        &hook_id,
+        poll,
+        "webhook deliveries still pending",
+    )
+    .await?;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "Webhook outbox: {DRAIN} deliveries drained in {:.0} ms: {:.0} deliveries/s (signed, one connection each)",
@@ -1195,28 +1190,37 @@ fn pgbench(database_url: &str, script: &std::path::Path, period: Duration) -> Re
 /// The `application_name` of the native ceiling's connections.
 const CEILING_APPLICATION: &str = "sparkops-ceiling";
 
+/// Waits until `count` (one text parameter, `arg`) answers 0, asking every `poll.0`; fails
+/// after `poll.1`, saying how many `what` are left.
+async fn until_none(
+    db: &tokio_postgres::Client,
+    count: &str,
+    arg: &str,
+    poll: (Duration, Duration),
+    what: &str,
+) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let left: i64 = db.query_one(count, &[&arg]).await?.get(0);
+        if left == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > poll.1 {
+            bail!("{left} {what} after {:?}", poll.1);
+        }
+        tokio::time::sleep(poll.0).await;
+    }
+}
+
 /// CPU so far, once the backends of `application` (a ceiling's clients, just closed) are
 /// gone. An ended backend's time moves to the postmaster's when the postmaster reaps it, and
 /// `/proc` is read in pid order, postmaster first: a reap between the two reads would count
 /// that time nowhere (it once showed a ceiling's Postgres CPU as 0).
 async fn cpu_after(db: &tokio_postgres::Client, application: &str) -> Result<cpu::Cpu> {
-    let started = Instant::now();
-    loop {
-        let open: i64 = db
-            .query_one(
-                "select count(*) from pg_stat_activity where application_name = $1",
-                &[&application],
-            )
-            .await?
-            .get(0);
-        if open == 0 {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(10) {
-            bail!("{open} connections of {application} still open after 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let open = "select count(*) from pg_stat_activity where application_name = $1";
+    let poll = (Duration::from_millis(10), Duration::from_secs(10));
+    let what = format!("connections of {application} still open");
+    until_none(db, open, application, poll, &what).await?;
     // Gone from the view, a backend may still be exiting: a moment for the reap.
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(cpu::Cpu::now())
