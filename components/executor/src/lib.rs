@@ -183,13 +183,16 @@ fn run_step(
         retry: &done.retry,
         jitter: sparkops_platform::random_array::<1>()[0] as f64 / 255.0,
     };
+    let recording = Instant::now();
     match settle(ctx, &attempt, known) {
-        // One line per step attempt: ids, outcome and timing.
+        // One line per step attempt: ids, outcome and timing (the step's, and how long its
+        // result took to record with the run's advance).
         Ok((recorded, claimed, known)) => {
+            let record_ms = recording.elapsed().as_secs_f64() * 1e3;
             let mut line = json!({"level": "info", "msg": "step", "request_id": ctx.request_id,
                 "project_id": run.project_id, "run_id": run_id, "step": step,
                 "attempt": claim.attempt, "status": recorded.as_str(), "error_kind": error_kind,
-                "duration_ms": elapsed});
+                "duration_ms": elapsed, "record_ms": (record_ms * 100.0).round() / 100.0});
             if let Some((input, output)) = payloads {
                 line["input"] = input;
                 line["output"] = output.unwrap_or_default();

@@ -221,6 +221,8 @@ async fn an_agent_calls_two_tools_then_answers_with_its_tokens_and_cost_recorded
             .is_some_and(|r| r.contains(run_id))
     );
     assert!(step_line["duration_ms"].as_i64().is_some());
+    // How long the result took to record, in milliseconds with two decimals.
+    assert!(step_line["record_ms"].as_f64().is_some_and(|ms| ms > 0.0));
     assert!(step_line.get("input").is_none() && step_line.get("output").is_none());
     // Request lines name the project and run they were about.
     let run_path = format!("/api/v1/runs/{run_id}");
