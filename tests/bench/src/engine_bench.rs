@@ -43,12 +43,22 @@ const CEILING_PERIOD: Duration = Duration::from_secs(10);
 /// the app's batch takes.
 const ROUND_PERIOD: Duration = Duration::from_secs(3);
 
-/// The rounds of the side-by-side comparison: `ROUNDS`, or 3.
-fn rounds() -> usize {
-    std::env::var("ROUNDS")
+/// The bench's setting `name` from the environment, or `default` when unset or unreadable.
+fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
+        .unwrap_or(default)
+}
+
+/// The rounds of the side-by-side comparison: `ROUNDS`, or 3.
+fn rounds() -> usize {
+    setting("ROUNDS", 3)
+}
+
+/// Steps per second of `runs` runs of `steps` steps each, done in `elapsed`.
+fn steps_per_second(runs: usize, steps: usize, elapsed: Duration) -> f64 {
+    (runs * steps) as f64 / elapsed.as_secs_f64()
 }
 
 /// How often a batch's end is polled for, unless `BATCH_POLL_MS` says. A batch's time is
@@ -65,10 +75,7 @@ const SECOND_LISTEN: &str = "127.0.0.1:3103";
 async fn main() -> Result<()> {
     let admin_url = std::env::var("DATABASE_URL").context("DATABASE_URL")?;
     let redis_url = std::env::var("REDIS_URL").context("REDIS_URL")?;
-    let batch: usize = std::env::var("RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(400);
+    let batch: usize = setting("RUNS", 400);
     let root = std::env::current_dir()?;
     let name = format!("bench_{}", uuid::Uuid::new_v4().simple());
     let admin = connect(&admin_url).await?;
@@ -237,7 +244,7 @@ async fn bench(
             ms(percentile(&samples, |s| s.seen, 95)),
             ms(p50(|s| s.answered)),
             ms(p50(|s| s.recorded)),
-            (runs * steps) as f64 / elapsed.as_secs_f64()
+            steps_per_second(runs, *steps, elapsed)
         );
     }
     let second = RunningApp::start(&replica(SECOND_LISTEN)?).await?;
@@ -302,7 +309,7 @@ async fn bench(
             parts[part] = match part {
                 0 => {
                     let (runs, elapsed) = throughput(&db, &client, chain, batch).await?;
-                    (runs * steps) as f64 / elapsed.as_secs_f64()
+                    steps_per_second(runs, steps, elapsed)
                 }
                 1 => engine_ceiling(&db, database_url, chain, &tool, ROUND_PERIOD)
                     .await?
@@ -373,7 +380,6 @@ struct Native<'a> {
 /// (they are at most a second behind).
 async fn sessions(db: &tokio_postgres::Client) -> Result<i64> {
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    db.execute("select pg_stat_clear_snapshot()", &[]).await?;
     Ok(db
         .query_one(
             "select sessions from pg_stat_database where datname = current_database()",
@@ -455,7 +461,7 @@ async fn under_spin(
             ms(percentile(&samples, |s| s.seen, 95)),
             ms(percentile(&samples, |s| s.answered, 50)),
             ms(percentile(&samples, |s| s.recorded, 50)),
-            (runs * native.steps) as f64 / elapsed.as_secs_f64()
+            steps_per_second(runs, native.steps, elapsed)
         );
         println!(
             "Postgres sessions opened during that batch: {opened} ({:.1} a run)",
@@ -469,7 +475,7 @@ async fn under_spin(
                 let part = (turn + round) % 2;
                 parts[part] = if part == 0 {
                     let (runs, elapsed) = throughput(native.db, &client, native.chain, batch).await?;
-                    (runs * native.steps) as f64 / elapsed.as_secs_f64()
+                    steps_per_second(runs, native.steps, elapsed)
                 } else {
                     engine_ceiling(native.db, native.database_url, native.chain, native.tool, ROUND_PERIOD)
                         .await?
@@ -602,11 +608,7 @@ async fn throughput_over(
     while let Some(r) = tasks.join_next().await {
         ids.extend(r??);
     }
-    let poll = std::env::var("BATCH_POLL_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(BATCH_POLL_MS);
-    let poll = Duration::from_millis(poll);
+    let poll = Duration::from_millis(setting("BATCH_POLL_MS", BATCH_POLL_MS));
     wait_succeeded(db, &ids, poll, Duration::from_secs(300)).await?;
     let uuids: Vec<uuid::Uuid> = ids.iter().map(|i| i.parse()).collect::<Result<_, _>>()?;
     let ended = db
@@ -646,7 +648,7 @@ async fn replicas(
     let (runs, elapsed) = throughput_over(work.db, clients, CLIENTS, wf, batch).await?;
     println!(
         "| engine: 10-step workflow, 2 replicas | {runs} | | | {:.0} |",
-        (runs * 10) as f64 / elapsed.as_secs_f64()
+        steps_per_second(runs, 10, elapsed)
     );
     let handled: Vec<usize> = apps
         .iter()
@@ -708,7 +710,7 @@ async fn diamond(work: &Work<'_>, client: &Client, project: &Value, tool: &Value
          {} step claims, {} tool calls; this process (the host and the bench's clients): \
          resident {}, peak {}",
         elapsed.as_secs_f64(),
-        (runs * 5) as f64 / elapsed.as_secs_f64(),
+        steps_per_second(runs, 5, elapsed),
         step_claims(work.db).await? - claimed,
         work.tool_calls.load(Relaxed) - called,
         field("VmRSS:"),
@@ -783,7 +785,7 @@ async fn traces(
     let (runs, elapsed) = throughput(db, client, wf, batch).await?;
     println!(
         "| engine: 10-step workflow, traces exported | {runs} | | | {:.0} |",
-        (runs * 10) as f64 / elapsed.as_secs_f64()
+        steps_per_second(runs, 10, elapsed)
     );
     // The app's own ticks have sent some already: send them all again, timed.
     db.batch_execute(
