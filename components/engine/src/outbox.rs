@@ -7,43 +7,36 @@
 //! attempt sends the same bytes: `{"type", "timestamp", "data"}`.
 
 use serde_json::Value;
-use sparkops_core::db::{Connection, Tx, Value as V, rfc3339_sql};
+use sparkops_core::db::{Connection, Tx, Value as V};
 use sparkops_core::error::ApiError;
 
 /// The Standard Webhooks body of an event of `event_type` (SQL text) with `data` (a
-/// `jsonb` SQL expression), stamped now: `{"type", "timestamp", "data"}`.
+/// `jsonb` SQL expression), stamped now: `{"type", "timestamp", "data"}` (the SQL function
+/// `sparkops_webhook_payload`, migration 0021).
 pub fn payload(event_type: &str, data: &str) -> String {
-    format!(
-        "jsonb_build_object('type', {event_type}, 'timestamp', {}, 'data', {data})",
-        rfc3339_sql("now()")
-    )
+    format!("sparkops_webhook_payload({event_type}, {data})")
 }
 
 /// The deliveries of `$type` (SQL text) with `data` (a `jsonb` SQL expression), one per
 /// enabled live webhook of project `project` (a SQL expression) subscribed to it; `from`
-/// adds the tables the expressions read.
+/// lists the tables the expressions read, each followed by a comma.
 pub(crate) fn insert_deliveries(event_type: &str, project: &str, data: &str, from: &str) -> String {
     let payload = payload(event_type, data);
     format!(
         "insert into webhook_deliveries (delivery_id, webhook_id, project_id, event_type, payload, next_attempt_at)
          select sparkops_uuid_v7(), w.webhook_id, w.project_id, {event_type}, {payload},
              date_trunc('second', now())
-         from webhooks w{from}
-         where w.project_id = {project} and w.enabled and w.deleted_at is null
-           and {event_type} = any(w.event_types)"
+         from {from}sparkops_webhooks_told({project}, {event_type}) w"
     )
 }
 
 /// The `data` of a run's webhook event: the run as it stands, the step and what the run
-/// event said. Reads `r` (the run's row); `step` and `detail` are SQL expressions (text and
-/// `jsonb`).
+/// event said (the SQL function `sparkops_run_event_data`, migration 0021). Reads `r` (the
+/// run's row); `step` and `detail` are SQL expressions (text and `jsonb`).
 pub(crate) fn run_event_data(step: &str, detail: &str) -> String {
     format!(
-        "jsonb_build_object(
-            'project_id', r.project_id, 'run_id', r.run_id, 'workflow_id', r.workflow_id,
-            'workflow_version', r.workflow_version, 'schedule_id', r.schedule_id, 'status', r.status,
-            'step_key', {step}, 'detail', {detail}, 'error', r.error,
-            'tokens_in', r.tokens_in, 'tokens_out', r.tokens_out, 'cost_usd', r.cost_usd::text)"
+        "sparkops_run_event_data(r.project_id, r.run_id, r.workflow_id, r.workflow_version,
+            r.schedule_id, r.status, {step}, {detail}, r.error, r.tokens_in, r.tokens_out, r.cost_usd)"
     )
 }
 

@@ -220,12 +220,11 @@ pub fn record_and_advance_known<C: Connection + ?Sized>(
     else {
         return Ok(Unlocked::UnderLock);
     };
-    let (status, wait_ms) = settles_as(a);
-    let error = a.result.as_ref().err().map(Failure::error_json);
-    let output = a.result.as_ref().ok().cloned().unwrap_or(Value::Null);
+    let (recording, error) = recording(a);
+    let status = recording.status;
     let step = &mut known.snapshot.steps[position];
     step.status = status;
-    step.output = output.clone();
+    step.output = a.result.as_ref().ok().cloned().unwrap_or(Value::Null);
     let mut changes = Changes::default();
     changes.event(
         &format!("step.{status}"),
@@ -239,16 +238,6 @@ pub fn record_and_advance_known<C: Connection + ?Sized>(
     }
     let unmoved = known.unmoved;
     let after = known.after(&changes);
-    let recording = Recording {
-        key,
-        lease_id: a.lease.lease_id,
-        status,
-        input: json_or_null(&a.input),
-        output: json_or_null(&output),
-        error: error.map_or(V::Null, V::Json),
-        duration_ms: a.duration_ms,
-        wait_ms: wait_ms.unwrap_or(0),
-    };
     Ok(
         match changes.write_if(db, a.lease.run_id, unmoved, &recording)? {
             Some(claimed) => Unlocked::Written(recorded(status), claimed, after),
@@ -321,42 +310,36 @@ fn record_locked<C: Connection + ?Sized>(
     {
         return hold_locked(tx, a, hold);
     }
-    let (status, next_ms) = settles_as(a);
-    let error = a.result.as_ref().err().map(Failure::error_json);
-    let output = a.result.as_ref().ok().map_or(V::Null, json_or_null);
-    let data = attempt_event(a, &error);
-    // The result and its event in one statement: the event only when the lease held.
-    let rows = tx.query(
-        &store::change_with_event(
-            &format!(
-                "update run_steps set {}
-                 where run_id = $1 and step_key = $2 and lease_id = $3 and status = 'running'
-                 returning 1",
-                store::recorded_columns("$4", "$5", "$6", "$7", "$8", "$9")
-            ),
-            "$10",
-            "$2",
-            "$11",
-            "1",
-        ),
-        &[
-            V::Uuid(a.lease.run_id.into()),
-            V::Text(a.lease.step_key.into()),
-            V::Uuid(a.lease.lease_id.into()),
-            V::Text(status.as_str().into()),
-            json_or_null(&a.input),
-            output,
-            error.map_or(V::Null, V::Json),
-            V::Int64(a.duration_ms),
-            V::Float64(next_ms.unwrap_or(0) as f64),
-            V::Text(format!("step.{status}")),
-            V::Json(data),
-        ],
-    )?;
-    if rows.is_empty() {
+    let (recording, error) = recording(a);
+    let status = recording.status;
+    let mut changes = Changes::default();
+    changes.event(
+        &format!("step.{status}"),
+        Some(a.lease.step_key),
+        attempt_event(a, &error),
+    );
+    if !changes.write_recorded(tx, a.lease.run_id, &recording)? {
         return Ok(Recorded::Discarded);
     }
     Ok(recorded(status))
+}
+
+/// What recording the attempt writes of its step (its status by [`settles_as`]), and its
+/// error.
+fn recording<'a>(a: &'a Attempt<'_>) -> (Recording<'a>, Option<Value>) {
+    let (status, wait_ms) = settles_as(a);
+    let error = a.result.as_ref().err().map(Failure::error_json);
+    let recording = Recording {
+        key: a.lease.step_key,
+        lease_id: a.lease.lease_id,
+        status,
+        input: json_or_null(&a.input),
+        output: a.result.as_ref().ok().map_or(V::Null, json_or_null),
+        error: error.clone().map_or(V::Null, V::Json),
+        duration_ms: a.duration_ms,
+        wait_ms: wait_ms.unwrap_or(0),
+    };
+    (recording, error)
 }
 
 /// Holds the running step as `waiting` with `hold` (a budget's refusal that waits or asks),

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use serde_json::Value;
 use sparkops_core::db::{Connection, DbError, Read, Row, Tx, Value as V};
 use sparkops_core::error::ApiError;
-use sparkops_core::status::{RunStatus, StepStatus, sql_list};
+use sparkops_core::status::{RunStatus, StepStatus};
 use sparkops_core::webhook;
 use sparkops_core::workflow::{self, Definition};
 
@@ -170,7 +170,21 @@ impl Changes {
         )
     }
 
-    /// The one statement, run by `query`.
+    /// Writes `recording` and the changes in one call, under the run's lock (the caller
+    /// holds it); `false`, with nothing written, when the lease no longer held.
+    pub(crate) fn write_recorded<C: Connection + ?Sized>(
+        self,
+        tx: &Tx<'_, C>,
+        run_id: &str,
+        recording: &Recording<'_>,
+    ) -> Result<bool, ApiError> {
+        let written = self.statement(|sql, p| tx.query(sql, p), run_id, None, Some(recording))?;
+        Ok(written.is_some())
+    }
+
+    /// The one call of `sparkops_run_write` (migration 0021), run by `query`. A function,
+    /// not a statement composed here: Spin plans every statement it sends on every call,
+    /// and a function's statements keep their plans for the server session.
     fn statement(
         self,
         query: impl FnOnce(&str, &[V]) -> Result<Vec<Row>, DbError>,
@@ -178,126 +192,49 @@ impl Changes {
         unmoved: Option<Unmoved>,
         recording: Option<&Recording<'_>>,
     ) -> Result<Option<Vec<Claim>>, ApiError> {
-        let planned = self.steps.len();
-        // The steps that end with this statement, kept from the cancelling of a run's end.
-        let mut settled: Vec<Value> = match self.ending {
-            Some(_) => self.steps.iter().map(|s| s["key"].clone()).collect(),
-            None => Vec::new(),
+        // The steps that end with this call, kept from the cancelling of a run's end.
+        let mut settled: Vec<Value> = self.steps.iter().map(|s| s["key"].clone()).collect();
+        settled.extend(recording.map(|r| Value::String(r.key.into())));
+        let (ending, output, error) = match self.ending {
+            Some((output, error)) => (true, output.map_or(V::Null, V::Json), json_or_null(&error)),
+            None => (false, V::Null, V::Null),
         };
-        let mut params = vec![
+        let unfinished = StepStatus::UNFINISHED
+            .iter()
+            .map(|s| Value::from(s.as_str()));
+        let or_null = |v: Option<V>| v.unwrap_or(V::Null);
+        let params = [
             V::Uuid(run_id.into()),
-            self.status.map_or(V::Null, |s| V::Text(s.as_str().into())),
+            or_null(self.status.map(|s| V::Text(s.as_str().into()))),
             V::Bool(self.started),
             V::Json(Value::Array(self.events)),
+            V::Bool(self.told),
+            or_null(unmoved.map(|u| V::Text(u.status.as_str().into()))),
+            or_null(unmoved.map(|u| V::Int64(u.event_seq))),
+            or_null(recording.map(|r| V::Text(r.key.into()))),
+            or_null(recording.map(|r| V::Uuid(r.lease_id.into()))),
+            or_null(recording.map(|r| V::Text(r.status.as_str().into()))),
+            or_null(recording.map(|r| r.input.clone())),
+            or_null(recording.map(|r| r.output.clone())),
+            or_null(recording.map(|r| r.error.clone())),
+            or_null(recording.map(|r| V::Int64(r.duration_ms))),
+            or_null(recording.map(|r| V::Float64(r.wait_ms as f64))),
+            V::Json(Value::Array(self.steps)),
+            V::Bool(ending),
+            output,
+            error,
+            V::Json(Value::Array(settled)),
+            V::Json(unfinished.collect()),
         ];
-        let mut param = |v: V| {
-            params.push(v);
-            format!("${}", params.len())
-        };
-        let mut run_set = String::new();
-        let mut run_if = String::new();
-        let mut ctes = Vec::new();
-        let mut expected = "true".to_string();
-        if let Some(u) = unmoved {
-            run_if = format!(
-                " and status = {}::text and event_seq = {}::bigint",
-                param(V::Text(u.status.as_str().into())),
-                param(V::Int64(u.event_seq))
-            );
-        }
-        if let Some(rec) = recording {
-            settled.push(Value::String(rec.key.into()));
-            let set = recorded_columns(
-                &format!("{}::text", param(V::Text(rec.status.as_str().into()))),
-                &param(rec.input.clone()),
-                &param(rec.output.clone()),
-                &param(rec.error.clone()),
-                &param(V::Int64(rec.duration_ms)),
-                &param(V::Float64(rec.wait_ms as f64)),
-            );
-            ctes.push(format!(
-                "rec as (
-                    update run_steps s set {set}
-                    from r where s.run_id = r.run_id and s.step_key = {} and s.lease_id = {}
-                        and s.status = 'running'
-                    returning 1
-                 )",
-                param(V::Text(rec.key.into())),
-                param(V::Uuid(rec.lease_id.into()))
-            ));
-            expected.push_str(" and (select count(*) from rec) = 1");
-        }
-        if planned > 0 {
-            let set: Vec<String> = planned_step_columns(|column| format!("s.{column}"))
-                .into_iter()
-                .map(|(column, value)| format!("{column} = {value}"))
-                .collect();
-            ctes.push(format!(
-                "changed as (
-                    update run_steps s set {}, updated_at = now()
-                    from {}, r
-                    where s.run_id = r.run_id and s.step_key = p.key and s.status in ('pending', 'ready')
-                    returning s.step_key, s.attempt, s.lease_id::text
-                 )",
-                set.join(", "),
-                planned_steps(&param(V::Json(Value::Array(self.steps))))
-            ));
-            let count = param(V::Int64(planned as i64));
-            expected.push_str(&format!(" and (select count(*) from changed) = {count}"));
-        }
-        if let Some((output, error)) = self.ending {
-            run_set = format!(
-                ", output = {}, error = {}, finished_at = now()",
-                param(output.map_or(V::Null, V::Json)),
-                param(json_or_null(&error))
-            );
-            ctes.push(format!(
-                "cancelled as (
-                    update run_steps s set status = 'cancelled', lease_id = null, finished_at = now(),
-                        updated_at = now()
-                    from r where s.run_id = r.run_id and s.status in {}
-                        and not ({}::jsonb ? s.step_key)
-                 ), traced as (
-                    insert into trace_exports (run_id, project_id, next_attempt_at)
-                    select r.run_id, r.project_id, date_trunc('second', now())
-                    from r join projects p on p.project_id = r.project_id
-                    where p.trace_endpoint is not null and p.deleted_at is null
-                    on conflict (run_id) do nothing
-                 )",
-                sql_list(StepStatus::UNFINISHED),
-                param(V::Json(Value::Array(settled)))
-            ));
-        }
-        let answer = if planned > 0 {
-            "(select coalesce(jsonb_agg(jsonb_build_array(step_key, attempt, lease_id)), '[]')
-              from changed where lease_id is not null)"
-        } else {
-            "'[]'::jsonb"
-        };
-        let ctes: String = ctes.iter().map(|c| format!(", {c}")).collect();
-        let logged = log_events("$4", "r", "r.base", self.told);
-        // All or nothing: a run that had not moved but whose steps were not as planned
-        // fails the statement (division by zero) rather than be half written.
+        let placeholders: Vec<String> = (1..=params.len()).map(|i| format!("${i}")).collect();
         let rows = query(
-            &format!(
-                "with r as (
-                    update runs set event_seq = event_seq + jsonb_array_length($4),
-                        status = coalesce($2::text, status),
-                        started_at = case when $3 then now() else started_at end,
-                        updated_at = case when $2::text is not null or $3 then now() else updated_at end
-                        {run_set}
-                    where run_id = $1{run_if}
-                    returning project_id, run_id, workflow_id, workflow_version, schedule_id, status, error,
-                        tokens_in, tokens_out, cost_usd, event_seq - jsonb_array_length($4) as base
-                 ){ctes}{logged}
-                 select {answer}, 1 / case when {expected} then 1 else 0 end from r"
-            ),
+            &format!("select sparkops_run_write({})", placeholders.join(", ")),
             &params,
         )?;
-        let Some(row) = rows.first() else {
-            return Ok(None);
-        };
-        claims(run_id, &row.json(0)?).map(Some)
+        match rows.first().map(|row| row.json(0)).transpose()? {
+            None | Some(Value::Null) => Ok(None),
+            Some(claimed) => claims(run_id, &claimed).map(Some),
+        }
     }
 }
 
@@ -319,26 +256,6 @@ pub(crate) fn claims(run_id: &str, answered: &Value) -> Result<Vec<Claim>, ApiEr
         .collect()
 }
 
-/// What recording an attempt sets of its step's columns, given the SQL of its new status
-/// (text), input and output (`jsonb`), error, duration (ms) and, for `retrying`, the wait
-/// before the next attempt (ms): the lease ends, and a retry gets its time.
-pub(crate) fn recorded_columns(
-    status: &str,
-    input: &str,
-    output: &str,
-    error: &str,
-    duration_ms: &str,
-    wait_ms: &str,
-) -> String {
-    format!(
-        "status = {status}, input = {input}, output = {output}, error = {error},
-            duration_ms = {duration_ms}, lease_id = null, lease_expires_at = null, updated_at = now(),
-            finished_at = case when {status} = 'retrying' then null else now() end,
-            next_attempt_at = case when {status} = 'retrying'
-                then now() + make_interval(secs => {wait_ms}::float8 / 1000) else null end"
-    )
-}
-
 /// The planned changes of steps in SQL: `p`, the records of `param` (a `jsonb` array of
 /// [`Changes`]' steps).
 pub(crate) fn planned_steps(param: &str) -> String {
@@ -351,7 +268,8 @@ pub(crate) fn planned_steps(param: &str) -> String {
 /// each column's value before it (`old`): a skipped step gets its reason and keeps its
 /// attempt and times; a waiting or claimed one starts an attempt (with its deadline); a
 /// claimed one gets a fresh lease. With no change planned (`p` null) every column keeps
-/// its value, so the start's insert and an advance's update share these.
+/// its value. The start's insert uses these; an advance's update is `sparkops_run_write`'s
+/// (migration 0021), which spells the same rules in SQL and is tested with them.
 pub(crate) fn planned_step_columns(old: impl Fn(&str) -> String) -> [(&'static str, String); 7] {
     [
         ("status", format!("coalesce(p.status, {})", old("status"))),
@@ -410,7 +328,7 @@ pub(crate) fn log_events(events: &str, run: &str, base: &str, told: bool) -> Str
             "ev.told",
             "r.project_id",
             &outbox::run_event_data("ev.step", "ev.data"),
-            &format!(", {run} r, ev"),
+            &format!("{run} r, ev, "),
         );
         format!(", told as ({deliveries} order by ev.n)")
     } else {
@@ -425,31 +343,6 @@ pub(crate) fn log_events(events: &str, run: &str, base: &str, told: bool) -> Str
             insert into run_events (run_id, seq, kind, step_key, data)
             select {run}.run_id, {base} + ev.n, ev.kind, ev.step, ev.data from {run}, ev
          ){told}"
-    )
-}
-
-/// One statement that makes `change` to a step (a data-modifying statement with a
-/// `returning` list) and, when it changed a row, appends the event [`event`] would, numbered
-/// the same way; it answers `select {answer} from changed`. `kind`, `step` and `data` are
-/// SQL over the parameters and `changed`'s columns; `$1` is the run's id. The caller holds
-/// the run's lock.
-pub(crate) fn change_with_event(
-    change: &str,
-    kind: &str,
-    step: &str,
-    data: &str,
-    answer: &str,
-) -> String {
-    format!(
-        "with changed as ({change}), seq as (
-            update runs set event_seq = event_seq + 1
-            where run_id = $1 and exists (select 1 from changed)
-            returning event_seq
-         ), logged as (
-            insert into run_events (run_id, seq, kind, step_key, data)
-            select $1, seq.event_seq, {kind}, {step}, {data} from seq, changed
-         )
-         select {answer} from changed"
     )
 }
 
