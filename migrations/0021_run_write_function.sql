@@ -9,6 +9,10 @@
 --
 -- The shape of a run event's webhook delivery lives here too, in small SQL functions the
 -- engine's other statements call (`sparkops_engine::outbox`), so it has one definition.
+--
+-- And a tool step's policies with its tool (`sparkops_engine::policies::tool_scope`), read
+-- by the executor before each call: a function too, so the executor can read the next
+-- step's scope in the call that records the step before it.
 
 -- The webhooks of `project` subscribed to `event_type`: enabled and not deleted.
 create function sparkops_webhooks_told(project uuid, event_type text)
@@ -185,5 +189,38 @@ begin
         order by e.n;
     end if;
     return claimed;
+end
+$$;
+
+-- The enabled policies in scope of a step of `workflow` (and, for an agent step, of
+-- `agent`; null for other steps), by id.
+create function sparkops_policies_in_scope(project uuid, workflow uuid, agent uuid)
+returns table (policy_id text, name text, rules jsonb, workflow_scoped boolean)
+language sql stable as $$
+    select p.policy_id::text, p.name, p.rules, p.scope_workflow_id is not null
+    from policies p
+    where p.project_id = project and p.enabled and p.deleted_at is null
+      and (p.scope_workflow_id is null or p.scope_workflow_id = workflow)
+      and (p.scope_agent_id is null or p.scope_agent_id = agent)
+    order by p.policy_id
+$$;
+
+-- What a tool step of `workflow` needs before its call: `{"policies": [{id, name, rules,
+-- workflow_scoped}], "tool": {method, url, headers, timeout_ms, input_schema,
+-- output_schema}}`, the tool null when the project has no such live tool.
+create function sparkops_tool_scope(project uuid, workflow uuid, tool uuid)
+returns jsonb language plpgsql stable as $$
+begin
+    return jsonb_build_object(
+        'policies', coalesce((
+            select jsonb_agg(jsonb_build_object('id', s.policy_id, 'name', s.name,
+                'rules', s.rules, 'workflow_scoped', s.workflow_scoped) order by s.policy_id)
+            from sparkops_policies_in_scope(project, workflow, null) s), '[]'),
+        'tool', (
+            select jsonb_build_object('method', t.method, 'url', t.url, 'headers', t.headers,
+                'timeout_ms', t.timeout_ms, 'input_schema', t.input_schema,
+                'output_schema', t.output_schema)
+            from tools t
+            where t.tool_id = tool and t.project_id = project and t.deleted_at is null));
 end
 $$;

@@ -3,12 +3,6 @@
 
 use serde_json::{Map, Value};
 
-/// The tool a step calls, as the executor reads it with the policies in scope
-/// (`policies::in_scope_and`): SQL over the project (`$1`) and the tool (`$4`).
-pub const FOR_STEP: &str =
-    "select method, url, headers, timeout_ms, input_schema, output_schema from tools
-     where tool_id = $4 and project_id = $1 and deleted_at is null";
-
 /// Headers whose values are credentials: a literal value would be stored and answered in
 /// clear, so these must reference a secret.
 const CREDENTIAL_HEADERS: [&str; 6] = [

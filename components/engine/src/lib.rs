@@ -26,9 +26,11 @@
 //! row (only admission under a concurrency limit), then the run's row
 //! ([`store::lock_run`], the first statement of every change to a run or its steps), then
 //! its step rows. The one change made without that lock first,
-//! [`step::record_and_advance_known`], is one statement whose update of the run's row
-//! (conditional on the run's status and event count as read) comes before its step rows. Every change to a step is conditional on the status it expects, so a
-//! repeated, late or raced transition changes nothing.
+//! [`step::record_and_advance_known`], is one statement (a call of the SQL function
+//! `sparkops_run_write`, migration 0021, which writes every change set of a run) whose
+//! update of the run's row (conditional on the run's status and event count as read) comes
+//! before its step rows. Every change to a step is conditional on the status it expects,
+//! so a repeated, late or raced transition changes nothing.
 //!
 //! Statuses and error kinds are [`RunStatus`], [`StepStatus`] and [`ErrorKind`] (in
 //! `sparkops_core::status`, where workflow validation reads them too).

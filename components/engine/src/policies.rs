@@ -91,12 +91,9 @@ pub fn violation(p: &Policy, rule: &'static str, detail: String) -> Violation {
 
 /// The enabled policies of a project that apply to a run of `$2` (the workflow) and, for
 /// an agent step, to the agent `$3` (`null` otherwise: agent-scoped policies then never
-/// match). Read with [`scope_params`], parsed with [`from_rows`].
-const IN_SCOPE: &str =
-    "select policy_id::text, name, rules, scope_workflow_id is not null from policies
-     where project_id = $1 and enabled and deleted_at is null
-       and (scope_workflow_id is null or scope_workflow_id = $2)
-       and (scope_agent_id is null or scope_agent_id = $3::text::uuid)
+/// match), by id (the SQL function `sparkops_policies_in_scope`, migration 0021). Read with
+/// [`scope_params`], parsed with [`from_rows`].
+const IN_SCOPE: &str = "select * from sparkops_policies_in_scope($1, $2, $3::text::uuid)
      order by policy_id";
 
 /// The parameters of [`IN_SCOPE`].
@@ -111,18 +108,24 @@ fn scope_params(project_id: &str, workflow_id: &str, agent_id: Option<&str>) -> 
 /// The policies [`IN_SCOPE`] read.
 fn from_rows(rows: &[sparkops_core::db::Row]) -> Result<Vec<Policy>, ApiError> {
     rows.iter()
-        .map(|r| {
-            let id = r.text(0)?;
-            let rules = policy::parse_rules(&r.json(2)?)
-                .map_err(|e| ApiError::Internal(format!("policy {id} does not parse: {e:?}")))?;
-            Ok(Policy {
-                id,
-                name: r.text(1)?,
-                rules,
-                workflow_scoped: r.bool(3)?,
-            })
-        })
+        .map(|r| parse(r.text(0)?, r.text(1)?, &r.json(2)?, r.bool(3)?))
         .collect()
+}
+
+fn parse(
+    id: String,
+    name: String,
+    rules: &Value,
+    workflow_scoped: bool,
+) -> Result<Policy, ApiError> {
+    let rules = policy::parse_rules(rules)
+        .map_err(|e| ApiError::Internal(format!("policy {id} does not parse: {e:?}")))?;
+    Ok(Policy {
+        id,
+        name,
+        rules,
+        workflow_scoped,
+    })
 }
 
 /// The enabled policies in scope of a step of `workflow_id` (and, for an agent step, of
@@ -136,37 +139,85 @@ pub fn in_scope<R: sparkops_core::db::Read + ?Sized>(
     from_rows(&db.read(IN_SCOPE, &scope_params(project_id, workflow_id, agent_id))?)
 }
 
-/// [`in_scope`] and, in the same round trip, the row (or none) that `also` selects: SQL
-/// over `$1` (the project) and `also_params` from `$4`.
-pub fn in_scope_and<R: sparkops_core::db::Read + ?Sized>(
+/// What a tool step needs before its call: the policies in scope and its tool.
+#[derive(Debug, Clone)]
+pub struct ToolScope {
+    pub policies: Vec<Policy>,
+    /// `None` when the project has no such live tool.
+    pub tool: Option<StepTool>,
+}
+
+/// A tool as a step calls it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepTool {
+    pub method: String,
+    pub url: String,
+    pub headers: Value,
+    pub timeout_ms: i64,
+    pub input_schema: Value,
+    /// `null` when the tool checks no output.
+    pub output_schema: Value,
+}
+
+/// The SQL expression (`jsonb`) of the [`ToolScope`] of tool `tool` for a step of workflow
+/// `workflow` in project `project` (each SQL): the function `sparkops_tool_scope`
+/// (migration 0021), which can ride along another statement.
+pub(crate) fn tool_scope_sql(project: &str, workflow: &str, tool: &str) -> String {
+    format!("sparkops_tool_scope({project}, {workflow}, {tool})")
+}
+
+/// The [`ToolScope`] of `tool_id` for a step of `workflow_id`: the executor's read before a
+/// tool call, in one round trip.
+pub fn tool_scope<R: sparkops_core::db::Read + ?Sized>(
     db: &R,
     project_id: &str,
     workflow_id: &str,
-    agent_id: Option<&str>,
-    also: &str,
-    also_params: Vec<V>,
-) -> Result<(Vec<Policy>, Option<sparkops_core::db::Row>), ApiError> {
-    let mut params = scope_params(project_id, workflow_id, agent_id).to_vec();
-    params.extend(also_params);
-    let mut rows = db.read(
-        &format!(
-            "select p.*, a.* from (select 1) one
-             left join lateral ({IN_SCOPE}) p on true
-             left join lateral (select true, x.* from ({also}) x) a on true
-             order by p.policy_id"
-        ),
-        &params,
+    tool_id: &str,
+) -> Result<ToolScope, ApiError> {
+    let rows = db.read(
+        &format!("select {}", tool_scope_sql("$1", "$2", "$3")),
+        &[
+            V::Uuid(project_id.into()),
+            V::Uuid(workflow_id.into()),
+            V::Uuid(tool_id.into()),
+        ],
     )?;
-    // A row per policy (or one with none), each with the row `also` read (or nulls), after
-    // the policy's four columns and a marker.
-    let found = match rows.first_mut() {
-        Some(first) if first.0.get(4) == Some(&V::Bool(true)) => {
-            Some(sparkops_core::db::Row(first.0.split_off(5)))
+    let read = rows
+        .first()
+        .ok_or_else(|| ApiError::Internal("the tool scope read no row".into()))?;
+    decode_tool_scope(&read.json(0)?)
+}
+
+/// A [`ToolScope`] as `sparkops_tool_scope` answers it.
+pub(crate) fn decode_tool_scope(scope: &Value) -> Result<ToolScope, ApiError> {
+    let bad = |what: &str| ApiError::Internal(format!("a tool scope's {what} does not read"));
+    let policies = scope["policies"]
+        .as_array()
+        .ok_or_else(|| bad("policies"))?
+        .iter()
+        .map(|p| {
+            let text = |k: &str| p[k].as_str().map(String::from).ok_or_else(|| bad(k));
+            let scoped = p["workflow_scoped"]
+                .as_bool()
+                .ok_or_else(|| bad("workflow_scoped"))?;
+            parse(text("id")?, text("name")?, &p["rules"], scoped)
+        })
+        .collect::<Result<_, _>>()?;
+    let tool = match &scope["tool"] {
+        Value::Null => None,
+        t => {
+            let text = |k: &str| t[k].as_str().map(String::from).ok_or_else(|| bad(k));
+            Some(StepTool {
+                method: text("method")?,
+                url: text("url")?,
+                headers: t["headers"].clone(),
+                timeout_ms: t["timeout_ms"].as_i64().ok_or_else(|| bad("timeout_ms"))?,
+                input_schema: t["input_schema"].clone(),
+                output_schema: t["output_schema"].clone(),
+            })
         }
-        _ => None,
     };
-    rows.retain(|r| r.0.first().is_some_and(|v| *v != V::Null));
-    Ok((from_rows(&rows)?, found))
+    Ok(ToolScope { policies, tool })
 }
 
 /// Every policy naming allowed models must allow `model`.

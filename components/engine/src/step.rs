@@ -11,10 +11,11 @@ use sparkops_core::error::ApiError;
 use sparkops_core::money::Usd;
 use sparkops_core::run;
 use sparkops_core::status::{ErrorKind, RunStatus, StepStatus};
-use sparkops_core::workflow::RetryPolicy;
+use sparkops_core::workflow::{RetryPolicy, StepKind};
 
 use crate::advance::Claim;
 use crate::advance::{self, Next};
+use crate::policies::ToolScope;
 use crate::store::{self, Changes, Known, Recording, event, json_or_null, lock_run};
 
 /// An executor's hold on a step attempt.
@@ -204,10 +205,14 @@ pub fn record_and_advance<C: Connection + ?Sized>(
 /// the claims are written in one statement, only if the run has not moved since (its
 /// status and event count are still as read), which a chain's step finds unless another
 /// branch, a person or the sweeper acted meanwhile.
+///
+/// The same statement reads the [`ToolScope`] of the first tool step it claims, for the
+/// caller to run next without a read of its own: `owner` is the run's project and workflow.
 pub fn record_and_advance_known<C: Connection + ?Sized>(
     db: &C,
     a: &Attempt<'_>,
     mut known: Known,
+    owner: Owner<'_>,
 ) -> Result<Unlocked, ApiError> {
     let run_status = known.unmoved.status;
     let key = a.lease.step_key;
@@ -237,21 +242,71 @@ pub fn record_and_advance_known<C: Connection + ?Sized>(
         Next::GoesOn => {}
     }
     let unmoved = known.unmoved;
+    let next_tool = first_tool_claimed(&known, &changes);
     let after = known.after(&changes);
-    Ok(
-        match changes.write_if(db, a.lease.run_id, unmoved, &recording)? {
-            Some(claimed) => Unlocked::Written(recorded(status), claimed, after),
-            None => Unlocked::Moved,
-        },
-    )
+    let scope = next_tool
+        .as_ref()
+        .map(|(_, tool)| [owner.project_id, owner.workflow_id, tool.as_str()]);
+    let Some((claimed, read)) = changes.write_if(db, a.lease.run_id, unmoved, &recording, scope)?
+    else {
+        return Ok(Unlocked::Moved);
+    };
+    let next = match next_tool {
+        Some((step_key, _)) => Some(Scoped {
+            step_key,
+            scope: crate::policies::decode_tool_scope(&read)?,
+        }),
+        None => None,
+    };
+    Ok(Unlocked::Written {
+        recorded: recorded(status),
+        claimed,
+        after,
+        next,
+    })
+}
+
+/// The run's project and workflow.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner<'a> {
+    pub project_id: &'a str,
+    pub workflow_id: &'a str,
+}
+
+/// A claimed step with what it needs before its call, read with the claim.
+#[derive(Debug)]
+pub struct Scoped {
+    pub step_key: String,
+    pub scope: ToolScope,
+}
+
+/// The first step `changes` claims that calls a tool, with the tool's id.
+fn first_tool_claimed(known: &Known, changes: &Changes) -> Option<(String, String)> {
+    changes
+        .claimed_keys()
+        .filter_map(|key| {
+            known
+                .snapshot
+                .definition
+                .steps
+                .iter()
+                .find(|s| s.key == key)
+        })
+        .find(|s| s.kind == StepKind::Tool)
+        .and_then(|s| Some((s.key.clone(), s.tool_id.clone()?)))
 }
 
 /// What [`record_and_advance_known`] came to.
 #[derive(Debug)]
 pub enum Unlocked {
-    /// Written: how the attempt was recorded, the steps claimed, and the run as written (to
-    /// carry to the step claimed next).
-    Written(Recorded, Vec<Claim>, Known),
+    /// Written: how the attempt was recorded, the steps claimed, the run as written (to
+    /// carry to the step claimed next), and the first claimed tool step with its scope.
+    Written {
+        recorded: Recorded,
+        claimed: Vec<Claim>,
+        after: Known,
+        next: Option<Scoped>,
+    },
     /// The run had moved since it was read: nothing was written. Read it again and retry,
     /// or record with [`record_and_advance`].
     Moved,

@@ -127,6 +127,14 @@ impl Changes {
             .push(serde_json::json!({"key": key, "status": "waiting", "deadline_s": timeout_s}));
     }
 
+    /// The keys of the steps these changes claim for executors, in the order claimed.
+    pub(crate) fn claimed_keys(&self) -> impl Iterator<Item = &str> {
+        self.steps
+            .iter()
+            .filter(|s| s["status"] == "running")
+            .filter_map(|s| s["key"].as_str())
+    }
+
     /// A ready step is claimed for an executor: a new attempt with a fresh lease of
     /// `lease_s`, inside an attempt deadline `deadline_s` from now.
     pub fn claim(&mut self, key: &str, deadline_s: f64, lease_s: f64) {
@@ -147,26 +155,32 @@ impl Changes {
         {
             return Ok(Vec::new());
         }
-        let claimed = self.statement(|sql, p| tx.query(sql, p), run_id, None, None)?;
-        claimed.ok_or_else(|| ApiError::Internal(format!("run {run_id} is gone")))
+        let written = self.statement(|sql, p| tx.query(sql, p), run_id, None, None, None)?;
+        let (claimed, _) =
+            written.ok_or_else(|| ApiError::Internal(format!("run {run_id} is gone")))?;
+        Ok(claimed)
     }
 
     /// Writes `recording` and the changes in one statement of its own, without the run's
     /// lock, only if the run is as `unmoved` says; the steps claimed, or `None` when the
     /// run had moved (nothing is written then). A step found other than expected (which
-    /// an unmoved run rules out) fails the statement, so it writes all or nothing.
+    /// an unmoved run rules out) fails the statement, so it writes all or nothing. With
+    /// `scope` (project, workflow, tool), the same statement reads that tool's
+    /// [`ToolScope`](crate::policies::ToolScope) for the step run next.
     pub(crate) fn write_if<C: Connection + ?Sized>(
         self,
         db: &C,
         run_id: &str,
         unmoved: Unmoved,
         recording: &Recording<'_>,
-    ) -> Result<Option<Vec<Claim>>, ApiError> {
+        scope: Option<[&str; 3]>,
+    ) -> Result<Option<(Vec<Claim>, Value)>, ApiError> {
         self.statement(
             |sql, p| db.query(sql, p),
             run_id,
             Some(unmoved),
             Some(recording),
+            scope,
         )
     }
 
@@ -178,20 +192,28 @@ impl Changes {
         run_id: &str,
         recording: &Recording<'_>,
     ) -> Result<bool, ApiError> {
-        let written = self.statement(|sql, p| tx.query(sql, p), run_id, None, Some(recording))?;
+        let written = self.statement(
+            |sql, p| tx.query(sql, p),
+            run_id,
+            None,
+            Some(recording),
+            None,
+        )?;
         Ok(written.is_some())
     }
 
-    /// The one call of `sparkops_run_write` (migration 0021), run by `query`. A function,
-    /// not a statement composed here: Spin plans every statement it sends on every call,
-    /// and a function's statements keep their plans for the server session.
+    /// The one call of `sparkops_run_write` (migration 0021), run by `query`: the claims and
+    /// the tool scope `scope` asks for (`null` without), or `None` when nothing was written.
+    /// A function, not a statement composed here: Spin plans every statement it sends on
+    /// every call, and a function's statements keep their plans for the server session.
     fn statement(
         self,
         query: impl FnOnce(&str, &[V]) -> Result<Vec<Row>, DbError>,
         run_id: &str,
         unmoved: Option<Unmoved>,
         recording: Option<&Recording<'_>>,
-    ) -> Result<Option<Vec<Claim>>, ApiError> {
+        scope: Option<[&str; 3]>,
+    ) -> Result<Option<(Vec<Claim>, Value)>, ApiError> {
         // The steps that end with this call, kept from the cancelling of a run's end.
         let mut settled: Vec<Value> = self.steps.iter().map(|s| s["key"].clone()).collect();
         settled.extend(recording.map(|r| Value::String(r.key.into())));
@@ -203,7 +225,7 @@ impl Changes {
             .iter()
             .map(|s| Value::from(s.as_str()));
         let or_null = |v: Option<V>| v.unwrap_or(V::Null);
-        let params = [
+        let mut params = vec![
             V::Uuid(run_id.into()),
             or_null(self.status.map(|s| V::Text(s.as_str().into()))),
             V::Bool(self.started),
@@ -227,13 +249,28 @@ impl Changes {
             V::Json(unfinished.collect()),
         ];
         let placeholders: Vec<String> = (1..=params.len()).map(|i| format!("${i}")).collect();
+        let also = match scope {
+            Some(ids) => {
+                let at = params.len();
+                params.extend(ids.map(|id| V::Uuid(id.into())));
+                let [p, w, t] = [1, 2, 3].map(|i| format!("${}", at + i));
+                crate::policies::tool_scope_sql(&p, &w, &t)
+            }
+            None => "null::jsonb".into(),
+        };
         let rows = query(
-            &format!("select sparkops_run_write({})", placeholders.join(", ")),
+            &format!(
+                "select sparkops_run_write({}), {also}",
+                placeholders.join(", ")
+            ),
             &params,
         )?;
-        match rows.first().map(|row| row.json(0)).transpose()? {
-            None | Some(Value::Null) => Ok(None),
-            Some(claimed) => claims(run_id, &claimed).map(Some),
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        match row.json(0)? {
+            Value::Null => Ok(None),
+            claimed => Ok(Some((claims(run_id, &claimed)?, row.json(1)?))),
         }
     }
 }

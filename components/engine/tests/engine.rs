@@ -42,6 +42,14 @@ fn record_with(
     db::transaction(db, |tx| step::record(tx, &a)).expect("recorded")
 }
 
+/// The run's project and workflow, as the executor passes them.
+fn owner(w: &sparkops_engine::Workflow) -> step::Owner<'_> {
+    step::Owner {
+        project_id: &w.project_id,
+        workflow_id: &w.workflow_id,
+    }
+}
+
 fn keys(claims: &[Claim]) -> Vec<&str> {
     claims.iter().map(|c| c.step_key.as_str()).collect()
 }
@@ -1391,8 +1399,12 @@ fn a_result_written_without_the_lock_is_what_the_locked_transaction_writes() {
                 .take()
                 .unwrap_or_else(|| store::known(&db, &fast).unwrap());
             let attempt = ended(&fast, &f, &once, result.clone());
-            let step::Unlocked::Written(recorded, claimed, after) =
-                step::record_and_advance_known(&db, &attempt, carried).unwrap()
+            let step::Unlocked::Written {
+                recorded,
+                claimed,
+                after,
+                ..
+            } = step::record_and_advance_known(&db, &attempt, carried, owner(w)).unwrap()
             else {
                 panic!("an unmoved run is written");
             };
@@ -1486,20 +1498,21 @@ fn a_result_for_a_run_that_moved_since_it_was_read_writes_nothing_without_the_lo
         store::known(&db, &run).unwrap(),
     );
     let done_x = ended(&run, x, &retry, Ok(json!(1)));
-    let written_x = step::record_and_advance_known(&db, &done_x, for_x).unwrap();
-    assert!(matches!(written_x, step::Unlocked::Written(_, ref c, _) if c.is_empty()));
+    let written_x = step::record_and_advance_known(&db, &done_x, for_x, owner(&w)).unwrap();
+    assert!(matches!(written_x, step::Unlocked::Written { ref claimed, .. } if claimed.is_empty()));
     // y's executor read the run before that: nothing is written; read again, its result is
     // written and the join claimed.
     let before = written(&db, &run);
     let done_y = ended(&run, y, &retry, Ok(json!(2)));
     assert!(matches!(
-        step::record_and_advance_known(&db, &done_y, for_y).unwrap(),
+        step::record_and_advance_known(&db, &done_y, for_y, owner(&w)).unwrap(),
         step::Unlocked::Moved
     ));
     assert_eq!(written(&db, &run), before);
     let again = store::known(&db, &run).unwrap();
-    let step::Unlocked::Written(recorded, claimed, _) =
-        step::record_and_advance_known(&db, &done_y, again).unwrap()
+    let step::Unlocked::Written {
+        recorded, claimed, ..
+    } = step::record_and_advance_known(&db, &done_y, again, owner(&w)).unwrap()
     else {
         panic!("the run read again is written");
     };
@@ -1514,7 +1527,7 @@ fn a_result_for_a_run_that_moved_since_it_was_read_writes_nothing_without_the_lo
     let before = written(&db, &run);
     let done = ended(&run, &claims[0], &retry, Ok(json!(1)));
     assert!(matches!(
-        step::record_and_advance_known(&db, &done, known).unwrap(),
+        step::record_and_advance_known(&db, &done, known, owner(&w)).unwrap(),
         step::Unlocked::Moved
     ));
     assert_eq!(written(&db, &run), before);
@@ -1530,10 +1543,10 @@ fn a_result_for_a_run_that_moved_since_it_was_read_writes_nothing_without_the_lo
     db::transaction(&NoCommit(&db), |tx| lifecycle::cancel(tx, &run, json!({}))).unwrap();
     let other = db.another();
     let written_then = thread::scope(|s| {
-        let (run, claim, retry) = (&run, &claims[0], &retry);
+        let (run, claim, retry, w) = (&run, &claims[0], &retry, &w);
         let racing = s.spawn(move || {
             let done = ended(run, claim, retry, Ok(json!(1)));
-            step::record_and_advance_known(&other, &done, known).unwrap()
+            step::record_and_advance_known(&other, &done, known, owner(w)).unwrap()
         });
         wait_for_a_blocked_session(&db.another());
         db.execute("commit", &[]).unwrap();
@@ -1557,7 +1570,7 @@ fn a_result_for_a_run_that_moved_since_it_was_read_writes_nothing_without_the_lo
     let before = written(&db, &run);
     let late = ended(&run, &claims[0], &retry, Ok(json!("late")));
     assert!(matches!(
-        step::record_and_advance_known(&db, &late, known).unwrap(),
+        step::record_and_advance_known(&db, &late, known, owner(&w)).unwrap(),
         step::Unlocked::Moved
     ));
     assert_eq!(written(&db, &run), before);
@@ -1573,7 +1586,7 @@ fn a_result_for_a_run_that_moved_since_it_was_read_writes_nothing_without_the_lo
         Err(Failure::held("over budget", json!({"why": "budget"}))),
     );
     assert!(matches!(
-        step::record_and_advance_known(&db, &held, known).unwrap(),
+        step::record_and_advance_known(&db, &held, known, owner(&w)).unwrap(),
         step::Unlocked::UnderLock
     ));
     assert_eq!(step_status(&db, &run, "x"), StepStatus::Running);
@@ -1616,46 +1629,144 @@ fn an_executor_reads_its_lease_with_the_run_and_a_steps_policies_with_its_tool()
             .is_none()
     );
 
-    // The policies in scope, in order, with the row read beside them (or none).
+    // The policies in scope, in order, with the tool (or none).
     let project = leased.project_id;
-    let also = "select name from workflows where workflow_id = $4 and project_id = $1";
-    let read = |workflow: &str| {
-        sparkops_engine::policies::in_scope_and(
-            &db,
-            &project,
-            &w.workflow_id,
-            None,
-            also,
-            vec![V::Uuid(workflow.into())],
-        )
-        .unwrap()
+    let ours = tool(&db, &project);
+    let read = |tool: &str| {
+        sparkops_engine::policies::tool_scope(&db, &project, &w.workflow_id, tool).unwrap()
     };
-    let (policies, row) = read(&w.workflow_id);
-    assert!(policies.is_empty());
-    assert_eq!(row.unwrap().text(0).unwrap(), "W");
-    for name in ["second", "first"] {
+    let scope = read(&ours);
+    assert!(scope.policies.is_empty());
+    let found = scope.tool.unwrap();
+    assert_eq!(
+        (found.method.as_str(), found.url.as_str(), found.timeout_ms),
+        ("PUT", "https://tools.example.com/t", 1234)
+    );
+    assert_eq!(found.headers, json!({"x-team": "a"}));
+    assert_eq!(found.input_schema, json!({"type": "object"}));
+    assert_eq!(found.output_schema, Value::Null);
+    // Two policies of the project, one of this workflow; one of another workflow and one
+    // of an agent, neither in a tool step's scope; one disabled.
+    let other = db
+        .scalar(
+            "insert into workflows (workflow_id, project_id, name) values (gen_random_uuid(), $1, 'other')
+             returning workflow_id::text",
+            &[V::Uuid(project.clone())],
+        )
+        .unwrap();
+    for (id, name, workflow, enabled) in [
+        (
+            "00000000-0000-4000-8000-000000000002",
+            "second",
+            Some(&w.workflow_id),
+            true,
+        ),
+        ("00000000-0000-4000-8000-000000000001", "first", None, true),
+        (
+            "00000000-0000-4000-8000-000000000003",
+            "elsewhere",
+            Some(&other),
+            true,
+        ),
+        ("00000000-0000-4000-8000-000000000004", "off", None, false),
+    ] {
         db.execute(
-            "insert into policies (policy_id, project_id, name, rules) values ($1, $2, $3, '{}')",
+            "insert into policies (policy_id, project_id, name, scope_workflow_id, enabled, rules)
+             values ($1, $2, $3, $4, $5, '{\"max_steps_per_run\": 5}')",
             &[
-                V::Uuid(
-                    if name == "first" {
-                        "00000000-0000-4000-8000-000000000001"
-                    } else {
-                        "00000000-0000-4000-8000-000000000002"
-                    }
-                    .into(),
-                ),
+                V::Uuid(id.into()),
                 V::Uuid(project.clone()),
                 V::Text(name.into()),
+                workflow.map_or(V::Null, |w| V::Uuid(w.clone())),
+                V::Bool(enabled),
             ],
         )
         .unwrap();
     }
-    let (policies, row) = read(&w.workflow_id);
-    let names: Vec<&str> = policies.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, ["first", "second"]);
-    assert_eq!(row.unwrap().text(0).unwrap(), "W");
-    let (policies, row) = read(&uuid::Uuid::new_v4().to_string());
-    assert_eq!(policies.len(), 2);
-    assert!(row.is_none());
+    let scope = read(&ours);
+    let names: Vec<(&str, bool)> = scope
+        .policies
+        .iter()
+        .map(|p| (p.name.as_str(), p.workflow_scoped))
+        .collect();
+    assert_eq!(names, [("first", false), ("second", true)]);
+    assert_eq!(scope.policies[0].rules.max_steps_per_run, Some(5));
+    assert!(scope.tool.is_some());
+    // A tool of another project, or none, is no tool; the policies are read all the same.
+    let stranger = tool(&db, &support::project(&db));
+    for missing in [stranger, uuid::Uuid::new_v4().to_string()] {
+        let scope = read(&missing);
+        assert_eq!(scope.policies.len(), 2);
+        assert!(scope.tool.is_none());
+    }
+}
+
+/// A tool of `project`: `PUT https://tools.example.com/t`, a header, a 1,234 ms timeout.
+fn tool(db: &Pg, project: &str) -> String {
+    db.scalar(
+        "insert into tools (tool_id, project_id, name, method, url, headers, timeout_ms)
+         values (gen_random_uuid(), $1, gen_random_uuid()::text, 'PUT', 'https://tools.example.com/t', '{\"x-team\": \"a\"}', 1234)
+         returning tool_id::text",
+        &[V::Uuid(project.into())],
+    )
+    .expect("a tool")
+}
+
+#[test]
+fn a_chained_results_write_reads_the_scope_of_the_tool_step_it_claims() {
+    let db = database();
+    let project = project(&db);
+    let (t1, t2) = (tool(&db, &project), tool(&db, &project));
+    db.execute(
+        "update tools set url = 'https://tools.example.com/2' where tool_id = $1",
+        &[V::Uuid(t2.clone())],
+    )
+    .unwrap();
+    // a, then b (a tool) and c (a condition) at once, then d (another tool) after both.
+    let definition = json!({"steps": [
+        {"key": "a", "kind": "tool", "tool_id": t1, "input": {}},
+        {"key": "b", "kind": "tool", "tool_id": t2, "input": {}, "depends_on": ["a"]},
+        {"key": "c", "kind": "condition", "input": {}, "depends_on": ["a"]},
+        {"key": "d", "kind": "tool", "tool_id": t1, "input": {}, "depends_on": ["b", "c"]},
+    ]});
+    let w = workflow(&db, &project, definition, Value::Null, None);
+    let run = start(&db, &w, json!({}));
+    let first = advance(&db, &run);
+    let once = RetryPolicy::default();
+    let write = |claim: &Claim| {
+        let known = store::known(&db, &run).unwrap();
+        let attempt = ended(&run, claim, &once, Ok(json!({})));
+        match step::record_and_advance_known(&db, &attempt, known, owner(&w)).unwrap() {
+            step::Unlocked::Written { claimed, next, .. } => (claimed, next),
+            other => panic!("an unmoved run is written: {other:?}"),
+        }
+    };
+    // a's result claims b and c; b calls a tool, so its scope comes with the claims.
+    let (claimed, next) = write(&first[0]);
+    assert_eq!(keys(&claimed), ["b", "c"]);
+    let next = next.expect("the scope of b");
+    assert_eq!(next.step_key, "b");
+    let read = sparkops_engine::policies::tool_scope(&db, &project, &w.workflow_id, &t2).unwrap();
+    assert_eq!(next.scope.tool, read.tool);
+    assert_eq!(next.scope.tool.unwrap().url, "https://tools.example.com/2");
+    // c's result claims nothing (d waits for b): no scope.
+    let c = claimed.iter().find(|c| c.step_key == "c").unwrap();
+    let (claimed_after_c, next) = write(c);
+    assert!(claimed_after_c.is_empty() && next.is_none());
+    // b's result claims d, with the tool of d.
+    let b = claimed.iter().find(|c| c.step_key == "b").unwrap();
+    let (claimed, next) = write(b);
+    assert_eq!(keys(&claimed), ["d"]);
+    let next = next.unwrap();
+    assert_eq!(
+        (
+            next.step_key.as_str(),
+            next.scope.tool.unwrap().url.as_str()
+        ),
+        ("d", "https://tools.example.com/t")
+    );
+    // d's result ends the run: nothing claimed, nothing read.
+    let (claimed, next) = write(&claimed[0]);
+    assert!(claimed.is_empty() && next.is_none());
+    assert_eq!(run_status(&db, &run), RunStatus::Succeeded);
 }

@@ -7,7 +7,8 @@
 //! that only lands while the lease still holds: a step cancelled or taken back meanwhile
 //! keeps its newer state; the same transaction advances the run. Of the steps it made
 //! ready, the first runs next in this same instance (a chain costs no hand-off) and the
-//! others are dispatched from here.
+//! others are dispatched from here. When the step run next calls a tool, the write that
+//! claimed it also read its policies and tool, so it starts without a read of its own.
 // `#[http_component]` expands to the ABI export glue, which is `unsafe` by nature.
 #![allow(unsafe_code)]
 
@@ -15,13 +16,13 @@ use std::time::Instant;
 
 use futures::SinkExt;
 use serde_json::{Value, json};
-use sparkops_core::db::Value as V;
 use sparkops_core::dispatch;
 use sparkops_core::error::ApiError;
 use sparkops_core::run::RunScope;
 use sparkops_core::template;
 use sparkops_core::workflow::{Step, StepKind};
-use sparkops_platform::engine::step::{Failure, Lease, Leased, Recorded, Unlocked};
+use sparkops_platform::engine::policies::{StepTool, ToolScope};
+use sparkops_platform::engine::step::{Failure, Lease, Leased, Owner, Recorded, Scoped, Unlocked};
 use sparkops_platform::engine::store::Known;
 use sparkops_platform::engine::{self, Claim, ErrorKind, store};
 use sparkops_platform::tool_call;
@@ -110,17 +111,37 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         lease_id: lease.lease_id.into(),
         attempt,
     });
-    // The run as this instance last read or wrote it, carried along the chain.
+    // The run as this instance last read or wrote it, carried along the chain, and the
+    // scope of the step that runs next when the write that claimed it read it.
     let mut known = Some(known);
+    let mut scoped = None;
     while let Some(claim) = next.take() {
         ctx.request_id = format!("step-{run_id}-{}", claim.step_key);
         ctx.now = chrono::Utc::now();
-        let (claimed, after) = run_step(&mut ctx, &run, &claim, known.take());
-        let mut claimed = claimed.into_iter();
-        next = claimed.next();
-        known = after;
-        ctx.dispatch(run_id, &claimed.collect::<Vec<_>>());
+        let settled = run_step(&mut ctx, &run, &claim, known.take(), scoped.take());
+        let mut claimed = settled.claimed;
+        // The step whose scope came with the claims runs here; otherwise the first.
+        let here = settled
+            .next
+            .as_ref()
+            .and_then(|s| claimed.iter().position(|c| c.step_key == s.step_key))
+            .unwrap_or(0);
+        next = (here < claimed.len()).then(|| claimed.remove(here));
+        scoped = settled
+            .next
+            .filter(|s| Some(&s.step_key) == next.as_ref().map(|c| &c.step_key));
+        known = settled.after;
+        ctx.dispatch(run_id, &claimed);
     }
+}
+
+/// What recording a step came to, for the chain: the steps claimed, the run as written
+/// (when nothing else had moved it), and the scope of a claimed tool step, read with the
+/// claims.
+struct Settled {
+    claimed: Vec<Claim>,
+    after: Option<Known>,
+    next: Option<Scoped>,
 }
 
 /// The run a step belongs to.
@@ -130,15 +151,16 @@ struct RunOf<'a> {
     workflow_id: &'a str,
 }
 
-/// Runs the claimed step and records its result; the steps the result made ready, claimed,
-/// with the run as written when nothing else had moved it (`known`: the run as this
-/// instance wrote it for the step before, if it still stands).
+/// Runs the claimed step and records its result (`known`: the run as this instance wrote it
+/// for the step before, if it still stands; `scoped`: the step's tool scope, when the write
+/// that claimed it read it).
 fn run_step(
     ctx: &mut Work,
     run: &RunOf<'_>,
     claim: &Claim,
     known: Option<Known>,
-) -> (Vec<Claim>, Option<Known>) {
+    scoped: Option<Scoped>,
+) -> Settled {
     let (run_id, step) = (run.run_id, claim.step_key.as_str());
     let lease = Lease {
         run_id,
@@ -152,8 +174,9 @@ fn run_step(
         Some(known) => Ok(known),
         None => ctx.db().and_then(|db| store::known(db, run_id)),
     };
+    let scope = scoped.map(|s| s.scope);
     let (done, known) = match known {
-        Ok(known) => (execute(ctx, run, step, &known.snapshot), Some(known)),
+        Ok(known) => (execute(ctx, run, step, &known.snapshot, scope), Some(known)),
         Err(e) => (Err(e), None),
     };
     let done = done.unwrap_or_else(|e| {
@@ -184,10 +207,14 @@ fn run_step(
         jitter: sparkops_platform::random_array::<1>()[0] as f64 / 255.0,
     };
     let recording = Instant::now();
-    match settle(ctx, &attempt, known) {
+    let owner = Owner {
+        project_id: run.project_id,
+        workflow_id: run.workflow_id,
+    };
+    match settle(ctx, &attempt, known, owner) {
         // One line per step attempt: ids, outcome and timing (the step's, and how long its
         // result took to record with the run's advance).
-        Ok((recorded, claimed, known)) => {
+        Ok((recorded, settled)) => {
             let record_ms = recording.elapsed().as_secs_f64() * 1e3;
             let mut line = json!({"level": "info", "msg": "step", "request_id": ctx.request_id,
                 "project_id": run.project_id, "run_id": run_id, "step": step,
@@ -198,12 +225,16 @@ fn run_step(
                 line["output"] = output.unwrap_or_default();
             }
             sparkops_platform::log_line(&line);
-            (claimed, known)
+            settled
         }
         Err(e) => {
             log("recording a step", run_id, step, &format!("{e:?}"));
             sparkops_platform::nudge::run(run_id);
-            (Vec::new(), None)
+            Settled {
+                claimed: Vec::new(),
+                after: None,
+                next: None,
+            }
         }
     }
 }
@@ -229,17 +260,31 @@ fn settle(
     ctx: &mut Work,
     a: &engine::step::Attempt<'_>,
     known: Option<Known>,
-) -> Result<(Recorded, Vec<Claim>, Option<Known>), ApiError> {
+    owner: Owner<'_>,
+) -> Result<(Recorded, Settled), ApiError> {
     let run_id = a.lease.run_id;
     let mut known = known;
     for _ in 0..UNLOCKED_TRIES {
         let Some(read) = known.take() else { break };
         match ctx
             .db()
-            .and_then(|db| engine::step::record_and_advance_known(db, a, read))
+            .and_then(|db| engine::step::record_and_advance_known(db, a, read, owner))
         {
-            Ok(Unlocked::Written(recorded, claimed, known)) => {
-                return Ok((recorded, claimed, Some(known)));
+            Ok(Unlocked::Written {
+                recorded,
+                claimed,
+                after,
+                next,
+            }) => {
+                let after = Some(after);
+                return Ok((
+                    recorded,
+                    Settled {
+                        claimed,
+                        after,
+                        next,
+                    },
+                ));
             }
             // Another branch's result landed first: read the run again.
             Ok(Unlocked::Moved) => match ctx.db().and_then(|db| store::known(db, run_id)) {
@@ -282,15 +327,24 @@ fn settle(
         sparkops_platform::sleep(std::time::Duration::from_millis(wait_ms));
         outcome = together(ctx);
     }
-    match outcome {
-        Ok((recorded, claimed)) => Ok((recorded, claimed, None)),
+    let (recorded, claimed) = match outcome {
+        Ok(written) => written,
         Err(_) => {
             ctx.release_db();
             let recorded = ctx.transaction(|tx, _| engine::step::record(tx, a))?;
             sparkops_platform::nudge::run(run_id);
-            Ok((recorded, Vec::new(), None))
+            (recorded, Vec::new())
         }
-    }
+    };
+    let (after, next) = (None, None);
+    Ok((
+        recorded,
+        Settled {
+            claimed,
+            after,
+            next,
+        },
+    ))
 }
 
 fn log(doing: &str, run_id: &str, step: &str, error: &str) {
@@ -343,6 +397,7 @@ fn execute(
     run: &RunOf<'_>,
     key: &str,
     snapshot: &store::Snapshot,
+    tool_scope: Option<ToolScope>,
 ) -> Result<Done, ApiError> {
     let RunOf {
         run_id,
@@ -381,16 +436,12 @@ fn execute(
         StepKind::Condition => done(rendered.clone(), Ok(rendered)),
         StepKind::Tool => {
             // The policies in scope first: the tool must be allowed, the run within its steps.
-            // And the tool, in the same read.
+            // And the tool, in the same read (or read with the claim).
             let tool_id = step.tool_id.clone().unwrap_or_default();
-            let (policies, tool) = policies::in_scope_and(
-                ctx.db()?,
-                project_id,
-                workflow_id,
-                None,
-                sparkops_core::tool::FOR_STEP,
-                vec![V::Uuid(tool_id.clone())],
-            )?;
+            let ToolScope { policies, tool } = match tool_scope {
+                Some(scope) => scope,
+                None => policies::tool_scope(ctx.db()?, project_id, workflow_id, &tool_id)?,
+            };
             let started = policies::started_steps(ctx.db()?, &policies, run_id)?;
             if let Err(v) = policies::check_steps(&policies, started)
                 .and_then(|()| policies::check_tool(&policies, &tool_id))
@@ -429,18 +480,18 @@ fn execute(
     })
 }
 
-/// One call of `tool` (its [`sparkops_core::tool::FOR_STEP`] row; `None` when it is gone),
-/// its failures sorted into the error kinds retry policies name.
+/// One call of `tool` (`None` when it is gone), its failures sorted into the error kinds
+/// retry policies name.
 fn call_tool(
     ctx: &mut Work,
     project_id: &str,
     step: &Step,
-    tool: Option<sparkops_core::db::Row>,
+    tool: Option<StepTool>,
     run_id: &str,
     input: &Value,
 ) -> Result<Result<Value, Failure>, ApiError> {
     let tool_id = step.tool_id.clone().unwrap_or_default();
-    let Some(t) = tool.as_ref() else {
+    let Some(t) = tool else {
         let gone = Failure::new(
             ErrorKind::Validation,
             format!("tool {tool_id} no longer exists"),
@@ -448,14 +499,13 @@ fn call_tool(
         return Ok(Err(gone));
     };
     // The step's own timeout, when shorter, bounds the call too.
-    let tool_timeout_ms = t.int(3)?;
     let timeout_ms = step
         .timeout_ms
-        .map_or(tool_timeout_ms, |s| tool_timeout_ms.min(s as i64));
+        .map_or(t.timeout_ms, |s| t.timeout_ms.min(s as i64));
     let tool = json!({
-        "http": {"method": t.text(0)?, "url": t.text(1)?, "headers": t.json(2)?, "timeout_ms": timeout_ms},
-        "input_schema": t.json(4)?,
-        "output_schema": t.json(5)?,
+        "http": {"method": t.method, "url": t.url, "headers": t.headers, "timeout_ms": timeout_ms},
+        "input_schema": t.input_schema,
+        "output_schema": t.output_schema,
     });
     // The same key on every attempt, so the tool can make a repeated call harmless.
     let key = format!("{run_id}:{}", step.key);

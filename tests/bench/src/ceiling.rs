@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
-use sparkops_core::db::{self, Value as V};
+use sparkops_core::db;
 use sparkops_core::error::ApiError;
 use sparkops_core::workflow::RetryPolicy;
 use sparkops_engine::native::Pg;
-use sparkops_engine::step::{Attempt, Lease, Recorded, Unlocked};
+use sparkops_engine::policies::ToolScope;
+use sparkops_engine::step::{Attempt, Lease, Owner, Recorded, Unlocked};
 use sparkops_engine::{NewRun, Origin, policies};
 
 /// What the ceiling runs: the workflow, its tool, and the user who starts the runs.
@@ -110,17 +111,19 @@ fn run(db: &Pg, target: &Target<'_>) -> Result<usize> {
         .map_err(failed)?
         .context("the lease")?;
     let retry = RetryPolicy::default();
-    let (mut next, mut steps) = (Some(first), 0);
+    let owner = Owner {
+        project_id: &leased.project_id,
+        workflow_id: &leased.workflow_id,
+    };
+    // The first step reads its policies and tool; each later one comes with them, read by
+    // the write that claimed it.
+    let (mut next, mut scope, mut steps) = (Some(first), None, 0);
     while let Some(claim) = next.take() {
-        let (policies, tool) = policies::in_scope_and(
-            db,
-            &leased.project_id,
-            &leased.workflow_id,
-            None,
-            sparkops_core::tool::FOR_STEP,
-            vec![V::Uuid(target.tool_id.into())],
-        )
-        .map_err(failed)?;
+        let ToolScope { policies, tool } = match scope.take() {
+            Some(scope) => scope,
+            None => policies::tool_scope(db, owner.project_id, owner.workflow_id, target.tool_id)
+                .map_err(failed)?,
+        };
         let started = policies::started_steps(db, &policies, &run_id).map_err(failed)?;
         if tool.is_none() || policies::check_steps(&policies, started).is_err() {
             bail!("the step would not run");
@@ -134,11 +137,17 @@ fn run(db: &Pg, target: &Target<'_>) -> Result<usize> {
             retry: &retry,
             jitter: 0.5,
         };
-        match sparkops_engine::step::record_and_advance_known(db, &attempt, known)
+        match sparkops_engine::step::record_and_advance_known(db, &attempt, known, owner)
             .map_err(failed)?
         {
-            Unlocked::Written(Recorded::Succeeded, claimed, after) => {
+            Unlocked::Written {
+                recorded: Recorded::Succeeded,
+                claimed,
+                after,
+                next: read,
+            } => {
                 next = claimed.into_iter().next();
+                scope = read.map(|r| r.scope);
                 known = after;
             }
             other => bail!("a chain's result was not written in one statement: {other:?}"),
