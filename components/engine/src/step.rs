@@ -252,10 +252,10 @@ pub fn record_and_advance_known<C: Connection + ?Sized>(
         return Ok(Unlocked::Moved);
     };
     let next = match next_tool {
-        Some((step_key, _)) => Some(Scoped {
+        Some((step_key, _)) => Some(Box::new(Scoped {
             step_key,
             scope: crate::policies::decode_tool_scope(&read)?,
-        }),
+        })),
         None => None,
     };
     Ok(Unlocked::Written {
@@ -305,7 +305,7 @@ pub enum Unlocked {
         recorded: Recorded,
         claimed: Vec<Claim>,
         after: Known,
-        next: Option<Scoped>,
+        next: Option<Box<Scoped>>,
     },
     /// The run had moved since it was read: nothing was written. Read it again and retry,
     /// or record with [`record_and_advance`].

@@ -141,7 +141,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
 struct Settled {
     claimed: Vec<Claim>,
     after: Option<Known>,
-    next: Option<Scoped>,
+    next: Option<Box<Scoped>>,
 }
 
 /// The run a step belongs to.
@@ -159,7 +159,7 @@ fn run_step(
     run: &RunOf<'_>,
     claim: &Claim,
     known: Option<Known>,
-    scoped: Option<Scoped>,
+    scoped: Option<Box<Scoped>>,
 ) -> Settled {
     let (run_id, step) = (run.run_id, claim.step_key.as_str());
     let lease = Lease {
