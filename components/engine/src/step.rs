@@ -36,19 +36,29 @@ pub struct Leased {
 
 /// The attempt `lease` is for and its run's project and workflow, when the lease still
 /// holds (the step is running under it and it has not expired), and, in the same round
-/// trip, the run as [`store::known`] reads it: what the executor reads before it accepts a
-/// dispatched step.
+/// trip, the run as [`store::known`] reads it and, for a tool step, its [`ToolScope`]: what
+/// the executor reads before it accepts a dispatched step and calls its tool.
 pub fn leased_known<C: Connection + ?Sized>(
     db: &C,
     lease: &Lease<'_>,
-) -> Result<Option<(Leased, Known)>, ApiError> {
+) -> Result<Option<(Leased, Known, Option<ToolScope>)>, ApiError> {
+    let scope = crate::policies::tool_scope_sql(
+        "r.project_id",
+        "r.workflow_id",
+        "(st ->> 'tool_id')::uuid",
+    );
     let read = store::known_and(
         db,
         lease.run_id,
-        ", r.project_id::text, r.workflow_id::text, (
-            select s.attempt from run_steps s
-            where s.run_id = r.run_id and s.step_key = $2 and s.status = 'running'
-              and s.lease_id = $3::text::uuid and s.lease_expires_at > now())",
+        &format!(
+            ", r.project_id::text, r.workflow_id::text, (
+                select s.attempt from run_steps s
+                where s.run_id = r.run_id and s.step_key = $2 and s.status = 'running'
+                  and s.lease_id = $3::text::uuid and s.lease_expires_at > now()), (
+                select {scope} from jsonb_array_elements(v.definition -> 'steps') st
+                where st ->> 'key' = $2 and st ->> 'kind' = 'tool'
+                  and st ->> 'tool_id' ~ '^[0-9a-fA-F-]{{36}}$')"
+        ),
         vec![
             V::Text(lease.step_key.into()),
             V::Text(lease.lease_id.into()),
@@ -65,7 +75,11 @@ pub fn leased_known<C: Connection + ?Sized>(
         project_id: also.text(0)?,
         workflow_id: also.text(1)?,
     };
-    Ok(Some((leased, known)))
+    let scope = match also.json(3)? {
+        Value::Null => None,
+        scope => Some(crate::policies::decode_tool_scope(&scope)?),
+    };
+    Ok(Some((leased, known, scope)))
 }
 
 /// Renews the lease for another [`LEASE_MS`](crate::advance::LEASE_MS), never past the

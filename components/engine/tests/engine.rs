@@ -1597,10 +1597,12 @@ fn an_executor_reads_its_lease_with_the_run_and_a_steps_policies_with_its_tool()
     let (db, w) = setup(chain(&[("a", &[]), ("b", &["a"])]));
     let run = start(&db, &w, json!({}));
     let a = advance(&db, &run);
-    // A held lease: its attempt, the run's project and workflow, and the run as read.
-    let (leased, known) = step::leased_known(&db, &lease(&run, &a[0]))
+    // A held lease: its attempt, the run's project and workflow, and the run as read; a
+    // condition step calls no tool, so no scope.
+    let (leased, known, scope) = step::leased_known(&db, &lease(&run, &a[0]))
         .unwrap()
         .unwrap();
+    assert!(scope.is_none());
     assert_eq!(leased.attempt, 1);
     assert_eq!(leased.workflow_id, w.workflow_id);
     assert_eq!(leased.project_id, w.project_id);
@@ -1732,6 +1734,13 @@ fn a_chained_results_write_reads_the_scope_of_the_tool_step_it_claims() {
     let w = workflow(&db, &project, definition, Value::Null, None);
     let run = start(&db, &w, json!({}));
     let first = advance(&db, &run);
+    // The lease read of a (a tool step) carries a's scope.
+    let (_, _, scope) = step::leased_known(&db, &lease(&run, &first[0]))
+        .unwrap()
+        .unwrap();
+    let read = sparkops_engine::policies::tool_scope(&db, &project, &w.workflow_id, &t1).unwrap();
+    assert_eq!(scope.unwrap().tool, read.tool);
+    assert!(read.tool.is_some());
     let once = RetryPolicy::default();
     let write = |claim: &Claim| {
         let known = store::known(&db, &run).unwrap();

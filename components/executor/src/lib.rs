@@ -73,7 +73,8 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         step_key: step,
         lease_id: lease,
     };
-    // The lease, and the run as the step will start from, in one read.
+    // The lease, the run as the step will start from and (a tool step) its policies and
+    // tool, in one read.
     let held = ctx
         .db()
         .and_then(|db| engine::step::leased_known(db, &lease));
@@ -84,6 +85,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
             workflow_id,
         },
         known,
+        scope,
     ) = match held {
         Ok(Some(held)) => held,
         Ok(None) => {
@@ -114,7 +116,10 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
     // The run as this instance last read or wrote it, carried along the chain, and the
     // scope of the step that runs next when the write that claimed it read it.
     let mut known = Some(known);
-    let mut scoped = None;
+    let mut scoped = scope.map(|scope| {
+        let step_key = step.to_string();
+        Box::new(Scoped { step_key, scope })
+    });
     while let Some(claim) = next.take() {
         ctx.request_id = format!("step-{run_id}-{}", claim.step_key);
         ctx.now = chrono::Utc::now();

@@ -107,17 +107,17 @@ fn run(db: &Pg, target: &Target<'_>) -> Result<usize> {
         bail!("the start claimed no step");
     };
     // The executor: the lease and the run in one read, then each step of the chain.
-    let (leased, mut known) = sparkops_engine::step::leased_known(db, &lease(&run_id, &first))
-        .map_err(failed)?
-        .context("the lease")?;
+    let (leased, mut known, mut scope) =
+        sparkops_engine::step::leased_known(db, &lease(&run_id, &first))
+            .map_err(failed)?
+            .context("the lease")?;
     let retry = RetryPolicy::default();
     let owner = Owner {
         project_id: &leased.project_id,
         workflow_id: &leased.workflow_id,
     };
-    // The first step reads its policies and tool; each later one comes with them, read by
-    // the write that claimed it.
-    let (mut next, mut scope, mut steps) = (Some(first), None, 0);
+    // Each step's policies and tool come with the read or write that claimed it.
+    let (mut next, mut steps) = (Some(first), 0);
     while let Some(claim) = next.take() {
         let ToolScope { policies, tool } = match scope.take() {
             Some(scope) => scope,
