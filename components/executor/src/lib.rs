@@ -7,8 +7,9 @@
 //! that only lands while the lease still holds: a step cancelled or taken back meanwhile
 //! keeps its newer state; the same transaction advances the run. Of the steps it made
 //! ready, the first runs next in this same instance (a chain costs no hand-off) and the
-//! others are dispatched from here. When the step run next calls a tool, the write that
-//! claimed it also read its policies and tool, so it starts without a read of its own.
+//! others are dispatched from here. A tool step's policies and tool come with the lease
+//! read (the first step) or the write that claimed it (the next ones in the chain), so it
+//! starts its call without a read of its own.
 // `#[http_component]` expands to the ABI export glue, which is `unsafe` by nature.
 #![allow(unsafe_code)]
 
@@ -114,7 +115,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         attempt,
     });
     // The run as this instance last read or wrote it, carried along the chain, and the
-    // scope of the step that runs next when the write that claimed it read it.
+    // tool scope of the step that runs next, read with the lease or the claim.
     let mut known = Some(known);
     let mut scoped = scope.map(|scope| {
         let step_key = step.to_string();
@@ -157,8 +158,8 @@ struct RunOf<'a> {
 }
 
 /// Runs the claimed step and records its result (`known`: the run as this instance wrote it
-/// for the step before, if it still stands; `scoped`: the step's tool scope, when the write
-/// that claimed it read it).
+/// for the step before, if it still stands; `scoped`: the step's tool scope, when the lease
+/// read or the write that claimed it read it).
 fn run_step(
     ctx: &mut Work,
     run: &RunOf<'_>,
