@@ -75,10 +75,9 @@ pub fn leased_known<C: Connection + ?Sized>(
         project_id: also.text(0)?,
         workflow_id: also.text(1)?,
     };
-    let scope = match also.json(3)? {
-        Value::Null => None,
-        scope => Some(crate::policies::decode_tool_scope(&scope)?),
-    };
+    // A scope that does not read (a policy stored before its rules' checks tightened) is
+    // left for the step's own read, where it fails the step rather than the lease read.
+    let scope = crate::policies::decode_tool_scope(&also.json(3)?).ok();
     Ok(Some((leased, known, scope)))
 }
 
@@ -265,13 +264,12 @@ pub fn record_and_advance_known<C: Connection + ?Sized>(
     else {
         return Ok(Unlocked::Moved);
     };
-    let next = match next_tool {
-        Some((step_key, _)) => Some(Box::new(Scoped {
-            step_key,
-            scope: crate::policies::decode_tool_scope(&read)?,
-        })),
-        None => None,
-    };
+    // The write has landed: a scope that does not read is left for the step's own read
+    // (where it fails the step), never turned into a failed write.
+    let next = next_tool.and_then(|(step_key, _)| {
+        let scope = crate::policies::decode_tool_scope(&read).ok()?;
+        Some(Box::new(Scoped { step_key, scope }))
+    });
     Ok(Unlocked::Written {
         recorded: recorded(status),
         claimed,

@@ -1703,6 +1703,43 @@ fn an_executor_reads_its_lease_with_the_run_and_a_steps_policies_with_its_tool()
     }
 }
 
+#[test]
+fn a_scope_that_does_not_read_is_left_to_the_step_and_never_fails_the_write() {
+    let db = database();
+    let project = project(&db);
+    let t = tool(&db, &project);
+    let definition = json!({"steps": [
+        {"key": "a", "kind": "tool", "tool_id": t, "input": {}},
+        {"key": "b", "kind": "tool", "tool_id": t, "input": {}, "depends_on": ["a"]},
+    ]});
+    let w = workflow(&db, &project, definition, Value::Null, None);
+    let run = start(&db, &w, json!({}));
+    let a = advance(&db, &run);
+    // A stored rule today's checks refuse (an empty list of allowed tools).
+    db.execute(
+        "insert into policies (policy_id, project_id, name, rules)
+         values (gen_random_uuid(), $1, 'old', '{\"allowed_tools\": []}')",
+        &[V::Uuid(project.clone())],
+    )
+    .unwrap();
+    let (_, known, scope) = step::leased_known(&db, &lease(&run, &a[0]))
+        .unwrap()
+        .unwrap();
+    assert!(scope.is_none());
+    // The result is written and b claimed; b's scope is left for its own read, which fails.
+    let retry = RetryPolicy::default();
+    let attempt = ended(&run, &a[0], &retry, Ok(json!({})));
+    let step::Unlocked::Written { claimed, next, .. } =
+        step::record_and_advance_known(&db, &attempt, known, owner(&w)).unwrap()
+    else {
+        panic!("an unmoved run is written");
+    };
+    assert_eq!(keys(&claimed), ["b"]);
+    assert!(next.is_none());
+    assert_eq!(step_status(&db, &run, "b"), StepStatus::Running);
+    assert!(sparkops_engine::policies::tool_scope(&db, &project, &w.workflow_id, &t).is_err());
+}
+
 /// A tool of `project`: `PUT https://tools.example.com/t`, a header, a 1,234 ms timeout.
 fn tool(db: &Pg, project: &str) -> String {
     db.scalar(
