@@ -219,8 +219,9 @@ pub fn record_and_advance<C: Connection + ?Sized>(
 /// status and event count are still as read), which a chain's step finds unless another
 /// branch, a person or the sweeper acted meanwhile.
 ///
-/// The same statement reads the [`ToolScope`] of the first tool step it claims, for the
-/// caller to run next without a read of its own: `owner` is the run's project and workflow.
+/// The same statement reads the [`ToolScope`] of the first step it claims, when that step
+/// calls a tool, for the caller to run next without a read of its own: `owner` is the run's
+/// project and workflow.
 pub fn record_and_advance_known<C: Connection + ?Sized>(
     db: &C,
     a: &Attempt<'_>,
@@ -255,15 +256,18 @@ pub fn record_and_advance_known<C: Connection + ?Sized>(
         Next::GoesOn => {}
     }
     let unmoved = known.unmoved;
-    let next_tool = first_tool_claimed(&known, &changes);
+    let next_tool = first_claimed_tool(&known, &changes);
+    let order: Vec<String> = changes.claimed_keys().map(String::from).collect();
     let after = known.after(&changes);
     let scope = next_tool
         .as_ref()
         .map(|(_, tool)| [owner.project_id, owner.workflow_id, tool.as_str()]);
-    let Some((claimed, read)) = changes.write_if(db, a.lease.run_id, unmoved, &recording, scope)?
+    let Some((mut claimed, read)) =
+        changes.write_if(db, a.lease.run_id, unmoved, &recording, scope)?
     else {
         return Ok(Unlocked::Moved);
     };
+    claimed.sort_by_key(|c| order.iter().position(|k| *k == c.step_key));
     // The write has landed: a scope that does not read is left for the step's own read
     // (where it fails the step), never turned into a failed write.
     let next = next_tool.and_then(|(step_key, _)| {
@@ -292,27 +296,28 @@ pub struct Scoped {
     pub scope: ToolScope,
 }
 
-/// The first step `changes` claims that calls a tool, with the tool's id.
-fn first_tool_claimed(known: &Known, changes: &Changes) -> Option<(String, String)> {
-    changes
-        .claimed_keys()
-        .filter_map(|key| {
-            known
-                .snapshot
-                .definition
-                .steps
-                .iter()
-                .find(|s| s.key == key)
-        })
-        .find(|s| s.kind == StepKind::Tool)
-        .and_then(|s| Some((s.key.clone(), s.tool_id.clone()?)))
+/// The step `changes` claims first, with its tool's id, when it calls a tool.
+fn first_claimed_tool(known: &Known, changes: &Changes) -> Option<(String, String)> {
+    let key = changes.claimed_keys().next()?;
+    let step = known
+        .snapshot
+        .definition
+        .steps
+        .iter()
+        .find(|s| s.key == key)?;
+    let tool = step
+        .tool_id
+        .clone()
+        .filter(|_| step.kind == StepKind::Tool)?;
+    Some((key.to_string(), tool))
 }
 
 /// What [`record_and_advance_known`] came to.
 #[derive(Debug)]
 pub enum Unlocked {
-    /// Written: how the attempt was recorded, the steps claimed, the run as written (to
-    /// carry to the step claimed next), and the first claimed tool step with its scope.
+    /// Written: how the attempt was recorded, the steps claimed (in the order decided),
+    /// the run as written (to carry to the step claimed next), and, when the first step
+    /// claimed calls a tool, that step with its scope.
     Written {
         recorded: Recorded,
         claimed: Vec<Claim>,

@@ -1815,4 +1815,31 @@ fn a_chained_results_write_reads_the_scope_of_the_tool_step_it_claims() {
     let (claimed, next) = write(&claimed[0]);
     assert!(claimed.is_empty() && next.is_none());
     assert_eq!(run_status(&db, &run), RunStatus::Succeeded);
+
+    // Claims come in the order decided, and only the first, the one the executor runs
+    // next, comes with a scope: a condition claimed before a tool step leaves the tool
+    // step to the scope its own lease read brings.
+    let other = support::project(&db);
+    let t = tool(&db, &other);
+    let definition = json!({"steps": [
+        {"key": "a", "kind": "tool", "tool_id": t, "input": {}},
+        {"key": "c", "kind": "tool", "tool_id": t, "input": {}, "depends_on": ["a"]},
+        {"key": "b", "kind": "condition", "input": {}, "depends_on": ["a"]},
+    ]});
+    let w = workflow(&db, &other, definition, Value::Null, None);
+    let run = start(&db, &w, json!({}));
+    let first = advance(&db, &run);
+    let known = store::known(&db, &run).unwrap();
+    let attempt = ended(&run, &first[0], &once, Ok(json!({})));
+    let step::Unlocked::Written { claimed, next, .. } =
+        step::record_and_advance_known(&db, &attempt, known, owner(&w)).unwrap()
+    else {
+        panic!("an unmoved run is written");
+    };
+    assert_eq!(keys(&claimed), ["b", "c"]);
+    assert!(next.is_none());
+    let (_, _, scope) = step::leased_known(&db, &lease(&run, &claimed[1]))
+        .unwrap()
+        .unwrap();
+    assert!(scope.unwrap().tool.is_some());
 }

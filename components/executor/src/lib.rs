@@ -125,25 +125,18 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         ctx.request_id = format!("step-{run_id}-{}", claim.step_key);
         ctx.now = chrono::Utc::now();
         let settled = run_step(&mut ctx, &run, &claim, known.take(), scoped.take());
-        let mut claimed = settled.claimed;
-        // The step whose scope came with the claims runs here; otherwise the first.
-        let here = settled
-            .next
-            .as_ref()
-            .and_then(|s| claimed.iter().position(|c| c.step_key == s.step_key))
-            .unwrap_or(0);
-        next = (here < claimed.len()).then(|| claimed.remove(here));
-        scoped = settled
-            .next
-            .filter(|s| Some(&s.step_key) == next.as_ref().map(|c| &c.step_key));
+        let mut claimed = settled.claimed.into_iter();
+        next = claimed.next();
+        scoped = settled.next;
         known = settled.after;
-        ctx.dispatch(run_id, &claimed);
+        ctx.dispatch(run_id, &claimed.collect::<Vec<_>>());
     }
 }
 
-/// What recording a step came to, for the chain: the steps claimed, the run as written
-/// (when nothing else had moved it), and the scope of a claimed tool step, read with the
-/// claims.
+/// What recording a step came to, for the chain: the steps claimed (the first runs next
+/// here), the run as written (when nothing else had moved it), and the first step's tool
+/// scope, when it calls a tool, read with the claims.
+#[derive(Default)]
 struct Settled {
     claimed: Vec<Claim>,
     after: Option<Known>,
@@ -236,11 +229,7 @@ fn run_step(
         Err(e) => {
             log("recording a step", run_id, step, &format!("{e:?}"));
             sparkops_platform::nudge::run(run_id);
-            Settled {
-                claimed: Vec::new(),
-                after: None,
-                next: None,
-            }
+            Settled::default()
         }
     }
 }
@@ -342,13 +331,11 @@ fn settle(
             (recorded, Vec::new())
         }
     };
-    let (after, next) = (None, None);
     Ok((
         recorded,
         Settled {
             claimed,
-            after,
-            next,
+            ..Settled::default()
         },
     ))
 }
