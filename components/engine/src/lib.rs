@@ -32,6 +32,11 @@
 //! before its step rows. Every change to a step is conditional on the status it expects,
 //! so a repeated, late or raced transition changes nothing.
 //!
+//! The statements a run sends per step and per start (its write, its lease read, the
+//! workflow and the policies it reads) call database functions (migrations 0021 and 0022),
+//! each keeping one plan for every call: Spin prepares and plans every statement it is sent,
+//! on every call, and a function's statements are planned once per server session.
+//!
 //! Statuses and error kinds are [`RunStatus`], [`StepStatus`] and [`ErrorKind`] (in
 //! `sparkops_core::status`, where workflow validation reads them too).
 

@@ -58,7 +58,8 @@ pub struct Found {
     pub workflow: Result<Workflow, ApiError>,
 }
 
-/// [`workflow`] and `user_id`'s membership of its project in the same query.
+/// [`workflow`] and `user_id`'s membership of its project in the same query (the database
+/// function `sparkops_workflow_for`, migration 0022).
 pub fn workflow_for<R: Read + ?Sized>(
     db: &R,
     workflow_id: &str,
@@ -66,11 +67,8 @@ pub fn workflow_for<R: Read + ?Sized>(
     user_id: Option<&str>,
 ) -> Result<Option<Found>, ApiError> {
     let rows = db.read(
-        "select w.project_id::text, v.version, w.timeout_s, v.definition, v.input_schema, m.role
-         from workflows w join projects p on p.project_id = w.project_id
-         left join workflow_versions v on v.workflow_id = w.workflow_id and v.version = coalesce($2, w.version)
-         left join memberships m on m.project_id = w.project_id and m.user_id = $3
-         where w.workflow_id = $1 and w.deleted_at is null and p.deleted_at is null",
+        "select project_id, version, timeout_s, definition, input_schema, role
+         from sparkops_workflow_for($1, $2, $3)",
         &[
             V::Uuid(workflow_id.into()),
             version.map_or(V::Null, V::Int32),

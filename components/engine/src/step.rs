@@ -42,24 +42,14 @@ pub fn leased_known<C: Connection + ?Sized>(
     db: &C,
     lease: &Lease<'_>,
 ) -> Result<Option<(Leased, Known, Option<ToolScope>)>, ApiError> {
-    let scope = crate::policies::tool_scope_sql(
-        "r.project_id",
-        "r.workflow_id",
-        "(st ->> 'tool_id')::uuid",
-    );
-    let read = store::known_and(
+    let read = store::known_from(
         db,
         lease.run_id,
-        &format!(
-            ", r.project_id::text, r.workflow_id::text, (
-                select s.attempt from run_steps s
-                where s.run_id = r.run_id and s.step_key = $2 and s.status = 'running'
-                  and s.lease_id = $3::text::uuid and s.lease_expires_at > now()), (
-                select {scope} from jsonb_array_elements(v.definition -> 'steps') st
-                where st ->> 'key' = $2 and st ->> 'kind' = 'tool'
-                  and st ->> 'tool_id' ~ '^[0-9a-fA-F-]{{36}}$')"
-        ),
-        vec![
+        "select input, definition, steps, status, event_seq, project_id, workflow_id, attempt,
+            scope
+         from sparkops_run_known($1, $2, $3::text::uuid)",
+        &[
+            V::Uuid(lease.run_id.into()),
             V::Text(lease.step_key.into()),
             V::Text(lease.lease_id.into()),
         ],

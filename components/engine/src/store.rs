@@ -456,35 +456,25 @@ pub fn snapshot<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Snapshot, ApiE
 
 /// The run's [`Snapshot`] with its status and event count, in one round trip.
 pub fn known<R: Read + ?Sized>(db: &R, run_id: &str) -> Result<Known, ApiError> {
-    known_and(db, run_id, "", Vec::new())?
+    known_from(db, run_id, KNOWN, &[V::Uuid(run_id.into())])?
         .map(|(known, _)| known)
         .ok_or_else(|| ApiError::Internal(format!("run {run_id} has no pinned definition")))
 }
 
-/// [`known`] and, in the same round trip, the columns `also` (SQL over the run `r`, `$1`
-/// its id, and `also_params` from `$2`, each column preceded by a comma), answered in a row
-/// of their own. `None` when there is no such run.
-pub(crate) fn known_and<R: Read + ?Sized>(
+/// The run as [`known`] reads it: the columns of `sparkops_run_known` that
+/// [`known_from`] decodes, in its order (migration 0022).
+const KNOWN: &str =
+    "select input, definition, steps, status, event_seq from sparkops_run_known($1)";
+
+/// The run as [`known`] reads it, from `statement`, whose row begins with [`KNOWN`]'s
+/// columns; the rest of its row comes back beside it. `None` when there is no such run.
+pub(crate) fn known_from<R: Read + ?Sized>(
     db: &R,
     run_id: &str,
-    also: &str,
-    also_params: Vec<V>,
+    statement: &str,
+    params: &[V],
 ) -> Result<Option<(Known, Row)>, ApiError> {
-    let mut params = vec![V::Uuid(run_id.into())];
-    params.extend(also_params);
-    let rows = db.read(
-        &format!(
-            "select r.input, v.definition, coalesce((
-                    select jsonb_agg(jsonb_build_array(s.step_key, s.status, s.attempt,
-                        case when s.status = 'succeeded' then s.output end) order by s.step_key)
-                    from run_steps s where s.run_id = r.run_id), '[]'::jsonb),
-                r.status, r.event_seq{also}
-             from runs r
-             join workflow_versions v on v.workflow_id = r.workflow_id and v.version = r.workflow_version
-             where r.run_id = $1"
-        ),
-        &params,
-    )?;
+    let rows = db.read(statement, params)?;
     let Some(mut row) = rows.into_iter().next() else {
         return Ok(None);
     };

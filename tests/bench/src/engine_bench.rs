@@ -15,7 +15,8 @@
 //! a batch of each workflow warms the app up first); `BATCH_POLL_MS` how often a batch's end
 //! is polled for (50); `ROUNDS` the rounds of the side-by-side ratios (3); `ENGINE_ONLY=1`
 //! skips the metrics part; `SPIN=<the spin CLI>` then runs the 10-step chain under real
-//! Spin too (the host stopped), beside the native ceiling.
+//! Spin too (the host stopped), beside the native ceiling; `STATEMENTS=<a superuser's
+//! database URL>` writes each batch's costliest statements (see [`Statements`]).
 //! Bounded: every wait has a limit, and every address is loopback.
 
 use std::collections::HashMap;
@@ -299,16 +300,19 @@ async fn bench(
     // after one another, each for about as long, the order turned each round.
     println!();
     println!(
-        "| round | app, 10-step chain, steps/s | native ceiling | pgbench ceiling | app / native | app / pgbench |"
+        "| round | app, 10-step chain, steps/s | native ceiling | pgbench ceiling | app / native | app / pgbench | app's CPU ms per step: this process / Postgres / Redis |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for round in 1..=rounds() {
         let mut parts = [0.0f64; 3];
+        let mut app_cpu = String::new();
         for turn in 0..3 {
             let part = (turn + round) % 3;
             parts[part] = match part {
                 0 => {
+                    let before = cpu::Cpu::now();
                     let (runs, elapsed) = throughput(&db, &client, chain, batch).await?;
+                    app_cpu = cpu::Cpu::now().per_step_since(&before, runs * steps);
                     steps_per_second(runs, steps, elapsed)
                 }
                 1 => engine_ceiling(&db, database_url, chain, &tool, ROUND_PERIOD)
@@ -324,7 +328,7 @@ async fn bench(
         }
         let [app, native, pgbench] = parts;
         println!(
-            "| {round} | {app:.0} | {native:.0} | {pgbench:.0} | {:.0}% | {:.0}% |",
+            "| {round} | {app:.0} | {native:.0} | {pgbench:.0} | {:.0}% | {:.0}% | {app_cpu} |",
             100.0 * app / native,
             100.0 * app / pgbench
         );
@@ -591,6 +595,7 @@ async fn throughput_over(
     wf: &Value,
     batch: usize,
 ) -> Result<(usize, Duration)> {
+    let statements = Statements::reset().await?;
     let sent = chrono::Utc::now();
     let mut ids = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -619,7 +624,59 @@ async fn throughput_over(
         )
         .await?;
     let micros = ended.get::<_, i64>(0) - sent.timestamp_micros();
+    if let Some(statements) = statements {
+        statements.report(ids.len(), micros).await?;
+    }
     Ok((ids.len(), Duration::from_micros(micros.max(1) as u64)))
+}
+
+/// `STATEMENTS=<a superuser's database URL>`: each batch resets `pg_stat_statements` (the
+/// server started with it preloaded, `pg_stat_statements.track = all` to see inside the
+/// engine's functions) and writes its costliest statements, planning and running, to
+/// `target/bench-statements-<batch>.txt`: calls, ms planning, ms running, µs a call, the
+/// statement.
+struct Statements(tokio_postgres::Client);
+
+impl Statements {
+    async fn reset() -> Result<Option<Statements>> {
+        let Ok(url) = std::env::var("STATEMENTS") else {
+            return Ok(None);
+        };
+        let db = connect(&url).await?;
+        db.batch_execute("select pg_stat_statements_reset()")
+            .await?;
+        Ok(Some(Statements(db)))
+    }
+
+    async fn report(&self, runs: usize, micros: i64) -> Result<()> {
+        static BATCH: AtomicUsize = AtomicUsize::new(0);
+        let batch = BATCH.fetch_add(1, Relaxed);
+        let rows = self
+            .0
+            .query(
+                "select calls, round(total_plan_time::numeric, 1)::text,
+                    round(total_exec_time::numeric, 1)::text,
+                    round((mean_exec_time * 1000)::numeric, 1)::text,
+                    left(regexp_replace(query, '\\s+', ' ', 'g'), 120)
+                 from pg_stat_statements
+                 order by total_plan_time + total_exec_time desc limit 40",
+                &[],
+            )
+            .await?;
+        let mut out = format!("batch {batch}: {runs} runs in {} ms\n", micros / 1000);
+        for r in rows {
+            out += &format!(
+                "{:>7} {:>9} {:>9} {:>9} {}\n",
+                r.get::<_, i64>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+                r.get::<_, String>(3),
+                r.get::<_, String>(4)
+            );
+        }
+        std::fs::write(format!("target/bench-statements-{batch}.txt"), out)?;
+        Ok(())
+    }
 }
 
 /// What the replicas row counts with.
@@ -820,6 +877,14 @@ async fn traces(
                 exported as f64 / secs,
                 (exported * 11) as f64 / secs
             );
+            // The rounds after this measure the plain chain, as the ceilings run it.
+            client
+                .call(
+                    "PATCH",
+                    &format!("/api/v1/projects/{project}"),
+                    json!({"trace_endpoint": null}),
+                )
+                .await?;
             return Ok(());
         }
         if started.elapsed() > Duration::from_secs(120) {
