@@ -286,7 +286,13 @@ async fn bench(
     );
     let (steps, chain) = (workflows[1].0, &workflows[1].1);
     let before = cpu::Cpu::now();
+    let statements = Statements::reset().await?;
     let ran = engine_ceiling(&db, database_url, chain, &tool, CEILING_PERIOD).await?;
+    if let Some(statements) = statements {
+        statements
+            .report(ran.runs, ran.elapsed.as_micros() as i64)
+            .await?;
+    }
     let cpu = cpu_after(&db, CEILING_APPLICATION)
         .await?
         .per_step_since(&before, ran.steps);
@@ -630,9 +636,10 @@ async fn throughput_over(
     Ok((ids.len(), Duration::from_micros(micros.max(1) as u64)))
 }
 
-/// `STATEMENTS=<a superuser's database URL>`: each batch resets `pg_stat_statements` (the
-/// server started with it preloaded, `pg_stat_statements.track = all` to see inside the
-/// engine's functions) and writes its costliest statements, planning and running, to
+/// `STATEMENTS=<a superuser's database URL>`: each batch, and the native ceiling's own row
+/// (numbered in turn with them), resets `pg_stat_statements` (the server started with it
+/// preloaded; `pg_stat_statements.track = all` shows inside the engine's functions too) and
+/// writes its costliest statements, planning and running, to
 /// `target/bench-statements-<batch>.txt`: calls, ms planning, ms running, µs a call, the
 /// statement.
 struct Statements(tokio_postgres::Client);
