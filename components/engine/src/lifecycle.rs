@@ -222,12 +222,21 @@ pub fn sweep<C: Connection + ?Sized>(
         let run = row.text(0)?;
         transaction(db, |tx| time_out(tx, &run, at))?;
     }
+    // Two reads in one statement, not one read with an `or`: Postgres reads an `or` of
+    // the two through a bitmap scan of `runs_unsettled_idx`, which visits every run that
+    // finished since the index was last vacuumed (each run leaves its `queued` and
+    // `running` entries behind), on every tick. Apart, each is a plain index scan, which
+    // marks those entries dead as it passes them, so later ticks skip them. (30,000
+    // finished runs, unvacuumed: 6.3 ms and 1,776 buffers a tick before; after, 1.3-1.7 ms
+    // and 297 buffers from the second tick on.)
     let undecided = db.query(
         &format!(
-            "select r.run_id::text from runs r
-             where r.status = 'cancelling'
-                or (r.status in ('queued', 'running') and not exists (
-                    select 1 from run_steps s where s.run_id = r.run_id and s.status in {}))
+            "(select run_id::text from runs where status = 'cancelling' limit $1)
+             union all
+             (select r.run_id::text from runs r
+              where r.status in ('queued', 'running') and not exists (
+                  select 1 from run_steps s where s.run_id = r.run_id and s.status in {})
+              limit $1)
              limit $1",
             sql_list(StepStatus::IN_FLIGHT)
         ),

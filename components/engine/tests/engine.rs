@@ -663,12 +663,24 @@ fn the_sweep_returns_runs_with_something_to_decide() {
     let lost = start(&db, &w, json!({}));
     let busy = start(&db, &w, json!({}));
     advance(&db, &busy);
+    // A cancel of a run with a step in flight leaves it cancelling until that step ends.
+    let cancelling = start(&db, &w, json!({}));
+    advance(&db, &cancelling);
+    let cancel = db::transaction(&db, |tx| lifecycle::cancel(tx, &cancelling, json!({})));
+    assert_eq!(cancel.unwrap(), Cancel::Cancelling);
+    let done = start(&db, &w, json!({}));
+    let claims = advance(&db, &done);
+    record(&db, &done, &claims[0], Ok(json!(1)));
+    advance(&db, &done);
+    assert_eq!(run_status(&db, &done), RunStatus::Succeeded);
     let touched = lifecycle::sweep(&db, Utc::now(), 100).unwrap();
     assert!(touched.contains(&lost), "a queued run whose nudge was lost");
+    assert!(touched.contains(&cancelling), "a cancelling run");
     assert!(
         !touched.contains(&busy),
         "a run with a step in flight waits for it"
     );
+    assert!(!touched.contains(&done), "a finished run");
 }
 
 /// A retry from `failed` of run `of` by `user`, reusing its step `a` (input `{"in": 1}`,
