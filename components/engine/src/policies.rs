@@ -92,8 +92,7 @@ pub fn violation(p: &Policy, rule: &'static str, detail: String) -> Violation {
 /// The enabled policies of a project that apply to a run of `$2` (the workflow) and, for
 /// an agent step, to the agent `$3` (`null` otherwise: agent-scoped policies then never
 /// match), by id (the database function `sparkops_policies_in_scope`, migrations 0021 and
-/// 0022). Read with
-/// [`scope_params`], parsed with [`from_rows`].
+/// 0022). Read with [`scope_params`], parsed with [`from_rows`].
 const IN_SCOPE: &str = "select * from sparkops_policies_in_scope($1, $2, $3::text::uuid)
      order by policy_id";
 
