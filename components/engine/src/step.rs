@@ -246,8 +246,8 @@ pub fn record_and_advance_known<C: Connection + ?Sized>(
         Next::GoesOn => {}
     }
     let unmoved = known.unmoved;
-    let next_tool = first_claimed_tool(&known, &changes);
     let order: Vec<String> = changes.claimed_keys().map(String::from).collect();
+    let next_tool = order.first().and_then(|key| tool_of(&known, key));
     let after = known.after(&changes);
     let scope = next_tool
         .as_ref()
@@ -286,9 +286,8 @@ pub struct Scoped {
     pub scope: ToolScope,
 }
 
-/// The step `changes` claims first, with its tool's id, when it calls a tool.
-fn first_claimed_tool(known: &Known, changes: &Changes) -> Option<(String, String)> {
-    let key = changes.claimed_keys().next()?;
+/// Step `key` with its tool's id, when it calls a tool.
+fn tool_of(known: &Known, key: &str) -> Option<(String, String)> {
     let step = known
         .snapshot
         .definition

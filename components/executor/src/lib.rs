@@ -23,7 +23,7 @@ use sparkops_core::run::RunScope;
 use sparkops_core::template;
 use sparkops_core::workflow::{Step, StepKind};
 use sparkops_platform::engine::policies::{StepTool, ToolScope};
-use sparkops_platform::engine::step::{Failure, Lease, Leased, Owner, Recorded, Scoped, Unlocked};
+use sparkops_platform::engine::step::{Failure, Lease, Leased, Owner, Recorded, Unlocked};
 use sparkops_platform::engine::store::Known;
 use sparkops_platform::engine::{self, Claim, ErrorKind, store};
 use sparkops_platform::tool_call;
@@ -86,7 +86,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
             workflow_id,
         },
         known,
-        scope,
+        mut scope,
     ) = match held {
         Ok(Some(held)) => held,
         Ok(None) => {
@@ -117,17 +117,13 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
     // The run as this instance last read or wrote it, carried along the chain, and the
     // tool scope of the step that runs next, read with the lease or the claim.
     let mut known = Some(known);
-    let mut scoped = scope.map(|scope| {
-        let step_key = step.to_string();
-        Box::new(Scoped { step_key, scope })
-    });
     while let Some(claim) = next.take() {
         ctx.request_id = format!("step-{run_id}-{}", claim.step_key);
         ctx.now = chrono::Utc::now();
-        let settled = run_step(&mut ctx, &run, &claim, known.take(), scoped.take());
+        let settled = run_step(&mut ctx, &run, &claim, known.take(), scope.take());
         let mut claimed = settled.claimed.into_iter();
         next = claimed.next();
-        scoped = settled.next;
+        scope = settled.scope;
         known = settled.after;
         ctx.dispatch(run_id, &claimed.collect::<Vec<_>>());
     }
@@ -140,7 +136,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
 struct Settled {
     claimed: Vec<Claim>,
     after: Option<Known>,
-    next: Option<Box<Scoped>>,
+    scope: Option<ToolScope>,
 }
 
 /// The run a step belongs to.
@@ -151,14 +147,14 @@ struct RunOf<'a> {
 }
 
 /// Runs the claimed step and records its result (`known`: the run as this instance wrote it
-/// for the step before, if it still stands; `scoped`: the step's tool scope, when the lease
+/// for the step before, if it still stands; `scope`: the step's tool scope, when the lease
 /// read or the write that claimed it read it).
 fn run_step(
     ctx: &mut Work,
     run: &RunOf<'_>,
     claim: &Claim,
     known: Option<Known>,
-    scoped: Option<Box<Scoped>>,
+    scope: Option<ToolScope>,
 ) -> Settled {
     let (run_id, step) = (run.run_id, claim.step_key.as_str());
     let lease = Lease {
@@ -173,7 +169,6 @@ fn run_step(
         Some(known) => Ok(known),
         None => ctx.db().and_then(|db| store::known(db, run_id)),
     };
-    let scope = scoped.map(|s| s.scope);
     let (done, known) = match known {
         Ok(known) => (execute(ctx, run, step, &known.snapshot, scope), Some(known)),
         Err(e) => (Err(e), None),
@@ -271,13 +266,13 @@ fn settle(
                 after,
                 next,
             }) => {
-                let after = Some(after);
+                let (after, scope) = (Some(after), next.map(|n| n.scope));
                 return Ok((
                     recorded,
                     Settled {
                         claimed,
                         after,
-                        next,
+                        scope,
                     },
                 ));
             }
