@@ -523,6 +523,15 @@ async fn a_webhook_failing_for_three_days_is_disabled_and_says_why() {
     let id = hook["id"].as_str().unwrap();
     let d = test_event(&api, &ada, id).await;
     crate::common::eventually(async || (!receiver.received().is_empty()).then_some(())).await;
+    // The app's own tick recorded that first failure (the webhook failing since now) before
+    // the ticks below move the clock on: a tick a day ahead that raced it would otherwise
+    // record the first failure as a day later.
+    let path = format!("/api/v1/webhooks/{id}");
+    crate::common::eventually(async || {
+        let hook = get_json(&api, &ada, &path).await;
+        hook["failing_since"].is_string().then_some(())
+    })
+    .await;
     let day = 86_400;
     for at in [1, 2, 3].map(|n| now() + n * day - 60) {
         api.tick("notifier", at).await;
