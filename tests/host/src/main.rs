@@ -49,6 +49,9 @@ enum Command {
     },
 }
 
+#[global_allocator]
+static ALLOCATOR: sparkops_host::Allocator = sparkops_host::Allocator;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     match run(Cli::parse()).await {

@@ -2,6 +2,9 @@
 //! Postgres and Redis, with third parties as fakes on loopback. One test binary with a
 //! module per suite, so wasmtime is linked once rather than once per suite.
 
+#[global_allocator]
+static ALLOCATOR: sparkops_host::Allocator = sparkops_host::Allocator;
+
 mod common;
 
 mod accounts;
