@@ -3,6 +3,8 @@
 // `#[http_component]` expands to the ABI export glue, which is `unsafe` by nature.
 #![allow(unsafe_code)]
 
+use std::collections::hash_map::Entry;
+
 use serde_json::{Value, json};
 use sparkops_core::db::{AS_TIMESTAMPTZ, Connection as _, Row, Tx, Value as V, utc};
 use sparkops_core::error::ApiError;
@@ -297,6 +299,13 @@ fn quoted_agent(db: &Db, project_id: &str, agent_id: &str) -> Result<Option<Quot
     }))
 }
 
+/// An agent as quoting reads it, with the prices of its models (`missing`: those unpriced).
+struct Priced {
+    agent: Quoted,
+    prices: Vec<llm::Price>,
+    missing: Vec<String>,
+}
+
 /// The run input and no step outputs yet: what a quote renders a step's input against.
 struct InputOnly<'a>(&'a Value);
 
@@ -328,6 +337,8 @@ fn quote(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
     let mut total = Usd::ZERO;
     let mut unpriced = Vec::new();
     let mut by_agent: std::collections::HashMap<String, Usd> = Default::default();
+    // Each agent and its models' prices, read once however many steps call it.
+    let mut agents: std::collections::HashMap<&str, Priced> = Default::default();
     for step in &workflow.definition.steps {
         let (Some(agent_id), StepKind::Agent) = (&step.agent_id, step.kind) else {
             steps.push(
@@ -335,21 +346,35 @@ fn quote(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
             );
             continue;
         };
-        let db = ctx.db()?;
-        let Some(agent) = quoted_agent(db, &project, agent_id)? else {
-            return Err(ApiError::Conflict(format!(
-                "step {}: its agent no longer exists",
-                step.key
-            )));
-        };
-        let mut prices = Vec::new();
-        let mut missing = Vec::new();
-        for model in &agent.models {
-            match agent::price(db, &project, model)? {
-                Some(p) => prices.push(p),
-                None => missing.push(model.clone()),
+        let Priced {
+            agent,
+            prices,
+            missing,
+        } = match agents.entry(agent_id.as_str()) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(slot) => {
+                let db = ctx.db()?;
+                let Some(agent) = quoted_agent(db, &project, agent_id)? else {
+                    return Err(ApiError::Conflict(format!(
+                        "step {}: its agent no longer exists",
+                        step.key
+                    )));
+                };
+                let mut prices = Vec::new();
+                let mut missing = Vec::new();
+                for model in &agent.models {
+                    match agent::price(db, &project, model)? {
+                        Some(p) => prices.push(p),
+                        None => missing.push(model.clone()),
+                    }
+                }
+                slot.insert(Priced {
+                    agent,
+                    prices,
+                    missing,
+                })
             }
-        }
+        };
         let rendered = template::render(&step.input, &InputOnly(&input)).unwrap_or(Value::Null);
         let mut messages = Vec::new();
         if !agent.system_prompt.is_empty() {
@@ -363,7 +388,7 @@ fn quote(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
         let base = llm::estimate_prompt_tokens(&messages, &agent.tools);
         let attempts = step.retry.max_attempts as u64;
         let worst = llm::worst_case(
-            &prices,
+            prices,
             base,
             agent.max_tokens as u64,
             agent.max_iterations as u64,

@@ -1147,6 +1147,42 @@ async fn a_quote_is_the_worst_case_of_every_attempt_and_iteration_checked_by_han
         (&partial["complete"], &partial["unpriced_models"]),
         (&json!(false), &json!(["fake/unpriced"]))
     );
+    // Two steps of one agent: each is quoted in full, and the total is both.
+    let twice = api
+        .create(&ada.access, "/api/v1/workflows", json!({"project_id": p, "name": "Twice", "definition": {"steps": [
+            {"key": "first", "kind": "agent", "agent_id": a, "input": "{{ input.q }}", "retry": {"max_attempts": 3}},
+            {"key": "again", "kind": "agent", "agent_id": a, "input": "{{ input.q }}", "retry": {"max_attempts": 3}, "depends_on": ["first"]}]}}))
+        .await;
+    let both = api
+        .call(
+            "POST",
+            &format!("/api/v1/workflows/{}/quote", twice["id"].as_str().unwrap()),
+            Some(&ada.access),
+            Some(json!({"input": {"q": "short"}})),
+        )
+        .await
+        .json();
+    let micro = |usd: &Value| {
+        usd.as_str()
+            .unwrap()
+            .replace('.', "")
+            .parse::<u64>()
+            .unwrap()
+    };
+    for step in [&both["steps"][0], &both["steps"][1]] {
+        assert_eq!(step["worst_usd"], partial["steps"][0]["worst_usd"]);
+        assert_eq!(step["unpriced_models"], json!(["fake/unpriced"]));
+        assert_eq!(step["models"], json!(["fake/small", "fake/unpriced"]));
+    }
+    assert_eq!(
+        micro(&both["total_usd"]),
+        2 * micro(&partial["steps"][0]["worst_usd"])
+    );
+    assert_eq!(both["budgets"][0]["needed_usd"], both["total_usd"]);
+    assert_eq!(
+        (&both["complete"], &both["unpriced_models"]),
+        (&json!(false), &json!(["fake/unpriced"]))
+    );
     // Quoting runs nothing.
     assert!(provider.received().is_empty() && echo.received().is_empty());
     assert_eq!(api.count("runs").await, 0);
