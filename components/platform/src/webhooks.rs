@@ -11,6 +11,7 @@
 //! `Retry-After`); a webhook failing for [`DISABLE_AFTER_S`] is disabled, saying why.
 //! Redirects are failures, never followed (the URL rules hold for the URL the user saved).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -143,16 +144,22 @@ pub fn deliver_due(ctx: &mut Work, now: DateTime<Utc>) -> Result<(), ApiError> {
             continue;
         }
         taken += claimed.len();
+        // Each webhook of the batch read once (its URL, state and keys), not per delivery.
+        let mut receivers = HashMap::new();
         for due in claimed {
             let outcome = if Instant::now() >= deadline {
                 Outcome::Postponed
             } else {
-                attempt(ctx, &due).unwrap_or_else(|e| Outcome::Failed {
+                attempt(ctx, &due, &mut receivers).unwrap_or_else(|e| Outcome::Failed {
                     status: None,
                     error: format!("the delivery could not be prepared: {e:?}"),
                     after_s: 0,
                 })
             };
+            if matches!(outcome, Outcome::Failed { .. }) {
+                // A failure may disable the webhook: its next delivery reads it again.
+                receivers.remove(&due.webhook_id);
+            }
             log(&due, &outcome);
             let db = ctx.db()?;
             sparkops_core::db::transaction(db, |tx| record(tx, &due, &outcome, now))?;
@@ -202,43 +209,71 @@ fn claim(db: &Db, now: DateTime<Utc>) -> Result<Vec<Due>, ApiError> {
         .collect()
 }
 
-/// One signed attempt of `due`.
-fn attempt(ctx: &mut Work, due: &Due) -> Result<Outcome, ApiError> {
+/// Where a webhook's deliveries go and the keys that sign them, or why none is sent.
+enum Receiver {
+    At {
+        url: url::Url,
+        keys: Vec<Vec<u8>>,
+    },
+    /// Deleted or disabled: its deliveries end without an attempt.
+    Gone(&'static str),
+    /// Its URL breaks the rules for URLs users choose: each attempt fails.
+    Denied(String),
+}
+
+/// `webhook_id`'s receiver as the database has it now.
+fn receiver(ctx: &mut Work, project_id: &str, webhook_id: &str) -> Result<Receiver, ApiError> {
     let rows = ctx.db()?.query(
         "select url, enabled and deleted_at is null from webhooks where webhook_id = $1",
-        &[V::Uuid(due.webhook_id.clone())],
+        &[V::Uuid(webhook_id.into())],
     )?;
     let Some(row) = rows.first() else {
-        return Ok(Outcome::Dropped("the webhook was deleted".into()));
+        return Ok(Receiver::Gone("the webhook was deleted"));
     };
     if !row.bool(1)? {
-        return Ok(Outcome::Dropped(
-            "the webhook was disabled or deleted".into(),
-        ));
+        return Ok(Receiver::Gone("the webhook was disabled or deleted"));
     }
     let url = match check_user_url(&row.text(0)?) {
         Ok(url) => url,
-        Err(e) => {
+        Err(e) => return Ok(Receiver::Denied(format!("denied: the url {e}"))),
+    };
+    let keys = secrets_in_use(ctx.db()?, project_id, webhook_id)?
+        .iter()
+        .map(|s| webhook::secret_key(s).map_err(ApiError::internal))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Receiver::At { url, keys })
+}
+
+/// One signed attempt of `due`, its webhook read into `receivers` unless it is there.
+fn attempt(
+    ctx: &mut Work,
+    due: &Due,
+    receivers: &mut HashMap<String, Receiver>,
+) -> Result<Outcome, ApiError> {
+    if !receivers.contains_key(&due.webhook_id) {
+        let read = receiver(ctx, &due.project_id, &due.webhook_id)?;
+        receivers.insert(due.webhook_id.clone(), read);
+    }
+    let (url, keys) = match &receivers[&due.webhook_id] {
+        Receiver::At { url, keys } => (url, keys),
+        Receiver::Gone(why) => return Ok(Outcome::Dropped((*why).into())),
+        Receiver::Denied(error) => {
             return Ok(Outcome::Failed {
                 status: None,
-                error: format!("denied: the url {e}"),
+                error: error.clone(),
                 after_s: 0,
             });
         }
     };
-    let keys = secrets_in_use(ctx.db()?, &due.project_id, &due.webhook_id)?
-        .iter()
-        .map(|s| webhook::secret_key(s).map_err(ApiError::internal))
-        .collect::<Result<Vec<_>, _>>()?;
     let body = with_links(&due.payload)?.to_string().into_bytes();
     // No connection is held while the receiver answers.
     ctx.release_db();
     let msg_id = format!("msg_{}", due.delivery_id.replace('-', ""));
     let timestamp = Utc::now().timestamp();
-    let signature = webhook::signature_header(&keys, &msg_id, timestamp, &body);
+    let signature = webhook::signature_header(keys, &msg_id, timestamp, &body);
     let answer = outbound::send(Call {
         method: "POST",
-        url: &url,
+        url,
         chosen: Chosen::ByUser,
         headers: vec![
             ("content-type".into(), "application/json".into()),
