@@ -12,6 +12,7 @@
 //! Redirects are failures, never followed (the URL rules hold for the URL the user saved).
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -250,11 +251,11 @@ fn attempt(
     due: &Due,
     receivers: &mut HashMap<String, Receiver>,
 ) -> Result<Outcome, ApiError> {
-    if !receivers.contains_key(&due.webhook_id) {
-        let read = receiver(ctx, &due.project_id, &due.webhook_id)?;
-        receivers.insert(due.webhook_id.clone(), read);
-    }
-    let (url, keys) = match &receivers[&due.webhook_id] {
+    let read = match receivers.entry(due.webhook_id.clone()) {
+        Entry::Occupied(known) => known.into_mut(),
+        Entry::Vacant(slot) => slot.insert(receiver(ctx, &due.project_id, &due.webhook_id)?),
+    };
+    let (url, keys) = match read {
         Receiver::At { url, keys } => (url, keys),
         Receiver::Gone(why) => return Ok(Outcome::Dropped((*why).into())),
         Receiver::Denied(error) => {

@@ -3,6 +3,7 @@
 // `#[http_component]` expands to the ABI export glue, which is `unsafe` by nature.
 #![allow(unsafe_code)]
 
+use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
 use serde_json::{Value, json};
@@ -336,9 +337,9 @@ fn quote(ctx: &mut Ctx, req: &HttpRequest, who: &Principal, id: &str) -> Result<
     let mut steps = Vec::new();
     let mut total = Usd::ZERO;
     let mut unpriced = Vec::new();
-    let mut by_agent: std::collections::HashMap<String, Usd> = Default::default();
+    let mut by_agent: HashMap<String, Usd> = HashMap::new();
     // Each agent and its models' prices, read once however many steps call it.
-    let mut agents: std::collections::HashMap<&str, Priced> = Default::default();
+    let mut agents: HashMap<&str, Priced> = HashMap::new();
     for step in &workflow.definition.steps {
         let (Some(agent_id), StepKind::Agent) = (&step.agent_id, step.kind) else {
             steps.push(
@@ -427,7 +428,7 @@ fn budgets_in_scope(
     project: &str,
     workflow_id: &str,
     total: Usd,
-    by_agent: &std::collections::HashMap<String, Usd>,
+    by_agent: &HashMap<String, Usd>,
 ) -> Result<Vec<Value>, ApiError> {
     let now = ctx.now;
     let db = ctx.db()?;

@@ -55,7 +55,9 @@ fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// Clears the dead rows the parts before left, so that no part of a round pays for
 /// another's vacuum: an autovacuum that earlier rows set off used to land in the next part's
 /// time and CPU (the app's batch right after the native ceiling's long row often showed
-/// Postgres at 1.2-2.0 ms a step, against about 1.0 in the other rounds).
+/// Postgres at 1.2-2.0 ms a step, against about 1.0 in the other rounds). It also clears the
+/// dead versions of the 400 rows `pgbench` updates, so each of its rounds starts as its
+/// first did.
 async fn vacuum_before_part(db: &tokio_postgres::Client) -> Result<()> {
     db.batch_execute("vacuum runs, run_steps, run_events")
         .await
