@@ -1088,6 +1088,33 @@ async fn a_statement_prepared_before_its_table_changed_shape_reads_the_new_shape
 }
 
 #[tokio::test]
+async fn the_pool_hands_out_the_client_returned_last() {
+    let (_env, app) = app().await;
+    let pid = json!({"sql": "select pg_backend_pid()", "params": []});
+    // Three guests at once hold three clients, so the pool has three to choose from.
+    let held = json!([{"sql": "select pg_sleep(0.3)", "params": []}, pid]);
+    let (a, b, c) = tokio::join!(
+        pg(&app, held.clone()),
+        pg(&app, held.clone()),
+        pg(&app, held)
+    );
+    let mut opened: Vec<Value> = [a, b, c]
+        .iter()
+        .map(|r| r[1]["rows"][0][0].clone())
+        .collect();
+    opened.sort_by_key(Value::to_string);
+    opened.dedup();
+    assert_eq!(opened.len(), 3, "{opened:?}");
+    // One guest after another gets the same client each time: the one just returned, warm,
+    // not the one idle longest (Spin's order, which takes every client in turn).
+    let mut served = Vec::new();
+    for _ in 0..4 {
+        served.push(pg(&app, json!([pid])).await[0]["rows"][0][0].clone());
+    }
+    assert!(served.iter().all(|p| *p == served[0]), "{served:?}");
+}
+
+#[tokio::test]
 async fn postgres_is_refused_for_a_host_not_allowed() {
     let (env, app) = app().await;
     let res = post(
