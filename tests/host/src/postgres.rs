@@ -11,9 +11,9 @@
 //!   type not in the WIT (`json` among them) reads as `unsupported`.
 //!
 //! Four things it does faster than Spin, invisibly to a guest: the pool hands out the client
-//! returned last (Spin's hands out the one idle longest, so under load every one of its 64
-//! clients, each a server process with its own caches, takes turns; here the few that the
-//! load needs stay warm and the rest idle); each pooled client keeps its
+//! returned last (Spin's hands out the one idle longest, so under load every client it has
+//! opened, up to 64, each a server process with its own caches, takes its turn; here the few
+//! the load needs stay warm and the rest stay idle); each pooled client keeps its
 //! prepared statements (Spin prepares every statement again, a round trip and a parse and
 //! plan on the server each time); a `ROLLBACK` sent to a client the host knows is outside
 //! any transaction is answered here, as the server would answer it (no rows, a warning),
