@@ -3,7 +3,9 @@
 //! app (spin.toml) on this host, with the CPU each step cost this process, Postgres and
 //! Redis; beside two Postgres ceilings in the same run: `pgbench` running the statements of
 //! one chained step, and whole 10-step runs of the engine's own statements on native
-//! connections ([`ceiling`]).
+//! connections ([`ceiling`]). The side-by-side rounds of the 10-step chain run twice: with
+//! every process sharing every core, then with Postgres on cores of its own, as deployed
+//! ([`placement`]).
 //!
 //! The 10-step batch again over two replicas of the app on the same database and Redis,
 //! with counts of the work done (each step once, nudges, trigger handlers per replica).
@@ -34,6 +36,7 @@ use sparkops_host::{AppOptions, RunningApp};
 
 mod ceiling;
 mod cpu;
+mod placement;
 
 /// The client concurrency of the throughput runs and of pgbench.
 const CLIENTS: usize = 8;
@@ -316,39 +319,26 @@ async fn bench(
         ran.runs,
         ran.steps_per_second()
     );
-    // This machine's speed drifts by half within minutes (its neighbours' load), so the
-    // ratios come from rounds in which the app's 10-step batch and both ceilings run right
-    // after one another, each for about as long, the order turned each round.
-    println!();
-    println!(
-        "| round | app, 10-step chain, steps/s | native ceiling | pgbench ceiling | app / native | app / pgbench | app's CPU ms per step: this process / Postgres / Redis |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for round in 1..=rounds() {
-        let mut parts = [0.0f64; 3];
-        let mut app_cpu = String::new();
-        for turn in 0..3 {
-            let part = (turn + round) % 3;
-            vacuum_before_part(&db).await?;
-            parts[part] = match part {
-                0 => {
-                    let before = cpu::Cpu::now();
-                    let (runs, elapsed) = throughput(&db, &client, chain, batch).await?;
-                    app_cpu = cpu::Cpu::now().per_step_since(&before, runs * steps);
-                    steps_per_second(runs, steps, elapsed)
-                }
-                1 => engine_ceiling(&db, database_url, chain, &tool, ROUND_PERIOD)
-                    .await?
-                    .steps_per_second(),
-                _ => pgbench(database_url, &script, ROUND_PERIOD)?.0,
-            };
+    let side = Chain {
+        database_url,
+        client: &client,
+        wf: chain,
+        steps,
+        tool: &tool,
+        script: &script,
+        batch,
+    };
+    side_by_side(&db, &side).await?;
+    // Then with Postgres on cores of its own, as deployed (see [`placement`]).
+    let backend: i32 = db.query_one("select pg_backend_pid()", &[]).await?.get(0);
+    match placement::Split::new(backend) {
+        Ok(split) => {
+            let _applied = split.apply()?;
+            println!();
+            println!("Split: {}.", split.describe());
+            side_by_side(&db, &side).await?;
         }
-        let [app, native, pgbench] = parts;
-        println!(
-            "| {round} | {app:.0} | {native:.0} | {pgbench:.0} | {:.0}% | {:.0}% | {app_cpu} |",
-            100.0 * app / native,
-            100.0 * app / pgbench
-        );
+        Err(e) => println!("\nNo split rounds: {e:#}."),
     }
     // `ENGINE_ONLY=1`: the engine's figures alone (for side-by-side runs of two builds).
     if std::env::var("ENGINE_ONLY").is_err() {
@@ -374,6 +364,57 @@ async fn bench(
         under_spin(&under, &native, &client, batch).await?;
     }
     let _ = std::fs::remove_dir_all(&state);
+    Ok(())
+}
+
+/// The 10-step chain as the side-by-side rounds run it.
+struct Chain<'a> {
+    database_url: &'a str,
+    client: &'a Client,
+    wf: &'a Value,
+    steps: usize,
+    tool: &'a Value,
+    /// `pgbench`'s script of one step's statements.
+    script: &'a std::path::Path,
+    batch: usize,
+}
+
+/// Rounds in which the app's 10-step batch and both ceilings run right after one another,
+/// each for about as long, the order turned each round: this machine's speed drifts by half
+/// within minutes (its neighbours' load), so each ratio comes from one round.
+async fn side_by_side(db: &tokio_postgres::Client, chain: &Chain<'_>) -> Result<()> {
+    println!();
+    println!(
+        "| round | app, 10-step chain, steps/s | native ceiling | pgbench ceiling | app / native | app / pgbench | app's CPU ms per step: this process / Postgres / Redis |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for round in 1..=rounds() {
+        let mut parts = [0.0f64; 3];
+        let mut app_cpu = String::new();
+        for turn in 0..3 {
+            let part = (turn + round) % 3;
+            vacuum_before_part(db).await?;
+            parts[part] = match part {
+                0 => {
+                    let before = cpu::Cpu::now();
+                    let (runs, elapsed) =
+                        throughput(db, chain.client, chain.wf, chain.batch).await?;
+                    app_cpu = cpu::Cpu::now().per_step_since(&before, runs * chain.steps);
+                    steps_per_second(runs, chain.steps, elapsed)
+                }
+                1 => engine_ceiling(db, chain.database_url, chain.wf, chain.tool, ROUND_PERIOD)
+                    .await?
+                    .steps_per_second(),
+                _ => pgbench(chain.database_url, chain.script, ROUND_PERIOD)?.0,
+            };
+        }
+        let [app, native, pgbench] = parts;
+        println!(
+            "| {round} | {app:.0} | {native:.0} | {pgbench:.0} | {:.0}% | {:.0}% | {app_cpu} |",
+            100.0 * app / native,
+            100.0 * app / pgbench
+        );
+    }
     Ok(())
 }
 
@@ -488,27 +529,17 @@ async fn under_spin(
             "Postgres sessions opened during that batch: {opened} ({:.1} a run)",
             opened as f64 / runs as f64
         );
-        println!("| round | under Spin, steps/s | native ceiling | under Spin / native |");
-        println!("|---|---|---|---|");
-        for round in 1..=rounds() {
-            let mut parts = [0.0f64; 2];
-            for turn in 0..2 {
-                let part = (turn + round) % 2;
-                vacuum_before_part(native.db).await?;
-                parts[part] = if part == 0 {
-                    let (runs, elapsed) = throughput(native.db, &client, native.chain, batch).await?;
-                    steps_per_second(runs, native.steps, elapsed)
-                } else {
-                    engine_ceiling(native.db, native.database_url, native.chain, native.tool, ROUND_PERIOD)
-                        .await?
-                        .steps_per_second()
-                };
-            }
-            let [app, ceiling] = parts;
-            println!(
-                "| {round} | {app:.0} | {ceiling:.0} | {:.0}% |",
-                100.0 * app / ceiling
-            );
+        spin_rounds(native, &client, batch).await?;
+        let backend: i32 = native
+            .db
+            .query_one("select pg_backend_pid()", &[])
+            .await?
+            .get(0);
+        if let Ok(split) = placement::Split::new(backend) {
+            let _applied = split.apply()?;
+            println!();
+            println!("Split: {}.", split.describe());
+            spin_rounds(native, &client, batch).await?;
         }
         Ok(())
     }
@@ -525,6 +556,40 @@ async fn under_spin(
         .stderr(std::process::Stdio::null())
         .status();
     result
+}
+
+/// Rounds of the 10-step chain under Spin beside the native ceiling, as [`side_by_side`].
+async fn spin_rounds(native: &Native<'_>, client: &Client, batch: usize) -> Result<()> {
+    println!();
+    println!("| round | under Spin, steps/s | native ceiling | under Spin / native |");
+    println!("|---|---|---|---|");
+    for round in 1..=rounds() {
+        let mut parts = [0.0f64; 2];
+        for turn in 0..2 {
+            let part = (turn + round) % 2;
+            vacuum_before_part(native.db).await?;
+            parts[part] = if part == 0 {
+                let (runs, elapsed) = throughput(native.db, client, native.chain, batch).await?;
+                steps_per_second(runs, native.steps, elapsed)
+            } else {
+                engine_ceiling(
+                    native.db,
+                    native.database_url,
+                    native.chain,
+                    native.tool,
+                    ROUND_PERIOD,
+                )
+                .await?
+                .steps_per_second()
+            };
+        }
+        let [app, ceiling] = parts;
+        println!(
+            "| {round} | {app:.0} | {ceiling:.0} | {:.0}% |",
+            100.0 * app / ceiling
+        );
+    }
+    Ok(())
 }
 
 /// One run's latency, each from the moment its `POST` was sent.
