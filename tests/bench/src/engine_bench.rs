@@ -331,11 +331,10 @@ async fn bench(
     side_by_side(&db, &side).await?;
     // Then with Postgres on cores of its own, as deployed (see [`placement`]).
     let backend: i32 = db.query_one("select pg_backend_pid()", &[]).await?.get(0);
-    match placement::Split::new(backend) {
-        Ok(split) => {
-            let _applied = split.apply()?;
+    match placement::Split::new(backend).and_then(placement::Split::apply) {
+        Ok(applied) => {
             println!();
-            println!("Split: {}.", split.describe());
+            println!("Split: {}.", applied.describe());
             side_by_side(&db, &side).await?;
         }
         Err(e) => println!("\nNo split rounds: {e:#}."),
@@ -535,11 +534,13 @@ async fn under_spin(
             .query_one("select pg_backend_pid()", &[])
             .await?
             .get(0);
-        if let Ok(split) = placement::Split::new(backend) {
-            let _applied = split.apply()?;
-            println!();
-            println!("Split: {}.", split.describe());
-            spin_rounds(native, &client, batch).await?;
+        match placement::Split::new(backend).and_then(placement::Split::apply) {
+            Ok(applied) => {
+                println!();
+                println!("Split: {}.", applied.describe());
+                spin_rounds(native, &client, batch).await?;
+            }
+            Err(e) => println!("\nNo split rounds under Spin: {e:#}."),
         }
         Ok(())
     }

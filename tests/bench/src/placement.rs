@@ -53,7 +53,7 @@ impl Split {
     }
 
     /// Puts each side on its cores until the returned guard is dropped.
-    pub fn apply(&self) -> Result<Applied<'_>> {
+    pub fn apply(self) -> Result<Applied> {
         self.place(&self.database, &self.rest)?;
         Ok(Applied(self))
     }
@@ -61,12 +61,18 @@ impl Split {
     /// `database`'s cores for the postmaster and its children, `rest`'s for this process's
     /// threads and Redis.
     fn place(&self, database: &[usize], rest: &[usize]) -> Result<()> {
-        let mut server = children(self.postmaster);
-        server.insert(self.postmaster);
+        // The postmaster first: when its cores cannot be set (the right to set another
+        // user's takes root), nothing has moved yet.
+        set(self.postmaster, database).context(
+            "placing the postmaster (setting another user's cores takes root or CAP_SYS_NICE)",
+        )?;
+        let server = children(self.postmaster);
         for &pid in &server {
             // A backend that ended meanwhile has nothing left to place.
             let _ = set(pid, database);
         }
+        let mut server = server;
+        server.insert(self.postmaster);
         for thread in threads()? {
             set(thread, rest).with_context(|| format!("placing thread {thread}"))?;
         }
@@ -92,9 +98,15 @@ impl Split {
 }
 
 /// A split in force; dropping it gives every process back all the cores.
-pub struct Applied<'a>(&'a Split);
+pub struct Applied(Split);
 
-impl Drop for Applied<'_> {
+impl Applied {
+    pub fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+impl Drop for Applied {
     fn drop(&mut self) {
         let all = &self.0.all;
         if let Err(e) = self.0.place(all, all) {
