@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use jsonschema::error::ValidationErrorKind;
 use jsonschema::{Draft, Registry, Validator};
 use serde_json::{Value, json};
 
@@ -21,12 +22,15 @@ pub fn check(schema: &Value) -> Result<(), String> {
     if !(schema.is_object() || schema.is_boolean()) {
         return Err("must be a JSON Schema (an object or a boolean)".into());
     }
-    if let Err(e) = jsonschema::meta::validate(schema) {
-        return Err(format!("is not a valid JSON Schema: {e}"));
+    // Compiling checks the schema against its meta-schema first (once: on wasm the crate
+    // builds the meta-schema's validator anew for every check), then resolves its references.
+    match jsonschema::validator_for(schema) {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.kind(), ValidationErrorKind::Referencing(_)) => {
+            Err(format!("is not a usable JSON Schema: {e}"))
+        }
+        Err(e) => Err(format!("is not a valid JSON Schema: {e}")),
     }
-    jsonschema::validator_for(schema)
-        .map(|_| ())
-        .map_err(|e| format!("is not a usable JSON Schema: {e}"))
 }
 
 /// Like [`check`], and the schema must describe a JSON object (`"type": "object"`), as
@@ -137,17 +141,24 @@ mod tests {
             json!({"type": "no-such-type"}),
             json!({"properties": {"q": {"minLength": -1}}}),
             json!({"required": "q"}),
-            json!("object"),
-            json!(3),
         ] {
-            assert!(check(&bad).is_err(), "{bad}");
+            let said = check(&bad).expect_err("malformed");
+            assert!(
+                said.starts_with("is not a valid JSON Schema: "),
+                "{bad}: {said}"
+            );
+        }
+        for not_a_schema in [json!("object"), json!(3)] {
+            let said = check(&not_a_schema).expect_err("not a schema");
+            assert!(said.starts_with("must be a JSON Schema"), "{said}");
         }
     }
 
     #[test]
     fn a_remote_reference_is_never_fetched_and_makes_the_schema_invalid() {
         let schema = json!({"$ref": "https://example.com/schema.json"});
-        assert!(check(&schema).is_err());
+        let said = check(&schema).expect_err("unresolvable");
+        assert!(said.starts_with("is not a usable JSON Schema: "), "{said}");
         let local =
             json!({"$defs": {"q": {"type": "string"}}, "properties": {"q": {"$ref": "#/$defs/q"}}});
         assert!(check(&local).is_ok());
