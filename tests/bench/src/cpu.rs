@@ -20,21 +20,9 @@ const TICKS_PER_SECOND: u64 = 100;
 impl Cpu {
     pub fn now() -> Cpu {
         let mut cpu = Cpu::default();
-        let me = std::process::id().to_string();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return cpu;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(pid) = name
-                .to_str()
-                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-            else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
+        let me = std::process::id() as i32;
+        for pid in processes() {
+            let Some(stat) = stat(pid) else { continue };
             let Some((comm, ticks)) = parse(&stat) else {
                 continue;
             };
@@ -65,14 +53,34 @@ impl Cpu {
     }
 }
 
+/// The pids of this machine's live processes.
+pub fn processes() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+}
+
+/// `/proc/<pid>/stat`, while `pid` lives.
+pub fn stat(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()
+}
+
+/// A `/proc/<pid>/stat` line's command name and the fields after it (field 3 onwards, as
+/// proc(5) numbers them). The name may hold spaces and parentheses: it ends at the last `)`.
+pub fn fields(stat: &str) -> Option<(&str, Vec<&str>)> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    let (_, comm) = head.split_once('(')?;
+    Some((comm, rest.split_whitespace().collect()))
+}
+
 /// A `/proc/<pid>/stat` line's command name and its CPU ticks: its own user and system
 /// time and those of its ended children (Postgres's server processes, once reaped, count
 /// in the postmaster's).
 fn parse(stat: &str) -> Option<(&str, u64)> {
-    let (head, rest) = stat.rsplit_once(')')?;
-    let (_, comm) = head.split_once('(')?;
-    // After the name: state (field 3), ..., utime (14), stime (15), cutime (16), cstime (17).
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let (comm, fields) = fields(stat)?;
+    // From field 3 (state): utime (14), stime (15), cutime (16), cstime (17).
     let ticks = fields
         .get(11..15)?
         .iter()

@@ -330,8 +330,7 @@ async fn bench(
     };
     side_by_side(&db, &side).await?;
     // Then with Postgres on cores of its own, as deployed (see [`placement`]).
-    let backend: i32 = db.query_one("select pg_backend_pid()", &[]).await?.get(0);
-    match placement::Split::new(backend).and_then(placement::Split::apply) {
+    match split(&db).await {
         Ok(applied) => {
             println!();
             println!("Split: {}.", applied.describe());
@@ -364,6 +363,13 @@ async fn bench(
     }
     let _ = std::fs::remove_dir_all(&state);
     Ok(())
+}
+
+/// Postgres (the server `db` is a client of) on cores of its own, the rest on the others,
+/// until the returned guard is dropped ([`placement`]).
+async fn split(db: &tokio_postgres::Client) -> Result<placement::Applied> {
+    let backend: i32 = db.query_one("select pg_backend_pid()", &[]).await?.get(0);
+    placement::Split::new(backend)?.apply()
 }
 
 /// The 10-step chain as the side-by-side rounds run it.
@@ -529,12 +535,7 @@ async fn under_spin(
             opened as f64 / runs as f64
         );
         spin_rounds(native, &client, batch).await?;
-        let backend: i32 = native
-            .db
-            .query_one("select pg_backend_pid()", &[])
-            .await?
-            .get(0);
-        match placement::Split::new(backend).and_then(placement::Split::apply) {
+        match split(native.db).await {
             Ok(applied) => {
                 println!();
                 println!("Split: {}.", applied.describe());

@@ -66,12 +66,11 @@ impl Split {
         set(self.postmaster, database).context(
             "placing the postmaster (setting another user's cores takes root or CAP_SYS_NICE)",
         )?;
-        let server = children(self.postmaster);
+        let mut server = children(self.postmaster);
         for &pid in &server {
             // A backend that ended meanwhile has nothing left to place.
             let _ = set(pid, database);
         }
-        let mut server = server;
         server.insert(self.postmaster);
         for thread in threads()? {
             set(thread, rest).with_context(|| format!("placing thread {thread}"))?;
@@ -155,32 +154,20 @@ fn set(pid: i32, cores: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// Field `n` (1-based, as proc(5) numbers them) of `/proc/<pid>/stat`, after the name.
-fn stat_field(pid: i32, n: usize) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(n - 3).map(str::to_string)
-}
-
 fn parent(pid: i32) -> Result<i32> {
-    stat_field(pid, 4)
-        .and_then(|p| p.parse().ok())
+    parent_of(pid)
         .with_context(|| format!("the parent of Postgres backend {pid} (is the server local?)"))
 }
 
-/// The live processes of this machine, by pid.
-fn processes() -> impl Iterator<Item = i32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+/// Field 4 of `/proc/<pid>/stat`: the parent's pid.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = crate::cpu::stat(pid)?;
+    crate::cpu::fields(&stat)?.1.get(4 - 3)?.parse().ok()
 }
 
 fn children(pid: i32) -> BTreeSet<i32> {
-    let pid = pid.to_string();
-    processes()
-        .filter(|&p| stat_field(p, 4).as_deref() == Some(pid.as_str()))
+    crate::cpu::processes()
+        .filter(|&p| parent_of(p) == Some(pid))
         .collect()
 }
 
@@ -199,7 +186,7 @@ fn descendants(pid: i32) -> BTreeSet<i32> {
 }
 
 fn named(comm: &str) -> Vec<i32> {
-    processes()
+    crate::cpu::processes()
         .filter(|p| {
             std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
         })

@@ -560,9 +560,9 @@ async fn a_webhook_failing_for_three_days_is_disabled_and_says_why() {
         reason.contains("3 days") && reason.contains("500"),
         "{reason}"
     );
-    for sent in [&d, &other] {
+    for queued in [&d, &other] {
         assert_eq!(
-            delivery(&api, &ada, id, sent["id"].as_str().unwrap()).await["status"],
+            delivery(&api, &ada, id, queued["id"].as_str().unwrap()).await["status"],
             "failed"
         );
     }
